@@ -1,0 +1,110 @@
+"""Image grids and the Markdown + CSV table writer every results table goes through."""
+import csv
+from pathlib import Path
+import shlex
+import sys
+import time
+
+import numpy as np
+
+from common.runs import git_commit
+
+
+def to_uint8(images):
+    """torch/numpy (N, C, H, W) floats in [-1, 1], or uint8 (N, H, W[, C]) -> uint8 (N, H, W, C)."""
+    x = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
+    if x.dtype != np.uint8:
+        x = np.clip((x + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+        if x.ndim == 4:
+            x = x.transpose(0, 2, 3, 1)
+    if x.ndim == 3:
+        x = x[..., None]
+    return x
+
+
+def tile(images, nrow, pad=2):
+    x = to_uint8(images)
+    n, h, w, c = x.shape
+    ncol = int(np.ceil(n / nrow))
+    out = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = x[i]
+    return out[..., 0] if c == 1 else out
+
+
+def save_grid(images, path, nrow=None, title=None, row_labels=None):
+    """A PNG grid of images; with a title or row labels it is drawn with matplotlib so the labels are in the
+    picture (a grid from phantom data must say so in its title)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = len(images)
+    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    grid = tile(images, nrow)
+    if title is None and row_labels is None:
+        from PIL import Image
+        Image.fromarray(grid).save(path)
+        return path
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    h, w = grid.shape[:2]
+    fig, ax = plt.subplots(figsize=(max(4, w / 60 + 1.5), max(3, h / 60 + 0.8)), dpi=100)
+    ax.imshow(grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
+    ax.set_xticks([])
+    if row_labels:
+        step = h / nrow
+        ax.set_yticks([step * (i + 0.5) for i in range(len(row_labels))], labels=row_labels, fontsize=8)
+    else:
+        ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def command_line():
+    return " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def footer(command=None):
+    return f"Made by `{command or command_line()}` at commit {git_commit()}, {time.strftime('%Y-%m-%d')}."
+
+
+def markdown_table(header, rows):
+    cells = [[str(c) for c in r] for r in rows]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in cells]
+    return "\n".join(lines)
+
+
+def write_table(path, header, rows, title=None, notes=(), command=None):
+    """Write <path>.md (title, table, notes, the command and commit that made it) and <path>.csv (same cells)."""
+    path = Path(path).with_suffix("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    parts = [f"## {title}\n" if title else "", markdown_table(header, rows), ""]
+    parts += [f"{n}\n" for n in notes]
+    parts.append(footer(command))
+    path.with_suffix(".md").write_text("\n".join(parts) + "\n")
+    with open(path.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path.with_suffix(".md")
+
+
+def mean_std(values, digits=3):
+    """'0.712 ± 0.021 (n=3)'; std is the sample std (ddof=1); NaNs are left out and counted in n only if finite."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    if len(v) == 0:
+        return "n/a"
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f} (n=1)"
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f} (n={len(v)})"
+
+
+def with_ci(est, ci, digits=3):
+    lo, hi = ci
+    return f"{est:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"

@@ -1,0 +1,60 @@
+"""Patient-level splits: no patient is ever in two splits. Seeded; optionally stratified by a sensitive attribute.
+
+A patient's stratum is its most frequent value of the attribute. Within each stratum the patients are shuffled
+and cut by the fractions, so each split keeps the attribute's patient mix. Rows without a patient id (MedMNIST,
+Fitzpatrick17k) are each their own group.
+"""
+import numpy as np
+import pandas as pd
+
+
+def patient_groups(table):
+    pid = table["patient_id"]
+    return np.where(pid.isna(), "row:" + pd.Series(np.arange(len(table)), index=table.index).astype(str),
+                    pid.astype(str))
+
+
+def _strata(table, groups, stratify):
+    """{stratum: sorted list of patient ids}"""
+    if stratify is None:
+        return {"all": sorted(set(groups))}
+    attr = table[stratify].astype(str).to_numpy()
+    per_patient = pd.Series(attr).groupby(groups).agg(lambda s: s.value_counts().index[0])
+    return {k: sorted(v.index) for k, v in per_patient.groupby(per_patient)}
+
+
+def patient_split(table, fractions=(0.7, 0.1, 0.2), names=("train", "val", "test"), seed=0, stratify=None):
+    """A split name per row. Fractions are of patients (within each stratum when stratified)."""
+    if len(fractions) != len(names) or abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(f"fractions {fractions} must sum to 1 and match names {names}")
+    groups = patient_groups(table)
+    rng = np.random.default_rng(seed)
+    assign = {}
+    for stratum, patients in sorted(_strata(table, groups, stratify).items()):
+        patients = list(rng.permutation(patients))
+        cuts = np.round(np.cumsum(fractions) * len(patients)).astype(int)
+        for i, p in enumerate(patients):
+            assign[p] = names[int(np.searchsorted(cuts, i, side="right"))]
+    return np.array([assign[g] for g in groups])
+
+
+def patient_kfold(table, k=5, seed=0, stratify=None):
+    """Fold index (0..k-1) per row: every row is tested exactly once over the k folds, patients never split."""
+    groups = patient_groups(table)
+    rng = np.random.default_rng(seed)
+    fold = {}
+    offset = 0
+    for stratum, patients in sorted(_strata(table, groups, stratify).items()):
+        for i, p in enumerate(rng.permutation(patients)):
+            fold[p] = (i + offset) % k
+        offset += len(patients)  # keeps fold sizes even across strata
+    return np.array([fold[g] for g in groups])
+
+
+def assert_disjoint(table, split):
+    """Raise if any patient is in two splits."""
+    groups = patient_groups(table)
+    per = pd.Series(np.asarray(split)).groupby(groups).nunique()
+    leaks = per[per > 1]
+    if len(leaks):
+        raise AssertionError(f"{len(leaks)} patients are in more than one split, e.g. {list(leaks.index[:5])}")

@@ -1,0 +1,87 @@
+"""Shared fixtures: small files in each official format, and a loopback HTTP server for the download tests."""
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+import os
+from pathlib import Path
+import sys
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared" / "data"
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Every test decodes into its own image cache, so tests never see each other's (or a user's) cache."""
+    import common.cache
+    monkeypatch.setattr(common.cache, "CACHE_DIR", tmp_path / "image-cache")
+
+
+def write_png(path, size=32, value=None, rgb=False, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    shape = (size, size, 3) if rgb else (size, size)
+    a = rng.integers(0, 256, shape, dtype=np.uint8) if value is None else np.full(shape, value, np.uint8)
+    Image.fromarray(a).save(path)
+    return a
+
+
+class RangeHandler(SimpleHTTPRequestHandler):
+    """Static files with HTTP Range support; `cut_after` bytes then a dropped connection, once per path."""
+    cut_after = None
+    cut_done = set()
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        path = Path(self.translate_path(self.path.split("?")[0]))
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        start = 0
+        rng = self.headers.get("Range")
+        if rng:
+            start = int(rng.split("=")[1].split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        cut = type(self).cut_after
+        if cut is not None and self.path not in type(self).cut_done and len(body) > cut:
+            type(self).cut_done.add(self.path)
+            self.wfile.write(body[:cut])
+            self.wfile.flush()
+            self.connection.shutdown(2)
+            return
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """(base_url, folder it serves, handler class): files put in the folder are served on 127.0.0.1."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+
+    class Handler(RangeHandler):
+        cut_after = None
+        cut_done = set()
+
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(folder), **kw)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", folder, Handler
+    srv.shutdown()
+    srv.server_close()
