@@ -1,0 +1,194 @@
+"""The classifier architectures the studies share, behind one small interface.
+
+Every network takes (B, C, S, S) images in [-1, 1] (ImageNet-pretrained ones normalise inside), returns logits
+from forward() and its penultimate features from features(). A checkpoint stores {"arch": build kwargs,
+"model": state_dict, ...}, so any script (the FD metric, the memorization audit, the DPO judge) rebuilds it
+from the file alone.
+
+    cnn8         plain 8-conv CNN (4 stages of 2 conv-BN-ReLU, 32-256 channels): the quick-scale chest X-ray net
+    densenet121  torchvision DenseNet-121 (CheXNet), new linear head; ImageNet weights by flag
+    resnet18_28  ResNet-18 for 28x28 (MedMNIST v2): 3x3 stride-1 stem, no max-pool
+    resnet50     torchvision ResNet-50, new linear head; ImageNet weights by flag
+    vit          a small Vision Transformer written here (patch 4, width 128, depth 4, 4 heads)
+"""
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.data import DataError
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class ImageNetInput(nn.Module):
+    """[-1, 1] grey or RGB -> ImageNet-normalised RGB, the input pretrained torchvision weights expect."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        x = (x + 1) / 2
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return (x - self.mean) / self.std
+
+
+class CNN8(nn.Module):
+    def __init__(self, in_ch, n_out, width=32, dropout=0.3):
+        super().__init__()
+        layers, c = [], in_ch
+        for i, w in enumerate([width, width * 2, width * 4, width * 8]):
+            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+                       nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            if i < 3:
+                layers.append(nn.MaxPool2d(2))
+            c = w
+        self.body = nn.Sequential(*layers)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(c, n_out)
+
+    def features(self, x):
+        return F.adaptive_avg_pool2d(self.body(x), 1).flatten(1)  # (B, 8*width)
+
+    def forward(self, x):
+        return self.head(self.drop(self.features(x)))
+
+
+def _imagenet_weights(name, pretrained, weights_file):
+    """torchvision weight enum (downloaded once on a user's machine), a local file, or None."""
+    if weights_file:
+        if not Path(weights_file).is_file():
+            raise DataError(f"weights file not found: {weights_file}")
+        return torch.load(weights_file, map_location="cpu", weights_only=True)
+    if not pretrained:
+        return None
+    import torchvision.models as tvm
+    enum = {"densenet121": tvm.DenseNet121_Weights.IMAGENET1K_V1, "resnet50": tvm.ResNet50_Weights.IMAGENET1K_V2,
+            "resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1}[name]
+    try:
+        return enum.get_state_dict(progress=True)
+    except Exception as e:
+        raise DataError(f"cannot fetch {name} ImageNet weights ({type(e).__name__}). Offline? Use --no-pretrained, "
+                        f"or --weights-file with the .pth from {enum.url}") from e
+
+
+class TorchvisionNet(nn.Module):
+    """DenseNet-121 / ResNet-50 trunk + a new linear head; ImageNet weights optional."""
+
+    def __init__(self, name, n_out, pretrained=False, weights_file=None):
+        super().__init__()
+        import torchvision.models as tvm
+        net = getattr(tvm, name)(weights=None)
+        sd = _imagenet_weights(name, pretrained, weights_file)
+        if sd is not None:
+            net.load_state_dict(sd)
+        self.inp = ImageNetInput()
+        if name == "densenet121":
+            self.trunk, dim = nn.Sequential(net.features, nn.ReLU(inplace=True)), net.classifier.in_features
+        else:
+            self.trunk, dim = nn.Sequential(*list(net.children())[:-2]), net.fc.in_features
+        self.head = nn.Linear(dim, n_out)
+
+    def features(self, x):
+        return F.adaptive_avg_pool2d(self.trunk(self.inp(x)), 1).flatten(1)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class ResNet18For28(nn.Module):
+    """MedMNIST v2's ResNet-18 for 28x28: conv1 3x3 stride 1, no max-pool."""
+
+    def __init__(self, in_ch, n_out):
+        super().__init__()
+        import torchvision.models as tvm
+        net = tvm.resnet18(weights=None, num_classes=n_out)
+        net.conv1 = nn.Conv2d(in_ch, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+        self.trunk = nn.Sequential(*list(net.children())[:-2])
+        self.head = net.fc
+
+    def features(self, x):
+        return F.adaptive_avg_pool2d(self.trunk(x), 1).flatten(1)  # (B, 512)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class ViT(nn.Module):
+    """A small Vision Transformer (Dosovitskiy et al. 2021): patch embedding, [CLS] token, learned positions,
+    pre-norm blocks; trains from scratch on small images."""
+
+    def __init__(self, in_ch, n_out, size, patch=4, dim=128, depth=4, heads=4, mlp=256, dropout=0.1):
+        super().__init__()
+        self.embed = nn.Conv2d(in_ch, dim, patch, patch)
+        n = (size // patch) ** 2
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, mlp, dropout, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, n_out)
+
+    def features(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)  # (B, N, dim)
+        t = torch.cat([self.cls.expand(len(t), -1, -1), t], 1) + self.pos
+        return self.norm(self.blocks(t)[:, 0])  # (B, dim): the [CLS] token
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def build(arch, in_ch, n_out, size, pretrained=False, weights_file=None, width=32):
+    """A network by name; the kwargs are what a checkpoint stores under 'arch'."""
+    if arch == "cnn8":
+        return CNN8(in_ch, n_out, width)
+    if arch in ("densenet121", "resnet50"):
+        return TorchvisionNet(arch, n_out, pretrained, weights_file)
+    if arch == "resnet18_28":
+        return ResNet18For28(in_ch, n_out)
+    if arch == "vit":
+        return ViT(in_ch, n_out, size)
+    raise ValueError(f"unknown arch {arch!r}")
+
+
+def arch_spec(arch, in_ch, n_out, size, width=32):
+    """The build() kwargs a checkpoint stores (pretrained weights are in the state dict, not re-fetched)."""
+    return {"arch": arch, "in_ch": in_ch, "n_out": n_out, "size": size, "width": width}
+
+
+def load_classifier(ckpt_path, map_location="cpu"):
+    from common.runs import load_checkpoint
+    ck = load_checkpoint(ckpt_path, map_location)
+    if "arch" not in ck:
+        raise DataError(f"{ckpt_path} is not a fairsynth classifier checkpoint (no 'arch' entry)")
+    net = build(**ck["arch"])
+    net.load_state_dict(ck["model"])
+    return net.eval(), ck
+
+
+class FeatureExtractor(nn.Module):
+    """[0, 1] (B, 3, H, W) -> a classifier's penultimate features, resized and channel-matched to its input."""
+
+    def __init__(self, net, in_ch, size):
+        super().__init__()
+        self.net, self.in_ch, self.size = net, in_ch, size
+
+    def forward(self, x):
+        if x.shape[-1] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        if self.in_ch == 1:
+            x = x.mean(1, keepdim=True)
+        return self.net.features(x * 2 - 1)
+
+
+def load_feature_extractor(ckpt_path):
+    """(feature net, label 'FD-<arch>') for the FD metric and the memorization audit."""
+    net, ck = load_classifier(ckpt_path)
+    a = ck["arch"]
+    return FeatureExtractor(net, a["in_ch"], a["size"]).eval(), f"FD-{a['arch']} ({Path(ckpt_path).parent.name})"

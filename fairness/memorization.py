@@ -1,0 +1,128 @@
+"""Memorization audit: is any generated image a copy of a training patient's image?
+
+    python -m fairness.memorization SYNTH TRAIN [--feature-ckpt CKPT] [--threshold 0.02] [--out DIR]
+
+SYNTH and TRAIN are folders of images or .npz files with a uint8 `images` array. For each synthetic image it
+finds the nearest training image
+- in pixel space: root-mean-square difference of the images scaled to [0, 1] (after resizing TRAIN to SYNTH's
+  size if they differ), and
+- in feature space (with --feature-ckpt, a fairsynth classifier checkpoint): cosine distance of its penultimate
+  features.
+It reports the fraction of synthetic images whose pixel RMSE to their nearest training image is below
+--threshold (default 0.02, about 5 grey levels: an exact copy up to resampling noise), the fraction that are much
+closer to their nearest training image than to the second nearest (d1 < d2 / 3, Carlini et al. 2023), and, as the
+yardstick, the same nearest-neighbour distances within the training set itself. It writes a PNG of the closest
+pairs (synthetic left, training right) and a JSON of the numbers.
+"""
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.report import save_grid
+from common.runs import write_json
+from fairness.fid import load_input
+
+
+def _flat(images, size=None):
+    x = torch.as_tensor(np.asarray(images)).float().div(255)
+    x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    if size is not None and x.shape[-1] != size:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="area" if x.shape[-1] > size else "bilinear",
+                                            align_corners=None if x.shape[-1] > size else False)
+    return x
+
+
+def nearest(query, ref, exclude_self=False, chunk=512):
+    """For each query row, (index of nearest ref row, its RMSE, RMSE of the second nearest); rows are flattened
+    images in [0, 1]."""
+    q, r = query.flatten(1).double(), ref.flatten(1).double()
+    d_dim = q.shape[1]
+    idx, d1, d2 = [], [], []
+    r2 = (r * r).sum(1)
+    for i in range(0, len(q), chunk):
+        qi = q[i:i + chunk]
+        d = ((qi * qi).sum(1, keepdim=True) + r2[None] - 2 * qi @ r.T).clamp_min(0) / d_dim  # mean squared diff
+        if exclude_self:
+            d[torch.arange(len(qi)), torch.arange(i, i + len(qi))] = float("inf")
+        top = d.topk(2, dim=1, largest=False)
+        idx.append(top.indices[:, 0])
+        d1.append(top.values[:, 0].sqrt())
+        d2.append(top.values[:, 1].sqrt())
+    return torch.cat(idx).numpy(), torch.cat(d1).numpy(), torch.cat(d2).numpy()
+
+
+def audit(synth, train, threshold=0.02, feature_fn=None):
+    """The audit's numbers and the closest pairs, from uint8 image arrays."""
+    s = _flat(synth)
+    t = _flat(train, size=s.shape[-1])
+    if s.shape[1] != t.shape[1]:  # grey vs RGB: compare in grey
+        s, t = s.mean(1, keepdim=True), t.mean(1, keepdim=True)
+    idx, d1, d2 = nearest(s, t)
+    _, t_d1, _ = nearest(t, t, exclude_self=True)
+    out = {"n_synth": len(s), "n_train": len(t), "threshold_rmse": threshold,
+           "pixel_nn_rmse": {"min": float(d1.min()), "median": float(np.median(d1))},
+           "fraction_copies": float((d1 < threshold).mean()),
+           "fraction_d1_below_d2_over_3": float((d1 < d2 / 3).mean()),
+           "train_to_train_nn_rmse": {"min": float(t_d1.min()), "median": float(np.median(t_d1)),
+                                      "p1": float(np.percentile(t_d1, 1))},
+           "fraction_closer_than_train_p1": float((d1 < np.percentile(t_d1, 1)).mean())}
+    if feature_fn is not None:
+        fs, ft = feature_fn(synth), feature_fn(train)
+        fs = fs / np.linalg.norm(fs, axis=1, keepdims=True).clip(1e-12)
+        ft = ft / np.linalg.norm(ft, axis=1, keepdims=True).clip(1e-12)
+        cos = fs @ ft.T
+        out["feature_nn_cosine_distance"] = {"min": float((1 - cos.max(1)).min()),
+                                             "median": float(np.median(1 - cos.max(1)))}
+        out["feature_nn_agrees_with_pixel_nn"] = float((cos.argmax(1) == idx).mean())
+    order = np.argsort(d1)
+    return out, order, idx, d1
+
+
+def closest_pairs_png(synth, train, order, idx, d1, path, k=8, title="closest synthetic / training pairs"):
+    s = _flat(synth)
+    t = _flat(train, size=s.shape[-1])
+    if s.shape[1] != t.shape[1]:
+        s, t = s.mean(1, keepdim=True), t.mean(1, keepdim=True)
+    pick = order[:k]
+    pairs = torch.stack([torch.stack([s[i], t[idx[i]]]) for i in pick]).flatten(0, 1) * 2 - 1
+    labels = [f"rmse {d1[i]:.3f}" for i in pick]
+    return save_grid(pairs, path, nrow=len(pick), title=title, row_labels=labels)
+
+
+def main(args):
+    synth, _, _ = load_input(args.synth)
+    train, _, _ = load_input(args.train)
+    feature_fn = None
+    if args.feature_ckpt:
+        from classify.nets import load_feature_extractor
+        from fairness.fid import extract
+        net, label = load_feature_extractor(args.feature_ckpt)
+        feature_fn = lambda x: extract(net, x)
+    result, order, idx, d1 = audit(synth, train, args.threshold, feature_fn)
+    out = Path(args.out)
+    write_json(out / "memorization.json", result)
+    closest_pairs_png(synth, train, order, idx, d1, out / "closest_pairs.png", title=args.title)
+    print(f"{result['n_synth']} synthetic vs {result['n_train']} training images: "
+          f"{100 * result['fraction_copies']:.2f}% within RMSE {args.threshold} of a training image "
+          f"(nearest-neighbour RMSE median {result['pixel_nn_rmse']['median']:.3f}; training set's own "
+          f"{result['train_to_train_nn_rmse']['median']:.3f}); {out / 'closest_pairs.png'}")
+    return result
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m fairness.memorization", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("synth", help="generated images: folder or .npz with `images`")
+    p.add_argument("train", help="the generator's training images: folder or .npz with `images`")
+    p.add_argument("--threshold", type=float, default=0.02, help="pixel RMSE (images in [0,1]) below which a "
+                   "synthetic image counts as a copy")
+    p.add_argument("--feature-ckpt", help="classifier ckpt.pt for the feature-space nearest neighbour")
+    p.add_argument("--out", default="memorization", help="folder for memorization.json and closest_pairs.png")
+    p.add_argument("--title", default="closest synthetic (left) / training (right) pairs", help="PNG title")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,207 @@
+"""Group metrics and fairness metrics, exactly as FORMULAS.md defines them, with patient-level bootstrap CIs.
+
+Cross-checked in tests: AUROC against scikit-learn, DP / EO / accuracy gaps against fairlearn, ESSP and NAR against
+hand-computed values. Conventions:
+- scores are "higher = more positive"; a decision is `score >= threshold`;
+- thresholds come from validation data (Youden's J, or the highest threshold reaching a target sensitivity),
+  never a blind 0.5; multi-class decisions are the argmax;
+- multi-class AUROC is the unweighted mean of one-vs-rest AUROCs (as MedMNIST's evaluator);
+- DP, EO, ESSP are fractions here; tables multiply them by 100 where FairGen does.
+"""
+import numpy as np
+import pandas as pd
+from scipy.stats import rankdata
+
+
+# ---- per-label metrics --------------------------------------------------------------------------------------------
+def auroc(y, score):
+    """Area under the ROC curve via the Mann-Whitney U statistic (ties count 1/2); NaN if y has one class."""
+    y = np.asarray(y).astype(bool)
+    n1, n0 = y.sum(), (~y).sum()
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    r = rankdata(score)
+    return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def auroc_ovr(y, probs):
+    """Multi-class AUROC: unweighted mean over classes of one-vs-rest AUROC; binary (2 columns): AUROC of class 1."""
+    y, probs = np.asarray(y), np.asarray(probs)
+    if probs.shape[1] == 2:
+        return auroc(y == 1, probs[:, 1])
+    return float(np.nanmean([auroc(y == k, probs[:, k]) for k in range(probs.shape[1])]))
+
+
+def roc_points(y, score):
+    """(thresholds descending, TPR, FPR) for the decisions score >= threshold at each distinct score."""
+    y = np.asarray(y).astype(bool)
+    order = np.argsort(-np.asarray(score), kind="mergesort")
+    s, yy = np.asarray(score)[order], y[order]
+    last = np.r_[np.diff(s) != 0, True]  # the last index of each run of equal scores
+    tp, fp = np.cumsum(yy)[last], np.cumsum(~yy)[last]
+    return s[last], tp / max(y.sum(), 1), fp / max((~y).sum(), 1)
+
+
+def youden_threshold(y, score):
+    """The validation threshold that maximises Youden's J = sensitivity + specificity - 1."""
+    t, tpr, fpr = roc_points(y, score)
+    if len(t) == 0:
+        return 0.5
+    return float(t[int(np.argmax(tpr - fpr))])
+
+
+def sensitivity_threshold(y, score, target=0.8):
+    """The highest validation threshold whose sensitivity reaches `target` (fewest false positives)."""
+    t, tpr, _ = roc_points(y, score)
+    ok = np.nonzero(tpr >= target)[0]
+    return float(t[ok[0]]) if len(ok) else float(t[-1])
+
+
+def choose_threshold(y, score, rule="youden", target=0.8):
+    return youden_threshold(y, score) if rule == "youden" else sensitivity_threshold(y, score, target)
+
+
+def binary_stats(y, decision):
+    """accuracy, sensitivity (TPR), specificity (TNR), prevalence, positive rate."""
+    y, d = np.asarray(y).astype(bool), np.asarray(decision).astype(bool)
+    pos, neg = y.sum(), (~y).sum()
+    return {"n": int(len(y)), "positives": int(pos), "prevalence": float(y.mean()) if len(y) else float("nan"),
+            "accuracy": float((y == d).mean()) if len(y) else float("nan"),
+            "sensitivity": float((d & y).sum() / pos) if pos else float("nan"),
+            "specificity": float((~d & ~y).sum() / neg) if neg else float("nan"),
+            "positive_rate": float(d.mean()) if len(y) else float("nan")}
+
+
+def group_table(y, score, groups, threshold, label="label"):
+    """Per group (and 'all'): n, prevalence, AUROC, accuracy, sensitivity, specificity at a fixed threshold."""
+    y, score, groups = np.asarray(y), np.asarray(score), np.asarray(groups)
+    rows = []
+    for g in ["all"] + sorted(set(groups.tolist())):
+        m = np.ones(len(y), bool) if g == "all" else groups == g
+        rows.append({"label": label, "group": g, "auroc": auroc(y[m], score[m]),
+                     **binary_stats(y[m], score[m] >= threshold)})
+    return pd.DataFrame(rows)
+
+
+def worst_and_gap(table, metric):
+    """(worst group's value, max - min over groups) of a group_table metric, 'all' excluded."""
+    v = table.loc[table["group"] != "all", metric].to_numpy(dtype=float)
+    v = v[np.isfinite(v)]
+    return (float(v.min()), float(v.max() - v.min())) if len(v) else (float("nan"), float("nan"))
+
+
+def multilabel_group_table(Y, S, groups, thresholds, names):
+    """group_table for every column of a multi-label problem, stacked."""
+    return pd.concat([group_table(Y[:, j], S[:, j], groups, thresholds[j], names[j]) for j in range(Y.shape[1])],
+                     ignore_index=True)
+
+
+# ---- fairness metrics (FORMULAS.md) ----------------------------------------------------------------------------------
+def _classes(y_true, y_pred):
+    labels = np.unique(np.r_[np.asarray(y_true).ravel(), np.asarray(y_pred).ravel()])
+    binary = set(labels.tolist()) <= {0, 1}
+    return binary, labels
+
+
+def demographic_parity(y_pred, groups, y_true=None):
+    """DP = max over classes k of [max_g P(y_hat=k | g) - min_g P(y_hat=k | g)]; binary = fairlearn's
+    demographic_parity_difference (selection rate of class 1)."""
+    y_pred, groups = np.asarray(y_pred), np.asarray(groups)
+    binary, labels = _classes(y_pred if y_true is None else y_true, y_pred)
+    ks = [1] if binary else labels
+    gaps = []
+    for k in ks:
+        rates = [np.mean(y_pred[groups == g] == k) for g in np.unique(groups)]
+        gaps.append(max(rates) - min(rates))
+    return float(max(gaps))
+
+
+def equal_opportunity(y_true, y_pred, groups):
+    """EO = max over classes k of [max_g TPR_k,g - min_g TPR_k,g], TPR_k,g = P(y_hat=k | y=k, g); binary = fairlearn's
+    equal_opportunity_difference (class 1 only). Groups without a member of class k are left out for that k."""
+    y_true, y_pred, groups = np.asarray(y_true), np.asarray(y_pred), np.asarray(groups)
+    binary, labels = _classes(y_true, y_pred)
+    gaps = []
+    for k in ([1] if binary else labels):
+        tpr = [np.mean(y_pred[(groups == g) & (y_true == k)] == k) for g in np.unique(groups)
+               if ((groups == g) & (y_true == k)).any()]
+        if len(tpr) >= 2:
+            gaps.append(max(tpr) - min(tpr))
+    return float(max(gaps)) if gaps else float("nan")
+
+
+def essp(overall, per_group):
+    """Equity-scaled performance (FairSeg): ES = I / (1 + sum_g |I - I_g|)."""
+    per_group = np.asarray(list(per_group), dtype=float)
+    return float(overall / (1 + np.abs(overall - per_group).sum()))
+
+
+def nar(per_group_acc):
+    """NAR = (max_g acc_g - min_g acc_g) / mean_g acc_g."""
+    a = np.asarray(list(per_group_acc), dtype=float)
+    return float((a.max() - a.min()) / a.mean())
+
+
+def group_accuracy(y_true, y_pred, groups):
+    y_true, y_pred, groups = map(np.asarray, (y_true, y_pred, groups))
+    return {g: float(np.mean(y_true[groups == g] == y_pred[groups == g])) for g in np.unique(groups)}
+
+
+def group_auroc(y_true, probs, groups):
+    """Per group AUROC (binary: probs (N,) or (N,2); multi-class: one-vs-rest mean)."""
+    y_true, probs, groups = np.asarray(y_true), np.asarray(probs), np.asarray(groups)
+    out = {}
+    for g in np.unique(groups):
+        m = groups == g
+        out[g] = auroc(y_true[m], probs[m]) if probs.ndim == 1 else auroc_ovr(y_true[m], probs[m])
+    return out
+
+
+def fairness_summary(y_true, y_pred, groups, probs=None):
+    """Every downstream fairness number for one classifier: accuracy (overall and per group), DP, EO, ESSP (on
+    accuracy, and on AUROC when probs are given), NAR, per-group AUROC."""
+    y_true, y_pred, groups = map(np.asarray, (y_true, y_pred, groups))
+    acc_g = group_accuracy(y_true, y_pred, groups)
+    acc = float(np.mean(y_true == y_pred))
+    out = {"accuracy": acc, "dp": demographic_parity(y_pred, groups, y_true),
+           "eo": equal_opportunity(y_true, y_pred, groups), "essp_acc": essp(acc, acc_g.values()),
+           "nar": nar(acc_g.values()), **{f"accuracy[{g}]": v for g, v in acc_g.items()}}
+    if probs is not None:
+        probs = np.asarray(probs)
+        auc = auroc(y_true, probs) if probs.ndim == 1 else auroc_ovr(y_true, probs)
+        auc_g = group_auroc(y_true, probs, groups)
+        out.update({"auroc": auc, "essp_auc": essp(auc, auc_g.values()),
+                    **{f"auroc[{g}]": v for g, v in auc_g.items()}})
+    return out
+
+
+# ---- bootstrap -------------------------------------------------------------------------------------------------------
+def bootstrap(stat, n_rows, clusters=None, n_boot=1000, seed=0, alpha=0.05):
+    """Percentile bootstrap CIs of stat(idx) -> float or {name: float}, resampling clusters (patients) with
+    replacement where given, rows otherwise. Returns {name: (lo, hi)} (name 'value' for a float stat).
+    Replicates where a statistic is undefined (NaN, e.g. AUROC of a one-class resample) are dropped for it."""
+    rng = np.random.default_rng(seed)
+    if clusters is None:
+        members = [np.array([i]) for i in range(n_rows)]
+    else:
+        codes, uniq = pd.factorize(np.asarray(clusters))
+        order = np.argsort(codes, kind="stable")
+        members = np.split(order, np.cumsum(np.bincount(codes, minlength=len(uniq)))[:-1])
+    reps = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(members), len(members))
+        idx = np.concatenate([members[i] for i in pick])
+        v = stat(idx)
+        reps.append(v if isinstance(v, dict) else {"value": v})
+    frame = pd.DataFrame(reps)
+    return {c: (float(np.nanpercentile(frame[c], 100 * alpha / 2)), float(np.nanpercentile(frame[c],
+                100 * (1 - alpha / 2)))) if frame[c].notna().any() else (float("nan"), float("nan"))
+            for c in frame.columns}
+
+
+def with_ci(stat, n_rows, clusters=None, n_boot=1000, seed=0):
+    """{name: {'value': stat(all rows), 'ci': [lo, hi]}} for a dict-valued stat."""
+    point = stat(np.arange(n_rows))
+    point = point if isinstance(point, dict) else {"value": point}
+    cis = bootstrap(stat, n_rows, clusters, n_boot, seed)
+    return {k: {"value": float(v), "ci": list(cis.get(k, (float("nan"),) * 2))} for k, v in point.items()}

@@ -1,0 +1,185 @@
+"""fairness/: metrics against scikit-learn and fairlearn, ESSP/NAR by hand, FID against pytorch-fid, the FID CLI,
+the memorization audit."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from fairness import metrics as M
+from fairness.fid import extract, fid_from_features, frechet_distance, inception, stats
+from fairness.memorization import audit
+from conftest import ROOT, write_png
+
+fairlearn = pytest.importorskip("fairlearn.metrics", reason="fairlearn is installed by requirements-dev.txt")
+
+
+def test_auroc_matches_sklearn_with_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        y = rng.integers(0, 2, 200)
+        s = np.round(rng.normal(y * 0.7, 1), 1)  # rounded: many ties
+        assert M.auroc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert np.isnan(M.auroc(np.ones(5), np.arange(5)))
+    y = rng.integers(0, 4, 300)
+    p = rng.dirichlet(np.ones(4), 300) + np.eye(4)[y] * 0.3
+    p /= p.sum(1, keepdims=True)
+    assert M.auroc_ovr(y, p) == pytest.approx(roc_auc_score(y, p, multi_class="ovr", average="macro"), abs=1e-12)
+
+
+def test_thresholds_come_from_the_roc_curve():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 500)
+    s = rng.normal(y, 1)
+    fpr, tpr, thr = roc_curve(y, s)
+    assert M.youden_threshold(y, s) == pytest.approx(thr[np.argmax(tpr - fpr)])
+    t = M.sensitivity_threshold(y, s, 0.9)
+    assert (s[y == 1] >= t).mean() >= 0.9
+    assert (s[y == 1] >= np.nextafter(t, np.inf)).mean() < 0.9  # the highest such threshold
+    stats_ = M.binary_stats(y, s >= t)
+    assert stats_["sensitivity"] >= 0.9 and 0 < stats_["specificity"] < 1
+
+
+def test_binary_dp_eo_and_accuracy_gap_match_fairlearn():
+    rng = np.random.default_rng(2)
+    for _ in range(10):
+        y, yhat = rng.integers(0, 2, 400), rng.integers(0, 2, 400)
+        g = rng.choice(["F", "M", "X"], 400)
+        assert M.demographic_parity(yhat, g, y) == pytest.approx(
+            fairlearn.demographic_parity_difference(y, yhat, sensitive_features=g))
+        assert M.equal_opportunity(y, yhat, g) == pytest.approx(
+            fairlearn.equal_opportunity_difference(y, yhat, sensitive_features=g))
+        acc = M.group_accuracy(y, yhat, g)
+        assert max(acc.values()) - min(acc.values()) == pytest.approx(
+            fairlearn.MetricFrame(metrics=lambda a, b: np.mean(a == b), y_true=y, y_pred=yhat,
+                                  sensitive_features=g).difference())
+
+
+def test_multiclass_dp_eo_essp_nar_by_hand():
+    # group a: 4 samples, group b: 4 samples, classes 0..2
+    y = np.array([0, 1, 2, 2, 0, 1, 2, 2])
+    yhat = np.array([0, 1, 2, 0, 0, 0, 2, 2])
+    g = np.array(["a"] * 4 + ["b"] * 4)
+    # P(yhat=k|a) = [.5,.25,.25], P(yhat=k|b) = [.5,0,.5] -> DP = max(0, .25, .25) = .25
+    assert M.demographic_parity(yhat, g, y) == pytest.approx(0.25)
+    # TPR_k: a: [1, 1, .5], b: [1, 0, 1] -> EO = max(0, 1, .5) = 1
+    assert M.equal_opportunity(y, yhat, g) == pytest.approx(1.0)
+    acc = M.group_accuracy(y, yhat, g)  # a .75, b .75... b: [0,0,2,2] vs [0,1,2,2] -> .75
+    assert acc == {"a": 0.75, "b": 0.75}
+    assert M.essp(0.8, [0.9, 0.6]) == pytest.approx(0.8 / (1 + 0.1 + 0.2))
+    assert M.nar([0.9, 0.6]) == pytest.approx(0.3 / 0.75)
+    s = M.fairness_summary(y, yhat, g)
+    assert s["essp_acc"] == pytest.approx(0.75) and s["nar"] == 0
+
+
+def test_group_table_worst_and_gap():
+    y = np.array([1, 0, 1, 0, 1, 0, 1, 0])
+    s = np.array([.9, .1, .8, .2, .4, .6, .7, .3])
+    g = np.array(["F", "F", "F", "F", "M", "M", "M", "M"])
+    t = M.group_table(y, s, g, threshold=0.5)
+    f, m = t.set_index("group").loc["F"], t.set_index("group").loc["M"]
+    assert f["auroc"] == 1 and m["auroc"] == 0.75 and f["sensitivity"] == 1 and m["sensitivity"] == 0.5
+    assert M.worst_and_gap(t, "auroc") == (0.75, 0.25)
+
+
+def test_bootstrap_resamples_patients_not_rows():
+    rng = np.random.default_rng(3)
+    vals = np.repeat(rng.normal(size=50), 10)  # 50 patients, 10 identical images each
+    pid = np.repeat(np.arange(50), 10)
+    stat = lambda idx: float(vals[idx].mean())
+    lo_c, hi_c = M.bootstrap(stat, len(vals), clusters=pid, n_boot=400)["value"]
+    lo_r, hi_r = M.bootstrap(stat, len(vals), n_boot=400)["value"]
+    assert lo_c < vals.mean() < hi_c
+    assert (hi_c - lo_c) > 2 * (hi_r - lo_r)  # row resampling would pretend 500 independent images
+    res = M.with_ci(lambda idx: {"mean": float(vals[idx].mean())}, len(vals), pid, n_boot=50)
+    assert res["mean"]["value"] == pytest.approx(vals.mean()) and len(res["mean"]["ci"]) == 2
+
+
+# ---- FID ----------------------------------------------------------------------------------------------------------
+def test_frechet_distance_matches_pytorch_fid():
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(600, 64)), rng.normal(0.3, 1.2, size=(500, 64)) @ rng.normal(size=(64, 64)) * 0.3
+    ref = calculate_frechet_distance(*stats(a), *stats(b))
+    assert fid_from_features(a, b) == pytest.approx(ref, rel=1e-6)
+    assert fid_from_features(a, b, "scipy") == pytest.approx(ref, rel=1e-6)
+    mu1, mu2, s = rng.normal(size=8), rng.normal(size=8), np.cov(rng.normal(size=(50, 8)), rowvar=False)
+    assert frechet_distance(mu1, s, mu2, s) == pytest.approx(((mu1 - mu2) ** 2).sum(), rel=1e-9)  # equal covs
+    assert abs(fid_from_features(a, a)) < 1e-8
+    few = rng.normal(size=(30, 64))  # fewer samples than dimensions: singular covariance, PSD-root path
+    s1, s2 = np.cov(few, rowvar=False), np.cov(rng.normal(size=(40, 64)), rowvar=False)
+    direct = np.sqrt(np.clip(np.linalg.eigvals(s1 @ s2).real, 0, None)).sum()
+    from fairness.fid import trace_sqrt_product
+    assert trace_sqrt_product(s1, s2) == pytest.approx(direct, rel=1e-6)
+
+
+def test_inception_features_match_pytorch_fid(tmp_path, monkeypatch):
+    """Same (random) weights in our hand-written pool3 forward and in pytorch-fid's InceptionV3: same features."""
+    import pytorch_fid.inception as pfi
+    from torchvision.models import inception_v3
+    torch.manual_seed(0)
+    sd = inception_v3(weights=None, aux_logits=False, init_weights=True, num_classes=1008).state_dict()
+    torch.save(sd, tmp_path / "pt_inception.pth")
+    monkeypatch.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: sd)
+    theirs = pfi.InceptionV3([3], resize_input=True, normalize_input=True, use_fid_inception=True).eval()
+    ours, label = inception(tmp_path / "pt_inception.pth")
+    x = np.random.default_rng(0).integers(0, 256, (3, 40, 40), dtype=np.uint8)
+    with torch.no_grad():
+        ref = theirs(torch.as_tensor(x).float().div(255)[:, None].expand(-1, 3, -1, -1))[0].flatten(1).double()
+    got = extract(ours, x)
+    assert np.allclose(got, ref.numpy(), rtol=1e-5, atol=1e-5 * np.abs(ref.numpy()).max())
+    assert "pytorch-fid" in label
+
+
+def test_fid_cli_on_png_folders_with_groups(tmp_path):
+    for folder, shift in (("real", 0), ("fake", 60)):
+        for i in range(8):
+            write_png(tmp_path / folder / f"{folder}{i}.png", size=24, value=(i * 20 + shift) % 256)
+    pd.DataFrame({"file": [f"{f}{i}.png" for f in ("real", "fake") for i in range(8)],
+                  "group": [("F" if i % 2 else "M") for _ in range(2) for i in range(8)]}).to_csv(
+        tmp_path / "groups.csv", index=False)
+    r = subprocess.run([sys.executable, "-m", "fairness.fid", str(tmp_path / "real"), str(tmp_path / "fake"),
+                        "--no-pretrained", "--groups", str(tmp_path / "groups.csv"), "--json",
+                        str(tmp_path / "fid.json"), "--device", "cpu"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "fid.json").read_text())
+    assert out["n_real"] == 8 and set(out["groups"]) == {"F", "M"} and out["fid"] > 0
+    assert "n=8 < 2048" in r.stderr and "smoke test only" in r.stdout and "variance (1/G)" in r.stdout
+    fids = [g["fid"] for g in out["groups"].values()]
+    assert out["subgroup_variance"] == pytest.approx(np.var(fids))
+
+
+def test_memorization_audit_finds_a_planted_copy(tmp_path):
+    rng = np.random.default_rng(5)
+    train = rng.integers(0, 256, (40, 16, 16), dtype=np.uint8)
+    synth = rng.integers(0, 256, (25, 16, 16), dtype=np.uint8)
+    synth[7] = train[13]  # a generated image that is a training patient's image
+    res, order, idx, d1 = audit(synth, train, threshold=0.02)
+    assert res["fraction_copies"] == pytest.approx(1 / 25) and order[0] == 7 and idx[7] == 13 and d1[7] < 1e-6
+    np.savez(tmp_path / "synth.npz", images=synth)
+    np.savez(tmp_path / "train.npz", images=train)
+    r = subprocess.run([sys.executable, "-m", "fairness.memorization", str(tmp_path / "synth.npz"),
+                        str(tmp_path / "train.npz"), "--out", str(tmp_path / "audit")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "audit/memorization.json").read_text())["fraction_copies"] == pytest.approx(0.04)
+
+
+def test_figures_draw(tmp_path):
+    from PIL import Image
+    from fairness.figures import bars, boxplots, lines, radar
+    rng = np.random.default_rng(0)
+    paths = [boxplots({"A": {"light": rng.random(20), "dark": rng.random(20)}, "B": {"light": rng.random(20)}},
+                      tmp_path / "b.png", "t", "MSE"),
+             radar({"base": {"F": .7, "M": .8, "X": .75}, "fair": {"F": .78, "M": .79, "X": .8}}, tmp_path / "r.png",
+                   "AUC"),
+             bars({"base": {"DP": (0.2, (0.1, 0.3))}, "fair": {"DP": (0.1, (0.05, 0.2))}}, tmp_path / "c.png", "t",
+                  "DP"),
+             lines({"vit": {0: .7, .5: .72}}, tmp_path / "l.png", "t", "ratio", "acc")]
+    for p in paths:
+        assert Image.open(p).size[0] > 200
