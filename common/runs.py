@@ -31,6 +31,20 @@ def device_from(arg="auto"):
     return torch.device(arg)
 
 
+def setup_distributed(device_arg="auto"):
+    """(device, rank, world size). Under `torchrun --nproc_per_node=N` (WORLD_SIZE > 1) this joins the process group
+    and takes this rank's GPU; otherwise it is an ordinary single-process run."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return device_from(device_arg), 0, 1
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, local = torch.distributed.get_rank(), int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local), rank, world
+    return torch.device("cpu"), rank, world
+
+
 def is_main_process():
     """True on rank 0 of a torchrun job, and in every ordinary run."""
     return not (torch.distributed.is_available() and torch.distributed.is_initialized()) \

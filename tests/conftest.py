@@ -31,6 +31,32 @@ def write_png(path, size=32, value=None, rgb=False, seed=0):
     return a
 
 
+def shape_classifier(size, seed=7):
+    """A CNN that tells discs (0) from squares (1) in toy images, trained on real ones with noise and contrast
+    jitter so that it judges the shape, not a generator's residual noise. Input: (N, 1, S, S) in [-1, 1]."""
+    import torch
+    from classify.nets import CNN8
+    from common.modalities import toy_images
+    x, shape, _ = toy_images(1500, size, seed=seed)
+    torch.manual_seed(0)
+    clf = CNN8(1, 2, width=8)
+    opt = torch.optim.Adam(clf.parameters(), 3e-3)
+    xt, yt = torch.from_numpy(x).float()[:, None] / 127.5 - 1, torch.from_numpy(shape)
+    for epoch in range(8):
+        for i in torch.randperm(len(xt)).split(64):
+            xb = xt[i] * (0.7 + 0.6 * torch.rand(len(i), 1, 1, 1)) + 0.25 * torch.randn_like(xt[i])
+            loss = torch.nn.functional.cross_entropy(clf(xb), yt[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    clf.eval()
+    xv, sv, _ = toy_images(500, size, seed=seed + 1)
+    with torch.no_grad():
+        acc = (clf(torch.from_numpy(xv).float()[:, None] / 127.5 - 1).argmax(1).numpy() == sv).mean()
+    assert acc > 0.97, f"the judge itself is not good enough ({acc:.3f})"
+    return clf
+
+
 class RangeHandler(SimpleHTTPRequestHandler):
     """Static files with HTTP Range support; `cut_after` bytes then a dropped connection, once per path."""
     cut_after = None

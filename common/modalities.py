@@ -1,0 +1,142 @@
+"""Conditioning classes for the generative studies: class = (sensitive attribute x label), built from the readers.
+
+Every generator, downstream classifier and fairness table of `make fairgen` (and the DDPM) agrees on these:
+
+    nih    NIH1000 chest X-rays; attribute sex (F/M); label: No Finding vs any finding           -> 4 classes
+    cxr    NIH1000 + the embedded CC-BY COVID-19 X-rays; sex x {No Finding, finding, COVID-19}  -> 6 classes
+           WARNING: COVID-19 images come from another source (other hospitals, 128 px crops, other processing),
+           so "COVID-19" is confounded with the source: a classifier can learn the source, not the disease.
+    mri    IXI T1 slices; attribute sex; label age group (< 50 / >= 50 years)                   -> 4 classes
+    skin   Fitzpatrick17k under --data-root, else the procedural phantom (labelled); attribute light (FST 1-2) /
+           medium (3-4) / dark (5-6); label: the five most frequent nine-partition diagnoses -> 15 classes
+    toy    procedural discs vs squares with a bright/dark attribute (tests and demos)         -> 4 classes
+"""
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common.cache import load_images
+from common.data import PROJECT_DATA, DataError, read_covid, read_fitzpatrick, read_ixi, read_nih
+
+SKIN_DIAGNOSES = ["inflammatory", "malignant epidermal", "genodermatoses", "benign dermal", "benign epidermal"]
+PHANTOM_DIR = PROJECT_DATA.parent / ".cache" / "skin_phantom"
+
+
+@dataclass
+class Modality:
+    name: str
+    images: np.ndarray  # uint8 (N, S, S) or (N, S, S, 3)
+    table: pd.DataFrame  # one row per image: patient_id, attr, label, cls (+ the reader's columns)
+    attrs: list  # sensitive attribute values, in order
+    labels: list  # diagnostic labels, in order
+    data: str  # what data it is, for every output ("nih1000", "phantom", ...)
+    notes: list = field(default_factory=list)  # warnings every report must carry
+
+    @property
+    def class_names(self):
+        return [f"{a}|{l}" for a in self.attrs for l in self.labels]
+
+    @property
+    def channels(self):
+        return 1 if self.images.ndim == 3 else 3
+
+
+def _finish(name, table, images, attrs, labels, data, notes=()):
+    table = table.reset_index(drop=True)
+    a = table["attr"].map({v: i for i, v in enumerate(attrs)})
+    l = table["label"].map({v: i for i, v in enumerate(labels)})
+    keep = (a.notna() & l.notna()).to_numpy()
+    table = table[keep].reset_index(drop=True)
+    table["cls"] = (a[keep].astype(int) * len(labels) + l[keep].astype(int)).to_numpy()
+    return Modality(name, images[keep], table, list(attrs), list(labels), data, list(notes))
+
+
+def toy_images(n, size=16, seed=0):
+    """Discs (label 0) and squares (label 1) of random position and size; attribute: bright or dark foreground."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    imgs, labels, attrs = np.zeros((n, size, size), np.uint8), rng.integers(0, 2, n), rng.integers(0, 2, n)
+    for i in range(n):
+        r = rng.uniform(size * 0.18, size * 0.3)
+        cy, cx = rng.uniform(r + 1, size - r - 1, 2)
+        shape = (np.hypot(yy - cy, xx - cx) <= r) if labels[i] == 0 else \
+            (np.abs(yy - cy) <= r * 0.85) & (np.abs(xx - cx) <= r * 0.85)
+        imgs[i] = np.where(shape, 230 if attrs[i] else 140, 20)
+    return imgs, labels, attrs
+
+
+def load_modality(name, size, data_root=None, n_toy=2000, phantom_n=3000):
+    if name == "toy":
+        x, lab, att = toy_images(n_toy, size)
+        t = pd.DataFrame({"patient_id": None, "attr": np.where(att == 1, "bright", "dark"),
+                          "label": np.where(lab == 0, "disc", "square")})
+        return _finish(name, t, x, ["dark", "bright"], ["disc", "square"], "toy")
+    if name in ("nih", "cxr"):
+        t = read_nih(data_root or PROJECT_DATA / "nih_cxr14")
+        t["attr"] = t["sex"]
+        t["label"] = np.where(t["label:No Finding"] == 1, "No Finding", "finding")
+        t["source"] = "NIH ChestX-ray14"
+        labels, notes = ["No Finding", "finding"], []
+        data = "nih1000" if data_root is None else f"nih ({data_root})"
+        if name == "cxr":
+            c = read_covid()
+            c = c[c["label:COVID-19"] == 1].assign(attr=lambda d: d["sex"], label="COVID-19",
+                                                   source="COVID-19 image data collection")
+            t = pd.concat([t, c], ignore_index=True)
+            labels = labels + ["COVID-19"]
+            data += " + covid-cc-by"
+            notes.append("COVID-19 images come from another source than the NIH images (other hospitals, other "
+                         "processing): the COVID-19 class is confounded with its source, a shortcut a classifier "
+                         "can learn.")
+        x, ok = load_images(t["image"], size, "L")
+        return _finish(name, t[ok], x[ok], ["F", "M"], labels, data, notes)
+    if name == "mri":
+        t = read_ixi(data_root or PROJECT_DATA / "ixi_t1")
+        t["attr"] = t["sex"]
+        t["label"] = np.where(t["age"] >= 50, "age>=50", "age<50")
+        x, ok = load_images(t["image"], size, "L")
+        return _finish(name, t[ok], x[ok], ["F", "M"], ["age<50", "age>=50"], "ixi")
+    if name == "skin":
+        if data_root is not None:
+            t, data = read_fitzpatrick(data_root, level="nine"), "fitzpatrick17k"
+        else:
+            from common.phantom import make_phantom
+            folder = PHANTOM_DIR / f"n{phantom_n}"
+            if not (folder / "fitzpatrick17k.csv").is_file():
+                make_phantom(folder, n=phantom_n, size=max(64, size), seed=0)
+            t, data = read_fitzpatrick(folder, level="nine"), "phantom"
+        t["attr"] = t["skin_group"]
+        t["label"] = t["diagnosis_nine"]
+        x, ok = load_images(t["image"], size, "RGB")
+        notes = ["Procedural skin phantom, not real skin images." if data == "phantom" else ""]
+        return _finish(name, t[ok], x[ok], ["light", "medium", "dark"], SKIN_DIAGNOSES, data, [n for n in notes if n])
+    raise DataError(f"unknown modality {name!r}; choose from toy, nih, cxr, mri, skin")
+
+
+def export(mod, path, subset=None):
+    """Write a modality's images as the .npz our FID / memorization tools read (images, labels, groups)."""
+    keep = np.ones(len(mod.table), bool) if subset is None else subset
+    np.savez_compressed(path, images=mod.images[keep], labels=mod.table["cls"].to_numpy()[keep],
+                        groups=mod.table["attr"].to_numpy().astype(str)[keep], class_names=np.array(mod.class_names))
+    return path
+
+
+if __name__ == "__main__":
+    import argparse
+    from common.splits import patient_split
+    p = argparse.ArgumentParser(description="Export a modality's real images to .npz (for fairness.fid and "
+                                            "fairness.memorization).")
+    p.add_argument("modality", choices=["toy", "nih", "cxr", "mri", "skin"])
+    p.add_argument("--size", type=int, default=32, help="image side")
+    p.add_argument("--data-root", default=None, help="your copy of the data (default: embedded / phantom)")
+    p.add_argument("--split", default="all", choices=["all", "train", "val", "test"],
+                   help="patient-level split (70/10/20, stratified by the attribute)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the split")
+    p.add_argument("--out", required=True, help="output .npz")
+    a = p.parse_args()
+    m = load_modality(a.modality, a.size, a.data_root)
+    sel = None if a.split == "all" else patient_split(m.table, seed=a.split_seed, stratify="attr") == a.split
+    export(m, a.out, sel)
+    print(f"wrote {int(len(m.table) if sel is None else sel.sum())} {m.data} images to {a.out}")

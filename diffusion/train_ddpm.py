@@ -1,0 +1,257 @@
+"""Train a class-conditional DDPM (Ho et al. 2020) with classifier-free guidance, from scratch, in plain PyTorch.
+
+Class = (sensitive attribute x label) of a modality (common/modalities.py), e.g. sex x {No Finding, finding} on
+NIH chest X-rays. Also the FairGen training variants of `make fairgen` (FORMULAS.md, FairGen parts):
+    --sampler cbrs | sqrs   draw batches with replacement, weight 1/n_g or 1/sqrt(n_g) per sample (base: uniform)
+    --grad-alpha A          our gradient-aware factor on those weights (A = 0, the default, is the public code's)
+    --cb-loss               add the class-balancing loss L_reg + gamma L_com (CBDM)
+DPO fine-tuning is diffusion/train_dpo.py.
+
+EMA weights, gradient clipping, AdamW with linear warm-up, bf16 autocast on GPU, atomic checkpoints every
+--save-every steps (a killed run loses at most that much; --resume continues at the saved step with the same
+EMA, optimiser and random streams), a sample grid from fixed noise every --sample-every steps.
+
+    # full scale (one GPU; torchrun --nproc_per_node=N for more):
+    python -m diffusion.train_ddpm --data nih --size 64 --width 128 --steps 100000 --batch-size 128 --ema 0.9999
+    # quick CPU run (~20 min on 2 cores; see README for its numbers):
+    python -m diffusion.train_ddpm --data nih --size 32 --width 32 --steps 3000 --batch-size 32 --ema 0.995
+    # smoke test (seconds):
+    python -m diffusion.train_ddpm --data toy --size 16 --width 16 --mults 1,2 --num-res 1 --attn-res 8 --steps 20
+"""
+import argparse
+import collections
+import copy
+import json
+from pathlib import Path
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common.modalities import load_modality
+from common.report import save_grid
+from common.runs import (add_common_args, check_finite, is_main_process, load_checkpoint, prepare_out_dir,
+                         save_checkpoint, seed_everything, setup_distributed, write_config, write_json)
+from common.splits import patient_split
+from diffusion.ddpm import Schedule, ddim_sample, drop_labels, q_sample
+from diffusion.fairgen import cb_loss, sample_weights
+from diffusion.unet import unet_from_args
+
+SAMPLER_Q = {"uniform": 0.0, "cbrs": 1.0, "sqrs": 0.5}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="nih", choices=["toy", "nih", "cxr", "mri", "skin"],
+                   help="modality: class = attribute x label (see common/modalities.py)")
+    g.add_argument("--data-root", default=None, help="your copy of the data set (default: the embedded data)")
+    g.add_argument("--size", type=int, default=32, help="image side in pixels (28 to 128)")
+    g.add_argument("--subset", default="train", choices=["train", "all"],
+                   help="train on the patient-level training split (70%%, seed --split-seed) or on everything")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the patient-level split")
+    g.add_argument("--hflip", action="store_true", help="random horizontal flips (not for chest X-rays)")
+    g = p.add_argument_group("model")
+    g.add_argument("--width", type=int, default=64, help="base channel width of the U-Net")
+    g.add_argument("--mults", default="1,2,2", help="channel multiplier per resolution level")
+    g.add_argument("--num-res", type=int, default=2, help="residual blocks per level")
+    g.add_argument("--attn-res", default="16", help="resolutions with self-attention, comma-separated")
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout in residual blocks")
+    g = p.add_argument_group("diffusion")
+    g.add_argument("--schedule", default="linear", choices=["linear", "cosine"], help="beta schedule")
+    g.add_argument("--T", type=int, default=1000, help="diffusion steps")
+    g.add_argument("--p-uncond", type=float, default=0.1, help="label dropout for classifier-free guidance")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=3000, help="training steps (batches)")
+    g.add_argument("--batch-size", type=int, default=32, help="images per step (per GPU under torchrun)")
+    g.add_argument("--lr", type=float, default=2e-4, help="AdamW peak learning rate")
+    g.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    g.add_argument("--ema", type=float, default=0.995, help="EMA decay (0.9999 at scale; lower for short runs)")
+    g.add_argument("--amp", default="auto", choices=["auto", "off"], help="bf16 autocast on GPU ('auto')")
+    g = p.add_argument_group("FairGen variants")
+    g.add_argument("--sampler", default="uniform", choices=list(SAMPLER_Q),
+                   help="batch sampling weights per group: uniform, CBRS 1/n_g, SQRS 1/sqrt(n_g)")
+    g.add_argument("--grad-alpha", type=float, default=0.0, help="gradient-aware factor exponent (ours; 0 = off)")
+    g.add_argument("--grad-window", type=int, default=50, help="steps over which group gradient norms are averaged")
+    g.add_argument("--cb-loss", action="store_true", help="add the class-balancing loss (CBDM)")
+    g.add_argument("--cb-tau", type=float, default=1.0, help="tau in w(t) = tau t / T")
+    g.add_argument("--cb-gamma", type=float, default=0.25, help="weight of L_com")
+    g = p.add_argument_group("output")
+    add_common_args(p, "runs/ddpm/nih32")
+    g.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt")
+    g.add_argument("--save-every", type=int, default=500, help="checkpoint interval (steps)")
+    g.add_argument("--sample-every", type=int, default=1000, help="sample-grid interval (steps; 0: only at the end)")
+    g.add_argument("--grid-per-class", type=int, default=8, help="grid images per class")
+    g.add_argument("--grid-steps", type=int, default=50, help="DDIM steps for the grids")
+    g.add_argument("--guidance", type=float, default=1.0, help="guidance scale w for the grids")
+    return p.parse_args(argv)
+
+
+def model_args(args, num_classes, channels):
+    return {"channels": channels, "size": args.size, "width": args.width,
+            "mults": [int(m) for m in args.mults.split(",")], "num_res": args.num_res,
+            "attn_res": [int(r) for r in args.attn_res.split(",") if r], "num_classes": num_classes,
+            "dropout": args.dropout}
+
+
+def training_images(args):
+    """(modality, uint8 tensor (N, C, S, S), class index (N,)) of the training subset."""
+    mod = load_modality(args.data, args.size, args.data_root)
+    keep = np.ones(len(mod.table), bool)
+    if args.subset == "train":
+        keep = patient_split(mod.table, seed=args.split_seed, stratify="attr") == "train"
+    x = torch.from_numpy(mod.images[keep])
+    x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    return mod, x.contiguous(), torch.from_numpy(mod.table["cls"].to_numpy()[keep])
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p.detach(), 1 - decay)
+    for be, b in zip(ema.buffers(), model.buffers()):
+        be.copy_(b)
+
+
+def sample_grid(ema, sched, args, mod, step, out, device):
+    K = len(mod.class_names)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 12345)  # the same noise every time
+    y = torch.arange(K, device=device).repeat_interleave(args.grid_per_class)
+    x = ddim_sample(ema, sched, (len(y), mod.channels, args.size, args.size), y, args.guidance,
+                    args.grid_steps, 0.0, gen, device)
+    title = f"DDPM samples, step {step}, {mod.data}" + (" (PHANTOM data)" if mod.data == "phantom" else "") + \
+        f", DDIM-{args.grid_steps}, w={args.guidance}"
+    for name in (f"samples_step{step:06d}.png", "samples.png"):
+        save_grid(x, out / name, nrow=K, title=title, row_labels=mod.class_names)
+
+
+def main(args):
+    device, rank, world = setup_distributed(args.device)
+    out = prepare_out_dir(args.out_dir, args.force, args.resume) if is_main_process() else None
+    seed_everything(args.seed + rank)
+    mod, x_all, cls_all = training_images(args)
+    K, N = len(mod.class_names), len(x_all)
+    margs = model_args(args, K, mod.channels)
+    model = unet_from_args(margs).to(device, memory_format=torch.channels_last)  # ~1.6x faster convs on CPU
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
+    sched = Schedule(args.schedule, args.T)
+    gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # batch indices (CPU)
+    dgen = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank + 1)  # t, noise, label dropout
+    counts = np.bincount(cls_all.numpy(), minlength=K)
+    grad_hist = [collections.deque(maxlen=args.grad_window) for _ in range(K)]
+    step, history = 0, []
+    ckpt_path = Path(args.out_dir) / "ckpt.pt"
+    if args.resume and ckpt_path.is_file():
+        ck = load_checkpoint(ckpt_path)
+        model.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])
+        lr_sched.load_state_dict(ck["lr_sched"])
+        gen.set_state(ck["gen"])
+        dgen.set_state(ck["dgen"])
+        torch.set_rng_state(ck["torch_rng"])
+        step, history = ck["step"], ck["history"]
+        for g, vals in enumerate(ck.get("grad_hist", [])):
+            grad_hist[g].extend(vals)
+        print(f"resumed {ckpt_path} at step {step}")
+    if is_main_process():
+        write_config(out, args, data=mod.data, weights="none (from scratch)", classes=mod.class_names,
+                     class_counts=counts.tolist(), notes=mod.notes, model=margs)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    x_all, cls_all = x_all.to(device), cls_all.to(device)
+    amp = device.type == "cuda" and args.amp == "auto"
+    out_weight = model.out[-1].weight
+    t0, seen = time.time(), 0
+    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="ddpm", disable=not is_main_process())
+    for step in bar:
+        grad_means = [float(np.mean(h)) if h else np.nan for h in grad_hist]
+        w = torch.as_tensor(sample_weights(cls_all.cpu().numpy(), SAMPLER_Q[args.sampler], grad_means,
+                                           args.grad_alpha))
+        idx = torch.multinomial(w, args.batch_size, replacement=True, generator=gen).to(device)
+        x0 = x_all[idx].float() / 127.5 - 1  # (B, C, S, S) in [-1, 1]
+        if args.hflip:
+            flip = torch.rand(len(x0), device=device, generator=dgen) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        y = cls_all[idx]
+        t = torch.randint(0, sched.T, (len(x0),), device=device, generator=dgen)
+        eps = torch.randn(x0.shape, device=device, generator=dgen)
+        y_in = drop_labels(y, args.p_uncond, K, dgen)
+        xt = q_sample(sched, x0, t, eps).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            if args.cb_loss:  # eps(x_t, y) and eps(x_t, y') in one batch, y' uniform over the K classes
+                yp = torch.randint(0, K, (len(x0),), device=device, generator=dgen)
+                e_y, e_yp = net(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([y_in, yp])).float().chunk(2)
+            else:
+                e_y = net(xt, t, y_in).float()
+        per = (e_y - eps).pow(2).flatten(1).mean(1)  # ||eps - eps_theta(x_t, t, y)||^2 per image
+        loss = per.mean()
+        if args.cb_loss:
+            loss = loss + cb_loss(e_y, e_yp, t, sched.T, args.cb_tau, args.cb_gamma)
+        check_finite(loss, step, args.out_dir)
+        opt.zero_grad(set_to_none=True)
+        if args.grad_alpha:  # our gradient-aware factor: per-group gradient norm at the output layer
+            for g in y.unique().tolist():
+                gn = torch.autograd.grad(per[y == g].mean(), out_weight, retain_graph=True)[0].norm()
+                grad_hist[g].append(gn.item())
+        loss.backward()
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        lr_sched.step()
+        update_ema(ema, model, min(args.ema, (1 + step) / (10 + step)))
+        history.append([step + 1, loss.item()])
+        seen += len(x0) * world
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean([h[1] for h in history[-50:]]):.4f}",
+                            img_s=f"{seen / (time.time() - t0):.0f}")
+        done = step + 1
+        if is_main_process() and (done % args.save_every == 0 or done == args.steps):
+            save_checkpoint({"args": {**vars(args), **margs}, "model": model.state_dict(), "ema": ema.state_dict(),
+                             "opt": opt.state_dict(), "lr_sched": lr_sched.state_dict(), "gen": gen.get_state(),
+                             "dgen": dgen.get_state(), "torch_rng": torch.get_rng_state(), "step": done,
+                             "history": history, "class_names": mod.class_names, "data": mod.data,
+                             "grad_hist": [list(h) for h in grad_hist]}, ckpt_path)
+        if is_main_process() and args.sample_every and done % args.sample_every == 0 and done != args.steps:
+            sample_grid(ema, sched, args, mod, done, out, device)
+    if is_main_process():
+        final = args.steps
+        sample_grid(ema, sched, args, mod, final, out, device)
+        elapsed = time.time() - t0
+        losses = [h[1] for h in history]
+        metrics = {"steps": final, "final_loss_mean_last_100": float(np.mean(losses[-100:])) if losses else None,
+                   "images_per_s": seen / elapsed if seen else None, "wall_s_this_session": elapsed,
+                   "classes": mod.class_names, "class_counts": counts.tolist(), "n_train": N, "data": mod.data}
+        write_json(out / "metrics.json", metrics)
+        plot_loss(losses, out / "loss_curve.png", mod.data)
+        print(json.dumps(metrics))
+    return ema
+
+
+def plot_loss(losses, path, data):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if not losses:
+        return
+    k = max(1, len(losses) // 100)
+    smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(losses, alpha=0.3, lw=0.5)
+    ax.plot(np.arange(len(smooth)) + k - 1, smooth)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title(f"DDPM training loss ({data})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,127 @@
+"""A class-conditional U-Net for DDPM (Ho et al. 2020; Dhariwal & Nichol 2021), plain PyTorch.
+
+Residual blocks (GroupNorm + SiLU, the timestep + class embedding added between the two convs), self-attention
+at the resolutions in `attn_res`, strided-conv downsampling, nearest + conv upsampling, skip connections by
+concatenation. The class embedding has one extra row, index `num_classes`, the null class for classifier-free
+guidance. The output conv starts at zero, so an untrained model predicts eps = 0.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def norm(ch):
+    return nn.GroupNorm(min(32, ch // 4), ch)
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding of integer timesteps t (B,) -> (B, dim) (Vaswani et al. 2017, as in DDPM)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in, c_out, emb_dim, dropout=0.0):
+        super().__init__()
+        self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, c_out)
+        self.norm2, self.drop = norm(c_out), nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.drop(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    def __init__(self, ch, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.norm, self.qkv, self.proj = norm(ch), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).transpose(-1, -2).unbind(1)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C/heads)
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class UNet(nn.Module):
+    def __init__(self, in_ch=1, size=32, base=64, mults=(1, 2, 2), num_res=2, attn_res=(16,), num_classes=0,
+                 dropout=0.0, heads=4):
+        super().__init__()
+        self.num_classes, emb_dim = num_classes, base * 4
+        self.time = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None  # row num_classes = null
+        self.inp = nn.Conv2d(in_ch, base, 3, padding=1)
+        self.down, chans, ch, res = nn.ModuleList(), [base], base, size
+        for i, m in enumerate(mults):
+            for _ in range(num_res):
+                self.down.append(nn.ModuleList([ResBlock(ch, base * m, emb_dim, dropout)] +
+                                               ([Attention(base * m, heads)] if res in attn_res else [])))
+                ch = base * m
+                chans.append(ch)
+            if i < len(mults) - 1:
+                self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
+                chans.append(ch)
+                res //= 2
+        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout), Attention(ch, heads),
+                                  ResBlock(ch, ch, emb_dim, dropout)])
+        self.up = nn.ModuleList()
+        for i, m in reversed(list(enumerate(mults))):
+            for _ in range(num_res + 1):
+                self.up.append(nn.ModuleList([ResBlock(ch + chans.pop(), base * m, emb_dim, dropout)] +
+                                             ([Attention(base * m, heads)] if res in attn_res else [])))
+                ch = base * m
+            if i > 0:
+                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"),
+                                              nn.Conv2d(ch, ch, 3, padding=1)]))
+                res *= 2
+        self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, in_ch, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+        self.base = base
+
+    def forward(self, x, t, y=None):
+        """x (B, C, H, W), t (B,) integer steps, y (B,) class indices (num_classes = null) -> eps (B, C, H, W)."""
+        emb = self.time(timestep_embedding(t, self.base))
+        if self.label is not None:
+            y = torch.full_like(t, self.num_classes) if y is None else y
+            emb = emb + self.label(y)
+        h = self.inp(x)
+        skips = [h]
+        for blocks in self.down:
+            if isinstance(blocks[0], ResBlock):
+                h = blocks[0](h, emb)
+                for b in blocks[1:]:
+                    h = b(h)
+            else:
+                h = blocks[0](h)  # downsample
+            skips.append(h)
+        h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
+        for blocks in self.up:
+            if isinstance(blocks[0], ResBlock):
+                h = blocks[0](torch.cat([h, skips.pop()], 1), emb)
+                for b in blocks[1:]:
+                    h = b(h)
+            else:
+                h = blocks[1](blocks[0](h))  # upsample
+        return self.out(h)
+
+
+def unet_from_args(a):
+    """Rebuild the U-Net from a checkpoint's stored args (a dict)."""
+    return UNet(in_ch=a["channels"], size=a["size"], base=a["width"], mults=tuple(a["mults"]),
+                num_res=a["num_res"], attn_res=tuple(a["attn_res"]), num_classes=a["num_classes"],
+                dropout=a.get("dropout", 0.0))

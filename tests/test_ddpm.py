@@ -1,0 +1,104 @@
+"""The DDPM core: forward process, DDIM = DDPM at eta 1, resume after a kill, and a tiny model that learns."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from common.runs import load_checkpoint
+from diffusion.ddpm import Schedule, ddim_sample, ddim_sigma, ddpm_sample, q_sample
+from diffusion.unet import UNet
+from conftest import ROOT, shape_classifier
+
+TINY = ["--data", "toy", "--size", "16", "--width", "16", "--mults", "1,2", "--num-res", "1", "--attn-res", "8",
+        "--batch-size", "16", "--grid-per-class", "2", "--grid-steps", "5", "--sample-every", "0", "--subset", "all"]
+
+
+def run_train(out, *extra, check=True):
+    r = subprocess.run([sys.executable, "-m", "diffusion.train_ddpm", *TINY, "--out-dir", str(out), *extra],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_closed_form_q_matches_iterated_noising(kind):
+    s = Schedule(kind, 1000)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.full((200_000,), 0.7, dtype=torch.float64)
+    x = x0.clone()
+    for t in range(600):  # x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps_t
+        x = (1 - s.betas[t]).sqrt() * x + s.betas[t].sqrt() * torch.randn(x.shape, generator=g, dtype=torch.float64)
+        if t in (0, 99, 599):
+            mean, var = s.abar[t].sqrt() * 0.7, 1 - s.abar[t]
+            se = (var / len(x)).sqrt()
+            assert abs(x.mean() - mean) < 5 * se and abs(x.var() / var - 1) < 0.02
+            closed = q_sample(s, x0[:1000].view(-1, 1), torch.full((1000,), t), torch.zeros(1000, 1))
+            assert torch.allclose(closed, mean.expand(1000, 1))
+
+
+def test_ddim_eta1_every_step_is_ddpm():
+    s = Schedule("linear", 50)
+    for t in range(1, 50):  # sigma^2 of DDIM(eta=1) between consecutive steps = the posterior variance beta_tilde
+        assert ddim_sigma(s, t, t - 1, 1.0) ** 2 == pytest.approx(s.post_var[t].item(), rel=1e-10)
+    torch.manual_seed(0)
+    model = UNet(1, 8, 8, (1, 2), 1, (), num_classes=2).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)  # a non-trivial eps predictor
+    y = torch.tensor([0, 1, 1])
+    a = ddpm_sample(model, s, (3, 1, 8, 8), y, w=1.0, generator=torch.Generator().manual_seed(1))
+    b = ddim_sample(model, s, (3, 1, 8, 8), y, w=1.0, steps=50, eta=1.0, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(a, b, atol=1e-4)  # same noise, same trajectory
+    c = ddim_sample(model, s, (3, 1, 8, 8), y, w=1.0, steps=10, eta=0.0, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(a, c, atol=1e-3)
+
+
+def test_resume_continues_at_the_saved_step_with_identical_ema(tmp_path):
+    run_train(tmp_path / "straight", "--steps", "20", "--save-every", "10")
+    run_train(tmp_path / "split", "--steps", "10", "--save-every", "10")
+    r = run_train(tmp_path / "split", "--steps", "20", "--save-every", "10", "--resume")
+    assert "at step 10" in r.stdout
+    a, b = load_checkpoint(tmp_path / "straight/ckpt.pt"), load_checkpoint(tmp_path / "split/ckpt.pt")
+    assert a["step"] == b["step"] == 20
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    # a real kill: SIGKILL once the first checkpoint is on disk, then --resume
+    out = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, "-m", "diffusion.train_ddpm", *TINY, "--out-dir", str(out), "--steps",
+                          "20", "--save-every", "5"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "ckpt.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    saved = load_checkpoint(out / "ckpt.pt")["step"]  # never a torn file: the write is temp + rename
+    r = run_train(out, "--steps", "20", "--save-every", "5", "--resume")
+    assert f"at step {saved}" in r.stdout
+    c = load_checkpoint(out / "ckpt.pt")
+    assert all(torch.equal(a["ema"][k], c["ema"][k]) for k in a["ema"])
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    run_train(tmp_path / "r", "--steps", "2", "--save-every", "2")
+    r = run_train(tmp_path / "r", "--steps", "2", check=False)
+    assert r.returncode == 1 and "--resume" in r.stderr and "--force" in r.stderr
+
+
+def test_tiny_conditional_ddpm_learns_the_requested_class(tmp_path):
+    """About a minute of training on discs vs squares (16 px): a classifier trained on real images must find the
+    requested shape in >= 90% of the guided samples."""
+    from diffusion.sample_ddpm import main as sample_main, parse_args as sample_args
+    run_train(tmp_path / "toy", "--steps", "450", "--batch-size", "64", "--lr", "2e-3", "--warmup", "30",
+              "--ema", "0.99", "--save-every", "450", "--width", "16")
+    clf = shape_classifier(16)
+    sample_main(sample_args(["--ckpt", str(tmp_path / "toy/ckpt.pt"), "--n-per-class", "20", "--sampler", "ddim",
+                             "--steps", "50", "--guidance", "2", "--out", str(tmp_path / "s.npz")]))
+    z = np.load(tmp_path / "s.npz")
+    requested_shape = z["labels"] % 2  # classes are attr x {disc, square}
+    with torch.no_grad():
+        pred = clf(torch.from_numpy(z["images"]).float()[:, None] / 127.5 - 1).argmax(1).numpy()
+    assert (pred == requested_shape).mean() >= 0.9
