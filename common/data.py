@@ -374,3 +374,27 @@ def read_ixi(data_root=PROJECT_DATA / "ixi_t1"):
     df["sex"] = normalise_sex(df["sex"])
     extra = ["slice_index"] if "slice_index" in df.columns else []
     return finish(df, (np.zeros((n, 0)), []), extra=extra)
+
+
+def medmnist_arrays(path):
+    """The arrays of an official MedMNIST .npz: (images uint8 (N, H, W) or (N, H, W, 3), labels (N,) class indices
+    or (N, L) multi-hot, split (N,) 'train'/'val'/'test', task, class names)."""
+    t = read_medmnist(path)
+    z = np.load(path)
+    images = np.concatenate([z[f"{s}_images"] for s in MEDMNIST_SPLITS])
+    multilabel = t.attrs["task"] == "multi-label"
+    labels = label_matrix(t) if multilabel else t["target"].to_numpy()
+    return images, labels, t["split"].to_numpy(), t.attrs["task"], label_names(t)
+
+
+def medmnist_subset(path, per_class=150, seed=0, val_fraction=0.1):
+    """Chaptoukaev's subset of an official MedMNIST file: about `per_class` images of each class from the official
+    train split, divided train:val 9:1 within each class. Returns (images, labels, images_val, labels_val, names);
+    multi-label sets are refused (the generators are class-conditional)."""
+    from common.splits import per_class_subset
+    images, labels, split, task, names = medmnist_arrays(path)
+    if task == "multi-label":
+        raise DataError(f"{path}: multi-label sets (ChestMNIST) do not fit the class-conditional protocol")
+    train = np.nonzero(split == "train")[0]
+    tr, va = per_class_subset(labels[train], per_class, val_fraction, seed)
+    return images[train[tr]], labels[train[tr]], images[train[va]], labels[train[va]], names

@@ -108,3 +108,16 @@ def mean_std(values, digits=3):
 def with_ci(est, ci, digits=3):
     lo, hi = ci
     return f"{est:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def save_samples(out_dir, images, labels, class_names, title, per_row=10, name="samples"):
+    """Generated images as <name>.npz (images uint8, labels) and a PNG grid with one row per class."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images, labels = np.asarray(images), np.asarray(labels)
+    np.savez_compressed(out_dir / f"{name}.npz", images=images, labels=labels, class_names=np.array(class_names))
+    rows = [np.nonzero(labels == c)[0][:per_row] for c in range(len(class_names))]
+    rows = [r for r in rows if len(r)]
+    pick = np.concatenate([np.pad(r, (0, per_row - len(r)), mode="edge") for r in rows])
+    return save_grid(images[pick], out_dir / f"{name}.png", nrow=len(rows), title=title,
+                     row_labels=[class_names[c][:18] for c in range(len(class_names)) if (labels == c).any()])

@@ -58,3 +58,16 @@ def assert_disjoint(table, split):
     leaks = per[per > 1]
     if len(leaks):
         raise AssertionError(f"{len(leaks)} patients are in more than one split, e.g. {list(leaks.index[:5])}")
+
+
+def per_class_subset(y, per_class, val_fraction=0.1, seed=0):
+    """Chaptoukaev's protocol: about `per_class` images of each class (all where a class has fewer), split
+    train:val (1 - val_fraction):val_fraction within each class. y: class indices. Returns (train_idx, val_idx)."""
+    rng = np.random.default_rng(seed)
+    tr, va = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.nonzero(y == c)[0])[:per_class]
+        n_val = max(1, int(round(len(idx) * val_fraction)))
+        va.append(idx[:n_val])
+        tr.append(idx[n_val:])
+    return np.sort(np.concatenate(tr)), np.sort(np.concatenate(va))
