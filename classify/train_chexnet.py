@@ -1,0 +1,172 @@
+"""CheXNet-style multi-label chest X-ray classifier (Rajpurkar et al. 2017), trained so that it actually learns.
+
+Outputs: 14 finding logits (sigmoid, FORMULAS.md order) + one "any finding" logit (= not 'No Finding').
+Loss: BCE with pos_weight = (negatives / positives) per output from the training prevalence. Adam with
+reduce-on-plateau (x0.1) and early stopping on the validation any-finding AUROC; the best weights are kept as a
+copy. Per output, a decision threshold is chosen on validation data (Youden's J), never 0.5.
+Augmentation (ours, chosen on validation data): random affine (rotation +-7 deg, scale 0.9-1.1, shift 6%),
+brightness/contrast jitter; no horizontal flips (the heart is on the left).
+
+Networks: `--arch densenet121` (torchvision DenseNet-121; --pretrained for ImageNet weights) is CheXNet's and the
+full-scale default; `--arch cnn8` (a plain 8-conv CNN) learns more from 1,000 images at 64 px without
+pretraining and is the quick-scale default (README: measured comparison).
+
+    python -m classify.train_chexnet --arch cnn8 --size 64 --out-dir runs/chestxray/chexnet   # embedded NIH1000
+    python -m classify.train_chexnet --arch densenet121 --pretrained --size 224 --data-root /data/nih \
+        --csv /data/nih/Data_Entry_2017_v2020.csv --batch-size 64 --out-dir runs/chestxray/chexnet-full
+"""
+import argparse
+import copy
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from classify.nets import arch_spec, build
+from common.cache import load_images
+from common.data import NIH_FINDINGS, NIH_LABELS, PROJECT_DATA, label_matrix, read_nih
+from common.runs import (add_common_args, device_from, prepare_out_dir, save_checkpoint, seed_everything,
+                         write_config, write_json)
+from common.splits import patient_split
+from fairness.metrics import auroc, binary_stats, youden_threshold
+
+OUTPUTS = NIH_FINDINGS + ["any finding"]
+
+
+def targets(Y15):
+    """(N, 15) NIH multi-hot (14 findings + No Finding) -> (N, 15) outputs (14 findings + any finding)."""
+    Y15 = np.asarray(Y15)
+    return np.concatenate([Y15[:, :14], 1 - Y15[:, 14:15]], 1).astype(np.float32)
+
+
+def augment(x, gen):
+    """Random affine (rotation, scale, translation) and brightness/contrast jitter on a (B, C, H, W) batch."""
+    B = len(x)
+    ang = (torch.rand(B, generator=gen) - 0.5) * 2 * math.radians(7)
+    scale = 0.9 + 0.2 * torch.rand(B, generator=gen)
+    shift = (torch.rand(B, 2, generator=gen) - 0.5) * 0.12
+    cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta.to(x.device), x.shape, align_corners=False)
+    x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    c = (1 + 0.2 * (torch.rand(B, 1, 1, 1, generator=gen) - 0.5)).to(x.device)
+    b = (0.2 * (torch.rand(B, 1, 1, 1, generator=gen) - 0.5)).to(x.device)
+    return (x * c + b).clamp(-1, 1)
+
+
+@torch.no_grad()
+def predict(net, x, device, batch_size=256):
+    net.eval()
+    return torch.cat([torch.sigmoid(net(x[i:i + batch_size].to(device))).cpu()
+                      for i in range(0, len(x), batch_size)]).numpy()
+
+
+def fit(x_tr, y_tr, x_val, y_val, args, device, weights=None, progress=True):
+    """Train on (x_tr (N, C, S, S) in [-1, 1], y_tr (N, 15) outputs); returns (net, history, thresholds (15,)).
+    weights: per-sample sampling weights (e.g. sex-balanced); each epoch draws len(x_tr) samples with them."""
+    spec = arch_spec(args.arch, x_tr.shape[1], len(OUTPUTS), x_tr.shape[-1], args.width)
+    net = build(**spec, pretrained=args.pretrained).to(device, memory_format=torch.channels_last)
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=args.lr_patience)
+    pos = y_tr.sum(0)
+    pos_weight = torch.where(pos > 0, (len(y_tr) - pos) / pos.clamp(min=1), torch.ones_like(pos)).to(device)
+    gen = torch.Generator().manual_seed(args.seed)
+    best, best_auc, bad, history = None, -1.0, 0, []
+    for epoch in tqdm(range(args.epochs), desc="chexnet", disable=not progress, leave=False):
+        net.train()
+        order = torch.multinomial(torch.as_tensor(weights, dtype=torch.float), len(x_tr), True, generator=gen) \
+            if weights is not None else torch.randperm(len(x_tr), generator=gen)
+        losses = []
+        for idx in order.split(args.batch_size):
+            x = augment(x_tr[idx].to(device), gen).contiguous(memory_format=torch.channels_last)
+            loss = F.binary_cross_entropy_with_logits(net(x), y_tr[idx].to(device), pos_weight=pos_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        p_val = predict(net, x_val, device)
+        auc = auroc(y_val[:, -1].numpy(), p_val[:, -1])  # any-finding AUROC
+        plateau.step(auc)
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_any_auroc": auc,
+                        "lr": opt.param_groups[0]["lr"]})
+        if auc > best_auc:
+            best, best_auc, bad = copy.deepcopy(net.state_dict()), auc, 0
+        else:
+            bad += 1
+            if bad >= args.patience:
+                break
+    net.load_state_dict(best)
+    p_val = predict(net, x_val, device)
+    thresholds = np.array([youden_threshold(y_val[:, j].numpy(), p_val[:, j]) if 0 < y_val[:, j].sum() < len(y_val)
+                           else 0.5 for j in range(len(OUTPUTS))])
+    return net, history, thresholds, spec
+
+
+def per_output_table(y, p, thresholds, min_pos=1):
+    """Per output: AUC, accuracy, sensitivity, specificity, positives, class ratio (positives : negatives)."""
+    rows = []
+    for j, name in enumerate(OUTPUTS):
+        s = binary_stats(y[:, j], p[:, j] >= thresholds[j])
+        rows.append({"output": name, "auroc": auroc(y[:, j], p[:, j]) if s["positives"] >= min_pos else float("nan"),
+                     "accuracy": s["accuracy"], "sensitivity": s["sensitivity"], "specificity": s["specificity"],
+                     "positives": s["positives"], "class_ratio": s["positives"] / max(1, s["n"] - s["positives"])})
+    return rows
+
+
+def add_args(p):
+    """The classifier's flags, shared with classify/chestxray_study.py."""
+    p.add_argument("--arch", default="cnn8", choices=["cnn8", "densenet121"], help="network (quick: cnn8)")
+    p.add_argument("--width", type=int, default=32, help="cnn8 base width")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
+                   help="ImageNet weights for densenet121 (downloaded once on your machine)")
+    p.add_argument("--size", type=int, default=64, help="input size (64 quick, 224 full)")
+    p.add_argument("--epochs", type=int, default=40, help="maximum epochs")
+    p.add_argument("--patience", type=int, default=8, help="early stopping patience on val any-finding AUROC")
+    p.add_argument("--lr-patience", type=int, default=3, help="reduce-on-plateau patience")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="Adam weight decay")
+    return p
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", default=str(PROJECT_DATA / "nih_cxr14"), help="NIH images + label table")
+    p.add_argument("--csv", default=None, help="label table (default: found under --data-root)")
+    p.add_argument("--split-seed", type=int, default=0, help="patient-level split seed (70/10/20, by sex)")
+    add_args(p)
+    add_common_args(p, "runs/chestxray/chexnet")
+    return p.parse_args(argv)
+
+
+def main(args):
+    device = device_from(args.device)
+    out = prepare_out_dir(args.out_dir, args.force)
+    seed_everything(args.seed)
+    t = read_nih(args.data_root, args.csv)
+    split = patient_split(t, seed=args.split_seed, stratify="sex")
+    x, _ = load_images(t["image"], args.size, "L")
+    x = torch.from_numpy(x).float()[:, None] / 127.5 - 1
+    y = torch.from_numpy(targets(label_matrix(t)))
+    tr, va, te = (torch.from_numpy(split == s) for s in ("train", "val", "test"))
+    weights = "imagenet" if args.pretrained else "none (from scratch)"
+    write_config(out, args, data="nih1000" if "data/nih_cxr14" in args.data_root else args.data_root,
+                 weights=weights)
+    t0 = time.time()
+    net, history, thr, spec = fit(x[tr], y[tr], x[va], y[va], args, device)
+    p = predict(net, x[te], device)
+    rows = per_output_table(y[te].numpy(), p, thr)
+    save_checkpoint({"arch": spec, "model": net.state_dict(), "thresholds": torch.tensor(thr),
+                     "outputs": OUTPUTS, "weights": weights}, out / "ckpt.pt")
+    write_json(out / "metrics.json", {"test": rows, "history": history, "seconds": time.time() - t0,
+                                      "weights": weights, "labels": NIH_LABELS})
+    any_row = rows[-1]
+    print(f"{args.arch} ({weights}): test any-finding AUROC {any_row['auroc']:.3f}, sensitivity "
+          f"{any_row['sensitivity']:.2f}, specificity {any_row['specificity']:.2f} ({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main(parse_args())

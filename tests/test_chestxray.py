@@ -1,0 +1,64 @@
+"""Chest X-ray chain: CVAE (resume, samples), CheXNet trainer, the study end to end on a handful of images."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from classify.train_chexnet import OUTPUTS, targets
+from common.data import NIH_LABELS
+from common.runs import load_checkpoint
+from conftest import ROOT
+
+
+def run(module, *args, timeout=600):
+    r = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_targets_turn_no_finding_into_any_finding():
+    y = np.zeros((2, 15), np.uint8)
+    y[0, 14] = 1  # No Finding
+    y[1, [0, 4]] = 1  # Atelectasis, Effusion
+    t = targets(y)
+    assert t.shape == (2, 15) and OUTPUTS[-1] == "any finding"
+    assert t[0].tolist() == [0] * 15 and t[1, 14] == 1 and t[1, [0, 4]].tolist() == [1, 1]
+
+
+def test_cvae_resume_equals_an_unbroken_run_and_samples(tmp_path):
+    common = ["--limit", "48", "--batch-size", "16", "--patience", "50"]
+    run("vae.train_cvae", *common, "--epochs", "3", "--out-dir", str(tmp_path / "a"))
+    run("vae.train_cvae", *common, "--epochs", "1", "--out-dir", str(tmp_path / "b"))
+    r = run("vae.train_cvae", *common, "--epochs", "3", "--out-dir", str(tmp_path / "b"), "--resume")
+    assert "at epoch 1" in r.stdout
+    a, b = load_checkpoint(tmp_path / "a/ckpt.pt"), load_checkpoint(tmp_path / "b/ckpt.pt")
+    assert all(torch.allclose(a["last"][k].float(), b["last"][k].float()) for k in a["last"])
+    assert [h["val_loss"] for h in a["history"]] == pytest.approx([h["val_loss"] for h in b["history"]])
+    for f in ("samples.png", "recon.png", "loss_curve.png", "metrics.json", "config.json"):
+        assert (tmp_path / "a" / f).stat().st_size > 0
+    run("vae.sample_cvae", "--ckpt", str(tmp_path / "a/ckpt.pt"), "--n", "20", "--out", str(tmp_path / "s.npz"))
+    z = np.load(tmp_path / "s.npz")
+    assert z["images"].shape == (20, 64, 64) and z["images"].dtype == np.uint8
+    pool = a["train_labels"].numpy()  # labels come from the CVAE's own (female, training-split) images
+    assert all((row == pool).all(1).any() for row in z["labels"]) and list(z["label_names"]) == NIH_LABELS
+
+
+def test_chestxray_study_smoke_chain(tmp_path):
+    out = tmp_path / "smoke-chestxray"
+    run("classify.chestxray_study", "--smoke", "--out", str(out), "--runs", str(tmp_path / "runs"))
+    s = json.loads((out / "summary.json").read_text())
+    assert s["scale"] == "smoke" and set(s["conditions"]) == {"balanced_real", "imbalanced_real",
+                                                               "imbalanced_synth", "imbalanced_reweight"}
+    c = s["conditions"]
+    assert c["imbalanced_synth"]["n_synthetic"] > 0 and c["imbalanced_real"]["n_synthetic"] == 0
+    assert c["balanced_real"]["n_train_female"] == c["balanced_real"]["n_train_male"]
+    assert c["imbalanced_real"]["n_train_female"] < c["imbalanced_real"]["n_train_male"] / 5
+    for k in ("any_auroc", "any_auroc_ci", "any_auroc_female", "any_auroc_male", "mean_auroc", "mean_auroc_ci"):
+        assert k in c["balanced_real"]
+    for f in ("fairness.md", "table_balanced_real.md", "auroc_by_sex.png", "cvae_samples.png"):
+        assert (out / f).is_file()
+    assert not (ROOT / "results" / "smoke-chestxray").exists()

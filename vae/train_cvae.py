@@ -1,0 +1,219 @@
+"""Conditional VAE for chest X-rays (Korb & Hall, "Closing the Gender Gap in Medical Imaging with VAEs";
+FORMULAS.md "Chest X-ray CVAE"), trained on FEMALE images of the training split only.
+
+Condition y: the 15-label multi-hot vector (14 findings + No Finding). Encoder sees the image with y spread as 15
+constant planes: 5 x [Conv k3 s2 p1, BN, LeakyReLU] (C+15 -> 32, 64, 128, 256, 512; 64 px -> 2 px), Linear to mu
+and logvar (latent 128). Decoder: Linear(128 + 15 -> 512*2*2), 4 x [ConvT k3 s2 p1 op1, BN, LeakyReLU]
+(512 -> 256, 128, 64, 32), ConvT 32 -> 32 (to 64 px), BN, LeakyReLU, Conv 32 -> C k3, tanh.
+Loss: MSE + 0.00025 KL (KL summed over latent dims, mean over the batch). Adam 5e-3, lr x0.95 per epoch,
+batch 64, up to 100 epochs, early stopping on the validation loss (patience 10), best weights kept.
+
+    python -m vae.train_cvae --out-dir runs/chestxray/cvae              # embedded NIH1000, 64 px, ~2 min on CPU
+    python -m vae.train_cvae --data-root /data/nih --csv /data/nih/Data_Entry_2017_v2020.csv --epochs 100
+    python -m vae.train_cvae --epochs 2 --limit 64 --out-dir /tmp/cvae   # smoke test
+"""
+import argparse
+import copy
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common.cache import load_images
+from common.data import PROJECT_DATA, label_matrix, read_nih
+from common.report import save_grid
+from common.runs import (add_common_args, check_finite, device_from, load_checkpoint, prepare_out_dir,
+                         save_checkpoint, seed_everything, write_config, write_json)
+from common.splits import patient_split
+
+N_COND = 15
+
+
+def block(c_in, c_out):
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, 2, 1), nn.BatchNorm2d(c_out), nn.LeakyReLU())
+
+
+def up(c_in, c_out):
+    return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 3, 2, 1, output_padding=1), nn.BatchNorm2d(c_out),
+                         nn.LeakyReLU())
+
+
+class CVAE(nn.Module):
+    def __init__(self, channels=1, latent=128, n_cond=N_COND):
+        super().__init__()
+        self.latent, self.n_cond = latent, n_cond
+        chans = [channels + n_cond, 32, 64, 128, 256, 512]
+        self.enc = nn.Sequential(*[block(a, b) for a, b in zip(chans[:-1], chans[1:])])  # 64 px -> 2 px
+        self.mu, self.logvar = nn.Linear(512 * 4, latent), nn.Linear(512 * 4, latent)
+        self.dec_in = nn.Linear(latent + n_cond, 512 * 4)
+        self.dec = nn.Sequential(up(512, 256), up(256, 128), up(128, 64), up(64, 32), up(32, 32),
+                                 nn.Conv2d(32, channels, 3, padding=1), nn.Tanh())
+
+    def encode(self, x, y):
+        planes = y[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])  # (B, 15, H, W)
+        h = self.enc(torch.cat([x, planes], 1)).flatten(1)  # (B, 2048)
+        return self.mu(h), self.logvar(h)
+
+    def decode(self, z, y):
+        return self.dec(self.dec_in(torch.cat([z, y], 1)).view(-1, 512, 2, 2))
+
+    def forward(self, x, y):
+        mu, logvar = self.encode(x, y)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()  # reparameterisation
+        return self.decode(z, y), mu, logvar
+
+
+def cvae_loss(x_hat, x, mu, logvar, beta=0.00025):
+    mse = F.mse_loss(x_hat, x)
+    # Kingma & Welling 2014, App. B: -0.5 * sum(1 + log sigma^2 - mu^2 - sigma^2), summed over dims, mean over batch
+    kld = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)).mean()
+    return mse + beta * kld, mse, kld
+
+
+def to_tensor(images):
+    return torch.from_numpy(images).float()[:, None] / 127.5 - 1  # (N, 1, S, S) in [-1, 1]
+
+
+@torch.no_grad()
+def validation_loss(model, x, y, beta, batch_size=256):
+    total = 0.0
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        x_hat, mu, logvar = model(xb, yb)
+        total += cvae_loss(x_hat, xb, mu, logvar, beta)[0].item() * len(xb)
+    return total / max(len(x), 1)
+
+
+def fit(x_tr, y_tr, x_val, y_val, args, out, device, resume=False, progress=True):
+    """Train the CVAE with early stopping; returns (model with the best weights, history). Checkpoints every epoch."""
+    model = CVAE(1, args.latent).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.95)
+    start, best_state, best_val, bad, history = 0, None, float("inf"), 0, []
+    ckpt = out / "ckpt.pt"
+    if resume and ckpt.is_file():
+        ck = load_checkpoint(ckpt)
+        model.load_state_dict(ck["last"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        start, best_state, best_val, bad, history = ck["epoch"], ck["model"], ck["best_val"], ck["bad"], ck["history"]
+        torch.set_rng_state(ck["torch_rng"])
+        print(f"resumed {ckpt} at epoch {start}")
+    gen = torch.Generator().manual_seed(args.seed)
+    for _ in range(start):  # replay the shuffles of finished epochs, so a resumed run equals an unbroken one
+        torch.randperm(len(x_tr), generator=gen)
+    xv, yv = x_val.to(device), y_val.to(device)
+    for epoch in tqdm(range(start, args.epochs), initial=start, total=args.epochs, desc="cvae", disable=not progress):
+        model.train()
+        tot = []
+        for idx in torch.randperm(len(x_tr), generator=gen).split(args.batch_size):
+            x, y = x_tr[idx].to(device), y_tr[idx].to(device)
+            x_hat, mu, logvar = model(x, y)
+            loss, mse, kld = cvae_loss(x_hat, x, mu, logvar, args.beta)
+            check_finite(loss, epoch, out)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot.append([loss.item(), mse.item(), kld.item()])
+        sched.step()
+        model.eval()
+        val = validation_loss(model, xv, yv, args.beta)
+        t = np.mean(tot, 0)
+        history.append({"epoch": epoch + 1, "loss": float(t[0]), "mse": float(t[1]), "kl": float(t[2]),
+                        "val_loss": float(val)})
+        if val < best_val:
+            best_state, best_val, bad = copy.deepcopy(model.state_dict()), val, 0
+        else:
+            bad += 1
+        save_checkpoint({"model": best_state, "last": model.state_dict(), "opt": opt.state_dict(),
+                         "sched": sched.state_dict(), "epoch": epoch + 1, "best_val": best_val, "bad": bad,
+                         "history": history, "torch_rng": torch.get_rng_state(),
+                         "args": {"latent": args.latent, "channels": 1, "size": 64},
+                         "train_labels": y_tr.to(torch.uint8)}, ckpt)
+        if bad >= args.patience:
+            break
+    model.load_state_dict(best_state)
+    return model.eval(), history
+
+
+def write_figures(model, x_tr, y_tr, out, device, title, seed=0):
+    """samples.png (fixed noise, label vectors from the training split), recon.png, loss_curve.png."""
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(y_tr), generator=g)[:32]
+    with torch.no_grad():
+        z = torch.randn(32, model.latent, generator=g).to(device)
+        samples = model.decode(z, y_tr[pick].to(device))
+        mu, _ = model.encode(x_tr[pick[:16]].to(device), y_tr[pick[:16]].to(device))
+        recon = model.decode(mu, y_tr[pick[:16]].to(device))
+    save_grid(samples, out / "samples.png", nrow=4, title=f"CVAE samples (female, training-split labels), {title}")
+    pairs = torch.stack([x_tr[pick[:16]], recon.cpu()], 1).flatten(0, 1)
+    save_grid(pairs, out / "recon.png", nrow=4, title=f"CVAE reconstructions (real | recon), {title}")
+
+
+def plot_history(history, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    e = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(e, [h["loss"] for h in history], label="train loss")
+    ax.plot(e, [h["val_loss"] for h in history], label="validation loss")
+    ax.plot(e, [h["mse"] for h in history], "--", label="train MSE")
+    ax.set_xlabel("epoch")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", default=str(PROJECT_DATA / "nih_cxr14"), help="NIH images (any depth) + labels")
+    p.add_argument("--csv", default=None, help="label table (default: found under --data-root)")
+    p.add_argument("--split-seed", type=int, default=0, help="patient-level split seed (70/10/20 by sex)")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many training images (smoke tests)")
+    p.add_argument("--latent", type=int, default=128, help="latent dimension")
+    p.add_argument("--beta", type=float, default=0.00025, help="KL weight")
+    p.add_argument("--epochs", type=int, default=100, help="maximum epochs")
+    p.add_argument("--patience", type=int, default=10, help="early stopping patience (epochs)")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size")
+    p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (x0.95 per epoch)")
+    p.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt")
+    add_common_args(p, "runs/chestxray/cvae")
+    return p.parse_args(argv)
+
+
+def main(args):
+    device = device_from(args.device)
+    out = prepare_out_dir(args.out_dir, args.force, args.resume)
+    seed_everything(args.seed)
+    t = read_nih(args.data_root, args.csv)
+    split = patient_split(t, seed=args.split_seed, stratify="sex")
+    female = (t["sex"] == "F").to_numpy()
+    tr, va = np.nonzero(female & (split == "train"))[0], np.nonzero(female & (split == "val"))[0]
+    if args.limit:
+        tr, va = tr[:args.limit], va[:max(8, args.limit // 4)]
+    x, ok = load_images(t["image"].iloc[np.r_[tr, va]], 64, "L")
+    y = torch.from_numpy(label_matrix(t)[np.r_[tr, va]]).float()
+    x = to_tensor(x)
+    data = "nih1000" if args.data_root == str(PROJECT_DATA / "nih_cxr14") else f"nih ({args.data_root})"
+    write_config(out, args, data=data, weights="none (from scratch)", n_train=len(tr), n_val=len(va),
+                 sex="female only")
+    t0 = time.time()
+    model, history = fit(x[:len(tr)], y[:len(tr)], x[len(tr):], y[len(tr):], args, out, device, args.resume)
+    write_figures(model, x[:len(tr)], y[:len(tr)], out, device, data)
+    plot_history(history, out / "loss_curve.png", f"CVAE loss ({data}, female training images)")
+    best = min(history, key=lambda h: h["val_loss"])
+    write_json(out / "metrics.json", {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
+                                      "epochs_run": len(history), "n_train": len(tr), "n_val": len(va),
+                                      "seconds": time.time() - t0, "data": data})
+    print(f"CVAE: best validation loss {best['val_loss']:.4f} at epoch {best['epoch']} ({len(tr)} female images)")
+
+
+if __name__ == "__main__":
+    main(parse_args())
