@@ -1,0 +1,216 @@
+"""Residual VAE with a VGG19 perceptual loss (Lopez-Perez, Hauberg & Feragen, "Are generative models fair? A study
+of racial bias in dermatological image generation"; built on LukeDitria/CNN-VAE). FORMULAS.md.
+
+Pre-activation residual blocks, BatchNorm + ELU, 3x3 convs. ResDown(ci, co): ELU(BN(x)) -> Conv(ci -> co//2 + co,
+stride 2); the first co channels are the skip, the rest -> ELU(BN) -> Conv(co//2 -> co); out = sum + skip. ResUp
+mirrors it after a nearest x2 upsampling. The encoder ends in 1x1 convs to the mean and log-variance of a
+spatial latent (paper: 64 x 8 x 8; here latent_channels x size/2^levels).
+Loss (Eq. 2) = MSE(x_hat, x) + KL (mean over latent elements) + perceptual term: the mean squared difference of
+VGG19 feature maps of x and x_hat after each of its 16 conv layers (pre-ReLU), averaged over the 16; grey images
+would be repeated to 3 channels. Adam 1e-4, batch 64, 15 epochs.
+VGG19 weights: torchvision's ImageNet weights (downloaded once on your machine), a local file (--vgg-weights), or
+--no-pretrained (random VGG19 features: the perceptual term is then a random-feature loss; every output says so).
+Metrics per image: reconstruction MSE of decode(mu(x)) on the [0, 1] scale, and the mean of sigma(x) over the
+latent elements.
+
+    python -m vae.train_resvae --train-set B --out-dir runs/skintone/resvae-B        # phantom unless --data-root
+    python -m vae.train_resvae --data-root /data/fitzpatrick17k --train-set A --size 64 --epochs 15
+"""
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common.data import DataError
+from common.runs import (add_common_args, check_finite, device_from, prepare_out_dir, save_checkpoint,
+                         seed_everything, write_config, write_json)
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class ResDown(nn.Module):
+    def __init__(self, ci, co):
+        super().__init__()
+        self.co = co
+        self.norm1, self.conv1 = nn.BatchNorm2d(ci, eps=1e-4), nn.Conv2d(ci, co // 2 + co, 3, 2, 1)
+        self.norm2, self.conv2 = nn.BatchNorm2d(co // 2, eps=1e-4), nn.Conv2d(co // 2, co, 3, 1, 1)
+
+    def forward(self, x):
+        h = self.conv1(F.elu(self.norm1(x)))
+        skip, h = h[:, :self.co], h[:, self.co:]
+        return self.conv2(F.elu(self.norm2(h))) + skip
+
+
+class ResUp(nn.Module):
+    def __init__(self, ci, co):
+        super().__init__()
+        self.co = co
+        self.norm1, self.conv1 = nn.BatchNorm2d(ci, eps=1e-4), nn.Conv2d(ci, ci // 2 + co, 3, 1, 1)
+        self.norm2, self.conv2 = nn.BatchNorm2d(ci // 2, eps=1e-4), nn.Conv2d(ci // 2, co, 3, 1, 1)
+
+    def forward(self, x):
+        h = self.conv1(F.interpolate(F.elu(self.norm1(x)), scale_factor=2, mode="nearest"))
+        skip, h = h[:, :self.co], h[:, self.co:]
+        return self.conv2(F.elu(self.norm2(h))) + skip
+
+
+class ResVAE(nn.Module):
+    def __init__(self, channels=3, width=32, levels=3, latent_channels=64):
+        super().__init__()
+        chans = [width * 2 ** i for i in range(levels + 1)]  # e.g. 32, 64, 128, 256
+        self.inp = nn.Conv2d(channels, chans[0], 3, 1, 1)
+        self.down = nn.Sequential(*[ResDown(a, b) for a, b in zip(chans[:-1], chans[1:])])
+        self.norm = nn.BatchNorm2d(chans[-1], eps=1e-4)
+        self.mu, self.logvar = nn.Conv2d(chans[-1], latent_channels, 1), nn.Conv2d(chans[-1], latent_channels, 1)
+        self.dec_in = nn.Conv2d(latent_channels, chans[-1], 1)
+        self.up = nn.Sequential(*[ResUp(a, b) for a, b in zip(chans[::-1][:-1], chans[::-1][1:])])
+        self.out_norm, self.out = nn.BatchNorm2d(chans[0], eps=1e-4), nn.Conv2d(chans[0], channels, 3, 1, 1)
+
+    def encode(self, x):
+        h = F.elu(self.norm(self.down(self.inp(x))))
+        return self.mu(h), self.logvar(h)  # (B, latent_channels, S/2^levels, S/2^levels)
+
+    def decode(self, z):
+        return torch.tanh(self.out(F.elu(self.out_norm(self.up(self.dec_in(z))))))
+
+    def forward(self, x):
+        mu, logvar = self.encode(x)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        return self.decode(z), mu, logvar
+
+
+class VGGPerceptual(nn.Module):
+    """Feature maps of VGG19 after each of its 16 convs (pre-ReLU), for images in [-1, 1]."""
+
+    def __init__(self, pretrained=True, weights_file=None):
+        super().__init__()
+        import torchvision.models as tvm
+        vgg = tvm.vgg19(weights=None)
+        self.source = "random (no ImageNet weights)"
+        if weights_file:
+            vgg.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
+            self.source = f"imagenet ({weights_file})"
+        elif pretrained:
+            try:
+                vgg.load_state_dict(tvm.VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=True))
+            except Exception as e:
+                raise DataError(f"cannot fetch VGG19 ImageNet weights ({type(e).__name__}). Offline? Use "
+                                f"--no-pretrained or --vgg-weights PATH") from e
+            self.source = "imagenet (torchvision VGG19_Weights.IMAGENET1K_V1)"
+        for m in vgg.features:
+            if isinstance(m, nn.ReLU):
+                m.inplace = False  # keep the pre-ReLU maps we record intact
+        last_conv = max(i for i, m in enumerate(vgg.features) if isinstance(m, nn.Conv2d))
+        self.features = vgg.features[:last_conv + 1].eval().requires_grad_(False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        x = (x + 1) / 2
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        h, feats = (x - self.mean) / self.std, []
+        for m in self.features:
+            h = m(h)
+            if isinstance(m, nn.Conv2d):
+                feats.append(h)  # pre-ReLU
+        return feats  # 16 maps
+
+
+def vae_loss(x_hat, x, mu, logvar, vgg, perceptual_weight=1.0):
+    mse = F.mse_loss(x_hat, x)
+    kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).mean()  # mean over latent elements (FORMULAS.md)
+    perc = torch.zeros((), device=x.device)
+    if perceptual_weight:
+        with torch.no_grad():
+            f_x = vgg(x)
+        perc = torch.stack([F.mse_loss(a, b) for a, b in zip(vgg(x_hat), f_x)]).mean()  # Eq. 2: mean over 16 layers
+    return mse + kl + perceptual_weight * perc, mse, kl, perc
+
+
+def fit(x, args, vgg, device, progress=True):
+    """x: (N, 3, S, S) in [-1, 1]. Returns (model, history)."""
+    torch.manual_seed(args.seed)
+    levels = int(np.log2(x.shape[-1] // args.latent_res))
+    model = ResVAE(x.shape[1], args.width, levels, args.latent_channels).to(device, memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    gen, history = torch.Generator().manual_seed(args.seed), []
+    for epoch in tqdm(range(args.epochs), desc="resvae", disable=not progress, leave=False):
+        model.train()
+        parts = []
+        for idx in torch.randperm(len(x), generator=gen).split(args.batch_size):
+            xb = x[idx].to(device).contiguous(memory_format=torch.channels_last)
+            x_hat, mu, logvar = model(xb)
+            loss, mse, kl, perc = vae_loss(x_hat, xb, mu, logvar, vgg, args.perceptual_weight)
+            check_finite(loss, epoch, getattr(args, "out_dir", None))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            parts.append([loss.item(), mse.item(), kl.item(), perc.item()])
+        history.append(dict(zip(["loss", "mse", "kl", "perceptual"], np.mean(parts, 0).tolist())))
+    return model.eval(), history
+
+
+@torch.no_grad()
+def measure(model, x, device, batch_size=256):
+    """Per image: reconstruction MSE of decode(mu) on the [0, 1] scale, mean latent std; and the reconstructions."""
+    mses, stds, recs = [], [], []
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size].to(device)
+        mu, logvar = model.encode(xb)
+        rec = model.decode(mu)
+        mses.append(((rec - xb) / 2).pow(2).flatten(1).mean(1).cpu())
+        stds.append((0.5 * logvar).exp().flatten(1).mean(1).cpu())
+        recs.append(rec.cpu())
+    return torch.cat(mses).numpy(), torch.cat(stds).numpy(), torch.cat(recs)
+
+
+def add_args(p):
+    p.add_argument("--size", type=int, default=32, help="image side (paper 64+; quick 32)")
+    p.add_argument("--width", type=int, default=32, help="channels of the first level (doubling per level)")
+    p.add_argument("--latent-channels", type=int, default=64, help="latent channels (paper 64)")
+    p.add_argument("--latent-res", type=int, default=8, help="latent spatial size (paper 8)")
+    p.add_argument("--epochs", type=int, default=15, help="epochs (paper 15)")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size (paper 64)")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (paper 1e-4)")
+    p.add_argument("--perceptual-weight", type=float, default=1.0, help="weight of the VGG19 term (paper 1)")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                   help="VGG19 ImageNet weights (--no-pretrained: random VGG19 features, recorded in every output)")
+    p.add_argument("--vgg-weights", default=None, help="local VGG19 state-dict file (instead of downloading)")
+    return p
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", default=None, help="Fitzpatrick17k (csv + images); default: the skin phantom")
+    p.add_argument("--train-set", default="B", choices=["A", "B", "C"], help="A 100%% light, B 50/50, C 100%% dark")
+    p.add_argument("--n-train", type=int, default=1668, help="training images, drawn with replacement")
+    add_args(p)
+    add_common_args(p, "runs/skintone/resvae")
+    return p.parse_args(argv)
+
+
+def main(args):
+    from vae.skintone_study import load_skin, draw_train_set
+    device = device_from(args.device)
+    out = prepare_out_dir(args.out_dir, args.force)
+    seed_everything(args.seed)
+    t, x, data = load_skin(args.data_root, args.size)
+    rng = np.random.default_rng(args.seed)
+    idx = draw_train_set(t, np.arange(len(t)), args.train_set, args.n_train, rng)
+    vgg = VGGPerceptual(args.pretrained, args.vgg_weights).to(device)
+    write_config(out, args, data=data, weights=f"VGG19: {vgg.source}")
+    t0 = time.time()
+    model, history = fit(x[idx], args, vgg, device)
+    save_checkpoint({"model": model.state_dict(), "args": vars(args)}, out / "ckpt.pt")
+    write_json(out / "metrics.json", {"history": history, "seconds": time.time() - t0, "data": data,
+                                      "vgg": vgg.source, "n_train": len(idx)})
+    print(f"ResVAE on set {args.train_set} ({data}, VGG19 {vgg.source}): final MSE {history[-1]['mse']:.4f}")
+
+
+if __name__ == "__main__":
+    main(parse_args())
