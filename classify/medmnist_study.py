@@ -1,0 +1,168 @@
+"""Chaptoukaev, "The Effectiveness of Generative Models for Data Augmentation in Medical Applications" (Table 2):
+a ResNet-18 (28x28) trained on ~150 real images per class, alone (None) or with +150 images per class from a
+fully-connected AE, cVAE or cGAN, on the MedMNIST sets.
+
+Per data set and seed: the subset (official train split, ~150 per class, train:val 9:1 within each class,
+common/data.medmnist_subset), the three generators trained on the subset's training part
+(vae/train_mlp_ae.py, vae/train_mlp_cvae.py, gan/train_mlp_cgan.py), and four classifiers
+(classify/train_resnet18.py) evaluated on the official test split: AUC (one-vs-rest mean) and ACC.
+BreastMNIST and PneumoniaMNIST are embedded; the other six run when their official files are under --data-root
+(`python -m common.download medmnist --root DIR`), and the table lists those that were missing.
+
+    python -m classify.medmnist_study                                   # quick, CPU, embedded sets
+    python -m classify.medmnist_study --scale full --data-root /data/medmnist --out results/medmnist-full  # GPU
+    python -m classify.medmnist_study --smoke --out smoke/medmnist      # seconds
+"""
+import argparse
+from pathlib import Path
+import time
+
+import numpy as np
+import torch
+
+from classify.train_resnet18 import add_args, evaluate, fit as fit_classifier, to_tensor
+from common.data import PROJECT_DATA, medmnist_arrays, medmnist_file, medmnist_subset
+from common.download import STUDY_FLAGS
+from common.report import save_samples, write_table
+from common.runs import device_from, prepare_out_dir, seed_everything, write_config, write_json
+from gan import train_mlp_cgan as cgan
+from vae import train_mlp_ae as ae, train_mlp_cvae as cvae
+
+METHODS = ["None", "AE", "cVAE", "cGAN"]
+# Chaptoukaev Table 2 AUC (150/class subsets), FORMULAS.md; and MedMNIST v2 ResNet-18 (28) on the full sets.
+PAPER_AUC = {"breast": [0.872, 0.885, 0.901, 0.850], "pneumonia": [0.942, 0.949, 0.942, 0.948]}
+MEDMNIST_V2 = {"path": (.983, .907), "derma": (.917, .735), "oct": (.943, .743), "pneumonia": (.944, .854),
+               "breast": (.901, .863), "organa": (.997, .935), "organc": (.992, .900), "organs": (.972, .782)}
+QUICK = {"classifier_epochs": 30, "patience": 10, "ae_epochs": 300, "cvae_epochs": 300, "cgan_epochs": 1000}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", default=None, help="folder with official MedMNIST .npz files (default: embedded)")
+    p.add_argument("--datasets", default=",".join(STUDY_FLAGS), help="MedMNIST flags to run")
+    p.add_argument("--seeds", type=int, default=3, help="seeds (subset, generators, classifier)")
+    p.add_argument("--per-class", type=int, default=150, help="real images per class")
+    p.add_argument("--n-gen", type=int, default=150, help="generated images per class")
+    p.add_argument("--scale", default="quick", choices=["quick", "full"],
+                   help="quick: 30 classifier epochs (early stopping 10); full: the paper's 100 epochs")
+    p.add_argument("--smoke", action="store_true", help="tiny run: 1 seed, 2 epochs, 20 images per class")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
+    p.add_argument("--out", default="results/medmnist", help="table2.md, summary.json, sample grids")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    add_args(p)
+    args = p.parse_args(argv)
+    if args.scale == "quick":
+        args.epochs, args.patience = QUICK["classifier_epochs"], QUICK["patience"]
+    gen_epochs = {"ae": QUICK["ae_epochs"], "cvae": QUICK["cvae_epochs"], "cgan": QUICK["cgan_epochs"]}
+    if args.smoke:
+        args.seeds, args.epochs, args.per_class, args.n_gen = 1, 2, 20, 10
+        gen_epochs = {"ae": 2, "cvae": 2, "cgan": 2}
+    args.gen_epochs = gen_epochs
+    return args
+
+
+def find(flag, data_root):
+    for root in [data_root, PROJECT_DATA / "medmnist"]:
+        if root and medmnist_file(root, flag).is_file():
+            return medmnist_file(root, flag)
+    return None
+
+
+def run_seed(path, seed, args, device, grid_dir=None):
+    """{method: (test AUC, test ACC)} for one data set and seed."""
+    images, labels, split, task, names = medmnist_arrays(path)
+    te = split == "test"
+    x_test, y_test = to_tensor(images[te]), torch.from_numpy(labels[te]).long()
+    xi, yi, xv, yv, _ = medmnist_subset(path, args.per_class, seed)
+    x01, y = torch.from_numpy(xi).float().flatten(1) / 255, torch.from_numpy(yi).long()
+    shape = xi.shape[1:]
+    gen_args = lambda epochs, lr, bs=128, **kw: argparse.Namespace(seed=seed, epochs=epochs, lr=lr, batch_size=bs, **kw)
+    synth = {}
+    m, _ = ae.fit(x01, y, gen_args(args.gen_epochs["ae"], 1e-3, latent=32), device, progress=False)
+    synth["AE"] = ae.generate(m, x01, y, args.n_gen, seed, device)
+    m, _ = cvae.fit(x01, y, gen_args(args.gen_epochs["cvae"], 1e-3, latent=32), device, progress=False)
+    synth["cVAE"] = cvae.generate(m, args.n_gen, seed, device)
+    m, _ = cgan.fit(x01, y, gen_args(args.gen_epochs["cgan"], 1e-4, z_dim=64), device, progress=False)
+    synth["cGAN"] = cgan.generate(m, args.n_gen, seed, device)
+    result = {}
+    for method in METHODS:
+        x_tr, y_tr = to_tensor(xi), torch.from_numpy(yi).long()
+        if method != "None":
+            gx, gy = synth[method]
+            g_img = (gx.view(-1, *shape) * 255).round().byte().numpy()
+            if grid_dir is not None:
+                save_samples(grid_dir, g_img, gy.numpy(), names, f"{Path(path).stem}: {method} samples (seed {seed})",
+                             name=f"{Path(path).stem}_{method}")
+            x_tr, y_tr = torch.cat([x_tr, to_tensor(g_img)]), torch.cat([y_tr, gy])
+        seed_everything(seed)
+        cls_args = argparse.Namespace(**{**vars(args), "seed": seed})
+        net, _, _ = fit_classifier(x_tr, y_tr, to_tensor(xv), torch.from_numpy(yv).long(), cls_args, device,
+                                   progress=False)
+        result[method] = evaluate(net, x_test, y_test, False, device)
+    return result
+
+
+def main(args):
+    t0 = time.time()
+    device = device_from(args.device)
+    out = prepare_out_dir(args.out, args.force)
+    flags = [f.strip() for f in args.datasets.split(",") if f.strip()]
+    found = {f: find(f, args.data_root) for f in flags}
+    missing = [f for f, p in found.items() if p is None]
+    write_config(out, args, data={f: str(p) for f, p in found.items() if p}, weights="none (from scratch)")
+    auc, acc = {}, {}
+    for flag, path in found.items():
+        if path is None:
+            continue
+        runs = []
+        for seed in range(args.seeds):
+            print(f"{flag}: seed {seed} ({time.time() - t0:.0f} s)", flush=True)
+            runs.append(run_seed(path, seed, args, device, out / "samples" if seed == 0 else None))
+        auc[flag] = {m: [r[m][0] for r in runs] for m in METHODS}
+        acc[flag] = {m: [r[m][1] for r in runs] for m in METHODS}
+    seconds = time.time() - t0
+    write_report(out, auc, acc, missing, args, seconds)
+
+
+def cell(v, best):
+    s = f"{np.mean(v):.3f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.3f}"
+    return f"**{s}**" if best else s
+
+
+def write_report(out, auc, acc, missing, args, seconds):
+    header = ["data set", *[f"{m} AUC" for m in METHODS], *[f"{m} ACC" for m in METHODS], "paper AUC (None/AE/cVAE/cGAN)",
+              "MedMNIST v2 full-data AUC/ACC"]
+    rows = []
+    for flag in auc:
+        ba = max(METHODS, key=lambda m: np.mean(auc[flag][m]))
+        bc = max(METHODS, key=lambda m: np.mean(acc[flag][m]))
+        paper = " / ".join(f"{v:.3f}" for v in PAPER_AUC[flag]) if flag in PAPER_AUC else "n/a"
+        ref = "{:.3f} / {:.3f}".format(*MEDMNIST_V2[flag]) if flag in MEDMNIST_V2 else "n/a"
+        rows.append([f"{flag}mnist", *[cell(auc[flag][m], m == ba) for m in METHODS],
+                     *[cell(acc[flag][m], m == bc) for m in METHODS], paper, ref])
+    for flag in missing:
+        rows.append([f"{flag}mnist", *["not run"] * 8, " / ".join(f"{v:.3f}" for v in PAPER_AUC[flag])
+                     if flag in PAPER_AUC else "n/a", "{:.3f} / {:.3f}".format(*MEDMNIST_V2.get(flag, (np.nan,) * 2))])
+    notes = [f"Ours: mean ± std over {args.seeds} seeds (subset, generators and classifier reseeded), test split of "
+             f"the official files; best per row in bold. {args.per_class} real images per class (train:val 9:1), "
+             f"+{args.n_gen} generated per class. Classifier: ResNet-18 (28), {args.recipe} recipe, "
+             f"{args.epochs} epochs (early stopping patience {args.patience}). Scale: "
+             f"{'smoke' if args.smoke else args.scale}; wall time {seconds / 60:.1f} min.",
+             "Missing data sets (official .npz not under --data-root; fetch with `python -m common.download medmnist "
+             f"--root DIR`): {', '.join(missing) if missing else 'none'}.",
+             "Our embedded PneumoniaMNIST is rebuilt from two public partial copies (test split 621 images, not the "
+             "official 624), so its numbers are close to, not identical with, the official split's."]
+    write_table(out / "table2", header, rows, title="Table 2: test AUC and ACC, None / AE / cVAE / cGAN augmentation",
+                notes=notes)
+    write_json(out / "summary.json", {"auc": {f: {m: float(np.mean(v)) for m, v in d.items()} for f, d in auc.items()},
+                                      "acc": {f: {m: float(np.mean(v)) for m, v in d.items()} for f, d in acc.items()},
+                                      "auc_std": {f: {m: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+                                                      for m, v in d.items()} for f, d in auc.items()},
+                                      "auc_runs": auc, "acc_runs": acc, "seeds": args.seeds,
+                                      "scale": "smoke" if args.smoke else args.scale, "datasets_missing": missing,
+                                      "seconds": seconds, "recipe": args.recipe, "epochs": args.epochs})
+    print((out / "table2.md").read_text())
+
+
+if __name__ == "__main__":
+    main(parse_args())

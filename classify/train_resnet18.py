@@ -1,0 +1,132 @@
+"""ResNet-18 for 28x28 MedMNIST images (3x3 stride-1 stem, no max-pool; MedMNIST v2, Yang et al. 2023).
+
+Cross-entropy (BCE with logits for multi-label sets). Two recipes:
+    --recipe paper     Chaptoukaev: SGD lr 1e-3 (momentum 0.9: ours, the paper is silent), batch 128, 100 epochs,
+                       early stopping on the validation AUC (patience --patience)
+    --recipe medmnist  MedMNIST v2: Adam lr 1e-3, x0.1 at epochs 50 and 75, 100 epochs, batch 128
+Both keep a copy of the best-validation-AUC weights and report that model's test AUC (multi-class: unweighted mean
+of one-vs-rest AUCs; binary: AUC of class 1) and ACC (argmax), as MedMNIST's evaluator does.
+
+    # the benchmark check (README): full BreastMNIST, MedMNIST v2 recipe; test AUC should be ~0.901
+    python -m classify.train_resnet18 --npz data/medmnist/breastmnist.npz --recipe medmnist --out-dir runs/medmnist/breast-v2
+"""
+import argparse
+import copy
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from classify.nets import arch_spec, build
+from common.data import label_matrix, read_medmnist
+from common.cache import load_images
+from common.runs import (add_common_args, device_from, prepare_out_dir, save_checkpoint, seed_everything,
+                         write_config, write_json)
+from fairness.metrics import auroc, auroc_ovr
+
+
+def to_tensor(images):
+    """uint8 (N, H, W) or (N, H, W, 3) -> (N, C, H, W) in [-1, 1] (MedMNIST's Normalize(mean=.5, std=.5))."""
+    x = torch.from_numpy(np.asarray(images)).float() / 127.5 - 1
+    return x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
+
+
+def evaluate(net, x, y, multilabel, device, batch_size=512):
+    """(AUC, ACC) of a model on (x, y); y: class indices (N,) or multi-hot (N, L)."""
+    net.eval()
+    with torch.no_grad():
+        logits = torch.cat([net(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
+    y = y.numpy()
+    if multilabel:
+        p = torch.sigmoid(logits).numpy()
+        return float(np.nanmean([auroc(y[:, j], p[:, j]) for j in range(y.shape[1])])), float(((p > 0.5) == y).mean())
+    p = torch.softmax(logits, 1).numpy()
+    return auroc_ovr(y, p), float((p.argmax(1) == y).mean())
+
+
+def fit(x_tr, y_tr, x_val, y_val, args, device, multilabel=False, progress=True):
+    """Train with the chosen recipe; returns (net with the best-validation weights, history)."""
+    n_out = y_tr.shape[1] if multilabel else int(max(y_tr.max(), y_val.max())) + 1
+    spec = arch_spec("resnet18_28", x_tr.shape[1], n_out, x_tr.shape[-1])
+    net = build(**spec).to(device, memory_format=torch.channels_last)
+    if args.recipe == "paper":
+        opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum)
+        sched = None
+    else:
+        opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[int(0.5 * args.epochs), int(0.75 * args.epochs)],
+                                                     gamma=0.1)
+    gen = torch.Generator().manual_seed(args.seed)
+    best, best_auc, bad, history = None, -1.0, 0, []
+    for epoch in tqdm(range(args.epochs), desc="resnet18", disable=not progress, leave=False):
+        net.train()
+        for idx in torch.randperm(len(x_tr), generator=gen).split(args.batch_size):
+            out = net(x_tr[idx].to(device).contiguous(memory_format=torch.channels_last))
+            yb = y_tr[idx].to(device)
+            loss = F.binary_cross_entropy_with_logits(out, yb.float()) if multilabel else F.cross_entropy(out, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if sched:
+            sched.step()
+        auc, acc = evaluate(net, x_val, y_val, multilabel, device)
+        history.append({"epoch": epoch + 1, "loss": loss.item(), "val_auc": auc, "val_acc": acc})
+        if auc > best_auc:
+            best, best_auc, bad = copy.deepcopy(net.state_dict()), auc, 0  # a copy of the weights, not a reference
+        else:
+            bad += 1
+            if args.recipe == "paper" and bad >= args.patience:
+                break
+    net.load_state_dict(best)
+    return net, history, spec
+
+
+def add_args(p):
+    p.add_argument("--recipe", default="paper", choices=["paper", "medmnist"], help="training recipe (see above)")
+    p.add_argument("--epochs", type=int, default=100, help="epochs")
+    p.add_argument("--batch-size", type=int, default=128, help="batch size")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper recipe)")
+    p.add_argument("--patience", type=int, default=20, help="early stopping patience (paper recipe)")
+    return p
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--npz", required=True, help="an official MedMNIST .npz (e.g. data/medmnist/breastmnist.npz)")
+    add_args(p)
+    add_common_args(p, "runs/medmnist/resnet18")
+    return p.parse_args(argv)
+
+
+def main(args):
+    device = device_from(args.device)
+    out = prepare_out_dir(args.out_dir, args.force)
+    seed_everything(args.seed)
+    t = read_medmnist(args.npz)
+    multilabel = t.attrs["task"] == "multi-label"
+    rgb = "RGB" if np.load(args.npz, mmap_mode="r")["train_images"].ndim == 4 else "L"
+    size = np.load(args.npz, mmap_mode="r")["train_images"].shape[1]
+    x, _ = load_images(t["image"], size, rgb)
+    x = to_tensor(x)
+    y = torch.from_numpy(label_matrix(t) if multilabel else t["target"].to_numpy()).long()
+    s = {k: torch.from_numpy((t["split"] == k).to_numpy()) for k in ("train", "val", "test")}
+    write_config(out, args, data=str(args.npz), weights="none (from scratch)")
+    t0 = time.time()
+    net, history, spec = fit(x[s["train"]], y[s["train"]], x[s["val"]], y[s["val"]], args, device, multilabel)
+    auc, acc = evaluate(net, x[s["test"]], y[s["test"]], multilabel, device)
+    save_checkpoint({"arch": spec, "model": net.state_dict()}, out / "ckpt.pt")
+    best = max(history, key=lambda h: h["val_auc"])
+    metrics = {"test_auc": auc, "test_acc": acc, "best_epoch": best["epoch"], "best_val_auc": best["val_auc"],
+               "recipe": args.recipe, "epochs_run": len(history), "seconds": time.time() - t0,
+               "n": {k: int(v.sum()) for k, v in s.items()}, "history": history}
+    write_json(out / "metrics.json", metrics)
+    print(f"{t.attrs['flag']}mnist, {args.recipe} recipe: test AUC {auc:.3f}, ACC {acc:.3f} "
+          f"(best val epoch {best['epoch']}, {time.time() - t0:.0f} s)")
+    return metrics
+
+
+if __name__ == "__main__":
+    main(parse_args())

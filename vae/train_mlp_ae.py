@@ -1,0 +1,106 @@
+"""Fully-connected autoencoder for MedMNIST augmentation (Chaptoukaev 2023, "AE" column of Table 2).
+
+Widths are not published; ours: encoder D -> 512 -> 256 -> 128 -> 64 -> latent 32 (4 hidden layers, ReLU),
+decoder mirrored (32 -> 64 -> 128 -> 256 -> 512 -> D, sigmoid). MSE on pixels in [0, 1], Adam 1e-3, batch 128,
+300 epochs (FORMULAS.md). An AE is not a sampler; new images of class c are decoded INTERPOLATED codes:
+z = lam z_a + (1 - lam) z_b + noise, with a, b two training images of class c, lam ~ U(0, 1) and Gaussian
+noise of 0.1 x the per-dimension std of the class's codes.
+
+    python -m vae.train_mlp_ae --npz data/medmnist/breastmnist.npz --out-dir runs/medmnist/ae
+"""
+import argparse
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common.data import medmnist_subset
+from common.report import save_samples
+from common.runs import add_common_args, device_from, prepare_out_dir, save_checkpoint, seed_everything, \
+    write_config, write_json
+
+
+def mlp(sizes, last=None):
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    layers = layers[:-1] + ([last] if last is not None else [])
+    return nn.Sequential(*layers)
+
+
+class AE(nn.Module):
+    def __init__(self, dim, latent=32, hidden=(512, 256, 128, 64)):
+        super().__init__()
+        self.enc = mlp([dim, *hidden, latent])
+        self.dec = mlp([latent, *hidden[::-1], dim], nn.Sigmoid())
+
+    def forward(self, x):
+        return self.dec(self.enc(x))
+
+
+def fit(x, y, args, device, progress=True):
+    """x: (N, D) in [0, 1]. Returns (model, history)."""
+    torch.manual_seed(args.seed)
+    model = AE(x.shape[1], args.latent).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    gen, history = torch.Generator().manual_seed(args.seed), []
+    for epoch in tqdm(range(args.epochs), desc="mlp-ae", disable=not progress, leave=False):
+        for idx in torch.randperm(len(x), generator=gen).split(args.batch_size):
+            xb = x[idx].to(device)
+            loss = F.mse_loss(model(xb), xb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        history.append(loss.item())
+    return model.eval(), history
+
+
+@torch.no_grad()
+def generate(model, x, y, n_per_class, seed=0, device="cpu", noise=0.1):
+    """n_per_class decoded interpolations of same-class training codes per class -> ((N, D) in [0, 1], labels)."""
+    g = torch.Generator().manual_seed(seed)
+    z_all = model.enc(x.to(device)).cpu()
+    out, labels = [], []
+    for c in np.unique(y.numpy()):
+        z = z_all[y == c]
+        a, b = torch.randint(0, len(z), (2, n_per_class), generator=g)
+        lam = torch.rand(n_per_class, 1, generator=g)
+        zc = lam * z[a] + (1 - lam) * z[b] + noise * z.std(0, unbiased=False) * torch.randn(n_per_class, z.shape[1],
+                                                                                          generator=g)
+        out.append(model.dec(zc.to(device)).cpu())
+        labels.append(torch.full((n_per_class,), int(c)))
+    return torch.cat(out), torch.cat(labels)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--npz", required=True, help="official MedMNIST .npz")
+    p.add_argument("--per-class", type=int, default=150, help="subset size per class (train:val 9:1)")
+    p.add_argument("--latent", type=int, default=32, help="code size")
+    p.add_argument("--epochs", type=int, default=300, help="epochs")
+    p.add_argument("--batch-size", type=int, default=128, help="batch size")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--n-per-class", type=int, default=150, help="images to generate per class")
+    add_common_args(p, "runs/medmnist/mlp_ae")
+    return p.parse_args(argv)
+
+
+def main(args):
+    device = device_from(args.device)
+    out = prepare_out_dir(args.out_dir, args.force)
+    seed_everything(args.seed)
+    images, labels, _, _, names = medmnist_subset(args.npz, args.per_class, args.seed)
+    x, y = torch.from_numpy(images).float().flatten(1) / 255, torch.from_numpy(labels).long()
+    write_config(out, args, data=args.npz, weights="none (from scratch)")
+    model, history = fit(x, y, args, device)
+    gx, gy = generate(model, x, y, args.n_per_class, args.seed, device)
+    save_checkpoint({"model": model.state_dict(), "args": {"dim": x.shape[1], "latent": args.latent}}, out / "ckpt.pt")
+    save_samples(out, (gx.view(-1, *images.shape[1:]) * 255).round().byte().numpy(), gy.numpy(), names, "MLP-AE: decoded interpolations of same-class codes")
+    write_json(out / "metrics.json", {"final_mse": history[-1], "n_train": len(x), "history": history})
+    print(f"MLP-AE: final MSE {history[-1]:.4f}; wrote {len(gx)} images to {out / 'samples.npz'}")
+
+
+if __name__ == "__main__":
+    main(parse_args())
