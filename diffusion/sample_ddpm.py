@@ -73,7 +73,8 @@ def main(args):
                         meta=json.dumps(meta))
     k = min(8, args.n_per_class)
     pick = np.concatenate([np.nonzero(classes == c)[0][:k] for c in which])
-    title = f"{meta['sampler'].upper()}-{meta['steps']} w={args.guidance}, step {ck['step']}, {ck.get('data')}" + \
+    title = f"{meta['sampler'].upper()}-{meta['steps']}" + (f" eta={args.eta:g}" if args.sampler == "ddim" else "") + \
+        f" w={args.guidance}, step {ck['step']}, {ck.get('data')}" + \
         (" (PHANTOM data)" if ck.get("data") == "phantom" else "")
     save_grid(images[pick], out.with_suffix(".png"), nrow=len(which), title=title,
               row_labels=[names[c] for c in which])
@@ -88,7 +89,9 @@ def parse_args(argv=None):
     p.add_argument("--classes", default=None, help="comma-separated class names (default: all), e.g. 'F|finding'")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="DDIM (--steps) or ancestral DDPM (T)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 = DDPM-like noise)")
+    p.add_argument("--eta", type=float, default=1.0,
+                   help="DDIM eta: 1 (default) adds DDPM-like noise each step, 0 is deterministic DDIM. With small, "
+                        "briefly trained models eta=0 leaves some samples noisy (results/ddpm); eta=1 does not")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale w")
     p.add_argument("--batch-size", type=int, default=256, help="images per sampling batch")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common.data import DataError
 from common.modalities import load_modality
 from common.report import save_grid
 from common.runs import (add_common_args, check_finite, is_main_process, load_checkpoint, prepare_out_dir,
@@ -83,11 +84,14 @@ def parse_args(argv=None):
     g = p.add_argument_group("output")
     add_common_args(p, "runs/ddpm/nih32")
     g.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt")
+    g.add_argument("--init", default=None, help="fine-tune: start from this checkpoint's EMA weights (its model "
+                   "shape wins over the model flags), with a fresh optimiser, at step 0")
     g.add_argument("--save-every", type=int, default=500, help="checkpoint interval (steps)")
     g.add_argument("--sample-every", type=int, default=1000, help="sample-grid interval (steps; 0: only at the end)")
     g.add_argument("--grid-per-class", type=int, default=8, help="grid images per class")
     g.add_argument("--grid-steps", type=int, default=50, help="DDIM steps for the grids")
     g.add_argument("--guidance", type=float, default=1.0, help="guidance scale w for the grids")
+    g.add_argument("--grid-eta", type=float, default=1.0, help="DDIM eta of the grids (see sample_ddpm.py)")
     return p.parse_args(argv)
 
 
@@ -121,12 +125,42 @@ def sample_grid(ema, sched, args, mod, step, out, device):
     K = len(mod.class_names)
     gen = torch.Generator(device=device).manual_seed(args.seed + 12345)  # the same noise every time
     y = torch.arange(K, device=device).repeat_interleave(args.grid_per_class)
+    eta = getattr(args, "grid_eta", 1.0)
     x = ddim_sample(ema, sched, (len(y), mod.channels, args.size, args.size), y, args.guidance,
-                    args.grid_steps, 0.0, gen, device)
+                    args.grid_steps, eta, gen, device)
     title = f"DDPM samples, step {step}, {mod.data}" + (" (PHANTOM data)" if mod.data == "phantom" else "") + \
-        f", DDIM-{args.grid_steps}, w={args.guidance}"
+        f", DDIM-{args.grid_steps} eta={eta:g}, w={args.guidance}"
     for name in (f"samples_step{step:06d}.png", "samples.png"):
         save_grid(x, out / name, nrow=K, title=title, row_labels=mod.class_names)
+
+
+def real_batch_loss(net, sched, x_all, cls_all, grad_hist, args, gen, dgen, K, amp):
+    """One batch of the (FairGen-variant) DDPM loss on real images: batch drawn with the --sampler weights,
+    eps-MSE with label dropout, plus the class-balancing loss with --cb-loss. Returns (loss, per-image MSE, y)."""
+    device = x_all.device
+    grad_means = [float(np.mean(h)) if h else np.nan for h in grad_hist]
+    w = torch.as_tensor(sample_weights(cls_all.cpu().numpy(), SAMPLER_Q[args.sampler], grad_means, args.grad_alpha))
+    idx = torch.multinomial(w, args.batch_size, replacement=True, generator=gen).to(device)
+    x0 = x_all[idx].float() / 127.5 - 1  # (B, C, S, S) in [-1, 1]
+    if args.hflip:
+        flip = torch.rand(len(x0), device=device, generator=dgen) < 0.5
+        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+    y = cls_all[idx]
+    t = torch.randint(0, sched.T, (len(x0),), device=device, generator=dgen)
+    eps = torch.randn(x0.shape, device=device, generator=dgen)
+    y_in = drop_labels(y, args.p_uncond, K, dgen)
+    xt = q_sample(sched, x0, t, eps).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        if args.cb_loss:  # eps(x_t, y) and eps(x_t, y') in one batch, y' uniform over the K classes
+            yp = torch.randint(0, K, (len(x0),), device=device, generator=dgen)
+            e_y, e_yp = net(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([y_in, yp])).float().chunk(2)
+        else:
+            e_y = net(xt, t, y_in).float()
+    per = (e_y - eps).pow(2).flatten(1).mean(1)  # ||eps - eps_theta(x_t, t, y)||^2 per image
+    loss = per.mean()
+    if args.cb_loss:
+        loss = loss + cb_loss(e_y, e_yp, t, sched.T, args.cb_tau, args.cb_gamma)
+    return loss, per, y
 
 
 def main(args):
@@ -136,7 +170,16 @@ def main(args):
     mod, x_all, cls_all = training_images(args)
     K, N = len(mod.class_names), len(x_all)
     margs = model_args(args, K, mod.channels)
-    model = unet_from_args(margs).to(device, memory_format=torch.channels_last)  # ~1.6x faster convs on CPU
+    init = load_checkpoint(args.init) if args.init else None
+    if init is not None:
+        margs = {k: init["args"][k] for k in margs}
+        if margs["num_classes"] != K or margs["size"] != args.size:
+            raise DataError(f"--init {args.init} was trained for {margs['num_classes']} classes at "
+                            f"{margs['size']} px, not {K} at {args.size}")
+    model = unet_from_args(margs)
+    if init is not None:
+        model.load_state_dict(init["ema"])
+    model = model.to(device, memory_format=torch.channels_last)  # ~1.6x faster convs on CPU
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
@@ -161,7 +204,7 @@ def main(args):
             grad_hist[g].extend(vals)
         print(f"resumed {ckpt_path} at step {step}")
     if is_main_process():
-        write_config(out, args, data=mod.data, weights="none (from scratch)", classes=mod.class_names,
+        write_config(out, args, data=mod.data, weights=f"init from {args.init}" if args.init else "none (from scratch)", classes=mod.class_names,
                      class_counts=counts.tolist(), notes=mod.notes, model=margs)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     x_all, cls_all = x_all.to(device), cls_all.to(device)
@@ -170,29 +213,7 @@ def main(args):
     t0, seen = time.time(), 0
     bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="ddpm", disable=not is_main_process())
     for step in bar:
-        grad_means = [float(np.mean(h)) if h else np.nan for h in grad_hist]
-        w = torch.as_tensor(sample_weights(cls_all.cpu().numpy(), SAMPLER_Q[args.sampler], grad_means,
-                                           args.grad_alpha))
-        idx = torch.multinomial(w, args.batch_size, replacement=True, generator=gen).to(device)
-        x0 = x_all[idx].float() / 127.5 - 1  # (B, C, S, S) in [-1, 1]
-        if args.hflip:
-            flip = torch.rand(len(x0), device=device, generator=dgen) < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        y = cls_all[idx]
-        t = torch.randint(0, sched.T, (len(x0),), device=device, generator=dgen)
-        eps = torch.randn(x0.shape, device=device, generator=dgen)
-        y_in = drop_labels(y, args.p_uncond, K, dgen)
-        xt = q_sample(sched, x0, t, eps).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            if args.cb_loss:  # eps(x_t, y) and eps(x_t, y') in one batch, y' uniform over the K classes
-                yp = torch.randint(0, K, (len(x0),), device=device, generator=dgen)
-                e_y, e_yp = net(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([y_in, yp])).float().chunk(2)
-            else:
-                e_y = net(xt, t, y_in).float()
-        per = (e_y - eps).pow(2).flatten(1).mean(1)  # ||eps - eps_theta(x_t, t, y)||^2 per image
-        loss = per.mean()
-        if args.cb_loss:
-            loss = loss + cb_loss(e_y, e_yp, t, sched.T, args.cb_tau, args.cb_gamma)
+        loss, per, y = real_batch_loss(net, sched, x_all, cls_all, grad_hist, args, gen, dgen, K, amp)
         check_finite(loss, step, args.out_dir)
         opt.zero_grad(set_to_none=True)
         if args.grad_alpha:  # our gradient-aware factor: per-group gradient norm at the output layer
@@ -206,7 +227,7 @@ def main(args):
         lr_sched.step()
         update_ema(ema, model, min(args.ema, (1 + step) / (10 + step)))
         history.append([step + 1, loss.item()])
-        seen += len(x0) * world
+        seen += args.batch_size * world
         if step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean([h[1] for h in history[-50:]]):.4f}",
                             img_s=f"{seen / (time.time() - t0):.0f}")

@@ -1,0 +1,331 @@
+"""FairGen ("Preference-Aligned Diffusion for Demographically Equitable Medical Image Synthesis") with our own
+from-scratch DDPM in place of Stable Diffusion, and its downstream fairness evaluation.
+
+Per modality (common/modalities.py; class = attribute x disease), with one patient-level split (70/10/20):
+  judge, fdnet   two classifiers on the real training images: the DPO judge (target: class) and, separately
+                 seeded, the network behind FD-cnn8 (target: disease), so that the judge never grades itself
+  pretrain       a plain conditional DDPM (the shared starting point, as FairGen starts from a pretrained SD)
+  base / cbrs / sqrs / cbdm   fine-tuned from it for --finetune steps with the variant's sampler / loss
+  fairgen        SQRS + class-balancing loss for (finetune - dpo) steps, then DPO for --dpo-steps with pairs
+                 from the judge (judge: classifier, never physicians; FairGen-code DPO form)
+  samples        per method, the same number per class (ratio 1.0 = as many synthetic as real training images)
+  FD             FD-cnn8 of each method's samples to the real training images, per subgroup, with the
+                 inter-subgroup variance (1/G); n beside every value
+  memorization   each method's samples against the DDPM's training images (fairness/memorization.py)
+  downstream     ViT on real + synthetic (ratio 1.0), with and without adaptive reweighting: accuracy, per-group
+                 AUROC, DP, EO, ESSP, NAR on the real test patients with bootstrap CIs (Table 1); and accuracy vs
+                 synthetic ratio {0, .25, .5, 1} for the four classifiers (ViT, ResNet-50, GB, KNN)
+
+    python -m diffusion.fairgen_study                     # quick: 32 px, small models, one seed (CPU)
+    python -m diffusion.fairgen_study --scale full --out results/fairgen-full   # GPU: 64 px, 3 seeds
+    python -m diffusion.fairgen_study --smoke --out smoke/fairgen               # seconds
+"""
+import argparse
+import json
+import math
+from pathlib import Path
+import time
+
+import numpy as np
+import torch
+
+from classify import train_classifier
+from classify.downstream import KINDS, fit_predict
+from common.modalities import export, load_modality
+from common.report import save_grid, with_ci, write_table
+from common.runs import device_from, prepare_out_dir, seed_everything, write_config, write_json
+from common.splits import patient_split
+from diffusion import sample_ddpm, train_ddpm, train_dpo
+from fairness.figures import bars, lines, radar
+from fairness.metrics import bootstrap, fairness_summary
+
+METHODS = ["base", "cbrs", "sqrs", "cbdm", "fairgen"]
+VARIANT_FLAGS = {"base": [], "cbrs": ["--sampler", "cbrs"], "sqrs": ["--sampler", "sqrs"], "cbdm": ["--cb-loss"],
+                 "sqrs_cb": ["--sampler", "sqrs", "--cb-loss"]}
+RATIOS = [0.0, 0.25, 0.5, 1.0]
+# FairGen Table 1 (ViT, Fitzpatrick17k), their Stable-Diffusion-based numbers: never mixed with ours
+PUBLISHED = {("fitzpatrick17k", "Stable Diffusion (base)"): {"ESSP": 5.11, "DP": 18.22, "EO": 7.56, "NAR": 0.36},
+             ("fitzpatrick17k", "FairGen"): {"ESSP": 15.47, "DP": 4.51, "EO": 2.70, "NAR": 0.21}}
+PRESETS = {
+    "quick": dict(size=32, width=24, mults="1,2,2", num_res=1, attn_res="8", pretrain=1000, finetune=200, dpo=60,
+                  batch=32, sample_steps=25, clf_epochs=12, seeds=1, pairs_per_class=8),
+    "full": dict(size=64, width=64, mults="1,2,2,2", num_res=2, attn_res="16", pretrain=20000, finetune=2000,
+                 dpo=500, batch=64, sample_steps=50, clf_epochs=40, seeds=3, pairs_per_class=64),
+    "smoke": dict(size=16, width=8, mults="1,2", num_res=1, attn_res="8", pretrain=4, finetune=4, dpo=2, batch=8,
+                  sample_steps=3, clf_epochs=1, seeds=1, pairs_per_class=2),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--modalities", default="cxr,mri,skin", help="comma-separated: cxr, nih, mri, skin, toy")
+    p.add_argument("--skin-root", default=None, help="Fitzpatrick17k folder (default: the skin phantom)")
+    p.add_argument("--scale", default="quick", choices=["quick", "full"], help="presets (see PRESETS)")
+    p.add_argument("--smoke", action="store_true", help="tiny run of the whole chain")
+    p.add_argument("--kinds", default=",".join(KINDS), help="downstream classifiers for the ratio sweep")
+    p.add_argument("--sweep-methods", default="base,fairgen", help="methods whose synthetic data get the ratio sweep")
+    p.add_argument("--dpo", default="fairgen", choices=["fairgen", "diffusion"], help="DPO form of the fairgen run")
+    p.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples (patients) for CIs")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
+    p.add_argument("--out", default="results/fairgen", help="tables, figures, summary.json")
+    p.add_argument("--runs", default=None, help="run folders (default: runs/<name of --out>); reused when present")
+    p.add_argument("--force", action="store_true", help="replace an existing --out (run folders are reused)")
+    args = p.parse_args(argv)
+    args.preset = PRESETS["smoke" if args.smoke else args.scale]
+    return args
+
+
+def run_step(module, argv, folder):
+    """Run a script's main in-process unless its folder already holds the same finished run (same argv)."""
+    done = folder / "metrics.json"
+    cfg = folder / "config.json"
+    if done.is_file() and cfg.is_file() and json.loads(cfg.read_text()).get("study_argv") == argv:
+        print(f"  reuse {folder}")
+        return
+    a = module.parse_args(argv + ["--force"])
+    module.main(a)
+    c = json.loads(cfg.read_text())
+    c["study_argv"] = argv
+    cfg.write_text(json.dumps(c, indent=2))
+
+
+def to_x(u8):
+    x = torch.from_numpy(u8).float() / 127.5 - 1
+    return x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
+
+
+def modality(name, args, seed, runs, device):
+    """Train, sample and evaluate every method on one modality; returns its part of summary.json."""
+    P = args.preset
+    root = args.skin_root if name == "skin" else None
+    mod = load_modality(name, P["size"], root)
+    K, L = len(mod.class_names), len(mod.labels)
+    split = patient_split(mod.table, seed=seed, stratify="attr")
+    r = runs / f"{name}-seed{seed}"
+    base = ["--data", name, "--size", str(P["size"]), "--split-seed", str(seed), "--seed", str(seed)] + \
+        (["--data-root", root] if root else [])
+    hflip = ["--hflip"] if name == "skin" else []
+    clf = ["--epochs", str(P["clf_epochs"]), "--arch", "cnn8"] + hflip
+    run_step(train_classifier, base + clf + ["--target", "cls", "--out-dir", str(r / "judge")], r / "judge")
+    fd_argv = ["--data", name, "--size", str(P["size"]), "--split-seed", str(seed), "--seed", str(seed + 1)] + \
+        (["--data-root", root] if root else []) + clf + ["--target", "label", "--out-dir", str(r / "fdnet")]
+    run_step(train_classifier, fd_argv, r / "fdnet")
+    ddpm = base + ["--width", str(P["width"]), "--mults", P["mults"], "--num-res", str(P["num_res"]), "--attn-res",
+                   P["attn_res"], "--batch-size", str(P["batch"]), "--sample-every", "0", "--save-every", "100000",
+                   "--grid-steps", str(P["sample_steps"])] + hflip
+    run_step(train_ddpm, ddpm + ["--steps", str(P["pretrain"]), "--lr", "5e-4", "--warmup", "100", "--ema", "0.995",
+                                 "--out-dir", str(r / "pretrain")], r / "pretrain")
+    ft = ["--init", str(r / "pretrain/ckpt.pt"), "--lr", "2e-4", "--warmup", "10", "--ema", "0.99"]
+    for v in ["base", "cbrs", "sqrs", "cbdm", "sqrs_cb"]:
+        steps = P["finetune"] - (P["dpo"] if v == "sqrs_cb" else 0)
+        run_step(train_ddpm, ddpm + ft + VARIANT_FLAGS[v] + ["--steps", str(steps), "--out-dir", str(r / v)], r / v)
+    run_step(train_dpo, base + hflip + ["--init", str(r / "sqrs_cb/ckpt.pt"), "--judge", str(r / "judge/ckpt.pt"),
+                                        "--sampler", "sqrs", "--cb-loss", "--dpo", args.dpo, "--steps", str(P["dpo"]),
+                                        "--batch-size", str(P["batch"]), "--pairs-per-class", str(P["pairs_per_class"]),
+                                        "--pair-steps", str(P["sample_steps"]), "--grid-steps", str(P["sample_steps"]),
+                                        "--out-dir", str(r / "fairgen")], r / "fairgen")
+    train = split == "train"
+    n_train = int(train.sum())
+    per_class = math.ceil(n_train / K)
+    export(mod, r / "real_train.npz", train)
+    synth = {}
+    for m in METHODS:
+        out = r / m / f"samples_{per_class}pc.npz"
+        if not out.is_file():
+            sample_ddpm.main(sample_ddpm.parse_args(["--ckpt", str(r / m / "ckpt.pt"), "--n-per-class",
+                                                     str(per_class), "--steps", str(P["sample_steps"]), "--seed",
+                                                     str(seed), "--out", str(out), "--device", str(device)]))
+        synth[m] = np.load(out)
+    res = {"data": mod.data, "classes": mod.class_names, "attrs": mod.attrs, "labels": mod.labels,
+           "notes": mod.notes, "n_train": n_train, "n_test": int((split == "test").sum()),
+           "synthetic_per_class": per_class, "judge": f"classifier ({r / 'judge/ckpt.pt'})"}
+    res["fd"] = fd_scores(r, synth, mod)
+    res["memorization"] = memorization(r, synth, mod)
+    res["downstream"] = downstream(mod, split, synth, args, seed, device)
+    return res
+
+
+def fd_scores(r, synth, mod):
+    from classify.nets import load_feature_extractor
+    from fairness.fid import extract, fid_from_features, subgroup_fids
+    net, label = load_feature_extractor(r / "fdnet/ckpt.pt")
+    real = np.load(r / "real_train.npz")
+    f_real = extract(net, real["images"])
+    out = {"metric": label}
+    for m, z in synth.items():
+        f = extract(net, z["images"])
+        per, var = subgroup_fids(f_real, f, real["groups"], z["groups"])
+        out[m] = {"fd": fid_from_features(f_real, f), "n_real": len(f_real), "n_fake": len(f),
+                  "groups": {g: {"fd": v[0], "n_real": v[1], "n_fake": v[2]} for g, v in per.items()},
+                  "subgroup_variance": var}
+    return out
+
+
+def memorization(r, synth, mod):
+    from fairness.memorization import audit, closest_pairs_png
+    real = np.load(r / "real_train.npz")["images"]
+    out = {}
+    for m, z in synth.items():
+        res, order, idx, d1 = audit(z["images"], real)
+        closest_pairs_png(z["images"], real, order, idx, d1, r / m / "closest_pairs.png",
+                          title=f"{mod.name} {m}: closest synthetic | training pairs" +
+                          (" (PHANTOM)" if mod.data == "phantom" else ""))
+        out[m] = res
+    return out
+
+
+def downstream(mod, split, synth, args, seed, device):
+    """Table 1 (ViT, ratio 1.0, +/- reweighting) and the ratio sweep; metrics on the real test patients."""
+    L = len(mod.labels)
+    y_all = mod.table["cls"].to_numpy() % L
+    g_all = mod.table["attr"].to_numpy().astype(str)
+    pid = mod.table["patient_id"].fillna(mod.table.index.to_series().astype(str)).to_numpy()
+    x_all = to_x(mod.images)
+    sel = {s: split == s for s in ("train", "val", "test")}
+    real_tr = (x_all[sel["train"]], y_all[sel["train"]], g_all[sel["train"]])
+    val = (x_all[sel["val"]], y_all[sel["val"]], g_all[sel["val"]])
+    x_te, y_te, g_te, pid_te = x_all[sel["test"]], y_all[sel["test"]], g_all[sel["test"]], pid[sel["test"]]
+    rng = np.random.default_rng(seed)
+    n_train = len(real_tr[1])
+
+    def train_set(method, ratio):
+        if method is None or ratio == 0:
+            return real_tr
+        z = synth[method]
+        take = rng.permutation(len(z["labels"]))[:int(round(ratio * n_train))]
+        ys = z["labels"][take] % L
+        return (torch.cat([real_tr[0], to_x(z["images"][take])]), np.r_[real_tr[1], ys],
+                np.r_[real_tr[2], z["groups"][take].astype(str)])
+
+    def evaluate(probs):
+        pred = probs.argmax(1)
+        p_bin = probs[:, 1] if L == 2 else probs
+        stat = lambda idx: fairness_summary(y_te[idx], pred[idx], g_te[idx], p_bin[idx])
+        point = stat(np.arange(len(y_te)))
+        ci = bootstrap(stat, len(y_te), clusters=pid_te, n_boot=args.n_boot, seed=seed)
+        return {k: {"value": float(v), "ci": list(ci.get(k, (np.nan, np.nan)))} for k, v in point.items()}
+
+    P = args.preset
+    table1 = {}
+    for method in [None] + METHODS:
+        for rw in (False, True):
+            name = (method or "real only") + (" + reweighting" if rw else "")
+            probs = fit_predict("vit", train_set(method, 1.0), val, x_te, L, rw, seed, device, P["clf_epochs"])
+            table1[name] = evaluate(probs)
+            print(f"  table 1: {name}: accuracy {table1[name]['accuracy']['value']:.3f}", flush=True)
+    sweep = {}
+    for kind in [k.strip() for k in args.kinds.split(",") if k.strip()]:
+        sweep[kind] = {}
+        for method in [m.strip() for m in args.sweep_methods.split(",") if m.strip()]:
+            sweep[kind][method] = {}
+            for ratio in RATIOS:
+                if kind == "vit" and ratio == 1.0:
+                    acc = table1[method]["accuracy"]["value"]
+                elif ratio == 0 and sweep[kind].get("_real") is not None:
+                    acc = sweep[kind]["_real"]
+                else:
+                    probs = fit_predict(kind, train_set(method, ratio), val, x_te, L, False, seed, device,
+                                        P["clf_epochs"])
+                    acc = float(np.mean(probs.argmax(1) == y_te))
+                    if ratio == 0:
+                        sweep[kind]["_real"] = acc
+                sweep[kind][method][ratio] = acc
+        sweep[kind].pop("_real", None)
+    return {"table1": table1, "sweep": sweep}
+
+
+def main(args):
+    t0 = time.time()
+    device = device_from(args.device)
+    out = prepare_out_dir(args.out, args.force)
+    runs = Path(args.runs or Path("runs") / Path(args.out).name)
+    scale = "smoke" if args.smoke else args.scale
+    write_config(out, args, data=args.modalities, weights="none (from scratch)", preset=args.preset,
+                 judge="classifier (automatic; no physician preferences)")
+    summary = {"scale": scale, "judge": "classifier (automatic, trained on real images; not physicians)",
+               "preset": args.preset, "dpo": args.dpo, "modalities": {}}
+    for name in [m.strip() for m in args.modalities.split(",") if m.strip()]:
+        for seed in range(args.preset["seeds"]):
+            print(f"== {name}, seed {seed} ({(time.time() - t0) / 60:.1f} min)", flush=True)
+            seed_everything(seed)
+            summary["modalities"].setdefault(name, {})[f"seed{seed}"] = modality(name, args, seed, runs, device)
+    summary["seconds"] = time.time() - t0
+    report(summary, out, runs, args)
+
+
+def fmt(entry, scale=100.0, digits=2):
+    v, (lo, hi) = entry["value"], entry["ci"]
+    return f"{v * scale:.{digits}f} [{lo * scale:.{digits}f}, {hi * scale:.{digits}f}]"
+
+
+def report(summary, out, runs, args):
+    """Table 1, FD table, figures, summary.json (seed 0 in the tables; every seed in summary.json)."""
+    t1_rows, fd_rows, mem_rows = [], [], []
+    summary["table1"], summary["fid"], summary["fid_var"] = {}, {}, {}
+    for name, seeds in summary["modalities"].items():
+        res = seeds["seed0"]
+        tag = name + (" (PHANTOM)" if res["data"] == "phantom" else "")
+        t1 = res["downstream"]["table1"]
+        summary["table1"][name] = {m: {k: t1[m][k] for k in ("essp_acc", "dp", "eo", "nar", "accuracy")} for m in t1}
+        for m, e in t1.items():
+            t1_rows.append([tag, m, fmt(e["essp_acc"]), fmt(e["dp"]), fmt(e["eo"]), fmt(e["nar"], 1, 3),
+                            fmt(e["accuracy"]), fmt(e["auroc"], 1, 3) if "auroc" in e else "n/a"])
+        fd = res["fd"]
+        summary["fid"][name] = {m: fd[m]["fd"] for m in METHODS}
+        summary["fid_var"][name] = {m: fd[m]["subgroup_variance"] for m in METHODS}
+        for m in METHODS:
+            g = "; ".join(f"{k} {v['fd']:.2f} (n={v['n_fake']})" for k, v in fd[m]["groups"].items())
+            fd_rows.append([tag, m, f"{fd[m]['fd']:.2f}", f"{fd[m]['n_real']} / {fd[m]['n_fake']}", g,
+                            f"{fd[m]['subgroup_variance']:.3f}"])
+            mm = res["memorization"][m]
+            mem_rows.append([tag, m, f"{100 * mm['fraction_copies']:.2f}%", f"{mm['pixel_nn_rmse']['median']:.3f}",
+                             f"{mm['train_to_train_nn_rmse']['median']:.3f}",
+                             f"{100 * mm['fraction_closer_than_train_p1']:.1f}%"])
+        grid = [np.load(runs / f"{name}-seed0" / m / f"samples_{res['synthetic_per_class']}pc.npz") for m in METHODS]
+        for m, z in zip(METHODS, grid):
+            pick = np.concatenate([np.nonzero(z["labels"] == c)[0][:6] for c in range(len(res["classes"]))])
+            save_grid(z["images"][pick], out / f"samples_{name}_{m}.png", nrow=len(res["classes"]),
+                      title=f"{tag}: {m} samples (rows: attribute|disease)", row_labels=res["classes"])
+            src = runs / f"{name}-seed0" / m / "closest_pairs.png"
+            if src.is_file():
+                (out / f"memorization_{name}_{m}.png").write_bytes(src.read_bytes())
+        radar({m: {g: t1[m].get(f"auroc[{g}]", {"value": np.nan})["value"] for g in res["attrs"]}
+               for m in ["real only"] + METHODS}, out / f"radar_auc_{name}.png",
+              f"Per-group AUROC, ViT, ratio 1.0 ({tag})")
+        sw = res["downstream"]["sweep"]
+        lines({f"{k} ({m})": v for k, d in sw.items() for m, v in d.items()}, out / f"accuracy_vs_ratio_{name}.png",
+              f"Test accuracy vs synthetic ratio ({tag})", "synthetic / real training images", "accuracy")
+        bars({m: {"DP": (t1[m]["dp"]["value"] * 100, [c * 100 for c in t1[m]["dp"]["ci"]]),
+                  "EO": (t1[m]["eo"]["value"] * 100, [c * 100 for c in t1[m]["eo"]["ci"]])} for m in t1},
+             out / f"dp_eo_{name}.png", f"DP and EO x100, ViT ({tag})", "x100")
+    notes = [f"Ours: from-scratch conditional DDPM ({summary['scale']} scale, preset {summary['preset']}), one patient-"
+             f"level split, seed 0; 95% CIs by bootstrap over test patients ({args.n_boot}). DP, EO, ESSP (on accuracy) "
+             "x100, NAR as a fraction. Classifier: ViT trained on real + synthetic images (ratio 1.0: as many synthetic "
+             "as real), '+ reweighting' = adaptive inverse-performance reweighting. Preferences for DPO: judge = a "
+             "classifier trained on real images (automatic), not physicians.",
+             "Modalities: " + "; ".join(f"{n}: classes {s['seed0']['classes']}, data {s['seed0']['data']}"
+                                        + (f" - {' '.join(s['seed0']['notes'])}" if s['seed0']['notes'] else "")
+                                        for n, s in summary["modalities"].items())]
+    write_table(out / "table1", ["modality", "method", "ESSP", "DP", "EO", "NAR", "accuracy", "AUROC"], t1_rows,
+                title="Table 1 (ours): downstream fairness of each generator's synthetic data", notes=notes)
+    pub = [[d, m, v["ESSP"], v["DP"], v["EO"], v["NAR"]] for (d, m), v in PUBLISHED.items()]
+    write_table(out / "table1_published", ["data", "method", "ESSP", "DP", "EO", "NAR"], pub,
+                title="FairGen's published Table 1 (ViT; Stable Diffusion based): for reference only, not comparable",
+                notes=["Other generator (Stable Diffusion fine-tuned on the full data), other data (real Fitzpatrick17k "
+                       "images), other classifier budget. FORMULAS.md: FairGen's ESSP values are not reproducible "
+                       "from its own definition; we did not tune toward them."])
+    write_table(out / "fid", ["modality", "method", "FD", "n real / n synthetic", "per subgroup", "subgroup variance (1/G)"],
+                fd_rows, title="Feature distance of each method's samples to the real training images",
+                notes=[f"{summary['modalities'][next(iter(summary['modalities']))]['seed0']['fd']['metric']}: Frechet "
+                       "distance on the penultimate features of a CNN trained on the real training images (disease "
+                       "label), not Inception FID (no ImageNet weights offline). n < 2048: biased upwards; compare only "
+                       "at equal n."])
+    write_table(out / "memorization", ["modality", "method", "copies (RMSE < 0.02)", "median NN RMSE",
+                                       "train-train median NN RMSE", "closer than train-train 1st pct."], mem_rows,
+                title="Memorization audit: synthetic images against the DDPM's training images")
+    write_json(out / "summary.json", summary)
+    print((out / "table1.md").read_text())
+
+
+if __name__ == "__main__":
+    main(parse_args())

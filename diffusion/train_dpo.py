@@ -1,0 +1,207 @@
+"""DPO fine-tuning of a conditional DDPM on preference pairs (FairGen; Wallace et al. 2023). FORMULAS.md.
+
+Preference pairs (x_w preferred, x_l rejected, same condition) come from
+- a CSV `condition, preferred_path, rejected_path` (what physicians would supply; condition = a class name such
+  as 'F|finding'), or
+- an automatic judge (--judge CKPT, a classify/train_classifier.py checkpoint trained on real images with
+  --target cls): for each condition it samples 2 x --pairs-per-class images from the model being tuned and, of
+  each two, prefers the one it scores higher for that condition. The pairs it made are written as images plus a
+  pairs.csv in the physicians' format, so they can be inspected or replaced. Every output names the judge.
+Losses (--dpo):
+  fairgen    FairGen code: L_pref = -mean log sigmoid(lambda (L_l - L_w)), L_DPO = L_pref + mean L_w (lambda 0.5)
+  diffusion  Diffusion-DPO with a frozen reference (the --init model): -mean log sigmoid(-beta/2 [(L_w - Lref_w)
+             - (L_l - Lref_l)]) (beta 2500)
+The total is L_ddpm + L_CB (on real batches, with --sampler / --cb-loss as in train_ddpm.py) + --dpo-weight x L_DPO.
+The same t and noise are used for the two images of a pair.
+
+    python -m diffusion.train_dpo --init runs/fairgen/nih/sqrs_cb/ckpt.pt --judge runs/fairgen/nih/judge/ckpt.pt \
+        --data nih --size 32 --sampler sqrs --cb-loss --steps 200 --out-dir runs/fairgen/nih/fairgen
+"""
+import argparse
+import copy
+import json
+from pathlib import Path
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from common.cache import load_images
+from common.data import DataError, read_csv_checked
+from common.runs import (add_common_args, check_finite, device_from, load_checkpoint, prepare_out_dir,
+                         save_checkpoint, seed_everything, write_config, write_json)
+from diffusion.ddpm import Schedule, q_sample
+from diffusion.fairgen import dpo_diffusion, dpo_fairgen
+from diffusion.sample_ddpm import generate
+from diffusion.train_ddpm import SAMPLER_Q, real_batch_loss, sample_grid, training_images, update_ema
+from diffusion.unet import unet_from_args
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init", required=True, help="train_ddpm.py checkpoint to fine-tune (also the DPO reference)")
+    pref = p.add_mutually_exclusive_group(required=True)
+    pref.add_argument("--pairs", help="CSV with columns condition, preferred_path, rejected_path")
+    pref.add_argument("--judge", help="classifier checkpoint (target cls) that makes the pairs automatically")
+    p.add_argument("--pairs-per-class", type=int, default=16, help="pairs per condition the judge makes")
+    p.add_argument("--pair-steps", type=int, default=25, help="DDIM steps for the judge's candidate samples")
+    p.add_argument("--dpo", default="fairgen", choices=["fairgen", "diffusion"], help="DPO loss form")
+    p.add_argument("--lam", type=float, default=0.5, help="lambda of the FairGen form")
+    p.add_argument("--beta", type=float, default=2500.0, help="beta of the Diffusion-DPO form")
+    p.add_argument("--dpo-weight", type=float, default=1.0, help="weight of L_DPO in the total")
+    p.add_argument("--pair-batch", type=int, default=16, help="preference pairs per step")
+    # the real-data part, as train_ddpm.py
+    p.add_argument("--data", default="nih", choices=["toy", "nih", "cxr", "mri", "skin"], help="modality")
+    p.add_argument("--data-root", default=None, help="your copy of the data (default: embedded / phantom)")
+    p.add_argument("--size", type=int, default=32, help="image side (must match --init)")
+    p.add_argument("--subset", default="train", choices=["train", "all"], help="real images: training split or all")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the patient-level split")
+    p.add_argument("--hflip", action="store_true", help="random horizontal flips of real images")
+    p.add_argument("--sampler", default="sqrs", choices=list(SAMPLER_Q), help="real-batch sampling weights")
+    p.add_argument("--grad-alpha", type=float, default=0.0, help="gradient-aware factor (ours; 0 = off)")
+    p.add_argument("--cb-loss", action="store_true", help="add the class-balancing loss on real batches")
+    p.add_argument("--cb-tau", type=float, default=1.0, help="tau of the CB loss")
+    p.add_argument("--cb-gamma", type=float, default=0.25, help="gamma of the CB loss")
+    p.add_argument("--p-uncond", type=float, default=0.1, help="label dropout on real batches")
+    p.add_argument("--batch-size", type=int, default=32, help="real images per step")
+    p.add_argument("--steps", type=int, default=200, help="fine-tuning steps")
+    p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate")
+    p.add_argument("--ema", type=float, default=0.99, help="EMA decay")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient clipping (0: off)")
+    p.add_argument("--grid-per-class", type=int, default=8, help="final grid images per class")
+    p.add_argument("--grid-steps", type=int, default=50, help="DDIM steps of the final grid")
+    p.add_argument("--guidance", type=float, default=1.0, help="guidance of grids and judge samples")
+    add_common_args(p, "runs/fairgen/dpo")
+    return p.parse_args(argv)
+
+
+def judge_pairs(model, sched, a, names, judge_ckpt, args, device, out):
+    """Sample 2 x n images per condition, let the judge prefer the higher-scoring of each two; write them as
+    PNGs + pairs.csv (the physicians' format). Returns (x_w, x_l uint8 arrays, class indices)."""
+    from classify.nets import load_classifier
+    judge, jck = load_classifier(judge_ckpt)
+    if list(jck["classes"]) != list(names):
+        raise DataError(f"the judge {judge_ckpt} predicts {jck['classes']}, not this model's classes {names}")
+    n = args.pairs_per_class
+    classes = np.repeat(np.arange(len(names)), 2 * n)
+    imgs = generate(model, sched, classes, a["size"], a["channels"], "ddim", args.pair_steps, 1.0, args.guidance,
+                    256, args.seed + 7, device, progress=False)
+    x = torch.from_numpy(imgs).float() / 127.5 - 1
+    x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    jsize = jck["arch"]["size"]
+    if x.shape[-1] != jsize:
+        x = torch.nn.functional.interpolate(x, size=(jsize, jsize), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        score = torch.softmax(judge(x), 1)[torch.arange(len(x)), torch.as_tensor(classes)].numpy()
+    first, second = np.arange(0, len(classes), 2), np.arange(1, len(classes), 2)
+    win = np.where(score[first] >= score[second], first, second)
+    lose = np.where(score[first] >= score[second], second, first)
+    folder = out / "pairs"
+    folder.mkdir(exist_ok=True)
+    rows = []
+    for i, (w, l) in enumerate(zip(win, lose)):
+        pw, pl = folder / f"{i:05d}_preferred.png", folder / f"{i:05d}_rejected.png"
+        Image.fromarray(imgs[w]).save(pw)
+        Image.fromarray(imgs[l]).save(pl)
+        rows.append({"condition": names[classes[w]], "preferred_path": str(pw), "rejected_path": str(pl),
+                     "judge_score_preferred": score[w], "judge_score_rejected": score[l]})
+    pd.DataFrame(rows).to_csv(out / "pairs.csv", index=False)
+    return imgs[win], imgs[lose], classes[win]
+
+
+def csv_pairs(path, names, size, channels):
+    df = read_csv_checked(path, ["condition", "preferred_path", "rejected_path"])
+    unknown = sorted(set(df["condition"]) - set(names))
+    if unknown:
+        raise DataError(f"{path}: unknown conditions {unknown}; this model's classes are {names}")
+    mode = "L" if channels == 1 else "RGB"
+    xw, okw = load_images(df["preferred_path"], size, mode, strict=True)
+    xl, okl = load_images(df["rejected_path"], size, mode, strict=True)
+    return xw, xl, np.array([names.index(c) for c in df["condition"]])
+
+
+def to_model_input(u8, device):
+    x = torch.from_numpy(u8).float().to(device) / 127.5 - 1
+    return (x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)).contiguous(memory_format=torch.channels_last)
+
+
+def pair_errors(net, sched, xw, xl, c, t, eps):
+    """||eps - eps_theta(x_t, t, c)||^2 per pair for the preferred and the rejected image (same t and noise)."""
+    e = net(torch.cat([q_sample(sched, xw, t, eps), q_sample(sched, xl, t, eps)]), torch.cat([t, t]),
+            torch.cat([c, c])).float()
+    return (e - torch.cat([eps, eps])).pow(2).flatten(1).mean(1).chunk(2)
+
+
+def main(args):
+    device = device_from(args.device)
+    out = prepare_out_dir(args.out_dir, args.force)
+    seed_everything(args.seed)
+    ck = load_checkpoint(args.init)
+    a, names = ck["args"], ck["class_names"]
+    if a["size"] != args.size:
+        raise DataError(f"--size {args.size} differs from the --init model's {a['size']}")
+    model = unet_from_args(a)
+    model.load_state_dict(ck["ema"])
+    model = model.to(device, memory_format=torch.channels_last)
+    ref = copy.deepcopy(model).eval().requires_grad_(False)  # frozen reference (Diffusion-DPO)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    sched = Schedule(a["schedule"], a["T"])
+    judge_name = f"classifier ({args.judge})" if args.judge else f"pairs CSV ({args.pairs})"
+    if args.judge:
+        xw, xl, c = judge_pairs(ema, sched, a, names, args.judge, args, device, out)
+    else:
+        xw, xl, c = csv_pairs(args.pairs, names, a["size"], a["channels"])
+    mod, x_all, cls_all = training_images(args)
+    if mod.class_names != names:
+        raise DataError(f"--data {args.data} has classes {mod.class_names}; the --init model has {names}")
+    write_config(out, args, data=mod.data, weights=f"init from {args.init}", judge=judge_name, dpo=args.dpo,
+                 n_pairs=len(c), classes=names, notes=mod.notes)
+    x_all, cls_all = x_all.to(device), cls_all.to(device)
+    xw, xl, c = to_model_input(xw, device), to_model_input(xl, device), torch.as_tensor(c, device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    gen, dgen = torch.Generator().manual_seed(args.seed), torch.Generator(device=device).manual_seed(args.seed + 1)
+    pgen = torch.Generator(device=device).manual_seed(args.seed + 2)
+    K, history, t0 = len(names), [], time.time()
+    args.grad_window = 50
+    grad_hist = [[] for _ in range(K)]
+    for step in tqdm(range(args.steps), desc=f"dpo ({args.dpo})"):
+        model.train()
+        loss_real, _, _ = real_batch_loss(model, sched, x_all, cls_all, grad_hist, args, gen, dgen, K, False)
+        pick = torch.randint(0, len(c), (min(args.pair_batch, len(c)),), device=device, generator=pgen)
+        t = torch.randint(0, sched.T, (len(pick),), device=device, generator=pgen)
+        eps = torch.randn((len(pick),) + xw.shape[1:], device=device, generator=pgen)
+        err_w, err_l = pair_errors(model, sched, xw[pick], xl[pick], c[pick], t, eps)
+        if args.dpo == "fairgen":
+            l_dpo = dpo_fairgen(err_w, err_l, args.lam)
+        else:
+            with torch.no_grad():
+                ref_w, ref_l = pair_errors(ref, sched, xw[pick], xl[pick], c[pick], t, eps)
+            l_dpo = dpo_diffusion(err_w, err_l, ref_w, ref_l, args.beta)
+        loss = loss_real + args.dpo_weight * l_dpo
+        check_finite(loss, step, args.out_dir)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        update_ema(ema, model, min(args.ema, (1 + step) / (10 + step)))
+        history.append({"step": step + 1, "loss": loss.item(), "dpo": l_dpo.item(), "err_w": err_w.mean().item(),
+                        "err_l": err_l.mean().item()})
+    state = {"args": {**a, "dpo": args.dpo, "judge": judge_name}, "model": model.state_dict(), "ema": ema.state_dict(),
+             "step": ck["step"] + args.steps, "history": history, "class_names": names, "data": mod.data,
+             "judge": judge_name}
+    save_checkpoint(state, out / "ckpt.pt")
+    grid_args = argparse.Namespace(seed=args.seed, grid_per_class=args.grid_per_class, size=a["size"],
+                                   guidance=args.guidance, grid_steps=args.grid_steps)
+    sample_grid(ema, sched, grid_args, mod, state["step"], out, device)
+    metrics = {"steps": args.steps, "judge": judge_name, "dpo": args.dpo, "n_pairs": int(len(c)),
+               "final_dpo_loss": float(np.mean([h["dpo"] for h in history[-20:]])), "seconds": time.time() - t0}
+    write_json(out / "metrics.json", {**metrics, "history": history})
+    print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    main(parse_args())

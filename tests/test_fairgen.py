@@ -1,0 +1,100 @@
+"""FairGen parts: resampling frequencies, the class-balancing loss, both DPO losses, the inverse-performance
+weights (against hand-computed values), and DPO moving samples toward a toy preference."""
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from diffusion.fairgen import cb_loss, dpo_diffusion, dpo_fairgen, inverse_performance_weights, sample_weights
+from conftest import ROOT
+
+
+@pytest.mark.parametrize("q", [1.0, 0.5])
+def test_resampling_group_frequencies(q):
+    """Group g is drawn with probability n_g^(1-q) / sum n^(1-q): equal for CBRS (q=1), sqrt(n_g) for SQRS."""
+    counts = np.array([600, 150, 40, 10])
+    cls = np.repeat(np.arange(4), counts)
+    w = torch.as_tensor(sample_weights(cls, q))
+    draws = 200_000
+    got = np.bincount(cls[torch.multinomial(w, draws, replacement=True, generator=torch.Generator().manual_seed(0))],
+                      minlength=4) / draws
+    want = counts ** (1 - q) / (counts ** (1 - q)).sum()
+    assert np.all(np.abs(got - want) < 4 * np.sqrt(want * (1 - want) / draws))
+    assert np.allclose(sample_weights(cls, 0.0), 1.0)  # base: uniform
+
+
+def test_gradient_aware_factor_is_off_by_default():
+    cls = np.array([0, 0, 1])
+    assert np.allclose(sample_weights(cls, 0.5, grad_norms=[1.0, 3.0], alpha=0.0), [2 ** -0.5, 2 ** -0.5, 1.0])
+    w = sample_weights(cls, 0.5, grad_norms=[1.0, 3.0], alpha=1.0)  # G/mean G = 0.5, 1.5
+    assert np.allclose(w, [2 ** -0.5 * 0.5, 2 ** -0.5 * 0.5, 1.5])
+
+
+def test_cb_loss_by_hand():
+    eps_y = torch.tensor([[1.0, 2.0], [0.0, 0.0]]).view(2, 1, 1, 2)
+    eps_yp = torch.tensor([[0.0, 0.0], [1.0, 1.0]]).view(2, 1, 1, 2)
+    t = torch.tensor([500, 250])
+    # w = t/T = [.5, .25]; ||.||^2 (mean over pixels) = [(1+4)/2, (1+1)/2] = [2.5, 1]
+    # L_reg = mean([.5*2.5, .25*1]) = .75 ; L_com is the same number (stop-gradient only changes gradients)
+    assert cb_loss(eps_y, eps_yp, t, 1000, tau=1.0, gamma=0.25).item() == pytest.approx(0.75 * 1.25)
+    a, b = eps_y.clone().requires_grad_(), eps_yp.clone().requires_grad_()
+    cb_loss(a, b, t, 1000).backward()  # gradient to eps(x,y) from L_reg only, to eps(x,y') from gamma * L_com only
+    assert torch.allclose(a.grad, (torch.tensor([.5, .25]).view(2, 1, 1, 1) * 2 * (eps_y - eps_yp) / 2 / 2))
+    assert torch.allclose(b.grad, 0.25 * (torch.tensor([.5, .25]).view(2, 1, 1, 1) * 2 * (eps_yp - eps_y) / 2 / 2))
+
+
+def test_dpo_losses_by_hand():
+    err_w, err_l = torch.tensor([0.2, 0.5]), torch.tensor([0.4, 0.3])
+    sig = lambda z: 1 / (1 + math.exp(-z))
+    want = -(math.log(sig(0.5 * 0.2)) + math.log(sig(0.5 * -0.2))) / 2 + 0.35
+    assert dpo_fairgen(err_w, err_l, lam=0.5).item() == pytest.approx(want, rel=1e-6)
+    ref_w, ref_l = torch.tensor([0.25, 0.5]), torch.tensor([0.35, 0.2])
+    # inside: -beta/2 [(err_w - ref_w) - (err_l - ref_l)] = -50 [(-0.05 - 0.05), (0 - 0.1)] = [5, 5]
+    want = -math.log(sig(5.0))
+    assert dpo_diffusion(err_w, err_l, ref_w, ref_l, beta=100.0).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_inverse_performance_weights():
+    w = inverse_performance_weights({"F": 80.0, "M": 90.0})
+    raw = np.array([1 / (80 + 1e-6), 1 / (90 + 1e-6)])
+    assert w["F"] == pytest.approx(raw[0] / raw.sum()) and w["F"] > w["M"] and sum(w.values()) == pytest.approx(1)
+
+
+def test_dpo_moves_samples_toward_a_toy_preference(tmp_path):
+    """Pairs from a CSV (the physicians' format) that always prefer the brighter of two samples: after DPO the same
+    seeds give brighter samples."""
+    from diffusion.sample_ddpm import generate, load_model
+    from diffusion.ddpm import Schedule
+    from test_ddpm import run_train
+    run_train(tmp_path / "toy", "--steps", "250", "--batch-size", "64", "--lr", "2e-3", "--warmup", "30",
+              "--ema", "0.99", "--save-every", "250")
+    model, ck = load_model(tmp_path / "toy/ckpt.pt", "cpu")
+    sched, names = Schedule("linear", 1000), ck["class_names"]
+    classes = np.repeat(np.arange(len(names)), 24)
+    imgs = generate(model, sched, classes, 16, 1, "ddim", 20, 0.0, 1.0, 256, 0, "cpu", progress=False)
+    rows = []
+    (tmp_path / "pairs").mkdir()
+    for i in range(0, len(imgs), 2):
+        a, b = (i, i + 1) if imgs[i].mean() >= imgs[i + 1].mean() else (i + 1, i)
+        for j, k in ((a, "w"), (b, "l")):
+            Image.fromarray(imgs[j]).save(tmp_path / "pairs" / f"{i}_{k}.png")
+        rows.append({"condition": names[classes[i]], "preferred_path": str(tmp_path / "pairs" / f"{i}_w.png"),
+                     "rejected_path": str(tmp_path / "pairs" / f"{i}_l.png")})
+    pd.DataFrame(rows).to_csv(tmp_path / "pairs.csv", index=False)
+    r = subprocess.run([sys.executable, "-m", "diffusion.train_dpo", "--init", str(tmp_path / "toy/ckpt.pt"),
+                        "--pairs", str(tmp_path / "pairs.csv"), "--data", "toy", "--size", "16", "--subset", "all",
+                        "--sampler", "uniform", "--steps", "80", "--lr", "2e-4", "--dpo-weight", "5",
+                        "--batch-size", "16", "--grid-per-class", "2", "--grid-steps", "5",
+                        "--out-dir", str(tmp_path / "dpo")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    tuned, ck2 = load_model(tmp_path / "dpo/ckpt.pt", "cpu")
+    assert "pairs CSV" in ck2["judge"]
+    probe = np.repeat(np.arange(len(names)), 32)
+    before = generate(model, sched, probe, 16, 1, "ddim", 20, 0.0, 1.0, 256, 99, "cpu", progress=False)
+    after = generate(tuned, sched, probe, 16, 1, "ddim", 20, 0.0, 1.0, 256, 99, "cpu", progress=False)
+    assert after.astype(float).mean() > before.astype(float).mean() + 1.0  # grey levels, same seeds
