@@ -6,10 +6,14 @@ SCALE ?= quick
 SEED ?= 0
 # A GPU box with its own python runs `make <target> PYTHON=python3`: no venv needed there.
 SETUP := $(if $(filter .venv/bin/python,$(PYTHON)),.venv/.stamp,)
-OUT := $(if $(SMOKE),smoke,results)
+DATA_ROOT ?=
+# quick results live in results/ (committed), full-scale ones in results-full/, smoke runs in smoke/:
+# a smoke or quick run can never overwrite full results.
+OUT := $(if $(SMOKE),smoke,$(if $(filter full,$(SCALE)),results-full,results))
+FLAGS := $(if $(SMOKE),--smoke,--scale $(SCALE)) --force
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup test all bench clean-runs
+.PHONY: help setup test all chestxray skintone medmnist fairgen ddpm bench bench-gpu clean-runs
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -25,6 +29,37 @@ setup: .venv/.stamp ## create .venv and install everything (torch from the local
 test: $(SETUP) ## run the test suite (CPU, ~minutes); fails if no test is collected
 	$(PYTHON) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure here" >&2; exit 1; fi; exit $$rc
+
+all: chestxray skintone medmnist fairgen ## the four studies, quick scale (~2 h on 2 CPU cores)
+
+chestxray: $(SETUP) ## Korb & Hall: CVAE-rebalanced chest X-ray classifier by sex -> results/chestxray
+	$(PYTHON) -m classify.chestxray_study $(FLAGS) --out $(OUT)/chestxray \
+	  $(if $(filter full,$(SCALE)),--arch densenet121 --pretrained --size 224 --folds 3 --batch-size 64) \
+	  $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
+
+skintone: $(SETUP) ## Lopez-Perez et al.: VAE reconstruction by skin type, sets A/B/C -> results/skintone
+	$(PYTHON) -m vae.skintone_study $(FLAGS) --out $(OUT)/skintone $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) \
+	  $(if $(filter full,$(SCALE)),,--no-pretrained)
+
+medmnist: $(SETUP) ## Chaptoukaev: AE / cVAE / cGAN augmentation, ResNet-18 -> results/medmnist
+	$(PYTHON) -m classify.medmnist_study $(FLAGS) --out $(OUT)/medmnist $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
+
+fairgen: $(SETUP) ## FairGen with our DDPM: resampling, CB loss, DPO; downstream fairness -> results/fairgen
+	$(PYTHON) -m diffusion.fairgen_study $(FLAGS) --out $(OUT)/fairgen $(if $(DATA_ROOT),--skin-root $(DATA_ROOT))
+
+ddpm: $(SETUP) ## the quick NIH DDPM run (32 px, ~25 min CPU) + DDIM-50 vs DDPM-1000 domain FD -> results/ddpm
+	$(PYTHON) -m diffusion.train_ddpm --data nih --size 32 --width 32 --mults 1,2,2 --num-res 1 --attn-res 8 \
+	  --steps $(if $(SMOKE),4,2400) --batch-size 32 --lr 5e-4 --warmup 100 --ema 0.995 --save-every 200 \
+	  --sample-every 800 --out-dir runs/$(OUT)-ddpm/nih32 --resume
+	$(PYTHON) -m classify.train_classifier --data nih --size 32 --target label --seed 1 \
+	  --epochs $(if $(SMOKE),1,30) --out-dir runs/$(OUT)-ddpm/fdnet --force
+	$(PYTHON) -m diffusion.eval_samplers --ckpt runs/$(OUT)-ddpm/nih32/ckpt.pt --fd-ckpt runs/$(OUT)-ddpm/fdnet/ckpt.pt \
+	  --n-per-class $(if $(SMOKE),2,100) --out $(OUT)/ddpm --force
+
+bench: $(SETUP) ## CPU benchmarks: FID vs pytorch-fid, our U-Net vs diffusers (installs bench/requirements.txt)
+	.venv/bin/pip install -q -r bench/requirements.txt
+	$(PYTHON) bench/fid_bench.py
+	$(PYTHON) bench/ddpm_bench.py --device cpu
 
 clean-runs: ## delete run folders and smoke outputs (never results/)
 	rm -rf runs smoke
