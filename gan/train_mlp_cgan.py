@@ -7,17 +7,13 @@ Adam 1e-4 (betas 0.5, 0.999), batch 128, 1000 epochs (FORMULAS.md).
 
     python -m gan.train_mlp_cgan --npz data/medmnist/breastmnist.npz --out-dir runs/medmnist/cgan
 """
-import argparse
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.data import medmnist_subset
-from common.report import save_samples
-from common.runs import add_common_args, device_from, prepare_out_dir, save_checkpoint, seed_everything, \
-    write_config, write_json
+from common import mlp_generator
 
 
 class Generator(nn.Module):
@@ -85,35 +81,19 @@ def generate(G, n_per_class, seed=0, device="cpu"):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--npz", required=True, help="official MedMNIST .npz")
-    p.add_argument("--per-class", type=int, default=150, help="subset size per class (train:val 9:1)")
-    p.add_argument("--z-dim", type=int, default=64, help="noise size")
-    p.add_argument("--epochs", type=int, default=1000, help="epochs")
-    p.add_argument("--batch-size", type=int, default=128, help="batch size")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (both networks)")
-    p.add_argument("--n-per-class", type=int, default=150, help="images to generate per class")
-    add_common_args(p, "runs/medmnist/mlp_cgan")
-    return p.parse_args(argv)
+    return mlp_generator.parse_args(__doc__, "runs/medmnist/mlp_cgan", 1000, 1e-4, lambda p: p.add_argument(
+        "--z-dim", type=int, default=64, help="noise size"), argv)
 
 
 def main(args):
-    device = device_from(args.device)
-    out = prepare_out_dir(args.out_dir, args.force)
-    seed_everything(args.seed)
-    images, labels, _, _, names = medmnist_subset(args.npz, args.per_class, args.seed)
-    x, y = torch.from_numpy(images).float().flatten(1) / 255, torch.from_numpy(labels).long()
-    write_config(out, args, data=args.npz, weights="none (from scratch)")
+    out, device, x, y, shape, names = mlp_generator.start(args)
     G, history = fit(x, y, args, device)
     gx, gy = generate(G, args.n_per_class, args.seed, device)
-    save_checkpoint({"model": G.state_dict(), "args": {"dim": x.shape[1], "k": G.k, "z_dim": args.z_dim}},
-                    out / "ckpt.pt")
-    save_samples(out, (gx.view(-1, *images.shape[1:]) * 255).round().byte().numpy(), gy.numpy(), names,
-                 "MLP-cGAN samples per class")
-    write_json(out / "metrics.json", {"final_loss_d": history[-1][0], "final_loss_g": history[-1][1],
-                                      "n_train": len(x), "history": history})
+    mlp_generator.finish(out, G, {"dim": x.shape[1], "k": G.k, "z_dim": args.z_dim}, gx, gy, shape, names,
+                         "MLP-cGAN samples per class (Adam, both networks)",
+                         {"final_loss_d": history[-1][0], "final_loss_g": history[-1][1], "n_train": len(x),
+                          "history": history})
     print(f"MLP-cGAN: final D loss {history[-1][0]:.3f}, G loss {history[-1][1]:.3f}; wrote {len(gx)} images")
-
 
 if __name__ == "__main__":
     main(parse_args())

@@ -8,7 +8,6 @@ noise of 0.1 x the per-dimension std of the class's codes.
 
     python -m vae.train_mlp_ae --npz data/medmnist/breastmnist.npz --out-dir runs/medmnist/ae
 """
-import argparse
 
 import numpy as np
 import torch
@@ -16,10 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.data import medmnist_subset
-from common.report import save_samples
-from common.runs import add_common_args, device_from, prepare_out_dir, save_checkpoint, seed_everything, \
-    write_config, write_json
+from common import mlp_generator
 
 
 def mlp(sizes, last=None):
@@ -75,32 +71,18 @@ def generate(model, x, y, n_per_class, seed=0, device="cpu", noise=0.1):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--npz", required=True, help="official MedMNIST .npz")
-    p.add_argument("--per-class", type=int, default=150, help="subset size per class (train:val 9:1)")
-    p.add_argument("--latent", type=int, default=32, help="code size")
-    p.add_argument("--epochs", type=int, default=300, help="epochs")
-    p.add_argument("--batch-size", type=int, default=128, help="batch size")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--n-per-class", type=int, default=150, help="images to generate per class")
-    add_common_args(p, "runs/medmnist/mlp_ae")
-    return p.parse_args(argv)
+    return mlp_generator.parse_args(__doc__, "runs/medmnist/mlp_ae", 300, 1e-3, lambda p: p.add_argument(
+        "--latent", type=int, default=32, help="code size"), argv)
 
 
 def main(args):
-    device = device_from(args.device)
-    out = prepare_out_dir(args.out_dir, args.force)
-    seed_everything(args.seed)
-    images, labels, _, _, names = medmnist_subset(args.npz, args.per_class, args.seed)
-    x, y = torch.from_numpy(images).float().flatten(1) / 255, torch.from_numpy(labels).long()
-    write_config(out, args, data=args.npz, weights="none (from scratch)")
+    out, device, x, y, shape, names = mlp_generator.start(args)
     model, history = fit(x, y, args, device)
     gx, gy = generate(model, x, y, args.n_per_class, args.seed, device)
-    save_checkpoint({"model": model.state_dict(), "args": {"dim": x.shape[1], "latent": args.latent}}, out / "ckpt.pt")
-    save_samples(out, (gx.view(-1, *images.shape[1:]) * 255).round().byte().numpy(), gy.numpy(), names, "MLP-AE: decoded interpolations of same-class codes")
-    write_json(out / "metrics.json", {"final_mse": history[-1], "n_train": len(x), "history": history})
+    mlp_generator.finish(out, model, {"dim": x.shape[1], "latent": args.latent}, gx, gy, shape, names,
+                         "MLP-AE: decoded interpolations of same-class codes",
+                         {"final_mse": history[-1], "n_train": len(x), "history": history})
     print(f"MLP-AE: final MSE {history[-1]:.4f}; wrote {len(gx)} images to {out / 'samples.npz'}")
-
 
 if __name__ == "__main__":
     main(parse_args())

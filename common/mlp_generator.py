@@ -1,0 +1,43 @@
+"""What the three MLP generator scripts of the MedMNIST study share (vae/train_mlp_ae.py, vae/train_mlp_cvae.py,
+gan/train_mlp_cgan.py): their command line, the flattened training subset, and the checkpoint + sample grid at the
+end. Each script keeps its own model, loss, loop and hyperparameters."""
+import argparse
+
+import torch
+
+from common.data import medmnist_subset
+from common.report import save_samples
+from common.runs import add_common_args, device_from, prepare_out_dir, save_checkpoint, seed_everything, \
+    write_config, write_json
+
+
+def parse_args(doc, out_dir, epochs, lr, extra, argv=None):
+    """extra(p) adds the script's own flags (code or noise size)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--npz", required=True, help="official MedMNIST .npz")
+    p.add_argument("--per-class", type=int, default=150, help="subset size per class (train:val 9:1)")
+    extra(p)
+    p.add_argument("--epochs", type=int, default=epochs, help="epochs")
+    p.add_argument("--batch-size", type=int, default=128, help="batch size")
+    p.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
+    p.add_argument("--n-per-class", type=int, default=150, help="images to generate per class")
+    add_common_args(p, out_dir)
+    return p.parse_args(argv)
+
+
+def start(args):
+    """Run folder, seeds and the training subset: (out, device, x (N, D) in [0, 1], y (N,), image shape, names)."""
+    device = device_from(args.device)
+    out = prepare_out_dir(args.out_dir, args.force)
+    seed_everything(args.seed)
+    images, labels, _, _, names = medmnist_subset(args.npz, args.per_class, args.seed)
+    write_config(out, args, data=args.npz, weights="none (from scratch)")
+    x, y = torch.from_numpy(images).float().flatten(1) / 255, torch.from_numpy(labels).long()
+    return out, device, x, y, images.shape[1:], names
+
+
+def finish(out, model, model_args, gx, gy, shape, names, title, metrics):
+    """Checkpoint (state dict + the args that rebuild the model), samples.npz + grid, metrics.json."""
+    save_checkpoint({"model": model.state_dict(), "args": model_args}, out / "ckpt.pt")
+    save_samples(out, (gx.view(-1, *shape) * 255).round().byte().numpy(), gy.numpy(), names, title)
+    write_json(out / "metrics.json", metrics)
