@@ -101,19 +101,32 @@ class TorchvisionNet(nn.Module):
 
 
 class ResNet18For28(nn.Module):
-    """MedMNIST v2's ResNet-18 for 28x28: conv1 3x3 stride 1, no max-pool."""
+    """MedMNIST v2's ResNet-18 for 28x28: torchvision's ResNet-18 with conv1 3x3 stride 1 and no max-pool.
+    width 64 is ResNet-18 itself (11.2 M parameters); a smaller width scales every stage (64-128-256-512 ->
+    w-2w-4w-8w) for CPU quick runs, and the outputs name the width."""
 
-    def __init__(self, in_ch, n_out):
+    def __init__(self, in_ch, n_out, width=64):
         super().__init__()
         import torchvision.models as tvm
-        net = tvm.resnet18(weights=None, num_classes=n_out)
-        net.conv1 = nn.Conv2d(in_ch, 64, 3, 1, 1, bias=False)
+        if width == 64:
+            net = tvm.resnet18(weights=None, num_classes=n_out)
+        else:  # torchvision's ResNet builds its stages from self.inplanes; scale it and the stage widths
+            net = tvm.ResNet(tvm.resnet.BasicBlock, [2, 2, 2, 2], num_classes=n_out)
+            net.inplanes, net.bn1 = width, nn.BatchNorm2d(width)
+            for i in range(4):
+                setattr(net, f"layer{i + 1}", net._make_layer(tvm.resnet.BasicBlock, width * 2 ** i, 2,
+                                                              stride=1 if i == 0 else 2))
+            net.fc = nn.Linear(width * 8, n_out)
+            for m in net.modules():  # torchvision's initialisation, which ran before the stages were replaced
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        net.conv1 = nn.Conv2d(in_ch, width, 3, 1, 1, bias=False)
         net.maxpool = nn.Identity()
         self.trunk = nn.Sequential(*list(net.children())[:-2])
         self.head = net.fc
 
     def features(self, x):
-        return F.adaptive_avg_pool2d(self.trunk(x), 1).flatten(1)  # (B, 512)
+        return F.adaptive_avg_pool2d(self.trunk(x), 1).flatten(1)  # (B, 8 * width)
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -151,7 +164,7 @@ def build(arch, in_ch, n_out, size, pretrained=False, weights_file=None, width=3
     if arch in ("densenet121", "resnet50"):
         return TorchvisionNet(arch, n_out, pretrained, weights_file)
     if arch == "resnet18_28":
-        return ResNet18For28(in_ch, n_out)
+        return ResNet18For28(in_ch, n_out, width)
     if arch == "vit":
         return ViT(in_ch, n_out, size)
     raise ValueError(f"unknown arch {arch!r}")

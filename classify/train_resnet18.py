@@ -49,7 +49,7 @@ def evaluate(net, x, y, multilabel, device, batch_size=512):
 def fit(x_tr, y_tr, x_val, y_val, args, device, multilabel=False, progress=True):
     """Train with the chosen recipe; returns (net with the best-validation weights, history)."""
     n_out = y_tr.shape[1] if multilabel else int(max(y_tr.max(), y_val.max())) + 1
-    spec = arch_spec("resnet18_28", x_tr.shape[1], n_out, x_tr.shape[-1])
+    spec = arch_spec("resnet18_28", x_tr.shape[1], n_out, x_tr.shape[-1], args.width)
     net = build(**spec).to(device, memory_format=torch.channels_last)
     if args.recipe == "paper":
         opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum)
@@ -87,6 +87,8 @@ def add_args(p):
     p.add_argument("--recipe", default="paper", choices=["paper", "medmnist"], help="training recipe (see above)")
     p.add_argument("--epochs", type=int, default=100, help="epochs")
     p.add_argument("--batch-size", type=int, default=128, help="batch size")
+    p.add_argument("--width", type=int, default=64,
+                   help="channels of the first stage: 64 is ResNet-18 itself; smaller scales every stage (CPU quick)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper recipe)")
     p.add_argument("--patience", type=int, default=20, help="early stopping patience (paper recipe)")

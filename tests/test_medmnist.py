@@ -92,7 +92,7 @@ def test_generator_scripts_run(module, tmp_path):
 
 
 def test_resnet18_script_and_study_smoke(tmp_path):
-    r = run("classify.train_resnet18", "--npz", str(PROJECT_DATA / "medmnist/breastmnist.npz"), "--epochs", "1",
+    run("classify.train_resnet18", "--npz", str(PROJECT_DATA / "medmnist/breastmnist.npz"), "--epochs", "1", "--width", "16",
             "--out-dir", str(tmp_path / "r18"))
     m = json.loads((tmp_path / "r18/metrics.json").read_text())
     assert 0 <= m["test_auc"] <= 1 and m["n"] == {"train": 546, "val": 78, "test": 156}
