@@ -29,7 +29,7 @@ import torch
 
 from classify.train_chexnet import OUTPUTS, add_args, fit, per_output_table, predict, targets
 from common.cache import load_images
-from common.data import NIH_LABELS, PROJECT_DATA, label_matrix, read_nih
+from common.data import PROJECT_DATA, label_matrix, read_nih
 from common.report import mean_std, with_ci, write_table
 from common.runs import device_from, prepare_out_dir, seed_everything, write_config, write_json
 from common.splits import patient_kfold, patient_split
@@ -165,7 +165,7 @@ def report(t, Y, oof, thr, fold, counts, curves0, args, out, runs, data, weights
                "model": args.arch, "size": args.size, "folds": args.folds, "female_fraction": args.female_fraction,
                "cvae_female": args.cvae_female, "n_images": len(t), "n_patients": int(t["patient_id"].nunique()),
                "seconds": seconds, "conditions": {}}
-    fair_rows, table_notes = [], []
+    fair_rows = []
     for c in CONDITIONS:
         p, th = oof[c], thr[c]
         dec = p >= th
