@@ -12,7 +12,6 @@ Every generator, downstream classifier and fairness table of `make fairgen` (and
     toy    procedural discs vs squares with a bright/dark attribute (tests and demos)         -> 4 classes
 """
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -67,7 +66,10 @@ def toy_images(n, size=16, seed=0):
     return imgs, labels, attrs
 
 
-def load_modality(name, size, data_root=None, n_toy=2000, phantom_n=3000):
+def load_modality(name, size, data_root=None, n_toy=2000, phantom_n=1200):
+    """One modality as a Modality (table with attr / label / cls, uint8 images, class names, data tag, notes).
+    The skin phantom has 1,200 images (about the size of the chest X-ray modality) so that the CPU quick scale fits;
+    with --data-root, the real Fitzpatrick17k is read instead."""
     if name == "toy":
         x, lab, att = toy_images(n_toy, size)
         t = pd.DataFrame({"patient_id": None, "attr": np.where(att == 1, "bright", "dark"),

@@ -11,7 +11,6 @@ from pathlib import Path
 import time
 
 import numpy as np
-import torch
 
 from classify.nets import load_feature_extractor
 from common.modalities import load_modality

@@ -4,7 +4,6 @@ the class-balancing loss, and the two DPO losses. Pure functions of tensors, so 
 A group g is one (attribute x disease) class; n_g its training count.
 """
 import numpy as np
-import torch
 import torch.nn.functional as F
 
 

@@ -32,7 +32,7 @@ import torch
 from classify import train_classifier
 from classify.downstream import KINDS, fit_predict
 from common.modalities import export, load_modality
-from common.report import save_grid, with_ci, write_table
+from common.report import save_grid, write_table
 from common.runs import device_from, prepare_out_dir, seed_everything, write_config, write_json
 from common.splits import patient_split
 from diffusion import sample_ddpm, train_ddpm, train_dpo
@@ -47,8 +47,10 @@ RATIOS = [0.0, 0.25, 0.5, 1.0]
 PUBLISHED = {("fitzpatrick17k", "Stable Diffusion (base)"): {"ESSP": 5.11, "DP": 18.22, "EO": 7.56, "NAR": 0.36},
              ("fitzpatrick17k", "FairGen"): {"ESSP": 15.47, "DP": 4.51, "EO": 2.70, "NAR": 0.21}}
 PRESETS = {
-    "quick": dict(size=32, width=24, mults="1,2,2", num_res=1, attn_res="8", pretrain=1000, finetune=200, dpo=60,
-                  batch=32, sample_steps=25, clf_epochs=12, seeds=1, pairs_per_class=8),
+    # quick: measured to fit a 2-core CPU (README); a small U-Net (16-32-32 channels), few steps: a chain check
+    # more than a generator worth judging; full: a GPU
+    "quick": dict(size=32, width=16, mults="1,2,2", num_res=1, attn_res="8", pretrain=800, finetune=150, dpo=50,
+                  batch=32, sample_steps=20, clf_epochs=12, seeds=1, pairs_per_class=8),
     "full": dict(size=64, width=64, mults="1,2,2,2", num_res=2, attn_res="16", pretrain=20000, finetune=2000,
                  dpo=500, batch=64, sample_steps=50, clf_epochs=40, seeds=3, pairs_per_class=64),
     "smoke": dict(size=16, width=8, mults="1,2", num_res=1, attn_res="8", pretrain=4, finetune=4, dpo=2, batch=8,
@@ -99,7 +101,7 @@ def modality(name, args, seed, runs, device):
     P = args.preset
     root = args.skin_root if name == "skin" else None
     mod = load_modality(name, P["size"], root)
-    K, L = len(mod.class_names), len(mod.labels)
+    K = len(mod.class_names)
     split = patient_split(mod.table, seed=seed, stratify="attr")
     r = runs / f"{name}-seed{seed}"
     base = ["--data", name, "--size", str(P["size"]), "--split-seed", str(seed), "--seed", str(seed)] + \

@@ -20,7 +20,6 @@ The same t and noise are used for the two images of a pair.
 import argparse
 import copy
 import json
-from pathlib import Path
 import time
 
 import numpy as np

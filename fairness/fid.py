@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 from pathlib import Path
-import sys
 import warnings
 
 import numpy as np
@@ -244,7 +243,6 @@ def main(args):
               "sqrtm": args.sqrtm}
     print(f"{label}\n  overall: {result['fid']:.3f}  (n_real={len(fr)}, n_fake={len(ff)})")
     if args.groups:
-        import pandas as pd
         from common.data import read_csv_checked
         g = read_csv_checked(args.groups, ["file", "group"])
         lookup = dict(zip(g["file"].map(lambda s: Path(str(s)).name), g["group"].astype(str)))

@@ -3,8 +3,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
-import pytest
 import torch
 
 from conftest import ROOT

@@ -32,7 +32,7 @@ from vae.train_resvae import VGGPerceptual, add_args, fit, measure
 
 SETS = {"A": "100% light", "B": "50/50", "C": "100% dark"}
 SCALES = {  # quick: chosen so that the study runs in < 30 min on 2 CPU cores (README); full: the paper's
-    "quick": {"size": 32, "n_test": 100, "n_train": 300, "epochs": 20, "repeats": 3},
+    "quick": {"size": 32, "n_test": 100, "n_train": 200, "epochs": 15, "repeats": 3},
     "full": {"size": 64, "n_test": 500, "n_train": 1668, "epochs": 15, "repeats": 10},
     "smoke": {"size": 16, "n_test": 8, "n_train": 24, "epochs": 1, "repeats": 1},
 }
@@ -73,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--scale", default="quick", choices=["quick", "full"], help="sizes below (flags override)")
     p.add_argument("--smoke", action="store_true", help="tiny run to test the chain")
     p.add_argument("--n-test", type=int, default=None, help="test images per group (quick 100, full 500)")
-    p.add_argument("--n-train", type=int, default=None, help="training images per set (quick 300, full 1668)")
+    p.add_argument("--n-train", type=int, default=None, help="training images per set (quick 200, full 1668)")
     p.add_argument("--repeats", type=int, default=None, help="repeats (quick 3, full 10)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the median CIs")
     p.add_argument("--seed", type=int, default=0, help="seed")
