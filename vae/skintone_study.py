@@ -111,7 +111,8 @@ def main(args):
     groups = t["group"].to_numpy()
     vgg = VGGPerceptual(args.pretrained, args.vgg_weights).to(device)
     tag = ("PHANTOM data" if data == "phantom" else data) + ("" if args.pretrained or args.vgg_weights
-                                                              else ", random VGG19 (no ImageNet weights)")
+                                                              else ", random VGG19 (no ImageNet weights)") + \
+        ("" if args.perceptual_weight else ", perceptual term off")
     scale = "smoke" if args.smoke else args.scale
     write_config(out, args, data=data, weights=f"VGG19: {vgg.source}", sizes={k: getattr(args, k) for k in (
         "size", "n_test", "n_train", "epochs", "repeats")})
