@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import mlp_generator
+from common.runs import check_finite
 
 
 class Generator(nn.Module):
@@ -58,6 +59,7 @@ def fit(x, y, args, device, progress=True):
             d_real, d_fake = D(real, yb), D(fake.detach(), yb)
             loss_d = F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real)) + \
                 F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
+            check_finite(loss_d, epoch)
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             opt_d.step()

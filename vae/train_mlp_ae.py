@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import mlp_generator
+from common.runs import check_finite
 
 
 def mlp(sizes, last=None):
@@ -46,6 +47,7 @@ def fit(x, y, args, device, progress=True):
         for idx in torch.randperm(len(x), generator=gen).split(args.batch_size):
             xb = x[idx].to(device)
             loss = F.mse_loss(model(xb), xb)
+            check_finite(loss, epoch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

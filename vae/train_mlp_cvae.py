@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import mlp_generator
+from common.runs import check_finite
 
 
 class MLPCVAE(nn.Module):
@@ -53,6 +54,7 @@ def fit(x, y, args, device, progress=True):
             xb, yb = x[idx].to(device), y[idx].to(device)
             x_hat, mu, logvar = model(xb, yb)
             loss = elbo_loss(x_hat, xb, mu, logvar)
+            check_finite(loss, epoch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
