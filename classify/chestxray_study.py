@@ -11,7 +11,8 @@ Per patient-level fold (k-fold cross-validation, so every image is tested once; 
 The CVAE (vae/train_cvae.py) trains on the fold's female training-pool images (--cvae-female train_pool, as the
 paper: note that it thereby sees more female images than imbalanced_real's classifier) or on the imbalanced set's
 female images only (--cvae-female imbalanced); it never sees the fold's validation or test images.
-The classifier is classify/train_chexnet.py's. Metrics come from the pooled out-of-fold predictions (bootstrap
+The classifier is classify/train_chexnet.py's; every condition gets the same number of updates (epochs of the
+balanced set's size; quick defaults: 30 epochs, cosine schedule, best smoothed validation score kept). Metrics come from the pooled out-of-fold predictions (bootstrap
 CIs over patients) and per fold (mean +- std).
 
     python -m classify.chestxray_study                         # quick: embedded NIH1000, 64 px, 5 folds, CPU
@@ -63,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--runs", default=None, help="per-fold run folders (default: runs/<name of --out>)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     add_args(p)
+    # quick-scale classifier budget (measured, README): 30 epochs at a cosine schedule, no early stopping
+    p.set_defaults(epochs=30, schedule="cosine", patience=0)
     args = p.parse_args(argv)
     if args.smoke:
         args.folds, args.epochs, args.cvae_epochs, args.n_boot, args.width = 2, 2, 2, 50, 8
@@ -119,7 +122,9 @@ def run_fold(k, fold, t, x, Y15, args, device, runs):
             is_f = sex[idx] == "F"
             weights = np.where(is_f, 0.5 / is_f.sum(), 0.5 / (~is_f).sum())
         seed_everything(args.seed * 100 + k)
-        net, history, thr, _ = fit(xt, yt, x[val], y[val], args, device, weights, progress=False)
+        # every condition gets the same number of updates: epochs of the balanced set's size
+        net, history, thr, _ = fit(xt, yt, x[val], y[val], args, device, weights, progress=False,
+                                   epoch_size=2 * n_male)
         preds[cond] = (predict(net, x[test], device), thr)
         counts[cond] = {"n_train_female": int((sex[idx] == "F").sum()), "n_train_male": int((sex[idx] == "M").sum()),
                         "n_synthetic": 0 if sx is None else len(sx)}

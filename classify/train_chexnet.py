@@ -3,8 +3,9 @@
 Outputs: 14 finding logits (sigmoid, FORMULAS.md order) + one "any finding" logit (= not 'No Finding').
 Loss: BCE with pos_weight = (negatives / positives) per output from the training prevalence. Adam with
 reduce-on-plateau (x0.1) and early stopping on the validation any-finding AUROC (averaged over the last --smooth
-epochs: with ~100 validation images one epoch's AUROC swings by 0.1); the best weights are kept as a
-copy. Per output, a decision threshold is chosen on validation data (Youden's J), never 0.5.
+epochs: with ~100 validation images one epoch's AUROC swings by 0.1), CheXNet's schedule; or (`--schedule cosine`,
+the quick study's choice) a cosine decay over a fixed number of epochs, which does not let one noisy validation
+epoch cut the learning rate early. Either way the best-scoring weights are kept as a copy. Per output, a decision threshold is chosen on validation data (Youden's J), never 0.5.
 Augmentation (ours): random affine (rotation +-7 deg, scale 0.9-1.1, shift 6%),
 brightness/contrast jitter; no horizontal flips (the heart is on the left).
 
@@ -58,6 +59,14 @@ def augment(x, gen):
     return (x * c + b).clamp(-1, 1)
 
 
+def epoch_order(n, epoch_size, weights, gen):
+    """Sample indices of one epoch: epoch_size draws with replacement by weights, or shuffled passes over range(n)
+    (the last pass cut short) without them."""
+    if weights is not None:
+        return torch.multinomial(torch.as_tensor(weights, dtype=torch.float), epoch_size, True, generator=gen)
+    return torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(epoch_size / n))])[:epoch_size]
+
+
 @torch.no_grad()
 def predict(net, x, device, batch_size=256):
     net.eval()
@@ -65,21 +74,26 @@ def predict(net, x, device, batch_size=256):
                       for i in range(0, len(x), batch_size)]).numpy()
 
 
-def fit(x_tr, y_tr, x_val, y_val, args, device, weights=None, progress=True):
+def fit(x_tr, y_tr, x_val, y_val, args, device, weights=None, progress=True, epoch_size=None):
     """Train on (x_tr (N, C, S, S) in [-1, 1], y_tr (N, 15) outputs); returns (net, history, thresholds (15,)).
-    weights: per-sample sampling weights (e.g. sex-balanced); each epoch draws len(x_tr) samples with them."""
+    weights: per-sample sampling weights (e.g. sex-balanced); each epoch draws epoch_size samples with them.
+    epoch_size: samples per epoch (default len(x_tr)); a fixed value gives training sets of different sizes the
+    same number of updates (without weights: shuffled passes over the set, the last one cut short)."""
     spec = arch_spec(args.arch, x_tr.shape[1], len(OUTPUTS), x_tr.shape[-1], args.width)
     net = build(**spec, pretrained=args.pretrained).to(device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=args.lr_patience)
+    if args.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
+    else:
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=args.lr_patience)
+    n_epoch = epoch_size or len(x_tr)
     pos = y_tr.sum(0)
     pos_weight = torch.where(pos > 0, (len(y_tr) - pos) / pos.clamp(min=1), torch.ones_like(pos)).to(device)
     gen = torch.Generator().manual_seed(args.seed)
     best, best_auc, bad, history = None, -1.0, 0, []
     for epoch in tqdm(range(args.epochs), desc="chexnet", disable=not progress, leave=False):
         net.train()
-        order = torch.multinomial(torch.as_tensor(weights, dtype=torch.float), len(x_tr), True, generator=gen) \
-            if weights is not None else torch.randperm(len(x_tr), generator=gen)
+        order = epoch_order(len(x_tr), n_epoch, weights, gen)
         losses = []
         for idx in order.split(args.batch_size):
             x = augment(x_tr[idx].to(device), gen).contiguous(memory_format=torch.channels_last)
@@ -95,12 +109,15 @@ def fit(x_tr, y_tr, x_val, y_val, args, device, weights=None, progress=True):
         # a ~100-image validation set is noisy: select, stop and schedule on the mean of the last --smooth epochs
         score = float(np.mean([h["val_any_auroc"] for h in history[-args.smooth:]]))
         history[-1]["val_score"] = score
-        plateau.step(score)
+        if args.schedule == "plateau":
+            sched.step(score)
+        else:
+            sched.step()
         if score > best_auc:
             best, best_auc, bad = copy.deepcopy(net.state_dict()), score, 0
         else:
             bad += 1
-            if bad >= args.patience:
+            if args.patience and bad >= args.patience:
                 break
     net.load_state_dict(best)
     p_val = predict(net, x_val, device)
@@ -128,7 +145,10 @@ def add_args(p):
                    help="ImageNet weights for densenet121 (downloaded once on your machine)")
     p.add_argument("--size", type=int, default=64, help="input size (64 quick, 224 full)")
     p.add_argument("--epochs", type=int, default=20, help="maximum epochs")
-    p.add_argument("--patience", type=int, default=6, help="early stopping patience on the validation score")
+    p.add_argument("--schedule", default="plateau", choices=["plateau", "cosine"],
+                   help="LR schedule: reduce-on-plateau of the validation score, or cosine decay over --epochs")
+    p.add_argument("--patience", type=int, default=6,
+                   help="early stopping patience on the validation score (0: never stop early)")
     p.add_argument("--smooth", type=int, default=3,
                    help="validation score = mean any-finding AUROC of the last N epochs (selection, stopping, LR)")
     p.add_argument("--lr-patience", type=int, default=3, help="reduce-on-plateau patience")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from classify.train_chexnet import OUTPUTS, targets
+from classify.train_chexnet import OUTPUTS, epoch_order, targets
 from common.data import NIH_LABELS
 from common.runs import load_checkpoint
 from conftest import ROOT
@@ -27,6 +27,16 @@ def test_targets_turn_no_finding_into_any_finding():
     t = targets(y)
     assert t.shape == (2, 15) and OUTPUTS[-1] == "any finding"
     assert t[0].tolist() == [0] * 15 and t[1, 14] == 1 and t[1, [0, 4]].tolist() == [1, 1]
+
+
+def test_epoch_order_gives_small_sets_the_same_number_of_updates():
+    gen = torch.Generator().manual_seed(0)
+    order = epoch_order(5, 12, None, gen)  # passes over 5 images: 5 + 5 + 2
+    assert len(order) == 12
+    assert sorted(order[:5].tolist()) == sorted(order[5:10].tolist()) == list(range(5))
+    assert len(set(order[10:].tolist())) == 2
+    w = np.array([0.0, 0.0, 1.0])  # weights: only index 2 can be drawn
+    assert epoch_order(3, 7, w, gen).tolist() == [2] * 7
 
 
 def test_cvae_resume_equals_an_unbroken_run_and_samples(tmp_path):
