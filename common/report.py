@@ -3,6 +3,7 @@ import csv
 from pathlib import Path
 import shlex
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -33,6 +34,12 @@ def tile(images, nrow, pad=2):
     return out[..., 0] if c == 1 else out
 
 
+def fit_title(ax, title, fontsize):
+    """Set a title wrapped to the figure's width, so that a long one (with its PHANTOM label) is never cut off."""
+    chars = int((ax.figure.get_figwidth() - 0.8) * 72 / (0.6 * fontsize))  # ~0.6 em per character, y-axis margin
+    ax.set_title(textwrap.fill(title, max(20, chars)), fontsize=fontsize)
+
+
 def save_grid(images, path, nrow=None, title=None, row_labels=None):
     """A PNG grid of images; with a title or row labels it is drawn with matplotlib so the labels are in the
     picture (a grid from phantom data must say so in its title)."""
@@ -58,7 +65,7 @@ def save_grid(images, path, nrow=None, title=None, row_labels=None):
     else:
         ax.set_yticks([])
     if title:
-        ax.set_title(title, fontsize=9)
+        fit_title(ax, title, 9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

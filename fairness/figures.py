@@ -8,6 +8,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common.report import fit_title  # noqa: E402
+
 
 def _save(fig, path):
     path = Path(path)
@@ -35,7 +37,7 @@ def boxplots(data, path, title, ylabel, group_colors=None):
         ax.plot([], [], color=colors[g], lw=8, alpha=0.75, label=str(g))
     ax.set_xticks(range(len(cats)), labels=cats)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    fit_title(ax, title, 10)
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -53,7 +55,7 @@ def radar(values, path, title):
         ax.plot(ang + ang[:1], v + v[:1], label=str(s))
         ax.fill(ang + ang[:1], v + v[:1], alpha=0.08)
     ax.set_xticks(ang, labels=[str(a) for a in axes], fontsize=8)
-    ax.set_title(title, fontsize=10)
+    fit_title(ax, title, 10)
     ax.legend(fontsize=7, loc="upper right", bbox_to_anchor=(1.3, 1.1))
     return _save(fig, path)
 
@@ -72,7 +74,7 @@ def bars(values, path, title, ylabel):
         ax.bar(x, v, width * 0.95, label=str(s), yerr=err if any(c is not None for c in ci) else None, capsize=2)
     ax.set_xticks(range(len(methods)), labels=methods, fontsize=8, rotation=15)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    fit_title(ax, title, 10)
     if len(series) > 1:
         ax.legend(fontsize=7)
     return _save(fig, path)
@@ -86,6 +88,6 @@ def lines(values, path, title, xlabel, ylabel):
         ax.plot(xs, [pts[x] for x in xs], marker="o", label=str(s))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    fit_title(ax, title, 10)
     ax.legend(fontsize=7)
     return _save(fig, path)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from common.cache import load_images
 from common.data import PROJECT_DATA, label_matrix, read_nih
-from common.report import save_grid
+from common.report import fit_title, save_grid
 from common.runs import (add_common_args, check_finite, device_from, load_checkpoint, prepare_out_dir,
                          save_checkpoint, seed_everything, write_config, write_json)
 from common.splits import patient_split
@@ -165,7 +165,7 @@ def plot_history(history, path, title):
     ax.set_xlabel("epoch")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=9)
+    fit_title(ax, title, 9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
