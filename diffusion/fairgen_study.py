@@ -21,6 +21,7 @@ Per modality (common/modalities.py; class = attribute x disease), with one patie
     python -m diffusion.fairgen_study --smoke --out smoke/fairgen               # seconds
 """
 import argparse
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -131,19 +132,21 @@ def modality(name, args, seed, runs, device):
     per_class = math.ceil(n_train / K)
     export(mod, r / "real_train.npz", train)
     synth = {}
+    samples_file = f"samples_{per_class}pc_{P['sample_steps']}steps.npz"  # the name holds what makes them differ
     for m in METHODS:
-        out = r / m / f"samples_{per_class}pc.npz"
-        if not out.is_file():
+        out = r / m / samples_file
+        if not out.is_file() or out.stat().st_mtime < (r / m / "ckpt.pt").stat().st_mtime:  # none, or stale
             sample_ddpm.main(sample_ddpm.parse_args(["--ckpt", str(r / m / "ckpt.pt"), "--n-per-class",
                                                      str(per_class), "--steps", str(P["sample_steps"]), "--seed",
-                                                     str(seed), "--out", str(out), "--device", str(device)]))
+                                                     str(seed), "--out", str(out), "--device", str(device),
+                                                     "--force"]))
         synth[m] = np.load(out)
     res = {"data": mod.data, "classes": mod.class_names, "attrs": mod.attrs, "labels": mod.labels,
            "notes": mod.notes, "n_train": n_train, "n_test": int((split == "test").sum()),
-           "synthetic_per_class": per_class, "judge": f"classifier ({r / 'judge/ckpt.pt'})"}
+           "synthetic_per_class": per_class, "samples_file": samples_file, "judge": f"classifier ({r / 'judge/ckpt.pt'})"}
     res["fd"] = fd_scores(r, synth, mod)
     res["memorization"] = memorization(r, synth, mod)
-    res["downstream"] = downstream(mod, split, synth, args, seed, device)
+    res["downstream"] = downstream(mod, split, synth, args, seed, device, r / "downstream.json")
     return res
 
 
@@ -176,8 +179,9 @@ def memorization(r, synth, mod):
     return out
 
 
-def downstream(mod, split, synth, args, seed, device):
-    """Table 1 (ViT, ratio 1.0, +/- reweighting) and the ratio sweep; metrics on the real test patients."""
+def downstream(mod, split, synth, args, seed, device, cache_path):
+    """Table 1 (ViT, ratio 1.0, +/- reweighting) and the ratio sweep; metrics on the real test patients.
+    Every finished fit is kept in cache_path (with what it depends on), so that a killed study resumes there."""
     L = len(mod.labels)
     y_all = mod.table["cls"].to_numpy() % L
     g_all = mod.table["attr"].to_numpy().astype(str)
@@ -187,13 +191,23 @@ def downstream(mod, split, synth, args, seed, device):
     real_tr = (x_all[sel["train"]], y_all[sel["train"]], g_all[sel["train"]])
     val = (x_all[sel["val"]], y_all[sel["val"]], g_all[sel["val"]])
     x_te, y_te, g_te, pid_te = x_all[sel["test"]], y_all[sel["test"]], g_all[sel["test"]], pid[sel["test"]]
-    rng = np.random.default_rng(seed)
     n_train = len(real_tr[1])
+    key = {"preset": args.preset, "n_boot": args.n_boot, "seed": seed,
+           "samples": {m: hashlib.sha1(z["images"].tobytes()).hexdigest()[:16] for m, z in synth.items()}}
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    fits = cache.get("fits", {}) if cache.get("key") == key else {}
+
+    def cached(name, compute):
+        if name not in fits:
+            fits[name] = compute()
+            write_json(cache_path, {"key": key, "fits": fits})
+        return fits[name]
 
     def train_set(method, ratio):
         if method is None or ratio == 0:
             return real_tr
         z = synth[method]
+        rng = np.random.default_rng([seed, METHODS.index(method), int(round(100 * ratio))])  # same draw on resume
         take = rng.permutation(len(z["labels"]))[:int(round(ratio * n_train))]
         ys = z["labels"][take] % L
         return (torch.cat([real_tr[0], to_x(z["images"][take])]), np.r_[real_tr[1], ys],
@@ -212,8 +226,8 @@ def downstream(mod, split, synth, args, seed, device):
     for method in [None] + METHODS:
         for rw in (False, True):
             name = (method or "real only") + (" + reweighting" if rw else "")
-            probs = fit_predict("vit", train_set(method, 1.0), val, x_te, L, rw, seed, device, P["clf_epochs"])
-            table1[name] = evaluate(probs)
+            table1[name] = cached(f"table1/{name}", lambda: evaluate(fit_predict(
+                "vit", train_set(method, 1.0), val, x_te, L, rw, seed, device, P["clf_epochs"])))
             print(f"  table 1: {name}: accuracy {table1[name]['accuracy']['value']:.3f}", flush=True)
     sweep = {}
     for kind in [k.strip() for k in args.kinds.split(",") if k.strip()]:
@@ -226,9 +240,9 @@ def downstream(mod, split, synth, args, seed, device):
                 elif ratio == 0 and sweep[kind].get("_real") is not None:
                     acc = sweep[kind]["_real"]
                 else:
-                    probs = fit_predict(kind, train_set(method, ratio), val, x_te, L, False, seed, device,
-                                        P["clf_epochs"])
-                    acc = float(np.mean(probs.argmax(1) == y_te))
+                    acc = cached(f"sweep/{kind}/{method}/{ratio}", lambda: float(np.mean(fit_predict(
+                        kind, train_set(method, ratio), val, x_te, L, False, seed, device,
+                        P["clf_epochs"]).argmax(1) == y_te)))
                     if ratio == 0:
                         sweep[kind]["_real"] = acc
                 sweep[kind][method][ratio] = acc
@@ -283,7 +297,7 @@ def report(summary, out, runs, args):
             mem_rows.append([tag, m, f"{100 * mm['fraction_copies']:.2f}%", f"{mm['pixel_nn_rmse']['median']:.3f}",
                              f"{mm['train_to_train_nn_rmse']['median']:.3f}",
                              f"{100 * mm['fraction_closer_than_train_p1']:.1f}%"])
-        grid = [np.load(runs / f"{name}-seed0" / m / f"samples_{res['synthetic_per_class']}pc.npz") for m in METHODS]
+        grid = [np.load(runs / f"{name}-seed0" / m / res["samples_file"]) for m in METHODS]
         for m, z in zip(METHODS, grid):
             pick = np.concatenate([np.nonzero(z["labels"] == c)[0][:6] for c in range(len(res["classes"]))])
             save_grid(z["images"][pick], out / f"samples_{name}_{m}.png", nrow=len(res["classes"]),
