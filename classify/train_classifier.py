@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from classify.nets import arch_spec, build
-from common.modalities import load_modality
+from common.modalities import load_modality, modality_name
 from common.runs import (add_common_args, device_from, prepare_out_dir, save_checkpoint, seed_everything,
                          write_config, write_json)
 from common.splits import patient_split
@@ -27,7 +27,7 @@ from fairness.metrics import auroc_ovr
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="nih", choices=["toy", "nih", "cxr", "mri", "skin"], help="modality")
+    p.add_argument("--data", default="nih", type=modality_name, help="modality")
     p.add_argument("--data-root", default=None, help="your copy of the data (default: embedded data / phantom)")
     p.add_argument("--size", type=int, default=32, help="image side in pixels")
     p.add_argument("--target", default="cls", choices=["cls", "label", "attr"], help="what to predict")

@@ -11,6 +11,7 @@ Every generator, downstream classifier and fairness table of `make fairgen` (and
            medium (3-4) / dark (5-6); label: the five most frequent nine-partition diagnoses -> 15 classes
     toy    procedural discs vs squares with a bright/dark attribute (tests and demos)         -> 4 classes
 """
+import argparse
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,15 +67,25 @@ def toy_images(n, size=16, seed=0):
     return imgs, labels, attrs
 
 
+MODALITIES = ["toy", "nih", "cxr", "mri", "skin"]
+
+
+def modality_name(name):
+    """argparse type of a --data flag: one of MODALITIES, or toy:N (a toy set of N images, for tests)."""
+    if name in MODALITIES or (name.startswith("toy:") and name[4:].isdigit()):
+        return name
+    raise argparse.ArgumentTypeError(f"unknown modality {name!r}; choose from {', '.join(MODALITIES)} or toy:N")
+
+
 def load_modality(name, size, data_root=None, n_toy=2000, phantom_n=1200):
     """One modality as a Modality (table with attr / label / cls, uint8 images, class names, data tag, notes).
     The skin phantom has 1,200 images (about the size of the chest X-ray modality) so that the CPU quick scale fits;
     with --data-root, the real Fitzpatrick17k is read instead."""
-    if name == "toy":
-        x, lab, att = toy_images(n_toy, size)
+    if name.startswith("toy"):  # "toy" (n_toy images) or "toy:N" (N images: tests and smoke runs)
+        x, lab, att = toy_images(int(name.split(":")[1]) if ":" in name else n_toy, size)
         t = pd.DataFrame({"patient_id": None, "attr": np.where(att == 1, "bright", "dark"),
                           "label": np.where(lab == 0, "disc", "square")})
-        return _finish(name, t, x, ["dark", "bright"], ["disc", "square"], "toy")
+        return _finish("toy", t, x, ["dark", "bright"], ["disc", "square"], "toy")
     if name in ("nih", "cxr"):
         t = read_nih(data_root or PROJECT_DATA / "nih_cxr14")
         t["attr"] = t["sex"]
@@ -126,11 +137,10 @@ def export(mod, path, subset=None):
 
 
 if __name__ == "__main__":
-    import argparse
     from common.splits import patient_split
     p = argparse.ArgumentParser(description="Export a modality's real images to .npz (for fairness.fid and "
                                             "fairness.memorization).")
-    p.add_argument("modality", choices=["toy", "nih", "cxr", "mri", "skin"])
+    p.add_argument("modality", type=modality_name, help=f"{', '.join(MODALITIES)} or toy:N")
     p.add_argument("--size", type=int, default=32, help="image side")
     p.add_argument("--data-root", default=None, help="your copy of the data (default: embedded / phantom)")
     p.add_argument("--split", default="all", choices=["all", "train", "val", "test"],

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from common.data import DataError
-from common.modalities import load_modality
+from common.modalities import load_modality, modality_name
 from common.report import save_grid
 from common.runs import (add_common_args, check_finite, is_main_process, load_checkpoint, prepare_out_dir,
                          save_checkpoint, seed_everything, setup_distributed, write_config, write_json)
@@ -45,7 +45,7 @@ SAMPLER_Q = {"uniform": 0.0, "cbrs": 1.0, "sqrs": 0.5}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="nih", choices=["toy", "nih", "cxr", "mri", "skin"],
+    g.add_argument("--data", default="nih", type=modality_name,
                    help="modality: class = attribute x label (see common/modalities.py)")
     g.add_argument("--data-root", default=None, help="your copy of the data set (default: the embedded data)")
     g.add_argument("--size", type=int, default=32, help="image side in pixels (28 to 128)")

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from common.cache import load_images
 from common.data import DataError, read_csv_checked
+from common.modalities import modality_name
 from common.runs import (add_common_args, check_finite, device_from, load_checkpoint, prepare_out_dir,
                          save_checkpoint, seed_everything, write_config, write_json)
 from diffusion.ddpm import Schedule, q_sample
@@ -53,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--dpo-weight", type=float, default=1.0, help="weight of L_DPO in the total")
     p.add_argument("--pair-batch", type=int, default=16, help="preference pairs per step")
     # the real-data part, as train_ddpm.py
-    p.add_argument("--data", default="nih", choices=["toy", "nih", "cxr", "mri", "skin"], help="modality")
+    p.add_argument("--data", default="nih", type=modality_name, help="modality")
     p.add_argument("--data-root", default=None, help="your copy of the data (default: embedded / phantom)")
     p.add_argument("--size", type=int, default=32, help="image side (must match --init)")
     p.add_argument("--subset", default="train", choices=["train", "all"], help="real images: training split or all")

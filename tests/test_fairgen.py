@@ -98,3 +98,28 @@ def test_dpo_moves_samples_toward_a_toy_preference(tmp_path):
     before = generate(model, sched, probe, 16, 1, "ddim", 20, 0.0, 1.0, 256, 99, "cpu", progress=False)
     after = generate(tuned, sched, probe, 16, 1, "ddim", 20, 0.0, 1.0, 256, 99, "cpu", progress=False)
     assert after.astype(float).mean() > before.astype(float).mean() + 1.0  # grey levels, same seeds
+
+
+def test_fairgen_study_smoke_chain_and_resume(tmp_path):
+    """The whole study on 160 toy images: summary.json holds the issue's keys with values and CIs in range; a second
+    run reuses every trained model and cached downstream fit and writes the same numbers."""
+    import json
+    cmd = [sys.executable, "-m", "diffusion.fairgen_study", "--smoke", "--modalities", "toy:160", "--n-boot", "20",
+           "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"), "--force"]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    s1 = json.loads((tmp_path / "out/summary.json").read_text())
+    assert s1["scale"] == "smoke" and "not physicians" in s1["judge"]
+    t1 = s1["table1"]["toy:160"]
+    assert set(t1) >= {"real only", "base", "fairgen", "fairgen + reweighting"}
+    for metric in ("essp_acc", "dp", "eo", "nar", "accuracy"):
+        v, (lo, hi) = t1["fairgen"][metric]["value"], t1["fairgen"][metric]["ci"]
+        assert np.isfinite(v) and lo <= v + 1e-9 and v <= hi + 1e-9
+    assert 0 <= t1["real only"]["accuracy"]["value"] <= 1
+    assert all(np.isfinite(s1["fid"]["toy:160"][m]) and s1["fid_var"]["toy:160"][m] >= 0
+               for m in ("base", "cbrs", "sqrs", "cbdm", "fairgen"))
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("reuse ") == 9  # judge, fdnet, pretrain, 5 fine-tunes, fairgen (DPO)
+    s2 = json.loads((tmp_path / "out/summary.json").read_text())
+    assert s2["table1"] == s1["table1"] and s2["fid"] == s1["fid"]
