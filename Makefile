@@ -48,14 +48,14 @@ medmnist: $(SETUP) ## Chaptoukaev: AE / cVAE / cGAN augmentation, ResNet-18 -> r
 fairgen: $(SETUP) ## FairGen with our DDPM: resampling, CB loss, DPO; downstream fairness -> results/fairgen
 	$(PYTHON) -m diffusion.fairgen_study $(FLAGS) --out $(OUT)/fairgen $(if $(DATA_ROOT),--skin-root $(DATA_ROOT))
 
-ddpm: $(SETUP) ## quick NIH DDPM (32 px, ~25 min CPU) + DDIM-50 vs DDPM-1000 domain FD, 60 samples each -> results/ddpm
+ddpm: $(SETUP) ## quick NIH DDPM (32 px, ~25 min CPU) + DDIM-50 vs DDPM-1000 domain FD, 40 samples each -> results/ddpm
 	$(PYTHON) -m diffusion.train_ddpm --data nih --size 32 --width 32 --mults 1,2,2 --num-res 1 --attn-res 8 \
 	  --steps $(if $(SMOKE),4,2400) --batch-size 32 --lr 5e-4 --warmup 100 --ema 0.995 --save-every 200 \
 	  --sample-every 800 --out-dir runs/$(OUT)-ddpm/nih32 --resume
 	$(PYTHON) -m classify.train_classifier --data nih --size 32 --target label --seed 1 \
 	  --epochs $(if $(SMOKE),1,30) --out-dir runs/$(OUT)-ddpm/fdnet --force
 	$(PYTHON) -m diffusion.eval_samplers --ckpt runs/$(OUT)-ddpm/nih32/ckpt.pt --fd-ckpt runs/$(OUT)-ddpm/fdnet/ckpt.pt \
-	  --n-per-class $(if $(SMOKE),2,15) --out $(OUT)/ddpm --force
+	  --n-per-class $(if $(SMOKE),2,10) --out $(OUT)/ddpm --force
 
 bench: $(SETUP) ## CPU benchmarks: FID vs pytorch-fid, our U-Net vs diffusers (installs bench/requirements.txt)
 	.venv/bin/pip install -q -r bench/requirements.txt
