@@ -30,7 +30,7 @@ test: $(SETUP) ## run the test suite (CPU, ~minutes); fails if no test is collec
 	$(PYTHON) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure here" >&2; exit 1; fi; exit $$rc
 
-all: chestxray skintone medmnist fairgen ## the four studies, quick scale (~2 h on 2 CPU cores)
+all: chestxray skintone medmnist fairgen ## the four studies, quick scale (hours on 2 CPU cores; measured times in README)
 
 chestxray: $(SETUP) ## Korb & Hall: CVAE-rebalanced chest X-ray classifier by sex -> results/chestxray
 	$(PYTHON) -m classify.chestxray_study $(FLAGS) --out $(OUT)/chestxray \
