@@ -51,10 +51,14 @@ class Attention(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x):
+        """The 1x1 convs run as linear maps on (B, HW, C): in channels_last that view is free, so no transposes."""
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).transpose(-1, -2).unbind(1)
-        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C/heads)
-        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+        h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)
+        qkv = F.linear(h, self.qkv.weight.flatten(1), self.qkv.bias)  # channel = part * C + head * C/heads + j
+        q, k, v = qkv.view(B, H * W, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)  # (B, HW, heads * C/heads)
+        h = F.linear(h, self.proj.weight.flatten(1), self.proj.bias)
+        return x + h.view(B, H, W, C).permute(0, 3, 1, 2)
 
 
 class UNet(nn.Module):

@@ -11,7 +11,7 @@ import torch
 
 from common.runs import load_checkpoint
 from diffusion.ddpm import Schedule, ddim_sample, ddim_sigma, ddpm_sample, q_sample
-from diffusion.unet import UNet
+from diffusion.unet import Attention, UNet
 from conftest import ROOT, shape_classifier
 
 TINY = ["--data", "toy", "--size", "16", "--width", "16", "--mults", "1,2", "--num-res", "1", "--attn-res", "8",
@@ -56,6 +56,23 @@ def test_ddim_eta1_every_step_is_ddpm():
     assert torch.allclose(a, b, atol=1e-4)  # same noise, same trajectory
     c = ddim_sample(model, s, (3, 1, 8, 8), y, w=1.0, steps=10, eta=0.0, generator=torch.Generator().manual_seed(1))
     assert not torch.allclose(a, c, atol=1e-3)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_attention_is_multi_head_softmax_attention_over_pixels(fmt):
+    """The block against its definition written out: 1x1-conv q, k, v per head, softmax(q k^T / sqrt(d)) v, 1x1-conv
+    output, residual; in both memory formats."""
+    torch.manual_seed(0)
+    att = Attention(32, heads=4)
+    torch.nn.init.normal_(att.proj.weight, std=0.1)
+    x = torch.randn(2, 32, 6, 6)
+    h = torch.nn.functional.conv2d(att.norm(x), att.qkv.weight, att.qkv.bias).flatten(2)  # (B, 3C, HW)
+    q, k, v = (h[:, i * 32:(i + 1) * 32].reshape(2, 4, 8, 36) for i in range(3))  # (B, heads, d, HW)
+    w = torch.softmax(torch.einsum("bhdi,bhdj->bhij", q, k) / 8 ** 0.5, dim=-1)
+    o = torch.einsum("bhij,bhdj->bhdi", w, v).reshape(2, 32, 6, 6)
+    want = x + torch.nn.functional.conv2d(o, att.proj.weight, att.proj.bias)
+    got = att(x.contiguous(memory_format=fmt))
+    assert torch.allclose(got, want, atol=1e-5)
 
 
 def test_resume_continues_at_the_saved_step_with_identical_ema(tmp_path):
