@@ -65,6 +65,20 @@ def test_inverse_performance_weights():
     assert w["F"] == pytest.approx(raw[0] / raw.sum()) and w["F"] > w["M"] and sum(w.values()) == pytest.approx(1)
 
 
+def test_table_marks_a_gap_whose_ci_excludes_it():
+    """Resampling inflates a max - min gap: two groups with equal accuracy give NAR 0 and a bootstrap CI above 0.
+    Table 1 marks such a value instead of printing a CI that silently excludes it."""
+    from diffusion.fairgen_study import fmt
+    from fairness.metrics import bootstrap, group_accuracy, nar
+    groups = np.repeat(["F", "M"], 40)
+    y_true, y_pred = np.ones(80, int), np.tile([1, 0], 40)  # 50% correct in each group
+    stat = lambda i: nar(group_accuracy(y_true[i], y_pred[i], groups[i]).values())
+    lo, hi = bootstrap(stat, 80, n_boot=200)["value"]
+    assert stat(np.arange(80)) == 0 and lo > 0
+    assert fmt({"value": 0.0, "ci": [lo, hi]}, 1, 3).startswith("0.000\u2020 [")
+    assert "\u2020" not in fmt({"value": 0.2, "ci": [0.1, 0.3]})
+
+
 def test_dpo_moves_samples_toward_a_toy_preference(tmp_path):
     """Pairs from a CSV (the physicians' format) that always prefer the brighter of two samples: after DPO the same
     seeds give brighter samples."""
