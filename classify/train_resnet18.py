@@ -122,7 +122,7 @@ def main(args):
     size = np.load(args.npz, mmap_mode="r")["train_images"].shape[1]
     x, _ = load_images(t["image"], size, rgb)
     x = to_tensor(x)
-    y = torch.from_numpy(label_matrix(t) if multilabel else t["target"].to_numpy()).long()
+    y = torch.tensor(label_matrix(t) if multilabel else t["target"].to_numpy()).long()  # copies pandas' read-only view
     s = {k: torch.from_numpy((t["split"] == k).to_numpy()) for k in ("train", "val", "test")}
     write_config(out, args, data=str(args.npz), weights="none (from scratch)")
     t0 = time.time()
