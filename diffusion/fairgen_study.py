@@ -78,12 +78,16 @@ def parse_args(argv=None):
     return args
 
 
+REUSED = []  # what this invocation took from runs/ instead of computing (its wall time leaves those out)
+
+
 def run_step(module, argv, folder):
     """Run a script's main in-process unless its folder already holds the same finished run (same argv)."""
     done = folder / "metrics.json"
     cfg = folder / "config.json"
     if done.is_file() and cfg.is_file() and json.loads(cfg.read_text()).get("study_argv") == argv:
         print(f"  reuse {folder}")
+        REUSED.append(str(folder))
         return
     a = module.parse_args(argv + ["--force"])
     module.main(a)
@@ -201,6 +205,8 @@ def downstream(mod, split, synth, args, seed, device, cache_path):
         if name not in fits:
             fits[name] = compute()
             write_json(cache_path, {"key": key, "fits": fits})
+        else:
+            REUSED.append(f"{cache_path}:{name}")
         return fits[name]
 
     def train_set(method, ratio):
@@ -265,7 +271,8 @@ def main(args):
             print(f"== {name}, seed {seed} ({(time.time() - t0) / 60:.1f} min)", flush=True)
             seed_everything(seed)
             summary["modalities"].setdefault(name, {})[f"seed{seed}"] = modality(name, args, seed, runs, device)
-    summary["seconds"] = time.time() - t0
+    summary["seconds"] = time.time() - t0  # this invocation only: steps listed under "reused" were not recomputed
+    summary["reused"] = list(REUSED)
     report(summary, out, runs, args)
 
 
@@ -332,6 +339,9 @@ def report(summary, out, runs, args):
                                         for n, s in summary["modalities"].items())]
     if any("†" in cell for row in t1_rows for cell in row):
         notes.append(GAP_NOTE)
+    n = len(summary.get("reused", []))
+    notes.append(f"Wall time of this invocation: {summary['seconds'] / 60:.1f} min" + (
+        f", reusing {n} trained models and classifier fits from {runs}/ (their time is not in it)" if n else ""))
     write_table(out / "table1", ["modality", "method", "ESSP", "DP", "EO", "NAR", "accuracy", "AUROC"], t1_rows,
                 title="Table 1 (ours): downstream fairness of each generator's synthetic data", notes=notes)
     pub = [[d, m, v["ESSP"], v["DP"], v["EO"], v["NAR"]] for (d, m), v in PUBLISHED.items()]

@@ -137,3 +137,4 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
     assert second.stdout.count("reuse ") == 9  # judge, fdnet, pretrain, 5 fine-tunes, fairgen (DPO)
     s2 = json.loads((tmp_path / "out/summary.json").read_text())
     assert s2["table1"] == s1["table1"] and s2["fid"] == s1["fid"]
+    assert s1["reused"] == [] and len(s2["reused"]) > 9  # 9 run folders + the cached downstream fits
