@@ -102,6 +102,7 @@ def write_config(out_dir, args, data, weights="none", **extra):
     cfg = {"args": vars(args) if hasattr(args, "__dict__") else dict(args),
            "argv": sys.argv, "git_commit": git_commit(), "torch": torch.__version__, "python": platform.python_version(),
            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+           "cpu_threads": torch.get_num_threads(),  # float summation order, hence CPU results, depend on it
            "data": data, "weights": weights, "time": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
     if is_main_process():
         write_json(Path(out_dir) / "config.json", cfg)

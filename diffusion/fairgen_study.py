@@ -48,14 +48,19 @@ RATIOS = [0.0, 0.25, 0.5, 1.0]
 PUBLISHED = {("fitzpatrick17k", "Stable Diffusion (base)"): {"ESSP": 5.11, "DP": 18.22, "EO": 7.56, "NAR": 0.36},
              ("fitzpatrick17k", "FairGen"): {"ESSP": 15.47, "DP": 4.51, "EO": 2.70, "NAR": 0.21}}
 PRESETS = {
-    # quick: measured to fit a 2-core CPU (README); a small U-Net (16-32-32 channels), few steps: a chain check
-    # more than a generator worth judging; full: a GPU
-    "quick": dict(size=32, width=16, mults="1,2,2", num_res=1, attn_res="8", pretrain=800, finetune=150, dpo=50,
-                  batch=32, sample_steps=20, clf_epochs=12, seeds=1, pairs_per_class=8),
+    # quick: the three modalities in ~40 min on a 2-core CPU (README): a small U-Net (16-32-32 channels), few steps, a
+    # ViT with 8x8 patches (8x cheaper than 4x4 at 32 px, the same validation accuracy on cxr and mri) and no
+    # ResNet-50 in the ratio sweep (~10 min per modality from scratch on 2 cores; add it with --kinds): a chain check
+    # more than a generator worth judging. full: a GPU.
+    "quick": dict(size=32, width=16, mults="1,2,2", num_res=1, attn_res="8", pretrain=700, finetune=100, dpo=40,
+                  batch=32, sample_steps=15, clf_epochs=10, down_epochs=16, seeds=1, pairs_per_class=8,
+                  vit=dict(patch=8, dim=64, mlp=128), kinds="vit,gb,knn"),
     "full": dict(size=64, width=64, mults="1,2,2,2", num_res=2, attn_res="16", pretrain=20000, finetune=2000,
-                 dpo=500, batch=64, sample_steps=50, clf_epochs=40, seeds=3, pairs_per_class=64),
+                 dpo=500, batch=64, sample_steps=50, clf_epochs=40, down_epochs=40, seeds=3, pairs_per_class=64,
+                 vit=dict(patch=4, dim=128, mlp=256), kinds=",".join(KINDS)),
     "smoke": dict(size=16, width=8, mults="1,2", num_res=1, attn_res="8", pretrain=4, finetune=4, dpo=2, batch=8,
-                  sample_steps=3, clf_epochs=1, seeds=1, pairs_per_class=2),
+                  sample_steps=3, clf_epochs=1, down_epochs=1, seeds=1, pairs_per_class=2,
+                  vit=dict(patch=4, dim=16, mlp=32, heads=2, depth=1), kinds=",".join(KINDS)),
 }
 
 
@@ -65,7 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--skin-root", default=None, help="Fitzpatrick17k folder (default: the skin phantom)")
     p.add_argument("--scale", default="quick", choices=["quick", "full"], help="presets (see PRESETS)")
     p.add_argument("--smoke", action="store_true", help="tiny run of the whole chain")
-    p.add_argument("--kinds", default=",".join(KINDS), help="downstream classifiers for the ratio sweep")
+    p.add_argument("--kinds", default=None,
+                   help=f"downstream classifiers for the ratio sweep, of {','.join(KINDS)} (default: the preset's)")
     p.add_argument("--sweep-methods", default="base,fairgen", help="methods whose synthetic data get the ratio sweep")
     p.add_argument("--dpo", default="fairgen", choices=["fairgen", "diffusion"], help="DPO form of the fairgen run")
     p.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples (patients) for CIs")
@@ -75,6 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--force", action="store_true", help="replace an existing --out (run folders are reused)")
     args = p.parse_args(argv)
     args.preset = PRESETS["smoke" if args.smoke else args.scale]
+    args.kinds = args.kinds or args.preset["kinds"]
     return args
 
 
@@ -104,6 +111,7 @@ def to_x(u8):
 def modality(name, args, seed, runs, device):
     """Train, sample and evaluate every method on one modality; returns its part of summary.json."""
     P = args.preset
+    t0 = time.time()
     root = args.skin_root if name == "skin" else None
     mod = load_modality(name, P["size"], root)
     K = len(mod.class_names)
@@ -131,6 +139,7 @@ def modality(name, args, seed, runs, device):
                                         "--batch-size", str(P["batch"]), "--pairs-per-class", str(P["pairs_per_class"]),
                                         "--pair-steps", str(P["sample_steps"]), "--grid-steps", str(P["sample_steps"]),
                                         "--out-dir", str(r / "fairgen")], r / "fairgen")
+    seconds = {"generators": time.time() - t0}  # this invocation's time per phase (reused steps take ~0)
     train = split == "train"
     n_train = int(train.sum())
     per_class = math.ceil(n_train / K)
@@ -145,12 +154,16 @@ def modality(name, args, seed, runs, device):
                                                      str(seed), "--out", str(out), "--device", str(device),
                                                      "--force"]))
         synth[m] = np.load(out)
+    seconds["sampling"] = time.time() - t0 - sum(seconds.values())
     res = {"data": mod.data, "classes": mod.class_names, "attrs": mod.attrs, "labels": mod.labels,
            "notes": mod.notes, "n_train": n_train, "n_test": int((split == "test").sum()),
            "synthetic_per_class": per_class, "samples_file": samples_file, "judge": f"classifier ({r / 'judge/ckpt.pt'})"}
     res["fd"] = fd_scores(r, synth, mod)
     res["memorization"] = memorization(r, synth, mod)
+    seconds["fd_memorization"] = time.time() - t0 - sum(seconds.values())
     res["downstream"] = downstream(mod, split, synth, args, seed, device, r / "downstream.json")
+    res["seconds"] = {**seconds, **res["downstream"].pop("seconds"), "total": time.time() - t0}
+    print(f"  {name}: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in res["seconds"].items()), flush=True)
     return res
 
 
@@ -228,15 +241,19 @@ def downstream(mod, split, synth, args, seed, device, cache_path):
         return {k: {"value": float(v), "ci": list(ci.get(k, (np.nan, np.nan)))} for k, v in point.items()}
 
     P = args.preset
+    t0, seconds = time.time(), {}
     table1 = {}
     for method in [None] + METHODS:
         for rw in (False, True):
             name = (method or "real only") + (" + reweighting" if rw else "")
             table1[name] = cached(f"table1/{name}", lambda: evaluate(fit_predict(
-                "vit", train_set(method, 1.0), val, x_te, L, rw, seed, device, P["clf_epochs"])))
+                "vit", train_set(method, 1.0), val, x_te, L, rw, seed, device, P["down_epochs"],
+                vit=P["vit"])))
             print(f"  table 1: {name}: accuracy {table1[name]['accuracy']['value']:.3f}", flush=True)
+    seconds["table1"] = time.time() - t0
     sweep = {}
     for kind in [k.strip() for k in args.kinds.split(",") if k.strip()]:
+        t_kind = time.time()
         sweep[kind] = {}
         for method in [m.strip() for m in args.sweep_methods.split(",") if m.strip()]:
             sweep[kind][method] = {}
@@ -248,12 +265,13 @@ def downstream(mod, split, synth, args, seed, device, cache_path):
                 else:
                     acc = cached(f"sweep/{kind}/{method}/{ratio}", lambda: float(np.mean(fit_predict(
                         kind, train_set(method, ratio), val, x_te, L, False, seed, device,
-                        P["clf_epochs"]).argmax(1) == y_te)))
+                        P["down_epochs"], vit=P["vit"]).argmax(1) == y_te)))
                     if ratio == 0:
                         sweep[kind]["_real"] = acc
                 sweep[kind][method][ratio] = acc
         sweep[kind].pop("_real", None)
-    return {"table1": table1, "sweep": sweep}
+        seconds[f"sweep_{kind}"] = time.time() - t_kind
+    return {"table1": table1, "sweep": sweep, "seconds": seconds}
 
 
 def main(args):
@@ -331,9 +349,10 @@ def report(summary, out, runs, args):
              out / f"dp_eo_{name}.png", f"DP and EO x100, ViT ({tag})", "x100")
     notes = [f"Ours: from-scratch conditional DDPM ({summary['scale']} scale, preset {summary['preset']}), one patient-"
              f"level split, seed 0; 95% CIs by bootstrap over test patients ({args.n_boot}). DP, EO, ESSP (on accuracy) "
-             "x100, NAR as a fraction. Classifier: ViT trained on real + synthetic images (ratio 1.0: as many synthetic "
-             "as real), '+ reweighting' = adaptive inverse-performance reweighting. Preferences for DPO: judge = a "
-             "classifier trained on real images (automatic), not physicians.",
+             f"x100, NAR as a fraction. Classifier: ViT ({summary['preset']['vit']}, {summary['preset']['down_epochs']} "
+             "epochs) trained on real + synthetic images (ratio 1.0: as many synthetic as real), '+ reweighting' = "
+             "adaptive inverse-performance reweighting. Preferences for DPO: judge = a "
+             "classifier trained on real images (automatic), not physicians. Ratio sweep: " + args.kinds + ".",
              "Modalities: " + "; ".join(f"{n}: classes {s['seed0']['classes']}, data {s['seed0']['data']}"
                                         + (f" - {' '.join(s['seed0']['notes'])}" if s['seed0']['notes'] else "")
                                         for n, s in summary["modalities"].items())]

@@ -130,6 +130,9 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
         v, (lo, hi) = t1["fairgen"][metric]["value"], t1["fairgen"][metric]["ci"]
         assert np.isfinite(v) and lo <= v + 1e-9 and v <= hi + 1e-9
     assert 0 <= t1["real only"]["accuracy"]["value"] <= 1
+    secs = s1["modalities"]["toy:160"]["seed0"]["seconds"]  # per phase, for the README's time budget
+    assert {"generators", "sampling", "table1", "sweep_vit", "total"} <= set(secs)
+    assert 0 < secs["generators"] < secs["total"] and abs(sum(secs.values()) - 2 * secs["total"]) < 1.0
     assert all(np.isfinite(s1["fid"]["toy:160"][m]) and s1["fid_var"]["toy:160"][m] >= 0
                for m in ("base", "cbrs", "sqrs", "cbdm", "fairgen"))
     second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
