@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from classify.nets import ViT, build
+from classify.nets import build
 from diffusion.fairgen import inverse_performance_weights
 
 KINDS = ["vit", "resnet50", "gb", "knn"]
@@ -32,8 +32,7 @@ def _fit_net(kind, tr, val, n_classes, epochs, reweight, seed, device, pretraine
     x, y, g = tr
     xv, yv, gv = val
     torch.manual_seed(seed)
-    net = (ViT(x.shape[1], n_classes, x.shape[-1], **(vit or {})) if kind == "vit" else
-           build(kind, x.shape[1], n_classes, x.shape[-1], pretrained=pretrained)).to(device)
+    net = build(kind, x.shape[1], n_classes, x.shape[-1], pretrained=pretrained, vit=vit).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05 if kind == "vit" else 1e-4)
     gen = torch.Generator().manual_seed(seed)
     weights, best, best_acc = np.ones(len(y)), None, -1.0
@@ -79,7 +78,7 @@ def fit_predict(kind, tr, val, te_x, n_classes, reweight=False, seed=0, device="
                 vit=None):
     """Train one downstream classifier; return class probabilities on te_x.
     tr / val: (x (N, C, S, S) in [-1, 1] tensor, y (N,) int array, groups (N,) array); vit: the ViT's size
-    (classify/nets.py ViT keyword arguments: patch, dim, depth, heads, mlp), its defaults when None."""
+    (see classify.nets.build)."""
     if kind in ("vit", "resnet50"):
         net = _fit_net(kind, tr, val, n_classes, epochs, reweight, seed, device, pretrained, vit)
         return predict_net(net, te_x, device)

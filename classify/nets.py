@@ -157,8 +157,9 @@ class ViT(nn.Module):
         return self.head(self.features(x))
 
 
-def build(arch, in_ch, n_out, size, pretrained=False, weights_file=None, width=32):
-    """A network by name; the kwargs are what a checkpoint stores under 'arch'."""
+def build(arch, in_ch, n_out, size, pretrained=False, weights_file=None, width=32, vit=None):
+    """A network by name; the kwargs are what a checkpoint stores under 'arch'. vit: ViT keyword arguments (patch,
+    dim, depth, heads, mlp), its defaults when None."""
     if arch == "cnn8":
         return CNN8(in_ch, n_out, width)
     if arch in ("densenet121", "resnet50"):
@@ -166,7 +167,7 @@ def build(arch, in_ch, n_out, size, pretrained=False, weights_file=None, width=3
     if arch == "resnet18_28":
         return ResNet18For28(in_ch, n_out, width)
     if arch == "vit":
-        return ViT(in_ch, n_out, size)
+        return ViT(in_ch, n_out, size, **(vit or {}))
     raise ValueError(f"unknown arch {arch!r}")
 
 
