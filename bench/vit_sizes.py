@@ -1,6 +1,6 @@
 """Which ViT the quick fairgen preset can afford: validation accuracy and fit time of ViT sizes on real images.
 
-    python bench/vit_sizes.py [--modalities cxr,mri] [--epochs 12,16]
+    python bench/vit_sizes.py [--modalities cxr,mri] [--epochs 12,16] [--sizes 'patch 8']
 
 Per modality (common/modalities.py, 32 px, the study's patient-level split, seed 0), the downstream ViT of
 classify/downstream.py is trained on the real training images only, for each size and epoch count, and scored on
@@ -22,13 +22,15 @@ from diffusion.fairgen_study import to_x  # noqa: E402
 
 SIZES = {"patch 4, width 128 (full preset)": dict(patch=4, dim=128, mlp=256),
          "patch 4, width 64": dict(patch=4, dim=64, mlp=128),
-         "patch 8, width 64 (quick preset)": dict(patch=8, dim=64, mlp=128)}
+         "patch 8, width 64": dict(patch=8, dim=64, mlp=128),
+         "patch 8, width 64, no dropout (quick preset)": dict(patch=8, dim=64, mlp=128, dropout=0.0)}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modalities", default="cxr,mri", help="comma-separated modalities (common/modalities.py)")
     p.add_argument("--epochs", default="12,16", help="comma-separated epoch counts")
+    p.add_argument("--sizes", default=None, help="only the sizes whose label contains this text, e.g. 'patch 8'")
     p.add_argument("--size", type=int, default=32, help="image size (the quick preset's)")
     a = p.parse_args()
     for name in a.modalities.split(","):
@@ -38,6 +40,8 @@ def main():
         y, g, x = mod.table["cls"].to_numpy() % L, mod.table["attr"].to_numpy().astype(str), to_x(mod.images)
         tr, va = split == "train", split == "val"
         for label, kw in SIZES.items():
+            if a.sizes and a.sizes not in label:
+                continue
             for epochs in map(int, a.epochs.split(",")):
                 t = time.time()
                 prob = fit_predict("vit", (x[tr], y[tr], g[tr]), (x[va], y[va], g[va]), x[va], L, epochs=epochs,

@@ -77,7 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--fd-ckpt", required=True, help="classifier checkpoint for FD-<network> features")
     p.add_argument("--n-per-class", type=int, default=100, help="samples per class and sampler")
     p.add_argument("--guidance", type=float, default=1.0, help="guidance scale w")
-    p.add_argument("--batch-size", type=int, default=200, help="sampling batch")
+    p.add_argument("--batch-size", type=int, default=None, help="sampling batch (default: 64 on a CPU, 256 on a GPU)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     p.add_argument("--out", default="results/ddpm", help="output folder")

@@ -48,13 +48,14 @@ RATIOS = [0.0, 0.25, 0.5, 1.0]
 PUBLISHED = {("fitzpatrick17k", "Stable Diffusion (base)"): {"ESSP": 5.11, "DP": 18.22, "EO": 7.56, "NAR": 0.36},
              ("fitzpatrick17k", "FairGen"): {"ESSP": 15.47, "DP": 4.51, "EO": 2.70, "NAR": 0.21}}
 PRESETS = {
-    # quick: the three modalities in 51.5 min on a 2-core CPU (README; the issue asks for 45): a small U-Net
-    # (16-32-32 channels), few steps, a ViT with 8x8 patches (~8x cheaper than 4x4 at 32 px, about as accurate:
-    # bench/vit_sizes.py) and no ResNet-50 in the ratio sweep (~10 min per modality from scratch on 2 cores; add it
-    # with --kinds): a chain check more than a generator worth judging. full: a GPU.
-    "quick": dict(size=32, width=16, mults="1,2,2", num_res=1, attn_res="8", pretrain=700, finetune=100, dpo=40,
-                  batch=32, sample_steps=15, clf_epochs=10, down_epochs=16, seeds=1, pairs_per_class=8,
-                  vit=dict(patch=8, dim=64, mlp=128), kinds="vit,gb,knn"),
+    # quick: the three modalities in under 45 min on a 2-core CPU (README has the measured time): a small U-Net
+    # (16-32-32 channels), few steps (700 pretraining steps and DDIM-15 took 51.5 min), a ViT with 8x8 patches and
+    # no dropout (~12x cheaper than 4x4 patches with dropout at 32 px, about as accurate: bench/vit_sizes.py) and
+    # no ResNet-50 in the ratio sweep (~10 min per modality from scratch on 2 cores; add it with --kinds): a chain
+    # check more than a generator worth judging. full: a GPU.
+    "quick": dict(size=32, width=16, mults="1,2,2", num_res=1, attn_res="8", pretrain=400, finetune=100, dpo=40,
+                  batch=32, sample_steps=10, clf_epochs=10, down_epochs=16, seeds=1, pairs_per_class=8,
+                  vit=dict(patch=8, dim=64, mlp=128, dropout=0.0), kinds="vit,gb,knn"),
     "full": dict(size=64, width=64, mults="1,2,2,2", num_res=2, attn_res="16", pretrain=20000, finetune=2000,
                  dpo=500, batch=64, sample_steps=50, clf_epochs=40, down_epochs=40, seeds=3, pairs_per_class=64,
                  vit=dict(patch=4, dim=128, mlp=256), kinds=",".join(KINDS)),
@@ -269,8 +270,8 @@ def downstream(mod, split, synth, args, seed, device, cache_path):
         for method in [m.strip() for m in args.sweep_methods.split(",") if m.strip()]:
             sweep[kind][method] = {}
             for ratio in RATIOS:
-                if kind == "vit" and ratio == 1.0:
-                    acc = table1[method]["accuracy"]["value"]
+                if kind == "vit" and ratio in (0.0, 1.0):  # the same fits as Table 1's (no reweighting)
+                    acc = table1["real only" if ratio == 0 else method]["accuracy"]["value"]
                 elif ratio == 0 and sweep[kind].get("_real") is not None:
                     acc = sweep[kind]["_real"]
                 else:

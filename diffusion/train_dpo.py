@@ -88,7 +88,7 @@ def judge_pairs(model, sched, a, names, judge_ckpt, args, device, out):
     n = args.pairs_per_class
     classes = np.repeat(np.arange(len(names)), 2 * n)
     imgs = generate(model, sched, classes, a["size"], a["channels"], "ddim", args.pair_steps, 1.0, args.guidance,
-                    256, args.seed + 7, device, progress=False)
+                    None, args.seed + 7, device, progress=False)
     x = torch.from_numpy(imgs).float() / 127.5 - 1
     x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
     jsize = jck["arch"]["size"]
