@@ -15,7 +15,7 @@ The classifier is classify/train_chexnet.py's; every condition gets the same num
 balanced set's size; quick defaults: 30 epochs, cosine schedule, best smoothed validation score kept). Metrics come from the pooled out-of-fold predictions (bootstrap
 CIs over patients) and per fold (mean +- std).
 
-    python -m classify.chestxray_study                         # quick: embedded NIH1000, 64 px, 4 folds, CPU
+    python -m classify.chestxray_study                         # quick: embedded NIH1000, 64 px, 5 folds, CPU
     python -m classify.chestxray_study --scale full --data-root /data/nih --arch densenet121 --pretrained \
         --size 224 --folds 3 --out results/chestxray-full       # GPU
     python -m classify.chestxray_study --smoke --out smoke/chestxray   # seconds
@@ -48,14 +48,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default=str(PROJECT_DATA / "nih_cxr14"), help="NIH images + label table")
     p.add_argument("--csv", default=None, help="label table (default: found under --data-root)")
-    p.add_argument("--folds", type=int, default=4,
-                   help="patient-level cross-validation folds (4: the quick scale's 30-minute CPU budget; 5 took 34)")
+    p.add_argument("--folds", type=int, default=5, help="patient-level cross-validation folds")
     p.add_argument("--val-fraction", type=float, default=0.15, help="share of a fold's non-test patients for validation")
     p.add_argument("--female-fraction", type=float, default=0.1, help="female share of the imbalanced training set")
     p.add_argument("--cvae-female", default="train_pool", choices=["train_pool", "imbalanced"],
                    help="which female images the CVAE trains on")
-    p.add_argument("--cvae-epochs", type=int, default=45,
-                   help="CVAE maximum epochs (early stopping on val loss; at 64 px its loss is flat from ~40)")
+    p.add_argument("--cvae-epochs", type=int, default=60, help="CVAE maximum epochs (early stopping on val loss)")
     p.add_argument("--cvae-patience", type=int, default=10, help="CVAE early stopping patience")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for CIs")
     p.add_argument("--scale", default="quick", help="label written into the outputs (quick / full)")
