@@ -159,7 +159,7 @@ class ViT(nn.Module):
 
 def build(arch, in_ch, n_out, size, pretrained=False, weights_file=None, width=32, vit=None):
     """A network by name; the kwargs are what a checkpoint stores under 'arch'. vit: ViT keyword arguments (patch,
-    dim, depth, heads, mlp), its defaults when None."""
+    dim, depth, heads, mlp, dropout), its defaults when None."""
     if arch == "cnn8":
         return CNN8(in_ch, n_out, width)
     if arch in ("densenet121", "resnet50"):

@@ -267,21 +267,21 @@ def downstream(mod, split, synth, args, seed, device, cache_path):
     sweep = {}
     for kind in [k.strip() for k in args.kinds.split(",") if k.strip()]:
         sweep[kind] = {}
+        # ratio 0 is one fit shared by the methods; for the ViT it and ratio 1 are Table 1's fits (no reweighting)
+        real_acc = table1["real only"]["accuracy"]["value"] if kind == "vit" else None
         for method in [m.strip() for m in args.sweep_methods.split(",") if m.strip()]:
             sweep[kind][method] = {}
             for ratio in RATIOS:
-                if kind == "vit" and ratio in (0.0, 1.0):  # the same fits as Table 1's (no reweighting)
-                    acc = table1["real only" if ratio == 0 else method]["accuracy"]["value"]
-                elif ratio == 0 and sweep[kind].get("_real") is not None:
-                    acc = sweep[kind]["_real"]
+                if ratio == 0 and real_acc is not None:
+                    acc = real_acc
+                elif kind == "vit" and ratio == 1.0:
+                    acc = table1[method]["accuracy"]["value"]
                 else:
                     acc = cached(f"sweep/{kind}/{method}/{ratio}", lambda: float(np.mean(fit_predict(
                         kind, train_set(method, ratio), val, x_te, L, False, seed, device,
                         P["down_epochs"], vit=P["vit"]).argmax(1) == y_te)))
-                    if ratio == 0:
-                        sweep[kind]["_real"] = acc
+                    real_acc = acc if ratio == 0 else real_acc
                 sweep[kind][method][ratio] = acc
-        sweep[kind].pop("_real", None)
         seconds[f"sweep_{kind}"] = lap()
     return {"table1": table1, "sweep": sweep, "seconds": seconds}
 
