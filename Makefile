@@ -35,7 +35,7 @@ all: chestxray skintone medmnist fairgen ## the four studies, quick scale (hours
 chestxray: $(SETUP) ## Korb & Hall: CVAE-rebalanced chest X-ray classifier by sex -> results/chestxray
 	$(PYTHON) -m classify.chestxray_study $(FLAGS) --out $(OUT)/chestxray \
 	  $(if $(filter full,$(SCALE)),--arch densenet121 --pretrained --size 224 --folds 3 --batch-size 64 \
-	    --schedule plateau --epochs 40 --patience 6) \
+	    --schedule plateau --epochs 40 --patience 6 --keep best) \
 	  $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
 
 skintone: $(SETUP) ## Lopez-Perez et al.: VAE reconstruction by skin type, sets A/B/C -> results/skintone

@@ -12,8 +12,9 @@ The CVAE (vae/train_cvae.py) trains on the fold's female training-pool images (-
 paper: note that it thereby sees more female images than imbalanced_real's classifier) or on the imbalanced set's
 female images only (--cvae-female imbalanced); it never sees the fold's validation or test images.
 The classifier is classify/train_chexnet.py's; every condition gets the same number of updates (epochs of the
-balanced set's size; quick defaults: 30 epochs, cosine schedule, best smoothed validation score kept). Metrics come from the pooled out-of-fold predictions (bootstrap
-CIs over patients) and per fold (mean +- std).
+balanced set's size; quick defaults: 20 epochs at a cosine schedule, the last epoch's weights kept: a
+~120-image validation set is too noisy to pick an epoch by). Metrics come from the pooled out-of-fold
+predictions (bootstrap CIs over patients) and per fold (mean +- std).
 
     python -m classify.chestxray_study                         # quick: embedded NIH1000, 64 px, 5 folds, CPU
     python -m classify.chestxray_study --scale full --data-root /data/nih --arch densenet121 --pretrained \
@@ -27,6 +28,7 @@ import time
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from classify.train_chexnet import OUTPUTS, add_args, fit, per_output_table, predict, targets
 from common.cache import load_images
@@ -34,11 +36,12 @@ from common.data import PROJECT_DATA, label_matrix, read_nih
 from common.report import mean_std, with_ci, write_table
 from common.runs import device_from, prepare_out_dir, seed_everything, write_config, write_json
 from common.splits import patient_kfold, patient_split
-from fairness.figures import bars
+from fairness.figures import bars, lines
 from fairness.metrics import auroc, binary_stats, bootstrap, demographic_parity, equal_opportunity
 from vae.sample_cvae import sample
 from vae.train_cvae import fit as fit_cvae, plot_history, write_figures
 
+CVAE_SIZE = 64  # the CVAE's architecture is fixed at 64 px; its samples are resized to the classifier's --size
 CONDITIONS = ["balanced_real", "imbalanced_real", "imbalanced_synth", "imbalanced_reweight"]
 # CheXNet (Rajpurkar et al. 2017) reference AUROCs we can cite per class (FORMULAS.md); mean 0.841
 CHEXNET_REF = {"Infiltration": 0.71, "Emphysema": 0.94}
@@ -53,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--female-fraction", type=float, default=0.1, help="female share of the imbalanced training set")
     p.add_argument("--cvae-female", default="train_pool", choices=["train_pool", "imbalanced"],
                    help="which female images the CVAE trains on")
-    p.add_argument("--cvae-epochs", type=int, default=60, help="CVAE maximum epochs (early stopping on val loss)")
+    p.add_argument("--cvae-epochs", type=int, default=50, help="CVAE maximum epochs (early stopping on val loss)")
     p.add_argument("--cvae-patience", type=int, default=10, help="CVAE early stopping patience")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for CIs")
     p.add_argument("--scale", default="quick", help="label written into the outputs (quick / full)")
@@ -64,8 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--runs", default=None, help="per-fold run folders (default: runs/<name of --out>)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     add_args(p)
-    # quick-scale classifier budget (measured, README): 30 epochs at a cosine schedule, no early stopping
-    p.set_defaults(epochs=30, schedule="cosine", patience=0)
+    # quick-scale classifier (measured, README): 20 epochs at a cosine schedule, no early stopping, last weights
+    p.set_defaults(epochs=20, schedule="cosine", patience=0, keep="last")
     args = p.parse_args(argv)
     if args.smoke:
         args.folds, args.epochs, args.cvae_epochs, args.n_boot, args.width = 2, 2, 2, 50, 8
@@ -77,8 +80,16 @@ def cvae_args(args):
                               batch_size=64, lr=5e-3, seed=args.seed)
 
 
-def run_fold(k, fold, t, x, Y15, args, device, runs):
-    """Train the CVAE and the four classifiers of one fold; return out-of-fold predictions and training counts."""
+def to_size(x, size):
+    """(N, 1, S, S) images in [-1, 1] resized to size px (the CVAE's 64 px samples for a classifier at --size)."""
+    if x.shape[-1] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(-1, 1)
+
+
+def run_fold(k, fold, t, x, xc, Y15, args, device, runs):
+    """Train the CVAE (on xc, 64 px) and the four classifiers (on x, --size px) of one fold; return out-of-fold
+    predictions and training counts."""
     rng = np.random.default_rng(args.seed * 100 + k)
     test = fold == k
     rest = np.nonzero(~test)[0]
@@ -99,14 +110,14 @@ def run_fold(k, fold, t, x, Y15, args, device, runs):
     cv_val = val[sex[val] == "F"]
     fold_dir = prepare_out_dir(Path(runs) / f"fold{k}", force=True)
     y15 = torch.from_numpy(Y15).float()
-    cvae, hist = fit_cvae(x[cv_train], y15[cv_train], x[cv_val], y15[cv_val], cvae_args(args), fold_dir, device,
+    cvae, hist = fit_cvae(xc[cv_train], y15[cv_train], xc[cv_val], y15[cv_val], cvae_args(args), fold_dir, device,
                           progress=False)
     n_syn = n_male - n_f
     syn_x, syn_y15 = sample(cvae, Y15[cv_train], n_syn, seed=args.seed * 100 + k, device=device)
     if k == 0:
-        write_figures(cvae, x[cv_train], y15[cv_train], fold_dir, device, "nih1000, fold 0")
+        write_figures(cvae, xc[cv_train], y15[cv_train], fold_dir, device, "nih1000, fold 0")
         plot_history(hist, fold_dir / "loss_curve.png", "CVAE loss (female training images, fold 0)")
-    syn_x = torch.from_numpy(syn_x).float()[:, None] / 127.5 - 1
+    syn_x = to_size(torch.from_numpy(syn_x).float()[:, None] / 127.5 - 1, x.shape[-1])
 
     sets = {"balanced_real": (np.r_[male_set, female_bal], None, None),
             "imbalanced_real": (np.r_[male_set, female_imb], None, None),
@@ -141,8 +152,8 @@ def main(args):
     t = read_nih(args.data_root, args.csv)
     if args.smoke:
         t = t.groupby("sex", group_keys=False).head(60).reset_index(drop=True)
-    xs, _ = load_images(t["image"], args.size, "L")
-    x = torch.from_numpy(xs).float()[:, None] / 127.5 - 1
+    x, xc = (torch.from_numpy(load_images(t["image"], s, "L")[0]).float()[:, None] / 127.5 - 1
+             for s in (args.size, CVAE_SIZE))  # the classifier's input; the CVAE's (64 px, FORMULAS.md)
     Y15 = label_matrix(t)
     Y = targets(Y15)
     fold = patient_kfold(t, args.folds, seed=args.seed, stratify="sex")
@@ -155,7 +166,7 @@ def main(args):
     curves0 = None
     for k in range(args.folds):
         print(f"fold {k + 1}/{args.folds} ({time.time() - t0:.0f} s)", flush=True)
-        test_idx, preds, cnt, curves = run_fold(k, fold, t, x, Y15, args, device, runs)
+        test_idx, preds, cnt, curves = run_fold(k, fold, t, x, xc, Y15, args, device, runs)
         for c in CONDITIONS:
             oof[c][test_idx], thr[c][test_idx] = preds[c][0], preds[c][1]
             counts[c].append(cnt[c])
@@ -250,7 +261,6 @@ def report(t, Y, oof, thr, fold, counts, curves0, args, out, runs, data, weights
     for name in ("samples.png", "recon.png", "loss_curve.png"):
         if (fold0 / name).is_file():
             (out / f"cvae_{name}").write_bytes((fold0 / name).read_bytes())
-    from fairness.figures import lines
     lines({c: dict(enumerate(v, 1)) for c, v in curves0.items()}, out / "classifier_val_auroc.png",
           "Validation any-finding AUROC per epoch (fold 0)", "epoch", "AUROC")
     write_json(out / "summary.json", summary)

@@ -1,11 +1,14 @@
 """CheXNet-style multi-label chest X-ray classifier (Rajpurkar et al. 2017), trained so that it actually learns.
 
 Outputs: 14 finding logits (sigmoid, FORMULAS.md order) + one "any finding" logit (= not 'No Finding').
-Loss: BCE with pos_weight = (negatives / positives) per output from the training prevalence. Adam with
+Loss: class-weighted BCE from the training prevalence, CheXNet's weights by default (w+ = N / (P + N),
+w- = P / (P + N) per output; `--class-weights pos_weight` for torch's pos_weight = N / P, which on NIH1000 let
+findings with a handful of positives pull the shared trunk as hard as common ones: README). Adam with
 reduce-on-plateau (x0.1) and early stopping on the validation any-finding AUROC (averaged over the last --smooth
 epochs: with ~100 validation images one epoch's AUROC swings by 0.1), CheXNet's schedule; or (`--schedule cosine`,
 the quick study's choice) a cosine decay over a fixed number of epochs, which does not let one noisy validation
-epoch cut the learning rate early. Either way the best-scoring weights are kept as a copy. Per output, a decision threshold is chosen on validation data (Youden's J), never 0.5.
+epoch cut the learning rate early. The best-scoring weights are kept as a copy, or (`--keep last`) the last
+epoch's. Per output, a decision threshold is chosen on validation data (Youden's J), never 0.5.
 Augmentation (ours): random affine (rotation +-7 deg, scale 0.9-1.1, shift 6%),
 brightness/contrast jitter; no horizontal flips (the heart is on the left).
 
@@ -67,6 +70,21 @@ def epoch_order(n, epoch_size, weights, gen):
     return torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(epoch_size / n))])[:epoch_size]
 
 
+def class_weights(y, kind):
+    """Per-output BCE weights (w_pos, w_neg) from the training prevalence of y (N, K), P positives, N negatives.
+    'chexnet': w_pos = N / (P + N), w_neg = P / (P + N) (Rajpurkar et al. 2017): balanced within an output, and an
+    output's share of the loss grows with its prevalence. 'pos_weight': w_pos = N / P, w_neg = 1 (torch's
+    pos_weight): every output weighs about as much as the next, so a finding with 5 training positives pulls the
+    shared trunk as hard as one with 200. Outputs without positives keep w_pos = w_neg = 1."""
+    n, pos = len(y), y.sum(0)
+    none = pos == 0
+    if kind == "chexnet":
+        w_pos, w_neg = (n - pos) / n, pos / n
+    else:
+        w_pos, w_neg = (n - pos) / pos.clamp(min=1), torch.ones_like(pos)
+    return torch.where(none, 1.0, w_pos), torch.where(none, 1.0, w_neg)
+
+
 @torch.no_grad()
 def predict(net, x, device, batch_size=256):
     net.eval()
@@ -87,8 +105,8 @@ def fit(x_tr, y_tr, x_val, y_val, args, device, weights=None, progress=True, epo
     else:
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=args.lr_patience)
     n_epoch = epoch_size or len(x_tr)
-    pos = y_tr.sum(0)
-    pos_weight = torch.where(pos > 0, (len(y_tr) - pos) / pos.clamp(min=1), torch.ones_like(pos)).to(device)
+    w_pos, w_neg = class_weights(y_tr, args.class_weights)
+    w_pos, w_neg = w_pos.to(device), w_neg.to(device)
     gen = torch.Generator().manual_seed(args.seed)
     best, best_auc, bad, history = None, -1.0, 0, []
     for epoch in tqdm(range(args.epochs), desc="chexnet", disable=not progress, leave=False):
@@ -97,7 +115,8 @@ def fit(x_tr, y_tr, x_val, y_val, args, device, weights=None, progress=True, epo
         losses = []
         for idx in order.split(args.batch_size):
             x = augment(x_tr[idx].to(device), gen).contiguous(memory_format=torch.channels_last)
-            loss = F.binary_cross_entropy_with_logits(net(x), y_tr[idx].to(device), pos_weight=pos_weight)
+            y = y_tr[idx].to(device)
+            loss = F.binary_cross_entropy_with_logits(net(x), y, weight=y * w_pos + (1 - y) * w_neg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -119,7 +138,8 @@ def fit(x_tr, y_tr, x_val, y_val, args, device, weights=None, progress=True, epo
             bad += 1
             if args.patience and bad >= args.patience:
                 break
-    net.load_state_dict(best)
+    if args.keep == "best":
+        net.load_state_dict(best)
     p_val = predict(net, x_val, device)
     thresholds = np.array([youden_threshold(y_val[:, j].numpy(), p_val[:, j]) if 0 < y_val[:, j].sum() < len(y_val)
                            else 0.5 for j in range(len(OUTPUTS))])
@@ -144,6 +164,8 @@ def add_args(p):
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
                    help="ImageNet weights for densenet121 (downloaded once on your machine)")
     p.add_argument("--size", type=int, default=64, help="input size (64 quick, 224 full)")
+    p.add_argument("--class-weights", default="chexnet", choices=["pos_weight", "chexnet"],
+                   help="BCE class weighting from the training prevalence (see class_weights())")
     p.add_argument("--epochs", type=int, default=20, help="maximum epochs")
     p.add_argument("--schedule", default="plateau", choices=["plateau", "cosine"],
                    help="LR schedule: reduce-on-plateau of the validation score, or cosine decay over --epochs")
@@ -151,6 +173,8 @@ def add_args(p):
                    help="early stopping patience on the validation score (0: never stop early)")
     p.add_argument("--smooth", type=int, default=3,
                    help="validation score = mean any-finding AUROC of the last N epochs (selection, stopping, LR)")
+    p.add_argument("--keep", default="best", choices=["best", "last"],
+                   help="weights to keep: those of the best validation score, or the last epoch's")
     p.add_argument("--lr-patience", type=int, default=3, help="reduce-on-plateau patience")
     p.add_argument("--batch-size", type=int, default=32, help="batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")

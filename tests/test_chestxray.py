@@ -6,8 +6,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from classify.train_chexnet import OUTPUTS, epoch_order, targets
+from classify.train_chexnet import OUTPUTS, class_weights, epoch_order, targets
 from common.data import NIH_LABELS
 from common.runs import load_checkpoint
 from conftest import ROOT
@@ -27,6 +28,20 @@ def test_targets_turn_no_finding_into_any_finding():
     t = targets(y)
     assert t.shape == (2, 15) and OUTPUTS[-1] == "any finding"
     assert t[0].tolist() == [0] * 15 and t[1, 14] == 1 and t[1, [0, 4]].tolist() == [1, 1]
+
+
+def test_class_weights_chexnet_and_pos_weight():
+    # 4 images, 3 outputs: 1 positive, 2 positives, none
+    y = torch.tensor([[1, 1, 0], [0, 1, 0], [0, 0, 0], [0, 0, 0]], dtype=torch.float)
+    w_pos, w_neg = class_weights(y, "chexnet")  # w+ = N / (P + N), w- = P / (P + N)
+    assert w_pos.tolist() == [0.75, 0.5, 1.0] and w_neg.tolist() == [0.25, 0.5, 1.0]
+    w_pos, w_neg = class_weights(y, "pos_weight")  # w+ = N / P, w- = 1
+    assert w_pos.tolist() == [3.0, 1.0, 1.0] and w_neg.tolist() == [1.0, 1.0, 1.0]
+    # the per-element weights reproduce torch's pos_weight loss exactly
+    logits = torch.tensor([[0.3, -1.2, 2.0], [1.5, 0.1, -0.4], [-0.7, 0.9, 0.2], [0.0, -2.0, 1.1]])
+    ours = F.binary_cross_entropy_with_logits(logits, y, weight=y * w_pos + (1 - y) * w_neg)
+    ref = F.binary_cross_entropy_with_logits(logits, y, pos_weight=torch.tensor([3.0, 1.0, 1.0]))
+    assert torch.allclose(ours, ref)
 
 
 def test_epoch_order_gives_small_sets_the_same_number_of_updates():
@@ -59,7 +74,8 @@ def test_cvae_resume_equals_an_unbroken_run_and_samples(tmp_path):
 
 def test_chestxray_study_smoke_chain(tmp_path):
     out = tmp_path / "smoke-chestxray"
-    run("classify.chestxray_study", "--smoke", "--out", str(out), "--runs", str(tmp_path / "runs"))
+    # --size 32: the classifier below the CVAE's 64 px, so its samples are resized on the way
+    run("classify.chestxray_study", "--smoke", "--size", "32", "--out", str(out), "--runs", str(tmp_path / "runs"))
     s = json.loads((out / "summary.json").read_text())
     assert s["scale"] == "smoke" and set(s["conditions"]) == {"balanced_real", "imbalanced_real",
                                                                "imbalanced_synth", "imbalanced_reweight"}
