@@ -12,7 +12,7 @@ The CVAE (vae/train_cvae.py) trains on the fold's female training-pool images (-
 paper: note that it thereby sees more female images than imbalanced_real's classifier) or on the imbalanced set's
 female images only (--cvae-female imbalanced); it never sees the fold's validation or test images.
 The classifier is classify/train_chexnet.py's; every condition gets the same number of updates (epochs of the
-balanced set's size; quick defaults: 20 epochs at a cosine schedule, the last epoch's weights kept: a
+balanced set's size; quick defaults: 16 epochs at a cosine schedule, the last epoch's weights kept: a
 ~120-image validation set is too noisy to pick an epoch by). Metrics come from the pooled out-of-fold
 predictions (bootstrap CIs over patients) and per fold (mean +- std).
 
@@ -53,10 +53,12 @@ def parse_args(argv=None):
     p.add_argument("--csv", default=None, help="label table (default: found under --data-root)")
     p.add_argument("--folds", type=int, default=5, help="patient-level cross-validation folds")
     p.add_argument("--val-fraction", type=float, default=0.15, help="share of a fold's non-test patients for validation")
+    p.add_argument("--conditions", default=",".join(CONDITIONS),
+                   help="comma-separated training conditions to run (the CVAE is trained only for imbalanced_synth)")
     p.add_argument("--female-fraction", type=float, default=0.1, help="female share of the imbalanced training set")
     p.add_argument("--cvae-female", default="train_pool", choices=["train_pool", "imbalanced"],
                    help="which female images the CVAE trains on")
-    p.add_argument("--cvae-epochs", type=int, default=50, help="CVAE maximum epochs (early stopping on val loss)")
+    p.add_argument("--cvae-epochs", type=int, default=40, help="CVAE maximum epochs (early stopping on val loss)")
     p.add_argument("--cvae-patience", type=int, default=10, help="CVAE early stopping patience")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for CIs")
     p.add_argument("--scale", default="quick", help="label written into the outputs (quick / full)")
@@ -67,9 +69,13 @@ def parse_args(argv=None):
     p.add_argument("--runs", default=None, help="per-fold run folders (default: runs/<name of --out>)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     add_args(p)
-    # quick-scale classifier (measured, README): 20 epochs at a cosine schedule, no early stopping, last weights
-    p.set_defaults(epochs=20, schedule="cosine", patience=0, keep="last")
+    # quick-scale classifier (measured, README): 16 epochs at a cosine schedule, no early stopping, last weights
+    p.set_defaults(epochs=16, schedule="cosine", patience=0, keep="last")
     args = p.parse_args(argv)
+    args.conditions = args.conditions.split(",")
+    unknown = sorted(set(args.conditions) - set(CONDITIONS))
+    if unknown:
+        p.error(f"--conditions: unknown {', '.join(unknown)}; choose from {', '.join(CONDITIONS)}")
     if args.smoke:
         args.folds, args.epochs, args.cvae_epochs, args.n_boot, args.width = 2, 2, 2, 50, 8
     return args
@@ -87,9 +93,24 @@ def to_size(x, size):
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(-1, 1)
 
 
+def synthetic_females(k, xc, Y15, cv_train, cv_val, n, size, args, device, runs):
+    """Train fold k's CVAE on the female images cv_train (early stopping on cv_val) and draw n female images with
+    label vectors from cv_train's; returns (images (n, 1, size, size) in [-1, 1], classifier targets (n, 15))."""
+    fold_dir = prepare_out_dir(Path(runs) / f"fold{k}", force=True)
+    y15 = torch.from_numpy(Y15).float()
+    cvae, hist = fit_cvae(xc[cv_train], y15[cv_train], xc[cv_val], y15[cv_val], cvae_args(args), fold_dir, device,
+                          progress=False)
+    syn_x, syn_y15 = sample(cvae, Y15[cv_train], n, seed=args.seed * 100 + k, device=device)
+    if k == 0:
+        write_figures(cvae, xc[cv_train], y15[cv_train], fold_dir, device, "nih1000, fold 0")
+        plot_history(hist, fold_dir / "loss_curve.png", "CVAE loss (female training images, fold 0)")
+    syn_x = to_size(torch.from_numpy(syn_x).float()[:, None] / 127.5 - 1, size)
+    return syn_x, torch.from_numpy(targets(syn_y15))
+
+
 def run_fold(k, fold, t, x, xc, Y15, args, device, runs):
-    """Train the CVAE (on xc, 64 px) and the four classifiers (on x, --size px) of one fold; return out-of-fold
-    predictions and training counts."""
+    """Train the CVAE (on xc, 64 px; only for imbalanced_synth) and the classifiers of --conditions (on x, --size px)
+    of one fold; return out-of-fold predictions and training counts."""
     rng = np.random.default_rng(args.seed * 100 + k)
     test = fold == k
     rest = np.nonzero(~test)[0]
@@ -105,30 +126,20 @@ def run_fold(k, fold, t, x, xc, Y15, args, device, runs):
     female_imb = female_bal[:n_f]
     y = torch.from_numpy(targets(Y15))
 
-    # the CVAE: female images of this fold's training pool (or of the imbalanced set) only
-    cv_train = females if args.cvae_female == "train_pool" else female_imb
-    cv_val = val[sex[val] == "F"]
-    fold_dir = prepare_out_dir(Path(runs) / f"fold{k}", force=True)
-    y15 = torch.from_numpy(Y15).float()
-    cvae, hist = fit_cvae(xc[cv_train], y15[cv_train], xc[cv_val], y15[cv_val], cvae_args(args), fold_dir, device,
-                          progress=False)
-    n_syn = n_male - n_f
-    syn_x, syn_y15 = sample(cvae, Y15[cv_train], n_syn, seed=args.seed * 100 + k, device=device)
-    if k == 0:
-        write_figures(cvae, xc[cv_train], y15[cv_train], fold_dir, device, "nih1000, fold 0")
-        plot_history(hist, fold_dir / "loss_curve.png", "CVAE loss (female training images, fold 0)")
-    syn_x = to_size(torch.from_numpy(syn_x).float()[:, None] / 127.5 - 1, x.shape[-1])
-
-    sets = {"balanced_real": (np.r_[male_set, female_bal], None, None),
-            "imbalanced_real": (np.r_[male_set, female_imb], None, None),
-            "imbalanced_synth": (np.r_[male_set, female_imb], syn_x, torch.from_numpy(targets(syn_y15))),
-            "imbalanced_reweight": (np.r_[male_set, female_imb], None, None)}
+    sets = {c: np.r_[male_set, female_imb] for c in CONDITIONS}
+    sets["balanced_real"] = np.r_[male_set, female_bal]
+    if "imbalanced_synth" in args.conditions:
+        # the CVAE: female images of this fold's training pool (or of the imbalanced set) only
+        cv_train = females if args.cvae_female == "train_pool" else female_imb
+        syn_x, syn_y = synthetic_females(k, xc, Y15, cv_train, val[sex[val] == "F"], n_male - n_f, x.shape[-1], args,
+                                         device, runs)
     preds, counts, curves = {}, {}, {}
-    for cond, (idx, sx, sy) in sets.items():
+    for cond in args.conditions:
+        idx = sets[cond]
         xt, yt = x[idx], y[idx]
         weights = None
-        if sx is not None:
-            xt, yt = torch.cat([xt, sx]), torch.cat([yt, sy])
+        if cond == "imbalanced_synth":
+            xt, yt = torch.cat([xt, syn_x]), torch.cat([yt, syn_y])
         if cond == "imbalanced_reweight":  # each sex half of every epoch: w = 1 / (2 n_sex)
             is_f = sex[idx] == "F"
             weights = np.where(is_f, 0.5 / is_f.sum(), 0.5 / (~is_f).sum())
@@ -138,7 +149,7 @@ def run_fold(k, fold, t, x, xc, Y15, args, device, runs):
                                    epoch_size=2 * n_male)
         preds[cond] = (predict(net, x[test], device), thr)
         counts[cond] = {"n_train_female": int((sex[idx] == "F").sum()), "n_train_male": int((sex[idx] == "M").sum()),
-                        "n_synthetic": 0 if sx is None else len(sx)}
+                        "n_synthetic": len(syn_x) if cond == "imbalanced_synth" else 0}
         curves[cond] = [h["val_any_auroc"] for h in history]
     return np.nonzero(test)[0], preds, counts, curves
 
@@ -159,15 +170,15 @@ def main(args):
     fold = patient_kfold(t, args.folds, seed=args.seed, stratify="sex")
     data = "nih1000" if str(args.data_root) == str(PROJECT_DATA / "nih_cxr14") else f"nih ({args.data_root})"
     weights = "imagenet" if args.pretrained else "none (from scratch)"
-    write_config(out, args, data=data, weights=weights, conditions=CONDITIONS)
-    oof = {c: np.zeros((len(t), len(OUTPUTS))) for c in CONDITIONS}
-    thr = {c: np.zeros((len(t), len(OUTPUTS))) for c in CONDITIONS}
-    counts = {c: [] for c in CONDITIONS}
+    write_config(out, args, data=data, weights=weights)
+    oof = {c: np.zeros((len(t), len(OUTPUTS))) for c in args.conditions}
+    thr = {c: np.zeros((len(t), len(OUTPUTS))) for c in args.conditions}
+    counts = {c: [] for c in args.conditions}
     curves0 = None
     for k in range(args.folds):
         print(f"fold {k + 1}/{args.folds} ({time.time() - t0:.0f} s)", flush=True)
         test_idx, preds, cnt, curves = run_fold(k, fold, t, x, xc, Y15, args, device, runs)
-        for c in CONDITIONS:
+        for c in args.conditions:
             oof[c][test_idx], thr[c][test_idx] = preds[c][0], preds[c][1]
             counts[c].append(cnt[c])
         curves0 = curves0 or curves
@@ -182,7 +193,7 @@ def report(t, Y, oof, thr, fold, counts, curves0, args, out, runs, data, weights
                "cvae_female": args.cvae_female, "n_images": len(t), "n_patients": int(t["patient_id"].nunique()),
                "seconds": seconds, "conditions": {}}
     fair_rows = []
-    for c in CONDITIONS:
+    for c in args.conditions:
         p, th = oof[c], thr[c]
         dec = p >= th
 
@@ -251,15 +262,16 @@ def report(t, Y, oof, thr, fold, counts, curves0, args, out, runs, data, weights
                        "between-sex differences of the any-finding decision at each fold's validation threshold "
                        "(fractions; x100 for FairGen's scale). Reference (Larrazabal et al. 2020, full NIH, "
                        "DenseNet-121): the under-represented sex loses ~0.02-0.025 mean AUC.",
-                       f"CVAE trained on: {args.cvae_female} female images of each fold (never test or "
-                       f"validation images). Classifier weights: {weights}."])
+                       (f"CVAE trained on: {args.cvae_female} female images of each fold (never test or "
+                        f"validation images). " if "imbalanced_synth" in args.conditions else "")
+                       + f"Classifier weights: {weights}."])
     bars({c: {"female": (summary["conditions"][c]["any_auroc_female"], summary["conditions"][c]["any_auroc_female_ci"]),
               "male": (summary["conditions"][c]["any_auroc_male"], summary["conditions"][c]["any_auroc_male_ci"])}
-          for c in CONDITIONS}, out / "auroc_by_sex.png",
+          for c in args.conditions}, out / "auroc_by_sex.png",
          f"Any-finding AUROC by sex, 95% CI ({data}, {args.arch}, {args.size}px)", "AUROC")
-    fold0 = Path(runs) / "fold0"
+    fold0 = Path(runs) / "fold0"  # this run's CVAE figures (none without imbalanced_synth: no stale copies)
     for name in ("samples.png", "recon.png", "loss_curve.png"):
-        if (fold0 / name).is_file():
+        if "imbalanced_synth" in args.conditions and (fold0 / name).is_file():
             (out / f"cvae_{name}").write_bytes((fold0 / name).read_bytes())
     lines({c: dict(enumerate(v, 1)) for c, v in curves0.items()}, out / "classifier_val_auroc.png",
           "Validation any-finding AUROC per epoch (fold 0)", "epoch", "AUROC")

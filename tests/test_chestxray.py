@@ -88,3 +88,15 @@ def test_chestxray_study_smoke_chain(tmp_path):
     for f in ("fairness.md", "table_balanced_real.md", "auroc_by_sex.png", "cvae_samples.png"):
         assert (out / f).is_file()
     assert not (ROOT / "results" / "smoke-chestxray").exists()
+
+
+def test_chestxray_study_runs_a_subset_of_conditions_without_the_cvae(tmp_path):
+    out, runs = tmp_path / "sub", tmp_path / "runs"
+    run("classify.chestxray_study", "--smoke", "--size", "32", "--conditions", "balanced_real,imbalanced_reweight",
+        "--out", str(out), "--runs", str(runs))
+    s = json.loads((out / "summary.json").read_text())
+    assert list(s["conditions"]) == ["balanced_real", "imbalanced_reweight"]
+    assert not (out / "cvae_samples.png").exists() and not (runs / "fold0" / "ckpt.pt").exists()  # no CVAE trained
+    r = subprocess.run([sys.executable, "-m", "classify.chestxray_study", "--conditions", "balanced,real"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown balanced, real" in r.stderr
