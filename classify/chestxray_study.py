@@ -39,7 +39,7 @@ from common.splits import patient_kfold, patient_split
 from fairness.figures import bars, lines
 from fairness.metrics import auroc, binary_stats, bootstrap, demographic_parity, equal_opportunity
 from vae.sample_cvae import sample
-from vae.train_cvae import fit as fit_cvae, plot_history, write_figures
+from vae.train_cvae import fit as fit_cvae, plot_history, to_tensor, write_figures
 
 CVAE_SIZE = 64  # the CVAE's architecture is fixed at 64 px; its samples are resized to the classifier's --size
 CONDITIONS = ["balanced_real", "imbalanced_real", "imbalanced_synth", "imbalanced_reweight"]
@@ -104,7 +104,7 @@ def synthetic_females(k, xc, Y15, cv_train, cv_val, n, size, args, device, runs)
     if k == 0:
         write_figures(cvae, xc[cv_train], y15[cv_train], fold_dir, device, "nih1000, fold 0")
         plot_history(hist, fold_dir / "loss_curve.png", "CVAE loss (female training images, fold 0)")
-    syn_x = to_size(torch.from_numpy(syn_x).float()[:, None] / 127.5 - 1, size)
+    syn_x = to_size(to_tensor(syn_x), size)
     return syn_x, torch.from_numpy(targets(syn_y15))
 
 
@@ -126,8 +126,9 @@ def run_fold(k, fold, t, x, xc, Y15, args, device, runs):
     female_imb = female_bal[:n_f]
     y = torch.from_numpy(targets(Y15))
 
-    sets = {c: np.r_[male_set, female_imb] for c in CONDITIONS}
-    sets["balanced_real"] = np.r_[male_set, female_bal]
+    imbalanced = np.r_[male_set, female_imb]
+    sets = {"balanced_real": np.r_[male_set, female_bal], "imbalanced_real": imbalanced,
+            "imbalanced_synth": imbalanced, "imbalanced_reweight": imbalanced}
     if "imbalanced_synth" in args.conditions:
         # the CVAE: female images of this fold's training pool (or of the imbalanced set) only
         cv_train = females if args.cvae_female == "train_pool" else female_imb
@@ -163,8 +164,9 @@ def main(args):
     t = read_nih(args.data_root, args.csv)
     if args.smoke:
         t = t.groupby("sex", group_keys=False).head(60).reset_index(drop=True)
-    x, xc = (torch.from_numpy(load_images(t["image"], s, "L")[0]).float()[:, None] / 127.5 - 1
-             for s in (args.size, CVAE_SIZE))  # the classifier's input; the CVAE's (64 px, FORMULAS.md)
+    xs, ok = load_images(t["image"], args.size, "L")  # an unreadable image is named in a warning and left out
+    t, x = t[ok].reset_index(drop=True), to_tensor(xs[ok])  # the classifier's input
+    xc = x if args.size == CVAE_SIZE else to_tensor(load_images(t["image"], CVAE_SIZE, "L")[0])  # the CVAE's
     Y15 = label_matrix(t)
     Y = targets(Y15)
     fold = patient_kfold(t, args.folds, seed=args.seed, stratify="sex")
