@@ -31,10 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from classify.train_chexnet import OUTPUTS, add_args, fit, per_output_table, predict, targets
+from common.cli import ArgumentParser, fraction, nonneg_int, positive_int, run
 from common.cache import load_images
 from common.data import PROJECT_DATA, label_matrix, read_nih
 from common.report import mean_std, with_ci, write_table
-from common.runs import device_from, prepare_out_dir, seed_everything, write_config, write_json
+from common.runs import default_runs, device_from, prepare_out_dir, seed_everything, write_config, write_json
 from common.splits import patient_kfold, patient_split
 from fairness.figures import bars, lines
 from fairness.metrics import auroc, binary_stats, bootstrap, demographic_parity, equal_opportunity
@@ -48,25 +49,26 @@ CHEXNET_REF = {"Infiltration": 0.71, "Emphysema": 0.94}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default=str(PROJECT_DATA / "nih_cxr14"), help="NIH images + label table")
     p.add_argument("--csv", default=None, help="label table (default: found under --data-root)")
-    p.add_argument("--folds", type=int, default=5, help="patient-level cross-validation folds")
-    p.add_argument("--val-fraction", type=float, default=0.15, help="share of a fold's non-test patients for validation")
+    p.add_argument("--folds", type=positive_int, default=5, help="patient-level cross-validation folds")
+    p.add_argument("--val-fraction", type=fraction, default=0.15, help="share of a fold's non-test patients for validation")
     p.add_argument("--conditions", default=",".join(CONDITIONS),
                    help="comma-separated training conditions to run (the CVAE is trained only for imbalanced_synth)")
-    p.add_argument("--female-fraction", type=float, default=0.1, help="female share of the imbalanced training set")
+    p.add_argument("--female-fraction", type=fraction, default=0.1, help="female share of the imbalanced training set")
     p.add_argument("--cvae-female", default="train_pool", choices=["train_pool", "imbalanced"],
                    help="which female images the CVAE trains on")
-    p.add_argument("--cvae-epochs", type=int, default=40, help="CVAE maximum epochs (early stopping on val loss)")
-    p.add_argument("--cvae-patience", type=int, default=10, help="CVAE early stopping patience")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for CIs")
+    p.add_argument("--cvae-epochs", type=positive_int, default=40, help="CVAE maximum epochs (early stopping on val loss)")
+    p.add_argument("--cvae-patience", type=nonneg_int, default=10, help="CVAE early stopping patience")
+    p.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for CIs")
     p.add_argument("--scale", default="quick", help="label written into the outputs (quick / full)")
     p.add_argument("--smoke", action="store_true", help="tiny run (2 folds, 2 epochs, 120 images) to test the chain")
     p.add_argument("--seed", type=int, default=0, help="seed of the folds, subsets and training")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     p.add_argument("--out", default="results/chestxray", help="tables, figures, summary.json")
-    p.add_argument("--runs", default=None, help="per-fold run folders (default: runs/<name of --out>)")
+    p.add_argument("--runs", default=None, help="per-fold run folders (default: runs/<--out>, e.g. runs/results/chestxray; "
+                   "replaced with --out under --force)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     add_args(p)
     # quick-scale classifier (measured, README): 16 epochs at a cosine schedule, no early stopping, last weights
@@ -96,7 +98,8 @@ def to_size(x, size):
 def synthetic_females(k, xc, Y15, cv_train, cv_val, n, size, args, device, runs):
     """Train fold k's CVAE on the female images cv_train (early stopping on cv_val) and draw n female images with
     label vectors from cv_train's; returns (images (n, 1, size, size) in [-1, 1], classifier targets (n, 15))."""
-    fold_dir = prepare_out_dir(Path(runs) / f"fold{k}", force=True)
+    fold_dir = Path(runs) / f"fold{k}"  # inside this invocation's run tree, prepared (empty) by main()
+    fold_dir.mkdir(parents=True, exist_ok=True)
     y15 = torch.from_numpy(Y15).float()
     cvae, hist = fit_cvae(xc[cv_train], y15[cv_train], xc[cv_val], y15[cv_val], cvae_args(args), fold_dir, device,
                           progress=False)
@@ -158,10 +161,11 @@ def run_fold(k, fold, t, x, xc, Y15, args, device, runs):
 def main(args):
     t0 = time.time()
     device = device_from(args.device)
-    out = prepare_out_dir(args.out, args.force)
-    runs = Path(args.runs or Path("runs") / Path(args.out).name)
+    t = read_nih(args.data_root, args.csv)  # inputs first: a bad --data-root stops before anything is written
+    out = prepare_out_dir(args.out, args.force, flag="--out")
+    runs = prepare_out_dir(args.runs or default_runs(args.out), args.force, flag="--runs")  # this --out's own tree
+    write_config(runs, args, data=str(args.data_root), run_tree_of=str(out))
     seed_everything(args.seed)
-    t = read_nih(args.data_root, args.csv)
     if args.smoke:
         t = t.groupby("sex", group_keys=False).head(60).reset_index(drop=True)
     xs, ok = load_images(t["image"], args.size, "L")  # an unreadable image is named in a warning and left out
@@ -284,4 +288,4 @@ def report(t, Y, oof, thr, fold, counts, curves0, args, out, runs, data, weights
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(main, parse_args)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from classify.train_resnet18 import add_args, evaluate, fit as fit_classifier, to_tensor
+from common.cli import ArgumentParser, positive_int, run
 from common.data import PROJECT_DATA, medmnist_arrays, medmnist_file, medmnist_subset
 from common.download import STUDY_FLAGS
 from common.report import save_samples, write_table
@@ -44,12 +45,12 @@ QUICK = {"classifier_epochs": 20, "recipe": "medmnist", "batch_size": 32, "selec
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default=None, help="folder with official MedMNIST .npz files (default: embedded)")
     p.add_argument("--datasets", default=",".join(STUDY_FLAGS), help="MedMNIST flags to run")
-    p.add_argument("--seeds", type=int, default=3, help="seeds (subset, generators, classifier)")
-    p.add_argument("--per-class", type=int, default=150, help="real images per class")
-    p.add_argument("--n-gen", type=int, default=150, help="generated images per class")
+    p.add_argument("--seeds", type=positive_int, default=3, help="seeds (subset, generators, classifier)")
+    p.add_argument("--per-class", type=positive_int, default=150, help="real images per class")
+    p.add_argument("--n-gen", type=positive_int, default=150, help="generated images per class")
     p.add_argument("--scale", default="quick", choices=["quick", "full"],
                    help="quick: width-16 ResNet-18, Adam, 20 epochs (QUICK); full: ResNet-18, the paper's 100 epochs")
     p.add_argument("--smoke", action="store_true", help="tiny run: 1 seed, 2 epochs, 20 images per class")
@@ -178,4 +179,4 @@ def write_report(out, auc, acc, missing, args, seconds):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(main, parse_args)

@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from classify.nets import arch_spec, build
+from common.cli import ArgumentParser, nonneg_float, nonneg_int, positive_float, positive_int, run
 from common.cache import load_images
-from common.data import NIH_FINDINGS, NIH_LABELS, PROJECT_DATA, label_matrix, read_nih
+from common.data import NIH_FINDINGS, NIH_LABELS, PROJECT_DATA, DataError, label_matrix, read_nih
 from common.runs import (add_common_args, device_from, prepare_out_dir, save_checkpoint, seed_everything,
                          write_config, write_json)
 from common.splits import patient_split
@@ -132,7 +133,7 @@ def fit(x_tr, y_tr, x_val, y_val, args, device, weights=None, progress=True, epo
             sched.step(score)
         else:
             sched.step()
-        if score > best_auc:
+        if best is None or score > best_auc:  # a NaN score (one class in validation) never wins later
             best, best_auc, bad = copy.deepcopy(net.state_dict()), score, 0
         else:
             bad += 1
@@ -160,30 +161,30 @@ def per_output_table(y, p, thresholds, min_pos=1):
 def add_args(p):
     """The classifier's flags, shared with classify/chestxray_study.py."""
     p.add_argument("--arch", default="cnn8", choices=["cnn8", "densenet121"], help="network (quick: cnn8)")
-    p.add_argument("--width", type=int, default=16, help="cnn8 base width (16: ~130 images/s at 64 px on one core)")
+    p.add_argument("--width", type=positive_int, default=16, help="cnn8 base width (16: ~130 images/s at 64 px on one core)")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
                    help="ImageNet weights for densenet121 (downloaded once on your machine)")
-    p.add_argument("--size", type=int, default=64, help="input size (64 quick, 224 full)")
+    p.add_argument("--size", type=positive_int, default=64, help="input size (64 quick, 224 full)")
     p.add_argument("--class-weights", default="chexnet", choices=["pos_weight", "chexnet"],
                    help="BCE class weighting from the training prevalence (see class_weights())")
-    p.add_argument("--epochs", type=int, default=20, help="maximum epochs")
+    p.add_argument("--epochs", type=positive_int, default=20, help="maximum epochs")
     p.add_argument("--schedule", default="plateau", choices=["plateau", "cosine"],
                    help="LR schedule: reduce-on-plateau of the validation score, or cosine decay over --epochs")
-    p.add_argument("--patience", type=int, default=6,
+    p.add_argument("--patience", type=nonneg_int, default=6,
                    help="early stopping patience on the validation score (0: never stop early)")
-    p.add_argument("--smooth", type=int, default=3,
+    p.add_argument("--smooth", type=positive_int, default=3,
                    help="validation score = mean any-finding AUROC of the last N epochs (selection, stopping, LR)")
     p.add_argument("--keep", default="best", choices=["best", "last"],
                    help="weights to keep: those of the best validation score, or the last epoch's")
-    p.add_argument("--lr-patience", type=int, default=3, help="reduce-on-plateau patience")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="Adam weight decay")
+    p.add_argument("--lr-patience", type=nonneg_int, default=3, help="reduce-on-plateau patience")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="batch size")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--weight-decay", type=nonneg_float, default=1e-4, help="Adam weight decay")
     return p
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default=str(PROJECT_DATA / "nih_cxr14"), help="NIH images + label table")
     p.add_argument("--csv", default=None, help="label table (default: found under --data-root)")
     p.add_argument("--split-seed", type=int, default=0, help="patient-level split seed (70/10/20, by sex)")
@@ -198,10 +199,14 @@ def main(args):
     seed_everything(args.seed)
     t = read_nih(args.data_root, args.csv)
     split = patient_split(t, seed=args.split_seed, stratify="sex")
-    x, _ = load_images(t["image"], args.size, "L")
+    x, ok = load_images(t["image"], args.size, "L")  # unreadable images: named in a warning and left out
     x = torch.from_numpy(x).float()[:, None] / 127.5 - 1
     y = torch.from_numpy(targets(label_matrix(t)))
-    tr, va, te = (torch.from_numpy(split == s) for s in ("train", "val", "test"))
+    tr, va, te = (torch.from_numpy((split == s) & ok) for s in ("train", "val", "test"))
+    for s, m in (("training", tr), ("validation", va), ("test", te)):
+        if not m.any():
+            raise DataError(f"--data-root {args.data_root}: no readable {s} image (the patient split needs "
+                            f"images of several patients)")
     weights = "imagenet" if args.pretrained else "none (from scratch)"
     write_config(out, args, data="nih1000" if "data/nih_cxr14" in args.data_root else args.data_root,
                  weights=weights)
@@ -219,4 +224,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(main, parse_args)

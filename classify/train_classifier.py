@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from classify.nets import arch_spec, build
+from common.cli import ArgumentParser, nonneg_int, positive_float, positive_int, run
 from common.modalities import load_modality, modality_name
 from common.runs import (add_common_args, device_from, prepare_out_dir, save_checkpoint, seed_everything,
                          write_config, write_json)
@@ -26,18 +27,18 @@ from fairness.metrics import auroc_ovr
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="nih", type=modality_name, help="modality")
     p.add_argument("--data-root", default=None, help="your copy of the data (default: embedded data / phantom)")
-    p.add_argument("--size", type=int, default=32, help="image side in pixels")
+    p.add_argument("--size", type=positive_int, default=32, help="image side in pixels")
     p.add_argument("--target", default="cls", choices=["cls", "label", "attr"], help="what to predict")
     p.add_argument("--arch", default="cnn8", choices=["cnn8", "resnet18_28", "vit", "resnet50", "densenet121"],
                    help="network (classify/nets.py)")
-    p.add_argument("--width", type=int, default=32, help="cnn8 base width")
-    p.add_argument("--epochs", type=int, default=30, help="maximum epochs")
-    p.add_argument("--patience", type=int, default=8, help="early stopping: epochs without a better val AUROC")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--width", type=positive_int, default=32, help="cnn8 base width")
+    p.add_argument("--epochs", type=positive_int, default=30, help="maximum epochs")
+    p.add_argument("--patience", type=nonneg_int, default=8, help="early stopping: epochs without a better val AUROC")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="batch size")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
     p.add_argument("--hflip", action="store_true", help="random horizontal flips (not for chest X-rays)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the patient-level split")
     add_common_args(p, "runs/classifier/nih32")
@@ -101,8 +102,8 @@ def main(args):
         p_val = predict(net, data["val"][0], device)
         auc = auroc_ovr(data["val"][1].numpy(), p_val)
         history.append({"epoch": epoch + 1, "loss": loss.item(), "val_auroc": auc})
-        if auc > best_auc:
-            best, best_auc, bad = copy.deepcopy(net.state_dict()), auc, 0  # a copy, not a reference
+        if best is None or auc > best_auc:  # a copy, not a reference; a NaN AUROC never wins later
+            best, best_auc, bad = copy.deepcopy(net.state_dict()), auc, 0
         else:
             bad += 1
             if bad >= args.patience:
@@ -123,4 +124,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(main, parse_args)

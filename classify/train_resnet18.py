@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from classify.nets import arch_spec, build
-from common.data import label_matrix, read_medmnist
+from common.cli import ArgumentParser, nonneg_float, nonneg_int, positive_float, positive_int, run
+from common.data import DataError, label_matrix, read_medmnist
 from common.cache import load_images
 from common.runs import (add_common_args, device_from, prepare_out_dir, save_checkpoint, seed_everything,
                          write_config, write_json)
@@ -80,7 +81,7 @@ def fit(x_tr, y_tr, x_val, y_val, args, device, multilabel=False, progress=True)
         history.append({"epoch": epoch + 1, "loss": loss.item(), "val_auc": auc, "val_acc": acc, "val_loss": val_loss})
         # a small validation set reaches AUC 1.0 within a few epochs: ties go to the lower validation loss
         key = (auc, -val_loss) if args.select == "auc" else (-val_loss, auc)
-        if key > best_key:
+        if best is None or key > best_key:  # a NaN validation AUC (one class) never wins later
             best, best_key, bad = copy.deepcopy(net.state_dict()), key, 0  # a copy of the weights, not a reference
         else:
             bad += 1
@@ -92,20 +93,20 @@ def fit(x_tr, y_tr, x_val, y_val, args, device, multilabel=False, progress=True)
 
 def add_args(p):
     p.add_argument("--recipe", default="paper", choices=["paper", "medmnist"], help="training recipe (see above)")
-    p.add_argument("--epochs", type=int, default=100, help="epochs")
-    p.add_argument("--batch-size", type=int, default=128, help="batch size")
-    p.add_argument("--width", type=int, default=64,
+    p.add_argument("--epochs", type=positive_int, default=100, help="epochs")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="batch size")
+    p.add_argument("--width", type=positive_int, default=64,
                    help="channels of the first stage: 64 is ResNet-18 itself; smaller scales every stage (CPU quick)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper recipe)")
-    p.add_argument("--patience", type=int, default=20, help="early stopping patience (paper recipe)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate")
+    p.add_argument("--momentum", type=nonneg_float, default=0.9, help="SGD momentum (paper recipe)")
+    p.add_argument("--patience", type=nonneg_int, default=20, help="early stopping patience (paper recipe)")
     p.add_argument("--select", default="auc", choices=["auc", "loss"],
                    help="best-validation weights by AUC (ties: lower loss) or by loss (steadier on a tiny validation set)")
     return p
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--npz", required=True, help="an official MedMNIST .npz (e.g. data/medmnist/breastmnist.npz)")
     add_args(p)
     add_common_args(p, "runs/medmnist/resnet18")
@@ -120,10 +121,13 @@ def main(args):
     multilabel = t.attrs["task"] == "multi-label"
     rgb = "RGB" if np.load(args.npz, mmap_mode="r")["train_images"].ndim == 4 else "L"
     size = np.load(args.npz, mmap_mode="r")["train_images"].shape[1]
-    x, _ = load_images(t["image"], size, rgb)
+    x, ok = load_images(t["image"], size, rgb)  # an image that cannot be read is named and left out
     x = to_tensor(x)
     y = torch.tensor(label_matrix(t) if multilabel else t["target"].to_numpy()).long()  # copies pandas' read-only view
-    s = {k: torch.from_numpy((t["split"] == k).to_numpy()) for k in ("train", "val", "test")}
+    s = {k: torch.from_numpy((t["split"] == k).to_numpy() & ok) for k in ("train", "val", "test")}
+    for k, m in s.items():
+        if not m.any():
+            raise DataError(f"--npz {args.npz}: no {k} images")
     write_config(out, args, data=str(args.npz), weights="none (from scratch)")
     t0 = time.time()
     net, history, spec = fit(x[s["train"]], y[s["train"]], x[s["val"]], y[s["val"]], args, device, multilabel)
@@ -141,4 +145,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(main, parse_args)

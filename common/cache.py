@@ -2,6 +2,10 @@
 
 Resize policy (every study uses it): centre-crop to a square, then a box (area) filter when shrinking and bicubic
 when enlarging; grey ('L') or 'RGB'. The cache key is the list of sources (path, byte size, mtime) + size + mode.
+
+Pixel arrays (.npz sources) must hold images, (N, H, W) or (N, H, W, 3): uint8 is taken as it is; other integer
+types must lie in 0-255; float arrays are scaled by one stated rule, [0, 1] -> x255 (what ToTensor-style pipelines
+save) and [0, 255] as it is, both rounded; anything else is refused with the file named (never cast blindly).
 """
 from concurrent.futures import ProcessPoolExecutor
 import hashlib
@@ -13,7 +17,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common.data import DataError
+from common.data import DataError, as_uint8
 
 CACHE_DIR = Path(os.environ.get("FAIRSYNTH_CACHE", Path(__file__).resolve().parent.parent / ".cache" / "images"))
 VERSION = "1"  # bump when the resize policy changes
@@ -74,10 +78,18 @@ def decode_all(sources, size, mode, workers, progress):
     for (file, key), rows in arrays.items():
         try:
             arr = np.load(file, mmap_mode="r")[key]
-        except Exception as e:
-            raise DataError(f"cannot read array '{key}' from {file}: {e}") from e
+        except Exception as e:  # numpy raises many types for a bad file; the file is what the user needs
+            raise DataError(f"{file}: cannot read the array '{key}' ({e}); check the file or download it again") \
+                from e
+        if arr.ndim not in (3, 4) or (arr.ndim == 4 and arr.shape[-1] not in (1, 3)):
+            raise DataError(f"{file}: '{key}' has shape {arr.shape}; images must be (N, H, W) or (N, H, W, 3) "
+                            f"(reshape flat (N, H*W) arrays before saving)")
+        if arr.dtype != np.uint8:
+            arr = as_uint8(arr, f"{file} '{key}'")
         for i, row in rows:
             a = np.asarray(arr[row])
+            if a.ndim == 3 and a.shape[-1] == 1:
+                a = a[..., 0]
             if a.shape == shape:
                 out[i] = a
             else:
@@ -106,16 +118,27 @@ def load_images(sources, size, mode="L", cache_dir=None, strict=False, progress=
     cache_dir = Path(cache_dir or CACHE_DIR)
     key = cache_key(sources, size, mode)
     path = cache_dir / f"{key}.npz"
+    images = None
     if path.is_file():
-        z = np.load(path)
-        images, ok = z["images"], z["ok"]
-    else:
+        try:
+            with np.load(path) as z:
+                images, ok = z["images"], z["ok"]
+            if len(images) != len(sources) or len(ok) != len(sources):
+                raise ValueError(f"{len(images)} images for {len(sources)} sources")
+        except Exception as e:  # a cache file cut short by a kill, or damaged: it is ours, decode again
+            warnings.warn(f"image cache {path} is unreadable ({e}); decoding the images again")
+            images = None
+    if images is None:
         progress = len(sources) > 500 if progress is None else progress
         images, ok = decode_all(sources, size, mode, workers or min(4, os.cpu_count() or 1), progress)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, images=images, ok=ok)
-        os.replace(tmp, path)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+            np.savez(tmp, images=images, ok=ok)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise DataError(f"image cache {cache_dir}: cannot write there ({e.strerror}); set FAIRSYNTH_CACHE to a "
+                            f"writable folder") from e
     if not ok.all():
         bad = [s for s, o in zip(sources, ok) if not o]
         msg = f"{len(bad)} of {len(sources)} images could not be read, e.g. {bad[:3]}"

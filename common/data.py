@@ -211,6 +211,40 @@ def medmnist_file(root, flag, size=28):
     return Path(root) / (f"{flag}mnist.npz" if size == 28 else f"{flag}mnist_{size}.npz")
 
 
+def as_uint8(arr, where):
+    """An image array as uint8 by the rule in common/cache.py's docstring; DataError names `where` otherwise."""
+    a = np.asarray(arr)
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        raise DataError(f"{where}: images of dtype {a.dtype} (expected uint8 pixels 0-255, or floats in [0, 1])")
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 255:
+        raise DataError(f"{where}: pixel values span [{lo:g}, {hi:g}]; expected 0-255, or floats in [0, 1] "
+                        f"(rescale the array and save it again)")
+    if np.issubdtype(a.dtype, np.floating) and hi <= 1:
+        a = a * 255.0
+    return np.rint(a).astype(np.uint8)
+
+
+def medmnist_labels(path, z, split):
+    """The checked (N, L) integer labels of one split: as many as its images, whose shape must be an image array."""
+    images, y = z[f"{split}_images"], z[f"{split}_labels"]
+    if images.ndim not in (3, 4) or images.shape[1] != images.shape[2] or \
+            (images.ndim == 4 and images.shape[3] not in (1, 3)):
+        raise DataError(f"{path}: {split}_images has shape {images.shape}; MedMNIST images are (N, H, H) or "
+                        f"(N, H, H, 3) (reshape flat arrays before saving)")
+    if y.ndim == 1:
+        y = y[:, None]
+    if y.ndim != 2 or len(y) != len(images):
+        raise DataError(f"{path}: {len(images)} {split} images but {split}_labels has shape {y.shape}; they must "
+                        f"pair one to one")
+    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.bool_)):
+        if not (np.issubdtype(y.dtype, np.floating) and np.isfinite(y).all() and (y == np.round(y)).all()):
+            raise DataError(f"{path}: {split}_labels are {y.dtype} values that are not whole numbers")
+    return y.astype(np.int64)
+
+
 def read_medmnist(path):
     """An official MedMNIST .npz (keys train_images, train_labels, val_*, test_*; 28 px or the _64/_128/_224
     variants; grey (N,H,W) or RGB (N,H,W,3)). The official split is kept in `split`; `target` is the class index
@@ -228,13 +262,24 @@ def read_medmnist(path):
     if not set(need) <= keys:
         raise DataError(f"{path} lacks the keys {sorted(set(need) - keys)}; a MedMNIST file has {need}")
     flag = re.sub(r"mnist(_\d+)?\.npz$", "", path.name)
-    labels = {s: z[f"{s}_labels"] for s in MEDMNIST_SPLITS}
+    try:
+        labels = {s: medmnist_labels(path, z, s) for s in MEDMNIST_SPLITS}
+    except (ValueError, OSError) as e:  # object arrays (refused: no pickles), a truncated member, ...
+        raise DataError(f"{path}: cannot read its arrays ({e}); use an official MedMNIST file") from e
     if flag in MEDMNIST:
         task, _, names = MEDMNIST[flag]
     else:  # an unknown flag: infer the task from the label shape
         l = labels["train"]
         task = "multi-label" if l.shape[1] > 1 else "multi-class"
         names = [str(i) for i in range(l.shape[1] if l.shape[1] > 1 else int(l.max()) + 1)]
+    for s in MEDMNIST_SPLITS:  # the label contract: one column of class indices, or one 0/1 column per label
+        y = labels[s]
+        width = len(names) if task == "multi-label" else 1
+        if y.shape[1] != width:
+            raise DataError(f"{path}: {s}_labels has {y.shape[1]} columns; {flag or 'this'} set needs {width}")
+        top = 1 if task == "multi-label" else len(names) - 1
+        if len(y) and (y.min() < 0 or y.max() > top):
+            raise DataError(f"{path}: {s}_labels run from {y.min()} to {y.max()}; this {task} set needs 0-{top}")
     parts = []
     for s in MEDMNIST_SPLITS:
         y = labels[s]
@@ -264,6 +309,25 @@ def skin_group(fst):
     return {1: "light", 2: "light", 3: "medium", 4: "medium", 5: "dark", 6: "dark"}.get(int(fst))
 
 
+ROMAN = {"I": 1, "II": 2, "III": 3, "IV": 4, "V": 5, "VI": 6}
+
+
+def skin_types(values, csv):
+    """Fitzpatrick types as numbers: 1-6 (or I-VI); -1 and blanks mean unknown (NaN, dropped by the reader with a
+    count). Anything else is an error naming the file and the values."""
+    text = values.astype("string").str.strip().str.upper()
+    fst = pd.to_numeric(text.map(lambda v: ROMAN.get(v, v) if isinstance(v, str) else v), errors="coerce")
+    bad = fst.isna() & text.notna() & (text != "")
+    bad |= fst.notna() & ~fst.isin([-1, 1, 2, 3, 4, 5, 6])
+    if bad.any():
+        raise DataError(f"{csv}: fitzpatrick_scale has values {sorted(set(values[bad].astype(str)))[:5]}; it takes "
+                        f"1-6 (or I-VI), and -1 or blank for unknown")
+    unknown = int((~fst.between(1, 6)).sum())
+    if unknown:
+        warnings.warn(f"{csv}: {unknown} rows with an unknown skin type (-1 or blank) left out")
+    return fst
+
+
 def read_fitzpatrick(data_root, csv=None, level="three", require_images=True):
     """Fitzpatrick17k: fitzpatrick17k.csv + images named <md5hash>.jpg anywhere under data_root. Rows with
     skin type -1 are dropped; `skin_group` is light (FST 1-2) / medium (3-4) / dark (5-6); the diagnosis is kept
@@ -271,8 +335,9 @@ def read_fitzpatrick(data_root, csv=None, level="three", require_images=True):
     root = require_dir(data_root, "Fitzpatrick17k", "fitzpatrick17k")
     csv = Path(csv) if csv else root / "fitzpatrick17k.csv"
     df = read_csv_checked(csv, FITZ_COLUMNS, dtype={"md5hash": str})
-    df = df[df["fitzpatrick_scale"].astype(int).between(1, 6)].copy()
-    df["skin_type"] = df["fitzpatrick_scale"].astype(int)
+    fst = skin_types(df["fitzpatrick_scale"], csv)
+    df = df[fst.between(1, 6)].copy()
+    df["skin_type"] = fst[fst.between(1, 6)].astype(int)
     df["skin_group"] = df["skin_type"].map(skin_group)
     df["diagnosis"], df["diagnosis_nine"], df["diagnosis_three"] = (
         df["label"], df["nine_partition_label"], df["three_partition_label"])
@@ -381,7 +446,7 @@ def medmnist_arrays(path):
     or (N, L) multi-hot, split (N,) 'train'/'val'/'test', task, class names)."""
     t = read_medmnist(path)
     z = np.load(path)
-    images = np.concatenate([z[f"{s}_images"] for s in MEDMNIST_SPLITS])
+    images = np.concatenate([as_uint8(z[f"{s}_images"], f"{path} {s}_images") for s in MEDMNIST_SPLITS])
     multilabel = t.attrs["task"] == "multi-label"
     labels = label_matrix(t) if multilabel else t["target"].to_numpy()
     return images, labels, t["split"].to_numpy(), t.attrs["task"], label_names(t)

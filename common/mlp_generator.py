@@ -5,6 +5,7 @@ import argparse
 
 import torch
 
+from common.cli import ArgumentParser, positive_float, positive_int
 from common.data import medmnist_subset
 from common.report import save_samples
 from common.runs import add_common_args, device_from, prepare_out_dir, save_checkpoint, seed_everything, \
@@ -13,14 +14,14 @@ from common.runs import add_common_args, device_from, prepare_out_dir, save_chec
 
 def parse_args(doc, out_dir, epochs, lr, extra, argv=None):
     """extra(p) adds the script's own flags (code or noise size)."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--npz", required=True, help="official MedMNIST .npz")
-    p.add_argument("--per-class", type=int, default=150, help="subset size per class (train:val 9:1)")
+    p.add_argument("--per-class", type=positive_int, default=150, help="subset size per class (train:val 9:1)")
     extra(p)
-    p.add_argument("--epochs", type=int, default=epochs, help="epochs")
-    p.add_argument("--batch-size", type=int, default=128, help="batch size")
-    p.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
-    p.add_argument("--n-per-class", type=int, default=150, help="images to generate per class")
+    p.add_argument("--epochs", type=positive_int, default=epochs, help="epochs")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="batch size")
+    p.add_argument("--lr", type=positive_float, default=lr, help="Adam learning rate")
+    p.add_argument("--n-per-class", type=positive_int, default=150, help="images to generate per class")
     add_common_args(p, out_dir)
     return p.parse_args(argv)
 

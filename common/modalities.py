@@ -12,12 +12,15 @@ Every generator, downstream classifier and fairness table of `make fairgen` (and
     toy    procedural discs vs squares with a bright/dark attribute (tests and demos)         -> 4 classes
 """
 import argparse
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
+from common.cli import ArgumentParser, positive_int, run
 from common.cache import load_images
+from common.runs import npz_out
 from common.data import PROJECT_DATA, DataError, read_covid, read_fitzpatrick, read_ixi, read_nih
 
 SKIN_DIAGNOSES = ["inflammatory", "malignant epidermal", "genodermatoses", "benign dermal", "benign epidermal"]
@@ -109,6 +112,9 @@ def load_modality(name, size, data_root=None, n_toy=2000, phantom_n=1200):
         t = read_ixi(data_root or PROJECT_DATA / "ixi_t1")
         t["attr"] = t["sex"]
         t["label"] = np.where(t["age"] >= 50, "age>=50", "age<50")
+        t.loc[t["age"].isna(), "label"] = None  # no age, no age group: left out (counted below), never "age<50"
+        if t["age"].isna().any():
+            warnings.warn(f"IXI: {int(t['age'].isna().sum())} slices without an age are left out")
         x, ok = load_images(t["image"], size, "L")
         return _finish(name, t[ok], x[ok], ["F", "M"], ["age<50", "age>=50"], "ixi")
     if name == "skin":
@@ -136,19 +142,28 @@ def export(mod, path, subset=None):
     return path
 
 
-if __name__ == "__main__":
-    from common.splits import patient_split
-    p = argparse.ArgumentParser(description="Export a modality's real images to .npz (for fairness.fid and "
-                                            "fairness.memorization).")
+def parse_args(argv=None):
+    p = ArgumentParser(description="Export a modality's real images to .npz (for fairness.fid and "
+                                   "fairness.memorization).")
     p.add_argument("modality", type=modality_name, help=f"{', '.join(MODALITIES)} or toy:N")
-    p.add_argument("--size", type=int, default=32, help="image side")
+    p.add_argument("--size", type=positive_int, default=32, help="image side")
     p.add_argument("--data-root", default=None, help="your copy of the data (default: embedded / phantom)")
     p.add_argument("--split", default="all", choices=["all", "train", "val", "test"],
                    help="patient-level split (70/10/20, stratified by the attribute)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the split")
-    p.add_argument("--out", required=True, help="output .npz")
-    a = p.parse_args()
+    p.add_argument("--out", required=True, help="output .npz (an existing file is refused unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    return p.parse_args(argv)
+
+
+def main(a):
+    from common.splits import patient_split
+    out = npz_out(a.out, a.force)
     m = load_modality(a.modality, a.size, a.data_root)
     sel = None if a.split == "all" else patient_split(m.table, seed=a.split_seed, stratify="attr") == a.split
-    export(m, a.out, sel)
-    print(f"wrote {int(len(m.table) if sel is None else sel.sum())} {m.data} images to {a.out}")
+    export(m, out, sel)
+    print(f"wrote {int(len(m.table) if sel is None else sel.sum())} {m.data} images to {out}")
+
+
+if __name__ == "__main__":
+    run(main, parse_args)

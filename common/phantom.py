@@ -23,6 +23,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from common.cli import ArgumentParser, positive_int, run
+
 # Counts of (nine-partition diagnosis, Fitzpatrick type 1..6) in fitzpatrick17k.csv (rows with type -1 dropped).
 JOINT = {
     "benign dermal": [216, 364, 225, 136, 60, 17],
@@ -165,13 +167,13 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder to write fitzpatrick17k.csv and images/ into")
-    p.add_argument("--n", type=int, default=3000, help="number of images")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--n", type=positive_int, default=3000, help="number of images")
+    p.add_argument("--size", type=positive_int, default=64, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(main, parse_args)

@@ -1,5 +1,6 @@
 """Run bookkeeping every script shares: seeding, the run folder and its config.json, atomic checkpoints, JSON, and
 the one rank helper that keeps scripts torchrun-ready (only rank 0 logs, saves and samples)."""
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -62,18 +63,98 @@ def git_commit():
         return "unknown"
 
 
-def prepare_out_dir(out_dir, force=False, resume=False):
-    """Create out_dir. An existing, non-empty folder is an error unless --resume (keep it) or --force (wipe it):
-    nothing already written is lost silently."""
+# Run folders that --force moved aside in this process: (where it was, where it is now). The top-level handler
+# (common.cli.run) deletes them when the command succeeds and puts them back when it fails.
+_REPLACED = []
+
+
+def is_run_folder(path):
+    """True for a folder this project wrote a run into: it holds the config.json that write_config writes (or the
+    summary.json of a report folder, e.g. results/ddpm), as a JSON object."""
+    for name in ("config.json", "summary.json"):
+        try:
+            if isinstance(json.loads((Path(path) / name).read_text()), dict):
+                return True
+        except (OSError, ValueError):
+            pass
+    return False
+
+
+def prepare_out_dir(out_dir, force=False, resume=False, flag="--out-dir"):
+    """Create out_dir; nothing already written is lost. An existing, non-empty folder is an error unless --resume
+    (continue it) or --force, which replaces only a run folder of ours (one with config.json) and never another
+    folder. The replaced run is moved aside, and deleted only when the command succeeds: a command that fails on
+    bad input leaves it as it was. --force with --resume is refused (one continues a run, the other replaces it)."""
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if force:
-            shutil.rmtree(out)
-        elif not resume:
-            raise DataError(f"{out} already holds a run. Pass --resume to continue it, --force to replace it, "
-                            f"or choose another --out-dir.")
-    out.mkdir(parents=True, exist_ok=True)
+    if force and resume:
+        raise DataError(f"{flag} {out}: --force replaces the run and --resume continues it (pass one of them)")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{flag} {out}: is a file, not a folder (choose another {flag})")
+    if out.is_dir() and any(out.iterdir()) and not resume:
+        if not force:
+            raise DataError(f"{flag} {out}: already holds files (pass --resume to continue a run, --force to "
+                            f"replace it, or choose another {flag})")
+        if not is_run_folder(out):
+            raise DataError(f"{flag} {out}: holds files but no run of ours (no config.json or summary.json); --force replaces "
+                            f"only run folders (choose another {flag}, or delete it yourself)")
+        aside = out.with_name(f".{out.name}.replaced-{os.getpid()}-{len(_REPLACED)}")
+        try:
+            os.replace(out, aside)
+        except OSError as e:
+            raise DataError(f"{flag} {out}: cannot replace it ({e.strerror}); check its permissions") from e
+        _REPLACED.append((out, aside))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise DataError(f"{flag} {out}: cannot write there ({e.strerror}); choose a folder you may write to") from e
     return out
+
+
+def settle_replaced(ok):
+    """End of a command: delete the runs --force replaced (ok) or put them back in place of the new, unfinished
+    ones (not ok). Called by common.cli.run; newest first, so nested replacements unwind in order."""
+    while _REPLACED:
+        out, aside = _REPLACED.pop()
+        if ok:
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(aside, out)
+
+
+def npz_out(path, force=False, flag="--out", beside=()):
+    """The .npz file an output flag names, checked before any work: numpy adds '.npz' to a name without it, so the
+    suffix is added here and the existence check sees the file that will be written. An existing file (or one of
+    the `beside` suffixes next to it, e.g. '.png') is refused without --force; the folder must be writable."""
+    out = Path(path)
+    if out.suffix != ".npz":
+        out = out.with_name(out.name + ".npz")
+    for f in [out] + [out.with_suffix(s) for s in beside]:
+        if f.is_dir():
+            raise DataError(f"{flag} {f}: is a folder; name a file (e.g. {f / 'samples.npz'})")
+        if f.exists() and not force:
+            raise DataError(f"{flag} {f}: exists (pass --force to replace it, or choose another {flag})")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{flag} {out}: cannot create its folder ({e.strerror}); choose another {flag}") from e
+    if not os.access(out.parent, os.W_OK):
+        raise DataError(f"{flag} {out}: its folder is not writable; choose another {flag}")
+    return out
+
+
+def default_runs(out):
+    """The run tree of a study writing to `out`: runs/<out as a path under this folder> (results/chestxray ->
+    runs/results/chestxray, smoke/chestxray -> runs/smoke/chestxray), so that no two --out share one; an --out
+    elsewhere gets runs/<its name>-<hash of its absolute path>."""
+    out = Path(out).resolve()
+    try:
+        return Path("runs") / out.relative_to(Path.cwd().resolve())
+    except ValueError:
+        return Path("runs") / f"{out.name}-{hashlib.sha1(str(out).encode()).hexdigest()[:8]}"
 
 
 def write_json(path, obj):
@@ -128,6 +209,29 @@ def load_checkpoint(path, map_location="cpu"):
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise DataError(f"cannot load checkpoint {path}: {e}") from e
+
+
+def load_state_dict_file(path, module, flag="--weights"):
+    """A weights file for `module` (e.g. a VGG19 or Inception state dict a user saved), loaded with
+    weights_only=True, so a pickle that would run code is refused; its keys and shapes must fit the module."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{flag} {path}: file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError ... for a file it refuses
+        raise DataError(f"{flag} {path}: not a plain state-dict file, or damaged ({type(e).__name__}); save the "
+                        f"weights with torch.save(model.state_dict(), PATH)") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DataError(f"{flag} {path}: holds a {type(state).__name__}, not a state dict of tensors; save it with "
+                        f"torch.save(model.state_dict(), PATH)")
+    want = module.state_dict()
+    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    shapes = [k for k in want if k in state and state[k].shape != want[k].shape]
+    if missing or extra or shapes:
+        raise DataError(f"{flag} {path}: does not fit {type(module).__name__} (missing {missing[:3]}, unexpected "
+                        f"{extra[:3]}, other shapes {shapes[:3]}); give the weights of that network")
+    return state
 
 
 def check_finite(loss, step, out_dir=None):

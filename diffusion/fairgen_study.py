@@ -32,9 +32,10 @@ import torch
 
 from classify import train_classifier
 from classify.downstream import KINDS, fit_predict
+from common.cli import ArgumentParser, positive_int, run
 from common.modalities import export, load_modality
 from common.report import save_grid, write_table
-from common.runs import device_from, prepare_out_dir, seed_everything, write_config, write_json
+from common.runs import default_runs, device_from, prepare_out_dir, seed_everything, write_config, write_json
 from common.splits import patient_split
 from diffusion import sample_ddpm, train_ddpm, train_dpo
 from fairness.figures import bars, lines, radar
@@ -66,7 +67,7 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modalities", default="cxr,mri,skin", help="comma-separated: cxr, nih, mri, skin, toy")
     p.add_argument("--skin-root", default=None, help="Fitzpatrick17k folder (default: the skin phantom)")
     p.add_argument("--scale", default="quick", choices=["quick", "full"], help="presets (see PRESETS)")
@@ -75,10 +76,11 @@ def parse_args(argv=None):
                    help=f"downstream classifiers for the ratio sweep, of {','.join(KINDS)} (default: the preset's)")
     p.add_argument("--sweep-methods", default="base,fairgen", help="methods whose synthetic data get the ratio sweep")
     p.add_argument("--dpo", default="fairgen", choices=["fairgen", "diffusion"], help="DPO form of the fairgen run")
-    p.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples (patients) for CIs")
+    p.add_argument("--n-boot", type=positive_int, default=500, help="bootstrap resamples (patients) for CIs")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     p.add_argument("--out", default="results/fairgen", help="tables, figures, summary.json")
-    p.add_argument("--runs", default=None, help="run folders (default: runs/<name of --out>); reused when present")
+    p.add_argument("--runs", default=None, help="run folders (default: runs/<--out>, e.g. runs/results/fairgen); reused when "
+                   "present")
     p.add_argument("--force", action="store_true", help="replace an existing --out (run folders are reused)")
     args = p.parse_args(argv)
     args.preset = PRESETS["smoke" if args.smoke else args.scale]
@@ -291,7 +293,7 @@ def main(args):
     REUSED.clear()  # per invocation, also when main() is called twice in one process
     device = device_from(args.device)
     out = prepare_out_dir(args.out, args.force)
-    runs = Path(args.runs or Path("runs") / Path(args.out).name)
+    runs = Path(args.runs or default_runs(args.out))  # each --out (and so each scale) has its own tree
     scale = "smoke" if args.smoke else args.scale
     write_config(out, args, data=args.modalities, weights="none (from scratch)", preset=args.preset,
                  judge="classifier (automatic; no physician preferences)")
@@ -396,4 +398,4 @@ def report(summary, out, runs, args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(main, parse_args)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import mlp_generator
+from common.cli import positive_int, run
 from common.runs import check_finite
 
 
@@ -84,7 +85,7 @@ def generate(G, n_per_class, seed=0, device="cpu"):
 
 def parse_args(argv=None):
     return mlp_generator.parse_args(__doc__, "runs/medmnist/mlp_cgan", 1000, 1e-4, lambda p: p.add_argument(
-        "--z-dim", type=int, default=64, help="noise size"), argv)
+        "--z-dim", type=positive_int, default=64, help="noise size"), argv)
 
 
 def main(args):
@@ -98,4 +99,4 @@ def main(args):
     print(f"MLP-cGAN: final D loss {history[-1][0]:.3f}, G loss {history[-1][1]:.3f}; wrote {len(gx)} images")
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(main, parse_args)

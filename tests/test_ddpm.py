@@ -102,7 +102,7 @@ def test_resume_continues_at_the_saved_step_with_identical_ema(tmp_path):
 def test_existing_run_is_not_overwritten(tmp_path):
     run_train(tmp_path / "r", "--steps", "2", "--save-every", "2")
     r = run_train(tmp_path / "r", "--steps", "2", check=False)
-    assert r.returncode == 1 and "--resume" in r.stderr and "--force" in r.stderr
+    assert r.returncode == 2 and "--resume" in r.stderr and "--force" in r.stderr
 
 
 def test_tiny_conditional_ddpm_learns_the_requested_class(tmp_path):

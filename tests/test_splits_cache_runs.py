@@ -1,6 +1,7 @@
 """Patient-level splits, the image cache, run bookkeeping and the table/grid writers."""
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -104,14 +105,38 @@ def test_checkpoint_atomic_and_weights_only(tmp_path):
 
 
 def test_run_folder_is_never_silently_overwritten(tmp_path):
+    from common.runs import settle_replaced
     out = prepare_out_dir(tmp_path / "r")
     (out / "metrics.json").write_text("{}")
     with pytest.raises(DataError, match="--force"):
         prepare_out_dir(out)
     prepare_out_dir(out, resume=True)
     assert (out / "metrics.json").exists()
-    prepare_out_dir(out, force=True)
+    with pytest.raises(DataError, match="no run of ours"):  # --force replaces only folders holding config.json
+        prepare_out_dir(out, force=True)
+    with pytest.raises(DataError, match="--resume"):
+        prepare_out_dir(out, force=True, resume=True)
+    assert (out / "metrics.json").read_text() == "{}"
+    (out / "config.json").write_text('{"args": {}}')
+    prepare_out_dir(out, force=True)  # the old run is moved aside ...
     assert not (out / "metrics.json").exists()
+    (out / "new.txt").write_text("unfinished")
+    settle_replaced(ok=False)  # ... and put back when the command fails
+    assert (out / "metrics.json").read_text() == "{}" and not (out / "new.txt").exists()
+    prepare_out_dir(out, force=True)
+    settle_replaced(ok=True)  # ... or deleted when it succeeds
+    assert not any(out.iterdir()) and [p.name for p in tmp_path.iterdir()] == ["r"]
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(DataError, match="is a file"):
+        prepare_out_dir(tmp_path / "f", force=True)
+
+
+def test_default_run_trees_differ_per_out(tmp_path, monkeypatch):
+    from common.runs import default_runs
+    monkeypatch.chdir(tmp_path)
+    trees = {default_runs(o) for o in ("results/chestxray", "smoke/chestxray", "results-full/chestxray",
+                                       "/elsewhere/chestxray", "/other/chestxray")}
+    assert len(trees) == 5 and Path("runs/smoke/chestxray") in trees
 
 
 def test_config_and_seeding(tmp_path):

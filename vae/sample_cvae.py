@@ -7,14 +7,14 @@ replacement) from the CVAE's own training split, so finding co-occurrence is rea
 Writes `images` (N, 64, 64) uint8 and `labels` (N, 15) multi-hot (FORMULAS.md label order), and a PNG grid.
 """
 import argparse
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from common.cli import ArgumentParser, positive_int, run
 from common.data import NIH_LABELS, DataError
 from common.report import save_grid, to_uint8
-from common.runs import device_from, load_checkpoint
+from common.runs import device_from, load_checkpoint, npz_out
 from vae.train_cvae import CVAE
 
 
@@ -40,21 +40,18 @@ def sample(model, label_pool, n, seed=0, device="cpu", batch_size=256):
 
 
 def main(args):
+    out = npz_out(args.out, args.force, beside=(".png",))  # the file numpy writes, checked before any work
     model, ck = load_cvae(args.ckpt, device_from(args.device))
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise DataError(f"{out} exists; pass --force to replace it")
     images, labels = sample(model, ck["train_labels"], args.n, args.seed, device_from(args.device))
-    out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out, images=images, labels=labels, label_names=np.array(NIH_LABELS))
     save_grid(images[:32], out.with_suffix(".png"), nrow=4, title="synthetic female X-rays (CVAE)")
     print(f"wrote {len(images)} synthetic images to {out}")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="train_cvae.py ckpt.pt (holds its training label vectors)")
-    p.add_argument("--n", type=int, default=500, help="number of images")
+    p.add_argument("--n", type=positive_int, default=500, help="number of images")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     p.add_argument("--out", required=True, help="output .npz (PNG grid beside it)")
@@ -63,4 +60,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(main, parse_args)

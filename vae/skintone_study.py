@@ -23,8 +23,9 @@ import pandas as pd
 import torch
 from scipy.stats import mannwhitneyu, spearmanr
 
+from common.cli import ArgumentParser, positive_int, run
 from common.cache import load_images
-from common.data import read_fitzpatrick
+from common.data import DataError, read_fitzpatrick
 from common.report import save_grid, write_table
 from common.runs import device_from, prepare_out_dir, seed_everything, write_config, write_json
 from fairness.figures import boxplots
@@ -60,6 +61,10 @@ def load_skin(data_root, size):
 def draw_train_set(t, pool, which, n, rng):
     """Indices of a training set (A / B / C) of n images drawn with replacement from `pool`."""
     light, dark = pool[t["group"].to_numpy()[pool] == "light"], pool[t["group"].to_numpy()[pool] == "dark"]
+    for name, members, sets in (("light (FST 1-2)", light, "AB"), ("dark (FST 5-6)", dark, "BC")):
+        if which in sets and len(members) == 0:
+            raise DataError(f"training set {which} needs {name} images and the data have none (check the "
+                            f"fitzpatrick_scale column of your --data-root, or choose another set)")
     if which == "A":
         return rng.choice(light, n, replace=True)
     if which == "C":
@@ -68,14 +73,14 @@ def draw_train_set(t, pool, which, n, rng):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default=None, help="Fitzpatrick17k folder; default: the skin phantom")
     p.add_argument("--scale", default="quick", choices=["quick", "full"], help="sizes below (flags override)")
     p.add_argument("--smoke", action="store_true", help="tiny run to test the chain")
-    p.add_argument("--n-test", type=int, default=None, help="test images per group (quick 100, full 500)")
-    p.add_argument("--n-train", type=int, default=None, help="training images per set (quick 200, full 1668)")
-    p.add_argument("--repeats", type=int, default=None, help="repeats (quick 3, full 10)")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the median CIs")
+    p.add_argument("--n-test", type=positive_int, default=None, help="test images per group (quick 100, full 500)")
+    p.add_argument("--n-train", type=positive_int, default=None, help="training images per set (quick 200, full 1668)")
+    p.add_argument("--repeats", type=positive_int, default=None, help="repeats (quick 3, full 10)")
+    p.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the median CIs")
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     p.add_argument("--out", default="results/skintone", help="figures, tables, summary.json")
@@ -201,4 +206,4 @@ def report(df, grids, args, out, data, tag, vgg, scale, seconds):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(main, parse_args)

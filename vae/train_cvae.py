@@ -22,8 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common.cli import ArgumentParser, nonneg_float, nonneg_int, positive_float, positive_int, run
 from common.cache import load_images
-from common.data import PROJECT_DATA, label_matrix, read_nih
+from common.data import PROJECT_DATA, DataError, label_matrix, read_nih
 from common.report import fit_title, save_grid
 from common.runs import (add_common_args, check_finite, device_from, load_checkpoint, prepare_out_dir,
                          save_checkpoint, seed_everything, write_config, write_json)
@@ -98,6 +99,9 @@ def fit(x_tr, y_tr, x_val, y_val, args, out, device, resume=False, progress=True
     ckpt = out / "ckpt.pt"
     if resume and ckpt.is_file():
         ck = load_checkpoint(ckpt)
+        if ck.get("args", {}).get("latent") != args.latent:
+            raise DataError(f"--resume: {ckpt} was trained with --latent {ck.get('args', {}).get('latent')}, not "
+                            f"{args.latent} (pass the same --latent, or --force to start a new run)")
         model.load_state_dict(ck["last"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
@@ -144,9 +148,9 @@ def fit(x_tr, y_tr, x_val, y_val, args, out, device, resume=False, progress=True
 def write_figures(model, x_tr, y_tr, out, device, title, seed=0):
     """samples.png (fixed noise, label vectors from the training split), recon.png, loss_curve.png."""
     g = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(len(y_tr), generator=g)[:32]
+    pick = torch.randperm(len(y_tr), generator=g)[:32]  # fewer where the training set is smaller
     with torch.no_grad():
-        z = torch.randn(32, model.latent, generator=g).to(device)
+        z = torch.randn(len(pick), model.latent, generator=g).to(device)
         samples = model.decode(z, y_tr[pick].to(device))
         mu, _ = model.encode(x_tr[pick[:16]].to(device), y_tr[pick[:16]].to(device))
         recon = model.decode(mu, y_tr[pick[:16]].to(device))
@@ -174,17 +178,17 @@ def plot_history(history, path, title):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default=str(PROJECT_DATA / "nih_cxr14"), help="NIH images (any depth) + labels")
     p.add_argument("--csv", default=None, help="label table (default: found under --data-root)")
     p.add_argument("--split-seed", type=int, default=0, help="patient-level split seed (70/10/20 by sex)")
-    p.add_argument("--limit", type=int, default=None, help="use at most this many training images (smoke tests)")
-    p.add_argument("--latent", type=int, default=128, help="latent dimension")
-    p.add_argument("--beta", type=float, default=0.00025, help="KL weight")
-    p.add_argument("--epochs", type=int, default=100, help="maximum epochs")
-    p.add_argument("--patience", type=int, default=10, help="early stopping patience (epochs)")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size")
-    p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (x0.95 per epoch)")
+    p.add_argument("--limit", type=positive_int, default=None, help="use at most this many training images (smoke tests)")
+    p.add_argument("--latent", type=positive_int, default=128, help="latent dimension")
+    p.add_argument("--beta", type=nonneg_float, default=0.00025, help="KL weight")
+    p.add_argument("--epochs", type=positive_int, default=100, help="maximum epochs")
+    p.add_argument("--patience", type=nonneg_int, default=10, help="early stopping patience (epochs)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="batch size")
+    p.add_argument("--lr", type=positive_float, default=5e-3, help="Adam learning rate (x0.95 per epoch)")
     p.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt")
     add_common_args(p, "runs/chestxray/cvae")
     return p.parse_args(argv)
@@ -200,22 +204,27 @@ def main(args):
     tr, va = np.nonzero(female & (split == "train"))[0], np.nonzero(female & (split == "val"))[0]
     if args.limit:
         tr, va = tr[:args.limit], va[:max(8, args.limit // 4)]
-    x, ok = load_images(t["image"].iloc[np.r_[tr, va]], 64, "L")
+    x, ok = load_images(t["image"].iloc[np.r_[tr, va]], 64, "L")  # unreadable images: named in a warning
+    tr, va = tr[ok[:len(tr)]], va[ok[len(tr):]]  # ... and left out
+    if len(tr) == 0 or len(va) == 0:
+        raise DataError(f"--data-root {args.data_root}: {len(tr)} readable female training and {len(va)} validation "
+                        f"images ({int(female.sum())} of {len(t)} images are of women); the CVAE trains on women's "
+                        f"images only, so it needs a data set with female patients")
     y = torch.from_numpy(label_matrix(t)[np.r_[tr, va]]).float()
-    x = to_tensor(x)
+    x = to_tensor(x[ok])
     data = "nih1000" if args.data_root == str(PROJECT_DATA / "nih_cxr14") else f"nih ({args.data_root})"
     write_config(out, args, data=data, weights="none (from scratch)", n_train=len(tr), n_val=len(va),
                  sex="female only")
     t0 = time.time()
     model, history = fit(x[:len(tr)], y[:len(tr)], x[len(tr):], y[len(tr):], args, out, device, args.resume)
-    write_figures(model, x[:len(tr)], y[:len(tr)], out, device, data)
-    plot_history(history, out / "loss_curve.png", f"CVAE loss ({data}, female training images)")
     best = min(history, key=lambda h: h["val_loss"])
     write_json(out / "metrics.json", {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
                                       "epochs_run": len(history), "n_train": len(tr), "n_val": len(va),
                                       "seconds": time.time() - t0, "data": data})
+    write_figures(model, x[:len(tr)], y[:len(tr)], out, device, data)
+    plot_history(history, out / "loss_curve.png", f"CVAE loss ({data}, female training images)")
     print(f"CVAE: best validation loss {best['val_loss']:.4f} at epoch {best['epoch']} ({len(tr)} female images)")
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(main, parse_args)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import mlp_generator
+from common.cli import positive_int, run
 from common.runs import check_finite
 
 
@@ -74,7 +75,7 @@ def generate(model, x, y, n_per_class, seed=0, device="cpu", noise=0.1):
 
 def parse_args(argv=None):
     return mlp_generator.parse_args(__doc__, "runs/medmnist/mlp_ae", 300, 1e-3, lambda p: p.add_argument(
-        "--latent", type=int, default=32, help="code size"), argv)
+        "--latent", type=positive_int, default=32, help="code size"), argv)
 
 
 def main(args):
@@ -87,4 +88,4 @@ def main(args):
     print(f"MLP-AE: final MSE {history[-1]:.4f}; wrote {len(gx)} images to {out / 'samples.npz'}")
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(main, parse_args)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import mlp_generator
+from common.cli import positive_int, run
 from common.runs import check_finite
 
 
@@ -72,7 +73,7 @@ def generate(model, n_per_class, seed=0, device="cpu"):
 
 def parse_args(argv=None):
     return mlp_generator.parse_args(__doc__, "runs/medmnist/mlp_cvae", 300, 1e-3, lambda p: p.add_argument(
-        "--latent", type=int, default=32, help="latent size"), argv)
+        "--latent", type=positive_int, default=32, help="latent size"), argv)
 
 
 def main(args):
@@ -85,4 +86,4 @@ def main(args):
     print(f"MLP-cVAE: final ELBO loss {history[-1]:.2f}; wrote {len(gx)} images to {out / 'samples.npz'}")
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(main, parse_args)

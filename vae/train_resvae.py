@@ -25,9 +25,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common.cli import ArgumentParser, nonneg_float, positive_float, positive_int, run
 from common.data import DataError
-from common.runs import (add_common_args, check_finite, device_from, prepare_out_dir, save_checkpoint,
-                         seed_everything, write_config, write_json)
+from common.runs import (add_common_args, check_finite, device_from, load_state_dict_file, prepare_out_dir,
+                         save_checkpoint, seed_everything, write_config, write_json)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -92,7 +93,7 @@ class VGGPerceptual(nn.Module):
         vgg = tvm.vgg19(weights=None)
         self.source = "random (no ImageNet weights)"
         if weights_file:
-            vgg.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
+            vgg.load_state_dict(load_state_dict_file(weights_file, vgg, "--vgg-weights"))
             self.source = f"imagenet ({weights_file})"
         elif pretrained:
             try:
@@ -170,14 +171,14 @@ def measure(model, x, device, batch_size=256):
 
 
 def add_args(p):
-    p.add_argument("--size", type=int, default=32, help="image side (paper 64+; quick 32)")
-    p.add_argument("--width", type=int, default=32, help="channels of the first level (doubling per level)")
-    p.add_argument("--latent-channels", type=int, default=64, help="latent channels (paper 64)")
-    p.add_argument("--latent-res", type=int, default=8, help="latent spatial size (paper 8)")
-    p.add_argument("--epochs", type=int, default=15, help="epochs (paper 15)")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size (paper 64)")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (paper 1e-4)")
-    p.add_argument("--perceptual-weight", type=float, default=1.0, help="weight of the VGG19 term (paper 1)")
+    p.add_argument("--size", type=positive_int, default=32, help="image side (paper 64+; quick 32)")
+    p.add_argument("--width", type=positive_int, default=32, help="channels of the first level (doubling per level)")
+    p.add_argument("--latent-channels", type=positive_int, default=64, help="latent channels (paper 64)")
+    p.add_argument("--latent-res", type=positive_int, default=8, help="latent spatial size (paper 8)")
+    p.add_argument("--epochs", type=positive_int, default=15, help="epochs (paper 15)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="batch size (paper 64)")
+    p.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate (paper 1e-4)")
+    p.add_argument("--perceptual-weight", type=nonneg_float, default=1.0, help="weight of the VGG19 term (paper 1)")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                    help="VGG19 ImageNet weights (--no-pretrained: random VGG19 features, recorded in every output)")
     p.add_argument("--vgg-weights", default=None, help="local VGG19 state-dict file (instead of downloading)")
@@ -185,10 +186,10 @@ def add_args(p):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default=None, help="Fitzpatrick17k (csv + images); default: the skin phantom")
     p.add_argument("--train-set", default="B", choices=["A", "B", "C"], help="A 100%% light, B 50/50, C 100%% dark")
-    p.add_argument("--n-train", type=int, default=1668, help="training images, drawn with replacement")
+    p.add_argument("--n-train", type=positive_int, default=1668, help="training images, drawn with replacement")
     add_args(p)
     add_common_args(p, "runs/skintone/resvae")
     return p.parse_args(argv)
@@ -213,4 +214,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(main, parse_args)

@@ -1,0 +1,136 @@
+"""The edge of every command: argparse types that refuse bad values, a parser that reports them in one line, and
+the top-level handler each entry point runs under.
+
+Bad input stops a command with one line, `error: <file or flag>: <what is wrong> (<how to fix it>)`, exit status 2,
+and no traceback; a run folder that --force was replacing is put back as it was (common.runs). Programming errors
+still raise with their traceback.
+
+    from common.cli import ArgumentParser, positive_int, run
+    ...
+    if __name__ == "__main__":
+        run(main, parse_args)
+"""
+import argparse
+import math
+import sys
+
+from common.data import DataError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: `error: argument --epochs: must be an integer >= 1, got '0' (see --help)`."""
+
+    def error(self, message):
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _number(kind, text, low, high, low_open=False):
+    try:
+        v = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, got {text!r}")
+    if isinstance(v, float) and not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    too_low = v <= low if low_open else v < low
+    if (low is not None and too_low) or (high is not None and v > high):
+        lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
+        hi = "" if high is None else f"<= {high}"
+        raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'} "
+                                         f"{' and '.join(s for s in (lo, hi) if s)}, got {text!r}")
+    return v
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1 (epochs, steps, batch sizes, image sizes, counts)."""
+    return _number(int, text, 1, None)
+
+
+def nonneg_int(text):
+    """argparse type: an integer >= 0 (patience, warm-up steps, 'every N steps' where 0 means never)."""
+    return _number(int, text, 0, None)
+
+
+def positive_float(text):
+    """argparse type: a finite number > 0 (learning rates, temperatures, delays)."""
+    return _number(float, text, 0, None, low_open=True)
+
+
+def nonneg_float(text):
+    """argparse type: a finite number >= 0 (loss weights, guidance scales)."""
+    return _number(float, text, 0, None)
+
+
+def fraction(text):
+    """argparse type: a share strictly between 0 and 1 (validation fraction, female share)."""
+    v = _number(float, text, 0, 1, low_open=True)
+    if v >= 1:
+        raise argparse.ArgumentTypeError(f"must be a number > 0 and < 1, got {text!r}")
+    return v
+
+
+def unit_interval(text):
+    """argparse type: a number in [0, 1] (probabilities, EMA decays)."""
+    return _number(float, text, 0, 1)
+
+
+def int_list(low=1, allow_empty=False):
+    """argparse type for comma-separated integers >= low ('1,2,2'). Returns the text unchanged (the scripts split it
+    where they use it, and their configs record it as typed)."""
+    def check(text):
+        parts = [p.strip() for p in str(text).split(",") if p.strip()]
+        if not parts and not allow_empty:
+            raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}")
+        for p in parts:
+            try:
+                _number(int, p, low, None)
+            except argparse.ArgumentTypeError:
+                raise argparse.ArgumentTypeError(f"must be comma-separated integers >= {low} (e.g. '1,2,2'), "
+                                                 f"got {text!r}")
+        return ",".join(parts)
+    return check
+
+
+def name_list(choices):
+    """argparse type for a comma-separated subset of choices ('cxr,mri'). Returns the text unchanged."""
+    def check(text):
+        parts = [p.strip() for p in str(text).split(",") if p.strip()]
+        unknown = [p for p in parts if p not in choices]
+        if not parts or unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, unknown)) or 'empty list'}; "
+                                             f"choose from {', '.join(choices)}")
+        return ",".join(parts)
+    return check
+
+
+def run(main, parse_args):
+    """Run an entry point: main(parse_args()) under the one top-level handler of bad input.
+
+    DataError (bad data, files or flags found past argparse) and OSError with a file name (unwritable or missing
+    path, a file where a folder is expected) become one line and exit status 2; Ctrl-C exits 130 with a note that
+    the command resumes. Either way a run folder replaced by --force is put back. Anything else is a bug: it
+    raises with its traceback (after the same restore)."""
+    from common.runs import settle_replaced
+    try:
+        result = main(parse_args())
+    except DataError as e:
+        settle_replaced(ok=False)
+        print(e.code, file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        settle_replaced(ok=False)
+        if e.filename is None:
+            raise
+        print(f"error: {e.filename}: {e.strerror or e} (check that the path exists, is of the right kind, and that "
+              f"you may write there)", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        settle_replaced(ok=False)
+        print("interrupted: nothing finished was lost; run the same command again (with --resume where the script "
+              "has it) to continue", file=sys.stderr)
+        sys.exit(130)
+    except BaseException:
+        settle_replaced(ok=False)
+        raise
+    settle_replaced(ok=True)
+    return result
