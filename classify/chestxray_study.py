@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from classify.train_chexnet import OUTPUTS, add_args, fit, per_output_table, predict, targets
 from common.cli import ArgumentParser, fraction, nonneg_int, positive_int, run
 from common.cache import load_images
-from common.data import PROJECT_DATA, label_matrix, read_nih
+from common.data import DataError, PROJECT_DATA, label_matrix, read_nih
 from common.report import mean_std, with_ci, write_table
 from common.runs import default_runs, device_from, prepare_out_dir, seed_everything, write_config, write_json
 from common.splits import patient_kfold, patient_split
@@ -122,6 +122,10 @@ def run_fold(k, fold, t, x, xc, Y15, args, device, runs):
     pool, val = rest[inner == "pool"], rest[inner == "val"]
     sex = t["sex"].to_numpy()
     males, females = pool[sex[pool] == "M"], pool[sex[pool] == "F"]
+    if len(males) == 0 or len(females) == 0:
+        raise DataError(f"--data-root {args.data_root}: fold {k}'s training pool has {len(females)} female and "
+                        f"{len(males)} male images; the study compares the sexes, so the data need both (or use "
+                        f"fewer --folds)")
     n_male = min(len(males), len(females))
     male_set = rng.choice(males, n_male, replace=False)
     female_bal = rng.choice(females, n_male, replace=False)

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from classify.nets import arch_spec, build
 from common.cli import ArgumentParser, nonneg_int, positive_float, positive_int, run
+from common.data import DataError
 from common.modalities import load_modality, modality_name
 from common.runs import (add_common_args, device_from, prepare_out_dir, save_checkpoint, seed_everything,
                          write_config, write_json)
@@ -81,6 +82,11 @@ def main(args):
     split = patient_split(t, seed=args.split_seed, stratify="attr")
     x_all = to_tensor(mod.images)
     data = {s: (x_all[split == s], torch.from_numpy(y_all[split == s]).long()) for s in ("train", "val", "test")}
+    present = np.unique(data["train"][1].numpy())
+    if len(present) < 2:
+        raise DataError(f"--target {args.target}: the training split of {mod.data} holds only "
+                        f"{[names[i] for i in present] or 'no images'}; a classifier needs at least two classes "
+                        f"(choose another --target or data with both)")
     spec = arch_spec(args.arch, mod.channels, len(names), args.size, args.width)
     net = build(**spec).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)

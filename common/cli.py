@@ -97,8 +97,8 @@ def name_list(choices):
         parts = [p.strip() for p in str(text).split(",") if p.strip()]
         unknown = [p for p in parts if p not in choices]
         if not parts or unknown:
-            raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, unknown)) or 'empty list'}; "
-                                             f"choose from {', '.join(choices)}")
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, unknown)) or 'empty list'} in "
+                                             f"{text!r}; choose from {', '.join(choices)}")
         return ",".join(parts)
     return check
 

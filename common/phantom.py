@@ -24,6 +24,7 @@ import pandas as pd
 from PIL import Image
 
 from common.cli import ArgumentParser, positive_int, run
+from common.data import DataError
 
 # Counts of (nine-partition diagnosis, Fitzpatrick type 1..6) in fitzpatrick17k.csv (rows with type -1 dropped).
 JOINT = {
@@ -162,6 +163,9 @@ def is_phantom(table):
 
 
 def main(args):
+    if (Path(args.out) / "fitzpatrick17k.csv").exists():
+        raise DataError(f"--out {args.out}: already holds a data set (fitzpatrick17k.csv); choose another --out or "
+                        f"delete it yourself")
     csv = make_phantom(args.out, args.n, args.size, args.seed)
     print(f"wrote {args.n} phantom skin images ({args.size}px) and {csv}")
 

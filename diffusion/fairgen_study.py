@@ -32,8 +32,8 @@ import torch
 
 from classify import train_classifier
 from classify.downstream import KINDS, fit_predict
-from common.cli import ArgumentParser, positive_int, run
-from common.modalities import export, load_modality
+from common.cli import ArgumentParser, name_list, positive_int, run
+from common.modalities import MODALITIES, export, load_modality
 from common.report import save_grid, write_table
 from common.runs import default_runs, device_from, prepare_out_dir, seed_everything, write_config, write_json
 from common.splits import patient_split
@@ -68,7 +68,8 @@ PRESETS = {
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--modalities", default="cxr,mri,skin", help="comma-separated: cxr, nih, mri, skin, toy")
+    p.add_argument("--modalities", default="cxr,mri,skin", type=name_list(MODALITIES),
+                   help="comma-separated: cxr, nih, mri, skin, toy")
     p.add_argument("--skin-root", default=None, help="Fitzpatrick17k folder (default: the skin phantom)")
     p.add_argument("--scale", default="quick", choices=["quick", "full"], help="presets (see PRESETS)")
     p.add_argument("--smoke", action="store_true", help="tiny run of the whole chain")

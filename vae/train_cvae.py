@@ -88,6 +88,15 @@ def validation_loss(model, x, y, beta, batch_size=256):
     return total / max(len(x), 1)
 
 
+def resumable(ckpt, args):
+    """The checkpoint a --resume continues, if it fits the model flags (checked before anything is written)."""
+    ck = load_checkpoint(ckpt)
+    if ck.get("args", {}).get("latent") != args.latent:
+        raise DataError(f"--resume: {ckpt} was trained with --latent {ck.get('args', {}).get('latent')}, not "
+                        f"{args.latent} (pass the same --latent, or --force to start a new run)")
+    return ck
+
+
 def fit(x_tr, y_tr, x_val, y_val, args, out, device, resume=False, progress=True):
     """Train the CVAE with early stopping; returns (model with the best weights, history). Checkpoints every epoch."""
     # channels_last: the (transposed) convolutions take the faster oneDNN path on a CPU (1.19x per step on 2 cores,
@@ -98,10 +107,7 @@ def fit(x_tr, y_tr, x_val, y_val, args, out, device, resume=False, progress=True
     start, best_state, best_val, bad, history = 0, None, float("inf"), 0, []
     ckpt = out / "ckpt.pt"
     if resume and ckpt.is_file():
-        ck = load_checkpoint(ckpt)
-        if ck.get("args", {}).get("latent") != args.latent:
-            raise DataError(f"--resume: {ckpt} was trained with --latent {ck.get('args', {}).get('latent')}, not "
-                            f"{args.latent} (pass the same --latent, or --force to start a new run)")
+        ck = resumable(ckpt, args)
         model.load_state_dict(ck["last"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
@@ -197,6 +203,8 @@ def parse_args(argv=None):
 def main(args):
     device = device_from(args.device)
     out = prepare_out_dir(args.out_dir, args.force, args.resume)
+    if args.resume and (out / "ckpt.pt").is_file():
+        resumable(out / "ckpt.pt", args)  # refuse a checkpoint of another shape before config.json is rewritten
     seed_everything(args.seed)
     t = read_nih(args.data_root, args.csv)
     split = patient_split(t, seed=args.split_seed, stratify="sex")
