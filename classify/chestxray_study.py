@@ -166,9 +166,6 @@ def main(args):
     t0 = time.time()
     device = device_from(args.device)
     t = read_nih(args.data_root, args.csv)  # inputs first: a bad --data-root stops before anything is written
-    out = prepare_out_dir(args.out, args.force, flag="--out")
-    runs = prepare_out_dir(args.runs or default_runs(args.out), args.force, flag="--runs")  # this --out's own tree
-    write_config(runs, args, data=str(args.data_root), run_tree_of=str(out))
     seed_everything(args.seed)
     if args.smoke:
         t = t.groupby("sex", group_keys=False).head(60).reset_index(drop=True)
@@ -177,7 +174,14 @@ def main(args):
     xc = x if args.size == CVAE_SIZE else to_tensor(load_images(t["image"], CVAE_SIZE, "L")[0])  # the CVAE's
     Y15 = label_matrix(t)
     Y = targets(Y15)
+    n_patients = t["patient_id"].nunique()
+    if args.folds < 2 or args.folds > n_patients:
+        raise DataError(f"--folds {args.folds}: cross-validation needs 2 to {n_patients} folds here (one per "
+                        f"patient at most)")
     fold = patient_kfold(t, args.folds, seed=args.seed, stratify="sex")
+    out = prepare_out_dir(args.out, args.force, flag="--out")
+    runs = prepare_out_dir(args.runs or default_runs(args.out), args.force, flag="--runs")  # this --out's own tree
+    write_config(runs, args, data=str(args.data_root), run_tree_of=str(out))
     data = "nih1000" if str(args.data_root) == str(PROJECT_DATA / "nih_cxr14") else f"nih ({args.data_root})"
     weights = "imagenet" if args.pretrained else "none (from scratch)"
     write_config(out, args, data=data, weights=weights)

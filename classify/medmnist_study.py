@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from classify.train_resnet18 import add_args, evaluate, fit as fit_classifier, to_tensor
-from common.cli import ArgumentParser, positive_int, run
-from common.data import PROJECT_DATA, medmnist_arrays, medmnist_file, medmnist_subset
+from common.cli import ArgumentParser, name_list, positive_int, run
+from common.data import (MEDMNIST, PROJECT_DATA, DataError, medmnist_arrays, medmnist_file, medmnist_subset,
+                         require_dir)
 from common.download import STUDY_FLAGS
 from common.report import save_samples, write_table
 from common.runs import device_from, prepare_out_dir, seed_everything, write_config, write_json
@@ -47,7 +48,8 @@ QUICK = {"classifier_epochs": 20, "recipe": "medmnist", "batch_size": 32, "selec
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default=None, help="folder with official MedMNIST .npz files (default: embedded)")
-    p.add_argument("--datasets", default=",".join(STUDY_FLAGS), help="MedMNIST flags to run")
+    p.add_argument("--datasets", default=",".join(STUDY_FLAGS), type=name_list(list(MEDMNIST)),
+                   help="MedMNIST flags to run")
     p.add_argument("--seeds", type=positive_int, default=3, help="seeds (subset, generators, classifier)")
     p.add_argument("--per-class", type=positive_int, default=150, help="real images per class")
     p.add_argument("--n-gen", type=positive_int, default=150, help="generated images per class")
@@ -114,10 +116,16 @@ def run_seed(path, seed, args, device, grid_dir=None):
 def main(args):
     t0 = time.time()
     device = device_from(args.device)
-    out = prepare_out_dir(args.out, args.force)
+    if args.data_root:
+        require_dir(args.data_root, "--data-root MedMNIST", "medmnist")  # never a silent fall-back to embedded
     flags = [f.strip() for f in args.datasets.split(",") if f.strip()]
     found = {f: find(f, args.data_root) for f in flags}
     missing = [f for f, p in found.items() if p is None]
+    if len(missing) == len(found):
+        raise DataError(f"--datasets {args.datasets}: none of these official .npz files is under "
+                        f"{args.data_root or PROJECT_DATA / 'medmnist'} (fetch them with `python -m common.download "
+                        f"medmnist --root DIR --flags {args.datasets}`)")
+    out = prepare_out_dir(args.out, args.force)
     write_config(out, args, data={f: str(p) for f, p in found.items() if p}, weights="none (from scratch)")
     auc, acc = {}, {}
     for flag, path in found.items():

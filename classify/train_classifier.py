@@ -85,7 +85,7 @@ def main(args):
     present = np.unique(data["train"][1].numpy())
     if len(present) < 2:
         raise DataError(f"--target {args.target}: the training split of {mod.data} holds only "
-                        f"{[names[i] for i in present] or 'no images'}; a classifier needs at least two classes "
+                        f"{[names[i] for i in present] if len(present) else 'no image'}; a classifier needs at least two classes "
                         f"(choose another --target or data with both)")
     spec = arch_spec(args.arch, mod.channels, len(names), args.size, args.width)
     net = build(**spec).to(device)

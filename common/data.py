@@ -257,7 +257,8 @@ def read_medmnist(path):
         z = np.load(path)
         keys = set(z.files)
     except Exception as e:
-        raise DataError(f"cannot read {path} as .npz ({e}); delete it and download it again") from e
+        raise DataError(f"{path}: not a readable .npz archive ({type(e).__name__}); give an official MedMNIST file "
+                        f"(a damaged download: fetch it again)") from e
     need = [f"{s}_{k}" for s in MEDMNIST_SPLITS for k in ("images", "labels")]
     if not set(need) <= keys:
         raise DataError(f"{path} lacks the keys {sorted(set(need) - keys)}; a MedMNIST file has {need}")

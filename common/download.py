@@ -13,26 +13,32 @@ nih             the 12 image archives from the NIH Clinical Center's published l
                 it (gzip CRC) and by its published image count. The label table (Data_Entry_2017_v2020.csv.gz,
                 shipped in data/) is copied beside them.
 Every command takes --root (where to write) and --url-base (a mirror, or a test server on 127.0.0.1). Offline,
-each stops at the first request with one line saying so. Partial files (*.part) are resumed with HTTP Range.
+each stops at the first request with one line saying so. Partial files (*.part) are resumed with HTTP Range; a
+file is kept only once it holds as many bytes as the server announced (and, for Fitzpatrick17k, decodes as an
+image). Only http:// and https:// URLs are fetched; the image URLs in the Fitzpatrick17k table may not point at
+this machine or a private network unless --url-base names such a server.
 """
 import argparse
 from concurrent.futures import ThreadPoolExecutor
 import hashlib
 import http.client
+import ipaddress
 import os
 from pathlib import Path
+import re
 import shutil
 import socket
-import sys
 import tarfile
+import tempfile
 import threading
 import time
 import urllib.error
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 import urllib.request
 
 from tqdm import tqdm
 
+from common.cli import ArgumentParser, name_list, positive_float, positive_int, run
 from common.data import PROJECT_DATA, DataError
 
 USER_AGENT = "fairsynth-downloader/1.0 (research; https://github.com/fairsynth)"
@@ -88,6 +94,81 @@ class Offline(DataError):
     pass
 
 
+class _Cut(Exception):
+    """One response did not leave the whole file in the .part (cut short, or resumable only from byte 0)."""
+
+
+HEX32 = re.compile(r"[0-9a-fA-F]{32}")
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
+
+
+def _non_public(address):
+    """True for loopback, private, link-local, unspecified, reserved, multicast and other non-global addresses
+    (an IPv4-mapped IPv6 address is judged by its IPv4 part)."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return (not ip.is_global or ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_unspecified
+            or ip.is_reserved or ip.is_multicast)
+
+
+def host_refusal(host):
+    """Why `host` may not be fetched from a URL that came from a data table, or None.
+
+    Covered: IP literals (IPv4, IPv6, IPv4-mapped) in loopback / private / link-local / unspecified / reserved /
+    multicast ranges; 'localhost' and *.localhost; DNS names (and the odd numeric spellings like 2130706433 or
+    0x7f.1 that the resolver turns into 127.0.0.1) that resolve, now, to any such address (socket.getaddrinfo, one
+    look-up per URL). Not covered: a name that resolves differently when urllib connects a moment later (DNS
+    rebinding), and an HTTP proxy from the environment, which connects on our behalf. A name that does not resolve
+    passes here: urllib then fails on it the same way and the row is reported as unreachable."""
+    h = host.rstrip(".").lower()
+    if h in _LOOPBACK_NAMES or h.endswith(".localhost"):
+        return "this machine (loopback)"
+    try:
+        if _non_public(h):
+            return "a loopback, private, link-local or reserved address"
+        return None
+    except ValueError:
+        pass  # a DNS name
+    try:
+        infos = socket.getaddrinfo(h, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return None
+    for info in infos:
+        try:
+            if _non_public(info[4][0]):
+                return f"a name that resolves to the non-public address {info[4][0]}"
+        except ValueError:
+            return f"a name that resolves to an address that cannot be checked ({info[4][0]})"
+    return None
+
+
+def check_url(url, public_only=False):
+    """The URL as it will be requested, or DataError saying what is wrong with it: http(s) only, a host, a valid
+    port; with public_only, a host that is not this machine or a private network (see host_refusal). Spaces and
+    non-ASCII characters in the path and query are percent-encoded (existing %-escapes are kept)."""
+    if not isinstance(url, str) or not url.strip():
+        raise DataError(f"{url!r}: no URL (give an http:// or https:// URL)")
+    url = url.strip()
+    try:
+        parts = urlsplit(url)
+        host, _ = parts.hostname, parts.port
+    except ValueError as e:
+        raise DataError(f"{url}: malformed URL ({e}) (fix the URL)") from e
+    if parts.scheme.lower() not in ("http", "https"):
+        raise DataError(f"{url}: not an http:// or https:// URL (only those are fetched; fix the URL)")
+    if not host:
+        raise DataError(f"{url}: malformed URL (no host name) (fix the URL)")
+    if public_only:
+        why = host_refusal(host)
+        if why:
+            raise DataError(f"{url}: {host} is {why}, not fetched for a URL from the table (to download from a "
+                            f"local server or mirror, name it with --url-base)")
+    path = quote(parts.path, safe="/%:@!$&'()*+,;=~")
+    query = quote(parts.query, safe="/%:@!$&'()*+,;=~?")
+    return urlunsplit((parts.scheme, parts.netloc, path, query, ""))
+
+
 def rebase(url, url_base):
     """Swap scheme and host of url for url_base's (keeping the path): how tests point real URLs at 127.0.0.1."""
     if not url_base:
@@ -104,57 +185,164 @@ def md5sum(path, chunk=1 << 20):
     return h.hexdigest()
 
 
-def fetch(url, dest, md5=None, retries=3, timeout=30, progress=False):
-    """Download url to dest (via dest.part, resumed with Range after a cut), verify md5 if given, rename.
-    Connection failures on the first byte raise Offline; a checksum mismatch raises DataError and keeps nothing."""
-    dest = Path(dest)
-    if dest.is_file() and (md5 is None or md5sum(dest) == md5):
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    for attempt in range(retries + 1):
-        have = part.stat().st_size if part.exists() else 0
-        req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-        if have:
-            req.add_header("Range", f"bytes={have}-")
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects are held to the same rule as the URL itself (http(s) only; public hosts where asked)."""
+
+    def __init__(self, public_only):
+        super().__init__()
+        self.public_only = public_only
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                if have and r.status != 206:  # server ignored Range: start again
-                    have = 0
-                total = int(r.headers.get("Content-Length", 0)) + have
-                with open(part, "ab" if have else "wb") as f, tqdm(
-                        total=total or None, initial=have, unit="B", unit_scale=True, desc=dest.name,
-                        disable=not progress, leave=False) as bar:
-                    while True:
-                        block = r.read(1 << 16)
-                        if not block:
-                            break
-                        f.write(block)
-                        bar.update(len(block))
-                if total and part.stat().st_size < total:
-                    raise ConnectionError(f"connection cut at {part.stat().st_size} of {total} bytes")
+            newurl = check_url(newurl, self.public_only)
+        except DataError as e:
+            fp.close()
+            raise DataError(f"{req.full_url}: redirected to {e.code.removeprefix('error: ')}") from None
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _int_header(value):
+    try:
+        v = int(value)
+        return v if v >= 0 else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _content_range(value):
+    """'bytes START-END/TOTAL' -> (START, END, TOTAL or None); 'bytes */TOTAL' -> (None, None, TOTAL); else None."""
+    m = re.fullmatch(r"\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*", value or "")
+    if not m:
+        return None
+    start, end, total = (None if g in (None, "*") else int(g) for g in m.groups())
+    return start, end, total
+
+
+def _write_error(part, e):
+    return DataError(f"{part}: cannot write ({e.strerror or e}) (check that --root is a folder you may write to, "
+                     f"with free space)")
+
+
+def _one_request(opener, url, part, timeout, progress, name):
+    """One GET into `part`, resumed with Range when it already holds bytes. Returns when the part holds the whole
+    file as far as the server announced its size (Content-Length of a 200, the total of a 206's Content-Range);
+    raises _Cut when it is short (the next try resumes) or cannot be continued (the part is deleted, the next try
+    starts at byte 0). Without any announced size (chunked or close-delimited body) what arrived is taken as
+    whole: checksums (MedMNIST), unpacking (NIH) and decoding (Fitzpatrick17k) judge it afterwards."""
+    have = part.stat().st_size if part.exists() else 0
+    req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    if have:
+        req.add_header("Range", f"bytes={have}-")
+    try:
+        r = opener.open(req, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # asked past the end: a finished download, or a stale .part of another file
+            cr = _content_range(e.headers.get("Content-Range"))
+            e.close()
+            if cr is not None and cr[2] == have:
+                return  # the server confirms: the .part is the whole file
+            part.unlink()
+            raise _Cut(f"the server cannot resume at byte {have} (HTTP 416): the partial file was stale, "
+                       f"deleted it") from None
+        raise
+    except (ValueError, http.client.InvalidURL) as e:  # what urllib / http.client refuse to send
+        raise DataError(f"{url}: malformed URL ({e}) (fix the URL)") from e
+    with r:
+        length = _int_header(r.headers.get("Content-Length"))
+        if r.status == 206:
+            cr = _content_range(r.headers.get("Content-Range"))
+            if cr is None or cr[0] != have:
+                part.unlink(missing_ok=True)
+                raise _Cut(f"the server answered a resume at byte {have} with "
+                           f"{r.headers.get('Content-Range')!r}; starting over")
+            total, mode = cr[2], "ab"
+        else:  # the whole file from byte 0, also when the server ignored Range: write a fresh part
+            have, total, mode = 0, length, "wb"
+        try:
+            f = open(part, mode)
+        except OSError as e:
+            raise _write_error(part, e) from e
+        got = 0
+        with f, tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=name, disable=not progress,
+                     leave=False) as bar:
+            while True:
+                block = r.read(1 << 16)
+                if not block:
+                    break
+                try:
+                    f.write(block)
+                except OSError as e:
+                    raise _write_error(part, e) from e
+                got += len(block)
+                bar.update(len(block))
+            try:
+                f.flush()
+            except OSError as e:
+                raise _write_error(part, e) from e
+    if length is not None and got < length:
+        raise _Cut(f"connection cut after {got} of the {length} bytes announced")
+    size = part.stat().st_size
+    if total is not None and size != total:
+        if size > total:
+            part.unlink()
+            raise _Cut(f"{size} bytes where the server announced {total}; deleted them, starting over")
+        raise _Cut(f"connection cut at {size} of {total} bytes")
+
+
+def fetch(url, dest, md5=None, retries=3, timeout=30, progress=False, public_only=False):
+    """Download url to dest (via dest.part, resumed with Range after a cut), verify md5 if given, rename.
+
+    Only http(s) URLs are fetched, and with public_only none on this machine or a private network (host_refusal).
+    The .part becomes dest only once it holds the byte count the server announced for the whole file. Connection
+    failures on the first byte raise Offline; anything else that stops it raises DataError, naming the URL; a
+    checksum mismatch keeps nothing."""
+    url = check_url(url, public_only)
+    dest = Path(dest)
+    old_bad = False
+    if dest.is_file():
+        if md5 is None or md5sum(dest) == md5:
+            return dest
+        old_bad = True  # replaced below when the new download checks out, deleted when it does not
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{dest.parent}: cannot create the folder ({e.strerror or e}) (check --root)") from e
+    part = dest.with_name(dest.name + ".part")
+    opener = urllib.request.build_opener(_CheckedRedirects(public_only))
+    last = None
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(min(2 ** attempt, 10) * 0.1)
+        try:
+            _one_request(opener, url, part, timeout, progress, dest.name)
             break
+        except _Cut as e:
+            last = e
         except urllib.error.HTTPError as e:
-            if e.code == 416 and have:  # asked past the end: the .part is complete
-                break
+            e.close()
             if e.code < 500 or attempt == retries:
-                raise DataError(f"{url}: HTTP {e.code} {e.reason}") from e
-        except (urllib.error.URLError, http.client.HTTPException, socket.timeout, OSError) as e:
+                raise DataError(f"{url}: HTTP {e.code} {e.reason} (check the URL, or --url-base)") from e
+            last = f"HTTP {e.code} {e.reason}"
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # socket.timeout is an OSError
             reason = getattr(e, "reason", e)
             if isinstance(e, urllib.error.URLError) and not part.exists():
                 raise Offline(f"cannot reach {urlsplit(url).netloc} ({reason}). No internet? Fetch the files on "
                               f"a connected machine and copy them under --root, or pass --url-base to a mirror.") \
                     from e
-            if attempt == retries:
-                raise DataError(f"{url}: {reason} after {retries + 1} tries; run the command again to resume "
-                                f"from {part}") from e
-        time.sleep(min(2 ** attempt, 10) * 0.1)
+            last = reason
+    else:
+        again = f"to resume from {part}" if part.exists() else "to try again"
+        raise DataError(f"{url}: {last} after {retries + 1} tries (run the command again {again})")
     if md5 is not None:
         got = md5sum(part)
         if got != md5:
             part.unlink()
-            raise DataError(f"{url}: MD5 {got} does not match the published {md5}; the partial file was deleted. "
-                            f"Run again, or check --url-base.")
+            gone = "the download"
+            if old_bad:
+                dest.unlink(missing_ok=True)
+                gone += f" and the earlier {dest.name}, whose MD5 did not match either"
+            raise DataError(f"{url}: MD5 {got} does not match the published {md5} (deleted {gone}; run again, or "
+                            f"check --url-base)")
     os.replace(part, dest)
     return dest
 
@@ -163,7 +351,7 @@ def download_medmnist(root, flags=STUDY_FLAGS, size=28, url_base=None):
     root = Path(root)
     for flag in flags:
         if flag not in MEDMNIST_MD5:
-            raise DataError(f"unknown MedMNIST flag {flag!r}; choose from {sorted(MEDMNIST_MD5)}")
+            raise DataError(f"--flags: unknown MedMNIST flag {flag!r} (choose from {', '.join(MEDMNIST_MD5)})")
         name = f"{flag}mnist.npz" if size == 28 else f"{flag}mnist_{size}.npz"
         url = rebase(f"{MEDMNIST_URL}/{name}?download=1", url_base)
         print(f"{name}: ", end="", flush=True)
@@ -185,16 +373,61 @@ class Polite:
         time.sleep(max(0.0, slot - now))
 
 
+def readable_image(path):
+    """True when path is a file that PIL opens and decodes to the end (a truncated JPEG is not)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on broken files
+        return False
+
+
+def image_path(root, h):
+    """root/images/<h>.jpg for a 32-hex-digit md5hash, checked to lie inside root/images; DataError otherwise."""
+    if not isinstance(h, str) or not HEX32.fullmatch(h):
+        raise DataError(f"md5hash {h!r}: not 32 hexadecimal digits (the image is saved as <md5hash>.jpg; fix the "
+                        f"row in the table)")
+    images = (Path(root) / "images").resolve()
+    dest = (images / f"{h}.jpg").resolve()
+    if dest.parent != images:
+        raise DataError(f"md5hash {h!r}: {dest} lies outside {images} (fix the row in the table)")
+    return dest
+
+
 def download_fitzpatrick(root, url_base=None, csv_url=FITZ_CSV_URL, workers=4, delay=0.5, limit=None):
+    """The label table (from csv_url, which the user names, so any http(s) host), then every image it lists. The
+    table's own md5hash and url values are not trusted: a hash that is not 32 hex digits, a URL that is not
+    http(s) or, without url_base, points at this machine or a private network, is reported as failed."""
     import pandas as pd
     root = Path(root)
     csv = fetch(rebase(csv_url, url_base), root / "fitzpatrick17k.csv")
-    df = pd.read_csv(csv, dtype={"md5hash": str})
+    try:
+        df = pd.read_csv(csv, dtype={"md5hash": str, "url": str})
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise DataError(f"{csv}: not a readable CSV table ({str(e).strip().splitlines()[0] if str(e) else e}) "
+                        f"(check --csv-url, then delete the file to fetch it anew)") from e
     missing = {"md5hash", "url"} - set(df.columns)
     if missing:
-        raise DataError(f"{csv} lacks the columns {sorted(missing)}")
-    df = df[df["url"].notna()]
-    todo = [(h, u) for h, u in zip(df["md5hash"], df["url"]) if not (root / "images" / f"{h}.jpg").is_file()]
+        raise DataError(f"{csv}: lacks the columns {sorted(missing)} (check --csv-url, then delete the file to "
+                        f"fetch it anew)")
+    rows, seen = [], set()
+    for h, u in zip(df["md5hash"], df["url"]):
+        key = h if isinstance(h, str) else repr(h)
+        if key not in seen:  # two rows with one hash would write one file from two threads
+            seen.add(key)
+            rows.append((h, u))
+
+    def here(item):
+        try:
+            return readable_image(image_path(root, item[0]))
+        except DataError:
+            return False
+
+    with ThreadPoolExecutor(workers) as pool:  # PIL decodes outside the GIL
+        present = list(pool.map(here, rows))
+    todo = [row for row, ok in zip(rows, present) if not ok]
     if limit:
         todo = todo[:limit]
     print(f"{len(df)} images listed; fetching {len(todo)} that are not here yet")
@@ -202,12 +435,19 @@ def download_fitzpatrick(root, url_base=None, csv_url=FITZ_CSV_URL, workers=4, d
 
     def one(item):
         h, u = item
-        url = rebase(u, url_base)
-        polite.wait(urlsplit(url).netloc)
         try:
-            fetch(url, root / "images" / f"{h}.jpg", retries=2)
+            dest = image_path(root, h)
+            if not isinstance(u, str) or not u.strip():
+                raise DataError(f"md5hash {h}: no URL in the table (nothing to fetch)")
+            url = rebase(check_url(u), url_base)
+            polite.wait(urlsplit(url).netloc)
+            dest.unlink(missing_ok=True)  # an unreadable leftover (readable ones are not in todo)
+            fetch(url, dest, retries=2, public_only=not url_base)
+            if not readable_image(dest):
+                dest.unlink(missing_ok=True)
+                raise DataError(f"{url}: not a readable image (deleted it; check the URL)")
             return None
-        except DataError as e:  # dead link, server error or unreachable host: report it, go on
+        except DataError as e:  # bad row, dead link, server error or unreachable host: report it, go on
             return (h, u, str(e.code).removeprefix("error: "), isinstance(e, Offline))
 
     with ThreadPoolExecutor(workers) as pool:
@@ -226,7 +466,7 @@ def download_nih(root, archives=range(1, 13), url_base=None, keep_archives=False
     root = Path(root)
     for i in archives:
         if not 1 <= i <= 12:
-            raise DataError(f"NIH archives are numbered 1-12, not {i}")
+            raise DataError(f"--archives: NIH archives are numbered 1-12, not {i} (e.g. --archives 1-12)")
         folder = root / f"images_{i:03d}"
         if folder.is_dir() and len(list(folder.rglob("*.png"))) == NIH_COUNTS[i - 1]:
             print(f"images_{i:03d}: already unpacked")
@@ -238,10 +478,11 @@ def download_nih(root, archives=range(1, 13), url_base=None, keep_archives=False
                 tar.extractall(folder, members=members, filter="data")
         except (tarfile.TarError, EOFError, OSError) as e:
             tgz.unlink()
-            raise DataError(f"{tgz} is damaged ({e}); deleted it, run again to fetch it anew") from e
+            raise DataError(f"{tgz}: damaged archive ({e}) (deleted it; run again to fetch it anew)") from e
         n = len(list(folder.rglob("*.png")))
         if n != NIH_COUNTS[i - 1]:
-            raise DataError(f"images_{i:03d}: {n} images unpacked, the NIH lists {NIH_COUNTS[i - 1]}")
+            raise DataError(f"images_{i:03d}: {n} images unpacked, the NIH lists {NIH_COUNTS[i - 1]} (delete "
+                            f"{folder} and {tgz.name}, then run again; check --url-base)")
         print(f"images_{i:03d}: {n} images, as published")
         if not keep_archives:
             tgz.unlink()
@@ -250,55 +491,98 @@ def download_nih(root, archives=range(1, 13), url_base=None, keep_archives=False
         shutil.copy(PROJECT_DATA / "nih_cxr14" / "Data_Entry_2017_v2020.csv.gz", labels)
 
 
+def http_url(text):
+    """argparse type: an http:// or https:// URL with a host."""
+    try:
+        parts = urlsplit(text)
+        host, _ = parts.hostname, parts.port
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"malformed URL {text!r} ({e})")
+    if parts.scheme.lower() not in ("http", "https") or not host:
+        raise argparse.ArgumentTypeError(f"must be an http:// or https:// URL with a host, got {text!r}")
+    return text
+
+
+def parse_range(text):
+    """'1', '1,2', '3-5,7' -> [1, 2, ...] in order, without repeats; ValueError on anything else."""
+    out = []
+    for part in str(text).split(","):
+        a, sep, b = part.strip().partition("-")
+        lo = int(a)
+        hi = int(b) if sep else lo
+        if hi < lo:
+            raise ValueError(f"{part!r} runs backwards")
+        out += [i for i in range(lo, hi + 1) if i not in out]
+    return out
+
+
+def archive_numbers(text):
+    """argparse type for --archives: NIH archive numbers 1-12 as '1', '1,2' or '1-12'; returns the list."""
+    try:
+        nums = parse_range(text)
+    except ValueError:
+        nums = None
+    if not nums or any(not 1 <= i <= 12 for i in nums):
+        raise argparse.ArgumentTypeError(f"must be archive numbers from 1 to 12 such as '1', '1,2' or '3-5', "
+                                         f"got {text!r}")
+    return nums
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m common.download", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m common.download", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="dataset", required=True, metavar="{medmnist,fitzpatrick17k,nih}")
 
     def common(sp):
         sp.add_argument("--root", required=True, help="folder to download into (created if missing)")
-        sp.add_argument("--url-base", default=None,
+        sp.add_argument("--url-base", default=None, type=http_url,
                         help="replace the scheme and host of every URL (a mirror, or http://127.0.0.1:PORT)")
 
     m = sub.add_parser("medmnist", help="official MedMNIST v2 .npz files, MD5-checked")
     common(m)
-    m.add_argument("--flags", default=",".join(STUDY_FLAGS),
+    m.add_argument("--flags", default=",".join(STUDY_FLAGS), type=name_list(list(MEDMNIST_MD5)),
                    help=f"comma-separated data sets (default: the 8 of `make medmnist`); all: {','.join(MEDMNIST_MD5)}")
     m.add_argument("--size", type=int, default=28, choices=[28, 64, 128, 224], help="image size variant")
     f = sub.add_parser("fitzpatrick17k", help="label table + images from the URLs it lists")
     common(f)
-    f.add_argument("--csv-url", default=FITZ_CSV_URL, help="where the label table is published")
-    f.add_argument("--workers", type=int, default=4, help="parallel downloads (keep it small: these are other "
-                   "people's servers)")
-    f.add_argument("--delay", type=float, default=0.5, help="minimum seconds between requests to one host")
-    f.add_argument("--limit", type=int, default=None, help="fetch at most this many images (for a trial)")
+    f.add_argument("--csv-url", default=FITZ_CSV_URL, type=http_url, help="where the label table is published")
+    f.add_argument("--workers", type=positive_int, default=4, help="parallel downloads (keep it small: these are "
+                   "other people's servers)")
+    f.add_argument("--delay", type=positive_float, default=0.5,
+                   help="minimum seconds between requests to one host")
+    f.add_argument("--limit", type=positive_int, default=None, help="fetch at most this many images (for a trial)")
     n = sub.add_parser("nih", help="NIH ChestX-ray14 image archives (42 GB in all) + label table")
     common(n)
-    n.add_argument("--archives", default="1-12", help="which of the 12 archives, e.g. '1' or '1,2' or '1-12'")
+    n.add_argument("--archives", default="1-12", type=archive_numbers,
+                   help="which of the 12 archives, e.g. '1' or '1,2' or '1-12'")
     n.add_argument("--keep-archives", action="store_true", help="keep the .tar.gz files after unpacking")
     return p.parse_args(argv)
 
 
-def parse_range(text):
-    out = []
-    for part in text.split(","):
-        a, _, b = part.partition("-")
-        out += list(range(int(a), int(b or a) + 1))
-    return out
+def prepare_root(root):
+    """--root as a folder that exists and takes files; DataError naming --root otherwise."""
+    path = Path(root)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"--root {root}: is a file, not a folder (pass a folder to download into)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise DataError(f"--root {root}: cannot write there ({e.strerror or e}) (pass a folder you may write "
+                        f"to)") from e
+    return path
 
 
 def main(args):
+    root = prepare_root(args.root)
     if args.dataset == "medmnist":
-        download_medmnist(args.root, [f.strip() for f in args.flags.split(",") if f.strip()], args.size,
-                          args.url_base)
+        download_medmnist(root, [f.strip() for f in args.flags.split(",") if f.strip()], args.size, args.url_base)
     elif args.dataset == "fitzpatrick17k":
-        download_fitzpatrick(args.root, args.url_base, args.csv_url, args.workers, args.delay, args.limit)
+        download_fitzpatrick(root, args.url_base, args.csv_url, args.workers, args.delay, args.limit)
     else:
-        download_nih(args.root, parse_range(args.archives), args.url_base, args.keep_archives)
+        download_nih(root, args.archives, args.url_base, args.keep_archives)
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except KeyboardInterrupt:
-        sys.exit("interrupted: run the same command again to resume")
+    run(main, parse_args)

@@ -61,7 +61,7 @@ def test_offline_fails_at_once_with_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "common.download", "medmnist", "--root", str(tmp_path),
                         "--flags", "breast", "--url-base", f"http://127.0.0.1:{port}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1
+    assert r.returncode == 2
     err = [l for l in r.stderr.strip().splitlines() if l.strip()]
     assert len(err) == 1 and err[0].startswith("error: cannot reach 127.0.0.1") and "Traceback" not in r.stderr
 
