@@ -27,9 +27,19 @@ def seed_everything(seed):
 
 
 def device_from(arg="auto"):
+    """--device as a torch.device: 'auto' (the GPU where there is one), 'cpu', 'cuda' or 'cuda:i'."""
     if arg == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(arg)
+    try:
+        device = torch.device(arg)
+    except (RuntimeError, TypeError) as e:
+        raise DataError(f"--device {arg}: not a device (use auto, cpu, cuda or cuda:N)") from e
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise DataError(f"--device {arg}: no such CUDA device here ({torch.cuda.device_count()} visible; use "
+                        f"--device auto or cpu)")
+    if device.type not in ("cpu", "cuda"):
+        raise DataError(f"--device {arg}: only cpu and cuda are supported (use auto, cpu, cuda or cuda:N)")
+    return device
 
 
 def setup_distributed(device_arg="auto"):

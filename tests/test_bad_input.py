@@ -228,6 +228,12 @@ def test_out_of_range_flags(module, flag, value, tmp_path):
     refused([module, *need, flag, value], tmp_path, [flag, value])
 
 
+@pytest.mark.parametrize("device", ["cuda:7", "tpu", "gpu0"])
+def test_unknown_device(device, tmp_path):
+    refused(["classify.train_classifier", "--data", "toy:64", "--size", "16", "--epochs", "1", "--device", device,
+             "--out-dir", str(tmp_path / "o")], tmp_path, ["--device", device])
+
+
 def test_unwritable_out_dir(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
