@@ -38,6 +38,7 @@ from common.report import save_grid, write_table
 from common.runs import default_runs, device_from, prepare_out_dir, seed_everything, write_config, write_json
 from common.splits import patient_split
 from diffusion import sample_ddpm, train_ddpm, train_dpo
+from diffusion.annotate import blinded_pairs, write_pair_set
 from fairness.figures import bars, lines, radar
 from fairness.metrics import bootstrap, fairness_summary
 
@@ -56,13 +57,14 @@ PRESETS = {
     # check more than a generator worth judging. full: a GPU.
     "quick": dict(size=32, width=16, mults="1,2,2", num_res=1, attn_res="8", pretrain=400, finetune=100, dpo=40,
                   batch=32, sample_steps=10, clf_epochs=10, down_epochs=16, seeds=1, pairs_per_class=8,
-                  vit=dict(patch=8, dim=64, mlp=128, dropout=0.0), kinds="vit,gb,knn"),
+                  vit=dict(patch=8, dim=64, mlp=128, dropout=0.0), kinds="vit,gb,knn", blinded_per_condition=1),
     "full": dict(size=64, width=64, mults="1,2,2,2", num_res=2, attn_res="16", pretrain=20000, finetune=2000,
                  dpo=500, batch=64, sample_steps=50, clf_epochs=40, down_epochs=40, seeds=3, pairs_per_class=64,
-                 vit=dict(patch=4, dim=128, mlp=256), kinds=",".join(KINDS)),
+                 vit=dict(patch=4, dim=128, mlp=256), kinds=",".join(KINDS), blinded_per_condition=4),
     "smoke": dict(size=16, width=8, mults="1,2", num_res=1, attn_res="8", pretrain=4, finetune=4, dpo=2, batch=8,
                   sample_steps=3, clf_epochs=1, down_epochs=1, seeds=1, pairs_per_class=2,
-                  vit=dict(patch=4, dim=16, mlp=32, heads=2, depth=1), kinds=",".join(KINDS)),
+                  vit=dict(patch=4, dim=16, mlp=32, heads=2, depth=1), kinds=",".join(KINDS),
+                  blinded_per_condition=1),
 }
 
 
@@ -323,6 +325,23 @@ GAP_NOTE = ("† the value lies outside its bootstrap CI. DP, EO and NAR are max
             "takes under test-set noise, not as a confidence interval for it.")
 
 
+def blinded_set(name, res, grid, runs, out, args):
+    """The blinded expert evaluation's pair set for one modality (diffusion/annotate.py serves it): per condition,
+    real vs each method and each method vs each other, sides and order shuffled, sources hidden from the page."""
+    real = np.load(runs / f"{name}-seed0" / "real_train.npz")
+    n = args.preset["blinded_per_condition"]
+    classes = res["classes"]
+    pairs = blinded_pairs((real["images"], [classes[c] for c in real["labels"]]),
+                          {m: (z["images"], [classes[c] for c in z["labels"]]) for m, z in zip(METHODS, grid)}, n,
+                          seed=0)
+    folder = out / "blinded_pairs" / name
+    write_pair_set(folder, "blinded", pairs, {"study": "fairgen", "modality": name, "data": res["data"],
+                                              "samples": res["samples_file"], "per_condition": n,
+                                              "real": "training split (real_train.npz)"})
+    res["blinded_pairs"] = {"folder": str(folder), "n_pairs": len(pairs),
+                            "serve": f"python -m diffusion.annotate --serve {folder}"}
+
+
 def report(summary, out, runs, args):
     """Table 1, FD table, figures, summary.json (seed 0 in the tables; every seed in summary.json)."""
     t1_rows, fd_rows, mem_rows = [], [], []
@@ -347,6 +366,7 @@ def report(summary, out, runs, args):
                              f"{mm['train_to_train_nn_rmse']['median']:.3f}",
                              f"{100 * mm['fraction_closer_than_train_p1']:.1f}%"])
         grid = [np.load(runs / f"{name}-seed0" / m / res["samples_file"]) for m in METHODS]
+        blinded_set(name, res, grid, runs, out, args)
         for m, z in zip(METHODS, grid):
             pick = np.concatenate([np.nonzero(z["labels"] == c)[0][:6] for c in range(len(res["classes"]))])
             save_grid(z["images"][pick], out / f"samples_{name}_{m}.png", nrow=len(res["classes"]),

@@ -135,6 +135,11 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
     assert 0 < secs["generators"] < secs["total"] and abs(sum(secs.values()) - 2 * secs["total"]) < 1.0
     assert all(np.isfinite(s1["fid"]["toy:160"][m]) and s1["fid_var"]["toy:160"][m] >= 0
                for m in ("base", "cbrs", "sqrs", "cbdm", "fairgen"))
+    from diffusion.annotate import load_pair_set  # the blinded expert evaluation's pair set, ready to serve
+    bp = load_pair_set(tmp_path / "out/blinded_pairs/toy:160")
+    assert bp["kind"] == "blinded" and {p["left_source"] for p in bp["pairs"]} | \
+        {p["right_source"] for p in bp["pairs"]} == {"real", "base", "cbrs", "sqrs", "cbdm", "fairgen"}
+    assert all(p["left_source"] != p["right_source"] for p in bp["pairs"])
     second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("reuse ") == 9  # judge, fdnet, pretrain, 5 fine-tunes, fairgen (DPO)
