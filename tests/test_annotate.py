@@ -311,3 +311,36 @@ def test_browser_screenshot_is_not_blank(tmp_path):
         shutil.copy(tmp_path / "page.png", os.environ["FAIRSYNTH_SCREENSHOT"])
 
 
+
+
+def test_from_a_trained_ddpm_to_a_dpo_run_judged_by_clinicians(tmp_path):
+    """The README's chain: a DDPM checkpoint -> a pair set -> answers (two clinicians, through the HTTP API the page
+    uses) -> pairs.csv -> train_dpo, whose outputs name the clinicians as judge, never a classifier."""
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+    tiny = ["--data", "toy:64", "--size", "16", "--width", "8", "--mults", "1,2", "--num-res", "1", "--attn-res", "8"]
+    cli("diffusion.train_ddpm", *tiny, "--steps", "2", "--batch-size", "8", "--sample-every", "0", "--grid-steps", "2",
+        "--out-dir", str(tmp_path / "ddpm"))
+    cli("diffusion.annotate", "--ckpt", str(tmp_path / "ddpm/ckpt.pt"), "--pairs-per-class", "2", "--steps", "2",
+        "--out", str(tmp_path / "prefs"), "--no-serve")
+    m = an.load_pair_set(tmp_path / "prefs")
+    assert len(m["pairs"]) == 8 and {p["condition"] for p in m["pairs"]} == {"dark|disc", "dark|square",
+                                                                              "bright|disc", "bright|square"}
+    p, base = start_server(tmp_path / "prefs", tmp_path)
+    try:
+        for who, choices in (("dr-a", "left"), ("dr-b", "right")):
+            for pid in an.annotator_order(m, who):
+                assert request(base, "/api/answer", {"annotator": who, "pair_id": pid, "choice": choices})[0] == 200
+    finally:
+        kill(p)
+    cli("diffusion.annotate", "--export", str(tmp_path / "prefs"), "--out", str(tmp_path / "pairs.csv"))
+    assert len(pd.read_csv(tmp_path / "pairs.csv")) == 16
+    cli("diffusion.train_dpo", "--init", str(tmp_path / "ddpm/ckpt.pt"), "--pairs", str(tmp_path / "pairs.csv"),
+        "--data", "toy:64", "--size", "16", "--steps", "2", "--batch-size", "8", "--pair-batch", "4",
+        "--grid-per-class", "1", "--grid-steps", "2", "--out-dir", str(tmp_path / "dpo"))
+    metrics = json.loads((tmp_path / "dpo/metrics.json").read_text())
+    config = json.loads((tmp_path / "dpo/config.json").read_text())
+    for judge in (metrics["judge"], config["judge"]):
+        assert judge == "2 clinicians (dr-a, dr-b)" and "classifier" not in judge
