@@ -177,13 +177,15 @@ def arch_spec(arch, in_ch, n_out, size, width=32):
 
 
 def load_classifier(ckpt_path, map_location="cpu"):
-    from common.runs import load_checkpoint
+    from common.runs import load_checkpoint, load_weights
     ck = load_checkpoint(ckpt_path, map_location)
-    if "arch" not in ck:
-        raise DataError(f"{ckpt_path} is not a fairsynth classifier checkpoint (no 'arch' entry)")
-    net = build(**ck["arch"])
-    net.load_state_dict(ck["model"])
-    return net.eval(), ck
+    if not isinstance(ck, dict) or not isinstance(ck.get("arch"), dict) or "model" not in ck:
+        raise DataError(f"{ckpt_path}: not a fairsynth classifier checkpoint (train_classifier.py writes them)")
+    try:
+        net = build(**ck["arch"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise DataError(f"{ckpt_path}: its 'arch' entry does not describe a network of classify/nets.py ({e})") from e
+    return load_weights(net, ck["model"], ckpt_path).eval(), ck
 
 
 class FeatureExtractor(nn.Module):

@@ -100,6 +100,9 @@ def prepare_out_dir(out_dir, force=False, resume=False, flag="--out-dir"):
         raise DataError(f"{flag} {out}: --force replaces the run and --resume continues it (pass one of them)")
     if out.exists() and not out.is_dir():
         raise DataError(f"{flag} {out}: is a file, not a folder (choose another {flag})")
+    if resume and out.is_dir() and any(out.iterdir()) and not is_run_folder(out):
+        raise DataError(f"{flag} {out}: --resume continues a run of ours, and this folder holds files but no run "
+                        f"(no config.json); choose another {flag}")
     if out.is_dir() and any(out.iterdir()) and not resume:
         if not force:
             raise DataError(f"{flag} {out}: already holds files (pass --resume to continue a run, --force to "
@@ -138,21 +141,28 @@ def settle_replaced(ok):
 def npz_out(path, force=False, flag="--out", beside=()):
     """The .npz file an output flag names, checked before any work: numpy adds '.npz' to a name without it, so the
     suffix is added here and the existence check sees the file that will be written. An existing file (or one of
-    the `beside` suffixes next to it, e.g. '.png') is refused without --force; the folder must be writable."""
+    the `beside` suffixes next to it, e.g. '.png') is refused without --force; the folder must take files."""
     out = Path(path)
+    if out.is_dir():
+        raise DataError(f"{flag} {out}: is a folder; {flag} names the .npz file to write (e.g. {out / 'samples.npz'})")
     if out.suffix != ".npz":
         out = out.with_name(out.name + ".npz")
-    for f in [out] + [out.with_suffix(s) for s in beside]:
+    files = [out] + [out.with_suffix(s) for s in beside]
+    for f in files:
         if f.is_dir():
-            raise DataError(f"{flag} {f}: is a folder; name a file (e.g. {f / 'samples.npz'})")
-        if f.exists() and not force:
-            raise DataError(f"{flag} {f}: exists (pass --force to replace it, or choose another {flag})")
+            raise DataError(f"{flag} {path}: {f} is a folder; choose another {flag}")
+    existing = [str(f) for f in files if f.exists() or f.is_symlink()]
+    if existing and not force:
+        raise DataError(f"{flag} {path}: {' and '.join(existing)} already exist (pass --force to replace them, or "
+                        f"choose another {flag})")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.with_name(f".{out.name}.write-test-{os.getpid()}")
+        probe.touch()
+        probe.unlink()
     except OSError as e:
-        raise DataError(f"{flag} {out}: cannot create its folder ({e.strerror}); choose another {flag}") from e
-    if not os.access(out.parent, os.W_OK):
-        raise DataError(f"{flag} {out}: its folder is not writable; choose another {flag}")
+        raise DataError(f"{flag} {path}: cannot write in {out.parent} ({e.strerror}); choose a path you may write "
+                        f"to") from e
     return out
 
 
@@ -211,19 +221,39 @@ def save_checkpoint(state, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path, map_location="cpu", flag="--ckpt"):
+    """A checkpoint of ours, loaded with weights_only=True (a pickle that would run code is refused, never run)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"checkpoint not found: {path}. Train first, or check --ckpt.")
+        raise DataError(f"{flag} {path}: checkpoint not found (train first, or check {flag})")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise DataError(f"cannot load checkpoint {path}: {e}") from e
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError ... for a file it refuses
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise DataError(f"{flag} {path}: cannot load checkpoint ({type(e).__name__}: {first}); it is damaged, "
+                        f"cut short, or not a checkpoint of this project") from e
+
+
+def load_weights(model, state, source):
+    """model.load_state_dict(state), with a state that does not fit the network (a checkpoint of another model or
+    shape, a damaged file) reported as bad input naming `source`, instead of load_state_dict's traceback."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DataError(f"{source}: holds a {type(state).__name__}, not a state dict of tensors (save weights with "
+                        f"torch.save(model.state_dict(), PATH))")
+    want = model.state_dict()
+    missing, extra = [k for k in want if k not in state], [k for k in state if k not in want]
+    wrong = [k for k in want if k in state and state[k].shape != want[k].shape]
+    if missing or extra or wrong:
+        raise DataError(f"{source}: its weights do not fit {type(model).__name__} ({len(missing)} missing, "
+                        f"{len(extra)} unexpected, {len(wrong)} of another shape, e.g. {(missing + extra + wrong)[0]}); "
+                        f"it is a checkpoint of another model, or the file is damaged")
+    model.load_state_dict(state)
+    return model
 
 
 def load_state_dict_file(path, module, flag="--weights"):
-    """A weights file for `module` (e.g. a VGG19 or Inception state dict a user saved), loaded with
-    weights_only=True, so a pickle that would run code is refused; its keys and shapes must fit the module."""
+    """Load a weights file (e.g. a VGG19 or Inception state dict a user saved) into `module`, with
+    weights_only=True, so that a pickle that would run code is refused; keys and shapes must fit the module."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{flag} {path}: file not found")
@@ -232,16 +262,7 @@ def load_state_dict_file(path, module, flag="--weights"):
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError ... for a file it refuses
         raise DataError(f"{flag} {path}: not a plain state-dict file, or damaged ({type(e).__name__}); save the "
                         f"weights with torch.save(model.state_dict(), PATH)") from e
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise DataError(f"{flag} {path}: holds a {type(state).__name__}, not a state dict of tensors; save it with "
-                        f"torch.save(model.state_dict(), PATH)")
-    want = module.state_dict()
-    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
-    shapes = [k for k in want if k in state and state[k].shape != want[k].shape]
-    if missing or extra or shapes:
-        raise DataError(f"{flag} {path}: does not fit {type(module).__name__} (missing {missing[:3]}, unexpected "
-                        f"{extra[:3]}, other shapes {shapes[:3]}); give the weights of that network")
-    return state
+    return load_weights(module, state, f"{flag} {path}")
 
 
 def check_finite(loss, step, out_dir=None):

@@ -17,6 +17,8 @@ class Schedule:
     """beta_t and everything derived from it, as float64 on the CPU (indexed, then moved to the data's device)."""
 
     def __init__(self, kind="linear", T=1000):
+        if T < 1:
+            raise ValueError(f"T must be >= 1, not {T}")
         if kind == "linear":
             betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
         elif kind == "cosine":  # Nichol & Dhariwal 2021, s = 0.008, betas clipped at 0.999
@@ -88,6 +90,8 @@ def ddpm_sample(model, s, shape, y=None, w=0.0, generator=None, device="cpu", cl
 
 def ddim_timesteps(T, steps):
     """`steps` evenly spaced timesteps from T-1 down to 0 (the last is always 0)."""
+    if steps < 1:  # zero steps would return the starting noise as if it were a sample
+        raise ValueError(f"DDIM needs steps >= 1, not {steps}")
     return torch.linspace(T - 1, 0, steps).round().long().unique_consecutive().tolist()
 
 

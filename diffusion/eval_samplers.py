@@ -13,6 +13,8 @@ import time
 import numpy as np
 
 from classify.nets import load_feature_extractor
+from common.cli import ArgumentParser, nonneg_float, positive_int, run
+from common.data import DataError
 from common.modalities import load_modality
 from common.report import save_grid, write_table
 from common.runs import device_from, prepare_out_dir, seed_everything, write_json
@@ -24,15 +26,19 @@ from fairness.fid import extract, fid_from_features, subgroup_fids
 
 def main(args):
     device = device_from(args.device)
-    out = prepare_out_dir(args.out, args.force)
     seed_everything(args.seed)
+    # the inputs read and checked first: bad input stops the command before --out is made or replaced
     model, ck = load_model(args.ckpt, device)
     a, names = ck["args"], ck["class_names"]
-    mod = load_modality(a["data"], a["size"], a.get("data_root"))
+    net, label = load_feature_extractor(args.fd_ckpt)
+    mod = load_modality(a.get("data", ck.get("data")), a["size"], a.get("data_root"))
     keep = np.ones(len(mod.table), bool) if a.get("subset") == "all" else \
         patient_split(mod.table, seed=a.get("split_seed", 0), stratify="attr") == "train"
     real, real_groups = mod.images[keep], mod.table["attr"].to_numpy()[keep].astype(str)
-    net, label = load_feature_extractor(args.fd_ckpt)
+    if len(real) < 2:
+        raise DataError(f"--ckpt {args.ckpt}: its training data ({a.get('data')}, subset {a.get('subset')}) has "
+                        f"{len(real)} images here; the feature distance needs at least 2")
+    out = prepare_out_dir(args.out, args.force, flag="--out")
     f_real = extract(net, real)
     sched = Schedule(a["schedule"], a["T"])
     classes = np.repeat(np.arange(len(names)), args.n_per_class)
@@ -72,12 +78,13 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="train_ddpm.py checkpoint")
     p.add_argument("--fd-ckpt", required=True, help="classifier checkpoint for FD-<network> features")
-    p.add_argument("--n-per-class", type=int, default=100, help="samples per class and sampler")
-    p.add_argument("--guidance", type=float, default=1.0, help="guidance scale w")
-    p.add_argument("--batch-size", type=int, default=None, help="sampling batch (default: 64 on a CPU, 256 on a GPU)")
+    p.add_argument("--n-per-class", type=positive_int, default=100, help="samples per class and sampler")
+    p.add_argument("--guidance", type=nonneg_float, default=1.0, help="guidance scale w")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="sampling batch (default: 64 on a CPU, 256 on a GPU)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     p.add_argument("--out", default="results/ddpm", help="output folder")
@@ -86,4 +93,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(main, parse_args)

@@ -17,7 +17,9 @@ def sample_weights(cls, q, grad_norms=None, alpha=0.0):
     w_g = np.where(counts > 0, counts.astype(float), np.inf) ** -q
     if alpha and grad_norms is not None:
         g = np.asarray(grad_norms, float)
-        w_g = w_g * np.where(np.isfinite(g) & (g > 0), g / np.nanmean(g[g > 0]), 1.0) ** alpha
+        seen = np.isfinite(g) & (g > 0)  # groups not drawn yet have no norm: factor 1
+        if seen.any():
+            w_g = w_g * np.where(seen, g / g[seen].mean(), 1.0) ** alpha
     return w_g[cls]
 
 

@@ -32,8 +32,8 @@ import torch
 
 from classify import train_classifier
 from classify.downstream import KINDS, fit_predict
-from common.cli import ArgumentParser, name_list, positive_int, run
-from common.modalities import MODALITIES, export, load_modality
+from common.cli import ArgumentParser, positive_int, run
+from common.modalities import MODALITIES, export, load_modality, modality_name
 from common.report import save_grid, write_table
 from common.runs import default_runs, device_from, prepare_out_dir, seed_everything, write_config, write_json
 from common.splits import patient_split
@@ -68,9 +68,17 @@ PRESETS = {
 }
 
 
+def modality_list(text):
+    """argparse type of --modalities: comma-separated modalities (common.modalities.modality_name, toy:N too)."""
+    names = [modality_name(m.strip()) for m in text.split(",") if m.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"no modality in {text!r}; choose from {', '.join(MODALITIES)}")
+    return ",".join(names)
+
+
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--modalities", default="cxr,mri,skin", type=name_list(MODALITIES),
+    p.add_argument("--modalities", default="cxr,mri,skin", type=modality_list,
                    help="comma-separated: cxr, nih, mri, skin, toy")
     p.add_argument("--skin-root", default=None, help="Fitzpatrick17k folder (default: the skin phantom)")
     p.add_argument("--scale", default="quick", choices=["quick", "full"], help="presets (see PRESETS)")

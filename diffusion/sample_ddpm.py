@@ -9,27 +9,47 @@ PNG grid beside it.
 """
 import argparse
 import json
-from pathlib import Path
+import os
 import time
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.cli import ArgumentParser, nonneg_float, positive_int, run
 from common.data import DataError
 from common.report import save_grid, to_uint8
-from common.runs import device_from, load_checkpoint, seed_everything
+from common.runs import device_from, load_checkpoint, load_weights, npz_out, seed_everything
 from diffusion.ddpm import Schedule, ddim_sample, ddpm_sample
-from diffusion.unet import unet_from_args
+from diffusion.unet import shape_problems, unet_from_args
+
+MODEL_KEYS = ("channels", "size", "width", "mults", "num_res", "attn_res", "num_classes", "schedule", "T")
 
 
 def load_model(ckpt_path, device, raw=False):
+    """(U-Net in eval mode with the EMA weights, or the raw ones with raw=True; the checkpoint) of a train_ddpm.py or
+    train_dpo.py checkpoint. Any other file is bad input, reported naming it."""
     ck = load_checkpoint(ckpt_path)
-    if "args" not in ck or "width" not in ck["args"]:
-        raise DataError(f"{ckpt_path} is not a fairsynth DDPM checkpoint")
-    model = unet_from_args(ck["args"])
-    model.load_state_dict(ck["model"] if raw else ck["ema"])
+    weights = "model" if raw else "ema"
+    if not (isinstance(ck, dict) and isinstance(ck.get("args"), dict) and all(k in ck["args"] for k in MODEL_KEYS)
+            and all(k in ck for k in (weights, "class_names", "step"))):
+        raise DataError(f"{ckpt_path}: not a fairsynth DDPM checkpoint (train_ddpm.py and train_dpo.py write them)")
+    if shape_problems(ck["args"]):
+        raise DataError(f"{ckpt_path}: its model args are inconsistent ({shape_problems(ck['args'])[0]})")
+    model = load_weights(unet_from_args(ck["args"]), ck[weights], ckpt_path)
     return model.to(device, memory_format=torch.channels_last).eval(), ck
+
+
+def class_indices(text, names):
+    """Indices of the comma-separated class names of --classes (all classes when empty), in the order given."""
+    if not text:
+        return list(range(len(names)))
+    asked = list(dict.fromkeys(c.strip() for c in text.split(",") if c.strip()))
+    unknown = [c for c in asked if c not in names]
+    if unknown or not asked:
+        raise DataError(f"--classes {text!r}: unknown {', '.join(map(repr, unknown)) or 'empty list'}; this "
+                        f"checkpoint's classes are {', '.join(names)}")
+    return [names.index(c) for c in asked]
 
 
 def default_batch(device):
@@ -61,54 +81,61 @@ def main(args):
     seed_everything(args.seed)
     model, ck = load_model(args.ckpt, device, args.raw)
     a, names = ck["args"], ck["class_names"]
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise DataError(f"{out} exists; pass --force to replace it")
-    which = [names.index(c) for c in args.classes.split(",")] if args.classes else list(range(len(names)))
+    which = class_indices(args.classes, names)
+    out = npz_out(args.out, args.force, beside=(".png",))
+    png = out.with_suffix(".png")
     classes = np.repeat(which, args.n_per_class)
     sched = Schedule(a["schedule"], a["T"])
     t0 = time.time()
     images = generate(model, sched, classes, a["size"], a["channels"], args.sampler, args.steps, args.eta,
                       args.guidance, args.batch_size, args.seed, device)
     elapsed = time.time() - t0
-    out.parent.mkdir(parents=True, exist_ok=True)
     groups = np.array([names[c].split("|")[0] for c in classes])
     meta = {"ckpt": str(args.ckpt), "step": ck["step"], "sampler": args.sampler,
             "steps": a["T"] if args.sampler == "ddpm" else args.steps, "eta": args.eta, "guidance": args.guidance,
             "weights": "raw" if args.raw else "ema", "seconds": elapsed, "data": ck.get("data")}
-    np.savez_compressed(out, images=images, labels=classes, groups=groups, class_names=np.array(names),
-                        meta=json.dumps(meta))
     k = min(8, args.n_per_class)
     pick = np.concatenate([np.nonzero(classes == c)[0][:k] for c in which])
     title = f"{meta['sampler'].upper()}-{meta['steps']}" + (f" eta={args.eta:g}" if args.sampler == "ddim" else "") + \
         f" w={args.guidance}, step {ck['step']}, {ck.get('data')}" + \
         (" (PHANTOM data)" if ck.get("data") == "phantom" else "")
-    save_grid(images[pick], out.with_suffix(".png"), nrow=len(which), title=title,
-              row_labels=[names[c] for c in which])
+    # both files to temporary names first, then renamed: a failure leaves what --force was replacing in place
+    tmp_npz, tmp_png = (f.with_name(f".{f.stem}.tmp-{os.getpid()}{f.suffix}") for f in (out, png))
+    try:
+        with open(tmp_npz, "wb") as f:  # a file object: numpy appends no suffix
+            np.savez_compressed(f, images=images, labels=classes, groups=groups, class_names=np.array(names),
+                                meta=json.dumps(meta))
+        save_grid(images[pick], tmp_png, nrow=len(which), title=title, row_labels=[names[c] for c in which])
+        os.replace(tmp_npz, out)
+        os.replace(tmp_png, png)
+    finally:
+        tmp_npz.unlink(missing_ok=True)
+        tmp_png.unlink(missing_ok=True)
     print(f"wrote {len(images)} images to {out} ({elapsed:.1f} s, {elapsed / len(images) * 1000:.0f} ms/image)")
     return out
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="a train_ddpm.py ckpt.pt")
-    p.add_argument("--n-per-class", type=int, default=100, help="images per class")
+    p.add_argument("--n-per-class", type=positive_int, default=100, help="images per class")
     p.add_argument("--classes", default=None, help="comma-separated class names (default: all), e.g. 'F|finding'")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="DDIM (--steps) or ancestral DDPM (T)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--eta", type=float, default=1.0,
+    p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps")
+    p.add_argument("--eta", type=nonneg_float, default=1.0,
                    help="DDIM eta: 1 (default) adds DDPM-like noise each step, 0 is deterministic DDIM. With small, "
                         "briefly trained models eta=0 leaves some samples noisy (results/ddpm); eta=1 does not")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale w")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--guidance", type=nonneg_float, default=1.0, help="classifier-free guidance scale w")
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="images per sampling batch (default: 64 on a CPU, 256 on a GPU; it changes speed, not quality)")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
-    p.add_argument("--out", required=True, help="output .npz (a .png grid is written beside it)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--out", required=True, help="output .npz ('.npz' is appended to a name without it; a .png grid "
+                   "is written beside it)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out (its .npz and .png)")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(main, parse_args)

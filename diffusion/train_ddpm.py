@@ -23,75 +23,91 @@ import collections
 import copy
 import json
 from pathlib import Path
+import sys
 import time
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.cli import (ArgumentParser, int_list, nonneg_float, nonneg_int, positive_float, positive_int, run,
+                        unit_interval)
 from common.data import DataError
 from common.modalities import load_modality, modality_name
 from common.report import save_grid
-from common.runs import (add_common_args, check_finite, is_main_process, load_checkpoint, prepare_out_dir,
-                         save_checkpoint, seed_everything, setup_distributed, write_config, write_json)
+from common.runs import (add_common_args, check_finite, is_main_process, load_checkpoint, load_weights,
+                         prepare_out_dir, save_checkpoint, seed_everything, setup_distributed, write_config,
+                         write_json)
 from common.splits import patient_split
 from diffusion.ddpm import Schedule, ddim_sample, drop_labels, q_sample
 from diffusion.fairgen import cb_loss, sample_weights
-from diffusion.unet import unet_from_args
+from diffusion.unet import shape_problems, unet_from_args
 
 SAMPLER_Q = {"uniform": 0.0, "cbrs": 1.0, "sqrs": 0.5}
+# what a --resume must share with the checkpoint it continues: the data, the diffusion, and (model_args) the model
+RUN_KEYS = ("data", "subset", "split_seed", "schedule", "T")
+RESUME_KEYS = ("args", "model", "ema", "opt", "lr_sched", "gen", "dgen", "torch_rng", "step", "history")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", default="nih", type=modality_name,
                    help="modality: class = attribute x label (see common/modalities.py)")
     g.add_argument("--data-root", default=None, help="your copy of the data set (default: the embedded data)")
-    g.add_argument("--size", type=int, default=32, help="image side in pixels (28 to 128)")
+    g.add_argument("--size", type=positive_int, default=32, help="image side in pixels (28 to 128)")
     g.add_argument("--subset", default="train", choices=["train", "all"],
                    help="train on the patient-level training split (70%%, seed --split-seed) or on everything")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the patient-level split")
     g.add_argument("--hflip", action="store_true", help="random horizontal flips (not for chest X-rays)")
     g = p.add_argument_group("model")
-    g.add_argument("--width", type=int, default=64, help="base channel width of the U-Net")
-    g.add_argument("--mults", default="1,2,2", help="channel multiplier per resolution level")
-    g.add_argument("--num-res", type=int, default=2, help="residual blocks per level")
-    g.add_argument("--attn-res", default="16", help="resolutions with self-attention, comma-separated")
-    g.add_argument("--dropout", type=float, default=0.0, help="dropout in residual blocks")
+    g.add_argument("--width", type=positive_int, default=64, help="base channel width of the U-Net")
+    g.add_argument("--mults", type=int_list(1), default="1,2,2", help="channel multiplier per resolution level")
+    g.add_argument("--num-res", type=positive_int, default=2, help="residual blocks per level")
+    g.add_argument("--attn-res", type=int_list(1, allow_empty=True), default="16",
+                   help="resolutions (level sides in px) with self-attention, comma-separated; '' for none")
+    g.add_argument("--dropout", type=unit_interval, default=0.0, help="dropout in residual blocks")
     g = p.add_argument_group("diffusion")
     g.add_argument("--schedule", default="linear", choices=["linear", "cosine"], help="beta schedule")
-    g.add_argument("--T", type=int, default=1000, help="diffusion steps")
-    g.add_argument("--p-uncond", type=float, default=0.1, help="label dropout for classifier-free guidance")
+    g.add_argument("--T", type=positive_int, default=1000, help="diffusion steps")
+    g.add_argument("--p-uncond", type=unit_interval, default=0.1, help="label dropout for classifier-free guidance")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=3000, help="training steps (batches)")
-    g.add_argument("--batch-size", type=int, default=32, help="images per step (per GPU under torchrun)")
-    g.add_argument("--lr", type=float, default=2e-4, help="AdamW peak learning rate")
-    g.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
-    g.add_argument("--ema", type=float, default=0.995, help="EMA decay (0.9999 at scale; lower for short runs)")
+    g.add_argument("--steps", type=positive_int, default=3000, help="training steps (batches)")
+    g.add_argument("--batch-size", type=positive_int, default=32, help="images per step (per GPU under torchrun)")
+    g.add_argument("--lr", type=positive_float, default=2e-4, help="AdamW peak learning rate")
+    g.add_argument("--warmup", type=nonneg_int, default=200, help="linear learning-rate warm-up steps")
+    g.add_argument("--weight-decay", type=nonneg_float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--grad-clip", type=nonneg_float, default=1.0, help="clip the global gradient norm (0: off)")
+    g.add_argument("--ema", type=unit_interval, default=0.995, help="EMA decay (0.9999 at scale; lower for short runs)")
     g.add_argument("--amp", default="auto", choices=["auto", "off"], help="bf16 autocast on GPU ('auto')")
     g = p.add_argument_group("FairGen variants")
     g.add_argument("--sampler", default="uniform", choices=list(SAMPLER_Q),
                    help="batch sampling weights per group: uniform, CBRS 1/n_g, SQRS 1/sqrt(n_g)")
     g.add_argument("--grad-alpha", type=float, default=0.0, help="gradient-aware factor exponent (ours; 0 = off)")
-    g.add_argument("--grad-window", type=int, default=50, help="steps over which group gradient norms are averaged")
+    g.add_argument("--grad-window", type=positive_int, default=50,
+                   help="steps over which group gradient norms are averaged")
     g.add_argument("--cb-loss", action="store_true", help="add the class-balancing loss (CBDM)")
-    g.add_argument("--cb-tau", type=float, default=1.0, help="tau in w(t) = tau t / T")
-    g.add_argument("--cb-gamma", type=float, default=0.25, help="weight of L_com")
+    g.add_argument("--cb-tau", type=positive_float, default=1.0, help="tau in w(t) = tau t / T")
+    g.add_argument("--cb-gamma", type=nonneg_float, default=0.25, help="weight of L_com")
     g = p.add_argument_group("output")
     add_common_args(p, "runs/ddpm/nih32")
     g.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt")
     g.add_argument("--init", default=None, help="fine-tune: start from this checkpoint's EMA weights (its model "
                    "shape wins over the model flags), with a fresh optimiser, at step 0")
-    g.add_argument("--save-every", type=int, default=500, help="checkpoint interval (steps)")
-    g.add_argument("--sample-every", type=int, default=1000, help="sample-grid interval (steps; 0: only at the end)")
-    g.add_argument("--grid-per-class", type=int, default=8, help="grid images per class")
-    g.add_argument("--grid-steps", type=int, default=50, help="DDIM steps for the grids")
-    g.add_argument("--guidance", type=float, default=1.0, help="guidance scale w for the grids")
-    g.add_argument("--grid-eta", type=float, default=1.0, help="DDIM eta of the grids (see sample_ddpm.py)")
-    return p.parse_args(argv)
+    g.add_argument("--save-every", type=positive_int, default=500, help="checkpoint interval (steps)")
+    g.add_argument("--sample-every", type=nonneg_int, default=1000,
+                   help="sample-grid interval (steps; 0: only at the end)")
+    g.add_argument("--grid-per-class", type=positive_int, default=8, help="grid images per class")
+    g.add_argument("--grid-steps", type=positive_int, default=50, help="DDIM steps for the grids")
+    g.add_argument("--guidance", type=nonneg_float, default=1.0, help="guidance scale w for the grids")
+    g.add_argument("--grid-eta", type=nonneg_float, default=1.0, help="DDIM eta of the grids (see sample_ddpm.py)")
+    args = p.parse_args(argv)
+    if args.force and args.resume:
+        p.error("--force replaces the run in --out-dir and --resume continues it: pass one of them")
+    problems = [] if args.init else shape_problems(model_args(args, 0, 1))  # --init brings its own shape
+    if problems:
+        p.error("; ".join(problems))
+    return args
 
 
 def model_args(args, num_classes, channels):
@@ -118,6 +134,34 @@ def update_ema(ema, model, decay):
         pe.lerp_(p.detach(), 1 - decay)
     for be, b in zip(ema.buffers(), model.buffers()):
         be.copy_(b)
+
+
+def init_args(init, path, margs):
+    """The model args of an --init checkpoint (they win over the model flags)."""
+    need = [k for k in margs if k != "dropout"]
+    if not (isinstance(init, dict) and "ema" in init and isinstance(init.get("args"), dict)
+            and all(k in init["args"] for k in need)):
+        raise DataError(f"--init {path}: not a train_ddpm.py checkpoint (no model args and EMA weights)")
+    return {k: init["args"].get(k, margs[k]) for k in margs}
+
+
+def check_resume(ck, path, args, margs):
+    """A checkpoint --resume can continue: ours, at most --steps far, and trained with the same data, diffusion and
+    model flags (a different shape would fail to load; different data or T would silently change the run)."""
+    if not isinstance(ck, dict) or any(k not in ck for k in RESUME_KEYS) or not isinstance(ck["args"], dict):
+        raise DataError(f"--resume: {path} is not a train_ddpm.py checkpoint (choose another --out-dir, or move "
+                        f"the file away to start afresh)")
+    saved, now = ck["args"], {**{k: getattr(args, k) for k in RUN_KEYS}, **margs}
+    show = lambda v: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+    flag = {"channels": "--data (image channels)", "num_classes": "--data (number of classes)"}
+    differ = [f"{flag.get(k, '--' + k.replace('_', '-'))} {show(v)} (checkpoint: {show(saved[k])})"
+              for k, v in now.items() if k in saved and saved[k] != v]
+    if differ:
+        raise DataError(f"--resume {path}: these flags differ from the run being continued: {'; '.join(differ)}. "
+                        f"Pass the checkpoint's values, or another --out-dir for a new run")
+    if ck["step"] > args.steps:
+        raise DataError(f"--steps {args.steps}: {path} is already at step {ck['step']}; pass --steps >= "
+                        f"{ck['step']} to continue it")
 
 
 def sample_grid(ema, sched, args, mod, step, out, device):
@@ -164,20 +208,34 @@ def real_batch_loss(net, sched, x_all, cls_all, grad_hist, args, gen, dgen, K, a
 
 def main(args):
     device, rank, world = setup_distributed(args.device)
-    out = prepare_out_dir(args.out_dir, args.force, args.resume) if is_main_process() else None
     seed_everything(args.seed + rank)
+    # everything read and checked first: bad input stops the run before its folder is made or touched
     mod, x_all, cls_all = training_images(args)
     K, N = len(mod.class_names), len(x_all)
+    if N == 0:
+        raise DataError(f"--data {args.data} --subset {args.subset}: no training images (use more images, or "
+                        f"--subset all)")
+    counts = np.bincount(cls_all.numpy(), minlength=K)
+    for name in np.array(mod.class_names)[counts == 0]:
+        print(f"warning: class {name} has no training images; its grid row shows what the model guesses for it",
+              file=sys.stderr)
     margs = model_args(args, K, mod.channels)
     init = load_checkpoint(args.init) if args.init else None
     if init is not None:
-        margs = {k: init["args"][k] for k in margs}
-        if margs["num_classes"] != K or margs["size"] != args.size:
+        margs = init_args(init, args.init, margs)
+        if margs["num_classes"] != K or margs["size"] != args.size or margs["channels"] != mod.channels:
             raise DataError(f"--init {args.init} was trained for {margs['num_classes']} classes at "
                             f"{margs['size']} px, not {K} at {args.size}")
+        if shape_problems(margs):
+            raise DataError(f"--init {args.init}: its model args are inconsistent ({shape_problems(margs)[0]})")
+    ckpt_path = Path(args.out_dir) / "ckpt.pt"
+    ck = load_checkpoint(ckpt_path) if args.resume and ckpt_path.is_file() else None
+    if ck is not None:
+        check_resume(ck, ckpt_path, args, margs)
+    out = prepare_out_dir(args.out_dir, args.force, args.resume) if is_main_process() else None
     model = unet_from_args(margs)
     if init is not None:
-        model.load_state_dict(init["ema"])
+        load_weights(model, init["ema"], f"--init {args.init}")
     model = model.to(device, memory_format=torch.channels_last)  # ~1.6x faster convs on CPU
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -185,14 +243,11 @@ def main(args):
     sched = Schedule(args.schedule, args.T)
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # batch indices (CPU)
     dgen = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank + 1)  # t, noise, label dropout
-    counts = np.bincount(cls_all.numpy(), minlength=K)
     grad_hist = [collections.deque(maxlen=args.grad_window) for _ in range(K)]
     step, history = 0, []
-    ckpt_path = Path(args.out_dir) / "ckpt.pt"
-    if args.resume and ckpt_path.is_file():
-        ck = load_checkpoint(ckpt_path)
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
+    if ck is not None:
+        load_weights(model, ck["model"], ckpt_path)
+        load_weights(ema, ck["ema"], ckpt_path)
         opt.load_state_dict(ck["opt"])
         lr_sched.load_state_dict(ck["lr_sched"])
         gen.set_state(ck["gen"])
@@ -202,6 +257,9 @@ def main(args):
         for g, vals in enumerate(ck.get("grad_hist", [])):
             grad_hist[g].extend(vals)
         print(f"resumed {ckpt_path} at step {step}")
+        if step == args.steps and (Path(args.out_dir) / "metrics.json").is_file():
+            print(f"{args.out_dir} is already finished at --steps {args.steps}; nothing to do")
+            return ema
     if is_main_process():
         write_config(out, args, data=mod.data, weights=f"init from {args.init}" if args.init else "none (from scratch)", classes=mod.class_names,
                      class_counts=counts.tolist(), notes=mod.notes, model=margs)
@@ -274,4 +332,4 @@ def plot_loss(losses, path, data):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(main, parse_args)

@@ -2,7 +2,8 @@
 
 Preference pairs (x_w preferred, x_l rejected, same condition) come from
 - a CSV `condition, preferred_path, rejected_path` (what physicians would supply; condition = a class name such
-  as 'F|finding'), or
+  as 'F|finding'); `python -m diffusion.annotate --export` writes one from clinicians' answers on a local page,
+  with an `annotator` column, and the outputs then name them as judge ("2 clinicians (A, B)"); or
 - an automatic judge (--judge CKPT, a classify/train_classifier.py checkpoint trained on real images with
   --target cls): for each condition it samples 2 x --pairs-per-class images from the model being tuned and, of
   each two, prefers the one it scores higher for that condition. The pairs it made are written as images plus a
@@ -29,62 +30,68 @@ from PIL import Image
 from tqdm import tqdm
 
 from common.cache import load_images
+from common.cli import ArgumentParser, nonneg_float, positive_float, positive_int, run, unit_interval
 from common.data import DataError, read_csv_checked
 from common.modalities import modality_name
-from common.runs import (add_common_args, check_finite, device_from, load_checkpoint, prepare_out_dir,
-                         save_checkpoint, seed_everything, write_config, write_json)
+from common.runs import (add_common_args, check_finite, device_from, prepare_out_dir, save_checkpoint,
+                         seed_everything, write_config, write_json)
 from diffusion.ddpm import Schedule, q_sample
 from diffusion.fairgen import dpo_diffusion, dpo_fairgen
-from diffusion.sample_ddpm import generate
+from diffusion.sample_ddpm import generate, load_model
 from diffusion.train_ddpm import SAMPLER_Q, real_batch_loss, sample_grid, training_images, update_ema
-from diffusion.unet import unet_from_args
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", required=True, help="train_ddpm.py checkpoint to fine-tune (also the DPO reference)")
     pref = p.add_mutually_exclusive_group(required=True)
     pref.add_argument("--pairs", help="CSV with columns condition, preferred_path, rejected_path")
     pref.add_argument("--judge", help="classifier checkpoint (target cls) that makes the pairs automatically")
-    p.add_argument("--pairs-per-class", type=int, default=16, help="pairs per condition the judge makes")
-    p.add_argument("--pair-steps", type=int, default=25, help="DDIM steps for the judge's candidate samples")
+    p.add_argument("--pairs-per-class", type=positive_int, default=16, help="pairs per condition the judge makes")
+    p.add_argument("--pair-steps", type=positive_int, default=25, help="DDIM steps for the judge's candidate samples")
     p.add_argument("--dpo", default="fairgen", choices=["fairgen", "diffusion"], help="DPO loss form")
-    p.add_argument("--lam", type=float, default=0.5, help="lambda of the FairGen form")
-    p.add_argument("--beta", type=float, default=2500.0, help="beta of the Diffusion-DPO form")
-    p.add_argument("--dpo-weight", type=float, default=1.0, help="weight of L_DPO in the total")
-    p.add_argument("--pair-batch", type=int, default=16, help="preference pairs per step")
+    p.add_argument("--lam", type=positive_float, default=0.5, help="lambda of the FairGen form")
+    p.add_argument("--beta", type=positive_float, default=2500.0, help="beta of the Diffusion-DPO form")
+    p.add_argument("--dpo-weight", type=nonneg_float, default=1.0, help="weight of L_DPO in the total")
+    p.add_argument("--pair-batch", type=positive_int, default=16, help="preference pairs per step")
     # the real-data part, as train_ddpm.py
     p.add_argument("--data", default="nih", type=modality_name, help="modality")
     p.add_argument("--data-root", default=None, help="your copy of the data (default: embedded / phantom)")
-    p.add_argument("--size", type=int, default=32, help="image side (must match --init)")
+    p.add_argument("--size", type=positive_int, default=32, help="image side (must match --init)")
     p.add_argument("--subset", default="train", choices=["train", "all"], help="real images: training split or all")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the patient-level split")
     p.add_argument("--hflip", action="store_true", help="random horizontal flips of real images")
     p.add_argument("--sampler", default="sqrs", choices=list(SAMPLER_Q), help="real-batch sampling weights")
     p.add_argument("--grad-alpha", type=float, default=0.0, help="gradient-aware factor (ours; 0 = off)")
     p.add_argument("--cb-loss", action="store_true", help="add the class-balancing loss on real batches")
-    p.add_argument("--cb-tau", type=float, default=1.0, help="tau of the CB loss")
-    p.add_argument("--cb-gamma", type=float, default=0.25, help="gamma of the CB loss")
-    p.add_argument("--p-uncond", type=float, default=0.1, help="label dropout on real batches")
-    p.add_argument("--batch-size", type=int, default=32, help="real images per step")
-    p.add_argument("--steps", type=int, default=200, help="fine-tuning steps")
-    p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate")
-    p.add_argument("--ema", type=float, default=0.99, help="EMA decay")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient clipping (0: off)")
-    p.add_argument("--grid-per-class", type=int, default=8, help="final grid images per class")
-    p.add_argument("--grid-steps", type=int, default=50, help="DDIM steps of the final grid")
-    p.add_argument("--guidance", type=float, default=1.0, help="guidance of grids and judge samples")
+    p.add_argument("--cb-tau", type=positive_float, default=1.0, help="tau of the CB loss")
+    p.add_argument("--cb-gamma", type=nonneg_float, default=0.25, help="gamma of the CB loss")
+    p.add_argument("--p-uncond", type=unit_interval, default=0.1, help="label dropout on real batches")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="real images per step")
+    p.add_argument("--steps", type=positive_int, default=200, help="fine-tuning steps")
+    p.add_argument("--lr", type=positive_float, default=5e-5, help="AdamW learning rate")
+    p.add_argument("--ema", type=unit_interval, default=0.99, help="EMA decay")
+    p.add_argument("--grad-clip", type=nonneg_float, default=1.0, help="gradient clipping (0: off)")
+    p.add_argument("--grid-per-class", type=positive_int, default=8, help="final grid images per class")
+    p.add_argument("--grid-steps", type=positive_int, default=50, help="DDIM steps of the final grid")
+    p.add_argument("--guidance", type=nonneg_float, default=1.0, help="guidance of grids and judge samples")
     add_common_args(p, "runs/fairgen/dpo")
     return p.parse_args(argv)
 
 
-def judge_pairs(model, sched, a, names, judge_ckpt, args, device, out):
-    """Sample 2 x n images per condition, let the judge prefer the higher-scoring of each two; write them as
-    PNGs + pairs.csv (the physicians' format). Returns (x_w, x_l uint8 arrays, class indices)."""
+def load_judge(judge_ckpt, names):
+    """(classifier, its checkpoint): a --judge that predicts exactly this model's classes."""
     from classify.nets import load_classifier
     judge, jck = load_classifier(judge_ckpt)
-    if list(jck["classes"]) != list(names):
-        raise DataError(f"the judge {judge_ckpt} predicts {jck['classes']}, not this model's classes {names}")
+    if list(jck.get("classes", [])) != list(names):
+        raise DataError(f"--judge {judge_ckpt} predicts {jck.get('classes')}, not this model's classes {names} "
+                        f"(train it with --target cls on the same --data)")
+    return judge, jck
+
+
+def judge_pairs(model, sched, a, names, judge, jck, args, device, out):
+    """Sample 2 x n images per condition, let the judge prefer the higher-scoring of each two; write them as
+    PNGs + pairs.csv (the physicians' format). Returns (x_w, x_l uint8 arrays, class indices)."""
     n = args.pairs_per_class
     classes = np.repeat(np.arange(len(names)), 2 * n)
     imgs = generate(model, sched, classes, a["size"], a["channels"], "ddim", args.pair_steps, 1.0, args.guidance,
@@ -114,13 +121,25 @@ def judge_pairs(model, sched, a, names, judge_ckpt, args, device, out):
 
 def csv_pairs(path, names, size, channels):
     df = read_csv_checked(path, ["condition", "preferred_path", "rejected_path"])
+    if df.empty:
+        raise DataError(f"--pairs {path}: no pairs (a header and no rows)")
+    df["condition"] = df["condition"].astype(str)
     unknown = sorted(set(df["condition"]) - set(names))
     if unknown:
-        raise DataError(f"{path}: unknown conditions {unknown}; this model's classes are {names}")
+        raise DataError(f"--pairs {path}: unknown conditions {unknown}; this model's classes are {names}")
     mode = "L" if channels == 1 else "RGB"
     xw, okw = load_images(df["preferred_path"], size, mode, strict=True)
     xl, okl = load_images(df["rejected_path"], size, mode, strict=True)
-    return xw, xl, np.array([names.index(c) for c in df["condition"]])
+    return xw, xl, np.array([names.index(c) for c in df["condition"]]), pairs_judge(df, path)
+
+
+def pairs_judge(df, path):
+    """Who made the pairs of a --pairs CSV, for every output: the clinicians named in its `annotator` column (what
+    diffusion/annotate.py --export writes), else the file, saying the judge is not named in it."""
+    if "annotator" in df.columns and df["annotator"].notna().all():
+        names = sorted(df["annotator"].astype(str).unique())
+        return f"{len(names)} clinician{'s' if len(names) > 1 else ''} ({', '.join(names)})"
+    return f"pairs CSV ({path}; judge not named in it)"
 
 
 def to_model_input(u8, device):
@@ -137,26 +156,29 @@ def pair_errors(net, sched, xw, xl, c, t, eps):
 
 def main(args):
     device = device_from(args.device)
-    out = prepare_out_dir(args.out_dir, args.force)
     seed_everything(args.seed)
-    ck = load_checkpoint(args.init)
+    # every input read and checked first: bad input stops the run before its folder is made or replaced
+    model, ck = load_model(args.init, device)  # the EMA weights of --init
     a, names = ck["args"], ck["class_names"]
     if a["size"] != args.size:
         raise DataError(f"--size {args.size} differs from the --init model's {a['size']}")
-    model = unet_from_args(a)
-    model.load_state_dict(ck["ema"])
-    model = model.to(device, memory_format=torch.channels_last)
     ref = copy.deepcopy(model).eval().requires_grad_(False)  # frozen reference (Diffusion-DPO)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     sched = Schedule(a["schedule"], a["T"])
-    judge_name = f"classifier ({args.judge})" if args.judge else f"pairs CSV ({args.pairs})"
     if args.judge:
-        xw, xl, c = judge_pairs(ema, sched, a, names, args.judge, args, device, out)
+        judge, jck = load_judge(args.judge, names)
+        judge_name = f"classifier ({args.judge})"
     else:
-        xw, xl, c = csv_pairs(args.pairs, names, a["size"], a["channels"])
+        xw, xl, c, judge_name = csv_pairs(args.pairs, names, a["size"], a["channels"])
     mod, x_all, cls_all = training_images(args)
     if mod.class_names != names:
         raise DataError(f"--data {args.data} has classes {mod.class_names}; the --init model has {names}")
+    if len(x_all) == 0:
+        raise DataError(f"--data {args.data} --subset {args.subset}: no training images (use more images, or "
+                        f"--subset all)")
+    out = prepare_out_dir(args.out_dir, args.force)
+    if args.judge:
+        xw, xl, c = judge_pairs(ema, sched, a, names, judge, jck, args, device, out)
     write_config(out, args, data=mod.data, weights=f"init from {args.init}", judge=judge_name, dpo=args.dpo,
                  n_pairs=len(c), classes=names, notes=mod.notes)
     x_all, cls_all = x_all.to(device), cls_all.to(device)
@@ -204,4 +226,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(main, parse_args)

@@ -13,7 +13,10 @@ import torch.nn.functional as F
 
 
 def norm(ch):
-    return nn.GroupNorm(min(32, ch // 4), ch)
+    """GroupNorm with min(32, ch / 4) groups; where that does not divide ch (--width 6, or 240 channels where a skip
+    joins at --width 40 --mults 1,2,4), its largest common divisor with ch, so that any width builds. Widths that
+    built before get the same groups."""
+    return nn.GroupNorm(math.gcd(ch, min(32, max(1, ch // 4))), ch)
 
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -21,7 +24,8 @@ def timestep_embedding(t, dim, max_period=10000):
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    return F.pad(emb, (0, dim % 2))  # odd dim: a zero column, as guided-diffusion
 
 
 class ResBlock(nn.Module):
@@ -45,7 +49,7 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     def __init__(self, ch, heads=4):
         super().__init__()
-        self.heads = heads
+        self.heads = math.gcd(ch, heads)  # fewer heads when ch is not a multiple of `heads`
         self.norm, self.qkv, self.proj = norm(ch), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
@@ -122,6 +126,23 @@ class UNet(nn.Module):
             else:
                 h = blocks[1](blocks[0](h))  # upsample
         return self.out(h)
+
+
+def shape_problems(a):
+    """Why a U-Net of these args (a dict, as unet_from_args takes) cannot work as asked, one message per problem,
+    each naming the flag to change; [] when it can. Each level halves the side exactly (the skip connections need
+    the sides to match on the way up), and --attn-res names sides that a level has."""
+    problems, levels = [], len(a["mults"])
+    if a["size"] % 2 ** (levels - 1):
+        problems.append(f"--size {a['size']}: must be divisible by {2 ** (levels - 1)} to halve {levels - 1} times "
+                        f"(--mults has {levels} levels)")
+        return problems
+    sides = [a["size"] // 2 ** i for i in range(levels)]
+    missing = [r for r in a["attn_res"] if r not in sides]
+    if missing:
+        problems.append(f"--attn-res {','.join(map(str, a['attn_res']))}: {','.join(map(str, missing))} is not the "
+                        f"side of a level; the levels are {','.join(map(str, sides))} px")
+    return problems
 
 
 def unet_from_args(a):

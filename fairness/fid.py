@@ -21,17 +21,20 @@ a warning is given below that. Subgroup variance = (1/G) sum_g (FID_g - mean_g F
 """
 import argparse
 import hashlib
-import json
 import os
 from pathlib import Path
 import warnings
+import zipfile
+import zlib
 
 import numpy as np
 import scipy.linalg
 import torch
 import torch.nn.functional as F
 
+from common.cli import ArgumentParser, run
 from common.data import DataError
+from common.runs import load_state_dict_file, write_json
 
 FEATURE_CACHE = Path(os.environ.get("FAIRSYNTH_CACHE", Path(__file__).resolve().parent.parent / ".cache")) / "fid"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -150,10 +153,11 @@ def inception(weights="torchvision"):
                                                   "the standard TF-Inception FID)"
     path = Path(weights)
     if not path.is_file():
-        raise DataError(f"Inception weights not found: {path}. The pytorch-fid file is "
+        raise DataError(f"--weights {path}: not found. The pytorch-fid file is "
                         f"pt_inception-2015-12-05-6726825d.pth from github.com/mseitzer/pytorch-fid/releases.")
     net = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008)
-    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    state = load_state_dict_file(path, net)  # weights_only: a pickle that would run code is refused, never run
+    net.load_state_dict(state)
     return InceptionPool3(net, True).eval(), "FID (pytorch-fid TF-Inception weights)"
 
 
@@ -176,11 +180,23 @@ def load_input(path):
     if path.suffix == ".npz":
         if not path.is_file():
             raise DataError(f"{path} not found")
-        z = np.load(path)
-        if "images" not in z.files:
-            raise DataError(f"{path} has no `images` array (it has {z.files})")
-        groups = z["groups"] if "groups" in z.files else None
-        return z["images"], None, groups
+        if not zipfile.is_zipfile(path):
+            raise DataError(f"{path}: not an .npz archive (the zip of arrays that np.savez writes)")
+        try:
+            with np.load(path) as z:  # allow_pickle=False: object arrays are refused, not unpickled
+                if "images" not in z.files:
+                    raise DataError(f"{path} has no `images` array (it has {z.files})")
+                images, groups = z["images"], (z["groups"] if "groups" in z.files else None)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            raise DataError(f"{path}: cannot read it as an .npz of arrays ({type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0]})") from e
+        if images.dtype != np.uint8 or images.ndim not in (3, 4) or images.ndim == 4 and images.shape[-1] != 3 \
+                or not len(images):
+            raise DataError(f"{path}: `images` must be a non-empty uint8 array (N, H, W) or (N, H, W, 3), not "
+                            f"{images.dtype} {images.shape}")
+        if groups is not None and len(groups) != len(images):
+            raise DataError(f"{path}: {len(groups)} `groups` for {len(images)} `images`")
+        return images, None, groups
     if not path.is_dir():
         raise DataError(f"{path} is neither a folder of images nor an .npz file")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -188,9 +204,14 @@ def load_input(path):
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {path}")
     from PIL import Image
     from common.cache import load_images
-    with Image.open(files[0]) as im:
-        size, mode = im.size[0], ("L" if im.mode in ("L", "I", "I;16", "1") else "RGB")
+    try:
+        with Image.open(files[0]) as im:
+            size, mode = im.size[0], ("L" if im.mode in ("L", "I", "I;16", "1") else "RGB")
+    except OSError as e:  # PIL's UnidentifiedImageError is an OSError
+        raise DataError(f"{files[0]}: cannot read it as an image ({e})") from e
     images, ok = load_images(files, size, mode, progress=False)
+    if not ok.any():
+        raise DataError(f"{path}: none of its {len(files)} images could be read")
     return images[ok], [f.name for f, o in zip(files, ok) if o], None
 
 
@@ -233,15 +254,11 @@ def feature_net(args):
 
 
 def main(args):
-    net, label = feature_net(args)
-    device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    # the inputs read and checked before the feature network is loaded (or downloaded) and anything is computed
     (xr, names_r, gr), (xf, names_f, gf) = load_input(args.real), load_input(args.fake)
-    fr = cached_features(net, label, args.real, xr, device)
-    ff = cached_features(net, label, args.fake, xf, device)
-    warn_small(min(len(fr), len(ff)), "overall")
-    result = {"metric": label, "fid": fid_from_features(fr, ff, args.sqrtm), "n_real": len(fr), "n_fake": len(ff),
-              "sqrtm": args.sqrtm}
-    print(f"{label}\n  overall: {result['fid']:.3f}  (n_real={len(fr)}, n_fake={len(ff)})")
+    for path, x in ((args.real, xr), (args.fake, xf)):
+        if len(x) < 2:
+            raise DataError(f"{path}: {len(x)} image; a Frechet distance needs at least 2 per set")
     if args.groups:
         from common.data import read_csv_checked
         g = read_csv_checked(args.groups, ["file", "group"])
@@ -250,22 +267,33 @@ def main(args):
             raise DataError("--groups names files; use folders of images, or .npz inputs with a `groups` array")
         gr = np.array([lookup.get(n, "?") for n in names_r])
         gf = np.array([lookup.get(n, "?") for n in names_f])
+    if args.json and Path(args.json).is_dir():
+        raise DataError(f"--json {args.json}: is a folder; --json names the file to write")
+    net, label = feature_net(args)
+    device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    fr = cached_features(net, label, args.real, xr, device)
+    ff = cached_features(net, label, args.fake, xf, device)
+    warn_small(min(len(fr), len(ff)), "overall")
+    result = {"metric": label, "fid": fid_from_features(fr, ff, args.sqrtm), "n_real": len(fr), "n_fake": len(ff),
+              "sqrtm": args.sqrtm}
+    print(f"{label}\n  overall: {result['fid']:.3f}  (n_real={len(fr)}, n_fake={len(ff)})")
     if gr is not None and gf is not None:
         per, var = subgroup_fids(fr, ff, np.asarray(gr).astype(str), np.asarray(gf).astype(str), args.sqrtm)
         for k, (v, nr, nf) in per.items():
             print(f"  group {k}: {v:.3f}  (n_real={nr}, n_fake={nf})")
             warn_small(min(nr, nf), f"group {k}")
-        print(f"  inter-subgroup variance (1/G): {var:.3f}  (G={len(per)})")
+        print(f"  inter-subgroup variance (1/G): {var:.3f}  (G={len(per)})" +
+              ("" if per else "; no group has >= 2 images in both sets"))
         result.update(groups={k: {"fid": v, "n_real": nr, "n_fake": nf} for k, (v, nr, nf) in per.items()},
                       subgroup_variance=var)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
     return result
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m fairness.fid", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m fairness.fid", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("real", help="folder of real images, or .npz with `images` (and optionally `groups`)")
     p.add_argument("fake", help="folder of generated images, or .npz with `images` (and optionally `groups`)")
     p.add_argument("--groups", help="CSV with columns file,group naming each image's subgroup (both folders)")
@@ -281,4 +309,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(main, parse_args)

@@ -1,6 +1,6 @@
 """Memorization audit: is any generated image a copy of a training patient's image?
 
-    python -m fairness.memorization SYNTH TRAIN [--feature-ckpt CKPT] [--threshold 0.02] [--out DIR]
+    python -m fairness.memorization SYNTH TRAIN [--feature-ckpt CKPT] [--threshold 0.02] [--out DIR] [--force]
 
 SYNTH and TRAIN are folders of images or .npz files with a uint8 `images` array. For each synthetic image it
 finds the nearest training image
@@ -12,7 +12,8 @@ It reports the fraction of synthetic images whose pixel RMSE to their nearest tr
 --threshold (default 0.02, about 5 grey levels: an exact copy up to resampling noise), the fraction that are much
 closer to their nearest training image than to the second nearest (d1 < d2 / 3, Carlini et al. 2023), and, as the
 yardstick, the same nearest-neighbour distances within the training set itself. It writes a PNG of the closest
-pairs (synthetic left, training right) and a JSON of the numbers.
+pairs (synthetic left, training right) and a JSON of the numbers; an earlier audit in --out is replaced only with
+--force.
 """
 import argparse
 from pathlib import Path
@@ -20,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.cli import ArgumentParser, positive_float, run
+from common.data import DataError
 from common.report import save_grid
 from common.runs import write_json
 from fairness.fid import load_input
@@ -92,16 +95,27 @@ def closest_pairs_png(synth, train, order, idx, d1, path, k=8, title="closest sy
 
 
 def main(args):
+    # the inputs read and checked, and the output place, before anything is computed or written
     synth, _, _ = load_input(args.synth)
     train, _, _ = load_input(args.train)
+    if len(train) < 2:
+        raise DataError(f"{args.train}: {len(train)} image; the audit compares each image with its two nearest "
+                        f"training images, so it needs at least 2")
     feature_fn = None
     if args.feature_ckpt:
         from classify.nets import load_feature_extractor
         from fairness.fid import extract
         net, label = load_feature_extractor(args.feature_ckpt)
         feature_fn = lambda x: extract(net, x)
-    result, order, idx, d1 = audit(synth, train, args.threshold, feature_fn)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: is a file; --out names the folder to write into")
+    existing = [str(out / f) for f in ("memorization.json", "closest_pairs.png") if (out / f).exists()]
+    if existing and not args.force:
+        raise DataError(f"--out {out}: {' and '.join(existing)} already exist; pass --force to replace them, or "
+                        f"choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    result, order, idx, d1 = audit(synth, train, args.threshold, feature_fn)
     write_json(out / "memorization.json", result)
     closest_pairs_png(synth, train, order, idx, d1, out / "closest_pairs.png", title=args.title)
     print(f"{result['n_synth']} synthetic vs {result['n_train']} training images: "
@@ -112,17 +126,19 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m fairness.memorization", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m fairness.memorization", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("synth", help="generated images: folder or .npz with `images`")
     p.add_argument("train", help="the generator's training images: folder or .npz with `images`")
-    p.add_argument("--threshold", type=float, default=0.02, help="pixel RMSE (images in [0,1]) below which a "
-                   "synthetic image counts as a copy")
+    p.add_argument("--threshold", type=positive_float, default=0.02, help="pixel RMSE (images in [0,1]) below "
+                   "which a synthetic image counts as a copy")
     p.add_argument("--feature-ckpt", help="classifier ckpt.pt for the feature-space nearest neighbour")
     p.add_argument("--out", default="memorization", help="folder for memorization.json and closest_pairs.png")
     p.add_argument("--title", default="closest synthetic (left) / training (right) pairs", help="PNG title")
+    p.add_argument("--force", action="store_true", help="replace the memorization.json and closest_pairs.png of an "
+                   "earlier audit in --out")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(main, parse_args)

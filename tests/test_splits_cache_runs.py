@@ -110,14 +110,16 @@ def test_run_folder_is_never_silently_overwritten(tmp_path):
     (out / "metrics.json").write_text("{}")
     with pytest.raises(DataError, match="--force"):
         prepare_out_dir(out)
-    prepare_out_dir(out, resume=True)
-    assert (out / "metrics.json").exists()
+    with pytest.raises(DataError, match="no run"):  # --resume continues only runs of ours
+        prepare_out_dir(out, resume=True)
     with pytest.raises(DataError, match="no run of ours"):  # --force replaces only folders holding config.json
         prepare_out_dir(out, force=True)
     with pytest.raises(DataError, match="--resume"):
         prepare_out_dir(out, force=True, resume=True)
     assert (out / "metrics.json").read_text() == "{}"
     (out / "config.json").write_text('{"args": {}}')
+    prepare_out_dir(out, resume=True)
+    assert (out / "metrics.json").exists()
     prepare_out_dir(out, force=True)  # the old run is moved aside ...
     assert not (out / "metrics.json").exists()
     (out / "new.txt").write_text("unfinished")
