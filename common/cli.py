@@ -25,19 +25,18 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _number(kind, text, low, high, low_open=False):
+def _number(kind, text, low, high=None, low_open=False):
+    """kind(text) checked against low (inclusive, or exclusive with low_open) and high (inclusive, None: none)."""
+    what = "an integer" if kind is int else "a number"
     try:
         v = kind(text)
     except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
     if isinstance(v, float) and not math.isfinite(v):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    too_low = v <= low if low_open else v < low
-    if (low is not None and too_low) or (high is not None and v > high):
-        lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
-        hi = "" if high is None else f"<= {high}"
-        raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'} "
-                                         f"{' and '.join(s for s in (lo, hi) if s)}, got {text!r}")
+    if (v <= low if low_open else v < low) or (high is not None and v > high):
+        bounds = (f"> {low}" if low_open else f">= {low}") + ("" if high is None else f" and <= {high}")
+        raise argparse.ArgumentTypeError(f"must be {what} {bounds}, got {text!r}")
     return v
 
 
@@ -67,6 +66,11 @@ def fraction(text):
     if v >= 1:
         raise argparse.ArgumentTypeError(f"must be a number > 0 and < 1, got {text!r}")
     return v
+
+
+def port(text):
+    """argparse type: a TCP port, 0-65535 (0: any free port)."""
+    return _number(int, text, 0, 65535)
 
 
 def unit_interval(text):
@@ -103,14 +107,25 @@ def name_list(choices):
     return check
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a scheduler's time limit), handled like Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def run(main, parse_args):
     """Run an entry point: main(parse_args()) under the one top-level handler of bad input.
 
     DataError (bad data, files or flags found past argparse) and OSError with a file name (unwritable or missing
-    path, a file where a folder is expected) become one line and exit status 2; Ctrl-C exits 130 with a note that
-    the command resumes. Either way a run folder replaced by --force is put back. Anything else is a bug: it
+    path, a file where a folder is expected) become one line and exit status 2; Ctrl-C and SIGTERM exit 130 with a
+    note on how to continue. Whenever the command does not succeed, a run folder that --force was replacing is put
+    back (common.runs.settle_replaced, which says where the unfinished new run went). Anything else is a bug: it
     raises with its traceback (after the same restore)."""
+    import signal
     from common.runs import settle_replaced
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         result = main(parse_args())
     except DataError as e:
@@ -126,8 +141,8 @@ def run(main, parse_args):
         sys.exit(2)
     except KeyboardInterrupt:
         settle_replaced(ok=False)
-        print("interrupted: nothing finished was lost; run the same command again (with --resume where the script "
-              "has it) to continue", file=sys.stderr)
+        print("interrupted: run the same command again to start over, or with --resume (where the script has it) to "
+              "continue from its last checkpoint", file=sys.stderr)
         sys.exit(130)
     except BaseException:
         settle_replaced(ok=False)

@@ -39,7 +39,8 @@ DOWNLOAD_HINT = {
 
 
 class DataError(SystemExit):
-    """Bad input: stops a script with this message (exit status 1), no traceback."""
+    """Bad input: stops a script with this message and no traceback (exit status 2 under common.cli.run, the
+    handler every entry point runs under; 1 where a script is called without it)."""
 
     def __init__(self, message):
         super().__init__(f"error: {message}")

@@ -99,6 +99,7 @@ class _Cut(Exception):
 
 
 HEX32 = re.compile(r"[0-9a-fA-F]{32}")
+MAX_IMAGE_BYTES = 50 << 20  # a Fitzpatrick17k image is well under 1 MB; a URL that sends more is not an image of it
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
 
 
@@ -223,7 +224,7 @@ def _write_error(part, e):
                      f"with free space)")
 
 
-def _one_request(opener, url, part, timeout, progress, name):
+def _one_request(opener, url, part, timeout, progress, name, max_bytes=None):
     """One GET into `part`, resumed with Range when it already holds bytes. Returns when the part holds the whole
     file as far as the server announced its size (Content-Length of a 200, the total of a 206's Content-Range);
     raises _Cut when it is short (the next try resumes) or cannot be continued (the part is deleted, the next try
@@ -258,6 +259,8 @@ def _one_request(opener, url, part, timeout, progress, name):
             total, mode = cr[2], "ab"
         else:  # the whole file from byte 0, also when the server ignored Range: write a fresh part
             have, total, mode = 0, length, "wb"
+        if max_bytes is not None and (total or 0) > max_bytes:
+            raise DataError(f"{url}: {total} bytes announced, more than the {max_bytes} allowed here (not fetched)")
         try:
             f = open(part, mode)
         except OSError as e:
@@ -274,6 +277,10 @@ def _one_request(opener, url, part, timeout, progress, name):
                 except OSError as e:
                     raise _write_error(part, e) from e
                 got += len(block)
+                if max_bytes is not None and have + got > max_bytes:
+                    f.close()
+                    part.unlink(missing_ok=True)
+                    raise DataError(f"{url}: more than the {max_bytes} bytes allowed here (not kept)")
                 bar.update(len(block))
             try:
                 f.flush()
@@ -289,7 +296,7 @@ def _one_request(opener, url, part, timeout, progress, name):
         raise _Cut(f"connection cut at {size} of {total} bytes")
 
 
-def fetch(url, dest, md5=None, retries=3, timeout=30, progress=False, public_only=False):
+def fetch(url, dest, md5=None, retries=3, timeout=30, progress=False, public_only=False, max_bytes=None):
     """Download url to dest (via dest.part, resumed with Range after a cut), verify md5 if given, rename.
 
     Only http(s) URLs are fetched, and with public_only none on this machine or a private network (host_refusal).
@@ -314,7 +321,7 @@ def fetch(url, dest, md5=None, retries=3, timeout=30, progress=False, public_onl
         if attempt:
             time.sleep(min(2 ** attempt, 10) * 0.1)
         try:
-            _one_request(opener, url, part, timeout, progress, dest.name)
+            _one_request(opener, url, part, timeout, progress, dest.name, max_bytes)
             break
         except _Cut as e:
             last = e
@@ -325,7 +332,7 @@ def fetch(url, dest, md5=None, retries=3, timeout=30, progress=False, public_onl
             last = f"HTTP {e.code} {e.reason}"
         except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # socket.timeout is an OSError
             reason = getattr(e, "reason", e)
-            if isinstance(e, urllib.error.URLError) and not part.exists():
+            if isinstance(e, urllib.error.URLError) and not part.exists() and attempt == 0:
                 raise Offline(f"cannot reach {urlsplit(url).netloc} ({reason}). No internet? Fetch the files on "
                               f"a connected machine and copy them under --root, or pass --url-base to a mirror.") \
                     from e
@@ -414,7 +421,7 @@ def download_fitzpatrick(root, url_base=None, csv_url=FITZ_CSV_URL, workers=4, d
                         f"fetch it anew)")
     rows, seen = [], set()
     for h, u in zip(df["md5hash"], df["url"]):
-        key = h if isinstance(h, str) else repr(h)
+        key = h.lower() if isinstance(h, str) else repr(h)  # one file per hash, whatever its case
         if key not in seen:  # two rows with one hash would write one file from two threads
             seen.add(key)
             rows.append((h, u))
@@ -442,7 +449,7 @@ def download_fitzpatrick(root, url_base=None, csv_url=FITZ_CSV_URL, workers=4, d
             url = rebase(check_url(u), url_base)
             polite.wait(urlsplit(url).netloc)
             dest.unlink(missing_ok=True)  # an unreadable leftover (readable ones are not in todo)
-            fetch(url, dest, retries=2, public_only=not url_base)
+            fetch(url, dest, retries=2, public_only=not url_base, max_bytes=MAX_IMAGE_BYTES)
             if not readable_image(dest):
                 dest.unlink(missing_ok=True)
                 raise DataError(f"{url}: not a readable image (deleted it; check the URL)")

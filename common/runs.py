@@ -1,5 +1,6 @@
 """Run bookkeeping every script shares: seeding, the run folder and its config.json, atomic checkpoints, JSON, and
 the one rank helper that keeps scripts torchrun-ready (only rank 0 logs, saves and samples)."""
+import contextlib
 import hashlib
 import json
 import os
@@ -74,47 +75,66 @@ def git_commit():
 
 
 # Run folders that --force moved aside in this process: (where it was, where it is now). The top-level handler
-# (common.cli.run) deletes them when the command succeeds and puts them back when it fails.
+# (common.cli.run) deletes them when the command succeeds and puts them back when it fails; a study that runs a
+# stage in-process settles that stage's own replacements when the stage returns (settle_replaced(ok, since)).
 _REPLACED = []
+CONFIG_KEYS = {"args", "argv", "git_commit"}  # what write_config writes
 
 
 def is_run_folder(path):
-    """True for a folder this project wrote a run into: it holds the config.json that write_config writes (or the
-    summary.json of a report folder, e.g. results/ddpm), as a JSON object."""
-    for name in ("config.json", "summary.json"):
-        try:
-            if isinstance(json.loads((Path(path) / name).read_text()), dict):
-                return True
-        except (OSError, ValueError):
-            pass
-    return False
+    """True for a folder this project wrote a run into: its config.json is write_config's (args, argv, git commit),
+    or it is a report folder of this repository (results*/, smoke/, runs/ under it) with a summary.json."""
+    path = Path(path)
+    try:
+        if CONFIG_KEYS <= set(json.loads((path / "config.json").read_text())):
+            return True
+    except (OSError, ValueError, TypeError):
+        pass
+    try:
+        inside = path.resolve().is_relative_to(ROOT) and path.resolve() != ROOT
+        return inside and isinstance(json.loads((path / "summary.json").read_text()), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def prepare_out_dir(out_dir, force=False, resume=False, flag="--out-dir"):
     """Create out_dir; nothing already written is lost. An existing, non-empty folder is an error unless --resume
-    (continue it) or --force, which replaces only a run folder of ours (one with config.json) and never another
-    folder. The replaced run is moved aside, and deleted only when the command succeeds: a command that fails on
-    bad input leaves it as it was. --force with --resume is refused (one continues a run, the other replaces it)."""
-    out = Path(out_dir)
+    (continue it) or --force, which replaces only a run folder of ours (is_run_folder), never another folder, never
+    one holding clinicians' answers (answers.csv of diffusion/annotate.py), and never a link or the folder you are
+    in. The replaced run is moved aside and deleted only when the command succeeds: a command that fails leaves it
+    as it was (settle_replaced). --force with --resume is refused (one continues a run, the other replaces it)."""
+    out = Path(os.path.abspath(out_dir))
     if force and resume:
-        raise DataError(f"{flag} {out}: --force replaces the run and --resume continues it (pass one of them)")
+        raise DataError(f"{flag} {out_dir}: --force replaces the run and --resume continues it (pass one of them)")
     if out.exists() and not out.is_dir():
-        raise DataError(f"{flag} {out}: is a file, not a folder (choose another {flag})")
+        raise DataError(f"{flag} {out_dir}: is a file, not a folder (choose another {flag})")
+    stale = sorted(out.parent.glob(f".{out.name}.replaced-*")) if out.name else []
+    if stale:
+        print(f"note: {', '.join(map(str, stale))}: a run that --force had moved aside when its command was killed; "
+              f"move it back to {out} or delete it", file=sys.stderr)
     if resume and out.is_dir() and any(out.iterdir()) and not is_run_folder(out):
-        raise DataError(f"{flag} {out}: --resume continues a run of ours, and this folder holds files but no run "
+        raise DataError(f"{flag} {out_dir}: --resume continues a run of ours, and this folder holds files but no run "
                         f"(no config.json); choose another {flag}")
     if out.is_dir() and any(out.iterdir()) and not resume:
         if not force:
-            raise DataError(f"{flag} {out}: already holds files (pass --resume to continue a run, --force to "
+            raise DataError(f"{flag} {out_dir}: already holds files (pass --resume to continue a run, --force to "
                             f"replace it, or choose another {flag})")
+        if out.is_symlink() or Path.cwd().resolve().is_relative_to(out.resolve()):
+            raise DataError(f"{flag} {out_dir}: is a link or holds the current folder; --force does not replace it "
+                            f"(choose another {flag})")
         if not is_run_folder(out):
-            raise DataError(f"{flag} {out}: holds files but no run of ours (no config.json or summary.json); --force replaces "
-                            f"only run folders (choose another {flag}, or delete it yourself)")
+            raise DataError(f"{flag} {out_dir}: holds files but no run of ours (no config.json written by this "
+                            f"project); --force replaces only run folders (choose another {flag}, or delete it "
+                            f"yourself)")
+        answers = next(out.rglob("answers.csv"), None)
+        if answers is not None:
+            raise DataError(f"{flag} {out_dir}: holds clinicians' answers ({answers}); --force never deletes them "
+                            f"(move them elsewhere first, or choose another {flag})")
         aside = out.with_name(f".{out.name}.replaced-{os.getpid()}-{len(_REPLACED)}")
         try:
             os.replace(out, aside)
         except OSError as e:
-            raise DataError(f"{flag} {out}: cannot replace it ({e.strerror}); check its permissions") from e
+            raise DataError(f"{flag} {out_dir}: cannot replace it ({e.strerror}); check its permissions") from e
         _REPLACED.append((out, aside))
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -122,20 +142,60 @@ def prepare_out_dir(out_dir, force=False, resume=False, flag="--out-dir"):
         probe.touch()
         probe.unlink()
     except OSError as e:
-        raise DataError(f"{flag} {out}: cannot write there ({e.strerror}); choose a folder you may write to") from e
-    return out
+        raise DataError(f"{flag} {out_dir}: cannot write there ({e.strerror}); choose a folder you may write to") \
+            from e
+    return Path(out_dir)
 
 
-def settle_replaced(ok):
-    """End of a command: delete the runs --force replaced (ok) or put them back in place of the new, unfinished
-    ones (not ok). Called by common.cli.run; newest first, so nested replacements unwind in order."""
-    while _REPLACED:
+def settle_replaced(ok, since=0):
+    """Settle the runs --force replaced (those after position `since`), newest first. ok: delete the old runs. Not
+    ok: put each old run back; the new, unfinished run is deleted when it holds no more than its config.json (a
+    run stopped by bad input), else kept beside it as <name>.failed-<time> (a long run that failed late or was
+    interrupted keeps its checkpoints), and both places are printed."""
+    while len(_REPLACED) > since:
         out, aside = _REPLACED.pop()
-        if ok:
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            shutil.rmtree(out, ignore_errors=True)
+        try:
+            if ok:
+                shutil.rmtree(aside)
+                continue
+            kept = None
+            if out.is_dir() and {p.name for p in out.iterdir()} - {"config.json"}:
+                kept = out.with_name(f"{out.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.replace(out, kept)
+            else:
+                shutil.rmtree(out, ignore_errors=True)
             os.replace(aside, out)
+            print(f"note: {out}: the earlier run is back in place" +
+                  (f"; this command's unfinished run is in {kept}" if kept else ""), file=sys.stderr)
+        except OSError as e:
+            print(f"note: {aside}: could not settle it ({e.strerror}); the earlier run of {out} lies there",
+                  file=sys.stderr)
+
+
+@contextlib.contextmanager
+def stage():
+    """An in-process stage of a study (a script's main called by it): when the stage returns, the runs its --force
+    replaced are deleted then, not kept aside until the whole study ends; when it fails, they wait for the top-level
+    handler to put them back."""
+    mark = len(_REPLACED)
+    yield
+    settle_replaced(ok=True, since=mark)
+
+
+@contextlib.contextmanager
+def written_together(*paths):
+    """Temporary names (same folder and suffix, so numpy appends nothing) for files that belong together, e.g. a
+    samples .npz and its grid PNG; renamed into place only when the block succeeds, so a failure leaves what was
+    there before (what --force was replacing) untouched."""
+    paths = [Path(p) for p in paths]
+    tmps = [p.with_name(f".{p.stem}.tmp-{os.getpid()}{p.suffix}") for p in paths]
+    try:
+        yield tmps
+        for t, p in zip(tmps, paths):
+            os.replace(t, p)
+    finally:
+        for t in tmps:
+            t.unlink(missing_ok=True)
 
 
 def npz_out(path, force=False, flag="--out", beside=()):

@@ -34,11 +34,13 @@ from pathlib import Path
 import re
 import threading
 import time
+from urllib.parse import parse_qs
+import warnings
 
 import numpy as np
 from PIL import Image
 
-from common.cli import ArgumentParser, positive_int, run
+from common.cli import ArgumentParser, nonneg_float, port, positive_int, run
 from common.data import DataError
 from common.runs import device_from, write_json
 
@@ -88,12 +90,19 @@ def write_pair_set(folder, kind, pairs, recipe):
     return manifest
 
 
+PAIR_ID = re.compile(r"p\d{4,}")
+
+
 def load_pair_set(folder):
+    """pairs.json of a folder, checked: every pair has an id p0000..., a condition, and its two images at
+    images/<id>_left.png and images/<id>_right.png (no other path is ever served)."""
     path = Path(folder) / "pairs.json"
     try:
         m = json.loads(path.read_text())
-        assert m["kind"] in QUESTIONS and m["pairs"] and all({"id", "condition", "left", "right"} <= set(p)
-                                                             for p in m["pairs"])
+        assert m["kind"] in QUESTIONS and m["pairs"] and isinstance(m["id"], str)
+        for p in m["pairs"]:
+            assert PAIR_ID.fullmatch(p["id"]) and isinstance(p["condition"], str)
+            assert p["left"] == f"images/{p['id']}_left.png" and p["right"] == f"images/{p['id']}_right.png"
     except FileNotFoundError:
         raise DataError(f"{path}: no pair set here (make one with --ckpt or --from-dir, or check the folder)")
     except (ValueError, KeyError, TypeError, AssertionError) as e:
@@ -179,17 +188,31 @@ def blinded_pairs(real, methods, n, seed):
 # ---------------------------------------------------------------------------------------------------------------
 # answers: an append-only log, replayed
 def read_answers(folder, manifest):
-    """Rows of answers.csv; refuses answers that belong to another pair set."""
+    """Rows of answers.csv, checked against the pair set: answers of another pair set, unknown pairs or choices are
+    refused naming the line; a last line cut short (a kill mid-write) is left out with a warning."""
     path = Path(folder) / "answers.csv"
-    if not path.is_file():
+    if not path.is_file() or path.stat().st_size == 0:
         return []
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    other = {r.get("pair_set") for r in rows} - {manifest["id"]}
-    if other:
-        raise DataError(f"{path}: answers of another pair set ({sorted(map(str, other))[:2]}, this one is "
-                        f"{manifest['id']}); serve that folder with its own pairs.json, or start a new --out")
-    return rows
+        reader = csv.DictReader(f)
+        if reader.fieldnames != ANSWER_COLUMNS:
+            raise DataError(f"{path}: its columns are {reader.fieldnames}, not {ANSWER_COLUMNS}")
+        rows = list(reader)
+    ids = {p["id"] for p in manifest["pairs"]}
+    good = []
+    for line, r in enumerate(rows, start=2):
+        if r.get("pair_set") not in (None, manifest["id"]) and None not in r.values():
+            raise DataError(f"{path}: line {line} answers another pair set ({r['pair_set']}, this one is "
+                            f"{manifest['id']}); serve that folder with its own pairs.json, or start a new --out")
+        valid = None not in r.values() and r["pair_id"] in ids and r["choice"] in CHOICES + ["undo"] and \
+            NAME.fullmatch(r["annotator"] or "")
+        if not valid:
+            if line == len(rows) + 1:
+                warnings.warn(f"{path}: its last line is incomplete (a write cut short); left out")
+                continue
+            raise DataError(f"{path}: line {line} is not a valid answer ({dict(r)}); fix or remove that line")
+        good.append(r)
+    return good
 
 
 def replay(rows):
@@ -209,6 +232,13 @@ def annotator_order(manifest, name):
     """Each annotator's own order of the pairs (a permutation seeded by the name and the pair set)."""
     seed = int(hashlib.sha1(f"{manifest['id']}|{name}".encode()).hexdigest()[:8], 16)
     return [manifest["pairs"][i]["id"] for i in np.random.default_rng(seed).permutation(len(manifest["pairs"]))]
+
+
+def safe_note(note):
+    """One line of text; a leading = + - @ gets a quote, so that a spreadsheet opening the CSV shows it as text
+    instead of running it as a formula."""
+    note = " ".join(note.split())
+    return "'" + note if note[:1] in ("=", "+", "-", "@") else note
 
 
 class Store:
@@ -232,7 +262,7 @@ class Store:
     def append(self, row):
         """One row to answers.csv, flushed and fsynced before the answer counts."""
         path = self.folder / "answers.csv"
-        new = not path.is_file()
+        new = not path.is_file() or path.stat().st_size == 0
         with open(path, "a", newline="") as f:
             w = csv.DictWriter(f, ANSWER_COLUMNS)
             if new:
@@ -252,7 +282,8 @@ class Store:
             if pair_id in self.answers.get(name, {}):
                 raise ValueError("this pair is answered already (undo it first)")
             self.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "annotator": name,
-                         "pair_set": self.manifest["id"], "pair_id": pair_id, "choice": choice, "note": note})
+                         "pair_set": self.manifest["id"], "pair_id": pair_id, "choice": choice,
+                         "note": safe_note(note)})
             return self.state(name)
 
     def undo(self, name):
@@ -315,7 +346,11 @@ else if(e.key==="u")undo()};
 </script></body></html>"""
 
 
-def make_handler(store):
+def make_handler(store, allowed_hosts):
+    """The request handler. Besides validating every answer it refuses requests that a page of another site could
+    make through the clinician's browser: a Host that is not one of allowed_hosts (DNS rebinding; None: any, for a
+    server opened to the network with --host), a POST whose Origin is another site's or whose body is not
+    application/json (a cross-site form or text/plain POST); and it forbids framing (clickjacking)."""
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *a):
             pass
@@ -327,6 +362,8 @@ def make_handler(store):
             self.send_header("Content-Length", str(len(data)))
             self.send_header("Cache-Control", "no-store")
             self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("X-Frame-Options", "DENY")
+            self.send_header("Content-Security-Policy", "frame-ancestors 'none'")
             self.end_headers()
             self.wfile.write(data)
 
@@ -336,16 +373,28 @@ def make_handler(store):
                 raise ValueError("name: 1-40 letters, digits, spaces, dots, dashes or underscores")
             return value
 
+        def foreign(self, post):
+            """Why this request is refused as coming from another site, or None."""
+            host = self.headers.get("Host")
+            if allowed_hosts is not None and host not in allowed_hosts:
+                return "unknown Host"
+            origin = self.headers.get("Origin")
+            if post and origin is not None and origin != f"http://{host}":
+                return "cross-site request"
+            if post and self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
+                return "expected a JSON body (Content-Type: application/json)"
+            return None
+
         def do_GET(self):
+            if self.foreign(post=False):
+                return self.send(403, {"error": self.foreign(post=False)})
             path, _, query = self.path.partition("?")
             try:
                 if path == "/":
                     return self.send(200, PAGE.encode(), "text/html; charset=utf-8")
                 if path == "/api/state":
-                    params = dict(p.partition("=")[::2] for p in query.split("&") if p)
-                    from urllib.parse import unquote_plus
-                    return self.send(200, store.state(self.name(unquote_plus(params.get("annotator", "")))))
-                m = re.fullmatch(r"/img/(p\d{4})/(left|right)", path)
+                    return self.send(200, store.state(self.name(parse_qs(query).get("annotator", [""])[0])))
+                m = re.fullmatch(r"/img/(p\d{4,})/(left|right)", path)
                 if m and m.group(1) in store.pairs:  # by pair id only: no request path reaches the file system
                     return self.send(200, (store.folder / store.pairs[m.group(1)][m.group(2)]).read_bytes(),
                                      "image/png")
@@ -354,6 +403,9 @@ def make_handler(store):
                 return self.send(400, {"error": str(e)})
 
         def do_POST(self):
+            why = self.foreign(post=True)
+            if why:
+                return self.send(403, {"error": why})
             try:
                 n = int(self.headers.get("Content-Length") or 0)
                 if not 0 < n <= 4096:
@@ -367,7 +419,7 @@ def make_handler(store):
                     if not isinstance(note, str) or len(note) > 500:
                         raise ValueError("note: text of at most 500 characters")
                     return self.send(200, store.answer(name, str(body.get("pair_id")), str(body.get("choice")),
-                                                       " ".join(note.split())))
+                                                       note))
                 if self.path == "/api/undo":
                     return self.send(200, store.undo(name))
                 return self.send(404, {"error": "not found"})
@@ -376,20 +428,22 @@ def make_handler(store):
     return Handler
 
 
-def serve(folder, host="127.0.0.1", port=8765, ready=None):
-    """Serve the page for the pair set in `folder` until Ctrl-C (or server.shutdown() from `ready(server)`)."""
+def serve(folder, host="127.0.0.1", port=8765):
+    """Serve the page for the pair set in `folder` until Ctrl-C."""
     store = Store(folder)
     try:
-        server = ThreadingHTTPServer((host, port), make_handler(store))
-    except OSError as e:
-        raise DataError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); choose another --port") from e
-    url = f"http://{host}:{server.server_address[1]}/"
+        server = ThreadingHTTPServer((host, port), make_handler(store, None))
+    except (OSError, OverflowError) as e:
+        raise DataError(f"--port {port}: cannot listen on {host}:{port} ({e}); choose another --port") from e
+    bound = server.server_address[1]
+    if host in ("127.0.0.1", "localhost"):  # only this machine's names: a rebound DNS name is refused
+        server.RequestHandlerClass = make_handler(store, {f"{h}:{bound}" for h in ("127.0.0.1", "localhost")})
     print(f"{len(store.pairs)} pairs ({store.manifest['kind']}) from {folder}; answers go to "
-          f"{Path(folder) / 'answers.csv'}\nopen {url} (Ctrl-C stops; restarting resumes)", flush=True)
-    if ready:
-        ready(server)
+          f"{Path(folder) / 'answers.csv'}\nopen http://{host}:{bound}/ (Ctrl-C stops; restarting resumes)", flush=True)
     try:
         server.serve_forever()
+    except KeyboardInterrupt:
+        print(f"stopped; {len(store.rows)} answer rows are in {Path(folder) / 'answers.csv'}")
     finally:
         server.server_close()
 
@@ -435,10 +489,13 @@ def agreement(answers, pair_ids):
 
 def preference_rates(manifest, answers, n_boot=2000, seed=0):
     """Blinded sets: per (method, opponent) the share of decisive answers preferring the method's image, with a
-    95% CI from a two-level bootstrap (annotators, then pairs within each annotator)."""
+    95% percentile CI from a crossed bootstrap (Owen 2007): each resample draws the pairs once, shared by all
+    annotators, and the annotators, both with replacement, and pools the answers of the drawn annotators on the
+    drawn pairs; so both the pairs and the annotators count as samples."""
     rng = np.random.default_rng(seed)
     pairs = {p["id"]: p for p in manifest["pairs"]}
-    wins = {}  # (method, opponent) -> {annotator: [1/0 per decisive answer]}
+    names = sorted(answers)
+    wins = {}  # (method, opponent) -> {pair id: {annotator: 1 / 0}}
     for a, ans in answers.items():
         for pid, (choice, _) in ans.items():
             if choice not in ("left", "right"):
@@ -448,24 +505,34 @@ def preference_rates(manifest, answers, n_boot=2000, seed=0):
                 (p["right_source"], p["left_source"])
             for m, opp, won in ((chosen, other, 1), (other, chosen, 0)):
                 if m != "real":
-                    wins.setdefault((m, opp), {}).setdefault(a, []).append(won)
+                    wins.setdefault((m, opp), {}).setdefault(pid, {})[a] = won
     out = {}
-    for (m, opp), by in sorted(wins.items()):
-        rates = []
-        names = list(by)
+    for (m, opp), by_pair in sorted(wins.items()):
+        W = np.array([[by_pair[pid].get(a, np.nan) for pid in by_pair] for a in names])  # (annotators, pairs)
+        boot = []
         for _ in range(n_boot):
-            picks = [by[names[i]] for i in rng.integers(0, len(names), len(names))]
-            v = np.concatenate([rng.choice(x, len(x)) for x in picks])
-            rates.append(v.mean())
-        allv = np.concatenate(list(by.values()))
-        out.setdefault(m, {})[f"vs {opp}"] = {"rate": float(allv.mean()), "ci": np.percentile(rates, [2.5, 97.5]).tolist(),
-                                              "n_answers": int(len(allv)), "n_annotators": len(names)}
+            sub = W[np.ix_(rng.integers(0, len(names), len(names)), rng.integers(0, W.shape[1], W.shape[1]))]
+            if np.isfinite(sub).any():
+                boot.append(np.nanmean(sub))
+        out.setdefault(m, {})[f"vs {opp}"] = {
+            "rate": float(np.nanmean(W)), "ci": np.percentile(boot, [2.5, 97.5]).tolist(),
+            "n_answers": int(np.isfinite(W).sum()), "n_pairs": W.shape[1],
+            "n_annotators": int(np.isfinite(W).any(1).sum())}
     return out
 
 
-def export(folder, out_csv):
-    """pairs.csv (the physicians' format + annotator) for train_dpo, and summary.json beside it."""
+def export(folder, out_csv, force=False):
+    """Preference sets: the physicians' CSV (+ annotator, pair id, note) that train_dpo --pairs reads. Blinded
+    sets: one row per answer with the hidden sources (an evaluation, never DPO training data). Both: a summary,
+    <out>_summary.json. Existing outputs are refused without --force, and never written inside the pair set."""
     m = load_pair_set(folder)
+    out_csv = Path(out_csv)
+    summary_path = out_csv.with_name(out_csv.stem + "_summary.json")
+    if out_csv.resolve().is_relative_to(Path(folder).resolve()):
+        raise DataError(f"--out {out_csv}: lies inside the pair set {folder}; write the export elsewhere")
+    for f in (out_csv, summary_path):
+        if f.exists() and not force:
+            raise DataError(f"--out {out_csv}: {f} exists (pass --force to replace it, or choose another --out)")
     answers, _ = replay(read_answers(folder, m))
     if not answers:
         raise DataError(f"{Path(folder) / 'answers.csv'}: no answers yet (serve the page first)")
@@ -474,18 +541,21 @@ def export(folder, out_csv):
     for a in sorted(answers):
         for pid, (choice, note) in answers[a].items():
             p = pairs[pid]
-            if choice in ("left", "right"):
+            if m["kind"] == "blinded":
+                rows.append({"pair_id": pid, "annotator": a, "condition": p["condition"], "choice": choice,
+                             "left_source": p["left_source"], "right_source": p["right_source"], "note": note})
+            elif choice in ("left", "right"):
                 w, l = (p["left"], p["right"]) if choice == "left" else (p["right"], p["left"])
                 rows.append({"condition": p["condition"], "preferred_path": str((Path(folder) / w).resolve()),
                              "rejected_path": str((Path(folder) / l).resolve()), "annotator": a, "pair_id": pid,
                              "note": note})
-            else:
+            if choice not in ("left", "right"):
                 skipped[choice] += 1
     import pandas as pd
-    out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows, columns=["condition", "preferred_path", "rejected_path", "annotator", "pair_id", "note"]) \
-        .to_csv(out_csv, index=False)
+    columns = ["pair_id", "annotator", "condition", "choice", "left_source", "right_source", "note"] \
+        if m["kind"] == "blinded" else ["condition", "preferred_path", "rejected_path", "annotator", "pair_id", "note"]
+    pd.DataFrame(rows, columns=columns).to_csv(out_csv, index=False)
     unacceptable = {}
     for key in ("condition", "group"):
         tally = {}
@@ -499,16 +569,17 @@ def export(folder, out_csv):
                      for pid, (choice, _) in answers[a].items() if choice == "both_unacceptable"
                      for side in ("left", "right")})
     summary = {"pair_set": m["id"], "kind": m["kind"], "n_pairs": len(pairs),
-               "judge": f"{len(answers)} clinicians ({', '.join(sorted(answers))})",
+               "judge": f"{len(answers)} clinician{'s' if len(answers) > 1 else ''} ({', '.join(sorted(answers))})",
                "answers_per_annotator": {a: len(v) for a, v in sorted(answers.items())},
-               "exported_pairs": len(rows), "left_out": skipped,
+               "exported_rows": len(rows), "undecided": skipped,
                "both_unacceptable": unacceptable, "unacceptable_images": marked,
                "agreement": agreement(answers, list(pairs))}
     if m["kind"] == "blinded":
         summary["preference_rates"] = preference_rates(m, answers)
-        summary["ci_method"] = "two-level bootstrap: annotators, then answers within each (2000 resamples)"
-    write_json(out_csv.with_name(out_csv.stem + "_summary.json"), summary)
-    print(f"{len(rows)} preference pairs from {summary['judge']} -> {out_csv}; left out: "
+        summary["ci_method"] = "crossed bootstrap over pairs and annotators (Owen 2007), 2000 resamples, percentile"
+    write_json(summary_path, summary)
+    what = "answers (an evaluation: not DPO pairs)" if m["kind"] == "blinded" else "preference pairs"
+    print(f"{len(rows)} {what} from {summary['judge']} -> {out_csv}; undecided: "
           + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in skipped.items() if k not in ("left", "right")))
     return summary
 
@@ -526,12 +597,14 @@ def parse_args(argv=None):
     p.add_argument("--out", help="the pair-set folder to create (--ckpt, --from-dir), or the CSV (--export)")
     p.add_argument("--pairs-per-class", type=positive_int, default=20, help="pairs per condition")
     p.add_argument("--steps", type=positive_int, default=25, help="DDIM steps for the candidates (--ckpt)")
-    p.add_argument("--guidance", type=float, default=1.0, help="guidance scale of the candidates (--ckpt)")
+    p.add_argument("--guidance", type=nonneg_float, default=1.0, help="guidance scale of the candidates (--ckpt)")
     p.add_argument("--seed", type=int, default=0, help="seed of the candidates and of their pairing")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (--ckpt)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    p.add_argument("--port", type=int, default=8765, help="port to listen on (0: any free port)")
+    p.add_argument("--host", default="127.0.0.1", help="IPv4 address or name to listen on (default: this machine "
+                   "only)")
+    p.add_argument("--port", type=port, default=8765, help="port to listen on (0: any free port)")
     p.add_argument("--no-serve", action="store_true", help="write the pair set, do not start the server")
+    p.add_argument("--force", action="store_true", help="--export: replace an earlier export")
     args = p.parse_args(argv)
     if (args.ckpt or args.from_dir or args.export) and not args.out:
         p.error("--out is required with --ckpt, --from-dir and --export")
@@ -540,7 +613,7 @@ def parse_args(argv=None):
 
 def main(args):
     if args.export:
-        return export(args.export, args.out)
+        return export(args.export, args.out, args.force)
     folder = Path(args.serve or args.out)
     if not args.serve:
         if args.ckpt:
@@ -563,7 +636,7 @@ def main(args):
         else:
             write_pair_set(folder, "preference", make(), recipe)
     if not args.no_serve:
-        if args.host not in ("127.0.0.1", "localhost", "::1"):
+        if args.host not in ("127.0.0.1", "localhost"):
             print(f"warning: --host {args.host} lets other machines on the network open the page and answer")
         serve(folder, args.host, args.port)
 

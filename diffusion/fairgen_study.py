@@ -35,7 +35,7 @@ from classify.downstream import KINDS, fit_predict
 from common.cli import ArgumentParser, positive_int, run
 from common.modalities import MODALITIES, export, load_modality, modality_name
 from common.report import save_grid, write_table
-from common.runs import default_runs, device_from, prepare_out_dir, seed_everything, write_config, write_json
+from common.runs import default_runs, device_from, prepare_out_dir, seed_everything, stage, write_config, write_json
 from common.splits import patient_split
 from diffusion import sample_ddpm, train_ddpm, train_dpo
 from diffusion.annotate import blinded_pairs, write_pair_set
@@ -122,7 +122,8 @@ def run_step(module, argv, folder):
         REUSED.append(str(folder))
         return
     a = module.parse_args(argv + ["--force"])
-    module.main(a)
+    with stage():  # a finished stage's replaced run goes now; a failure later does not roll this stage back
+        module.main(a)
     c = json.loads(cfg.read_text())
     c["study_argv"] = argv
     cfg.write_text(json.dumps(c, indent=2))

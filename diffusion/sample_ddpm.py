@@ -9,7 +9,6 @@ PNG grid beside it.
 """
 import argparse
 import json
-import os
 import time
 
 import numpy as np
@@ -19,7 +18,7 @@ from tqdm import tqdm
 from common.cli import ArgumentParser, nonneg_float, positive_int, run
 from common.data import DataError
 from common.report import save_grid, to_uint8
-from common.runs import device_from, load_checkpoint, load_weights, npz_out, seed_everything
+from common.runs import device_from, load_checkpoint, load_weights, npz_out, seed_everything, written_together
 from diffusion.ddpm import Schedule, ddim_sample, ddpm_sample
 from diffusion.unet import shape_problems, unet_from_args
 
@@ -34,8 +33,9 @@ def load_model(ckpt_path, device, raw=False):
     if not (isinstance(ck, dict) and isinstance(ck.get("args"), dict) and all(k in ck["args"] for k in MODEL_KEYS)
             and all(k in ck for k in (weights, "class_names", "step"))):
         raise DataError(f"{ckpt_path}: not a fairsynth DDPM checkpoint (train_ddpm.py and train_dpo.py write them)")
-    if shape_problems(ck["args"]):
-        raise DataError(f"{ckpt_path}: its model args are inconsistent ({shape_problems(ck['args'])[0]})")
+    problems = shape_problems(ck["args"])
+    if any(p.startswith("--size") for p in problems):  # a U-Net that cannot run; an unused --attn-res can
+        raise DataError(f"{ckpt_path}: its model args are inconsistent ({problems[0]})")
     model = load_weights(unet_from_args(ck["args"]), ck[weights], ckpt_path)
     return model.to(device, memory_format=torch.channels_last).eval(), ck
 
@@ -100,17 +100,10 @@ def main(args):
         f" w={args.guidance}, step {ck['step']}, {ck.get('data')}" + \
         (" (PHANTOM data)" if ck.get("data") == "phantom" else "")
     # both files to temporary names first, then renamed: a failure leaves what --force was replacing in place
-    tmp_npz, tmp_png = (f.with_name(f".{f.stem}.tmp-{os.getpid()}{f.suffix}") for f in (out, png))
-    try:
-        with open(tmp_npz, "wb") as f:  # a file object: numpy appends no suffix
-            np.savez_compressed(f, images=images, labels=classes, groups=groups, class_names=np.array(names),
-                                meta=json.dumps(meta))
+    with written_together(out, png) as (tmp_npz, tmp_png):  # a failure leaves what --force was replacing
+        np.savez_compressed(tmp_npz, images=images, labels=classes, groups=groups, class_names=np.array(names),
+                            meta=json.dumps(meta))
         save_grid(images[pick], tmp_png, nrow=len(which), title=title, row_labels=[names[c] for c in which])
-        os.replace(tmp_npz, out)
-        os.replace(tmp_png, png)
-    finally:
-        tmp_npz.unlink(missing_ok=True)
-        tmp_png.unlink(missing_ok=True)
     print(f"wrote {len(images)} images to {out} ({elapsed:.1f} s, {elapsed / len(images) * 1000:.0f} ms/image)")
     return out
 

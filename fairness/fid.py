@@ -156,8 +156,7 @@ def inception(weights="torchvision"):
         raise DataError(f"--weights {path}: not found. The pytorch-fid file is "
                         f"pt_inception-2015-12-05-6726825d.pth from github.com/mseitzer/pytorch-fid/releases.")
     net = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008)
-    state = load_state_dict_file(path, net)  # weights_only: a pickle that would run code is refused, never run
-    net.load_state_dict(state)
+    load_state_dict_file(path, net)  # weights_only: a pickle that would run code is refused, never run
     return InceptionPool3(net, True).eval(), "FID (pytorch-fid TF-Inception weights)"
 
 
@@ -269,6 +268,8 @@ def main(args):
         gf = np.array([lookup.get(n, "?") for n in names_f])
     if args.json and Path(args.json).is_dir():
         raise DataError(f"--json {args.json}: is a folder; --json names the file to write")
+    if args.json and Path(args.json).exists() and not args.force:
+        raise DataError(f"--json {args.json}: exists (pass --force to replace it, or choose another --json)")
     net, label = feature_net(args)
     device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     fr = cached_features(net, label, args.real, xr, device)
@@ -305,6 +306,7 @@ def parse_args(argv=None):
                    help="matrix square root: symmetric eigendecomposition (default) or scipy.linalg.sqrtm")
     p.add_argument("--device", default="auto", help="'auto' or 'cpu'")
     p.add_argument("--json", help="also write the result to this JSON file")
+    p.add_argument("--force", action="store_true", help="replace an existing --json")
     return p.parse_args(argv)
 
 

@@ -17,9 +17,12 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
-    """Every test decodes into its own image cache, so tests never see each other's (or a user's) cache."""
+    """Every test decodes into its own image cache, so tests never see each other's (or a user's) cache; and starts
+    with no run folder that --force moved aside (a test failing in between would leave one for the next)."""
     import common.cache
+    import common.runs
     monkeypatch.setattr(common.cache, "CACHE_DIR", tmp_path / "image-cache")
+    monkeypatch.setattr(common.runs, "_REPLACED", [])
 
 
 def write_png(path, size=32, value=None, rgb=False, seed=0):

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
+from common.data import DataError
 import diffusion.annotate as an
 
 
@@ -36,15 +37,25 @@ def make_set(tmp_path, n=3):
     return an.write_pair_set(tmp_path / "prefs", "preference", an.preference_pairs_from_dir(found, n, 0), recipe)
 
 
-def start_server(folder, tmp_path):
-    """The real command in a subprocess on a free port: (process, base URL)."""
+def start_server(folder, tmp_path, timeout=60):
+    """The real command in a subprocess on a free port: (process, base URL); fails after `timeout` seconds. A
+    thread keeps reading its output (so that the pipe never fills)."""
+    import queue
+    import threading
     p = subprocess.Popen([sys.executable, "-m", "diffusion.annotate", "--serve", str(folder), "--port", "0"],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in p.stdout:
-        m = re.search(r"open (http://127\.0\.0\.1:\d+)/", line)
-        if m:
-            return p, m.group(1)
-    raise AssertionError(f"the server did not start: {p.wait()}")
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in p.stdout], daemon=True).start()
+    seen = []
+    try:
+        while True:
+            seen.append(lines.get(timeout=timeout))
+            m = re.search(r"open (http://127\.0\.0\.1:\d+)/", seen[-1])
+            if m:
+                return p, m.group(1)
+    except queue.Empty:
+        p.kill()
+        raise AssertionError(f"the server did not start: {''.join(seen)}")
 
 
 def kill(p):
@@ -52,9 +63,10 @@ def kill(p):
     p.wait()
 
 
-def request(base, path, body=None, raw=None):
+def request(base, path, body=None, raw=None, headers=None):
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json",
+                                                                  **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.status, r.read()
@@ -108,6 +120,64 @@ def test_http_serves_only_pair_images_and_validates_answers(server):
                                                                                        "sharp borders")]
 
 
+def test_requests_another_site_could_make_are_refused(server):
+    """A page of another site, open in the clinician's browser, must not answer for them (CSRF), nor read the
+    images through a rebound DNS name; and the page may not be framed."""
+    m, base, folder = server
+    ok = {"annotator": "mallory", "pair_id": "p0000", "choice": "left"}
+    assert request(base, "/api/answer", ok, headers={"Content-Type": "text/plain"})[0] == 403
+    assert request(base, "/api/answer", ok, headers={"Origin": "http://evil.example"})[0] == 403
+    assert request(base, "/img/p0000/left", headers={"Host": "evil.example:80"})[0] == 403
+    assert request(base, "/api/state?annotator=x", headers={"Host": "rebound.example:8765"})[0] == 403
+    assert not (folder / "answers.csv").exists()
+    with urllib.request.urlopen(base + "/", timeout=10) as r:
+        assert r.headers["X-Frame-Options"] == "DENY" and "frame-ancestors 'none'" in r.headers[
+            "Content-Security-Policy"]
+    port = base.rsplit(":", 1)[1]
+    assert request(base, "/api/answer", ok, headers={"Origin": f"http://localhost:{port}",
+                                                     "Host": f"localhost:{port}"})[0] == 200
+
+
+def test_export_never_overwrites(tmp_path):
+    m = make_set(tmp_path)
+    log(tmp_path / "prefs", m, [("ann", m["pairs"][0]["id"], "left")])
+    for out in (tmp_path / "prefs/answers.csv", tmp_path / "prefs/sub/p.csv"):
+        with pytest.raises(DataError, match="inside the pair set"):
+            an.export(tmp_path / "prefs", out)
+    an.export(tmp_path / "prefs", tmp_path / "p.csv")
+    with pytest.raises(DataError, match="exists"):
+        an.export(tmp_path / "prefs", tmp_path / "p.csv")
+    an.export(tmp_path / "prefs", tmp_path / "p.csv", force=True)
+
+
+def test_answer_log_is_checked(tmp_path):
+    m = make_set(tmp_path)
+    log(tmp_path / "prefs", m, [("ann", m["pairs"][0]["id"], "left"), ("ann", "p9999", "left"),
+                                ("ann", m["pairs"][1]["id"], "left")])
+    with pytest.raises(DataError, match="line 3"):
+        an.Store(tmp_path / "prefs")
+    log(tmp_path / "prefs", m, [("ann", m["pairs"][0]["id"], "left")])
+    with open(tmp_path / "prefs/answers.csv", "a") as f:
+        f.write("2026-01-01T00:00:00,ann,")  # a write cut short by a kill
+    with pytest.warns(UserWarning, match="incomplete"):
+        store = an.Store(tmp_path / "prefs")
+    assert store.state("ann")["done"] == 1
+    (tmp_path / "prefs/answers.csv").write_text("")  # an empty log gets its header back with the next answer
+    store = an.Store(tmp_path / "prefs")
+    store.answer("ann", m["pairs"][0]["id"], "right", "=HYPERLINK(1)")
+    rows = an.read_answers(tmp_path / "prefs", m)
+    assert len(rows) == 1 and rows[0]["note"] == "'=HYPERLINK(1)"  # shown as text by a spreadsheet
+
+
+def test_pair_set_paths_are_fixed(tmp_path):
+    make_set(tmp_path)
+    j = json.loads((tmp_path / "prefs/pairs.json").read_text())
+    j["pairs"][0]["left"] = "../../.ssh/id_rsa"
+    (tmp_path / "prefs/pairs.json").write_text(json.dumps(j))
+    with pytest.raises(DataError, match="not a pair set"):
+        an.load_pair_set(tmp_path / "prefs")
+
+
 def test_killed_server_loses_nothing_and_resumes(tmp_path):
     m = make_set(tmp_path)
     order = an.annotator_order(m, "lee")
@@ -159,7 +229,7 @@ def test_export_pairs_ties_undo_and_agreement(tmp_path):
     log(tmp_path / "prefs", m, rows)
     s = an.export(tmp_path / "prefs", tmp_path / "pairs.csv")
     df = pd.read_csv(tmp_path / "pairs.csv")
-    assert len(df) == 8 and s["left_out"] == {"left": 0, "right": 0, "both_unacceptable": 2, "cannot_tell": 2}
+    assert len(df) == 8 and s["undecided"] == {"left": 0, "right": 0, "both_unacceptable": 2, "cannot_tell": 2}
     first = df[(df.annotator == "ann") & (df.pair_id == ids[1])].iloc[0]  # 'right' -> right image preferred
     assert first.preferred_path.endswith(m["pairs"][1]["right"]) and first.rejected_path.endswith(m["pairs"][1]["left"])
     assert first.condition == m["pairs"][1]["condition"]
@@ -172,6 +242,10 @@ def test_export_pairs_ties_undo_and_agreement(tmp_path):
 
 def test_fleiss_kappa_known_values():
     assert an.fleiss_kappa([[3, 0], [0, 3], [3, 0]]) == pytest.approx(1.0)
+    # Fleiss (1971)'s worked example as reproduced widely: 10 items, 14 raters, 5 categories, kappa 0.210
+    table = [[0, 0, 0, 0, 14], [0, 2, 6, 4, 2], [0, 0, 3, 5, 6], [0, 3, 9, 2, 0], [2, 2, 8, 1, 1], [7, 7, 0, 0, 0],
+             [3, 2, 6, 3, 0], [2, 5, 3, 2, 2], [6, 5, 2, 1, 0], [0, 2, 2, 3, 7]]
+    assert an.fleiss_kappa(table) == pytest.approx(0.210, abs=5e-4)
     # Fleiss (1971)-style check by hand: 2 raters, 4 items, agreement on 2 -> P_bar = 0.5, p = (0.5, 0.5)
     assert an.fleiss_kappa([[2, 0], [0, 2], [1, 1], [1, 1]]) == pytest.approx(0.0)
 
@@ -185,9 +259,10 @@ def test_blinded_rates_find_a_planted_preference(tmp_path):
     pairs = an.blinded_pairs(real, methods, 10, seed=1)
     assert {(p["left_source"], p["right_source"]) for p in pairs} >= {("real", "good"), ("good", "real")}
     m = an.write_pair_set(tmp_path / "ev", "blinded", pairs, {"test": 1})
-    # two annotators who prefer the brighter image (the planted 'finding'), one of them with 20% noise
+    # three annotators who prefer the brighter image (the planted 'finding'), two of them with 10% noise (with two
+    # annotators the crossed bootstrap's CI is rightly wide: one noisy annotator drawn twice moves the rate a lot)
     rows = []
-    for a, noise in (("a", 0.0), ("b", 0.2)):
+    for a, noise in (("a", 0.0), ("b", 0.1), ("c", 0.1)):
         for p in m["pairs"]:
             bright = "left" if np.asarray(Image.open(tmp_path / "ev" / p["left"])).mean() > \
                 np.asarray(Image.open(tmp_path / "ev" / p["right"])).mean() else "right"
@@ -200,6 +275,17 @@ def test_blinded_rates_find_a_planted_preference(tmp_path):
     assert r["good"]["vs bad"]["rate"] > 0.75 and r["good"]["vs bad"]["ci"][0] > 0.5
     assert r["good"]["vs real"]["rate"] < 0.3  # real (200) is brighter than good (190)
     assert s["agreement"]["cohen"]["a vs b"]["kappa"] > 0.3
+    # the CI resamples pairs (shared by the annotators) and annotators: for two annotators who answer alike, its
+    # width is about that of a binomial CI over the pairs, not sqrt(annotators) narrower
+    b = an.replay([r for r in an.read_answers(tmp_path / "ev", m) if r["annotator"] == "b"])[0]["b"]
+    twins = an.preference_rates(m, {"b": b, "b2": b})
+    widths = []
+    for opp in twins.values():
+        for g in opp.values():
+            if 0 < g["rate"] < 1:
+                se = np.sqrt(g["rate"] * (1 - g["rate"]) / g["n_pairs"])
+                widths.append((g["ci"][1] - g["ci"][0]) / (2 * 1.96 * se))
+    assert widths and 0.6 < np.median(widths) < 1.5
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -283,7 +369,7 @@ def test_browser_answers_undo_restart_export(tmp_path):
     notes = df.set_index("pair_id")["note"]
     assert notes[expected[2][0]] == "left one has 2 artefacts"
     s = json.loads((tmp_path / "pairs_summary.json").read_text())
-    assert s["left_out"]["cannot_tell"] == 1 and s["left_out"]["both_unacceptable"] == 0
+    assert s["undecided"]["cannot_tell"] == 1 and s["undecided"]["both_unacceptable"] == 0
 
 
 def test_browser_screenshot_is_not_blank(tmp_path):

@@ -313,6 +313,21 @@ def test_skin_set_without_dark_images_and_evil_vgg_weights(tmp_path):
     assert not (tmp_path / "PWNED").exists()
 
 
+def test_vgg_weights_file_loads_when_valid(tmp_path):
+    """The other side of the pickle refusal: a plain state dict of the right network loads, one of another does
+    not."""
+    import torch
+    import torchvision
+    from vae.train_resvae import VGGPerceptual
+    vgg = torchvision.models.vgg19(weights=None)
+    torch.save(vgg.state_dict(), tmp_path / "vgg19.pth")
+    p = VGGPerceptual(pretrained=False, weights_file=tmp_path / "vgg19.pth")
+    assert torch.equal(p.features[0].weight, vgg.features[0].weight) and "imagenet" in p.source
+    torch.save(torchvision.models.vgg11(weights=None).state_dict(), tmp_path / "vgg11.pth")
+    with pytest.raises(DataError, match="do not fit"):
+        VGGPerceptual(pretrained=False, weights_file=tmp_path / "vgg11.pth")
+
+
 def test_nan_ages_are_left_out_not_young(tmp_path):
     from common.modalities import load_modality
     root = tmp_path / "ixi"

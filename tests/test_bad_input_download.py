@@ -457,3 +457,12 @@ def test_bad_root_or_table_one_line(http_server, tmp_path, sentinels, capsys, ca
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: " + names), err
     assert not (sentinels / "images").exists()
+
+
+def test_a_body_over_the_size_cap_is_not_kept(http_server, tmp_path):
+    """A table URL that sends far more than an image is refused and nothing of it is kept (a full disk otherwise)."""
+    base, served, _ = http_server
+    (served / "huge.jpg").write_bytes(b"\xff" * 300_000)
+    with pytest.raises(dl.DataError, match="allowed here"):
+        dl.fetch(f"{base}/huge.jpg", tmp_path / "huge.jpg", max_bytes=100_000)
+    assert not list(tmp_path.glob("huge*"))

@@ -132,7 +132,7 @@ def test_medmnist_bad_inputs(tmp_path):
     with pytest.raises(DataError, match="lacks the keys"):
         read_medmnist(tmp_path / "breastmnist.npz")
     (tmp_path / "pathmnist.npz").write_bytes(b"not a zip")
-    with pytest.raises(DataError, match="download it again"):
+    with pytest.raises(DataError, match="fetch it again"):
         read_medmnist(tmp_path / "pathmnist.npz")
 
 

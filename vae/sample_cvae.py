@@ -14,16 +14,16 @@ import torch
 from common.cli import ArgumentParser, positive_int, run
 from common.data import NIH_LABELS, DataError
 from common.report import save_grid, to_uint8
-from common.runs import device_from, load_checkpoint, npz_out
+from common.runs import device_from, load_checkpoint, load_weights, npz_out, written_together
 from vae.train_cvae import CVAE
 
 
 def load_cvae(path, device="cpu"):
     ck = load_checkpoint(path)
-    if "train_labels" not in ck:
+    if not isinstance(ck, dict) or not {"train_labels", "model", "args"} <= set(ck):
         raise DataError(f"{path} is not a train_cvae.py checkpoint")
     model = CVAE(ck["args"]["channels"], ck["args"]["latent"])
-    model.load_state_dict(ck["model"])
+    load_weights(model, ck["model"], path)
     return model.to(device).eval(), ck
 
 
@@ -43,8 +43,9 @@ def main(args):
     out = npz_out(args.out, args.force, beside=(".png",))  # the file numpy writes, checked before any work
     model, ck = load_cvae(args.ckpt, device_from(args.device))
     images, labels = sample(model, ck["train_labels"], args.n, args.seed, device_from(args.device))
-    np.savez_compressed(out, images=images, labels=labels, label_names=np.array(NIH_LABELS))
-    save_grid(images[:32], out.with_suffix(".png"), nrow=4, title="synthetic female X-rays (CVAE)")
+    with written_together(out, out.with_suffix(".png")) as (tmp_npz, tmp_png):
+        np.savez_compressed(tmp_npz, images=images, labels=labels, label_names=np.array(NIH_LABELS))
+        save_grid(images[:32], tmp_png, nrow=4, title="synthetic female X-rays (CVAE)")
     print(f"wrote {len(images)} synthetic images to {out}")
 
 

@@ -26,7 +26,7 @@ from common.cli import ArgumentParser, nonneg_float, nonneg_int, positive_float,
 from common.cache import load_images
 from common.data import PROJECT_DATA, DataError, label_matrix, read_nih
 from common.report import fit_title, save_grid
-from common.runs import (add_common_args, check_finite, device_from, load_checkpoint, prepare_out_dir,
+from common.runs import (add_common_args, check_finite, device_from, load_checkpoint, load_weights, prepare_out_dir,
                          save_checkpoint, seed_everything, write_config, write_json)
 from common.splits import patient_split
 
@@ -90,7 +90,9 @@ def validation_loss(model, x, y, beta, batch_size=256):
 
 def resumable(ckpt, args):
     """The checkpoint a --resume continues, if it fits the model flags (checked before anything is written)."""
-    ck = load_checkpoint(ckpt)
+    ck = load_checkpoint(ckpt, flag="--resume")
+    if not isinstance(ck, dict) or not {"last", "model", "opt", "epoch", "args"} <= set(ck):
+        raise DataError(f"--resume: {ckpt} is not a train_cvae.py checkpoint (choose another --out-dir)")
     if ck.get("args", {}).get("latent") != args.latent:
         raise DataError(f"--resume: {ckpt} was trained with --latent {ck.get('args', {}).get('latent')}, not "
                         f"{args.latent} (pass the same --latent, or --force to start a new run)")
@@ -108,7 +110,7 @@ def fit(x_tr, y_tr, x_val, y_val, args, out, device, resume=False, progress=True
     ckpt = out / "ckpt.pt"
     if resume and ckpt.is_file():
         ck = resumable(ckpt, args)
-        model.load_state_dict(ck["last"])
+        load_weights(model, ck["last"], ckpt)
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
         start, best_state, best_val, bad, history = ck["epoch"], ck["model"], ck["best_val"], ck["bad"], ck["history"]

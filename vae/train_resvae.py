@@ -93,7 +93,7 @@ class VGGPerceptual(nn.Module):
         vgg = tvm.vgg19(weights=None)
         self.source = "random (no ImageNet weights)"
         if weights_file:
-            vgg.load_state_dict(load_state_dict_file(weights_file, vgg, "--vgg-weights"))
+            load_state_dict_file(weights_file, vgg, "--vgg-weights")  # weights_only; keys checked
             self.source = f"imagenet ({weights_file})"
         elif pretrained:
             try:
