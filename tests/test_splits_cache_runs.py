@@ -117,14 +117,14 @@ def test_run_folder_is_never_silently_overwritten(tmp_path):
     with pytest.raises(DataError, match="--resume"):
         prepare_out_dir(out, force=True, resume=True)
     assert (out / "metrics.json").read_text() == "{}"
-    (out / "config.json").write_text('{"args": {}}')
+    (out / "config.json").write_text('{"args": {}, "argv": [], "git_commit": "x"}')
     prepare_out_dir(out, resume=True)
     assert (out / "metrics.json").exists()
     prepare_out_dir(out, force=True)  # the old run is moved aside ...
     assert not (out / "metrics.json").exists()
-    (out / "new.txt").write_text("unfinished")
-    settle_replaced(ok=False)  # ... and put back when the command fails
-    assert (out / "metrics.json").read_text() == "{}" and not (out / "new.txt").exists()
+    (out / "config.json").write_text('{"args": {"new": 1}, "argv": [], "git_commit": "x"}')
+    settle_replaced(ok=False)  # ... and put back when the command fails (here on bad input: nothing new to keep)
+    assert (out / "metrics.json").read_text() == "{}" and '"new"' not in (out / "config.json").read_text()
     prepare_out_dir(out, force=True)
     settle_replaced(ok=True)  # ... or deleted when it succeeds
     assert not any(out.iterdir()) and [p.name for p in tmp_path.iterdir()] == ["r"]
@@ -166,3 +166,41 @@ def test_table_and_grid_writers(tmp_path):
     assert Image.open(tmp_path / "g.png").size == (3 * 10 + 2, 2 * 10 + 2)
     save_grid(img, tmp_path / "g2.png", nrow=2, title="phantom grid")
     assert Image.open(tmp_path / "g2.png").size[0] > 100
+
+
+def test_failed_forced_run_keeps_its_work_and_stages_settle_early(tmp_path, capsys):
+    """A long run that fails late under --force gets the old run back and keeps its own checkpoints aside; a stage
+    of a study that finished is settled at once, so a later failure does not roll it back; clinicians' answers are
+    never replaced."""
+    from common.runs import settle_replaced, stage
+    run_config = '{"args": {}, "argv": [], "git_commit": "x"}'
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(run_config)
+    (out / "ckpt.pt").write_text("old")
+    prepare_out_dir(out, force=True)
+    (out / "config.json").write_text(run_config)
+    (out / "ckpt.pt").write_text("new, 10 hours of training")
+    settle_replaced(ok=False)
+    assert (out / "ckpt.pt").read_text() == "old"
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("run.failed-")]
+    assert len(kept) == 1 and (kept[0] / "ckpt.pt").read_text() == "new, 10 hours of training"
+    assert "unfinished run is in" in capsys.readouterr().err
+    stage_dir = tmp_path / "stage"
+    stage_dir.mkdir()
+    (stage_dir / "config.json").write_text(run_config)
+    (stage_dir / "old.txt").write_text("stale")
+    with stage():
+        prepare_out_dir(stage_dir, force=True)
+        (stage_dir / "new.txt").write_text("fresh")
+    settle_replaced(ok=False)  # the study fails later: the finished stage stays as it is
+    assert (stage_dir / "new.txt").exists() and not (stage_dir / "old.txt").exists()
+    (out / "pairs").mkdir()
+    (out / "pairs/answers.csv").write_text("time,annotator\n")
+    with pytest.raises(DataError, match="clinicians' answers"):
+        prepare_out_dir(out, force=True)
+    (tmp_path / "notours").mkdir()
+    (tmp_path / "notours/config.json").write_text('{"model_type": "bert"}')  # another tool's config.json
+    (tmp_path / "notours/weights.bin").write_text("x")
+    with pytest.raises(DataError, match="no run of ours"):
+        prepare_out_dir(tmp_path / "notours", force=True)
