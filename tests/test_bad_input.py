@@ -89,7 +89,7 @@ def nih_root(root, n_female=24, n_male=24, corrupt=()):
 def finished_run(folder):
     """A folder as a finished run of ours leaves it (config.json + results)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({"args": {"epochs": 3}, "argv": ["x"]}))
+    (folder / "config.json").write_text(json.dumps({"args": {"epochs": 3}, "argv": ["x"], "git_commit": "abc"}))
     (folder / "metrics.json").write_text('{"test_auc": 0.9}')
     (folder / "ckpt.pt").write_bytes(b"weights of a long run")
     return folder
