@@ -176,17 +176,21 @@ def fairness_summary(y_true, y_pred, groups, probs=None):
 
 
 # ---- bootstrap -------------------------------------------------------------------------------------------------------
+def cluster_members(clusters, n_rows):
+    """The row indices of each cluster (patient), in order of first appearance; one row each without clusters."""
+    if clusters is None:
+        return [np.array([i]) for i in range(n_rows)]
+    codes, uniq = pd.factorize(np.asarray(clusters))
+    order = np.argsort(codes, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(codes, minlength=len(uniq)))[:-1])
+
+
 def bootstrap(stat, n_rows, clusters=None, n_boot=1000, seed=0, alpha=0.05):
     """Percentile bootstrap CIs of stat(idx) -> float or {name: float}, resampling clusters (patients) with
     replacement where given, rows otherwise. Returns {name: (lo, hi)} (name 'value' for a float stat).
     Replicates where a statistic is undefined (NaN, e.g. AUROC of a one-class resample) are dropped for it."""
     rng = np.random.default_rng(seed)
-    if clusters is None:
-        members = [np.array([i]) for i in range(n_rows)]
-    else:
-        codes, uniq = pd.factorize(np.asarray(clusters))
-        order = np.argsort(codes, kind="stable")
-        members = np.split(order, np.cumsum(np.bincount(codes, minlength=len(uniq)))[:-1])
+    members = cluster_members(clusters, n_rows)
     reps = []
     for _ in range(n_boot):
         pick = rng.integers(0, len(members), len(members))

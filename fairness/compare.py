@@ -1,0 +1,156 @@
+"""Comparisons that can answer: paired differences between conditions on the same test patients, gaps between groups
+against a permutation null, replicates, Holm's correction and the minimum detectable effect; KID and FD at equal n.
+Definitions: FORMULAS.md, "Statistics for comparisons". Every result names its method.
+
+A statistic is a function of row indices, `stat(idx) -> float` (e.g. the AUROC of condition A's scores on the rows
+idx), so one resample of patients serves both conditions of a paired comparison. Units are patients: a resample
+draws patients with replacement and keeps all their images (fairness.metrics.cluster_members).
+
+    d = paired_difference(lambda i: auroc(y[i], s_a[i]), lambda i: auroc(y[i], s_b[i]), clusters=patient)
+    # {'diff', 'ci', 'p', 'se', 'mde', 'n_units', 'method'}
+    holm([d1['p'], d2['p'], ...])
+
+Tested by simulation (tests/test_compare.py): the paired CI of an AUROC difference and of a two-group gap cover
+the true value >= 90% of the time (nominal 95%), and the permutation p is uniform under the null.
+"""
+import numpy as np
+from scipy.stats import norm
+
+from fairness.metrics import cluster_members
+
+Z_ALPHA, Z_POWER = norm.ppf(0.975), norm.ppf(0.8)  # 1.96 and 0.84: two-sided alpha 0.05, power 0.8
+
+
+def mde(se):
+    """Minimum detectable effect at two-sided alpha 0.05 and power 0.8: (1.96 + 0.84) * SE."""
+    return float((Z_ALPHA + Z_POWER) * se)
+
+
+def _p_two_sided(diffs, n_boot):
+    """2 * min(share <= 0, share >= 0), floored at 1 / (n_boot + 1), at most 1."""
+    p = 2 * min(np.mean(diffs <= 0), np.mean(diffs >= 0))
+    return float(min(1.0, max(p, 1 / (n_boot + 1))))
+
+
+def _summary(point, diffs, n_boot, n_units, method, alpha=0.05):
+    diffs = diffs[np.isfinite(diffs)]
+    if len(diffs) < 2:
+        return {"diff": point, "ci": [float("nan")] * 2, "p": float("nan"), "se": float("nan"), "mde": float("nan"),
+                "n_units": n_units, "method": method}
+    se = float(np.std(diffs, ddof=1))
+    return {"diff": float(point), "ci": np.percentile(diffs, [100 * alpha / 2, 100 * (1 - alpha / 2)]).tolist(),
+            "p": _p_two_sided(diffs, n_boot), "se": se, "mde": mde(se), "n_units": n_units, "method": method}
+
+
+def paired_difference(stat_a, stat_b, n_rows=None, clusters=None, n_boot=2000, seed=0):
+    """stat_a - stat_b on the same rows, with a patient-clustered paired bootstrap: each resample draws patients
+    with replacement and evaluates both conditions on the same drawn rows. Percentile CI; p as FORMULAS.md."""
+    n_rows = len(clusters) if n_rows is None else n_rows
+    members = cluster_members(clusters, n_rows)
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(n_boot)
+    for b in range(n_boot):
+        idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+        diffs[b] = stat_a(idx) - stat_b(idx)
+    everything = np.arange(n_rows)
+    return _summary(stat_a(everything) - stat_b(everything), diffs, n_boot, len(members),
+                    f"paired bootstrap over {'patients' if clusters is not None else 'rows'} ({n_boot}), percentile")
+
+
+def paired_difference_replicates(replicates, n_boot=2000, seed=0):
+    """The same for replicates (seeds, repeats): `replicates` is a list of (stat_a, stat_b, clusters), one per
+    replicate. Two-level bootstrap: draw replicates with replacement, then patients within each drawn replicate;
+    the difference is the mean over replicates. Point estimate: the mean of the replicates' full-data differences."""
+    rng = np.random.default_rng(seed)
+    parts = [(a, b, cluster_members(c, len(c))) for a, b, c in replicates]
+    diffs = np.empty(n_boot)
+    for k in range(n_boot):
+        vals = []
+        for r in rng.integers(0, len(parts), len(parts)):
+            a, b, members = parts[r]
+            idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+            vals.append(a(idx) - b(idx))
+        diffs[k] = np.nanmean(vals)
+    point = np.mean([a(np.arange(len(c))) - b(np.arange(len(c))) for a, b, c in replicates])
+    return {**_summary(point, diffs, n_boot, sum(len(m) for _, _, m in parts),
+                       f"two-level bootstrap: {len(parts)} replicates, then patients ({n_boot}), percentile"),
+            "replicates": len(parts)}
+
+
+def group_gap(stat_group, groups, idx):
+    """max - min over groups of stat_group(rows of that group within idx) (NaN groups left out)."""
+    vals = [stat_group(idx[groups[idx] == g]) for g in np.unique(groups[idx])]
+    vals = [v for v in vals if np.isfinite(v)]
+    return max(vals) - min(vals) if len(vals) > 1 else float("nan")
+
+
+def gap_permutation(stat_group, groups, clusters=None, n_perm=2000, seed=0):
+    """A max - min gap over groups against its permutation null: the group labels are shuffled across patients
+    (each patient keeps one group), the gap recomputed. p = (1 + #{null >= observed}) / (n_perm + 1); the excess
+    gap = observed - median(null), since max - min is positive even when the groups do not differ."""
+    groups = np.asarray(groups)
+    n = len(groups)
+    members = cluster_members(clusters, n)
+    patient_group = np.array([groups[m[0]] for m in members])
+    if any(len(set(groups[m])) > 1 for m in members):
+        raise ValueError("a patient with images in two groups: the permutation needs one group per patient")
+    rng = np.random.default_rng(seed)
+    everything = np.arange(n)
+    observed = group_gap(stat_group, groups, everything)
+    null = np.empty(n_perm)
+    shuffled = groups.copy()
+    for k in range(n_perm):
+        perm = rng.permutation(patient_group)
+        for m, g in zip(members, perm):
+            shuffled[m] = g
+        null[k] = group_gap(stat_group, shuffled, everything)
+    null = null[np.isfinite(null)]
+    return {"gap": float(observed), "p": float((1 + np.sum(null >= observed)) / (len(null) + 1)),
+            "null_median": float(np.median(null)), "excess": float(observed - np.median(null)),
+            "n_units": len(members), "method": f"permutation of group labels across patients ({n_perm})"}
+
+
+def holm(pvalues):
+    """Holm's step-down adjustment: p_holm(k) = max over j <= k of min(1, (m - j + 1) p(j)), in input order."""
+    p = np.asarray(pvalues, float)
+    order = np.argsort(p)
+    m = len(p)
+    adjusted = np.minimum(1, (m - np.arange(m)) * p[order])
+    out = np.empty(m)
+    out[order] = np.maximum.accumulate(adjusted)
+    return out.tolist()
+
+
+# ---- fidelity at equal n ----------------------------------------------------------------------------------------
+def _mmd2_unbiased(x, y):
+    """Unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3 (Binkowski et al. 2018), x and y of equal size m."""
+    d, m = x.shape[1], len(x)
+    kxx, kyy, kxy = ((x @ x.T) / d + 1) ** 3, ((y @ y.T) / d + 1) ** 3, ((x @ y.T) / d + 1) ** 3
+    return ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.sum() / m ** 2
+
+
+def kid(f_real, f_fake, n_subsets=100, subset_size=1000, seed=2020):
+    """KID: the unbiased MMD^2 averaged over n_subsets random subsets of m = min(subset_size, n_real, n_fake) from
+    each set (drawn as torch-fidelity draws them, so the same seed gives its numbers). {mean, std, m}."""
+    f_real, f_fake = np.asarray(f_real, np.float64), np.asarray(f_fake, np.float64)
+    m = min(subset_size, len(f_real), len(f_fake))
+    if m < 2:
+        return {"mean": float("nan"), "std": float("nan"), "m": m}
+    rng = np.random.RandomState(seed)
+    vals = np.empty(n_subsets)
+    for i in range(n_subsets):
+        x = f_real[rng.choice(len(f_real), m, replace=False)]
+        y = f_fake[rng.choice(len(f_fake), m, replace=False)]
+        vals[i] = _mmd2_unbiased(x, y)
+    return {"mean": float(vals.mean()), "std": float(vals.std()), "m": m}
+
+
+def fd_equal_n(f_real, f_fake, n=None, seed=0):
+    """The Frechet distance with both sets subsampled to the same n (default: the smaller set's size), since FD's
+    bias grows as n shrinks: {fd, n}."""
+    from fairness.fid import fid_from_features
+    rng = np.random.default_rng(seed)
+    n = min(len(f_real), len(f_fake)) if n is None else n
+    x = f_real[rng.choice(len(f_real), n, replace=False)]
+    y = f_fake[rng.choice(len(f_fake), n, replace=False)]
+    return {"fd": float(fid_from_features(x, y)), "n": int(n)}
