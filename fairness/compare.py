@@ -32,20 +32,26 @@ def _p_two_sided(diffs, n_boot):
     return float(min(1.0, max(p, 1 / (n_boot + 1))))
 
 
-def _summary(point, diffs, n_boot, n_units, method, alpha=0.05):
-    diffs = diffs[np.isfinite(diffs)]
-    if len(diffs) < 2:
-        return {"diff": point, "ci": [float("nan")] * 2, "p": float("nan"), "se": float("nan"), "mde": float("nan"),
-                "n_units": n_units, "method": method}
-    se = float(np.std(diffs, ddof=1))
-    return {"diff": float(point), "ci": np.percentile(diffs, [100 * alpha / 2, 100 * (1 - alpha / 2)]).tolist(),
-            "p": _p_two_sided(diffs, n_boot), "se": se, "mde": mde(se), "n_units": n_units, "method": method}
+def _summary(point, diffs, n_units, method, alpha=0.05):
+    """diff, percentile CI, p (floored at 1 / (valid resamples + 1)), SE, MDE. Resamples where the statistic is
+    undefined (an AUROC without both classes) are left out and counted; a NaN point estimate gives NaNs."""
+    valid = diffs[np.isfinite(diffs)]
+    out = {"diff": float(point), "ci": [float("nan")] * 2, "p": float("nan"), "se": float("nan"),
+           "mde": float("nan"), "n_units": n_units, "n_valid": int(len(valid)), "method": method}
+    if not np.isfinite(point) or len(valid) < 2:
+        return out
+    se = float(np.std(valid, ddof=1))
+    return {**out, "ci": np.percentile(valid, [100 * alpha / 2, 100 * (1 - alpha / 2)]).tolist(),
+            "p": _p_two_sided(valid, len(valid)), "se": se, "mde": mde(se)}
 
 
 def paired_difference(stat_a, stat_b, n_rows=None, clusters=None, n_boot=2000, seed=0):
     """stat_a - stat_b on the same rows, with a patient-clustered paired bootstrap: each resample draws patients
     with replacement and evaluates both conditions on the same drawn rows. Percentile CI; p as FORMULAS.md."""
+    if n_rows is None and clusters is None:
+        raise ValueError("give n_rows or clusters")
     n_rows = len(clusters) if n_rows is None else n_rows
+    assert clusters is None or len(clusters) == n_rows, "one cluster label per row"
     members = cluster_members(clusters, n_rows)
     rng = np.random.default_rng(seed)
     diffs = np.empty(n_boot)
@@ -53,61 +59,78 @@ def paired_difference(stat_a, stat_b, n_rows=None, clusters=None, n_boot=2000, s
         idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
         diffs[b] = stat_a(idx) - stat_b(idx)
     everything = np.arange(n_rows)
-    return _summary(stat_a(everything) - stat_b(everything), diffs, n_boot, len(members),
+    return _summary(stat_a(everything) - stat_b(everything), diffs, len(members),
                     f"paired bootstrap over {'patients' if clusters is not None else 'rows'} ({n_boot}), percentile")
 
 
 def paired_difference_replicates(replicates, n_boot=2000, seed=0):
     """The same for replicates (seeds, repeats): `replicates` is a list of (stat_a, stat_b, clusters), one per
-    replicate. Two-level bootstrap: draw replicates with replacement, then patients within each drawn replicate;
-    the difference is the mean over replicates. Point estimate: the mean of the replicates' full-data differences."""
+    replicate; the difference is the mean over replicates. Two-level bootstrap: draw replicates with replacement,
+    then patients. Where every replicate was evaluated on the same test patients (seeds of one split), one draw of
+    patients serves all drawn replicates, so that the test set's variance is not divided by the replicate count;
+    with different test sets (folds, repeats) each replicate draws its own."""
     rng = np.random.default_rng(seed)
-    parts = [(a, b, cluster_members(c, len(c))) for a, b, c in replicates]
+    clusters = [np.asarray(c) for _, _, c in replicates]
+    shared = all(len(c) == len(clusters[0]) and np.array_equal(c, clusters[0]) for c in clusters)
+    parts = [(a, b, cluster_members(c, len(c))) for (a, b, _), c in zip(replicates, clusters)]
     diffs = np.empty(n_boot)
     for k in range(n_boot):
-        vals = []
-        for r in rng.integers(0, len(parts), len(parts)):
-            a, b, members = parts[r]
+        drawn = rng.integers(0, len(parts), len(parts))
+        if shared:
+            members = parts[0][2]
             idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
-            vals.append(a(idx) - b(idx))
-        diffs[k] = np.nanmean(vals)
-    point = np.mean([a(np.arange(len(c))) - b(np.arange(len(c))) for a, b, c in replicates])
-    return {**_summary(point, diffs, n_boot, sum(len(m) for _, _, m in parts),
-                       f"two-level bootstrap: {len(parts)} replicates, then patients ({n_boot}), percentile"),
-            "replicates": len(parts)}
+            vals = [parts[r][0](idx) - parts[r][1](idx) for r in drawn]
+        else:
+            vals = []
+            for r in drawn:
+                a, b, members = parts[r]
+                idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+                vals.append(a(idx) - b(idx))
+        diffs[k] = np.mean(vals)
+    point = np.mean([a(np.arange(len(c))) - b(np.arange(len(c))) for (a, b, _), c in zip(replicates, clusters)])
+    how = "the same test patients for all" if shared else "each its own test patients"
+    return {**_summary(point, diffs, len(parts[0][2]) if shared else sum(len(m) for _, _, m in parts),
+                       f"two-level bootstrap: {len(parts)} replicates ({how}), then patients ({n_boot}), "
+                       f"percentile"), "replicates": len(parts)}
 
 
-def group_gap(stat_group, groups, idx):
-    """max - min over groups of stat_group(rows of that group within idx) (NaN groups left out)."""
-    vals = [stat_group(idx[groups[idx] == g]) for g in np.unique(groups[idx])]
-    vals = [v for v in vals if np.isfinite(v)]
-    return max(vals) - min(vals) if len(vals) > 1 else float("nan")
+def group_gap(stat_group, groups, idx, expected=None):
+    """max - min over groups of stat_group(rows of that group within idx); NaN when a group of `expected` (default:
+    the groups present) is missing or its statistic undefined, so that every gap compares the same groups."""
+    expected = np.unique(groups[idx]) if expected is None else expected
+    vals = [stat_group(idx[groups[idx] == g]) for g in expected]
+    return max(vals) - min(vals) if len(vals) > 1 and np.all(np.isfinite(vals)) else float("nan")
 
 
 def gap_permutation(stat_group, groups, clusters=None, n_perm=2000, seed=0):
     """A max - min gap over groups against its permutation null: the group labels are shuffled across patients
-    (each patient keeps one group), the gap recomputed. p = (1 + #{null >= observed}) / (n_perm + 1); the excess
-    gap = observed - median(null), since max - min is positive even when the groups do not differ."""
+    (each patient keeps one group), the gap recomputed. p = (1 + #{null >= observed}) / (n_valid + 1); the excess
+    gap = observed - median(null), since max - min is positive even when the groups do not differ. The null is
+    that patients are exchangeable between groups (scores, labels and their prevalence alike): where prevalence
+    differs between groups, a gap can be found without any difference in the statistic itself; read it so."""
     groups = np.asarray(groups)
     n = len(groups)
     members = cluster_members(clusters, n)
-    patient_group = np.array([groups[m[0]] for m in members])
     if any(len(set(groups[m])) > 1 for m in members):
         raise ValueError("a patient with images in two groups: the permutation needs one group per patient")
-    rng = np.random.default_rng(seed)
+    patient_of_row = np.empty(n, int)
+    for k, m in enumerate(members):
+        patient_of_row[m] = k
+    patient_group = np.array([groups[m[0]] for m in members])
+    present = np.unique(groups)
     everything = np.arange(n)
-    observed = group_gap(stat_group, groups, everything)
-    null = np.empty(n_perm)
-    shuffled = groups.copy()
-    for k in range(n_perm):
-        perm = rng.permutation(patient_group)
-        for m, g in zip(members, perm):
-            shuffled[m] = g
-        null[k] = group_gap(stat_group, shuffled, everything)
+    observed = group_gap(stat_group, groups, everything, present)
+    method = f"permutation of group labels across patients ({n_perm}); null: patients exchangeable between groups"
+    if not np.isfinite(observed):
+        return {"gap": float("nan"), "p": float("nan"), "null_median": float("nan"), "excess": float("nan"),
+                "n_units": len(members), "n_valid": 0, "method": method}
+    rng = np.random.default_rng(seed)
+    null = np.array([group_gap(stat_group, rng.permutation(patient_group)[patient_of_row], everything, present)
+                     for _ in range(n_perm)])
     null = null[np.isfinite(null)]
     return {"gap": float(observed), "p": float((1 + np.sum(null >= observed)) / (len(null) + 1)),
             "null_median": float(np.median(null)), "excess": float(observed - np.median(null)),
-            "n_units": len(members), "method": f"permutation of group labels across patients ({n_perm})"}
+            "n_units": len(members), "n_valid": int(len(null)), "method": method}
 
 
 def holm(pvalues):
@@ -131,7 +154,8 @@ def _mmd2_unbiased(x, y):
 
 def kid(f_real, f_fake, n_subsets=100, subset_size=1000, seed=2020):
     """KID: the unbiased MMD^2 averaged over n_subsets random subsets of m = min(subset_size, n_real, n_fake) from
-    each set (drawn as torch-fidelity draws them, so the same seed gives its numbers). {mean, std, m}."""
+    each set, {mean, std, m}. Subsets are drawn as torch-fidelity draws them: the same seed gives its numbers when
+    f_real is its input1 (the order of the two sets changes the draws, not the expectation)."""
     f_real, f_fake = np.asarray(f_real, np.float64), np.asarray(f_fake, np.float64)
     m = min(subset_size, len(f_real), len(f_fake))
     if m < 2:
@@ -147,7 +171,7 @@ def kid(f_real, f_fake, n_subsets=100, subset_size=1000, seed=2020):
 
 def fd_equal_n(f_real, f_fake, n=None, seed=0):
     """The Frechet distance with both sets subsampled to the same n (default: the smaller set's size), since FD's
-    bias grows as n shrinks: {fd, n}."""
+    bias grows as n shrinks: {fd, n}. Compare subgroups at one common n: pass the same n for every subgroup."""
     from fairness.fid import fid_from_features
     rng = np.random.default_rng(seed)
     n = min(len(f_real), len(f_fake)) if n is None else n
