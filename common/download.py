@@ -499,14 +499,11 @@ def download_nih(root, archives=range(1, 13), url_base=None, keep_archives=False
 
 
 def http_url(text):
-    """argparse type: an http:// or https:// URL with a host."""
+    """argparse type: an http:// or https:// URL with a host (check_url's rule; the text is kept as typed)."""
     try:
-        parts = urlsplit(text)
-        host, _ = parts.hostname, parts.port
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"malformed URL {text!r} ({e})")
-    if parts.scheme.lower() not in ("http", "https") or not host:
-        raise argparse.ArgumentTypeError(f"must be an http:// or https:// URL with a host, got {text!r}")
+        check_url(text)
+    except DataError as e:
+        raise argparse.ArgumentTypeError(str(e.code).removeprefix("error: "))
     return text
 
 
