@@ -22,6 +22,7 @@ predictions (bootstrap CIs over patients) and per fold (mean +- std).
     python -m classify.chestxray_study --smoke --out smoke/chestxray   # seconds
 """
 import argparse
+import json
 from pathlib import Path
 import time
 
@@ -38,6 +39,8 @@ from common.report import mean_std, with_ci, write_table
 from common.runs import default_runs, device_from, prepare_out_dir, seed_everything, write_config, write_json
 from common.splits import patient_kfold, patient_split
 from fairness.figures import bars, lines
+from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, fmt_p, gap_permutation,
+                              paired_difference, with_holm)
 from fairness.metrics import auroc, binary_stats, bootstrap, demographic_parity, equal_opportunity
 from vae.sample_cvae import sample
 from vae.train_cvae import fit as fit_cvae, plot_history, to_tensor, write_figures
@@ -70,6 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--runs", default=None, help="per-fold run folders (default: runs/<--out>, e.g. runs/results/chestxray; "
                    "replaced with --out under --force)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: rebuild the tables, figures, comparisons and summary.json of an existing --out "
+                        "from its preds.csv and training.json (e.g. with another --n-boot)")
     add_args(p)
     # quick-scale classifier (measured, README): 16 epochs at a cosine schedule, no early stopping, last weights
     p.set_defaults(epochs=16, schedule="cosine", patience=0, keep="last")
@@ -164,6 +170,16 @@ def run_fold(k, fold, t, x, xc, Y15, args, device, runs):
 
 def main(args):
     t0 = time.time()
+    if args.report_only:
+        out = Path(args.out)
+        for f in ("preds.csv", "training.json", "config.json"):
+            if not (out / f).is_file():
+                raise DataError(f"--out {out}: no {f} here; --report-only rebuilds a finished run's report (run the "
+                                f"study without it first)")
+        made = json.loads((out / "config.json").read_text())
+        # the run's own settings (conditions, folds, size...), with this command's --n-boot and --out
+        args = argparse.Namespace(**{**made["args"], "n_boot": args.n_boot, "out": args.out, "report_only": True})
+        return report(out, args, args.runs or default_runs(args.out), made.get("data", "?"), made.get("weights", "?"))
     device = device_from(args.device)
     t = read_nih(args.data_root, args.csv)  # inputs first: a bad --data-root stops before anything is written
     seed_everything(args.seed)
@@ -185,22 +201,122 @@ def main(args):
     data = "nih1000" if str(args.data_root) == str(PROJECT_DATA / "nih_cxr14") else f"nih ({args.data_root})"
     weights = "imagenet" if args.pretrained else "none (from scratch)"
     write_config(out, args, data=data, weights=weights)
-    oof = {c: np.zeros((len(t), len(OUTPUTS))) for c in args.conditions}
-    thr = {c: np.zeros((len(t), len(OUTPUTS))) for c in args.conditions}
-    counts = {c: [] for c in args.conditions}
-    curves0 = None
+    parts, counts, curves0 = [], {c: [] for c in args.conditions}, None
     for k in range(args.folds):
         print(f"fold {k + 1}/{args.folds} ({time.time() - t0:.0f} s)", flush=True)
         test_idx, preds, cnt, curves = run_fold(k, fold, t, x, xc, Y15, args, device, runs)
         for c in args.conditions:
-            oof[c][test_idx], thr[c][test_idx] = preds[c][0], preds[c][1]
+            parts.append(pred_rows(t.iloc[test_idx], Y[test_idx], *preds[c], fold=k, seed=args.seed, condition=c))
             counts[c].append(cnt[c])
         curves0 = curves0 or curves
-    report(t, Y, oof, thr, fold, counts, curves0, args, out, runs, data, weights, time.time() - t0)
+    pd.concat(parts, ignore_index=True).to_csv(out / "preds.csv", index=False, float_format="%.6g")
+    write_json(out / "training.json", {"counts_per_fold": counts, "val_any_auroc_fold0": curves0,
+                                       "seconds": time.time() - t0})
+    report(out, args, runs, data, weights)
 
 
-def report(t, Y, oof, thr, fold, counts, curves0, args, out, runs, data, weights, seconds):
+def col(name):
+    return name.replace(" ", "_")
+
+
+def pred_rows(t, Y, scores, thresholds, **keys):
+    """preds.csv rows for one fold's test images under one condition: ids, sex, age, fold, seed, condition, and per
+    output its label y_*, score p_* and the fold's validation threshold thr_*."""
+    df = pd.DataFrame({"image": [Path(i).name for i in t["image"]], "patient_id": t["patient_id"].to_numpy(),
+                       "sex": t["sex"].to_numpy(), "age": t["age"].to_numpy(), **keys})
+    for j, name in enumerate(OUTPUTS):
+        df[f"y_{col(name)}"] = Y[:, j].astype(int)
+        df[f"p_{col(name)}"] = scores[:, j]
+        df[f"thr_{col(name)}"] = np.broadcast_to(thresholds, scores.shape)[:, j]
+    return df
+
+
+def read_preds(path, conditions):
+    """preds.csv -> (per-image table in one order, {condition: (Y, scores, thresholds, fold)}); every condition must
+    score the same images (the pairing of every comparison)."""
+    df = pd.read_csv(path)
+    first = None
+    arrays = {}
+    for c in conditions:
+        d = df[df["condition"] == c].sort_values("image").reset_index(drop=True)
+        if first is None:
+            first = d
+        if not d["image"].equals(first["image"]):
+            raise DataError(f"{path}: condition {c} scores other images than {conditions[0]}; a paired comparison "
+                            f"needs the same test images (rerun the study)")
+        arrays[c] = tuple(d[[f"{k}_{col(o)}" for o in OUTPUTS]].to_numpy(float) for k in ("y", "p", "thr")) + \
+            (d["fold"].to_numpy(),)
+    return first, arrays
+
+
+def metrics_of(Y, p, dec, sex, findings):
+    """The per-condition statistics of rows idx: any-finding AUROC overall and by sex, M - F gap, mean AUROC, DP, EO."""
+    def stat(idx):
+        fi, mi = idx[sex[idx] == "F"], idx[sex[idx] == "M"]
+        s = {"any_auroc": auroc(Y[idx, 14], p[idx, 14]),
+             "mean_auroc": float(np.nanmean([auroc(Y[idx, j], p[idx, j]) for j in findings])),
+             "any_auroc_female": auroc(Y[fi, 14], p[fi, 14]), "any_auroc_male": auroc(Y[mi, 14], p[mi, 14]),
+             "dp": demographic_parity(dec[idx, 14].astype(int), sex[idx]),
+             "eo": equal_opportunity(Y[idx, 14].astype(int), dec[idx, 14].astype(int), sex[idx])}
+        s["any_auroc_gap"] = s["any_auroc_male"] - s["any_auroc_female"]
+        return s
+    return stat
+
+
+# the study's questions: each condition against the imbalanced baseline, and synthetic against real women
+PAIRS = [("balanced_real", "imbalanced_real"), ("imbalanced_synth", "imbalanced_real"),
+         ("imbalanced_reweight", "imbalanced_real"), ("imbalanced_synth", "balanced_real")]
+COMPARED = {"any_auroc_female": "female AUROC", "any_auroc_male": "male AUROC",
+            "any_auroc_gap": "AUROC gap (M - F)", "any_auroc": "any-finding AUROC"}
+
+
+def auroc_stat(Y, p, sex, key):
+    """f(idx) -> the any-finding AUROC named by key (overall, female, male, or the M - F gap) on rows idx."""
+    def on(idx, who=None):
+        idx = idx if who is None else idx[sex[idx] == who]
+        return auroc(Y[idx, 14], p[idx, 14])
+    return {"any_auroc": on, "any_auroc_female": lambda idx: on(idx, "F"), "any_auroc_male": lambda idx: on(idx, "M"),
+            "any_auroc_gap": lambda idx: on(idx, "M") - on(idx, "F")}[key]
+
+
+def comparisons(arrays, sex, pid, args):
+    """Paired differences on the same out-of-fold test patients (patient-clustered bootstrap), Holm over the table."""
+    rows = []
+    for a, b in PAIRS:
+        if a in arrays and b in arrays:
+            for key, name in COMPARED.items():
+                r = paired_difference(auroc_stat(*arrays[a][:2], sex, key), auroc_stat(*arrays[b][:2], sex, key),
+                                      clusters=pid, n_boot=args.n_boot, seed=args.seed)
+                rows.append(comparison(name, a, b, r))
+    return with_holm(rows)
+
+
+def gap_cell(point, perm):
+    return f"{point:.3f} (perm. p {fmt_p(perm['p'])}, excess {perm['excess']:+.3f})"
+
+
+def answers(rows, args):
+    """The study's question, answered in one sentence per comparison that asks it."""
+    find = {(r["metric"], r["a"], r["b"]): r for r in rows}
+    out = []
+    for (metric, a, b), what in [(("female AUROC", "imbalanced_synth", "imbalanced_real"),
+                                  "Do CVAE-generated female X-rays help women? Female AUROC, synthetic minus imbalanced"),
+                                 (("AUROC gap (M - F)", "imbalanced_synth", "imbalanced_real"),
+                                  "Do they narrow the sex gap? Gap (M - F), synthetic minus imbalanced"),
+                                 (("female AUROC", "balanced_real", "imbalanced_real"),
+                                  "Do more real women help women? Female AUROC, balanced minus imbalanced")]:
+        if (metric, a, b) in find:
+            out.append(answer(find[(metric, a, b)], what))
+    return out
+
+
+def report(out, args, runs, data, weights):
+    """Tables, figures and summary.json from the files alone: preds.csv and training.json in --out."""
+    training = json.loads((out / "training.json").read_text())
+    counts, curves0, seconds = training["counts_per_fold"], training["val_any_auroc_fold0"], training["seconds"]
+    t, arrays = read_preds(out / "preds.csv", args.conditions)
     sex, pid = t["sex"].to_numpy(), t["patient_id"].to_numpy()
+    Y = arrays[args.conditions[0]][0]
     findings = [j for j in range(14) if Y[:, j].sum() >= 5]
     summary = {"data": data, "pretrained": args.pretrained, "scale": "smoke" if args.smoke else args.scale,
                "model": args.arch, "size": args.size, "folds": args.folds, "female_fraction": args.female_fraction,
@@ -208,22 +324,18 @@ def report(t, Y, oof, thr, fold, counts, curves0, args, out, runs, data, weights
                "seconds": seconds, "conditions": {}}
     fair_rows = []
     for c in args.conditions:
-        p, th = oof[c], thr[c]
+        _, p, th, fold = arrays[c]
         dec = p >= th
-
-        def stat(idx, p=p, dec=dec):
-            fi, mi = idx[sex[idx] == "F"], idx[sex[idx] == "M"]
-            s = {"any_auroc": auroc(Y[idx, 14], p[idx, 14]),
-                 "mean_auroc": float(np.nanmean([auroc(Y[idx, j], p[idx, j]) for j in findings])),
-                 "any_auroc_female": auroc(Y[fi, 14], p[fi, 14]), "any_auroc_male": auroc(Y[mi, 14], p[mi, 14]),
-                 "dp": demographic_parity(dec[idx, 14].astype(int), sex[idx]),
-                 "eo": equal_opportunity(Y[idx, 14].astype(int), dec[idx, 14].astype(int), sex[idx])}
-            s["any_auroc_gap"] = s["any_auroc_male"] - s["any_auroc_female"]
-            return s
-
+        stat = metrics_of(Y, p, dec, sex, findings)
         point = stat(np.arange(len(Y)))
         ci = bootstrap(stat, len(Y), clusters=pid, n_boot=args.n_boot, seed=args.seed)
         per_fold = [per_output_table(Y[fold == k], p[fold == k], th[fold == k][0]) for k in range(args.folds)]
+        # DP and EO are max - min gaps (>= 0): a percentile CI cannot contain 0, so each gets a permutation p
+        yany, dany = Y[:, 14].astype(bool), dec[:, 14]
+        dp_perm = gap_permutation(lambda idx: dany[idx].mean() if len(idx) else np.nan, sex, pid, args.n_boot,
+                                  args.seed)
+        eo_perm = gap_permutation(lambda idx: dany[idx][yany[idx]].mean() if yany[idx].any() else np.nan, sex, pid,
+                                  args.n_boot, args.seed)
         cnt = pd.DataFrame(counts[c]).mean().to_dict()
         pooled = [binary_stats(Y[:, j], dec[:, j]) for j in range(len(OUTPUTS))]  # each image at its fold's threshold
         sens_ok = all(pooled[j]["sensitivity"] > 0 for j in findings)
@@ -233,7 +345,8 @@ def report(t, Y, oof, thr, fold, counts, curves0, args, out, runs, data, weights
             "any_auroc_male": point["any_auroc_male"], "any_auroc_male_ci": list(ci["any_auroc_male"]),
             "any_auroc_gap": point["any_auroc_gap"], "any_auroc_gap_ci": list(ci["any_auroc_gap"]),
             "mean_auroc": point["mean_auroc"], "mean_auroc_ci": list(ci["mean_auroc"]),
-            "dp_any": point["dp"], "dp_any_ci": list(ci["dp"]), "eo_any": point["eo"], "eo_any_ci": list(ci["eo"]),
+            "dp_any": point["dp"], "dp_any_permutation": dp_perm, "eo_any": point["eo"],
+            "eo_any_permutation": eo_perm,
             "any_auroc_per_fold": [pf[-1]["auroc"] for pf in per_fold],
             "n_train_female": cnt["n_train_female"], "n_train_male": cnt["n_train_male"],
             "n_synthetic": cnt["n_synthetic"], "score_std_any": float(p[:, 14].std()),
@@ -264,7 +377,7 @@ def report(t, Y, oof, thr, fold, counts, curves0, args, out, runs, data, weights
                           with_ci(point["any_auroc_female"], ci["any_auroc_female"]),
                           with_ci(point["any_auroc_male"], ci["any_auroc_male"]),
                           with_ci(point["any_auroc_gap"], ci["any_auroc_gap"]),
-                          with_ci(point["dp"], ci["dp"]), with_ci(point["eo"], ci["eo"]),
+                          gap_cell(point["dp"], dp_perm), gap_cell(point["eo"], eo_perm),
                           with_ci(point["mean_auroc"], ci["mean_auroc"]),
                           f"{cnt['n_train_female']:.0f} / {cnt['n_train_male']:.0f} / {cnt['n_synthetic']:.0f}"])
     write_table(out / "fairness", ["condition", "any-finding AUROC", "female", "male", "gap (M - F)",
@@ -272,9 +385,13 @@ def report(t, Y, oof, thr, fold, counts, curves0, args, out, runs, data, weights
                                    "train F / M / synthetic F"], fair_rows,
                 title=f"Any finding vs No Finding by sex, pooled out-of-fold predictions ({data}, {len(t)} images, "
                       f"{t['patient_id'].nunique()} patients, {args.folds} folds)",
-                notes=["95% CIs by bootstrap over patients (" + str(args.n_boot) + " resamples). DP and EO are "
+                notes=["95% CIs: percentile bootstrap over patients (" + str(args.n_boot) + " resamples), one "
+                       "training run per fold (the CIs carry test sampling, not training noise). DP and EO are "
                        "between-sex differences of the any-finding decision at each fold's validation threshold "
-                       "(fractions; x100 for FairGen's scale). Reference (Larrazabal et al. 2020, full NIH, "
+                       "(fractions; x100 for FairGen's scale); being |M - F| they get no percentile CI (it cannot "
+                       "contain 0) but a permutation p (sex shuffled across patients) and the gap's excess over the "
+                       "null median. Compare conditions with comparisons.md (paired), not by overlapping CIs. "
+                       "Reference (Larrazabal et al. 2020, full NIH, "
                        "DenseNet-121): the under-represented sex loses ~0.02-0.025 mean AUC.",
                        (f"CVAE trained on: {args.cvae_female} female images of each fold (never test or "
                         f"validation images). " if "imbalanced_synth" in args.conditions else "")
@@ -289,7 +406,18 @@ def report(t, Y, oof, thr, fold, counts, curves0, args, out, runs, data, weights
             (out / f"cvae_{name}").write_bytes((fold0 / name).read_bytes())
     lines({c: dict(enumerate(v, 1)) for c, v in curves0.items()}, out / "classifier_val_auroc.png",
           "Validation any-finding AUROC per epoch (fold 0)", "epoch", "AUROC")
+    summary["comparisons"] = comparisons(arrays, sex, pid, args)
+    summary["answers"] = answers(summary["comparisons"], args)
+    write_table(out / "comparisons", COMPARISON_HEADER, comparison_rows(summary["comparisons"]),
+                title=f"Paired comparisons of conditions on the same out-of-fold test patients ({data}, {len(t)} "
+                      f"images, {t['patient_id'].nunique()} patients)",
+                notes=[f"a - b on the pooled out-of-fold any-finding scores; 95% CI and p from a patient-clustered "
+                       f"paired bootstrap ({args.n_boot} resamples, percentile); p (Holm) over the "
+                       f"{len(summary['comparisons'])} rows; MDE = (1.96 + 0.84) x bootstrap SE, the smallest "
+                       f"difference this design detects with 80% power. One training run per condition and fold: "
+                       f"training noise is not in the CI. Recompute from preds.csv."] + summary["answers"])
     write_json(out / "summary.json", summary)
+    print(open(out / "comparisons.md").read())
     print(open(out / "fairness.md").read())
     print(f"wall time {seconds / 60:.1f} min")
     return summary

@@ -63,11 +63,17 @@ def is_main_process():
         or torch.distributed.get_rank() == 0
 
 
+OUTPUT_TREES = ("results", "results-full", "smoke")  # what runs write, not code
+
+
 def git_commit():
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+        # the code is what a result depends on: tracked results being rewritten (by this run or another) is not
+        # a dirty tree (commit the code, then run, then commit the results)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                *[f":(exclude){d}" for d in OUTPUT_TREES]], cwd=ROOT,
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return (commit or "unknown") + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):

@@ -178,3 +178,49 @@ def fd_equal_n(f_real, f_fake, n=None, seed=0):
     x = f_real[rng.choice(len(f_real), n, replace=False)]
     y = f_fake[rng.choice(len(f_fake), n, replace=False)]
     return {"fd": float(fid_from_features(x, y)), "n": int(n)}
+
+
+# ---- a study's list of comparisons --------------------------------------------------------------------------------
+def comparison(metric, a, b, result):
+    """One row of a summary's `comparisons`: {metric, a, b, diff, ci, p, mde, n_units, replicates, method}
+    (a - b), from paired_difference(_replicates); `p_holm` is added by with_holm over the whole table."""
+    return {"metric": metric, "a": a, "b": b, "diff": result["diff"], "ci": result["ci"], "p": result["p"],
+            "mde": result["mde"], "se": result["se"], "n_units": result["n_units"],
+            "replicates": result.get("replicates", 1), "method": result["method"]}
+
+
+def with_holm(comparisons):
+    """The same rows with `p_holm`: Holm's adjustment over every row with a finite p (NaN rows stay NaN)."""
+    finite = [i for i, c in enumerate(comparisons) if np.isfinite(c["p"])]
+    adjusted = dict(zip(finite, holm([comparisons[i]["p"] for i in finite]))) if finite else {}
+    return [{**c, "p_holm": adjusted.get(i, float("nan"))} for i, c in enumerate(comparisons)]
+
+
+def fmt_p(p):
+    return "n/a" if not np.isfinite(p) else (f"{p:.2g}" if p >= 0.001 else "<0.001")
+
+
+def comparison_rows(comparisons, digits=3):
+    """Markdown/CSV cells: metric, a - b, difference [95% CI], p, p (Holm), MDE, units, replicates."""
+    f = f"{{:+.{digits}f}}"
+    return [[c["metric"], f"{c['a']} - {c['b']}",
+             f"{f.format(c['diff'])} [{f.format(c['ci'][0])}, {f.format(c['ci'][1])}]" if np.isfinite(c["diff"])
+             else "n/a", fmt_p(c["p"]), fmt_p(c["p_holm"]), f"{c['mde']:.{digits}f}" if np.isfinite(c["mde"]) else
+             "n/a", c["n_units"], c["replicates"]] for c in comparisons]
+
+
+COMPARISON_HEADER = ["metric", "a - b", "difference [95% CI]", "p", "p (Holm)", "MDE (80% power)", "units",
+                     "replicates"]
+
+
+def answer(c, what, digits=3):
+    """A one-sentence reading of a comparison row: the effect, CI, Holm p and MDE, and 'cannot tell' when the CI
+    contains 0 (then the MDE says how large an effect the design could have seen)."""
+    f = f"{{:+.{digits}f}}"
+    ci = f"[{f.format(c['ci'][0])}, {f.format(c['ci'][1])}]"
+    if not np.isfinite(c["diff"]):
+        return f"{what}: undefined at this scale."
+    body = f"{what}: {f.format(c['diff'])} (95% CI {ci}, Holm p {fmt_p(c['p_holm'])}, MDE {c['mde']:.{digits}f})"
+    if c["ci"][0] <= 0 <= c["ci"][1] or not c["p_holm"] < 0.05:
+        return body + f"; cannot tell at this scale (an effect under {c['mde']:.{digits}f} would go unseen)."
+    return body + "."

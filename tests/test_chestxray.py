@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from classify.train_chexnet import OUTPUTS, class_weights, epoch_order, targets
 from common.data import NIH_LABELS
 from common.runs import load_checkpoint
+from fairness.metrics import auroc
 from conftest import ROOT
 
 
@@ -85,8 +87,26 @@ def test_chestxray_study_smoke_chain(tmp_path):
     assert c["imbalanced_real"]["n_train_female"] < c["imbalanced_real"]["n_train_male"] / 5
     for k in ("any_auroc", "any_auroc_ci", "any_auroc_female", "any_auroc_male", "mean_auroc", "mean_auroc_ci"):
         assert k in c["balanced_real"]
-    for f in ("fairness.md", "table_balanced_real.md", "auroc_by_sex.png", "cvae_samples.png"):
+    for f in ("fairness.md", "table_balanced_real.md", "auroc_by_sex.png", "cvae_samples.png", "comparisons.md"):
         assert (out / f).is_file()
+    # every comparison is recomputable from preds.csv: one row per test image and condition, each image once
+    preds = pd.read_csv(out / "preds.csv")
+    assert len(preds) == 4 * s["n_images"] and preds.groupby("condition")["image"].nunique().eq(s["n_images"]).all()
+    assert {"image", "patient_id", "sex", "fold", "seed", "condition", "y_any_finding", "p_any_finding",
+            "thr_any_finding"} <= set(preds.columns)
+    rows = s["comparisons"]
+    assert len(rows) == 16 and all({"metric", "a", "b", "diff", "ci", "p", "p_holm", "mde", "n_units",
+                                    "replicates"} <= set(r) for r in rows)
+    assert all(r["p_holm"] >= r["p"] for r in rows) and rows[0]["n_units"] == s["n_patients"]
+    # the female-AUROC difference of synth vs imbalanced, recomputed from the file by hand
+    f = preds[(preds.sex == "F")]
+    by = {c: d.sort_values("image") for c, d in f.groupby("condition")}
+    hand = (auroc(by["imbalanced_synth"].y_any_finding, by["imbalanced_synth"].p_any_finding)
+            - auroc(by["imbalanced_real"].y_any_finding, by["imbalanced_real"].p_any_finding))
+    row = next(r for r in rows if r["metric"] == "female AUROC" and r["a"] == "imbalanced_synth"
+               and r["b"] == "imbalanced_real")
+    assert row["diff"] == pytest.approx(hand)
+    assert s["answers"] and all("95% CI" in a for a in s["answers"])
     assert not (ROOT / "results" / "smoke-chestxray").exists()
 
 
