@@ -36,11 +36,21 @@ def to_tensor(images):
     return x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
 
 
-def evaluate(net, x, y, multilabel, device, batch_size=512, with_loss=False):
-    """(AUC, ACC) of a model on (x, y), and the mean loss with with_loss; y: class indices (N,) or multi-hot (N, L)."""
+def logits_of(net, x, device, batch_size=512):
     net.eval()
     with torch.no_grad():
-        logits = torch.cat([net(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
+        return torch.cat([net(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
+
+
+def probabilities(net, x, device, multilabel=False):
+    """Per-image class probabilities (N, K): softmax, or sigmoid per label for multi-label sets."""
+    logits = logits_of(net, x, device)
+    return (torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1)).numpy()
+
+
+def evaluate(net, x, y, multilabel, device, batch_size=512, with_loss=False):
+    """(AUC, ACC) of a model on (x, y), and the mean loss with with_loss; y: class indices (N,) or multi-hot (N, L)."""
+    logits = logits_of(net, x, device, batch_size)
     loss = float(F.binary_cross_entropy_with_logits(logits, y.float()) if multilabel else F.cross_entropy(logits, y))
     y = y.numpy()
     if multilabel:

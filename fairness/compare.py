@@ -221,6 +221,8 @@ def answer(c, what, digits=3):
     if not np.isfinite(c["diff"]):
         return f"{what}: undefined at this scale."
     body = f"{what}: {f.format(c['diff'])} (95% CI {ci}, Holm p {fmt_p(c['p_holm'])}, MDE {c['mde']:.{digits}f})"
-    if c["ci"][0] <= 0 <= c["ci"][1] or not c["p_holm"] < 0.05:
+    if c["ci"][0] <= 0 <= c["ci"][1]:
         return body + f"; cannot tell at this scale (an effect under {c['mde']:.{digits}f} would go unseen)."
+    if not c["p_holm"] < 0.05:
+        return body + "; its CI excludes 0 but not after Holm's correction over the table: cannot tell at this scale."
     return body + "."

@@ -20,8 +20,9 @@ def _save(fig, path):
     return path
 
 
-def boxplots(data, path, title, ylabel, group_colors=None):
-    """data: {category: {group: values}} -> grouped boxplots (e.g. train set x test group, as Lopez-Perez Fig. 3)."""
+def boxplots(data, path, title, ylabel, group_colors=None, points=None, points_label=None):
+    """data: {category: {group: values}} -> grouped boxplots (e.g. train set x test group, as Lopez-Perez Fig. 3).
+    points: optional {category: {group: values}} drawn as dots over the boxes (e.g. each repeat's median)."""
     cats = list(data)
     groups = list(dict.fromkeys(g for c in cats for g in data[c]))
     colors = group_colors or dict(zip(groups, plt.cm.tab10.colors))
@@ -35,6 +36,10 @@ def boxplots(data, path, title, ylabel, group_colors=None):
             box.set_facecolor(colors[g])
             box.set_alpha(0.75)
         ax.plot([], [], color=colors[g], lw=8, alpha=0.75, label=str(g))
+        for x, c in zip(pos, cats) if points else ():
+            v = np.asarray(points.get(c, {}).get(g, []), float)
+            ax.scatter(np.full(len(v), x) + np.linspace(-0.25, 0.25, len(v)) * width, v, s=14, c="black", zorder=3,
+                       label=points_label if (j, c) == (0, cats[0]) else None)
     ax.set_xticks(range(len(cats)), labels=cats)
     ax.set_ylabel(ylabel)
     fit_title(ax, title, 10)
@@ -61,7 +66,8 @@ def radar(values, path, title):
 
 
 def bars(values, path, title, ylabel):
-    """values: {method: {series: (value, (lo, hi) or None)}} -> grouped bars with CI whiskers."""
+    """values: {method: {series: (value, (lo, hi) or None)}} -> grouped bars with CI whiskers. A value outside its
+    percentile CI (a max - min gap near 0: resampling inflates it) gets no whisker on that side."""
     methods = list(values)
     series = list(dict.fromkeys(s for m in methods for s in values[m]))
     width = 0.8 / len(series)
@@ -70,7 +76,8 @@ def bars(values, path, title, ylabel):
         x = np.arange(len(methods)) + (j - (len(series) - 1) / 2) * width
         v = np.array([values[m].get(s, (np.nan, None))[0] for m in methods], float)
         ci = [values[m].get(s, (np.nan, None))[1] for m in methods]
-        err = np.array([[vi - c[0], c[1] - vi] if c is not None else [0, 0] for vi, c in zip(v, ci)]).T
+        err = np.clip(np.array([[vi - c[0], c[1] - vi] if c is not None else [0, 0] for vi, c in zip(v, ci)]).T,
+                      0, None)
         ax.bar(x, v, width * 0.95, label=str(s), yerr=err if any(c is not None for c in ci) else None, capsize=2)
     ax.set_xticks(range(len(methods)), labels=methods, fontsize=8, rotation=15)
     ax.set_ylabel(ylabel)

@@ -5,11 +5,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from common.data import PROJECT_DATA, medmnist_subset
 from conftest import ROOT
+from fairness.metrics import auroc
 from gan import train_mlp_cgan as cgan
 from vae import train_mlp_ae as ae, train_mlp_cvae as cvae
 
@@ -102,3 +104,23 @@ def test_resnet18_script_and_study_smoke(tmp_path):
     assert sorted(s["datasets_missing"]) == sorted(["path", "derma", "oct", "organa", "organc", "organs"])
     table = (tmp_path / "mm/table2.md").read_text()
     assert "0.872" in table and "not run" in table and "**" in table
+    # one preds row per official test image, method and seed; the table's AUC recomputed from the file
+    preds = pd.read_csv(tmp_path / "mm/preds.csv", dtype={"method": str}, keep_default_na=False)
+    assert len(preds) == s["seeds"] * 4 * (156 + 621) and s["seeds"] == 2
+    b = preds[(preds.dataset == "breast") & (preds.method == "cGAN") & (preds.seed == 1)]
+    assert auroc(b.label, b.p_1) == pytest.approx(s["auc_runs"]["breast"]["cGAN"][1])
+    rows = s["comparisons"]
+    assert len(rows) == 2 * 3 * 2 and all(r["b"] == "None" and r["replicates"] == 2 for r in rows)
+    assert all(r["p_holm"] >= r["p"] and r["n_units"] in (156, 621) for r in rows)
+    cmp = next(r for r in rows if r["metric"] == "breastmnist AUC" and r["a"] == "cGAN")
+    assert cmp["diff"] == pytest.approx(np.mean(s["auc_runs"]["breast"]["cGAN"]) - np.mean(s["auc_runs"]["breast"]["None"]))
+
+
+def test_medmnist_flags_take_effect_at_the_quick_scale():
+    from classify.medmnist_study import QUICK, parse_args
+    a = parse_args(["--epochs", "7", "--width", "8", "--batch-size", "16"])
+    assert (a.epochs, a.width, a.batch_size, a.select) == (7, 8, 16, QUICK["select"])  # given flags win
+    q = parse_args([])
+    assert (q.epochs, q.width, q.recipe) == (QUICK["classifier_epochs"], QUICK["classifier_width"], QUICK["recipe"])
+    f = parse_args(["--scale", "full"])
+    assert (f.epochs, f.width, f.recipe) == (100, 64, "paper")

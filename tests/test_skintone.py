@@ -3,10 +3,15 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+import pandas as pd
 import torch
 
 from conftest import ROOT
+from vae.skintone_study import GROUPS, SETS, answers, compare_groups
 from vae.train_resvae import ResVAE, VGGPerceptual, vae_loss
+
+KEYS = {"metric", "a", "b", "diff", "ci", "p", "p_holm", "mde", "n_units", "replicates", "method"}
 
 
 def test_resvae_shapes_and_perceptual_layers():
@@ -35,8 +40,64 @@ def test_representation_effect_on_the_phantom(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     mse = s["mse_median"]
     assert mse["C"]["dark"] < mse["A"]["dark"] and mse["A"]["light"] < mse["C"]["light"]
-    assert s["data"] == "phantom" and s["pretrained"] is False and set(s["p_value"]) == {"A", "B", "C"}
+    assert s["data"] == "phantom" and s["pretrained"] is False and len(s["comparisons"]) == 9
     for f in ("fig3_mse.png", "fig6_latent_std.png", "fig4_recon_light.png", "fig5_recon_dark.png", "medians.md",
-              "std_vs_mse.md", "fig8_mse_by_diagnosis.png"):
+              "std_vs_mse.md", "fig8_mse_by_diagnosis.png", "comparisons.md", "per_repeat.csv", "preds.csv"):
         assert (out / f).is_file()
     assert "PHANTOM" in (out / "medians.md").read_text() and "random VGG19" in (out / "medians.md").read_text()
+
+
+def test_smoke_compares_at_the_level_of_repeats(tmp_path):
+    """The smoke chain: summary.json's comparisons have every key, one replicate per repeat, Holm p >= p; preds.csv
+    has one row per test image, model and repeat with its id; the answers and per-repeat medians are there."""
+    out = tmp_path / "sk"
+    r = subprocess.run([sys.executable, "-m", "vae.skintone_study", "--smoke", "--no-pretrained", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["repeats"] == 2 and len(s["comparisons"]) == 9
+    for c in s["comparisons"]:
+        assert set(c) >= KEYS and c["replicates"] == s["repeats"] and "two-level bootstrap" in c["method"]
+        assert c["p_holm"] >= c["p"] and c["ci"][0] <= c["diff"] <= c["ci"][1]
+    assert len(s["answers"]) == 2 and s["answers"][0].startswith("Does the VAE") and s["answers"][1] in r.stdout
+    assert all(len(s["median_per_repeat"][t][g]) == 2 for t in SETS for g in GROUPS)
+    preds = pd.read_csv(out / "preds.csv")
+    assert {"repeat", "train_set", "image", "test_group", "skin_type", "diagnosis", "mse", "latent_std",
+            "seed"} <= set(preds.columns)
+    assert len(preds) == 2 * 3 * 2 * 8 and not preds.duplicated(["repeat", "train_set", "image"]).any()
+    assert "two-level bootstrap" in (out / "comparisons.md").read_text()
+    assert "two-level bootstrap" in (out / "medians.md").read_text()
+
+
+def planted(gap, shift_c=0.0, repeats=5, n=30, seed=0):
+    """A synthetic preds table: per repeat its own test images and a repeat offset shared by all; dark MSE =
+    light-like MSE + gap in every training set; set C's dark images reconstructed shift_c better than under A."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for r in range(repeats):
+        offset = rng.normal(0, 0.005)
+        for g in GROUPS:
+            base = 0.03 + offset + rng.gamma(4, 0.005, n) + (gap if g == "dark" else 0)
+            for t in SETS:
+                mse = base + rng.normal(0, 0.002, n) + (shift_c if (t, g) == ("C", "dark") else 0)
+                rows += [{"repeat": r, "train_set": t, "image": f"r{r}-{g}-{i}", "test_group": g, "mse": m}
+                         for i, m in enumerate(mse)]
+    return pd.DataFrame(rows)
+
+
+def test_comparisons_find_a_planted_gap_and_no_gap_where_none():
+    """Dark = light + 0.05 and C's dark 0.03 lower than A's (so C's gap is 0.02): found, with CIs excluding 0; no
+    gap: CIs contain 0."""
+    c = {(x["metric"], x["a"][0], x["b"][0]): x for x in compare_groups(planted(0.05, -0.03), n_boot=400)}
+    for t, gap in (("A", 0.05), ("B", 0.05), ("C", 0.02)):
+        d = c[(f"median MSE, training set {t} ({SETS[t]})", "d", "l")]
+        assert abs(d["diff"] - gap) < 0.005 and d["ci"][0] > 0 and d["p_holm"] < 0.05 and d["replicates"] == 5
+    d = c[("median MSE, dark test images", "C", "A")]
+    assert abs(d["diff"] + 0.03) < 0.005 and d["ci"][1] < 0
+    d = c[("median MSE, light test images", "C", "A")]
+    assert d["ci"][0] <= 0 <= d["ci"][1]
+    null = compare_groups(planted(0.0), n_boot=400)
+    for d in null[:3]:
+        assert d["ci"][0] <= 0 <= d["ci"][1] and abs(d["diff"]) < 0.01
+    said = answers(null)
+    assert "cannot tell" in said[0] and "cannot tell" not in answers(compare_groups(planted(0.05), n_boot=400))[0]
