@@ -7,6 +7,8 @@ SEED ?= 0
 # A GPU box with its own python runs `make <target> PYTHON=python3`: no venv needed there.
 SETUP := $(if $(filter .venv/bin/python,$(PYTHON)),.venv/.stamp,)
 DATA_ROOT ?=
+# extra flags for a study's command, e.g. `make chestxray ARGS="--epochs 30"` (`make -n chestxray` prints it)
+ARGS ?=
 # quick results live in results/ (committed), full-scale ones in results-full/, smoke runs in smoke/:
 # a smoke or quick run can never overwrite full results.
 OUT := $(if $(SMOKE),smoke,$(if $(filter full,$(SCALE)),results-full,results))
@@ -36,17 +38,17 @@ chestxray: $(SETUP) ## Korb & Hall: CVAE-rebalanced chest X-ray classifier by se
 	$(PYTHON) -m classify.chestxray_study $(FLAGS) --out $(OUT)/chestxray \
 	  $(if $(filter full,$(SCALE)),--arch densenet121 --pretrained --size 224 --folds 3 --batch-size 64 \
 	    --schedule plateau --epochs 40 --patience 6 --keep best) \
-	  $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
+	  $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(ARGS)
 
 skintone: $(SETUP) ## Lopez-Perez et al.: VAE reconstruction by skin type, sets A/B/C -> results/skintone
 	$(PYTHON) -m vae.skintone_study $(FLAGS) --out $(OUT)/skintone $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) \
-	  $(if $(filter full,$(SCALE)),,--no-pretrained)
+	  $(if $(filter full,$(SCALE)),,--no-pretrained) $(ARGS)
 
 medmnist: $(SETUP) ## Chaptoukaev: AE / cVAE / cGAN augmentation, ResNet-18 -> results/medmnist
-	$(PYTHON) -m classify.medmnist_study $(FLAGS) --out $(OUT)/medmnist $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
+	$(PYTHON) -m classify.medmnist_study $(FLAGS) --out $(OUT)/medmnist $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(ARGS)
 
 fairgen: $(SETUP) ## FairGen with our DDPM: resampling, CB loss, DPO; downstream fairness -> results/fairgen
-	$(PYTHON) -m diffusion.fairgen_study $(FLAGS) --out $(OUT)/fairgen $(if $(DATA_ROOT),--skin-root $(DATA_ROOT))
+	$(PYTHON) -m diffusion.fairgen_study $(FLAGS) --out $(OUT)/fairgen $(if $(DATA_ROOT),--skin-root $(DATA_ROOT)) $(ARGS)
 
 ddpm: $(SETUP) ## quick NIH DDPM (32 px, ~25 min CPU) + DDIM-50 vs DDPM-1000 domain FD, 40 samples each -> results/ddpm
 	$(PYTHON) -m diffusion.train_ddpm --data nih --size 32 --width 32 --mults 1,2,2 --num-res 1 --attn-res 8 \

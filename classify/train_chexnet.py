@@ -160,7 +160,8 @@ def per_output_table(y, p, thresholds, min_pos=1):
 
 def add_args(p):
     """The classifier's flags, shared with classify/chestxray_study.py."""
-    p.add_argument("--arch", default="cnn8", choices=["cnn8", "densenet121"], help="network (quick: cnn8)")
+    p.add_argument("--arch", default="cnn8", choices=["cnn8", "densenet121", "resnet50", "vit"],
+                   help="network (classify/nets.py; quick: cnn8, full: densenet121)")
     p.add_argument("--width", type=positive_int, default=16, help="cnn8 base width (16: ~130 images/s at 64 px on one core)")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
                    help="ImageNet weights for densenet121 (downloaded once on your machine)")

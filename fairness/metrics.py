@@ -97,17 +97,20 @@ def multilabel_group_table(Y, S, groups, thresholds, names):
 
 
 # ---- fairness metrics (FORMULAS.md) ----------------------------------------------------------------------------------
-def _classes(y_true, y_pred):
-    labels = np.unique(np.r_[np.asarray(y_true).ravel(), np.asarray(y_pred).ravel()])
+def _classes(y_true, y_pred, classes=None):
+    """(binary?, the classes to go over). With `classes` (every class of the task) a resample that lacks a class
+    stays multi-class; without it the classes are those present, binary when they lie in {0, 1}."""
+    labels = np.unique(np.r_[np.asarray(y_true).ravel(), np.asarray(y_pred).ravel()]) if classes is None else \
+        np.asarray(classes)
     binary = set(labels.tolist()) <= {0, 1}
     return binary, labels
 
 
-def demographic_parity(y_pred, groups, y_true=None):
+def demographic_parity(y_pred, groups, y_true=None, classes=None):
     """DP = max over classes k of [max_g P(y_hat=k | g) - min_g P(y_hat=k | g)]; binary = fairlearn's
-    demographic_parity_difference (selection rate of class 1)."""
+    demographic_parity_difference (selection rate of class 1). classes: every class of the task (see _classes)."""
     y_pred, groups = np.asarray(y_pred), np.asarray(groups)
-    binary, labels = _classes(y_pred if y_true is None else y_true, y_pred)
+    binary, labels = _classes(y_pred if y_true is None else y_true, y_pred, classes)
     ks = [1] if binary else labels
     gaps = []
     for k in ks:
@@ -116,13 +119,19 @@ def demographic_parity(y_pred, groups, y_true=None):
     return float(max(gaps))
 
 
-def equal_opportunity(y_true, y_pred, groups):
-    """EO = max over classes k of [max_g TPR_k,g - min_g TPR_k,g], TPR_k,g = P(y_hat=k | y=k, g); binary = fairlearn's
-    equal_opportunity_difference (class 1 only). Groups without a member of class k are left out for that k."""
+def equal_opportunity(y_true, y_pred, groups, classes=None):
+    """EO = max over classes k of [max_g TPR_k,g - min_g TPR_k,g], TPR_k,g = P(y_hat=k | y=k, g).
+    Binary: fairlearn's equal_opportunity_difference (class 1), which counts a group without positives as TPR 0
+    (scikit-learn's recall with zero_division=0); multi-class (ours): a group without members of class k is left
+    out for that k. classes: every class of the task, so that a resample lacking a class stays multi-class."""
     y_true, y_pred, groups = np.asarray(y_true), np.asarray(y_pred), np.asarray(groups)
-    binary, labels = _classes(y_true, y_pred)
+    binary, labels = _classes(y_true, y_pred, classes)
+    if binary:
+        tpr = [np.mean(y_pred[(groups == g) & (y_true == 1)] == 1) if ((groups == g) & (y_true == 1)).any() else 0.0
+               for g in np.unique(groups)]
+        return float(max(tpr) - min(tpr))
     gaps = []
-    for k in ([1] if binary else labels):
+    for k in labels:
         tpr = [np.mean(y_pred[(groups == g) & (y_true == k)] == k) for g in np.unique(groups)
                if ((groups == g) & (y_true == k)).any()]
         if len(tpr) >= 2:
@@ -163,8 +172,9 @@ def fairness_summary(y_true, y_pred, groups, probs=None):
     y_true, y_pred, groups = map(np.asarray, (y_true, y_pred, groups))
     acc_g = group_accuracy(y_true, y_pred, groups)
     acc = float(np.mean(y_true == y_pred))
-    out = {"accuracy": acc, "dp": demographic_parity(y_pred, groups, y_true),
-           "eo": equal_opportunity(y_true, y_pred, groups), "essp_acc": essp(acc, acc_g.values()),
+    classes = None if probs is None or np.ndim(probs) == 1 else np.arange(np.shape(probs)[1])
+    out = {"accuracy": acc, "dp": demographic_parity(y_pred, groups, y_true, classes),
+           "eo": equal_opportunity(y_true, y_pred, groups, classes), "essp_acc": essp(acc, acc_g.values()),
            "nar": nar(acc_g.values()), **{f"accuracy[{g}]": v for g, v in acc_g.items()}}
     if probs is not None:
         probs = np.asarray(probs)

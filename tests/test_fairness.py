@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -57,6 +59,32 @@ def test_binary_dp_eo_and_accuracy_gap_match_fairlearn():
         assert max(acc.values()) - min(acc.values()) == pytest.approx(
             fairlearn.MetricFrame(metrics=lambda a, b: np.mean(a == b), y_true=y, y_pred=yhat,
                                   sensitive_features=g).difference())
+
+
+def test_binary_eo_counts_a_group_without_positives_as_fairlearn_does():
+    y = np.array([1, 1, 0, 0, 0, 0, 1, 0])
+    yhat = np.array([1, 0, 1, 0, 0, 1, 1, 0])
+    g = np.array(["a"] * 4 + ["b"] * 2 + ["c"] * 2)  # b has no positives: fairlearn's TPR_b = 0
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = fairlearn.equal_opportunity_difference(y, yhat, sensitive_features=g)
+    assert M.equal_opportunity(y, yhat, g) == pytest.approx(ref) == pytest.approx(1.0)
+
+
+def test_a_resample_lacking_a_class_stays_multiclass():
+    y = np.array([0, 1, 0, 1, 0, 1, 0, 1])  # a three-class task whose resample has no class 2
+    yhat = np.array([0, 1, 2, 1, 0, 0, 0, 1])
+    g = np.array(["a"] * 4 + ["b"] * 4)
+    # classes 0..2: P(yhat=2 | a) = .25, b 0; P(yhat=0): a .25, b .75 -> DP .5; TPR_0: a .5, b 1; TPR_1: a 1, b .5
+    assert M.demographic_parity(yhat, g, y, classes=range(3)) == pytest.approx(0.5)
+    assert M.equal_opportunity(y, yhat, g, classes=range(3)) == pytest.approx(0.5)
+    probs = np.eye(3)[yhat]
+    s = M.fairness_summary(y, yhat, g, probs=probs)
+    assert s["dp"] == pytest.approx(0.5)
+    # a resample where neither labels nor decisions hold class 2 read as binary (class 1 only) before
+    y2, yhat2 = np.array([0, 1, 0, 1, 0, 1, 0, 0]), np.array([1, 1, 1, 1, 0, 1, 0, 0])
+    assert M.equal_opportunity(y2, yhat2, g) == pytest.approx(0.0)  # class 1 only: TPR a 1, b 1
+    assert M.equal_opportunity(y2, yhat2, g, classes=range(3)) == pytest.approx(1.0)  # class 0: TPR a 0, b 1
 
 
 def test_multiclass_dp_eo_essp_nar_by_hand():

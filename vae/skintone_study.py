@@ -29,16 +29,14 @@ import torch
 from scipy.stats import mannwhitneyu, spearmanr
 
 from common.cli import ArgumentParser, positive_int, run
-from common.cache import load_images
-from common.data import DataError, read_fitzpatrick
 from common.report import save_grid, write_table
 from common.runs import device_from, prepare_out_dir, seed_everything, write_config, write_json
 from fairness.compare import COMPARISON_HEADER, answer, comparison, comparison_rows, paired_difference_replicates, \
     with_holm
 from fairness.figures import boxplots
+from vae.skin import SETS, draw_train_set, load_skin
 from vae.train_resvae import VGGPerceptual, add_args, fit, measure
 
-SETS = {"A": "100% light", "B": "50/50", "C": "100% dark"}
 # quick: as many repeats as 30 min on 2 CPU cores allow: 3 repeats took 10.8 min (README), so 6 take ~22 min, with
 # room for machines 1.5x slower (inference is at the level of repeats, so the repeats are what buys power);
 # full: the paper's; smoke: tiny, but 2 repeats so that the two-level bootstrap has replicates to draw.
@@ -50,39 +48,6 @@ SCALES = {
 GROUPS = ("light", "dark")
 QUESTIONS = ("Does the VAE reconstruct dark skin worse when trained on light skin (set A)?",
              "Does more dark skin in training fix it?")
-PHANTOM_N = 4000
-
-
-def load_skin(data_root, size):
-    """(table of light/dark images with a `group` column, images (N, 3, S, S) in [-1, 1], data tag)."""
-    if data_root:
-        t, data = read_fitzpatrick(data_root, level="nine"), "fitzpatrick17k"
-    else:
-        from common.modalities import PHANTOM_DIR
-        from common.phantom import make_phantom
-        folder = PHANTOM_DIR / f"n{PHANTOM_N}"
-        if not (folder / "fitzpatrick17k.csv").is_file():
-            make_phantom(folder, n=PHANTOM_N, size=64, seed=0)
-        t, data = read_fitzpatrick(folder, level="nine"), "phantom"
-    t = t[t["skin_group"].isin(["light", "dark"])].reset_index(drop=True)
-    t["group"] = t["skin_group"]
-    x, ok = load_images(t["image"], size, "RGB")
-    t, x = t[ok].reset_index(drop=True), x[ok]
-    return t, torch.from_numpy(x).float().permute(0, 3, 1, 2) / 127.5 - 1, data
-
-
-def draw_train_set(t, pool, which, n, rng):
-    """Indices of a training set (A / B / C) of n images drawn with replacement from `pool`."""
-    light, dark = pool[t["group"].to_numpy()[pool] == "light"], pool[t["group"].to_numpy()[pool] == "dark"]
-    for name, members, sets in (("light (FST 1-2)", light, "AB"), ("dark (FST 5-6)", dark, "BC")):
-        if which in sets and len(members) == 0:
-            raise DataError(f"training set {which} needs {name} images and the data have none (check the "
-                            f"fitzpatrick_scale column of your --data-root, or choose another set)")
-    if which == "A":
-        return rng.choice(light, n, replace=True)
-    if which == "C":
-        return rng.choice(dark, n, replace=True)
-    return np.r_[rng.choice(light, n // 2, replace=True), rng.choice(dark, n - n // 2, replace=True)]
 
 
 def parse_args(argv=None):

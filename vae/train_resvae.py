@@ -29,6 +29,7 @@ from common.cli import ArgumentParser, nonneg_float, positive_float, positive_in
 from common.data import DataError
 from common.runs import (add_common_args, check_finite, device_from, load_state_dict_file, prepare_out_dir,
                          save_checkpoint, seed_everything, write_config, write_json)
+from vae.skin import draw_train_set, load_skin
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -196,7 +197,6 @@ def parse_args(argv=None):
 
 
 def main(args):
-    from vae.skintone_study import load_skin, draw_train_set
     device = device_from(args.device)
     out = prepare_out_dir(args.out_dir, args.force)
     seed_everything(args.seed)
