@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from classify.train_chexnet import OUTPUTS, add_args, fit, per_output_table, predict, targets
+from classify.train_chexnet import OUTPUTS, add_args, col, fit, per_output_table, pred_rows, predict, targets
 from common.cli import ArgumentParser, fraction, nonneg_int, positive_int, run
 from common.cache import load_images
 from common.data import DataError, PROJECT_DATA, label_matrix, read_nih
@@ -209,26 +209,10 @@ def main(args):
             parts.append(pred_rows(t.iloc[test_idx], Y[test_idx], *preds[c], fold=k, seed=args.seed, condition=c))
             counts[c].append(cnt[c])
         curves0 = curves0 or curves
-    pd.concat(parts, ignore_index=True).to_csv(out / "preds.csv", index=False, float_format="%.6g")
+    pd.concat(parts, ignore_index=True).to_csv(out / "preds.csv", index=False, float_format="%.9g")
     write_json(out / "training.json", {"counts_per_fold": counts, "val_any_auroc_fold0": curves0,
                                        "seconds": time.time() - t0})
     report(out, args, runs, data, weights)
-
-
-def col(name):
-    return name.replace(" ", "_")
-
-
-def pred_rows(t, Y, scores, thresholds, **keys):
-    """preds.csv rows for one fold's test images under one condition: ids, sex, age, fold, seed, condition, and per
-    output its label y_*, score p_* and the fold's validation threshold thr_*."""
-    df = pd.DataFrame({"image": [Path(i).name for i in t["image"]], "patient_id": t["patient_id"].to_numpy(),
-                       "sex": t["sex"].to_numpy(), "age": t["age"].to_numpy(), **keys})
-    for j, name in enumerate(OUTPUTS):
-        df[f"y_{col(name)}"] = Y[:, j].astype(int)
-        df[f"p_{col(name)}"] = scores[:, j]
-        df[f"thr_{col(name)}"] = np.broadcast_to(thresholds, scores.shape)[:, j]
-    return df
 
 
 def read_preds(path, conditions):

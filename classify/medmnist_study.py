@@ -182,7 +182,7 @@ def main(args):
         for seed in range(args.seeds):
             print(f"{flag}: seed {seed} ({time.time() - t0:.0f} s)", flush=True)
             parts += run_seed(path, seed, args, device, out / "samples" if seed == 0 else None)
-    pd.concat(parts, ignore_index=True).to_csv(out / "preds.csv", index=False, float_format="%.6g")
+    pd.concat(parts, ignore_index=True).to_csv(out / "preds.csv", index=False, float_format="%.9g")
     write_report(out, missing, args, time.time() - t0)
 
 

@@ -23,9 +23,11 @@ pretraining and is the quick-scale default (README: measured comparison).
 import argparse
 import copy
 import math
+from pathlib import Path
 import time
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -194,6 +196,22 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def col(name):
+    return name.replace(" ", "_")
+
+
+def pred_rows(t, Y, scores, thresholds, **keys):
+    """preds.csv rows for one fold's test images under one condition: ids, sex, age, fold, seed, condition, and per
+    output its label y_*, score p_* and the fold's validation threshold thr_*."""
+    df = pd.DataFrame({"image": [Path(i).name for i in t["image"]], "patient_id": t["patient_id"].to_numpy(),
+                       "sex": t["sex"].to_numpy(), "age": t["age"].to_numpy(), **keys})
+    for j, name in enumerate(OUTPUTS):
+        df[f"y_{col(name)}"] = Y[:, j].astype(int)
+        df[f"p_{col(name)}"] = scores[:, j]
+        df[f"thr_{col(name)}"] = np.broadcast_to(thresholds, scores.shape)[:, j]
+    return df
+
+
 def main(args):
     device = device_from(args.device)
     out = prepare_out_dir(args.out_dir, args.force)
@@ -215,6 +233,8 @@ def main(args):
     net, history, thr, spec = fit(x[tr], y[tr], x[va], y[va], args, device)
     p = predict(net, x[te], device)
     rows = per_output_table(y[te].numpy(), p, thr)
+    pred_rows(t[te.numpy()], y[te].numpy(), p, np.asarray(thr), split="test", seed=args.seed, arch=args.arch).to_csv(
+        out / "preds.csv", index=False, float_format="%.9g")
     save_checkpoint({"arch": spec, "model": net.state_dict(), "thresholds": torch.tensor(thr),
                      "outputs": OUTPUTS, "weights": weights}, out / "ckpt.pt")
     write_json(out / "metrics.json", {"test": rows, "history": history, "seconds": time.time() - t0,

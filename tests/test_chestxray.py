@@ -1,5 +1,6 @@
 """Chest X-ray chain: CVAE (resume, samples), CheXNet trainer, the study end to end on a handful of images."""
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -120,3 +121,29 @@ def test_chestxray_study_runs_a_subset_of_conditions_without_the_cvae(tmp_path):
     r = subprocess.run([sys.executable, "-m", "classify.chestxray_study", "--conditions", "balanced,real"], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 2 and "unknown balanced, real" in r.stderr
+
+
+def test_train_chexnet_end_to_end_writes_what_reloads_and_recomputes(tmp_path):
+    """The stage script alone: its checkpoint rebuilds the net and gives the saved test predictions again, and its
+    metrics.json AUROC is recomputed from preds.csv; the same seed gives the same file."""
+    from classify.nets import load_classifier
+    common = ["--arch", "cnn8", "--width", "4", "--size", "32", "--epochs", "1", "--batch-size", "64", "--seed", "3"]
+    run("classify.train_chexnet", *common, "--out-dir", str(tmp_path / "a"))
+    run("classify.train_chexnet", *common, "--out-dir", str(tmp_path / "b"))
+    preds = pd.read_csv(tmp_path / "a/preds.csv")
+    m = json.loads((tmp_path / "a/metrics.json").read_text())
+    assert preds["y_any_finding"].sum() == m["test"][-1]["positives"] and len(preds) > 100
+    assert set(preds["split"]) == {"test"} and set(preds["seed"]) == {3} and preds["image"].is_unique
+    assert m["test"][-1]["auroc"] == pytest.approx(auroc(preds.y_any_finding, preds.p_any_finding))
+    assert (tmp_path / "b/preds.csv").read_text() == (tmp_path / "a/preds.csv").read_text()
+    net, ckpt = load_classifier(tmp_path / "a/ckpt.pt")
+    from common.cache import load_images
+    from common.data import PROJECT_DATA, read_nih
+    names = set(preds["image"])
+    t = read_nih(PROJECT_DATA / "nih_cxr14")
+    t = t[[Path(i).name in names for i in t["image"]]].sort_values("image")
+    x = torch.from_numpy(load_images(t["image"], 32, "L")[0]).float()[:, None] / 127.5 - 1
+    with torch.no_grad():
+        again = torch.sigmoid(net.eval()(x))[:, -1].numpy()
+    saved = preds.sort_values("image")["p_any_finding"].to_numpy()
+    assert np.allclose(again, saved, atol=1e-5)
