@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from classify.train_chexnet import OUTPUTS, add_args, col, fit, per_output_table, pred_rows, predict, targets
 from common.cli import ArgumentParser, fraction, nonneg_int, positive_int, run
 from common.cache import load_images
-from common.data import DataError, PROJECT_DATA, label_matrix, read_nih
+from common.data import DataError, PROJECT_DATA, label_matrix, read_nih, to_signed
 from common.report import mean_std, with_ci, write_table
 from common.runs import default_runs, device_from, prepare_out_dir, seed_everything, write_config, write_json
 from common.splits import patient_kfold, patient_split
@@ -43,7 +43,7 @@ from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_
                               paired_difference, with_holm)
 from fairness.metrics import auroc, binary_stats, bootstrap, demographic_parity, equal_opportunity
 from vae.sample_cvae import sample
-from vae.train_cvae import fit as fit_cvae, plot_history, to_tensor, write_figures
+from vae.train_cvae import fit as fit_cvae, plot_history, write_figures
 
 CVAE_SIZE = 64  # the CVAE's architecture is fixed at 64 px; its samples are resized to the classifier's --size
 CONDITIONS = ["balanced_real", "imbalanced_real", "imbalanced_synth", "imbalanced_reweight"]
@@ -113,7 +113,7 @@ def synthetic_females(k, xc, Y15, cv_train, cv_val, n, size, args, device, runs)
     if k == 0:
         write_figures(cvae, xc[cv_train], y15[cv_train], fold_dir, device, "nih1000, fold 0")
         plot_history(hist, fold_dir / "loss_curve.png", "CVAE loss (female training images, fold 0)")
-    syn_x = to_size(to_tensor(syn_x), size)
+    syn_x = to_size(to_signed(syn_x), size)
     return syn_x, torch.from_numpy(targets(syn_y15))
 
 
@@ -186,8 +186,8 @@ def main(args):
     if args.smoke:
         t = t.groupby("sex", group_keys=False).head(60).reset_index(drop=True)
     xs, ok = load_images(t["image"], args.size, "L")  # an unreadable image is named in a warning and left out
-    t, x = t[ok].reset_index(drop=True), to_tensor(xs[ok])  # the classifier's input
-    xc = x if args.size == CVAE_SIZE else to_tensor(load_images(t["image"], CVAE_SIZE, "L")[0])  # the CVAE's
+    t, x = t[ok].reset_index(drop=True), to_signed(xs[ok])  # the classifier's input
+    xc = x if args.size == CVAE_SIZE else to_signed(load_images(t["image"], CVAE_SIZE, "L")[0])  # the CVAE's
     Y15 = label_matrix(t)
     Y = targets(Y15)
     n_patients = t["patient_id"].nunique()

@@ -21,10 +21,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from classify.train_resnet18 import add_args, fit as fit_classifier, probabilities, to_tensor
+from classify.train_resnet18 import add_args, fit as fit_classifier, probabilities
 from common.cli import ArgumentParser, name_list, positive_int, run
 from common.data import (MEDMNIST, PROJECT_DATA, DataError, medmnist_arrays, medmnist_file, medmnist_subset,
-                         require_dir)
+                         require_dir, to_signed)
 from common.download import STUDY_FLAGS
 from common.report import save_samples, write_table
 from common.runs import device_from, prepare_out_dir, seed_everything, write_config, write_json
@@ -94,7 +94,7 @@ def run_seed(path, seed, args, device, grid_dir=None):
     """preds rows (one per official test image and method) for one data set and seed."""
     images, labels, split, task, names = medmnist_arrays(path)
     te = split == "test"
-    x_test, y_test = to_tensor(images[te]), labels[te]
+    x_test, y_test = to_signed(images[te]), labels[te]
     xi, yi, xv, yv, _ = medmnist_subset(path, args.per_class, seed)
     x01, y = torch.from_numpy(xi).float().flatten(1) / 255, torch.from_numpy(yi).long()
     shape = xi.shape[1:]
@@ -108,17 +108,17 @@ def run_seed(path, seed, args, device, grid_dir=None):
     synth["cGAN"] = cgan.generate(m, args.n_gen, seed, device)
     parts = []
     for method in METHODS:
-        x_tr, y_tr = to_tensor(xi), torch.from_numpy(yi).long()
+        x_tr, y_tr = to_signed(xi), torch.from_numpy(yi).long()
         if method != "None":
             gx, gy = synth[method]
             g_img = (gx.view(-1, *shape) * 255).round().byte().numpy()
             if grid_dir is not None:
                 save_samples(grid_dir, g_img, gy.numpy(), names, f"{Path(path).stem}: {method} samples (seed {seed})",
                              name=f"{Path(path).stem}_{method}")
-            x_tr, y_tr = torch.cat([x_tr, to_tensor(g_img)]), torch.cat([y_tr, gy])
+            x_tr, y_tr = torch.cat([x_tr, to_signed(g_img)]), torch.cat([y_tr, gy])
         seed_everything(seed)
         cls_args = argparse.Namespace(**{**vars(args), "seed": seed})
-        net, _, _ = fit_classifier(x_tr, y_tr, to_tensor(xv), torch.from_numpy(yv).long(), cls_args, device,
+        net, _, _ = fit_classifier(x_tr, y_tr, to_signed(xv), torch.from_numpy(yv).long(), cls_args, device,
                                    progress=False)
         probs = probabilities(net, x_test, device)
         df = pd.DataFrame({"dataset": Path(path).stem.replace("mnist", ""), "seed": seed, "method": method,

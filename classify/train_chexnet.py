@@ -35,7 +35,7 @@ from tqdm import tqdm
 from classify.nets import arch_spec, build
 from common.cli import ArgumentParser, nonneg_float, nonneg_int, positive_float, positive_int, run
 from common.cache import load_images
-from common.data import NIH_FINDINGS, NIH_LABELS, PROJECT_DATA, DataError, label_matrix, read_nih
+from common.data import NIH_FINDINGS, NIH_LABELS, PROJECT_DATA, DataError, label_matrix, read_nih, to_signed
 from common.runs import (add_common_args, device_from, prepare_out_dir, save_checkpoint, seed_everything,
                          write_config, write_json)
 from common.splits import patient_split
@@ -219,7 +219,7 @@ def main(args):
     t = read_nih(args.data_root, args.csv)
     split = patient_split(t, seed=args.split_seed, stratify="sex")
     x, ok = load_images(t["image"], args.size, "L")  # unreadable images: named in a warning and left out
-    x = torch.from_numpy(x).float()[:, None] / 127.5 - 1
+    x = to_signed(x)
     y = torch.from_numpy(targets(label_matrix(t)))
     tr, va, te = (torch.from_numpy((split == s) & ok) for s in ("train", "val", "test"))
     for s, m in (("training", tr), ("validation", va), ("test", te)):

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from classify.nets import arch_spec, build
 from common.cli import ArgumentParser, nonneg_int, positive_float, positive_int, run
-from common.data import DataError
+from common.data import DataError, to_signed
 from common.modalities import load_modality, modality_name
 from common.runs import (add_common_args, device_from, prepare_out_dir, save_checkpoint, seed_everything,
                          write_config, write_json)
@@ -44,11 +44,6 @@ def parse_args(argv=None):
     p.add_argument("--split-seed", type=int, default=0, help="seed of the patient-level split")
     add_common_args(p, "runs/classifier/nih32")
     return p.parse_args(argv)
-
-
-def to_tensor(images):
-    x = torch.from_numpy(images).float() / 127.5 - 1
-    return x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
 
 
 def augment(x, gen, hflip):
@@ -80,7 +75,7 @@ def main(args):
     y_all = {"cls": t["cls"].to_numpy(), "label": t["cls"].to_numpy() % len(mod.labels),
              "attr": t["cls"].to_numpy() // len(mod.labels)}[args.target]
     split = patient_split(t, seed=args.split_seed, stratify="attr")
-    x_all = to_tensor(mod.images)
+    x_all = to_signed(mod.images)
     data = {s: (x_all[split == s], torch.from_numpy(y_all[split == s]).long()) for s in ("train", "val", "test")}
     present = np.unique(data["train"][1].numpy())
     if len(present) < 2:

@@ -23,17 +23,11 @@ from tqdm import tqdm
 
 from classify.nets import arch_spec, build
 from common.cli import ArgumentParser, nonneg_float, nonneg_int, positive_float, positive_int, run
-from common.data import DataError, label_matrix, read_medmnist
+from common.data import DataError, label_matrix, read_medmnist, to_signed
 from common.cache import load_images
 from common.runs import (add_common_args, device_from, prepare_out_dir, save_checkpoint, seed_everything,
                          write_config, write_json)
 from fairness.metrics import auroc, auroc_ovr
-
-
-def to_tensor(images):
-    """uint8 (N, H, W) or (N, H, W, 3) -> (N, C, H, W) in [-1, 1] (MedMNIST's Normalize(mean=.5, std=.5))."""
-    x = torch.from_numpy(np.asarray(images)).float() / 127.5 - 1
-    return x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
 
 
 def logits_of(net, x, device, batch_size=512):
@@ -132,7 +126,7 @@ def main(args):
     rgb = "RGB" if np.load(args.npz, mmap_mode="r")["train_images"].ndim == 4 else "L"
     size = np.load(args.npz, mmap_mode="r")["train_images"].shape[1]
     x, ok = load_images(t["image"], size, rgb)  # an image that cannot be read is named and left out
-    x = to_tensor(x)
+    x = to_signed(x)
     y = torch.tensor(label_matrix(t) if multilabel else t["target"].to_numpy()).long()  # copies pandas' read-only view
     s = {k: torch.from_numpy((t["split"] == k).to_numpy() & ok) for k in ("train", "val", "test")}
     for k, m in s.items():

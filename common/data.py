@@ -20,6 +20,7 @@ import warnings
 
 import numpy as np
 import pandas as pd
+import torch
 
 # FORMULAS.md, chest X-ray CVAE: the 15-label order (14 findings + No Finding).
 NIH_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
@@ -465,3 +466,11 @@ def medmnist_subset(path, per_class=150, seed=0, val_fraction=0.1):
     train = np.nonzero(split == "train")[0]
     tr, va = per_class_subset(labels[train], per_class, val_fraction, seed)
     return images[train[tr]], labels[train[tr]], images[train[va]], labels[train[va]], names
+
+
+def to_signed(images, device=None):
+    """uint8 images (N, H, W) or (N, H, W, C), numpy or torch -> float (N, C, H, W) in [-1, 1] (x / 127.5 - 1, the
+    input of every network here; MedMNIST's Normalize(mean=.5, std=.5)); the inverse is common.report.to_uint8."""
+    x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images, device=device).float()
+    x = x / 127.5 - 1
+    return x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from common.cache import load_images
 from common.cli import ArgumentParser, nonneg_float, positive_float, positive_int, run, unit_interval
-from common.data import DataError, read_csv_checked
+from common.data import DataError, read_csv_checked, to_signed
 from common.modalities import modality_name
 from common.runs import (add_common_args, check_finite, device_from, prepare_out_dir, save_checkpoint,
                          seed_everything, write_config, write_json)
@@ -96,8 +96,7 @@ def judge_pairs(model, sched, a, names, judge, jck, args, device, out):
     classes = np.repeat(np.arange(len(names)), 2 * n)
     imgs = generate(model, sched, classes, a["size"], a["channels"], "ddim", args.pair_steps, 1.0, args.guidance,
                     None, args.seed + 7, device, progress=False)
-    x = torch.from_numpy(imgs).float() / 127.5 - 1
-    x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    x = to_signed(imgs)
     jsize = jck["arch"]["size"]
     if x.shape[-1] != jsize:
         x = torch.nn.functional.interpolate(x, size=(jsize, jsize), mode="bilinear", align_corners=False)
@@ -143,8 +142,7 @@ def pairs_judge(df, path):
 
 
 def to_model_input(u8, device):
-    x = torch.from_numpy(u8).float().to(device) / 127.5 - 1
-    return (x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)).contiguous(memory_format=torch.channels_last)
+    return to_signed(u8, device).contiguous(memory_format=torch.channels_last)
 
 
 def pair_errors(net, sched, xw, xl, c, t, eps):

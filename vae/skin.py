@@ -2,10 +2,9 @@
 (5-6) images of Fitzpatrick17k, or of the procedural skin phantom when no data root is given, and the draw of a
 training set A (100% light), B (50/50) or C (100% dark)."""
 import numpy as np
-import torch
 
 from common.cache import load_images
-from common.data import DataError, read_fitzpatrick
+from common.data import DataError, read_fitzpatrick, to_signed
 
 SETS = {"A": "100% light", "B": "50/50", "C": "100% dark"}
 PHANTOM_N = 4000
@@ -26,7 +25,7 @@ def load_skin(data_root, size):
     t["group"] = t["skin_group"]
     x, ok = load_images(t["image"], size, "RGB")
     t, x = t[ok].reset_index(drop=True), x[ok]
-    return t, torch.from_numpy(x).float().permute(0, 3, 1, 2) / 127.5 - 1, data
+    return t, to_signed(x), data
 
 
 def draw_train_set(t, pool, which, n, rng):

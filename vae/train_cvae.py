@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from common.cli import ArgumentParser, nonneg_float, nonneg_int, positive_float, positive_int, run
 from common.cache import load_images
-from common.data import PROJECT_DATA, DataError, label_matrix, read_nih
+from common.data import PROJECT_DATA, DataError, label_matrix, read_nih, to_signed
 from common.report import fit_title, save_grid
 from common.runs import (add_common_args, check_finite, device_from, load_checkpoint, load_weights, prepare_out_dir,
                          save_checkpoint, seed_everything, write_config, write_json)
@@ -72,10 +72,6 @@ def cvae_loss(x_hat, x, mu, logvar, beta=0.00025):
     # Kingma & Welling 2014, App. B: -0.5 * sum(1 + log sigma^2 - mu^2 - sigma^2), summed over dims, mean over batch
     kld = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)).mean()
     return mse + beta * kld, mse, kld
-
-
-def to_tensor(images):
-    return torch.from_numpy(images).float()[:, None] / 127.5 - 1  # (N, 1, S, S) in [-1, 1]
 
 
 @torch.no_grad()
@@ -221,7 +217,7 @@ def main(args):
                         f"images ({int(female.sum())} of {len(t)} images are of women); the CVAE trains on women's "
                         f"images only, so it needs a data set with female patients")
     y = torch.from_numpy(label_matrix(t)[np.r_[tr, va]]).float()
-    x = to_tensor(x[ok])
+    x = to_signed(x[ok])
     data = "nih1000" if args.data_root == str(PROJECT_DATA / "nih_cxr14") else f"nih ({args.data_root})"
     write_config(out, args, data=data, weights="none (from scratch)", n_train=len(tr), n_val=len(va),
                  sex="female only")
