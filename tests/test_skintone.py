@@ -101,3 +101,25 @@ def test_comparisons_find_a_planted_gap_and_no_gap_where_none():
         assert d["ci"][0] <= 0 <= d["ci"][1] and abs(d["diff"]) < 0.01
     said = answers(null)
     assert "cannot tell" in said[0] and "cannot tell" not in answers(compare_groups(planted(0.05), n_boot=400))[0]
+
+
+def test_train_resvae_end_to_end_on_a_fitzpatrick_layout(tmp_path):
+    """The stage script alone, on a Fitzpatrick17k-layout folder: it trains on set B (light and dark images), writes
+    a checkpoint that rebuilds the VAE, and the same seed gives the same loss curve."""
+    from test_data import fitz_fixture
+    fitz_fixture(tmp_path / "f")
+    common = [sys.executable, "-m", "vae.train_resvae", "--data-root", str(tmp_path / "f"), "--no-pretrained",
+              "--size", "16", "--epochs", "2", "--n-train", "8", "--width", "4", "--train-set", "B", "--seed", "5"]
+    for name in ("a", "b"):
+        r = subprocess.run([*common, "--out-dir", str(tmp_path / name)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((tmp_path / "a/metrics.json").read_text())
+    assert m["n_train"] == 8 and len(m["history"]) == 2 and m["vgg"].startswith("random")
+    assert m["history"] == json.loads((tmp_path / "b/metrics.json").read_text())["history"]
+    ck = torch.load(tmp_path / "a/ckpt.pt", map_location="cpu", weights_only=True)
+    a = ck["args"]
+    net = ResVAE(3, width=a["width"], levels=int(np.log2(a["size"] // a["latent_res"])),
+                 latent_channels=a["latent_channels"])
+    net.load_state_dict(ck["model"])
+    assert net(torch.zeros(1, 3, 16, 16))[0].shape == (1, 3, 16, 16)
