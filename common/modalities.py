@@ -4,6 +4,7 @@ Every generator, downstream classifier and fairness table of `make fairgen` (and
 
     nih    NIH1000 chest X-rays; attribute sex (F/M); label: No Finding vs any finding           -> 4 classes
     cxr    NIH1000 + the embedded CC-BY COVID-19 X-rays; sex x {No Finding, finding, COVID-19}  -> 6 classes
+           (patient ids prefixed with their source, "nih:123" / "covid:123": the two number patients alike)
            WARNING: COVID-19 images come from another source (other hospitals, 128 px crops, other processing),
            so "COVID-19" is confounded with the source: a classifier can learn the source, not the disease.
     mri    IXI T1 slices; attribute sex; label age group (< 50 / >= 50 years)                   -> 4 classes
@@ -100,6 +101,10 @@ def load_modality(name, size, data_root=None, n_toy=2000, phantom_n=1200):
             c = read_covid()
             c = c[c["label:COVID-19"] == 1].assign(attr=lambda d: d["sex"], label="COVID-19",
                                                    source="COVID-19 image data collection")
+            # both sources number their patients from 1: bare ids collide (33 shared), which would merge different
+            # people in a patient split and in the patient bootstrap, so each id carries its source
+            t["patient_id"] = "nih:" + t["patient_id"].astype(str)
+            c["patient_id"] = "covid:" + c["patient_id"].astype(str)
             t = pd.concat([t, c], ignore_index=True)
             labels = labels + ["COVID-19"]
             data += " + covid-cc-by"

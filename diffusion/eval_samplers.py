@@ -1,6 +1,8 @@
 """DDIM-50 against ancestral DDPM-1000 for a trained conditional DDPM: time, and the domain feature distance
 (FD-<network>, fairness/fid.py) of each sampler's images to the real images the model was trained on, overall and
-per attribute group. Writes samplers.md, summary.json and one grid per sampler into --out.
+per attribute group, with KID on the same features (fairness/compare.py: mean and std over 100 subsets) and a
+sentence saying whether the samplers' KID intervals (mean +- 2 std) separate at this n. Writes samplers.md,
+summary.json and one grid per sampler into --out.
 
     python -m diffusion.eval_samplers --ckpt runs/ddpm/nih32/ckpt.pt --fd-ckpt runs/ddpm/fdnet/ckpt.pt \
         --n-per-class 100 --out results/ddpm
@@ -21,7 +23,26 @@ from common.runs import device_from, prepare_out_dir, seed_everything, write_jso
 from common.splits import patient_split
 from diffusion.ddpm import Schedule
 from diffusion.sample_ddpm import generate, load_model
+from fairness.compare import kid
 from fairness.fid import extract, fid_from_features, subgroup_fids
+
+
+def kid_separation(kids):
+    """A sentence: do the KID intervals (mean +- 2 std over subsets) of the samplers overlap? kids: {name: kid()}."""
+    names = list(kids)
+    iv = {n: (kids[n]["mean"] - 2 * kids[n]["std"], kids[n]["mean"] + 2 * kids[n]["std"]) for n in names}
+    overlap = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
+               if iv[a][0] <= iv[b][1] and iv[b][0] <= iv[a][1]]
+    m = sorted({k["m"] for k in kids.values()})
+    head = f"KID intervals (mean +- 2 std over subsets of m = {', '.join(map(str, m))})"
+    caveat = (" The std is that of the subsets drawn; where m is a whole set (here the samples when there are fewer "
+              "than the real images) that set is not resampled, so the intervals leave out its sampling noise and "
+              "separation is necessary, not sufficient, for a real difference.")
+    if not overlap:
+        return f"{head}: no two samplers' intervals overlap, so at this n the samplers separate." + caveat
+    pairs = "; ".join(f"{a} and {b}" for a, b in overlap)
+    return (f"{head} overlap for {pairs}: at this n those samplers cannot be told apart by KID"
+            + (", the other pairs separate." if len(overlap) < len(names) * (len(names) - 1) // 2 else ".") + caveat)
 
 
 def main(args):
@@ -52,11 +73,13 @@ def main(args):
         secs = time.time() - t0
         f = extract(net, imgs)
         fd = fid_from_features(f_real, f)
+        k = kid(f_real, f, n_subsets=100, subset_size=1000)  # m = min(1000, n_real, n_fake)
         per, var = subgroup_fids(f_real, f, real_groups, groups)
         name = f"{sampler.upper()}-{steps}" + (f" eta={eta:g}" if sampler == "ddim" else "")
-        summary["samplers"][name] = {"fd": fd, "n_fake": len(imgs), "seconds": secs, "subgroup_variance": var,
+        summary["samplers"][name] = {"fd": fd, "kid": k, "n_fake": len(imgs), "seconds": secs,
+                                     "subgroup_variance": var,
                                      "groups": {g: {"fd": v[0], "n_real": v[1], "n_fake": v[2]} for g, v in per.items()}}
-        rows.append([name, f"{fd:.2f}", f"{len(real)} / {len(imgs)}",
+        rows.append([name, f"{fd:.2f}", f"{k['mean']:.3g} ± {k['std']:.2g} (m={k['m']})", f"{len(real)} / {len(imgs)}",
                      "; ".join(f"{g} {v[0]:.2f} (n={v[1]}/{v[2]})" for g, v in per.items()), f"{var:.3f}",
                      f"{secs:.0f} s ({secs / len(imgs) * 1000:.0f} ms/image)"])
         pick = np.concatenate([np.nonzero(classes == c)[0][:8] for c in range(len(names))])
@@ -67,10 +90,14 @@ def main(args):
         src = Path(args.ckpt).parent / f
         if src.is_file():
             shutil.copy(src, out / f"train_{f}")
-    write_table(out / "samplers", ["sampler", label, "n real / synthetic", "per group", "group variance (1/G)",
-                                   "sampling time"], rows,
+    summary["kid_separation"] = kid_separation({n: v["kid"] for n, v in summary["samplers"].items()})
+    write_table(out / "samplers", ["sampler", label, "KID (mean ± std)", "n real / synthetic", "per group",
+                                   "group variance (1/G)", "sampling time"], rows,
                 title=f"DDIM-50 (eta 0 and 1) vs DDPM-1000 ({ck.get('data')}, {a['size']} px, step {ck['step']})",
-                notes=[f"{label}: Frechet distance on the penultimate features of a CNN trained on the real training "
+                notes=[summary["kid_separation"],
+                       "KID: unbiased MMD^2 with the kernel (x.y / d + 1)^3 on the same features, mean and std over "
+                       "100 subsets of m images from each set (fairness/compare.py, Binkowski et al. 2018).",
+                       f"{label}: Frechet distance on the penultimate features of a CNN trained on the real training "
                        "images, not Inception FID. n < 2048: biased upwards, compare only at equal n. Reference "
                        "(CIFAR-10 FID, DDIM paper Table 1): 50 steps eta 0 4.67, eta 1 8.01; 1000 steps eta 1 4.73."])
     write_json(out / "summary.json", summary)

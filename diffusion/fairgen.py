@@ -27,7 +27,8 @@ def cb_loss(eps_y, eps_yp, t, T, tau=1.0, gamma=0.25):
     """Class-balancing loss (CBDM, Qin et al. 2023; identical in FairGen), y' drawn uniformly from the classes:
     w(t) = tau t / T (t 0-based, as the CBDM code);
     L_reg = mean w(t) ||eps(x_t, y) - sg[eps(x_t, y')]||^2,  L_com = mean w(t) ||sg[eps(x_t, y)] - eps(x_t, y')||^2;
-    returns L_reg + gamma L_com (the DDPM loss is added by the caller). Squared norms are means over pixels."""
+    returns L_reg + gamma L_com (the DDPM loss is added by the caller). Squared norms are means over pixels.
+    Pass only the rows that kept their label (train_ddpm.eps_and_cb_loss): a label-dropped row has no class."""
     w = tau * t.float() / T
     reg = (w * (eps_y - eps_yp.detach()).pow(2).flatten(1).mean(1)).mean()
     com = (w * (eps_y.detach() - eps_yp).pow(2).flatten(1).mean(1)).mean()

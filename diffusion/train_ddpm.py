@@ -4,7 +4,8 @@ Class = (sensitive attribute x label) of a modality (common/modalities.py), e.g.
 NIH chest X-rays. Also the FairGen training variants of `make fairgen` (FORMULAS.md, FairGen parts):
     --sampler cbrs | sqrs   draw batches with replacement, weight 1/n_g or 1/sqrt(n_g) per sample (base: uniform)
     --grad-alpha A          our gradient-aware factor on those weights (A = 0, the default, is the public code's)
-    --cb-loss               add the class-balancing loss L_reg + gamma L_com (CBDM)
+    --cb-loss               add the class-balancing loss L_reg + gamma L_com (CBDM), on the rows that kept their
+                            label (label-dropped rows get none, as CBDM applies it to conditioned batches only)
 DPO fine-tuning is diffusion/train_dpo.py.
 
 EMA weights, gradient clipping, AdamW with linear warm-up, bf16 autocast on GPU, atomic checkpoints every
@@ -194,16 +195,30 @@ def real_batch_loss(net, sched, x_all, cls_all, grad_hist, args, gen, dgen, K, a
     y_in = drop_labels(y, args.p_uncond, K, dgen)
     xt = q_sample(sched, x0, t, eps).contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        if args.cb_loss:  # eps(x_t, y) and eps(x_t, y') in one batch, y' uniform over the K classes
+        if args.cb_loss:  # y' uniform over the K classes
             yp = torch.randint(0, K, (len(x0),), device=device, generator=dgen)
-            e_y, e_yp = net(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([y_in, yp])).float().chunk(2)
+            e_y, l_cb = eps_and_cb_loss(net, xt, t, y_in, yp, K, sched.T, args.cb_tau, args.cb_gamma)
         else:
             e_y = net(xt, t, y_in).float()
     per = (e_y - eps).pow(2).flatten(1).mean(1)  # ||eps - eps_theta(x_t, t, y)||^2 per image
     loss = per.mean()
     if args.cb_loss:
-        loss = loss + cb_loss(e_y, e_yp, t, sched.T, args.cb_tau, args.cb_gamma)
+        loss = loss + l_cb
     return loss, per, y
+
+
+def eps_and_cb_loss(net, xt, t, y_in, yp, null, T, tau, gamma):
+    """eps_theta(x_t, t, y_in) for every row, and the class-balancing loss over the rows that kept their label.
+    A label-dropped row (y_in == null) has no class to balance, so it gets no L_reg / L_com: CBDM's code adds the
+    loss only to conditioned batches (`if self.cb and y_0 is not None`; its label dropout drops a whole batch), ours
+    drops labels per row, so the loss skips those rows (mean over the labelled rows; 0 when there are none).
+    eps(x_t, y) of every row and eps(x_t, y') of the labelled rows go through the network in one batch."""
+    lab = y_in != null  # (B,)
+    e = net(torch.cat([xt, xt[lab]]), torch.cat([t, t[lab]]), torch.cat([y_in, yp[lab]])).float()
+    e_y, e_yp = e[:len(xt)], e[len(xt):]  # (B, C, S, S), (B_lab, C, S, S)
+    if not lab.any():
+        return e_y, e_y.sum() * 0.0
+    return e_y, cb_loss(e_y[lab], e_yp, t[lab], T, tau, gamma)
 
 
 def main(args):

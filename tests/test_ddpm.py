@@ -119,3 +119,25 @@ def test_tiny_conditional_ddpm_learns_the_requested_class(tmp_path):
     with torch.no_grad():
         pred = clf(torch.from_numpy(z["images"]).float()[:, None] / 127.5 - 1).argmax(1).numpy()
     assert (pred == requested_shape).mean() >= 0.9
+
+
+def test_eval_samplers_reports_kid_and_whether_it_separates(tmp_path):
+    """The sampler table has KID (mean, std, m) beside FD on the same features, and a sentence on whether the KID
+    intervals (mean +- 2 std) of the samplers separate at this n."""
+    import json
+    run_train(tmp_path / "toy", "--data", "toy:200", "--steps", "4", "--save-every", "4", "--T", "60")  # DDPM-60
+    r = subprocess.run([sys.executable, "-m", "classify.train_classifier", "--data", "toy:200", "--size", "16",
+                        "--epochs", "1", "--target", "label", "--out-dir", str(tmp_path / "fd")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "diffusion.eval_samplers", "--ckpt", str(tmp_path / "toy/ckpt.pt"),
+                        "--fd-ckpt", str(tmp_path / "fd/ckpt.pt"), "--n-per-class", "2", "--out", str(tmp_path / "ev")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "ev/summary.json").read_text())
+    assert len(s["samplers"]) == 3
+    for v in s["samplers"].values():
+        assert v["kid"]["m"] == 8 and np.isfinite(v["kid"]["mean"]) and v["kid"]["std"] >= 0
+    assert "KID intervals" in s["kid_separation"] and ("separate" in s["kid_separation"] or
+                                                       "cannot be told apart" in s["kid_separation"])
+    assert s["kid_separation"] in (tmp_path / "ev/samplers.md").read_text()

@@ -48,6 +48,60 @@ def test_cb_loss_by_hand():
     assert torch.allclose(b.grad, 0.25 * (torch.tensor([.5, .25]).view(2, 1, 1, 1) * 2 * (eps_yp - eps_y) / 2 / 2))
 
 
+def test_cb_loss_skips_label_dropped_rows():
+    """The class-balancing term of a batch is unchanged when label-dropped (null) rows are added to it, with the same
+    x_t, t and y' for the labelled rows (CBDM applies the loss to conditioned samples only); averaged over the null
+    rows too, it would change. A batch of null rows only has none."""
+    from diffusion.train_ddpm import eps_and_cb_loss
+    from diffusion.unet import UNet
+    torch.manual_seed(0)
+    K = 4
+    net = UNet(1, 8, 8, (1, 2), 1, (), num_classes=K).eval()
+    for p in net.parameters():
+        p.data.normal_(0, 0.05)  # a non-trivial eps predictor (the output layer starts at zero)
+    g = torch.Generator().manual_seed(1)
+    xt, t = torch.randn(7, 1, 8, 8, generator=g), torch.tensor([900, 500, 100, 700, 800, 300, 600])
+    y_in, yp = torch.tensor([0, 1, 2, 3, K, K, K]), torch.tensor([3, 2, 1, 0, 1, 2, 3])
+    with torch.no_grad():
+        e4, cb4 = eps_and_cb_loss(net, xt[:4], t[:4], y_in[:4], yp[:4], K, 1000, 1.0, 0.25)
+        e7, cb7 = eps_and_cb_loss(net, xt, t, y_in, yp, K, 1000, 1.0, 0.25)
+        every_row = cb_loss(e7, net(xt, t, yp), t, 1000, 1.0, 0.25)  # what the loss was before: nulls included
+        _, none = eps_and_cb_loss(net, xt[4:], t[4:], y_in[4:], yp[4:], K, 1000, 1.0, 0.25)
+    assert cb4.item() > 0 and torch.allclose(cb7, cb4, rtol=1e-5, atol=1e-8)
+    assert torch.allclose(e7[:4], e4, atol=1e-5)  # eps(x_t, y) of every row is still returned
+    assert not torch.allclose(every_row, cb4, rtol=1e-3)
+    assert none.item() == 0
+
+
+def test_cxr_patient_ids_carry_their_source():
+    """NIH and COVID-19 collection patients are numbered alike; in the combined cxr modality each id names its
+    source, so that no two people share an id (the split and the patient bootstrap would merge them)."""
+    from common.modalities import load_modality
+    t = load_modality("cxr", 16).table
+    nih = t["source"] == "NIH ChestX-ray14"
+    assert t.loc[nih, "patient_id"].str.startswith("nih:").all()
+    assert t.loc[~nih, "patient_id"].str.startswith("covid:").all() and (~nih).sum() > 0
+    assert (t.groupby("patient_id")["source"].nunique() == 1).all()
+    bare = lambda s: set(s.str.split(":").str[1])
+    assert bare(t.loc[nih, "patient_id"]) & bare(t.loc[~nih, "patient_id"])  # the bare numbers do collide
+    assert load_modality("nih", 16).table["patient_id"].str.isdigit().all()  # nih alone keeps its own ids
+
+
+def test_rows_auroc_equals_auroc_ovr_on_resamples():
+    """The comparisons' fast AUROC of a resample (rows repeated) equals fairness.metrics.auroc_ovr on the resampled
+    rows, binary and multi-class, with ties and with a class missing from the resample."""
+    from diffusion.fairgen_study import RowsAUROC
+    from fairness.metrics import auroc_ovr
+    rng = np.random.default_rng(0)
+    for L in (2, 3, 5):
+        y = rng.integers(0, L, 60)
+        probs = np.round(rng.dirichlet(np.ones(L), 60), 1)  # rounded: many ties
+        fast = RowsAUROC(y, probs)
+        for rows in [rng.integers(0, 60, 60) for _ in range(20)] + [np.nonzero(y != 0)[0], np.arange(60)]:
+            want = auroc_ovr(y[rows], probs[rows]) if len(set(y[rows])) > 1 else np.nan
+            assert fast(rows) == pytest.approx(want, abs=1e-12, nan_ok=True)
+
+
 def test_dpo_losses_by_hand():
     err_w, err_l = torch.tensor([0.2, 0.5]), torch.tensor([0.4, 0.3])
     sig = lambda z: 1 / (1 + math.exp(-z))
@@ -119,7 +173,7 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
     run reuses every trained model and cached downstream fit and writes the same numbers."""
     import json
     cmd = [sys.executable, "-m", "diffusion.fairgen_study", "--smoke", "--modalities", "toy:160", "--n-boot", "20",
-           "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"), "--force"]
+           "--n-boot-compare", "40", "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"), "--force"]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     s1 = json.loads((tmp_path / "out/summary.json").read_text())
@@ -130,6 +184,35 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
         v, (lo, hi) = t1["fairgen"][metric]["value"], t1["fairgen"][metric]["ci"]
         assert np.isfinite(v) and lo <= v + 1e-9 and v <= hi + 1e-9
     assert 0 <= t1["real only"]["accuracy"]["value"] <= 1
+    down = s1["preset"]["down_seeds"]
+    assert down == 2 and len(t1["fairgen"]["accuracy"]["seeds"]) == down
+    # per-image predictions: one row per test image, cell and downstream seed; the comparisons come from that file
+    from diffusion.fairgen_study import PAIRS, comparisons_from_preds, read_preds
+    preds = read_preds(tmp_path / "out" / s1["preds"]["toy:160"])
+    n_test = s1["modalities"]["toy:160"]["seed0"]["n_test"]
+    assert len(preds) == 12 * down * n_test and set(preds["down_seed"]) == set(range(down))
+    assert {"image", "patient_id", "group", "label", "pred", "p_0", "p_1", "method", "reweight",
+            "split_seed"} <= set(preds.columns)
+    comps = s1["comparisons"]
+    assert len(comps) == 3 * len(PAIRS) and {c["metric"] for c in comps} == \
+        {"accuracy", "ESSP (accuracy)", "AUROC gap dark - bright"}
+    for c in comps:
+        assert {"metric", "a", "b", "diff", "ci", "p", "p_holm", "mde", "n_units", "replicates", "modality"} <= set(c)
+        assert c["replicates"] == down and c["n_units"] == n_test  # toy rows have no patient id: each its own unit
+        assert not np.isfinite(c["p"]) or c["p_holm"] >= c["p"] - 1e-12
+    assert ("fairgen + reweighting", "base") in {(c["a"], c["b"]) for c in comps}
+    again = comparisons_from_preds(preds, ["dark", "bright"], 40)
+    assert [(c["diff"], c["p_holm"]) for c in again] == [(c["diff"], c["p_holm"]) for c in comps]
+    assert set(s1["answers"]["toy:160"]) == {"question", "essp", "gap"}
+    # KID and FD per subgroup at one n per modality
+    kid = s1["kid"]["toy:160"]
+    ms = {v["m"] for m in kid.values() for v in m.values()}
+    assert set(kid) == {"base", "cbrs", "sqrs", "cbdm", "fairgen"} and len(ms) == 1
+    assert all(set(m) == {"dark", "bright"} and all(v["n"] == v["m"] and np.isfinite(v["mean"]) for v in m.values())
+               for m in kid.values())
+    fd = s1["modalities"]["toy:160"]["seed0"]["fd"]
+    assert ms == {fd["n_equal"]} and all(v["n"] == fd["n_equal"] for v in fd["base"]["groups_equal_n"].values())
+    assert (tmp_path / "out/comparisons.md").is_file() and (tmp_path / "out/subgroup_fidelity.md").is_file()
     secs = s1["modalities"]["toy:160"]["seed0"]["seconds"]  # per phase, for the README's time budget
     assert {"generators", "sampling", "table1", "sweep_vit", "total"} <= set(secs)
     assert 0 < secs["generators"] < secs["total"] and abs(sum(secs.values()) - 2 * secs["total"]) < 1.0
