@@ -88,7 +88,9 @@ def paired_difference_replicates(replicates, n_boot=2000, seed=0):
                 vals.append(a(idx) - b(idx))
         diffs[k] = np.mean(vals)
     point = np.mean([a(np.arange(len(c))) - b(np.arange(len(c))) for (a, b, _), c in zip(replicates, clusters)])
-    how = "the same test patients for all" if shared else "each its own test patients"
+    how = ("the same test patients for all" if shared else
+           "each its own test patients: test-set variance enters twice, so the CI is conservative")
+    how += f"; with {len(parts)} replicates the resampled replicate spread is (R - 1) / R of theirs, and coarse"
     return {**_summary(point, diffs, len(parts[0][2]) if shared else sum(len(m) for _, _, m in parts),
                        f"two-level bootstrap: {len(parts)} replicates ({how}), then patients ({n_boot}), "
                        f"percentile"), "replicates": len(parts)}
@@ -186,7 +188,7 @@ def comparison(metric, a, b, result):
     (a - b), from paired_difference(_replicates); `p_holm` is added by with_holm over the whole table."""
     return {"metric": metric, "a": a, "b": b, "diff": result["diff"], "ci": result["ci"], "p": result["p"],
             "mde": result["mde"], "se": result["se"], "n_units": result["n_units"],
-            "replicates": result.get("replicates", 1), "method": result["method"]}
+            "replicates": result.get("replicates", 1), "n_valid": result.get("n_valid"), "method": result["method"]}
 
 
 def with_holm(comparisons):
@@ -220,6 +222,8 @@ def answer(c, what, digits=3):
     ci = f"[{f.format(c['ci'][0])}, {f.format(c['ci'][1])}]"
     if not np.isfinite(c["diff"]):
         return f"{what}: undefined at this scale."
+    if not np.all(np.isfinite(c["ci"])):
+        return f"{what}: {f.format(c['diff'])}, no CI (too few valid resamples): cannot tell at this scale."
     body = f"{what}: {f.format(c['diff'])} (95% CI {ci}, Holm p {fmt_p(c['p_holm'])}, MDE {c['mde']:.{digits}f})"
     if c["ci"][0] <= 0 <= c["ci"][1]:
         return body + f"; cannot tell at this scale (an effect under {c['mde']:.{digits}f} would go unseen)."

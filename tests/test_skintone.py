@@ -40,7 +40,7 @@ def test_representation_effect_on_the_phantom(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     mse = s["mse_median"]
     assert mse["C"]["dark"] < mse["A"]["dark"] and mse["A"]["light"] < mse["C"]["light"]
-    assert s["data"] == "phantom" and s["pretrained"] is False and len(s["comparisons"]) == 9
+    assert s["data"] == "phantom" and s["pretrained"] is False and len(s["comparisons"]) == 11
     for f in ("fig3_mse.png", "fig6_latent_std.png", "fig4_recon_light.png", "fig5_recon_dark.png", "medians.md",
               "std_vs_mse.md", "fig8_mse_by_diagnosis.png", "comparisons.md", "per_repeat.csv", "preds.csv"):
         assert (out / f).is_file()
@@ -55,7 +55,7 @@ def test_smoke_compares_at_the_level_of_repeats(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
-    assert s["repeats"] == 2 and len(s["comparisons"]) == 9
+    assert s["repeats"] == 2 and len(s["comparisons"]) == 11
     for c in s["comparisons"]:
         assert set(c) >= KEYS and c["replicates"] == s["repeats"] and "two-level bootstrap" in c["method"]
         assert c["p_holm"] >= c["p"] and c["ci"][0] <= c["diff"] <= c["ci"][1]
@@ -96,6 +96,8 @@ def test_comparisons_find_a_planted_gap_and_no_gap_where_none():
     assert abs(d["diff"] + 0.03) < 0.005 and d["ci"][1] < 0
     d = c[("median MSE, light test images", "C", "A")]
     assert d["ci"][0] <= 0 <= d["ci"][1]
+    d = c[("median MSE gap dark - light", "C", "A")]  # the gap closes by 0.03 under C: a difference in differences
+    assert abs(d["diff"] + 0.03) < 0.005 and d["ci"][1] < 0
     null = compare_groups(planted(0.0), n_boot=400)
     for d in null[:3]:
         assert d["ci"][0] <= 0 <= d["ci"][1] and abs(d["diff"]) < 0.01

@@ -126,6 +126,18 @@ def compare_groups(df, n_boot=1000, seed=0):
                          lambda i, m=mse, k=dark: median_of(m[i][~k[i]]), d["image"].to_numpy()))
         rows.append(comparison(f"median MSE, training set {s} ({SETS[s]})", "dark", "light",
                                two_level(reps, n_boot, seed)))
+    for a, b in (("C", "A"), ("B", "A")):  # does more dark skin close the gap: (dark - light) under a minus under b
+        reps = []
+        for r in repeats:
+            da, db = cell(df, r, a), cell(df, r, b)
+            assert np.array_equal(da["image"].to_numpy(), db["image"].to_numpy()), "paired on the same images"
+            dark = (da["test_group"] == "dark").to_numpy()
+
+            def gap(m, k=dark):
+                return lambda i: median_of(m[i][k[i]]) - median_of(m[i][~k[i]])
+            reps.append((gap(da["mse"].to_numpy()), gap(db["mse"].to_numpy()), da["image"].to_numpy()))
+        rows.append(comparison("median MSE gap dark - light", f"{a} ({SETS[a]})", f"{b} ({SETS[b]})",
+                               two_level(reps, n_boot, seed)))
     for g in GROUPS:
         for a, b in (("B", "A"), ("C", "A"), ("C", "B")):
             reps = []
@@ -145,8 +157,11 @@ def answers(comparisons):
     gap_a = by[(f"median MSE, training set A ({SETS['A']})", "dark", "light")]
     fix = [answer(by[("median MSE, dark test images", f"{a} ({SETS[a]})", f"A ({SETS['A']})")], f"{a} - A")
            for a in ("C", "B")]
+    closes = answer(by[("median MSE gap dark - light", f"C ({SETS['C']})", f"A ({SETS['A']})")],
+                    "the dark - light gap under C minus under A")
     return [f"{QUESTIONS[0]} " + answer(gap_a, "median MSE dark - light"),
-            f"{QUESTIONS[1]} Dark-skin median MSE (negative: lower error), " + fix[0][:-1] + "; " + fix[1]]
+            f"{QUESTIONS[1]} Dark-skin median MSE (negative: lower error), " + fix[0][:-1] + "; " + fix[1][:-1]
+            + "; and " + closes]
 
 
 def main(args):
