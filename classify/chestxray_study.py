@@ -251,7 +251,7 @@ def metrics_of(Y, p, dec, sex, findings):
 PAIRS = [("balanced_real", "imbalanced_real"), ("imbalanced_synth", "imbalanced_real"),
          ("imbalanced_reweight", "imbalanced_real"), ("imbalanced_synth", "balanced_real")]
 COMPARED = {"any_auroc_female": "female AUROC", "any_auroc_male": "male AUROC",
-            "any_auroc_gap": "AUROC gap (M - F)", "any_auroc": "any-finding AUROC"}
+            "any_auroc_gap": "AUROC gap (M - F)", "any_auroc_abs_gap": "|AUROC gap|", "any_auroc": "any-finding AUROC"}
 
 
 def auroc_stat(Y, p, sex, key):
@@ -260,7 +260,8 @@ def auroc_stat(Y, p, sex, key):
         idx = idx if who is None else idx[sex[idx] == who]
         return auroc(Y[idx, 14], p[idx, 14])
     return {"any_auroc": on, "any_auroc_female": lambda idx: on(idx, "F"), "any_auroc_male": lambda idx: on(idx, "M"),
-            "any_auroc_gap": lambda idx: on(idx, "M") - on(idx, "F")}[key]
+            "any_auroc_gap": lambda idx: on(idx, "M") - on(idx, "F"),
+            "any_auroc_abs_gap": lambda idx: abs(on(idx, "M") - on(idx, "F"))}[key]
 
 
 def comparisons(arrays, sex, pid, args):
@@ -275,6 +276,16 @@ def comparisons(arrays, sex, pid, args):
     return with_holm(rows)
 
 
+def permutation_or_nan(stat_group, sex, pid, args):
+    """gap_permutation, or NaNs with the reason where a patient has images under both sexes (no permutation of sex
+    across patients then)."""
+    try:
+        return gap_permutation(stat_group, sex, pid, args.n_boot, args.seed)
+    except ValueError as e:
+        return {"gap": float("nan"), "p": float("nan"), "null_median": float("nan"), "excess": float("nan"),
+                "method": str(e)}
+
+
 def gap_cell(point, perm):
     return f"{point:.3f} (perm. p {fmt_p(perm['p'])}, excess {perm['excess']:+.3f})"
 
@@ -285,8 +296,8 @@ def answers(rows, args):
     out = []
     for (metric, a, b), what in [(("female AUROC", "imbalanced_synth", "imbalanced_real"),
                                   "Do CVAE-generated female X-rays help women? Female AUROC, synthetic minus imbalanced"),
-                                 (("AUROC gap (M - F)", "imbalanced_synth", "imbalanced_real"),
-                                  "Do they narrow the sex gap? Gap (M - F), synthetic minus imbalanced"),
+                                 (("|AUROC gap|", "imbalanced_synth", "imbalanced_real"),
+                                  "Do they narrow the sex gap? |AUROC M - F|, synthetic minus imbalanced"),
                                  (("female AUROC", "balanced_real", "imbalanced_real"),
                                   "Do more real women help women? Female AUROC, balanced minus imbalanced")]:
         if (metric, a, b) in find:
@@ -316,10 +327,9 @@ def report(out, args, runs, data, weights):
         per_fold = [per_output_table(Y[fold == k], p[fold == k], th[fold == k][0]) for k in range(args.folds)]
         # DP and EO are max - min gaps (>= 0): a percentile CI cannot contain 0, so each gets a permutation p
         yany, dany = Y[:, 14].astype(bool), dec[:, 14]
-        dp_perm = gap_permutation(lambda idx: dany[idx].mean() if len(idx) else np.nan, sex, pid, args.n_boot,
-                                  args.seed)
-        eo_perm = gap_permutation(lambda idx: dany[idx][yany[idx]].mean() if yany[idx].any() else np.nan, sex, pid,
-                                  args.n_boot, args.seed)
+        dp_perm = permutation_or_nan(lambda idx: dany[idx].mean() if len(idx) else np.nan, sex, pid, args)
+        eo_perm = permutation_or_nan(lambda idx: dany[idx][yany[idx]].mean() if yany[idx].any() else np.nan, sex,
+                                     pid, args)
         cnt = pd.DataFrame(counts[c]).mean().to_dict()
         pooled = [binary_stats(Y[:, j], dec[:, j]) for j in range(len(OUTPUTS))]  # each image at its fold's threshold
         sens_ok = all(pooled[j]["sensitivity"] > 0 for j in findings)
@@ -373,8 +383,8 @@ def report(out, args, runs, data, weights):
                        "training run per fold (the CIs carry test sampling, not training noise). DP and EO are "
                        "between-sex differences of the any-finding decision at each fold's validation threshold "
                        "(fractions; x100 for FairGen's scale); being |M - F| they get no percentile CI (it cannot "
-                       "contain 0) but a permutation p (sex shuffled across patients) and the gap's excess over the "
-                       "null median. Compare conditions with comparisons.md (paired), not by overlapping CIs. "
+                       "contain 0) but a permutation p (sex shuffled across patients; not Holm-corrected) and the gap's "
+                       "excess over the null median. Compare conditions with comparisons.md (paired), not by overlapping CIs. "
                        "Reference (Larrazabal et al. 2020, full NIH, "
                        "DenseNet-121): the under-represented sex loses ~0.02-0.025 mean AUC.",
                        (f"CVAE trained on: {args.cvae_female} female images of each fold (never test or "

@@ -137,6 +137,14 @@ def read_preds(path):
         d = d.sort_values("image")
         probs = d[[c for c in d.columns if c.startswith("p_") and d[c].notna().all()]].to_numpy(float)
         out.setdefault(flag, {}).setdefault(method, []).append((d["label"].to_numpy(), probs, d["image"].to_numpy()))
+        seeds = out[flag].setdefault("seeds of " + method, [])
+        seeds.append(seed)
+    for flag, by in out.items():  # pairs are made by position: every method must have the same seeds
+        if len({tuple(v) for k, v in by.items() if k.startswith("seeds of ")}) != 1:
+            raise DataError(f"{path}: the methods of {flag} were run with different seeds; a paired comparison "
+                            f"needs the same seeds for every method (rerun the study)")
+        for k in [k for k in by if k.startswith("seeds of ")]:
+            del by[k]
     return out
 
 

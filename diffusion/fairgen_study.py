@@ -452,7 +452,10 @@ def comparisons_from_preds(df, attrs, n_boot=2000, seed=0):
                 for s in splits:
                     y, g, pid, runs_a = _cell_arrays(df, ma, ra, s)
                     y_b, _, _, runs_b = _cell_arrays(df, mb, rb, s)
-                    assert np.array_equal(y, y_b), "a and b must be evaluated on the same test images"
+                    assert np.array_equal(y, y_b) and np.array_equal(
+                        *(df[(df.method == m) & (df.reweight == r) & (df.split_seed == s) & (df.down_seed == 0)]
+                          .sort_values("image")["image"].to_numpy() for m, r in ((ma, ra), (mb, rb)))), \
+                        "a and b must be evaluated on the same test images"
                     if len(splits) == 1:  # replicates: the downstream seeds
                         reps += [(_seed_mean(f, y, g, [a]), _seed_mean(f, y, g, [b]), pid)
                                  for a, b in zip(runs_a, runs_b)]
@@ -526,10 +529,11 @@ def fmt(entry, scale=100.0, digits=2):
     return f"{v * scale:.{digits}f}{mark} [{lo * scale:.{digits}f}, {hi * scale:.{digits}f}]"
 
 
-GAP_NOTE = ("† the value lies outside its bootstrap CI. DP, EO and NAR are max - min gaps between groups, and "
-            "resampling inflates a gap (two groups that happen to score alike in the test set rarely do in a "
-            "resample), so near zero their percentile CI can sit above the value: read it as the range the gap "
-            "takes under test-set noise, not as a confidence interval for it.")
+GAP_NOTE = ("DP, EO and NAR are max - min gaps between groups (never below 0), and resampling inflates a gap (two "
+            "groups that happen to score alike in the test set rarely do in a resample), so their percentile CI "
+            "cannot contain 0 and can sit above the value (marked †): read it as the range the gap takes under "
+            "test-set noise, not as a confidence interval or a test. Whether a method changes a gap: comparisons.md "
+            "(signed AUROC gap, paired) and gaps.md (permutation nulls).")
 
 
 def blinded_set(name, res, grid, runs, out, args):
@@ -684,8 +688,7 @@ def report(summary, out, runs, args):
                                         + (f" - {' '.join(s['seed0']['notes'])}" if s['seed0']['notes'] else "")
                                         for n, s in summary["modalities"].items()),
              "Per-image predictions of every cell and seed: preds_<modality>.csv(.gz)."]
-    if any("†" in cell for row in t1_rows for cell in row):
-        notes.append(GAP_NOTE)
+    notes.append(GAP_NOTE)
     n = len(summary.get("reused", []))
     notes.append(f"Wall time of this invocation: {summary['seconds'] / 60:.1f} min, then "
                  f"{summary['seconds_comparisons'] / 60:.1f} min for the comparisons" + (

@@ -96,7 +96,7 @@ def test_chestxray_study_smoke_chain(tmp_path):
     assert {"image", "patient_id", "sex", "fold", "seed", "condition", "y_any_finding", "p_any_finding",
             "thr_any_finding"} <= set(preds.columns)
     rows = s["comparisons"]
-    assert len(rows) == 16 and all({"metric", "a", "b", "diff", "ci", "p", "p_holm", "mde", "n_units",
+    assert len(rows) == 20 and all({"metric", "a", "b", "diff", "ci", "p", "p_holm", "mde", "n_units",
                                     "replicates"} <= set(r) for r in rows)
     assert all(r["p_holm"] >= r["p"] for r in rows) and rows[0]["n_units"] == s["n_patients"]
     # the female-AUROC difference of synth vs imbalanced, recomputed from the file by hand
