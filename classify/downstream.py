@@ -18,9 +18,16 @@ import torch
 import torch.nn.functional as F
 
 from classify.nets import build
-from diffusion.fairgen import inverse_performance_weights
 
 KINDS = ["vit", "resnet50", "gb", "knn"]
+
+
+def inverse_performance_weights(group_acc, eps=1e-6):
+    """Adaptive inverse-performance reweighting (downstream; FairGen code): w~_s = 1 / (Acc_s + eps) with Acc_s the
+    validation accuracy (%) of group s; w_s = w~_s / sum w~. group_acc: {group: accuracy in %}."""
+    raw = {g: 1.0 / (a + eps) for g, a in group_acc.items()}
+    total = sum(raw.values())
+    return {g: v / total for g, v in raw.items()}
 
 
 def _group_acc(y, pred, groups):

@@ -47,9 +47,3 @@ def dpo_diffusion(err_w, err_l, ref_w, ref_l, beta=2500.0):
     return -F.logsigmoid(-beta / 2 * ((err_w - ref_w) - (err_l - ref_l))).mean()
 
 
-def inverse_performance_weights(group_acc, eps=1e-6):
-    """Adaptive inverse-performance reweighting (downstream; FairGen code): w~_s = 1 / (Acc_s + eps) with Acc_s the
-    validation accuracy (%) of group s; w_s = w~_s / sum w~. group_acc: {group: accuracy in %}."""
-    raw = {g: 1.0 / (a + eps) for g, a in group_acc.items()}
-    total = sum(raw.values())
-    return {g: v / total for g, v in raw.items()}

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.fairgen import cb_loss, dpo_diffusion, dpo_fairgen, inverse_performance_weights, sample_weights
+from classify.downstream import inverse_performance_weights
+from diffusion.fairgen import cb_loss, dpo_diffusion, dpo_fairgen, sample_weights
 from conftest import ROOT
 
 
