@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from classify.downstream import fit_predict  # noqa: E402
 from common.modalities import load_modality  # noqa: E402
 from common.splits import patient_split  # noqa: E402
-from diffusion.fairgen_study import to_x  # noqa: E402
+from common.data import to_signed  # noqa: E402
 
 SIZES = {"patch 4, width 128 (full preset)": dict(patch=4, dim=128, mlp=256),
          "patch 4, width 64": dict(patch=4, dim=64, mlp=128),
@@ -37,7 +37,7 @@ def main():
         mod = load_modality(name, a.size)
         split = patient_split(mod.table, seed=0, stratify="attr")
         L = len(mod.labels)
-        y, g, x = mod.table["cls"].to_numpy() % L, mod.table["attr"].to_numpy().astype(str), to_x(mod.images)
+        y, g, x = mod.table["cls"].to_numpy() % L, mod.table["attr"].to_numpy().astype(str), to_signed(mod.images)
         tr, va = split == "train", split == "val"
         for label, kw in SIZES.items():
             if a.sizes and a.sizes not in label:

@@ -39,6 +39,7 @@ import torch
 from classify import train_classifier
 from classify.downstream import KINDS, fit_predict
 from common.cli import ArgumentParser, positive_int, run
+from common.data import to_signed
 from common.modalities import MODALITIES, export, load_modality, modality_name
 from common.report import save_grid, write_table
 from common.runs import default_runs, device_from, prepare_out_dir, seed_everything, stage, write_config, write_json
@@ -146,11 +147,6 @@ def run_step(module, argv, folder):
     c = json.loads(cfg.read_text())
     c["study_argv"] = argv
     cfg.write_text(json.dumps(c, indent=2))
-
-
-def to_x(u8):
-    x = torch.from_numpy(u8).float() / 127.5 - 1
-    return x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
 
 
 def modality(name, args, seed, runs, device):
@@ -275,7 +271,7 @@ def downstream(mod, split, synth, args, seed, device, cache_path):
     y_all = mod.table["cls"].to_numpy() % L
     g_all = mod.table["attr"].to_numpy().astype(str)
     pid = mod.table["patient_id"].fillna(mod.table.index.to_series().astype(str)).to_numpy()
-    x_all = to_x(mod.images)
+    x_all = to_signed(mod.images)
     sel = {s: split == s for s in ("train", "val", "test")}
     real_tr = (x_all[sel["train"]], y_all[sel["train"]], g_all[sel["train"]])
     val = (x_all[sel["val"]], y_all[sel["val"]], g_all[sel["val"]])
@@ -301,7 +297,7 @@ def downstream(mod, split, synth, args, seed, device, cache_path):
         rng = np.random.default_rng([seed, METHODS.index(method), int(round(100 * ratio))])  # same draw on resume
         take = rng.permutation(len(z["labels"]))[:int(round(ratio * n_train))]
         ys = z["labels"][take] % L
-        return (torch.cat([real_tr[0], to_x(z["images"][take])]), np.r_[real_tr[1], ys],
+        return (torch.cat([real_tr[0], to_signed(z["images"][take])]), np.r_[real_tr[1], ys],
                 np.r_[real_tr[2], z["groups"][take].astype(str)])
 
     P = args.preset
