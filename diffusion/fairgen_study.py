@@ -6,6 +6,8 @@ Per modality (common/modalities.py; class = attribute x disease), with one patie
                  seeded, the network behind FD-cnn8 (target: disease), so that the judge never grades itself
   pretrain       a plain conditional DDPM (the shared starting point, as FairGen starts from a pretrained SD)
   base / cbrs / sqrs / cbdm   fine-tuned from it for --finetune steps with the variant's sampler / loss
+  fairdiffusion  the same fine-tune with FairDiffusion's Fair Bayesian Perturbation (diffusion/fairdiffusion.py;
+                 GP-UCB search of per-group loss-weight noise every `fair_window` steps: the preset's)
   fairgen        SQRS + class-balancing loss for (finetune - dpo) steps, then DPO for --dpo-steps with pairs
                  from the judge (judge: classifier, never physicians; FairGen-code DPO form)
   samples        per method, the same number per class (ratio 1.0 = as many synthetic as real training images)
@@ -51,9 +53,11 @@ from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_
 from fairness.figures import bars, lines, radar
 from fairness.metrics import bootstrap, essp, fairness_summary, group_accuracy
 
-METHODS = ["base", "cbrs", "sqrs", "cbdm", "fairgen"]
+METHODS = ["base", "cbrs", "sqrs", "cbdm", "fairdiffusion", "fairgen"]  # the paper's order
+# each method's fixed stream for drawing its synthetic subset (a new method leaves the others' draws unchanged)
+DRAW = {"base": 0, "cbrs": 1, "sqrs": 2, "cbdm": 3, "fairgen": 4, "fairdiffusion": 5}
 VARIANT_FLAGS = {"base": [], "cbrs": ["--sampler", "cbrs"], "sqrs": ["--sampler", "sqrs"], "cbdm": ["--cb-loss"],
-                 "sqrs_cb": ["--sampler", "sqrs", "--cb-loss"]}
+                 "fairdiffusion": ["--fair-bayes"], "sqrs_cb": ["--sampler", "sqrs", "--cb-loss"]}
 RATIOS = [0.0, 0.25, 0.5, 1.0]
 # FairGen Table 1 (ViT, Fitzpatrick-17k; FORMULAS.md, labels as the paper's): their Stable-Diffusion-based numbers,
 # never mixed with ours. "Base (ViT)" is the ViT on real data only; "Stable Diffusion" the plain generator's data.
@@ -63,7 +67,8 @@ PUBLISHED = {("Fitzpatrick-17k", m): dict(zip(("ESSP", "DP", "EO", "NAR"), v)) f
     ("FairDiffusion", (11.16, 8.13, 4.52, 0.25)), ("FairGen", (15.47, 4.51, 2.70, 0.21))]}
 # the comparisons of Table 1's cells, (method, reweighting) a vs b: every method vs base, without and with
 # reweighting on both sides, and FairGen with reweighting (the paper's FairGen includes it) vs base without
-PAIRS = [((m, rw), ("base", rw)) for rw in (False, True) for m in METHODS[1:]] + [(("fairgen", True), ("base", False))]
+PAIRS = [((m, rw), ("base", rw)) for rw in (False, True) for m in METHODS[1:]] + [(("fairgen", True), ("base", False))] \
+    + [(("fairgen", rw), ("fairdiffusion", rw)) for rw in (False, True)]  # FairGen vs the best earlier fair generator
 PRESETS = {
     # quick: the three modalities in under 60 min on a 2-core CPU (README has the measured time): a small U-Net
     # (16-32-32 channels), few steps (700 pretraining steps and DDIM-15 took 51.5 min), a ViT with 8x8 patches and
@@ -71,14 +76,14 @@ PRESETS = {
     # no ResNet-50 in the ratio sweep (~10 min per modality from scratch on 2 cores; add it with --kinds): a chain
     # check more than a generator worth judging. down_seeds: downstream ViT seeds per Table-1 cell (a quick ViT fit
     # takes ~10 s; 3 seeds add ~5 min per modality). full: a GPU.
-    "quick": dict(size=32, width=16, mults="1,2,2", num_res=1, attn_res="8", pretrain=400, finetune=100, dpo=40,
+    "quick": dict(size=32, width=16, mults="1,2,2", num_res=1, attn_res="8", pretrain=400, finetune=100, dpo=40, fair_window=25,
                   batch=32, sample_steps=10, clf_epochs=10, down_epochs=16, seeds=1, down_seeds=3, pairs_per_class=8,
                   vit=dict(patch=8, dim=64, mlp=128, dropout=0.0), kinds="vit,gb,knn", blinded_per_condition=1),
-    "full": dict(size=64, width=64, mults="1,2,2,2", num_res=2, attn_res="16", pretrain=20000, finetune=2000,
+    "full": dict(size=64, width=64, mults="1,2,2,2", num_res=2, attn_res="16", pretrain=20000, finetune=2000, fair_window=50,
                  dpo=500, batch=64, sample_steps=50, clf_epochs=40, down_epochs=40, seeds=3, down_seeds=3,
                  pairs_per_class=64,
                  vit=dict(patch=4, dim=128, mlp=256), kinds=",".join(KINDS), blinded_per_condition=4),
-    "smoke": dict(size=16, width=8, mults="1,2", num_res=1, attn_res="8", pretrain=4, finetune=4, dpo=2, batch=8,
+    "smoke": dict(size=16, width=8, mults="1,2", num_res=1, attn_res="8", pretrain=4, finetune=4, dpo=2, fair_window=2, batch=8,
                   sample_steps=3, clf_epochs=1, down_epochs=1, seeds=1, down_seeds=2, pairs_per_class=2,
                   vit=dict(patch=4, dim=16, mlp=32, heads=2, depth=1), kinds=",".join(KINDS),
                   blinded_per_condition=1),
@@ -172,9 +177,11 @@ def modality(name, args, seed, runs, device):
     run_step(train_ddpm, ddpm + ["--steps", str(P["pretrain"]), "--lr", "5e-4", "--warmup", "100", "--ema", "0.995",
                                  "--out-dir", str(r / "pretrain")], r / "pretrain")
     ft = ["--init", str(r / "pretrain/ckpt.pt"), "--lr", "2e-4", "--warmup", "10", "--ema", "0.99"]
-    for v in ["base", "cbrs", "sqrs", "cbdm", "sqrs_cb"]:
+    for v in ["base", "cbrs", "sqrs", "cbdm", "fairdiffusion", "sqrs_cb"]:
         steps = P["finetune"] - (P["dpo"] if v == "sqrs_cb" else 0)
-        run_step(train_ddpm, ddpm + ft + VARIANT_FLAGS[v] + ["--steps", str(steps), "--out-dir", str(r / v)], r / v)
+        fair = ["--fair-time-window", str(P["fair_window"])] if v == "fairdiffusion" else []
+        run_step(train_ddpm, ddpm + ft + VARIANT_FLAGS[v] + fair + ["--steps", str(steps), "--out-dir", str(r / v)],
+                 r / v)
     run_step(train_dpo, base + hflip + ["--init", str(r / "sqrs_cb/ckpt.pt"), "--judge", str(r / "judge/ckpt.pt"),
                                         "--sampler", "sqrs", "--cb-loss", "--dpo", args.dpo, "--steps", str(P["dpo"]),
                                         "--batch-size", str(P["batch"]), "--pairs-per-class", str(P["pairs_per_class"]),
@@ -294,7 +301,7 @@ def downstream(mod, split, synth, args, seed, device, cache_path):
         if method is None or ratio == 0:
             return real_tr
         z = synth[method]
-        rng = np.random.default_rng([seed, METHODS.index(method), int(round(100 * ratio))])  # same draw on resume
+        rng = np.random.default_rng([seed, DRAW[method], int(round(100 * ratio))])  # same draw on resume
         take = rng.permutation(len(z["labels"]))[:int(round(ratio * n_train))]
         ys = z["labels"][take] % L
         return (torch.cat([real_tr[0], to_signed(z["images"][take])]), np.r_[real_tr[1], ys],
@@ -562,11 +569,22 @@ def preds_copy(res_by_seed, out, name):
     return path
 
 
+def fairer(comps, name, b, label, suffix):
+    """The answer sentences (ESSP and AUROC gap) of FairGen + reweighting against cell b of one modality."""
+    paper = {c["metric"]: c for c in comps if (c["a"], c["b"]) == ("fairgen + reweighting", b)}
+    gap_metric = [m for m in paper if m.startswith("AUROC gap")][0]
+    e, g = paper["ESSP (accuracy)"], paper[gap_metric]
+    return {"essp" + suffix: answer(e, f"{name}: ESSP (accuracy, fraction), FairGen + reweighting "
+                                       f"{e['value_a']:.3f} vs {label} {e['value_b']:.3f}, difference"),
+            "gap" + suffix: answer(g, f"{name}: {gap_metric}, FairGen + reweighting {g['value_a']:+.3f} vs {label} "
+                                      f"{g['value_b']:+.3f} (nearer 0 is fairer), difference")}
+
+
 def comparison_table(summary, out, args):
     """comparisons.md/.csv (and gaps.md/.csv where a modality has more than two groups) from the preds files in
     --out, with the one-sentence answers; fills summary's comparisons, gaps and answers."""
     summary["comparisons"], summary["gaps"], summary["answers"] = [], {}, {}
-    rows, gap_rows, lines_ = [], [], []
+    rows, gap_rows, lines_, lines_fd = [], [], [], []
     for name, seeds in summary["modalities"].items():
         res = seeds["seed0"]
         df = read_preds(out / summary["preds"][name])  # the report's comparisons come from the file alone
@@ -580,22 +598,19 @@ def comparison_table(summary, out, args):
             summary["gaps"][name] = gaps
             gap_rows += [[name, cell, f"{v['gap']:.3f}", f"{v.get('null_median', float('nan')):.3f}",
                           f"{v['excess']:+.3f}", f"{v['p']:.3g}"] for cell, v in gaps.items()]
-        key = ("fairgen + reweighting", "base")
-        paper = {c["metric"]: c for c in comps if (c["a"], c["b"]) == key}
-        gap_metric = [m for m in paper if m.startswith("AUROC gap")][0]
-        g = paper[gap_metric]
         summary["answers"][name] = {
             "question": "Is FairGen (with reweighting) fairer than its base (the plain DDPM's data, no reweighting)?",
-            "essp": answer(paper["ESSP (accuracy)"], f"{name}: ESSP (accuracy, fraction), FairGen + reweighting "
-                           f"{paper['ESSP (accuracy)']['value_a']:.3f} vs base "
-                           f"{paper['ESSP (accuracy)']['value_b']:.3f}, difference"),
-            "gap": answer(g, f"{name}: {gap_metric}, FairGen + reweighting {g['value_a']:+.3f} vs base "
-                          f"{g['value_b']:+.3f} (nearer 0 is fairer), difference")}
-        lines_ += [summary["answers"][name]["essp"], summary["answers"][name]["gap"]]
+            **fairer(comps, name, "base", "base", ""),
+            "question_fairdiffusion": "Is FairGen fairer than FairDiffusion, both with reweighting?",
+            **fairer(comps, name, "fairdiffusion + reweighting", "FairDiffusion + reweighting", "_vs_fairdiffusion")}
+        lines_ += [summary["answers"][name][k] for k in ("essp", "gap")]
+        lines_fd += [summary["answers"][name][k] for k in ("essp_vs_fairdiffusion", "gap_vs_fairdiffusion")]
     methods = sorted({c["method"] for c in summary["comparisons"]})
     notes = [f"Is FairGen (with reweighting) fairer than its base? {' '.join(lines_)}",
+             f"Is FairGen fairer than FairDiffusion, both with reweighting? {' '.join(lines_fd)}",
              "a - b for each pair of Table 1's cells (ViT, ratio 1.0): every method vs base, without and with "
-             "downstream reweighting on both sides, and FairGen + reweighting (the paper's FairGen) vs base without. "
+             "downstream reweighting on both sides, FairGen + reweighting (the paper's FairGen) vs base without, and "
+             "FairGen vs FairDiffusion (the paper's strongest baseline), each without and with reweighting. "
              "Accuracy and ESSP as fractions (Table 1 shows ESSP x100); AUROC gap: between the attribute groups, "
              "signed (first - second) for two groups, max - min for more (then see gaps.md for each gap against its "
              "permutation null; the paired bootstrap of a difference of max - min gaps resamples both alike). "
@@ -658,6 +673,13 @@ def report(summary, out, runs, args):
             src = runs / f"{name}-seed0" / m / "closest_pairs.png"
             if src.is_file():
                 (out / f"memorization_{name}_{m}.png").write_bytes(src.read_bytes())
+        fdir = runs / f"{name}-seed0" / "fairdiffusion"  # its sigma search: final sigma, batch loss gaps
+        fb = json.loads((fdir / "metrics.json").read_text())["fair_bayes"]
+        gaps, w = [t[-1] for t in fb["trajectory"]], args.preset["fair_window"]
+        summary.setdefault("fair_bayes", {})[name] = {**{k: fb[k] for k in ("groups", "sigma_final", "gp_updates")},
+                                                      "mean_gap_first_window": float(np.mean(gaps[:w])),
+                                                      "mean_gap_last_window": float(np.mean(gaps[-w:]))}
+        (out / f"fair_bayes_{name}.png").write_bytes((fdir / "fair_bayes.png").read_bytes())
         radar({m: {g: t1[m].get(f"auroc[{g}]", {"value": np.nan})["value"] for g in res["attrs"]}
                for m in ["real only"] + METHODS}, out / f"radar_auc_{name}.png",
               f"Per-group AUROC, ViT, ratio 1.0, mean of {D} seeds ({tag})")
@@ -696,7 +718,9 @@ def report(summary, out, runs, args):
     write_table(out / "table1_published", ["data", "method", "ESSP", "DP", "EO", "NAR"], pub,
                 title="FairGen's published Table 1 (ViT; Stable Diffusion based): for reference only, not comparable",
                 notes=["Rows as the paper labels them: 'Base (ViT)' is the ViT on real images only (our 'real "
-                       "only'), 'Stable Diffusion' the plain generator's synthetic data (our 'base'). Other generator "
+                       "only'), 'Stable Diffusion' the plain generator's synthetic data (our 'base'), 'FairDiffusion' (Luo et "
+                       "al. 2025) our 'fairdiffusion' (its Fair Bayesian Perturbation on our DDPM; scikit-learn's "
+                       "Gaussian process where the original uses BoTorch). Other generator "
                        "(Stable Diffusion fine-tuned on the full data), other data (real Fitzpatrick17k "
                        "images), other classifier budget. FORMULAS.md: FairGen's ESSP values are not reproducible "
                        "from its own definition; we did not tune toward them."])

@@ -6,6 +6,8 @@ NIH chest X-rays. Also the FairGen training variants of `make fairgen` (FORMULAS
     --grad-alpha A          our gradient-aware factor on those weights (A = 0, the default, is the public code's)
     --cb-loss               add the class-balancing loss L_reg + gamma L_com (CBDM), on the rows that kept their
                             label (label-dropped rows get none, as CBDM applies it to conditioned batches only)
+    --fair-bayes            FairDiffusion's Fair Bayesian Perturbation (diffusion/fairdiffusion.py): per-sample loss
+                            weights 1 + sigma_g xi, sigma searched by GP-UCB every --fair-time-window steps
 DPO fine-tuning is diffusion/train_dpo.py.
 
 EMA weights, gradient clipping, AdamW with linear warm-up, bf16 autocast on GPU, atomic checkpoints every
@@ -41,6 +43,7 @@ from common.runs import (add_common_args, check_finite, is_main_process, load_ch
                          write_json)
 from common.splits import patient_split
 from diffusion.ddpm import Schedule, ddim_sample, drop_labels, q_sample
+from diffusion.fairdiffusion import FairBayes, loss_gap, plot_trajectory
 from diffusion.fairgen import cb_loss, sample_weights
 from diffusion.unet import shape_problems, unet_from_args
 
@@ -90,6 +93,15 @@ def parse_args(argv=None):
     g.add_argument("--cb-loss", action="store_true", help="add the class-balancing loss (CBDM)")
     g.add_argument("--cb-tau", type=positive_float, default=1.0, help="tau in w(t) = tau t / T")
     g.add_argument("--cb-gamma", type=nonneg_float, default=0.25, help="weight of L_com")
+    g = p.add_argument_group("FairDiffusion (Fair Bayesian Perturbation)")
+    g.add_argument("--fair-bayes", action="store_true",
+                   help="per-sample loss weights 1 + sigma_g xi, xi ~ N(0, 1), one sigma_g in [0, 1] per attribute "
+                        "value, searched by GP-UCB for the smallest loss gap between groups (FairDiffusion)")
+    g.add_argument("--fair-time-window", type=positive_int, default=50,
+                   help="steps between Gaussian-process updates of sigma (the public code's 50)")
+    g.add_argument("--fair-beta", type=nonneg_float, default=0.1, help="UCB exploration: mean + sqrt(beta) std")
+    g.add_argument("--fair-rho", type=unit_interval, default=0.95,
+                   help="exploitation rate: sigma <- rho sigma + (1 - rho) U(0, 1) every step")
     g = p.add_argument_group("output")
     add_common_args(p, "runs/ddpm/nih32")
     g.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt")
@@ -160,6 +172,10 @@ def check_resume(ck, path, args, margs):
     if differ:
         raise DataError(f"--resume {path}: these flags differ from the run being continued: {'; '.join(differ)}. "
                         f"Pass the checkpoint's values, or another --out-dir for a new run")
+    if ("fair_bayes" in ck) != bool(getattr(args, "fair_bayes", False)):
+        had = "with" if "fair_bayes" in ck else "without"
+        raise DataError(f"--resume {path}: that run was trained {had} --fair-bayes; pass the same, or another "
+                        f"--out-dir for a new run")
     if ck["step"] > args.steps:
         raise DataError(f"--steps {args.steps}: {path} is already at step {ck['step']}; pass --steps >= "
                         f"{ck['step']} to continue it")
@@ -178,9 +194,11 @@ def sample_grid(ema, sched, args, mod, step, out, device):
         save_grid(x, out / name, nrow=K, title=title, row_labels=mod.class_names)
 
 
-def real_batch_loss(net, sched, x_all, cls_all, grad_hist, args, gen, dgen, K, amp):
+def real_batch_loss(net, sched, x_all, cls_all, grad_hist, args, gen, dgen, K, amp, fb=None, n_labels=1):
     """One batch of the (FairGen-variant) DDPM loss on real images: batch drawn with the --sampler weights,
-    eps-MSE with label dropout, plus the class-balancing loss with --cb-loss. Returns (loss, per-image MSE, y)."""
+    eps-MSE with label dropout, plus the class-balancing loss with --cb-loss; with fb (a FairBayes), the eps-MSE
+    weighted per sample by 1 + sigma_g xi (g = attribute value = class // n_labels).
+    Returns (loss, per-image MSE, y)."""
     device = x_all.device
     grad_means = [float(np.mean(h)) if h else np.nan for h in grad_hist]
     w = torch.as_tensor(sample_weights(cls_all.cpu().numpy(), SAMPLER_Q[args.sampler], grad_means, args.grad_alpha))
@@ -201,7 +219,11 @@ def real_batch_loss(net, sched, x_all, cls_all, grad_hist, args, gen, dgen, K, a
         else:
             e_y = net(xt, t, y_in).float()
     per = (e_y - eps).pow(2).flatten(1).mean(1)  # ||eps - eps_theta(x_t, t, y)||^2 per image
-    loss = per.mean()
+    if fb is not None:  # FairDiffusion: mean_i (1 + sigma_g(i) xi_i) ||eps_i - eps_theta||^2
+        xi = torch.randn(len(per), device=device, generator=dgen)
+        loss = (fb.weights((y // n_labels)[:, None], xi) * per).mean()
+    else:
+        loss = per.mean()
     if args.cb_loss:
         loss = loss + l_cb
     return loss, per, y
@@ -259,6 +281,9 @@ def main(args):
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # batch indices (CPU)
     dgen = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank + 1)  # t, noise, label dropout
     grad_hist = [collections.deque(maxlen=args.grad_window) for _ in range(K)]
+    # the same stream on every rank, and the gap averaged over ranks: every rank keeps the same sigma
+    fb = FairBayes(len(mod.attrs), args.fair_time_window, args.fair_beta, args.fair_rho, seed=args.seed + 777) \
+        if args.fair_bayes else None
     step, history = 0, []
     if ck is not None:
         load_weights(model, ck["model"], ckpt_path)
@@ -271,6 +296,8 @@ def main(args):
         step, history = ck["step"], ck["history"]
         for g, vals in enumerate(ck.get("grad_hist", [])):
             grad_hist[g].extend(vals)
+        if fb is not None:
+            fb.load_state_dict(ck["fair_bayes"])
         print(f"resumed {ckpt_path} at step {step}")
         if step == args.steps and (Path(args.out_dir) / "metrics.json").is_file():
             print(f"{args.out_dir} is already finished at --steps {args.steps}; nothing to do")
@@ -285,7 +312,8 @@ def main(args):
     t0, seen = time.time(), 0
     bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="ddpm", disable=not is_main_process())
     for step in bar:
-        loss, per, y = real_batch_loss(net, sched, x_all, cls_all, grad_hist, args, gen, dgen, K, amp)
+        loss, per, y = real_batch_loss(net, sched, x_all, cls_all, grad_hist, args, gen, dgen, K, amp, fb,
+                                       len(mod.labels))
         check_finite(loss, step, args.out_dir)
         opt.zero_grad(set_to_none=True)
         if args.grad_alpha:  # our gradient-aware factor: per-group gradient norm at the output layer
@@ -298,6 +326,12 @@ def main(args):
         opt.step()
         lr_sched.step()
         update_ema(ema, model, min(args.ema, (1 + step) / (10 + step)))
+        if fb is not None:
+            gap = torch.tensor(loss_gap(per.detach().cpu().numpy(), (y // len(mod.labels))[:, None].cpu().numpy()),
+                               device=device)  # on the device: NCCL reduces CUDA tensors only
+            if world > 1:
+                torch.distributed.all_reduce(gap)
+            fb.observe(step + 1, gap.item() / world)
         history.append([step + 1, loss.item()])
         seen += args.batch_size * world
         if step % 10 == 0:
@@ -309,7 +343,8 @@ def main(args):
                              "opt": opt.state_dict(), "lr_sched": lr_sched.state_dict(), "gen": gen.get_state(),
                              "dgen": dgen.get_state(), "torch_rng": torch.get_rng_state(), "step": done,
                              "history": history, "class_names": mod.class_names, "data": mod.data,
-                             "grad_hist": [list(h) for h in grad_hist]}, ckpt_path)
+                             "grad_hist": [list(h) for h in grad_hist],
+                             **({"fair_bayes": fb.state_dict()} if fb is not None else {})}, ckpt_path)
         if is_main_process() and args.sample_every and done % args.sample_every == 0 and done != args.steps:
             sample_grid(ema, sched, args, mod, done, out, device)
     if is_main_process():
@@ -320,9 +355,18 @@ def main(args):
         metrics = {"steps": final, "final_loss_mean_last_100": float(np.mean(losses[-100:])) if losses else None,
                    "images_per_s": seen / elapsed if seen else None, "wall_s_this_session": elapsed,
                    "classes": mod.class_names, "class_counts": counts.tolist(), "n_train": N, "data": mod.data}
+        if fb is not None:  # the sigma trajectory and the batch loss gap per step, drawn in fair_bayes.png
+            metrics["fair_bayes"] = {"groups": mod.attrs, "sigma_final": fb.sigma.tolist(), "gp_updates": fb.updates,
+                                     "trajectory_columns": ["step", *[f"sigma_{a}" for a in mod.attrs], "gap"],
+                                     "trajectory": fb.trajectory}
+            plot_trajectory(fb, mod.attrs, out / "fair_bayes.png",
+                            f"FairDiffusion sigma search ({mod.data}), GP update every {args.fair_time_window} steps")
         write_json(out / "metrics.json", metrics)
         plot_loss(losses, out / "loss_curve.png", mod.data)
-        print(json.dumps(metrics))
+        print(json.dumps({k: v for k, v in metrics.items() if k != "fair_bayes"}))
+        if fb is not None:
+            print(f"FairDiffusion sigma {dict(zip(mod.attrs, np.round(fb.sigma, 3).tolist()))} after GP updates at "
+                  f"steps {fb.updates} ({out / 'fair_bayes.png'})")
     return ema
 
 

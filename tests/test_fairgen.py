@@ -191,7 +191,7 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
     from diffusion.fairgen_study import PAIRS, comparisons_from_preds, read_preds
     preds = read_preds(tmp_path / "out" / s1["preds"]["toy:160"])
     n_test = s1["modalities"]["toy:160"]["seed0"]["n_test"]
-    assert len(preds) == 12 * down * n_test and set(preds["down_seed"]) == set(range(down))
+    assert len(preds) == 14 * down * n_test  # (real only + 6 methods) x reweighting and set(preds["down_seed"]) == set(range(down))
     assert {"image", "patient_id", "group", "label", "pred", "p_0", "p_1", "method", "reweight",
             "split_seed"} <= set(preds.columns)
     comps = s1["comparisons"]
@@ -201,14 +201,19 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
         assert {"metric", "a", "b", "diff", "ci", "p", "p_holm", "mde", "n_units", "replicates", "modality"} <= set(c)
         assert c["replicates"] == down and c["n_units"] == n_test  # toy rows have no patient id: each its own unit
         assert not np.isfinite(c["p"]) or c["p_holm"] >= c["p"] - 1e-12
-    assert ("fairgen + reweighting", "base") in {(c["a"], c["b"]) for c in comps}
+    assert {("fairgen + reweighting", "base"), ("fairgen + reweighting", "fairdiffusion + reweighting"),
+            ("fairdiffusion", "base")} <= {(c["a"], c["b"]) for c in comps}
+    fb = s1["fair_bayes"]["toy:160"]  # FairDiffusion's sigma search, its figure beside the tables
+    assert fb["groups"] == ["dark", "bright"] and all(0 <= v <= 1 for v in fb["sigma_final"])
+    assert fb["gp_updates"] == [2, 4] and (tmp_path / "out/fair_bayes_toy:160.png").stat().st_size > 10_000
     again = comparisons_from_preds(preds, ["dark", "bright"], 40)
     assert [(c["diff"], c["p_holm"]) for c in again] == [(c["diff"], c["p_holm"]) for c in comps]
-    assert set(s1["answers"]["toy:160"]) == {"question", "essp", "gap"}
+    assert set(s1["answers"]["toy:160"]) == {"question", "essp", "gap", "question_fairdiffusion",
+                                             "essp_vs_fairdiffusion", "gap_vs_fairdiffusion"}
     # KID and FD per subgroup at one n per modality
     kid = s1["kid"]["toy:160"]
     ms = {v["m"] for m in kid.values() for v in m.values()}
-    assert set(kid) == {"base", "cbrs", "sqrs", "cbdm", "fairgen"} and len(ms) == 1
+    assert set(kid) == {"base", "cbrs", "sqrs", "cbdm", "fairdiffusion", "fairgen"} and len(ms) == 1
     assert all(set(m) == {"dark", "bright"} and all(v["n"] == v["m"] and np.isfinite(v["mean"]) for v in m.values())
                for m in kid.values())
     fd = s1["modalities"]["toy:160"]["seed0"]["fd"]
@@ -218,15 +223,15 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
     assert {"generators", "sampling", "table1", "sweep_vit", "total"} <= set(secs)
     assert 0 < secs["generators"] < secs["total"] and abs(sum(secs.values()) - 2 * secs["total"]) < 1.0
     assert all(np.isfinite(s1["fid"]["toy:160"][m]) and s1["fid_var"]["toy:160"][m] >= 0
-               for m in ("base", "cbrs", "sqrs", "cbdm", "fairgen"))
+               for m in ("base", "cbrs", "sqrs", "cbdm", "fairdiffusion", "fairgen"))
     from diffusion.annotate import load_pair_set  # the blinded expert evaluation's pair set, ready to serve
     bp = load_pair_set(tmp_path / "out/blinded_pairs/toy:160")
     assert bp["kind"] == "blinded" and {p["left_source"] for p in bp["pairs"]} | \
-        {p["right_source"] for p in bp["pairs"]} == {"real", "base", "cbrs", "sqrs", "cbdm", "fairgen"}
+        {p["right_source"] for p in bp["pairs"]} == {"real", "base", "cbrs", "sqrs", "cbdm", "fairdiffusion", "fairgen"}
     assert all(p["left_source"] != p["right_source"] for p in bp["pairs"])
     second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("reuse ") == 9  # judge, fdnet, pretrain, 5 fine-tunes, fairgen (DPO)
+    assert second.stdout.count("reuse ") == 10  # judge, fdnet, pretrain, 6 fine-tunes, fairgen (DPO)
     s2 = json.loads((tmp_path / "out/summary.json").read_text())
     assert s2["table1"] == s1["table1"] and s2["fid"] == s1["fid"]
-    assert s1["reused"] == [] and len(s2["reused"]) > 9  # 9 run folders + the cached downstream fits
+    assert s1["reused"] == [] and len(s2["reused"]) > 10  # 10 run folders + the cached downstream fits
