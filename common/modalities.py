@@ -22,6 +22,7 @@ import pandas as pd
 from common.cli import ArgumentParser, positive_int, run
 from common.cache import load_images
 from common.runs import npz_out
+from common.splits import patient_split
 from common.data import PROJECT_DATA, DataError, read_covid, read_fitzpatrick, read_ixi, read_nih
 
 SKIN_DIAGNOSES = ["inflammatory", "malignant epidermal", "genodermatoses", "benign dermal", "benign epidermal"]
@@ -139,6 +140,18 @@ def load_modality(name, size, data_root=None, n_toy=2000, phantom_n=1200):
     raise DataError(f"unknown modality {name!r}; choose from toy, nih, cxr, mri, skin")
 
 
+def training_images(data, size, root=None, subset="train", split_seed=0):
+    """(modality, uint8 images (N, C, S, S), class index (N,)) of the patient-level training split (subset
+    "train", seed split_seed, stratified by the attribute) or of every image ("all"): what a generator trains on."""
+    mod = load_modality(data, size, root)
+    keep = np.ones(len(mod.table), bool)
+    if subset == "train":
+        keep = patient_split(mod.table, seed=split_seed, stratify="attr") == "train"
+    x = mod.images[keep]
+    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+    return mod, np.ascontiguousarray(x), mod.table["cls"].to_numpy()[keep]
+
+
 def export(mod, path, subset=None):
     """Write a modality's images as the .npz our FID / memorization tools read (images, labels, groups)."""
     keep = np.ones(len(mod.table), bool) if subset is None else subset
@@ -162,7 +175,6 @@ def parse_args(argv=None):
 
 
 def main(a):
-    from common.splits import patient_split
     out = npz_out(a.out, a.force)
     m = load_modality(a.modality, a.size, a.data_root)
     sel = None if a.split == "all" else patient_split(m.table, seed=a.split_seed, stratify="attr") == a.split

@@ -120,3 +120,20 @@ def ddim_sample(model, s, shape, y=None, w=0.0, steps=50, eta=0.0, generator=Non
         if tp >= 0 and eta > 0:
             x = x + sigma * torch.randn(shape, device=device, generator=generator)
     return x
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay ema + (1 - decay) model, parameter by parameter; buffers copied."""
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p.detach(), 1 - decay)
+    for be, b in zip(ema.buffers(), model.buffers()):
+        be.copy_(b)
+
+
+def fixed_noise_grid(model, sched, n_classes, channels, size, per_class, w, steps, eta, seed, device):
+    """per_class DDIM samples of every class, class-major, from the noise of `seed` (the same every call), in
+    [-1, 1]: (n_classes * per_class, C, S, S)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    y = torch.arange(n_classes, device=device).repeat_interleave(per_class)
+    return ddim_sample(model, sched, (len(y), channels, size, size), y, w, steps, eta, gen, device)

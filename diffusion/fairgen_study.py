@@ -31,6 +31,9 @@ import hashlib
 import json
 import math
 from pathlib import Path
+import shlex
+import subprocess
+import sys
 import time
 import warnings
 
@@ -38,15 +41,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from classify import train_classifier
 from classify.downstream import KINDS, fit_predict
 from common.cli import ArgumentParser, positive_int, run
-from common.data import to_signed
+from common.data import DataError, to_signed
 from common.modalities import MODALITIES, export, load_modality, modality_name
 from common.report import save_grid, write_table
-from common.runs import default_runs, device_from, prepare_out_dir, seed_everything, stage, write_config, write_json
+from common.runs import default_runs, device_from, prepare_out_dir, seed_everything, write_config, write_json
 from common.splits import patient_split
-from diffusion import sample_ddpm, train_ddpm, train_dpo
 from diffusion.annotate import blinded_pairs, write_pair_set
 from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, fd_equal_n, gap_permutation,
                               group_gap, kid, paired_difference_replicates, with_holm)
@@ -66,9 +67,10 @@ PUBLISHED = {("Fitzpatrick-17k", m): dict(zip(("ESSP", "DP", "EO", "NAR"), v)) f
     ("CBRS", (5.85, 15.28, 6.72, 0.30)), ("SQRS", (5.08, 18.03, 7.29, 0.35)), ("CBDM", (6.11, 13.13, 6.56, 0.28)),
     ("FairDiffusion", (11.16, 8.13, 4.52, 0.25)), ("FairGen", (15.47, 4.51, 2.70, 0.21))]}
 # the comparisons of Table 1's cells, (method, reweighting) a vs b: every method vs base, without and with
-# reweighting on both sides, and FairGen with reweighting (the paper's FairGen includes it) vs base without
-PAIRS = [((m, rw), ("base", rw)) for rw in (False, True) for m in METHODS[1:]] + [(("fairgen", True), ("base", False))] \
-    + [(("fairgen", rw), ("fairdiffusion", rw)) for rw in (False, True)]  # FairGen vs the best earlier fair generator
+# reweighting on both sides, FairGen with reweighting (the paper's FairGen includes it) vs base without, and FairGen
+# vs FairDiffusion (the paper's strongest earlier fair generator) without and with reweighting
+PAIRS = [((m, rw), ("base", rw)) for rw in (False, True) for m in METHODS[1:]] + \
+    [(("fairgen", True), ("base", False))] + [(("fairgen", rw), ("fairdiffusion", rw)) for rw in (False, True)]
 PRESETS = {
     # quick: the three modalities in under 60 min on a 2-core CPU (README has the measured time): a small U-Net
     # (16-32-32 channels), few steps (700 pretraining steps and DDIM-15 took 51.5 min), a ViT with 8x8 patches and
@@ -76,14 +78,19 @@ PRESETS = {
     # no ResNet-50 in the ratio sweep (~10 min per modality from scratch on 2 cores; add it with --kinds): a chain
     # check more than a generator worth judging. down_seeds: downstream ViT seeds per Table-1 cell (a quick ViT fit
     # takes ~10 s; 3 seeds add ~5 min per modality). full: a GPU.
-    "quick": dict(size=32, width=16, mults="1,2,2", num_res=1, attn_res="8", pretrain=400, finetune=100, dpo=40, fair_window=25,
+    # fair_window: FairDiffusion's steps per GP update, the public code's 50 at full scale; 25 at quick scale, so
+    # that its 100 fine-tuning steps see 4 updates rather than 2
+    "quick": dict(size=32, width=16, mults="1,2,2", num_res=1, attn_res="8", pretrain=400, finetune=100, dpo=40,
+                  fair_window=25,
                   batch=32, sample_steps=10, clf_epochs=10, down_epochs=16, seeds=1, down_seeds=3, pairs_per_class=8,
                   vit=dict(patch=8, dim=64, mlp=128, dropout=0.0), kinds="vit,gb,knn", blinded_per_condition=1),
-    "full": dict(size=64, width=64, mults="1,2,2,2", num_res=2, attn_res="16", pretrain=20000, finetune=2000, fair_window=50,
+    "full": dict(size=64, width=64, mults="1,2,2,2", num_res=2, attn_res="16", pretrain=20000, finetune=2000,
+                 fair_window=50,
                  dpo=500, batch=64, sample_steps=50, clf_epochs=40, down_epochs=40, seeds=3, down_seeds=3,
                  pairs_per_class=64,
                  vit=dict(patch=4, dim=128, mlp=256), kinds=",".join(KINDS), blinded_per_condition=4),
-    "smoke": dict(size=16, width=8, mults="1,2", num_res=1, attn_res="8", pretrain=4, finetune=4, dpo=2, fair_window=2, batch=8,
+    "smoke": dict(size=16, width=8, mults="1,2", num_res=1, attn_res="8", pretrain=4, finetune=4, dpo=2,
+                  fair_window=2, batch=8,
                   sample_steps=3, clf_epochs=1, down_epochs=1, seeds=1, down_seeds=2, pairs_per_class=2,
                   vit=dict(patch=4, dim=16, mlp=32, heads=2, depth=1), kinds=",".join(KINDS),
                   blinded_per_condition=1),
@@ -118,13 +125,13 @@ def parse_args(argv=None):
     p.add_argument("--runs", default=None, help="run folders (default: runs/<--out>, e.g. runs/results/fairgen); reused when "
                    "present")
     p.add_argument("--force", action="store_true", help="replace an existing --out (run folders are reused)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the stage commands of this run (each a script of its own), those it would reuse "
+                        "from --runs marked '# reuse: ', and exit without running or writing anything")
     args = p.parse_args(argv)
     args.preset = PRESETS["smoke" if args.smoke else args.scale]
     args.kinds = args.kinds or args.preset["kinds"]
     return args
-
-
-REUSED = []  # what this invocation took from runs/ instead of computing (its wall time leaves those out)
 
 
 def stopwatch():
@@ -138,70 +145,117 @@ def stopwatch():
     return lap
 
 
-def run_step(module, argv, folder):
-    """Run a script's main in-process unless its folder already holds the same finished run (same argv)."""
-    done = folder / "metrics.json"
-    cfg = folder / "config.json"
-    if done.is_file() and cfg.is_file() and json.loads(cfg.read_text()).get("study_argv") == argv:
-        print(f"  reuse {folder}")
-        REUSED.append(str(folder))
-        return
-    a = module.parse_args(argv + ["--force"])
-    with stage():  # a finished stage's replaced run goes now; a failure later does not roll this stage back
-        module.main(a)
-    c = json.loads(cfg.read_text())
-    c["study_argv"] = argv
-    cfg.write_text(json.dumps(c, indent=2))
+class Stages:
+    """A study's stage commands: each stage is a script run as its own process (`python -m module argv`), skipped
+    when its output exists beside the command that made it (the stage's config.json "argv", or a samples file's
+    "meta") and is newer than every input file it names (as make would: a retrained pretrain redoes the fine-tunes
+    and their samples). A change to the code itself is not detected: use a new --runs, or --force there.
+    dry=True runs nothing; `commands` lists every stage, and `plan` marks those a run would reuse.
+    `reused`: what this invocation took from runs/ (its wall time leaves those out)."""
+
+    def __init__(self, dry=False):
+        self.dry, self.commands, self.plan, self.reused = dry, [], [], []
+
+    def run(self, module, argv, done, recorded, deps=()):
+        """Run `python -m module *argv --force` unless `done` exists, recorded(done) == argv, and done is newer
+        than every file in deps. recorded: the argv (no --force) stored beside the output, or None."""
+        line = " ".join(["python", "-m", module, *map(shlex.quote, argv), "--force"])
+        self.commands.append(line)
+        fresh = done.is_file() and recorded(done) == argv and all(
+            not d.is_file() or d.stat().st_mtime <= done.stat().st_mtime for d in deps)
+        self.plan.append(("# reuse: " if fresh else "") + line)
+        if self.dry:
+            return
+        if fresh:
+            print(f"  reuse {done.parent if done.name == 'metrics.json' else done}", flush=True)
+            self.reused.append(str(done))
+            return
+        child = subprocess.Popen([sys.executable, "-m", module, *argv, "--force"])
+        try:
+            rc = child.wait()
+        except BaseException:  # Ctrl-C or a kill of the study: the stage gets SIGTERM and puts back what it replaced
+            child.terminate()
+            child.wait()
+            raise
+        if rc:
+            raise DataError(f"stage failed (exit {rc}; its message is above): {line}")
+
+    def script(self, module, argv, folder, deps=()):
+        """A training stage: done when folder/metrics.json exists, folder/config.json recorded this argv, and it is
+        newer than deps (the checkpoints it starts from)."""
+        self.run(module, argv, folder / "metrics.json", lambda done: stage_argv(done.parent / "config.json"), deps)
+
+    def samples(self, argv, out, ckpt):
+        """A sampling stage (diffusion.sample_ddpm): done when `out` records this argv and is newer than ckpt."""
+        self.run("diffusion.sample_ddpm", argv, out, samples_argv, [ckpt])
 
 
-def modality(name, args, seed, runs, device):
-    """Train, sample and evaluate every method on one modality; returns its part of summary.json."""
+def stage_argv(cfg):
+    """The argv (without --force) a script recorded in its config.json, or None."""
+    try:
+        return [a for a in json.loads(cfg.read_text())["argv"][1:] if a != "--force"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def samples_argv(path):
+    """The argv (without --force) sample_ddpm recorded in a samples file's meta, or None."""
+    try:
+        with np.load(path) as z:
+            return [a for a in json.loads(str(z["meta"]))["argv"] if a != "--force"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def modality(name, args, seed, runs, device, stages):
+    """Train, sample and evaluate every method on one modality; returns its part of summary.json (None with
+    stages.dry: the stage commands are then only listed in stages.commands)."""
     P = args.preset
     seconds, lap = {}, stopwatch()
     root = args.skin_root if name == "skin" else None
     mod = load_modality(name, P["size"], root)
     K = len(mod.class_names)
     split = patient_split(mod.table, seed=seed, stratify="attr")
+    train = split == "train"
+    n_train = int(train.sum())
+    per_class = math.ceil(n_train / K)  # ratio 1.0: as many synthetic images as real training images
     r = runs / f"{name}-seed{seed}"
     base = ["--data", name, "--size", str(P["size"]), "--split-seed", str(seed), "--seed", str(seed)] + \
         (["--data-root", root] if root else [])
     hflip = ["--hflip"] if name == "skin" else []
     clf = ["--epochs", str(P["clf_epochs"]), "--arch", "cnn8"] + hflip
-    run_step(train_classifier, base + clf + ["--target", "cls", "--out-dir", str(r / "judge")], r / "judge")
+    stages.script("classify.train_classifier", base + clf + ["--target", "cls", "--out-dir", str(r / "judge")],
+                  r / "judge")
     fd_argv = ["--data", name, "--size", str(P["size"]), "--split-seed", str(seed), "--seed", str(seed + 1)] + \
         (["--data-root", root] if root else []) + clf + ["--target", "label", "--out-dir", str(r / "fdnet")]
-    run_step(train_classifier, fd_argv, r / "fdnet")
+    stages.script("classify.train_classifier", fd_argv, r / "fdnet")
     ddpm = base + ["--width", str(P["width"]), "--mults", P["mults"], "--num-res", str(P["num_res"]), "--attn-res",
                    P["attn_res"], "--batch-size", str(P["batch"]), "--sample-every", "0", "--save-every", "100000",
                    "--grid-steps", str(P["sample_steps"])] + hflip
-    run_step(train_ddpm, ddpm + ["--steps", str(P["pretrain"]), "--lr", "5e-4", "--warmup", "100", "--ema", "0.995",
-                                 "--out-dir", str(r / "pretrain")], r / "pretrain")
+    stages.script("diffusion.train_ddpm", ddpm + ["--steps", str(P["pretrain"]), "--lr", "5e-4", "--warmup", "100",
+                                                  "--ema", "0.995", "--out-dir", str(r / "pretrain")], r / "pretrain")
     ft = ["--init", str(r / "pretrain/ckpt.pt"), "--lr", "2e-4", "--warmup", "10", "--ema", "0.99"]
     for v in ["base", "cbrs", "sqrs", "cbdm", "fairdiffusion", "sqrs_cb"]:
         steps = P["finetune"] - (P["dpo"] if v == "sqrs_cb" else 0)
         fair = ["--fair-time-window", str(P["fair_window"])] if v == "fairdiffusion" else []
-        run_step(train_ddpm, ddpm + ft + VARIANT_FLAGS[v] + fair + ["--steps", str(steps), "--out-dir", str(r / v)],
-                 r / v)
-    run_step(train_dpo, base + hflip + ["--init", str(r / "sqrs_cb/ckpt.pt"), "--judge", str(r / "judge/ckpt.pt"),
-                                        "--sampler", "sqrs", "--cb-loss", "--dpo", args.dpo, "--steps", str(P["dpo"]),
-                                        "--batch-size", str(P["batch"]), "--pairs-per-class", str(P["pairs_per_class"]),
-                                        "--pair-steps", str(P["sample_steps"]), "--grid-steps", str(P["sample_steps"]),
-                                        "--out-dir", str(r / "fairgen")], r / "fairgen")
+        stages.script("diffusion.train_ddpm", ddpm + ft + VARIANT_FLAGS[v] + fair +
+                      ["--steps", str(steps), "--out-dir", str(r / v)], r / v, deps=[r / "pretrain/ckpt.pt"])
+    stages.script("diffusion.train_dpo", base + hflip + [
+        "--init", str(r / "sqrs_cb/ckpt.pt"), "--judge", str(r / "judge/ckpt.pt"), "--sampler", "sqrs", "--cb-loss",
+        "--dpo", args.dpo, "--steps", str(P["dpo"]), "--batch-size", str(P["batch"]), "--pairs-per-class",
+        str(P["pairs_per_class"]), "--pair-steps", str(P["sample_steps"]), "--grid-steps", str(P["sample_steps"]),
+        "--out-dir", str(r / "fairgen")], r / "fairgen", deps=[r / "sqrs_cb/ckpt.pt", r / "judge/ckpt.pt"])
     seconds["generators"] = lap()  # this invocation's time per phase (reused steps take ~0)
-    train = split == "train"
-    n_train = int(train.sum())
-    per_class = math.ceil(n_train / K)
-    export(mod, r / "real_train.npz", train)
-    synth = {}
     samples_file = f"samples_{per_class}pc_{P['sample_steps']}steps.npz"  # the name holds what makes them differ
     for m in METHODS:
         out = r / m / samples_file
-        if not out.is_file() or out.stat().st_mtime < (r / m / "ckpt.pt").stat().st_mtime:  # none, or stale
-            sample_ddpm.main(sample_ddpm.parse_args(["--ckpt", str(r / m / "ckpt.pt"), "--n-per-class",
-                                                     str(per_class), "--steps", str(P["sample_steps"]), "--seed",
-                                                     str(seed), "--out", str(out), "--device", str(device),
-                                                     "--force"]))
-        synth[m] = np.load(out)
+        stages.samples(["--ckpt", str(r / m / "ckpt.pt"), "--n-per-class", str(per_class), "--steps",
+                        str(P["sample_steps"]), "--seed", str(seed), "--out", str(out), "--device", str(device)],
+                       out, r / m / "ckpt.pt")
+    if stages.dry:
+        return None
+    export(mod, r / "real_train.npz", train)
+    synth = {m: np.load(r / m / samples_file) for m in METHODS}
     seconds["sampling"] = lap()
     res = {"data": mod.data, "classes": mod.class_names, "attrs": mod.attrs, "labels": mod.labels,
            "notes": mod.notes, "n_train": n_train, "n_test": int((split == "test").sum()),
@@ -209,7 +263,7 @@ def modality(name, args, seed, runs, device):
     res["fd"] = fd_scores(r, synth, mod)
     res["memorization"] = memorization(r, synth, mod)
     seconds["fd_memorization"] = lap()
-    res["downstream"] = downstream(mod, split, synth, args, seed, device, r / "downstream.json")
+    res["downstream"] = downstream(mod, split, synth, args, seed, device, r / "downstream.json", stages.reused)
     preds = res["downstream"].pop("preds")
     preds.to_csv(r / "preds.csv", index=False, float_format="%.9g")  # 9 digits: rounding makes AUROC ties
     res["preds"] = str(r / "preds.csv")
@@ -268,7 +322,7 @@ def cell_name(method, reweight):
     return method + (" + reweighting" if reweight else "")
 
 
-def downstream(mod, split, synth, args, seed, device, cache_path):
+def downstream(mod, split, synth, args, seed, device, cache_path, reused):
     """Table 1's fits (ViT, ratio 1.0, +/- reweighting, real only too) for each downstream seed, as per-image
     predictions on the real test patients (a DataFrame, written to preds.csv by the caller), and the ratio sweep
     (one downstream seed). Every finished fit is kept in cache_path (with what it depends on), so that a killed
@@ -294,7 +348,7 @@ def downstream(mod, split, synth, args, seed, device, cache_path):
             fits[name] = compute()
             write_json(cache_path, {"key": key, "fits": fits})
         else:
-            REUSED.append(f"{cache_path}:{name}")
+            reused.append(f"{cache_path}:{name}")
         return fits[name]
 
     def train_set(method, ratio):
@@ -506,22 +560,35 @@ def gap_tables(df, attrs, n_perm=2000, seed=0):
 
 def main(args):
     t0 = time.time()
-    REUSED.clear()  # per invocation, also when main() is called twice in one process
     device = device_from(args.device)
-    out = prepare_out_dir(args.out, args.force)
     runs = Path(args.runs or default_runs(args.out))  # each --out (and so each scale) has its own tree
+    names = [m.strip() for m in args.modalities.split(",") if m.strip()]
+    stages = Stages(dry=args.dry_run)
+    if args.dry_run:  # the stage commands, in order; then the in-process steps
+        for name in names:
+            for seed in range(args.preset["seeds"]):
+                modality(name, args, seed, runs, device, stages)
+        print("\n".join(stages.plan))
+        print(f"# then in this process, per modality and seed: FD / KID / memorization of the samples, the "
+              f"downstream classifiers (Table 1: ViT x {args.preset['down_seeds']} seeds x (real only + "
+              f"{len(METHODS)} methods) x reweighting; ratio sweep: {args.kinds}), preds.csv, and the tables in "
+              f"{args.out}")
+        return
+    out = prepare_out_dir(args.out, args.force)
     scale = "smoke" if args.smoke else args.scale
     write_config(out, args, data=args.modalities, weights="none (from scratch)", preset=args.preset,
                  judge="classifier (automatic; no physician preferences)")
     summary = {"scale": scale, "judge": "classifier (automatic, trained on real images; not physicians)",
                "preset": args.preset, "dpo": args.dpo, "modalities": {}}
-    for name in [m.strip() for m in args.modalities.split(",") if m.strip()]:
+    for name in names:
         for seed in range(args.preset["seeds"]):
             print(f"== {name}, seed {seed} ({(time.time() - t0) / 60:.1f} min)", flush=True)
             seed_everything(seed)
-            summary["modalities"].setdefault(name, {})[f"seed{seed}"] = modality(name, args, seed, runs, device)
+            summary["modalities"].setdefault(name, {})[f"seed{seed}"] = modality(name, args, seed, runs, device,
+                                                                                 stages)
     summary["seconds"] = time.time() - t0  # this invocation only: steps listed under "reused" were not recomputed
-    summary["reused"] = list(REUSED)
+    summary["reused"] = stages.reused
+    summary["stages"] = stages.commands  # what ran (or was reused), in order: `--dry-run` prints the same
     report(summary, out, runs, args)
 
 
@@ -676,7 +743,7 @@ def report(summary, out, runs, args):
         fdir = runs / f"{name}-seed0" / "fairdiffusion"  # its sigma search: final sigma, batch loss gaps
         fb = json.loads((fdir / "metrics.json").read_text())["fair_bayes"]
         gaps, w = [t[-1] for t in fb["trajectory"]], args.preset["fair_window"]
-        summary.setdefault("fair_bayes", {})[name] = {**{k: fb[k] for k in ("groups", "sigma_final", "gp_updates")},
+        summary.setdefault("fair_bayes", {})[name] = {**{k: fb[k] for k in ("groups", "sigma_last_step", "sigma_next", "gp_updates")},
                                                       "mean_gap_first_window": float(np.mean(gaps[:w])),
                                                       "mean_gap_last_window": float(np.mean(gaps[-w:]))}
         (out / f"fair_bayes_{name}.png").write_bytes((fdir / "fair_bayes.png").read_bytes())
@@ -718,9 +785,9 @@ def report(summary, out, runs, args):
     write_table(out / "table1_published", ["data", "method", "ESSP", "DP", "EO", "NAR"], pub,
                 title="FairGen's published Table 1 (ViT; Stable Diffusion based): for reference only, not comparable",
                 notes=["Rows as the paper labels them: 'Base (ViT)' is the ViT on real images only (our 'real "
-                       "only'), 'Stable Diffusion' the plain generator's synthetic data (our 'base'), 'FairDiffusion' (Luo et "
-                       "al. 2025) our 'fairdiffusion' (its Fair Bayesian Perturbation on our DDPM; scikit-learn's "
-                       "Gaussian process where the original uses BoTorch). Other generator "
+                       "only'), 'Stable Diffusion' the plain generator's synthetic data (our 'base'), "
+                       "'FairDiffusion' (Luo et al. 2025) our 'fairdiffusion' (its Fair Bayesian Perturbation on our "
+                       "DDPM; scikit-learn's Gaussian process where the original uses BoTorch). Other generator "
                        "(Stable Diffusion fine-tuned on the full data), other data (real Fitzpatrick17k "
                        "images), other classifier budget. FORMULAS.md: FairGen's ESSP values are not reproducible "
                        "from its own definition; we did not tune toward them."])

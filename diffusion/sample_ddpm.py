@@ -9,6 +9,7 @@ PNG grid beside it.
 """
 import argparse
 import json
+import sys
 import time
 
 import numpy as np
@@ -93,7 +94,8 @@ def main(args):
     groups = np.array([names[c].split("|")[0] for c in classes])
     meta = {"ckpt": str(args.ckpt), "step": ck["step"], "sampler": args.sampler,
             "steps": a["T"] if args.sampler == "ddpm" else args.steps, "eta": args.eta, "guidance": args.guidance,
-            "weights": "raw" if args.raw else "ema", "seconds": elapsed, "data": ck.get("data")}
+            "weights": "raw" if args.raw else "ema", "seconds": elapsed, "data": ck.get("data"),
+            "argv": sys.argv[1:]}  # the command that made the file (a study skips a stage whose output records it)
     k = min(8, args.n_per_class)
     pick = np.concatenate([np.nonzero(classes == c)[0][:k] for c in which])
     title = f"{meta['sampler'].upper()}-{meta['steps']}" + (f" eta={args.eta:g}" if args.sampler == "ddim" else "") + \

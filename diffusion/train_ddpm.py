@@ -36,18 +36,16 @@ from tqdm import tqdm
 from common.cli import (ArgumentParser, int_list, nonneg_float, nonneg_int, positive_float, positive_int, run,
                         unit_interval)
 from common.data import DataError
-from common.modalities import load_modality, modality_name
+from common.modalities import modality_name, training_images
 from common.report import save_grid
 from common.runs import (add_common_args, check_finite, is_main_process, load_checkpoint, load_weights,
                          prepare_out_dir, save_checkpoint, seed_everything, setup_distributed, write_config,
                          write_json)
-from common.splits import patient_split
-from diffusion.ddpm import Schedule, ddim_sample, drop_labels, q_sample
+from diffusion.ddpm import Schedule, fixed_noise_grid, update_ema
 from diffusion.fairdiffusion import FairBayes, loss_gap, plot_trajectory
-from diffusion.fairgen import cb_loss, sample_weights
+from diffusion.fairgen import SAMPLER_Q, real_batch_loss
 from diffusion.unet import shape_problems, unet_from_args
 
-SAMPLER_Q = {"uniform": 0.0, "cbrs": 1.0, "sqrs": 0.5}
 # what a --resume must share with the checkpoint it continues: the data, the diffusion, and (model_args) the model
 RUN_KEYS = ("data", "subset", "split_seed", "schedule", "T")
 RESUME_KEYS = ("args", "model", "ema", "opt", "lr_sched", "gen", "dgen", "torch_rng", "step", "history")
@@ -130,23 +128,15 @@ def model_args(args, num_classes, channels):
             "dropout": args.dropout}
 
 
-def training_images(args):
-    """(modality, uint8 tensor (N, C, S, S), class index (N,)) of the training subset."""
-    mod = load_modality(args.data, args.size, args.data_root)
-    keep = np.ones(len(mod.table), bool)
-    if args.subset == "train":
-        keep = patient_split(mod.table, seed=args.split_seed, stratify="attr") == "train"
-    x = torch.from_numpy(mod.images[keep])
-    x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
-    return mod, x.contiguous(), torch.from_numpy(mod.table["cls"].to_numpy()[keep])
-
-
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    for pe, p in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(p.detach(), 1 - decay)
-    for be, b in zip(ema.buffers(), model.buffers()):
-        be.copy_(b)
+def sample_grid(ema, sched, args, mod, step, out, device):
+    """The grid of --grid-per-class images per class from the same noise every time (successive grids compare)."""
+    eta = args.grid_eta
+    x = fixed_noise_grid(ema, sched, len(mod.class_names), mod.channels, args.size, args.grid_per_class,
+                         args.guidance, args.grid_steps, eta, args.seed + 12345, device)
+    title = f"DDPM samples, step {step}, {mod.data}" + (" (PHANTOM data)" if mod.data == "phantom" else "") + \
+        f", DDIM-{args.grid_steps} eta={eta:g}, w={args.guidance}"
+    for name in (f"samples_step{step:06d}.png", "samples.png"):
+        save_grid(x, out / name, nrow=len(mod.class_names), title=title, row_labels=mod.class_names)
 
 
 def init_args(init, path, margs):
@@ -172,82 +162,28 @@ def check_resume(ck, path, args, margs):
     if differ:
         raise DataError(f"--resume {path}: these flags differ from the run being continued: {'; '.join(differ)}. "
                         f"Pass the checkpoint's values, or another --out-dir for a new run")
-    if ("fair_bayes" in ck) != bool(getattr(args, "fair_bayes", False)):
+    if ("fair_bayes" in ck) != args.fair_bayes:
         had = "with" if "fair_bayes" in ck else "without"
         raise DataError(f"--resume {path}: that run was trained {had} --fair-bayes; pass the same, or another "
                         f"--out-dir for a new run")
+    if args.fair_bayes:
+        fb = ck["fair_bayes"]
+        differ = [f"--fair-{k.replace('window', 'time-window')} {v} (checkpoint: {fb[k]})"
+                  for k, v in (("window", args.fair_time_window), ("beta", args.fair_beta), ("rho", args.fair_rho))
+                  if fb[k] != v]
+        if differ:
+            raise DataError(f"--resume {path}: these flags differ from the run being continued: {'; '.join(differ)}")
     if ck["step"] > args.steps:
         raise DataError(f"--steps {args.steps}: {path} is already at step {ck['step']}; pass --steps >= "
                         f"{ck['step']} to continue it")
-
-
-def sample_grid(ema, sched, args, mod, step, out, device):
-    K = len(mod.class_names)
-    gen = torch.Generator(device=device).manual_seed(args.seed + 12345)  # the same noise every time
-    y = torch.arange(K, device=device).repeat_interleave(args.grid_per_class)
-    eta = getattr(args, "grid_eta", 1.0)
-    x = ddim_sample(ema, sched, (len(y), mod.channels, args.size, args.size), y, args.guidance,
-                    args.grid_steps, eta, gen, device)
-    title = f"DDPM samples, step {step}, {mod.data}" + (" (PHANTOM data)" if mod.data == "phantom" else "") + \
-        f", DDIM-{args.grid_steps} eta={eta:g}, w={args.guidance}"
-    for name in (f"samples_step{step:06d}.png", "samples.png"):
-        save_grid(x, out / name, nrow=K, title=title, row_labels=mod.class_names)
-
-
-def real_batch_loss(net, sched, x_all, cls_all, grad_hist, args, gen, dgen, K, amp, fb=None, n_labels=1):
-    """One batch of the (FairGen-variant) DDPM loss on real images: batch drawn with the --sampler weights,
-    eps-MSE with label dropout, plus the class-balancing loss with --cb-loss; with fb (a FairBayes), the eps-MSE
-    weighted per sample by 1 + sigma_g xi (g = attribute value = class // n_labels).
-    Returns (loss, per-image MSE, y)."""
-    device = x_all.device
-    grad_means = [float(np.mean(h)) if h else np.nan for h in grad_hist]
-    w = torch.as_tensor(sample_weights(cls_all.cpu().numpy(), SAMPLER_Q[args.sampler], grad_means, args.grad_alpha))
-    idx = torch.multinomial(w, args.batch_size, replacement=True, generator=gen).to(device)
-    x0 = x_all[idx].float() / 127.5 - 1  # (B, C, S, S) in [-1, 1]
-    if args.hflip:
-        flip = torch.rand(len(x0), device=device, generator=dgen) < 0.5
-        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-    y = cls_all[idx]
-    t = torch.randint(0, sched.T, (len(x0),), device=device, generator=dgen)
-    eps = torch.randn(x0.shape, device=device, generator=dgen)
-    y_in = drop_labels(y, args.p_uncond, K, dgen)
-    xt = q_sample(sched, x0, t, eps).contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        if args.cb_loss:  # y' uniform over the K classes
-            yp = torch.randint(0, K, (len(x0),), device=device, generator=dgen)
-            e_y, l_cb = eps_and_cb_loss(net, xt, t, y_in, yp, K, sched.T, args.cb_tau, args.cb_gamma)
-        else:
-            e_y = net(xt, t, y_in).float()
-    per = (e_y - eps).pow(2).flatten(1).mean(1)  # ||eps - eps_theta(x_t, t, y)||^2 per image
-    if fb is not None:  # FairDiffusion: mean_i (1 + sigma_g(i) xi_i) ||eps_i - eps_theta||^2
-        xi = torch.randn(len(per), device=device, generator=dgen)
-        loss = (fb.weights((y // n_labels)[:, None], xi) * per).mean()
-    else:
-        loss = per.mean()
-    if args.cb_loss:
-        loss = loss + l_cb
-    return loss, per, y
-
-
-def eps_and_cb_loss(net, xt, t, y_in, yp, null, T, tau, gamma):
-    """eps_theta(x_t, t, y_in) for every row, and the class-balancing loss over the rows that kept their label.
-    A label-dropped row (y_in == null) has no class to balance, so it gets no L_reg / L_com: CBDM's code adds the
-    loss only to conditioned batches (`if self.cb and y_0 is not None`; its label dropout drops a whole batch), ours
-    drops labels per row, so the loss skips those rows (mean over the labelled rows; 0 when there are none).
-    eps(x_t, y) of every row and eps(x_t, y') of the labelled rows go through the network in one batch."""
-    lab = y_in != null  # (B,)
-    e = net(torch.cat([xt, xt[lab]]), torch.cat([t, t[lab]]), torch.cat([y_in, yp[lab]])).float()
-    e_y, e_yp = e[:len(xt)], e[len(xt):]  # (B, C, S, S), (B_lab, C, S, S)
-    if not lab.any():
-        return e_y, e_y.sum() * 0.0
-    return e_y, cb_loss(e_y[lab], e_yp, t[lab], T, tau, gamma)
 
 
 def main(args):
     device, rank, world = setup_distributed(args.device)
     seed_everything(args.seed + rank)
     # everything read and checked first: bad input stops the run before its folder is made or touched
-    mod, x_all, cls_all = training_images(args)
+    mod, x_all, cls_all = training_images(args.data, args.size, args.data_root, args.subset, args.split_seed)
+    x_all, cls_all = torch.from_numpy(x_all), torch.from_numpy(cls_all)
     K, N = len(mod.class_names), len(x_all)
     if N == 0:
         raise DataError(f"--data {args.data} --subset {args.subset}: no training images (use more images, or "
@@ -312,8 +248,10 @@ def main(args):
     t0, seen = time.time(), 0
     bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="ddpm", disable=not is_main_process())
     for step in bar:
-        loss, per, y = real_batch_loss(net, sched, x_all, cls_all, grad_hist, args, gen, dgen, K, amp, fb,
-                                       len(mod.labels))
+        loss, per, y = real_batch_loss(
+            net, sched, x_all, cls_all, K, gen, dgen, args.batch_size, args.sampler,
+            [float(np.mean(h)) if h else np.nan for h in grad_hist], args.grad_alpha, args.hflip, args.p_uncond,
+            (args.cb_tau, args.cb_gamma) if args.cb_loss else None, fb, len(mod.labels), amp)
         check_finite(loss, step, args.out_dir)
         opt.zero_grad(set_to_none=True)
         if args.grad_alpha:  # our gradient-aware factor: per-group gradient norm at the output layer
@@ -331,7 +269,11 @@ def main(args):
                                device=device)  # on the device: NCCL reduces CUDA tensors only
             if world > 1:
                 torch.distributed.all_reduce(gap)
-            fb.observe(step + 1, gap.item() / world)
+            fb.observe(step + 1, gap.item() / world)  # r: the mean of the ranks' batch gaps
+            if world > 1:  # the same inputs give every rank the same GP; rank 0's sigma makes sure of it
+                sig = torch.as_tensor(fb.sigma, device=device)
+                torch.distributed.broadcast(sig, 0)
+                fb.sigma = sig.cpu().numpy()
         history.append([step + 1, loss.item()])
         seen += args.batch_size * world
         if step % 10 == 0:
@@ -356,17 +298,21 @@ def main(args):
                    "images_per_s": seen / elapsed if seen else None, "wall_s_this_session": elapsed,
                    "classes": mod.class_names, "class_counts": counts.tolist(), "n_train": N, "data": mod.data}
         if fb is not None:  # the sigma trajectory and the batch loss gap per step, drawn in fair_bayes.png
-            metrics["fair_bayes"] = {"groups": mod.attrs, "sigma_final": fb.sigma.tolist(), "gp_updates": fb.updates,
+            # sigma_last_step: what the last step used; sigma_next: the search's state after it (a GP update at
+            # the last step, as at every multiple of the window, is used by no step of this run)
+            metrics["fair_bayes"] = {"groups": mod.attrs, "sigma_last_step": fb.trajectory[-1][1:-1],
+                                     "sigma_next": fb.sigma.tolist(), "gp_updates": fb.updates,
                                      "trajectory_columns": ["step", *[f"sigma_{a}" for a in mod.attrs], "gap"],
                                      "trajectory": fb.trajectory}
             plot_trajectory(fb, mod.attrs, out / "fair_bayes.png",
-                            f"FairDiffusion sigma search ({mod.data}), GP update every {args.fair_time_window} steps")
+                            f"FairDiffusion sigma search, {mod.data}\n(GP update every {args.fair_time_window} steps)")
         write_json(out / "metrics.json", metrics)
         plot_loss(losses, out / "loss_curve.png", mod.data)
         print(json.dumps({k: v for k, v in metrics.items() if k != "fair_bayes"}))
         if fb is not None:
-            print(f"FairDiffusion sigma {dict(zip(mod.attrs, np.round(fb.sigma, 3).tolist()))} after GP updates at "
-                  f"steps {fb.updates} ({out / 'fair_bayes.png'})")
+            last = dict(zip(mod.attrs, np.round(fb.trajectory[-1][1:-1], 3).tolist()))
+            print(f"FairDiffusion sigma at the last step {last}, GP updates at steps {fb.updates} "
+                  f"({out / 'fair_bayes.png'})")
     return ema
 
 

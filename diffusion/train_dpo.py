@@ -32,13 +32,13 @@ from tqdm import tqdm
 from common.cache import load_images
 from common.cli import ArgumentParser, nonneg_float, positive_float, positive_int, run, unit_interval
 from common.data import DataError, read_csv_checked, to_signed
-from common.modalities import modality_name
+from common.modalities import modality_name, training_images
 from common.runs import (add_common_args, check_finite, device_from, prepare_out_dir, save_checkpoint,
                          seed_everything, write_config, write_json)
-from diffusion.ddpm import Schedule, q_sample
-from diffusion.fairgen import dpo_diffusion, dpo_fairgen
+from common.report import save_grid
+from diffusion.ddpm import Schedule, fixed_noise_grid, q_sample, update_ema
+from diffusion.fairgen import SAMPLER_Q, dpo_diffusion, dpo_fairgen, real_batch_loss
 from diffusion.sample_ddpm import generate, load_model
-from diffusion.train_ddpm import SAMPLER_Q, real_batch_loss, sample_grid, training_images, update_ema
 
 
 def parse_args(argv=None):
@@ -62,7 +62,6 @@ def parse_args(argv=None):
     p.add_argument("--split-seed", type=int, default=0, help="seed of the patient-level split")
     p.add_argument("--hflip", action="store_true", help="random horizontal flips of real images")
     p.add_argument("--sampler", default="sqrs", choices=list(SAMPLER_Q), help="real-batch sampling weights")
-    p.add_argument("--grad-alpha", type=float, default=0.0, help="gradient-aware factor (ours; 0 = off)")
     p.add_argument("--cb-loss", action="store_true", help="add the class-balancing loss on real batches")
     p.add_argument("--cb-tau", type=positive_float, default=1.0, help="tau of the CB loss")
     p.add_argument("--cb-gamma", type=nonneg_float, default=0.25, help="gamma of the CB loss")
@@ -168,7 +167,8 @@ def main(args):
         judge_name = f"classifier ({args.judge})"
     else:
         xw, xl, c, judge_name = csv_pairs(args.pairs, names, a["size"], a["channels"])
-    mod, x_all, cls_all = training_images(args)
+    mod, x_all, cls_all = training_images(args.data, args.size, args.data_root, args.subset, args.split_seed)
+    x_all, cls_all = torch.from_numpy(x_all), torch.from_numpy(cls_all)
     if mod.class_names != names:
         raise DataError(f"--data {args.data} has classes {mod.class_names}; the --init model has {names}")
     if len(x_all) == 0:
@@ -185,11 +185,11 @@ def main(args):
     gen, dgen = torch.Generator().manual_seed(args.seed), torch.Generator(device=device).manual_seed(args.seed + 1)
     pgen = torch.Generator(device=device).manual_seed(args.seed + 2)
     K, history, t0 = len(names), [], time.time()
-    args.grad_window = 50
-    grad_hist = [[] for _ in range(K)]
+    cb = (args.cb_tau, args.cb_gamma) if args.cb_loss else None
     for step in tqdm(range(args.steps), desc=f"dpo ({args.dpo})"):
         model.train()
-        loss_real, _, _ = real_batch_loss(model, sched, x_all, cls_all, grad_hist, args, gen, dgen, K, False)
+        loss_real, _, _ = real_batch_loss(model, sched, x_all, cls_all, K, gen, dgen, args.batch_size, args.sampler,
+                                          hflip=args.hflip, p_uncond=args.p_uncond, cb=cb)
         pick = torch.randint(0, len(c), (min(args.pair_batch, len(c)),), device=device, generator=pgen)
         t = torch.randint(0, sched.T, (len(pick),), device=device, generator=pgen)
         eps = torch.randn((len(pick),) + xw.shape[1:], device=device, generator=pgen)
@@ -214,9 +214,12 @@ def main(args):
              "step": ck["step"] + args.steps, "history": history, "class_names": names, "data": mod.data,
              "judge": judge_name}
     save_checkpoint(state, out / "ckpt.pt")
-    grid_args = argparse.Namespace(seed=args.seed, grid_per_class=args.grid_per_class, size=a["size"],
-                                   guidance=args.guidance, grid_steps=args.grid_steps)
-    sample_grid(ema, sched, grid_args, mod, state["step"], out, device)
+    x = fixed_noise_grid(ema, sched, K, a["channels"], a["size"], args.grid_per_class, args.guidance,
+                         args.grid_steps, 1.0, args.seed + 12345, device)  # as train_ddpm's grids: DDIM eta 1
+    title = f"DDPM samples, step {state['step']}, {mod.data}" + (" (PHANTOM data)" if mod.data == "phantom" else "") \
+        + f", DDIM-{args.grid_steps} eta=1, w={args.guidance}, after DPO ({args.dpo})"
+    for name in (f"samples_step{state['step']:06d}.png", "samples.png"):
+        save_grid(x, out / name, nrow=K, title=title, row_labels=names)
     metrics = {"steps": args.steps, "judge": judge_name, "dpo": args.dpo, "n_pairs": int(len(c)),
                "final_dpo_loss": float(np.mean([h["dpo"] for h in history[-20:]])), "seconds": time.time() - t0}
     write_json(out / "metrics.json", {**metrics, "history": history})

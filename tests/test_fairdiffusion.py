@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from common.runs import load_checkpoint
+from diffusion import fairdiffusion
+from diffusion.ddpm import Schedule
 from diffusion.fairdiffusion import FairBayes, loss_gap, loss_weights, ucb_argmax
+from diffusion.fairgen import real_batch_loss
 from test_ddpm import run_train
 
 
@@ -41,6 +44,41 @@ def test_sigma_stays_in_the_unit_box():
     assert fb.updates == [7, 14, 21, 28, 35, 42, 49, 56]
     s = ucb_argmax(rng.uniform(-3, 4, (10, 2)), rng.normal(size=10), 0.1, rng)  # records outside the box too
     assert np.all((s >= 0) & (s <= 1))
+
+
+def test_each_window_fits_then_clears_and_every_step_mixes(monkeypatch):
+    seen = []
+    monkeypatch.setattr(fairdiffusion, "ucb_argmax", lambda X, r, beta, rng: seen.append((np.array(X), r, beta))
+                        or np.array([0.2, 0.6]))
+    fb = FairBayes(2, window=3, beta=0.4, rho=0.9, seed=5)
+    u = np.random.default_rng(5).uniform(0, 1, (4, 2))  # the mixing draws, in order
+    want = np.ones(2)
+    for step in (1, 2, 3, 4):
+        fb.observe(step, gap=float(step))
+        want = 0.9 * (np.array([0.2, 0.6]) if step == 3 else want) + 0.1 * u[step - 1]
+        assert np.allclose(fb.sigma, want)
+    (X, r, beta), = seen  # one fit, at step 3, on that window's three records, then the record cleared
+    assert X.shape == (3, 2) and r == [-1.0, -2.0, -3.0] and beta == 0.4 and np.allclose(X[0], 1.0)
+    assert fb.updates == [3] and len(fb.X) == 1 and fb.r == [-4.0]
+
+
+def test_batch_loss_weights_each_image_by_its_attribute_value():
+    """class = attribute x label (common/modalities.py): with 2 labels, classes 0, 1 are attribute 0 and 2, 3
+    attribute 1; sigma = (0, 1) perturbs only attribute 1's images (a label index in its place would fail)."""
+    x = torch.randint(0, 256, (40, 1, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    cls = torch.arange(40) % 4
+    net = lambda xt, t, y: xt * 0.5 + y[:, None, None, None] * 0.01  # any deterministic eps_theta
+    fb = FairBayes(2)
+    fb.sigma = np.array([0.0, 1.0])
+    streams = lambda: (torch.Generator().manual_seed(1), torch.Generator().manual_seed(2))
+    gen, dgen = streams()
+    plain, per, y = real_batch_loss(net, Schedule(), x, cls, 4, gen, dgen, 32)
+    xi = torch.randn(32, generator=dgen)  # the draw the weighted loss takes next from the same stream
+    gen, dgen = streams()
+    loss, per2, y2 = real_batch_loss(net, Schedule(), x, cls, 4, gen, dgen, 32, fb=fb, n_labels=2)
+    assert torch.equal(per, per2) and torch.equal(y, y2) and {0, 1, 2, 3} <= set(y.tolist())
+    assert torch.allclose(plain, per.mean())
+    assert torch.allclose(loss, ((1 + (y // 2 == 1).float() * xi) * per).mean())
 
 
 def simulate(larger, steps=300, seed=0):
@@ -82,6 +120,12 @@ def test_resume_restores_sigma_and_its_record(tmp_path):
     m = json.loads((tmp_path / "split/metrics.json").read_text())["fair_bayes"]
     assert m["trajectory"] == a["fair_bayes"]["trajectory"] and m["groups"] == ["dark", "bright"]
     assert (tmp_path / "split/fair_bayes.png").stat().st_size > 10_000
-    # a run trained without the flag is not continued with it (nor the reverse)
+    # a run trained with the flag is not continued without it, nor the reverse, nor with another search
     r = run_train(tmp_path / "split", "--steps", "30", "--resume", check=False)
     assert r.returncode != 0 and "--fair-bayes" in r.stderr
+    r = run_train(tmp_path / "split", "--steps", "30", "--resume", "--fair-bayes", "--fair-time-window", "9",
+                  check=False)
+    assert r.returncode != 0 and "--fair-time-window 9 (checkpoint: 7)" in r.stderr
+    r = run_train(tmp_path / "plain", "--steps", "10", "--save-every", "10")
+    r = run_train(tmp_path / "plain", "--steps", "20", "--resume", *fb, check=False)
+    assert r.returncode != 0 and "without --fair-bayes" in r.stderr

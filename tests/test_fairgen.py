@@ -53,7 +53,7 @@ def test_cb_loss_skips_label_dropped_rows():
     """The class-balancing term of a batch is unchanged when label-dropped (null) rows are added to it, with the same
     x_t, t and y' for the labelled rows (CBDM applies the loss to conditioned samples only); averaged over the null
     rows too, it would change. A batch of null rows only has none."""
-    from diffusion.train_ddpm import eps_and_cb_loss
+    from diffusion.fairgen import eps_and_cb_loss
     from diffusion.unet import UNet
     torch.manual_seed(0)
     K = 4
@@ -191,7 +191,8 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
     from diffusion.fairgen_study import PAIRS, comparisons_from_preds, read_preds
     preds = read_preds(tmp_path / "out" / s1["preds"]["toy:160"])
     n_test = s1["modalities"]["toy:160"]["seed0"]["n_test"]
-    assert len(preds) == 14 * down * n_test  # (real only + 6 methods) x reweighting and set(preds["down_seed"]) == set(range(down))
+    assert len(preds) == 14 * down * n_test  # (real only + 6 methods) x reweighting
+    assert set(preds["down_seed"]) == set(range(down))
     assert {"image", "patient_id", "group", "label", "pred", "p_0", "p_1", "method", "reweight",
             "split_seed"} <= set(preds.columns)
     comps = s1["comparisons"]
@@ -204,7 +205,7 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
     assert {("fairgen + reweighting", "base"), ("fairgen + reweighting", "fairdiffusion + reweighting"),
             ("fairdiffusion", "base")} <= {(c["a"], c["b"]) for c in comps}
     fb = s1["fair_bayes"]["toy:160"]  # FairDiffusion's sigma search, its figure beside the tables
-    assert fb["groups"] == ["dark", "bright"] and all(0 <= v <= 1 for v in fb["sigma_final"])
+    assert fb["groups"] == ["dark", "bright"] and all(0 <= v <= 1 for v in fb["sigma_last_step"] + fb["sigma_next"])
     assert fb["gp_updates"] == [2, 4] and (tmp_path / "out/fair_bayes_toy:160.png").stat().st_size > 10_000
     again = comparisons_from_preds(preds, ["dark", "bright"], 40)
     assert [(c["diff"], c["p_holm"]) for c in again] == [(c["diff"], c["p_holm"]) for c in comps]
@@ -231,7 +232,18 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
     assert all(p["left_source"] != p["right_source"] for p in bp["pairs"])
     second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("reuse ") == 10  # judge, fdnet, pretrain, 6 fine-tunes, fairgen (DPO)
+    assert second.stdout.count("reuse ") == 16  # judge, fdnet, pretrain, 6 fine-tunes, fairgen (DPO), 6 samples
     s2 = json.loads((tmp_path / "out/summary.json").read_text())
+    assert s2["stages"] == s1["stages"] and len(s1["stages"]) == 16
+    # --dry-run prints the stage commands the run executed, each a script of its own, and touches nothing
+    before = sorted(p.name for p in (tmp_path / "out").iterdir())
+    dry = subprocess.run(cmd + ["--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    plan = [x for x in dry.stdout.splitlines() if "python -m " in x]
+    assert [x.removeprefix("# reuse: ") for x in plan] == s1["stages"]
+    assert all(x.startswith("# reuse: ") for x in plan)  # after a finished run, every stage would be reused
+    assert all(c.split()[2] in {"classify.train_classifier", "diffusion.train_ddpm", "diffusion.train_dpo",
+                                "diffusion.sample_ddpm"} for c in s1["stages"])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
     assert s2["table1"] == s1["table1"] and s2["fid"] == s1["fid"]
     assert s1["reused"] == [] and len(s2["reused"]) > 10  # 10 run folders + the cached downstream fits
