@@ -81,8 +81,7 @@ def git_commit():
 
 
 # Run folders that --force moved aside in this process: (where it was, where it is now). The top-level handler
-# (common.cli.run) deletes them when the command succeeds and puts them back when it fails; a study that runs a
-# stage in-process settles that stage's own replacements when the stage returns (settle_replaced(ok, since)).
+# (common.cli.run) deletes them when the command succeeds and puts them back when it fails.
 _REPLACED = []
 CONFIG_KEYS = {"args", "argv", "git_commit"}  # what write_config writes
 
@@ -153,12 +152,12 @@ def prepare_out_dir(out_dir, force=False, resume=False, flag="--out-dir"):
     return Path(out_dir)
 
 
-def settle_replaced(ok, since=0):
-    """Settle the runs --force replaced (those after position `since`), newest first. ok: delete the old runs. Not
+def settle_replaced(ok):
+    """Settle the runs --force replaced in this process, newest first. ok: delete the old runs. Not
     ok: put each old run back; the new, unfinished run is deleted when it holds no more than its config.json (a
     run stopped by bad input), else kept beside it as <name>.failed-<time> (a long run that failed late or was
     interrupted keeps its checkpoints), and both places are printed."""
-    while len(_REPLACED) > since:
+    while _REPLACED:
         out, aside = _REPLACED.pop()
         try:
             if ok:
@@ -176,16 +175,6 @@ def settle_replaced(ok, since=0):
         except OSError as e:
             print(f"note: {aside}: could not settle it ({e.strerror}); the earlier run of {out} lies there",
                   file=sys.stderr)
-
-
-@contextlib.contextmanager
-def stage():
-    """An in-process stage of a study (a script's main called by it): when the stage returns, the runs its --force
-    replaced are deleted then, not kept aside until the whole study ends; when it fails, they wait for the top-level
-    handler to put them back."""
-    mark = len(_REPLACED)
-    yield
-    settle_replaced(ok=True, since=mark)
 
 
 @contextlib.contextmanager

@@ -249,9 +249,10 @@ def main(args):
     bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="ddpm", disable=not is_main_process())
     for step in bar:
         loss, per, y = real_batch_loss(
-            net, sched, x_all, cls_all, K, gen, dgen, args.batch_size, args.sampler,
-            [float(np.mean(h)) if h else np.nan for h in grad_hist], args.grad_alpha, args.hflip, args.p_uncond,
-            (args.cb_tau, args.cb_gamma) if args.cb_loss else None, fb, len(mod.labels), amp)
+            net, sched, x_all, cls_all, K, gen, dgen, args.batch_size, sampler=args.sampler,
+            grad_means=[float(np.mean(h)) if h else np.nan for h in grad_hist], grad_alpha=args.grad_alpha,
+            hflip=args.hflip, p_uncond=args.p_uncond, cb=(args.cb_tau, args.cb_gamma) if args.cb_loss else None,
+            fb=fb, n_labels=len(mod.labels), amp=amp)
         check_finite(loss, step, args.out_dir)
         opt.zero_grad(set_to_none=True)
         if args.grad_alpha:  # our gradient-aware factor: per-group gradient norm at the output layer
