@@ -500,18 +500,22 @@ def comparisons_from_preds(df, attrs, n_boot=2000, seed=0):
     Holm over the modality's rows. Each row also has value_a / value_b (the mean over replicates)."""
     attrs = [a for a in attrs if a in set(df["group"].astype(str))]
     splits = sorted(df["split_seed"].unique())
-    rows = []
+    rows, cells = [], {}
+
+    def cell(m, r, s):  # (y, groups, patients, runs) and the image ids of one cell, built once for every metric
+        if (m, r, s) not in cells:
+            images = df[(df.method == m) & (df.reweight == r) & (df.split_seed == s) & (df.down_seed == 0)]
+            cells[m, r, s] = _cell_arrays(df, m, r, s), images.sort_values("image")["image"].to_numpy()
+        return cells[m, r, s]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of a resample without a class: NaN, left out
         for metric, f in metric_functions(attrs).items():
             for (ma, ra), (mb, rb) in PAIRS:
                 reps = []  # (stat_a, stat_b, patients) per replicate
                 for s in splits:
-                    y, g, pid, runs_a = _cell_arrays(df, ma, ra, s)
-                    y_b, _, _, runs_b = _cell_arrays(df, mb, rb, s)
-                    assert np.array_equal(y, y_b) and np.array_equal(
-                        *(df[(df.method == m) & (df.reweight == r) & (df.split_seed == s) & (df.down_seed == 0)]
-                          .sort_values("image")["image"].to_numpy() for m, r in ((ma, ra), (mb, rb)))), \
+                    (y, g, pid, runs_a), img_a = cell(ma, ra, s)
+                    (y_b, _, _, runs_b), img_b = cell(mb, rb, s)
+                    assert np.array_equal(y, y_b) and np.array_equal(img_a, img_b), \
                         "a and b must be evaluated on the same test images"
                     if len(splits) == 1:  # replicates: the downstream seeds
                         reps += [(_seed_mean(f, y, g, [a]), _seed_mean(f, y, g, [b]), pid)
