@@ -34,18 +34,24 @@ test: $(SETUP) ## run the test suite (CPU, ~minutes); fails if no test is collec
 
 all: chestxray skintone medmnist fairgen ## the four studies, quick scale (hours on 2 CPU cores; measured times in README)
 
+# A study runs in three steps: write its stages as a makefile (each stage a script with flags, writing files),
+# run them with make (`make -j2 chestxray` runs independent stages two at a time; a stage whose output records the
+# same command is skipped), then the study again, which finds every stage done and writes the report from files.
+# DRY=1 prints every stage command instead (those a run would reuse marked '# reuse: ').
+define staged
+	$(PYTHON) -m $(1) $(FLAGS) --out $(OUT)/$(2) $(3) $(ARGS) $(if $(DRY),--dry-run,--makefile runs/$(OUT)/$(2).mk)
+	$(if $(DRY),@true,$(MAKE) -f runs/$(OUT)/$(2).mk PYTHON=$(PYTHON))
+	$(if $(DRY),@true,$(PYTHON) -m $(1) $(FLAGS) --out $(OUT)/$(2) $(3) $(ARGS))
+endef
+
 chestxray: $(SETUP) ## Korb & Hall: CVAE-rebalanced chest X-ray classifier by sex -> results/chestxray
-	$(PYTHON) -m classify.chestxray_study $(FLAGS) --out $(OUT)/chestxray \
-	  $(if $(filter full,$(SCALE)),--arch densenet121 --pretrained --size 224 --folds 3 --batch-size 64 \
-	    --schedule plateau --epochs 40 --patience 6 --keep best) \
-	  $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(ARGS)
+	$(call staged,classify.chestxray_study,chestxray,$(if $(DATA_ROOT),--data-root $(DATA_ROOT)))
 
 skintone: $(SETUP) ## Lopez-Perez et al.: VAE reconstruction by skin type, sets A/B/C -> results/skintone
-	$(PYTHON) -m vae.skintone_study $(FLAGS) --out $(OUT)/skintone $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) \
-	  $(if $(filter full,$(SCALE)),,--no-pretrained) $(ARGS)
+	$(call staged,vae.skintone_study,skintone,$(if $(DATA_ROOT),--data-root $(DATA_ROOT)))
 
 medmnist: $(SETUP) ## Chaptoukaev: AE / cVAE / cGAN augmentation, ResNet-18 -> results/medmnist
-	$(PYTHON) -m classify.medmnist_study $(FLAGS) --out $(OUT)/medmnist $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(ARGS)
+	$(call staged,classify.medmnist_study,medmnist,$(if $(DATA_ROOT),--data-root $(DATA_ROOT)))
 
 fairgen: $(SETUP) ## FairGen with our DDPM: resampling, CB loss, DPO; downstream fairness -> results/fairgen
 	$(PYTHON) -m diffusion.fairgen_study $(FLAGS) --out $(OUT)/fairgen $(if $(DATA_ROOT),--skin-root $(DATA_ROOT)) $(ARGS)

@@ -1,24 +1,27 @@
 """The chest X-ray study of Korb & Hall ("Closing the Gender Gap in Medical Imaging with VAEs"), done so that the
 classifier learns: does rebalancing a male-dominated training set with CVAE-generated female X-rays help women?
 
-Per patient-level fold (k-fold cross-validation, so every image is tested once; stratified by sex):
-  the fold's test patients are held out; the rest split (by patient) into a validation set and a training pool;
-  n_male = min(male, female images in the pool) real male images, the same in every condition;
-  balanced_real        + n_male real female images
-  imbalanced_real      + n_f = round(n_male f / (1 - f)) real female images (f = --female-fraction, 0.1)
-  imbalanced_synth     imbalanced_real + (n_male - n_f) CVAE female images (labels drawn from the training pool)
-  imbalanced_reweight  imbalanced_real, sampled so that each sex is half of every epoch (no generator)
-The CVAE (vae/train_cvae.py) trains on the fold's female training-pool images (--cvae-female train_pool, as the
-paper: note that it thereby sees more female images than imbalanced_real's classifier) or on the imbalanced set's
-female images only (--cvae-female imbalanced); it never sees the fold's validation or test images.
-The classifier is classify/train_chexnet.py's; every condition gets the same number of updates (epochs of the
-balanced set's size; quick defaults: 16 epochs at a cosine schedule, the last epoch's weights kept: a
-~120-image validation set is too noisy to pick an epoch by). Metrics come from the pooled out-of-fold
-predictions (bootstrap CIs over patients) and per fold (mean +- std).
+Per patient-level fold (k-fold cross-validation, so every image is tested once; stratified by sex), this script
+writes the fold's split file (runs/<out>/fold<k>/sets.csv): the test patients; the rest split (by patient) into a
+validation set and a training pool; n_male = min(male, female images in the pool) real male images, the same in
+every condition. Then the fold's stages, each a script run as its own command (`--dry-run` prints them):
+  vae.train_cvae          the CVAE, on the fold's female training-pool images (--cvae-female train_pool, as the
+                          paper: it thereby sees more female images than imbalanced_real's classifier) or on the
+                          imbalanced set's female images (--cvae-female imbalanced); never validation or test images
+  vae.sample_cvae         n_male - n_f female images, labels drawn from the CVAE's training images
+  classify.train_chexnet  one classifier per condition, each scoring the fold's test images (preds.csv):
+      balanced_real        n_male real male + n_male real female images
+      imbalanced_real      n_male male + n_f = round(n_male f / (1 - f)) real female images (f = --female-fraction)
+      imbalanced_synth     imbalanced_real + the CVAE's images
+      imbalanced_reweight  imbalanced_real, sampled so that each sex is half of every epoch (no generator)
+    every condition gets the same number of updates (--epoch-size: epochs of the balanced set's size)
+The report reads only files: the stages' preds.csv (gathered into --out/preds.csv) and metrics.json. Metrics come
+from the pooled out-of-fold predictions (bootstrap CIs over patients) and per fold (mean +- std); conditions are
+compared paired on the same test patients (comparisons.md). The settings of each scale are in SCALES below.
 
     python -m classify.chestxray_study                         # quick: embedded NIH1000, 64 px, 5 folds, CPU
-    python -m classify.chestxray_study --scale full --data-root /data/nih --arch densenet121 --pretrained \
-        --size 224 --folds 3 --out results/chestxray-full       # GPU
+    python -m classify.chestxray_study --dry-run               # the stage commands, without running them
+    python -m classify.chestxray_study --scale full --data-root /data/nih --out results-full/chestxray   # GPU
     python -m classify.chestxray_study --smoke --out smoke/chestxray   # seconds
 """
 import argparse
@@ -28,98 +31,91 @@ import time
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
 
-from classify.train_chexnet import OUTPUTS, add_args, col, fit, per_output_table, pred_rows, predict, targets
-from common.cli import ArgumentParser, fraction, nonneg_int, positive_int, run
+from classify.train_chexnet import OUTPUTS, add_args, col, per_output_table
+from common.cli import ArgumentParser, as_argv, fraction, nonneg_int, positive_int, run
 from common.cache import load_images
-from common.data import DataError, PROJECT_DATA, label_matrix, read_nih, to_signed
+from common.data import DataError, PROJECT_DATA, read_nih
 from common.report import mean_std, with_ci, write_table
-from common.runs import default_runs, device_from, prepare_out_dir, seed_everything, write_config, write_json
-from common.splits import patient_kfold, patient_split
+from common.runs import default_runs, prepare_out_dir, write_config, write_json
+from common.splits import patient_kfold, patient_split, write_sets
+from common.stages import Stages
 from fairness.figures import bars, lines
 from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, fmt_p, gap_permutation,
                               paired_difference, with_holm)
 from fairness.metrics import auroc, binary_stats, bootstrap, demographic_parity, equal_opportunity
-from vae.sample_cvae import sample
-from vae.train_cvae import fit as fit_cvae, plot_history, write_figures
 
-CVAE_SIZE = 64  # the CVAE's architecture is fixed at 64 px; its samples are resized to the classifier's --size
 CONDITIONS = ["balanced_real", "imbalanced_real", "imbalanced_synth", "imbalanced_reweight"]
 # CheXNet (Rajpurkar et al. 2017) reference AUROCs we can cite per class (FORMULAS.md); mean 0.841
 CHEXNET_REF = {"Infiltration": 0.71, "Emphysema": 0.94}
+# Every setting a scale sets, in one place (a flag given on the command line wins). quick: 2-core CPU, embedded
+# NIH1000 (measured, README: cnn8 learns more from 1,000 images at 64 px than DenseNet-121 from scratch; a
+# ~120-image validation set is too noisy to pick an epoch by, so a cosine schedule and the last epoch's weights);
+# full: a GPU, the user's NIH data, CheXNet's DenseNet-121 with ImageNet weights and its plateau schedule;
+# smoke: seconds, to test the chain (60 images of each sex).
+SCALES = {
+    "quick": {"folds": 5, "arch": "cnn8", "width": 16, "size": 64, "pretrained": False, "batch_size": 32,
+              "epochs": 16, "schedule": "cosine", "patience": 0, "keep": "last", "cvae_epochs": 40,
+              "cvae_patience": 10, "n_boot": 1000, "images_per_sex": None},
+    "full": {"folds": 3, "arch": "densenet121", "width": 16, "size": 224, "pretrained": True, "batch_size": 64,
+             "epochs": 40, "schedule": "plateau", "patience": 6, "keep": "best", "cvae_epochs": 100,
+             "cvae_patience": 10, "n_boot": 1000, "images_per_sex": None},
+    "smoke": {"folds": 2, "arch": "cnn8", "width": 8, "size": 64, "pretrained": False, "batch_size": 32,
+              "epochs": 2, "schedule": "cosine", "patience": 0, "keep": "last", "cvae_epochs": 2,
+              "cvae_patience": 10, "n_boot": 50, "images_per_sex": 60},
+}
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", default="quick", choices=list(SCALES),
+                   help="the settings of SCALES at the top of this file (quick: embedded data, CPU; full: a GPU; "
+                        "smoke: seconds); every flag below overrides its scale's value")
+    p.add_argument("--smoke", action="store_true", help="the same as --scale smoke")
     p.add_argument("--data-root", default=str(PROJECT_DATA / "nih_cxr14"), help="NIH images + label table")
     p.add_argument("--csv", default=None, help="label table (default: found under --data-root)")
-    p.add_argument("--folds", type=positive_int, default=5, help="patient-level cross-validation folds")
+    p.add_argument("--folds", type=positive_int, help="patient-level cross-validation folds")
+    p.add_argument("--images-per-sex", type=positive_int, help="use only the first N images of each sex (smoke)")
     p.add_argument("--val-fraction", type=fraction, default=0.15, help="share of a fold's non-test patients for validation")
     p.add_argument("--conditions", default=",".join(CONDITIONS),
                    help="comma-separated training conditions to run (the CVAE is trained only for imbalanced_synth)")
     p.add_argument("--female-fraction", type=fraction, default=0.1, help="female share of the imbalanced training set")
     p.add_argument("--cvae-female", default="train_pool", choices=["train_pool", "imbalanced"],
                    help="which female images the CVAE trains on")
-    p.add_argument("--cvae-epochs", type=positive_int, default=40, help="CVAE maximum epochs (early stopping on val loss)")
-    p.add_argument("--cvae-patience", type=nonneg_int, default=10, help="CVAE early stopping patience")
-    p.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for CIs")
-    p.add_argument("--scale", default="quick", help="label written into the outputs (quick / full)")
-    p.add_argument("--smoke", action="store_true", help="tiny run (2 folds, 2 epochs, 120 images) to test the chain")
-    p.add_argument("--seed", type=int, default=0, help="seed of the folds, subsets and training")
-    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
-    p.add_argument("--out", default="results/chestxray", help="tables, figures, summary.json")
-    p.add_argument("--runs", default=None, help="per-fold run folders (default: runs/<--out>, e.g. runs/results/chestxray; "
-                   "replaced with --out under --force)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--cvae-epochs", type=positive_int, help="CVAE maximum epochs (early stopping on val loss)")
+    p.add_argument("--cvae-patience", type=nonneg_int, help="CVAE early stopping patience")
+    p.add_argument("--n-boot", type=positive_int, help="bootstrap resamples for CIs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the folds and subsets; fold k's models get "
+                                                        "seed * 100 + k")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (passed to every stage)")
+    p.add_argument("--out", default="results/chestxray", help="tables, figures, preds.csv, summary.json")
+    p.add_argument("--runs", default=None, help="stage folders (default: runs/<--out>, e.g. runs/results/chestxray); a "
+                   "stage whose folder records the same command is reused")
+    p.add_argument("--force", action="store_true", help="replace an existing --out (stage folders are reused)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the stage commands (those a run would reuse marked '# reuse: ') and exit; writes nothing")
+    p.add_argument("--makefile", default=None,
+                   help="write the split files and the stages as a makefile here and exit: `make -j N -f FILE` runs "
+                        "them, and the study run afterwards reuses them and writes the report")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: rebuild the tables, figures, comparisons and summary.json of an existing --out "
                         "from its preds.csv and training.json (e.g. with another --n-boot)")
-    add_args(p)
-    # quick-scale classifier (measured, README): 16 epochs at a cosine schedule, no early stopping, last weights
-    p.set_defaults(epochs=16, schedule="cosine", patience=0, keep="last")
+    add_args(p)  # the classifier's flags (classify/train_chexnet.py), passed to every classifier stage
+    pre, _ = p.parse_known_args(argv)
+    scale = "smoke" if pre.smoke else pre.scale
+    p.set_defaults(**SCALES[scale])
     args = p.parse_args(argv)
+    args.scale = scale
     args.conditions = args.conditions.split(",")
     unknown = sorted(set(args.conditions) - set(CONDITIONS))
     if unknown:
         p.error(f"--conditions: unknown {', '.join(unknown)}; choose from {', '.join(CONDITIONS)}")
-    if args.smoke:
-        args.folds, args.epochs, args.cvae_epochs, args.n_boot, args.width = 2, 2, 2, 50, 8
     return args
 
 
-def cvae_args(args):
-    return argparse.Namespace(latent=128, beta=0.00025, epochs=args.cvae_epochs, patience=args.cvae_patience,
-                              batch_size=64, lr=5e-3, seed=args.seed)
-
-
-def to_size(x, size):
-    """(N, 1, S, S) images in [-1, 1] resized to size px (the CVAE's 64 px samples for a classifier at --size)."""
-    if x.shape[-1] == size:
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(-1, 1)
-
-
-def synthetic_females(k, xc, Y15, cv_train, cv_val, n, size, args, device, runs):
-    """Train fold k's CVAE on the female images cv_train (early stopping on cv_val) and draw n female images with
-    label vectors from cv_train's; returns (images (n, 1, size, size) in [-1, 1], classifier targets (n, 15))."""
-    fold_dir = Path(runs) / f"fold{k}"  # inside this invocation's run tree, prepared (empty) by main()
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    y15 = torch.from_numpy(Y15).float()
-    cvae, hist = fit_cvae(xc[cv_train], y15[cv_train], xc[cv_val], y15[cv_val], cvae_args(args), fold_dir, device,
-                          progress=False)
-    syn_x, syn_y15 = sample(cvae, Y15[cv_train], n, seed=args.seed * 100 + k, device=device)
-    if k == 0:
-        write_figures(cvae, xc[cv_train], y15[cv_train], fold_dir, device, "nih1000, fold 0")
-        plot_history(hist, fold_dir / "loss_curve.png", "CVAE loss (female training images, fold 0)")
-    syn_x = to_size(to_signed(syn_x), size)
-    return syn_x, torch.from_numpy(targets(syn_y15))
-
-
-def run_fold(k, fold, t, x, xc, Y15, args, device, runs):
-    """Train the CVAE (on xc, 64 px; only for imbalanced_synth) and the classifiers of --conditions (on x, --size px)
-    of one fold; return out-of-fold predictions and training counts."""
+def fold_sets(k, fold, t, args):
+    """Fold k's sets {name: image names}: test, val, and the conditions' training sets (male images first, then
+    female), plus the CVAE's female training and validation images."""
     rng = np.random.default_rng(args.seed * 100 + k)
     test = fold == k
     rest = np.nonzero(~test)[0]
@@ -137,35 +133,42 @@ def run_fold(k, fold, t, x, xc, Y15, args, device, runs):
     female_bal = rng.choice(females, n_male, replace=False)
     n_f = int(round(n_male * args.female_fraction / (1 - args.female_fraction)))
     female_imb = female_bal[:n_f]
-    y = torch.from_numpy(targets(Y15))
+    idx = {"test": np.nonzero(test)[0], "val": val, "balanced": np.r_[male_set, female_bal],
+           "imbalanced": np.r_[male_set, female_imb], "cvae_val": val[sex[val] == "F"],
+           "cvae_train": females if args.cvae_female == "train_pool" else female_imb}
+    names = np.array([Path(i).name for i in t["image"]])
+    return {name: names[i] for name, i in idx.items()}, n_male, n_male - n_f
 
-    imbalanced = np.r_[male_set, female_imb]
-    sets = {"balanced_real": np.r_[male_set, female_bal], "imbalanced_real": imbalanced,
-            "imbalanced_synth": imbalanced, "imbalanced_reweight": imbalanced}
+
+# each condition's classifier: its training set in the fold's split file and its extra flags
+CONDITION_FLAGS = {"balanced_real": ("balanced", []), "imbalanced_real": ("imbalanced", []),
+                   "imbalanced_synth": ("imbalanced", ["--synthetic"]),
+                   "imbalanced_reweight": ("imbalanced", ["--balance-sex"])}
+
+
+def fold_stages(k, sets_file, n_male, n_synthetic, args, runs, stages):
+    """Fold k's stage commands: the CVAE and its samples (only for imbalanced_synth), one classifier per condition.
+    Every condition gets the same number of updates: epochs of the balanced set's size (--epoch-size 2 n_male)."""
+    seed = args.seed * 100 + k
+    r = runs / f"fold{k}"
+    data = ["--data-root", args.data_root] + (["--csv", args.csv] if args.csv else [])
+    common = ["--sets", sets_file, "--seed", seed, "--device", args.device]
+    synth = r / "cvae" / "synth.npz"
     if "imbalanced_synth" in args.conditions:
-        # the CVAE: female images of this fold's training pool (or of the imbalanced set) only
-        cv_train = females if args.cvae_female == "train_pool" else female_imb
-        syn_x, syn_y = synthetic_females(k, xc, Y15, cv_train, val[sex[val] == "F"], n_male - n_f, x.shape[-1], args,
-                                         device, runs)
-    preds, counts, curves = {}, {}, {}
-    for cond in args.conditions:
-        idx = sets[cond]
-        xt, yt = x[idx], y[idx]
-        weights = None
-        if cond == "imbalanced_synth":
-            xt, yt = torch.cat([xt, syn_x]), torch.cat([yt, syn_y])
-        if cond == "imbalanced_reweight":  # each sex half of every epoch: w = 1 / (2 n_sex)
-            is_f = sex[idx] == "F"
-            weights = np.where(is_f, 0.5 / is_f.sum(), 0.5 / (~is_f).sum())
-        seed_everything(args.seed * 100 + k)
-        # every condition gets the same number of updates: epochs of the balanced set's size
-        net, history, thr, _ = fit(xt, yt, x[val], y[val], args, device, weights, progress=False,
-                                   epoch_size=2 * n_male)
-        preds[cond] = (predict(net, x[test], device), thr)
-        counts[cond] = {"n_train_female": int((sex[idx] == "F").sum()), "n_train_male": int((sex[idx] == "M").sum()),
-                        "n_synthetic": len(syn_x) if cond == "imbalanced_synth" else 0}
-        curves[cond] = [h["val_any_auroc"] for h in history]
-    return np.nonzero(test)[0], preds, counts, curves
+        stages.script("vae.train_cvae", data + common + ["--train-set", "cvae_train", "--val-set", "cvae_val",
+                                                         "--epochs", args.cvae_epochs, "--patience",
+                                                         args.cvae_patience, "--out-dir", r / "cvae"],
+                      r / "cvae", deps=[sets_file])
+        stages.samples("vae.sample_cvae", ["--ckpt", r / "cvae" / "ckpt.pt", "--n", n_synthetic, "--seed", seed,
+                                           "--device", args.device, "--out", synth], synth,
+                       deps=[r / "cvae" / "metrics.json"])
+    for c in args.conditions:
+        train_set, extra = CONDITION_FLAGS[c]
+        extra = [a for e in extra for a in ([e, synth] if e == "--synthetic" else [e])]
+        stages.script("classify.train_chexnet", data + common + [
+            "--train-set", train_set, "--val-set", "val", "--test-set", "test", *extra, "--epoch-size", 2 * n_male,
+            "--tag", f"fold={k}", "--tag", f"condition={c}", *as_argv(add_args, args), "--out-dir", r / c],
+            r / c, deps=[sets_file] + ([synth] if c == "imbalanced_synth" else []))
 
 
 def main(args):
@@ -180,39 +183,60 @@ def main(args):
         # the run's own settings (conditions, folds, size...), with this command's --n-boot and --out
         args = argparse.Namespace(**{**made["args"], "n_boot": args.n_boot, "out": args.out, "report_only": True})
         return report(out, args, args.runs or default_runs(args.out), made.get("data", "?"), made.get("weights", "?"))
-    device = device_from(args.device)
     t = read_nih(args.data_root, args.csv)  # inputs first: a bad --data-root stops before anything is written
-    seed_everything(args.seed)
-    if args.smoke:
-        t = t.groupby("sex", group_keys=False).head(60).reset_index(drop=True)
-    xs, ok = load_images(t["image"], args.size, "L")  # an unreadable image is named in a warning and left out
-    t, x = t[ok].reset_index(drop=True), to_signed(xs[ok])  # the classifier's input
-    xc = x if args.size == CVAE_SIZE else to_signed(load_images(t["image"], CVAE_SIZE, "L")[0])  # the CVAE's
-    Y15 = label_matrix(t)
-    Y = targets(Y15)
+    if args.images_per_sex:
+        t = t.groupby("sex", group_keys=False).head(args.images_per_sex).reset_index(drop=True)
+    _, ok = load_images(t["image"], args.size, "L")  # an unreadable image is named in a warning and left out
+    t = t[ok].reset_index(drop=True)
     n_patients = t["patient_id"].nunique()
     if args.folds < 2 or args.folds > n_patients:
         raise DataError(f"--folds {args.folds}: cross-validation needs 2 to {n_patients} folds here (one per "
                         f"patient at most)")
     fold = patient_kfold(t, args.folds, seed=args.seed, stratify="sex")
-    out = prepare_out_dir(args.out, args.force, flag="--out")
-    runs = prepare_out_dir(args.runs or default_runs(args.out), args.force, flag="--runs")  # this --out's own tree
-    write_config(runs, args, data=str(args.data_root), run_tree_of=str(out))
-    data = "nih1000" if str(args.data_root) == str(PROJECT_DATA / "nih_cxr14") else f"nih ({args.data_root})"
-    weights = "imagenet" if args.pretrained else "none (from scratch)"
-    write_config(out, args, data=data, weights=weights)
-    parts, counts, curves0 = [], {c: [] for c in args.conditions}, None
+    runs = Path(args.runs or default_runs(args.out))  # this --out's own tree
+    stages = Stages(dry=args.dry_run or bool(args.makefile))
+    if not stages.dry:
+        out = prepare_out_dir(args.out, args.force)
+        data = "nih1000" if str(args.data_root) == str(PROJECT_DATA / "nih_cxr14") else f"nih ({args.data_root})"
+        weights = "imagenet" if args.pretrained else "none (from scratch)"
+        write_config(out, args, data=data, weights=weights)
     for k in range(args.folds):
-        print(f"fold {k + 1}/{args.folds} ({time.time() - t0:.0f} s)", flush=True)
-        test_idx, preds, cnt, curves = run_fold(k, fold, t, x, xc, Y15, args, device, runs)
+        if not stages.dry:
+            print(f"fold {k + 1}/{args.folds} ({time.time() - t0:.0f} s)", flush=True)
+        sets, n_male, n_synthetic = fold_sets(k, fold, t, args)
+        sets_file = runs / f"fold{k}" / "sets.csv"
+        if not args.dry_run:
+            write_sets(sets_file, sets)
+        fold_stages(k, sets_file, n_male, n_synthetic, args, runs, stages)
+    if args.dry_run:
+        print("\n".join(stages.plan))
+        print(f"# then in this process: preds.csv (the stages' preds.csv together), the tables and figures in "
+              f"{args.out}")
+        return
+    if args.makefile:
+        print(f"wrote {stages.write_makefile(args.makefile)}: run `make -j N -f {args.makefile}`, then this command "
+              f"without --makefile for the report")
+        return
+    gather(runs, args, out, time.time() - t0, stages)
+    report(out, args, runs, data, weights)
+
+
+def gather(runs, args, out, seconds, stages):
+    """preds.csv (every classifier stage's preds.csv, fold by fold) and training.json (counts per fold, fold 0's
+    validation curves, times) in --out: the files the report reads."""
+    parts, counts, curves0 = [], {c: [] for c in args.conditions}, {}
+    for k in range(args.folds):
         for c in args.conditions:
-            parts.append(pred_rows(t.iloc[test_idx], Y[test_idx], *preds[c], fold=k, seed=args.seed, condition=c))
-            counts[c].append(cnt[c])
-        curves0 = curves0 or curves
+            cell = runs / f"fold{k}" / c
+            parts.append(pd.read_csv(cell / "preds.csv"))
+            m = json.loads((cell / "metrics.json").read_text())
+            counts[c].append({key: m[key] for key in ("n_train_female", "n_train_male", "n_synthetic")})
+            if k == 0:
+                curves0[c] = [h["val_any_auroc"] for h in m["history"]]
     pd.concat(parts, ignore_index=True).to_csv(out / "preds.csv", index=False, float_format="%.9g")
     write_json(out / "training.json", {"counts_per_fold": counts, "val_any_auroc_fold0": curves0,
-                                       "seconds": time.time() - t0})
-    report(out, args, runs, data, weights)
+                                       "seconds": seconds})
+    write_json(out / "stages.json", {"stages": stages.commands, "reused": stages.reused})
 
 
 def read_preds(path, conditions):
@@ -394,7 +418,7 @@ def report(out, args, runs, data, weights):
               "male": (summary["conditions"][c]["any_auroc_male"], summary["conditions"][c]["any_auroc_male_ci"])}
           for c in args.conditions}, out / "auroc_by_sex.png",
          f"Any-finding AUROC by sex, 95% CI ({data}, {args.arch}, {args.size}px)", "AUROC")
-    fold0 = Path(runs) / "fold0"  # this run's CVAE figures (none without imbalanced_synth: no stale copies)
+    fold0 = Path(runs) / "fold0" / "cvae"  # this run's CVAE figures (none without imbalanced_synth: no stale copies)
     for name in ("samples.png", "recon.png", "loss_curve.png"):
         if "imbalanced_synth" in args.conditions and (fold0 / name).is_file():
             (out / f"cvae_{name}").write_bytes((fold0 / name).read_bytes())

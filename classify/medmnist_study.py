@@ -2,84 +2,95 @@
 a ResNet-18 (28x28) trained on ~150 real images per class, alone (None) or with +150 images per class from a
 fully-connected AE, cVAE or cGAN, on the MedMNIST sets.
 
-Per data set and seed: the subset (official train split, ~150 per class, train:val 9:1 within each class,
-common/data.medmnist_subset), the three generators trained on the subset's training part
-(vae/train_mlp_ae.py, vae/train_mlp_cvae.py, gan/train_mlp_cgan.py), and four classifiers
-(classify/train_resnet18.py) evaluated on the official test split: AUC (one-vs-rest mean) and ACC.
-BreastMNIST and PneumoniaMNIST are embedded; the other six run when their official files are under --data-root
-(`python -m common.download medmnist --root DIR`), and the table lists those that were missing.
+Per data set and seed, the stages (each a script run as its own command; `--dry-run` prints them), all on the
+seed's subset (official train split, ~150 per class, train:val 9:1 within each class, common/data.medmnist_subset):
+  vae.train_mlp_ae, vae.train_mlp_cvae, gan.train_mlp_cgan   the generators, each writing its samples.npz
+  classify.train_resnet18 (x4)   None and each generator's samples appended; scored on the official test split
+The report reads only the classifiers' preds.csv (gathered into --out/preds.csv): AUC (one-vs-rest mean), ACC,
+and each generator against None, paired by seed on the same test images. The settings of each scale are in
+SCALES below. BreastMNIST and PneumoniaMNIST are embedded; the other six run when their official files are under
+--data-root (`python -m common.download medmnist --root DIR`), and the table lists those that were missing.
 
     python -m classify.medmnist_study                                   # quick, CPU, embedded sets
-    python -m classify.medmnist_study --scale full --data-root /data/medmnist --out results/medmnist-full  # GPU
+    python -m classify.medmnist_study --scale full --data-root /data/medmnist --out results-full/medmnist  # GPU
     python -m classify.medmnist_study --smoke --out smoke/medmnist      # seconds
 """
 import argparse
 from pathlib import Path
+import shutil
 import time
 
 import numpy as np
 import pandas as pd
-import torch
 
-from classify.train_resnet18 import add_args, fit as fit_classifier, probabilities
-from common.cli import ArgumentParser, name_list, positive_int, run
-from common.data import (MEDMNIST, PROJECT_DATA, DataError, medmnist_arrays, medmnist_file, medmnist_subset,
-                         require_dir, to_signed)
+from classify.train_resnet18 import add_args
+from common.cli import ArgumentParser, as_argv, name_list, positive_int, run
+from common.data import MEDMNIST, PROJECT_DATA, DataError, medmnist_file, require_dir
 from common.download import STUDY_FLAGS
-from common.report import save_samples, write_table
-from common.runs import device_from, prepare_out_dir, seed_everything, write_config, write_json
+from common.report import write_table
+from common.runs import default_runs, prepare_out_dir, write_config, write_json
+from common.stages import Stages
 from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, paired_difference_replicates,
                               with_holm)
 from fairness.metrics import auroc_ovr
-from gan import train_mlp_cgan as cgan
-from vae import train_mlp_ae as ae, train_mlp_cvae as cvae
 
 METHODS = ["None", "AE", "cVAE", "cGAN"]
+GENERATORS = {"AE": ("vae.train_mlp_ae", "ae"), "cVAE": ("vae.train_mlp_cvae", "cvae"),
+              "cGAN": ("gan.train_mlp_cgan", "cgan")}
 # Chaptoukaev Table 2 AUC (150/class subsets), FORMULAS.md; and MedMNIST v2 ResNet-18 (28) on the full sets.
 PAPER_AUC = {"breast": [0.872, 0.885, 0.901, 0.850], "pneumonia": [0.942, 0.949, 0.942, 0.948]}
 MEDMNIST_V2 = {"path": (.983, .907), "derma": (.917, .735), "oct": (.943, .743), "pneumonia": (.944, .854),
                "breast": (.901, .863), "organa": (.997, .935), "organc": (.992, .900), "organs": (.972, .782)}
+# Every setting a scale sets, in one place (a flag given on the command line wins).
 # quick (2-core CPU): ResNet-18 at width 16 (every stage / 4; 0.7 M parameters instead of 11.2 M: full width trains
 # at ~10 images/s on one CPU core, 15x slower), the MedMNIST v2 optimiser (Adam 1e-3, x0.1 at 50% and 75%) at
 # batch 32 for 20 epochs, weights kept at the lowest validation loss. Measured (README): the paper's SGD 1e-3 at
 # batch 128 makes ~3 steps per epoch on 270 images and left BreastMNIST near chance after 30 epochs, and the AUC
 # of a 30-image validation set hits 1.0 within a few epochs, so selecting on it picks noise.
-# full: width 64, the paper's recipe and 100 epochs
-QUICK = {"classifier_epochs": 20, "recipe": "medmnist", "batch_size": 32, "select": "loss", "patience": 10,
-         "classifier_width": 16, "ae_epochs": 300, "cvae_epochs": 300, "cgan_epochs": 1000}
+# full: ResNet-18 itself (width 64) and the paper's recipe, 100 epochs. smoke: seconds, to test the chain.
+SCALES = {
+    "quick": {"seeds": 3, "per_class": 150, "n_gen": 150, "epochs": 20, "recipe": "medmnist", "batch_size": 32,
+              "select": "loss", "patience": 10, "width": 16, "ae_epochs": 300, "cvae_epochs": 300,
+              "cgan_epochs": 1000},
+    "full": {"seeds": 3, "per_class": 150, "n_gen": 150, "epochs": 100, "recipe": "paper", "batch_size": 128,
+             "select": "auc", "patience": 20, "width": 64, "ae_epochs": 300, "cvae_epochs": 300, "cgan_epochs": 1000},
+    "smoke": {"seeds": 2, "per_class": 20, "n_gen": 10, "epochs": 2, "recipe": "medmnist", "batch_size": 32,
+              "select": "loss", "patience": 10, "width": 16, "ae_epochs": 2, "cvae_epochs": 2, "cgan_epochs": 2},
+}
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", default="quick", choices=list(SCALES),
+                   help="the settings of SCALES at the top of this file (quick: width-16 ResNet-18, Adam, 20 epochs; "
+                        "full: ResNet-18, the paper's 100 epochs; smoke: seconds); every flag below overrides them")
+    p.add_argument("--smoke", action="store_true", help="the same as --scale smoke")
     p.add_argument("--data-root", default=None, help="folder with official MedMNIST .npz files (default: embedded)")
     p.add_argument("--datasets", default=",".join(STUDY_FLAGS), type=name_list(list(MEDMNIST)),
                    help="MedMNIST flags to run")
-    p.add_argument("--seeds", type=positive_int, default=3, help="seeds (subset, generators, classifier)")
-    p.add_argument("--per-class", type=positive_int, default=150, help="real images per class")
-    p.add_argument("--n-gen", type=positive_int, default=150, help="generated images per class")
-    p.add_argument("--scale", default="quick", choices=["quick", "full"],
-                   help="quick: width-16 ResNet-18, Adam, 20 epochs (QUICK); full: ResNet-18, the paper's 100 epochs")
-    p.add_argument("--smoke", action="store_true", help="tiny run: 2 seeds, 2 epochs, 20 images per class")
-    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
-    p.add_argument("--out", default="results/medmnist", help="table2.md, summary.json, sample grids")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--seeds", type=positive_int, help="seeds (subset, generators, classifier)")
+    p.add_argument("--per-class", type=positive_int, help="real images per class")
+    p.add_argument("--n-gen", type=positive_int, help="generated images per class")
+    for g in ("ae", "cvae", "cgan"):
+        p.add_argument(f"--{g}-epochs", type=positive_int, help=f"epochs of the MLP {g} (its script's other "
+                                                                 f"settings are its defaults)")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (passed to every stage)")
+    p.add_argument("--out", default="results/medmnist", help="table2.md, preds.csv, summary.json, sample grids")
+    p.add_argument("--runs", default=None, help="stage folders (default: runs/<--out>); a stage whose folder records "
+                   "the same command is reused")
+    p.add_argument("--force", action="store_true", help="replace an existing --out (stage folders are reused)")
     p.add_argument("--n-boot", type=positive_int, default=2000, help="bootstrap resamples of the comparisons")
-    add_args(p)
-    # the classifier flags default to the scale's settings (QUICK at quick scale, train_resnet18's at full); a flag
-    # given on the command line wins at every scale
-    quick = {"epochs": QUICK["classifier_epochs"], "patience": QUICK["patience"], "width": QUICK["classifier_width"],
-             "recipe": QUICK["recipe"], "batch_size": QUICK["batch_size"], "select": QUICK["select"]}
-    p.set_defaults(**{k: None for k in quick})
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the stage commands (those a run would reuse marked '# reuse: ') and exit; writes nothing")
+    p.add_argument("--makefile", default=None,
+                   help="write the stages as a makefile here and exit: `make -j N -f FILE` runs them, and the study "
+                        "run afterwards reuses them and writes the report")
+    add_args(p)  # the classifier's flags (classify/train_resnet18.py), passed to every classifier stage
+    pre, _ = p.parse_known_args(argv)
+    scale = "smoke" if pre.smoke else pre.scale
+    p.set_defaults(**SCALES[scale])
     args = p.parse_args(argv)
-    defaults = add_args(argparse.ArgumentParser())  # train_resnet18's own defaults (the paper recipe)
-    for k, v in quick.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v if args.scale == "quick" else defaults.get_default(k))
-    gen_epochs = {"ae": QUICK["ae_epochs"], "cvae": QUICK["cvae_epochs"], "cgan": QUICK["cgan_epochs"]}
-    if args.smoke:
-        args.seeds, args.epochs, args.per_class, args.n_gen = min(args.seeds, 2), 2, 20, 10
-        gen_epochs = {"ae": 2, "cvae": 2, "cgan": 2}
-    args.gen_epochs = gen_epochs
+    args.scale = scale
     return args
 
 
@@ -90,43 +101,63 @@ def find(flag, data_root):
     return None
 
 
-def run_seed(path, seed, args, device, grid_dir=None):
-    """preds rows (one per official test image and method) for one data set and seed."""
-    images, labels, split, task, names = medmnist_arrays(path)
-    te = split == "test"
-    x_test, y_test = to_signed(images[te]), labels[te]
-    xi, yi, xv, yv, _ = medmnist_subset(path, args.per_class, seed)
-    x01, y = torch.from_numpy(xi).float().flatten(1) / 255, torch.from_numpy(yi).long()
-    shape = xi.shape[1:]
-    gen_args = lambda epochs, lr, bs=128, **kw: argparse.Namespace(seed=seed, epochs=epochs, lr=lr, batch_size=bs, **kw)
-    synth = {}
-    m, _ = ae.fit(x01, y, gen_args(args.gen_epochs["ae"], 1e-3, latent=32), device, progress=False)
-    synth["AE"] = ae.generate(m, x01, y, args.n_gen, seed, device)
-    m, _ = cvae.fit(x01, y, gen_args(args.gen_epochs["cvae"], 1e-3, latent=32), device, progress=False)
-    synth["cVAE"] = cvae.generate(m, args.n_gen, seed, device)
-    m, _ = cgan.fit(x01, y, gen_args(args.gen_epochs["cgan"], 1e-4, z_dim=64), device, progress=False)
-    synth["cGAN"] = cgan.generate(m, args.n_gen, seed, device)
-    parts = []
+def seed_stages(flag, path, seed, args, runs, stages):
+    """One data set and seed: the three generators (each writes its samples.npz) and a classifier per method, all
+    on the seed's subset (the seed draws it), scored on the official test split (preds.csv)."""
+    r = runs / f"{flag}-seed{seed}"
+    data = ["--npz", path, "--per-class", args.per_class, "--seed", seed, "--device", args.device]
+    for method, (module, g) in GENERATORS.items():
+        stages.script(module, data + ["--epochs", getattr(args, f"{g}_epochs"), "--n-per-class", args.n_gen,
+                                      "--out-dir", r / g], r / g)
     for method in METHODS:
-        x_tr, y_tr = to_signed(xi), torch.from_numpy(yi).long()
-        if method != "None":
-            gx, gy = synth[method]
-            g_img = (gx.view(-1, *shape) * 255).round().byte().numpy()
-            if grid_dir is not None:
-                save_samples(grid_dir, g_img, gy.numpy(), names, f"{Path(path).stem}: {method} samples (seed {seed})",
-                             name=f"{Path(path).stem}_{method}")
-            x_tr, y_tr = torch.cat([x_tr, to_signed(g_img)]), torch.cat([y_tr, gy])
-        seed_everything(seed)
-        cls_args = argparse.Namespace(**{**vars(args), "seed": seed})
-        net, _, _ = fit_classifier(x_tr, y_tr, to_signed(xv), torch.from_numpy(yv).long(), cls_args, device,
-                                   progress=False)
-        probs = probabilities(net, x_test, device)
-        df = pd.DataFrame({"dataset": Path(path).stem.replace("mnist", ""), "seed": seed, "method": method,
-                           "image": np.nonzero(te)[0], "label": y_test, "pred": probs.argmax(1)})
-        for k in range(probs.shape[1]):
-            df[f"p_{k}"] = probs[:, k]
-        parts.append(df)
-    return parts
+        synth = r / GENERATORS[method][1] / "samples.npz" if method != "None" else None
+        stages.script("classify.train_resnet18", data + (["--synthetic", synth] if synth else []) + [
+            "--tag", f"dataset={flag}", "--tag", f"method={method}", *as_argv(add_args, args),
+            "--out-dir", r / f"classifier-{method}"], r / f"classifier-{method}",
+            deps=[synth.parent / "metrics.json"] if synth else [])
+
+
+def main(args):
+    t0 = time.time()
+    if args.data_root:
+        require_dir(args.data_root, "--data-root MedMNIST", "medmnist")  # never a silent fall-back to embedded
+    flags = [f.strip() for f in args.datasets.split(",") if f.strip()]
+    found = {f: find(f, args.data_root) for f in flags}
+    missing = [f for f, p in found.items() if p is None]
+    if len(missing) == len(found):
+        raise DataError(f"--datasets {args.datasets}: none of these official .npz files is under "
+                        f"{args.data_root or PROJECT_DATA / 'medmnist'} (fetch them with `python -m common.download "
+                        f"medmnist --root DIR --flags {args.datasets}`)")
+    runs = Path(args.runs or default_runs(args.out))
+    stages = Stages(dry=args.dry_run or bool(args.makefile))
+    if not stages.dry:
+        out = prepare_out_dir(args.out, args.force)
+        write_config(out, args, data={f: str(p) for f, p in found.items() if p}, weights="none (from scratch)")
+    cells = [(flag, path, seed) for flag, path in found.items() if path for seed in range(args.seeds)]
+    for flag, path, seed in cells:
+        if not stages.dry:
+            print(f"{flag}: seed {seed} ({time.time() - t0:.0f} s)", flush=True)
+        seed_stages(flag, path, seed, args, runs, stages)
+    if args.dry_run:
+        print("\n".join(stages.plan))
+        print(f"# then in this process: preds.csv (the classifier stages' preds.csv together), Table 2 and the "
+              f"comparisons in {args.out}")
+        return
+    if args.makefile:
+        print(f"wrote {stages.write_makefile(args.makefile)}: run `make -j N -f {args.makefile}`, then this command "
+              f"without --makefile for the report")
+        return
+    parts = [pd.read_csv(runs / f"{flag}-seed{seed}" / f"classifier-{m}" / "preds.csv", dtype={"method": str},
+                         keep_default_na=False, na_values=[""]) for flag, _, seed in cells for m in METHODS]
+    pd.concat(parts, ignore_index=True).to_csv(out / "preds.csv", index=False, float_format="%.9g")
+    (out / "samples").mkdir(exist_ok=True)
+    for flag, path, seed in cells:  # seed 0's sample grids
+        for method, (_, g) in GENERATORS.items():
+            if seed == 0:
+                shutil.copyfile(runs / f"{flag}-seed0" / g / "samples.png",
+                                out / "samples" / f"{Path(path).stem}_{method}.png")
+    write_json(out / "stages.json", {"stages": stages.commands, "reused": stages.reused})
+    write_report(out, missing, args, time.time() - t0)
 
 
 def read_preds(path):
@@ -169,31 +200,6 @@ def comparisons(preds, args):
     return with_holm(rows)
 
 
-def main(args):
-    t0 = time.time()
-    device = device_from(args.device)
-    if args.data_root:
-        require_dir(args.data_root, "--data-root MedMNIST", "medmnist")  # never a silent fall-back to embedded
-    flags = [f.strip() for f in args.datasets.split(",") if f.strip()]
-    found = {f: find(f, args.data_root) for f in flags}
-    missing = [f for f, p in found.items() if p is None]
-    if len(missing) == len(found):
-        raise DataError(f"--datasets {args.datasets}: none of these official .npz files is under "
-                        f"{args.data_root or PROJECT_DATA / 'medmnist'} (fetch them with `python -m common.download "
-                        f"medmnist --root DIR --flags {args.datasets}`)")
-    out = prepare_out_dir(args.out, args.force)
-    write_config(out, args, data={f: str(p) for f, p in found.items() if p}, weights="none (from scratch)")
-    parts = []
-    for flag, path in found.items():
-        if path is None:
-            continue
-        for seed in range(args.seeds):
-            print(f"{flag}: seed {seed} ({time.time() - t0:.0f} s)", flush=True)
-            parts += run_seed(path, seed, args, device, out / "samples" if seed == 0 else None)
-    pd.concat(parts, ignore_index=True).to_csv(out / "preds.csv", index=False, float_format="%.9g")
-    write_report(out, missing, args, time.time() - t0)
-
-
 def cell(v, best):
     s = f"{np.mean(v):.3f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.3f}"
     return f"**{s}**" if best else s
@@ -225,7 +231,7 @@ def write_report(out, missing, args, seconds):
              f"{args.recipe} recipe, batch {args.batch_size}, {args.epochs} epochs"
              f"{f' (early stopping patience {args.patience})' if args.recipe == 'paper' else ''}, weights kept at the "
              f"best validation {'AUC' if args.select == 'auc' else 'loss'}. Scale: "
-             f"{'smoke' if args.smoke else args.scale}; wall time {seconds / 60:.1f} min.",
+             f"{args.scale}; wall time {seconds / 60:.1f} min (this invocation; stages it reused not counted).",
              "Missing data sets (official .npz not under --data-root; fetch with `python -m common.download medmnist "
              f"--root DIR`): {', '.join(missing) if missing else 'none'}.",
              "Our embedded PneumoniaMNIST is rebuilt from two public partial copies (test split 621 images, not the "
@@ -252,7 +258,7 @@ def write_report(out, missing, args, seconds):
                                       "auc_std": {f: {m: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
                                                       for m, v in d.items()} for f, d in auc.items()},
                                       "auc_runs": auc, "acc_runs": acc, "seeds": args.seeds,
-                                      "scale": "smoke" if args.smoke else args.scale, "datasets_missing": missing,
+                                      "scale": args.scale, "datasets_missing": missing,
                                       "seconds": seconds, "recipe": args.recipe, "epochs": args.epochs,
                                       "batch_size": args.batch_size, "select": args.select,
                                       "classifier_width": args.width})

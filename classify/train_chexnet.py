@@ -33,12 +33,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from classify.nets import arch_spec, build
-from common.cli import ArgumentParser, nonneg_float, nonneg_int, positive_float, positive_int, run
+from common.cli import ArgumentParser, key_values, nonneg_float, nonneg_int, positive_float, positive_int, run
 from common.cache import load_images
 from common.data import NIH_FINDINGS, NIH_LABELS, PROJECT_DATA, DataError, label_matrix, read_nih, to_signed
 from common.runs import (add_common_args, device_from, prepare_out_dir, save_checkpoint, seed_everything,
                          write_config, write_json)
-from common.splits import patient_split
+from common.splits import patient_split, read_sets
 from fairness.metrics import auroc, binary_stats, youden_threshold
 
 OUTPUTS = NIH_FINDINGS + ["any finding"]
@@ -191,6 +191,20 @@ def parse_args(argv=None):
     p.add_argument("--data-root", default=str(PROJECT_DATA / "nih_cxr14"), help="NIH images + label table")
     p.add_argument("--csv", default=None, help="label table (default: found under --data-root)")
     p.add_argument("--split-seed", type=int, default=0, help="patient-level split seed (70/10/20, by sex)")
+    p.add_argument("--sets", default=None,
+                   help="a split file (set,image rows; common.splits.write_sets) instead of the --split-seed split")
+    p.add_argument("--train-set", default="train", help="--sets: the set to train on")
+    p.add_argument("--val-set", default="val", help="--sets: the set that picks thresholds (and epochs)")
+    p.add_argument("--test-set", default="test", help="--sets: the set scored in preds.csv")
+    p.add_argument("--synthetic", default=None,
+                   help="samples .npz (images, NIH multi-hot labels; vae.sample_cvae) appended to the training set")
+    p.add_argument("--balance-sex", action="store_true",
+                   help="sample the training images so that each sex is half of every epoch (reweighting)")
+    p.add_argument("--epoch-size", type=positive_int, default=None,
+                   help="samples per epoch (default: the training set's size); a fixed value gives training sets of "
+                        "different sizes the same number of updates")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                   help="a column written into preds.csv, e.g. --tag fold=0 --tag condition=balanced_real")
     add_args(p)
     add_common_args(p, "runs/chestxray/chexnet")
     return p.parse_args(argv)
@@ -212,35 +226,79 @@ def pred_rows(t, Y, scores, thresholds, **keys):
     return df
 
 
+def to_size(x, size):
+    """(N, 1, S, S) images in [-1, 1] resized to size px (e.g. a 64 px generator's samples for a classifier at
+    --size)."""
+    if x.shape[-1] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(-1, 1)
+
+
+def read_synthetic(path):
+    """A generator's samples file: (images (N, 1, S, S) in [-1, 1], NIH multi-hot labels (N, 15))."""
+    try:
+        with np.load(path) as z:
+            images, labels = z["images"], z["labels"]
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"--synthetic {path}: not a samples file with images and labels ({type(e).__name__}: {e}); "
+                        f"write one with vae.sample_cvae")
+    if labels.ndim != 2 or labels.shape[1] != len(NIH_LABELS) or len(labels) != len(images):
+        raise DataError(f"--synthetic {path}: labels of shape {labels.shape}, expected ({len(images)}, "
+                        f"{len(NIH_LABELS)}) NIH multi-hot vectors")
+    return to_signed(images), labels
+
+
 def main(args):
     device = device_from(args.device)
+    keys = key_values(args.tag)  # bad input first, before the run folder is touched
     out = prepare_out_dir(args.out_dir, args.force)
     seed_everything(args.seed)
     t = read_nih(args.data_root, args.csv)
-    split = patient_split(t, seed=args.split_seed, stratify="sex")
     x, ok = load_images(t["image"], args.size, "L")  # unreadable images: named in a warning and left out
     x = to_signed(x)
     y = torch.from_numpy(targets(label_matrix(t)))
-    tr, va, te = (torch.from_numpy((split == s) & ok) for s in ("train", "val", "test"))
+    if args.sets:  # a study's split file: the named sets, in the file's order
+        idx = read_sets(args.sets, [Path(i).name for i in t["image"]], [args.train_set, args.val_set, args.test_set])
+        tr, va, te = idx[args.train_set], idx[args.val_set], idx[args.test_set]
+        tr, va, te = tr[ok[tr]], va[ok[va]], te[ok[te]]
+    else:
+        split = patient_split(t, seed=args.split_seed, stratify="sex")
+        tr, va, te = (np.nonzero((split == s) & ok)[0] for s in ("train", "val", "test"))
     for s, m in (("training", tr), ("validation", va), ("test", te)):
-        if not m.any():
+        if not len(m):
             raise DataError(f"--data-root {args.data_root}: no readable {s} image (the patient split needs "
                             f"images of several patients)")
-    weights = "imagenet" if args.pretrained else "none (from scratch)"
+    sex = t["sex"].to_numpy()[tr]
+    x_tr, y_tr = x[tr], y[tr]
+    n_syn = 0
+    if args.synthetic:  # appended after the real images
+        sx, sy = read_synthetic(args.synthetic)
+        x_tr, y_tr = torch.cat([x_tr, to_size(sx, args.size)]), torch.cat([y_tr, torch.from_numpy(targets(sy))])
+        n_syn = len(sx)
+    weights = None
+    if args.balance_sex:  # each sex half of every epoch: w = 1 / (2 n_sex) over the real training images
+        if args.synthetic:
+            raise DataError("--balance-sex with --synthetic: the weights cover real images only; use one of them")
+        is_f = sex == "F"  # (a set of one sex is sampled uniformly)
+        weights = np.where(is_f, 0.5 / max(is_f.sum(), 1), 0.5 / max((~is_f).sum(), 1))
+    weights_from = "imagenet" if args.pretrained else "none (from scratch)"
+    counts = {"n_train_female": int((sex == "F").sum()), "n_train_male": int((sex == "M").sum()),
+              "n_synthetic": n_syn}
     write_config(out, args, data="nih1000" if "data/nih_cxr14" in args.data_root else args.data_root,
-                 weights=weights)
+                 weights=weights_from, **counts)
     t0 = time.time()
-    net, history, thr, spec = fit(x[tr], y[tr], x[va], y[va], args, device)
+    net, history, thr, spec = fit(x_tr, y_tr, x[va], y[va], args, device, weights, epoch_size=args.epoch_size)
     p = predict(net, x[te], device)
     rows = per_output_table(y[te].numpy(), p, thr)
-    pred_rows(t[te.numpy()], y[te].numpy(), p, np.asarray(thr), split="test", seed=args.seed, arch=args.arch).to_csv(
+    keys = keys if args.sets else {"split": "test", **keys}
+    pred_rows(t.iloc[te], y[te].numpy(), p, np.asarray(thr), **keys, seed=args.seed, arch=args.arch).to_csv(
         out / "preds.csv", index=False, float_format="%.9g")
     save_checkpoint({"arch": spec, "model": net.state_dict(), "thresholds": torch.tensor(thr),
-                     "outputs": OUTPUTS, "weights": weights}, out / "ckpt.pt")
+                     "outputs": OUTPUTS, "weights": weights_from}, out / "ckpt.pt")
     write_json(out / "metrics.json", {"test": rows, "history": history, "seconds": time.time() - t0,
-                                      "weights": weights, "labels": NIH_LABELS})
+                                      "weights": weights_from, "labels": NIH_LABELS, **counts})
     any_row = rows[-1]
-    print(f"{args.arch} ({weights}): test any-finding AUROC {any_row['auroc']:.3f}, sensitivity "
+    print(f"{args.arch} ({weights_from}): test any-finding AUROC {any_row['auroc']:.3f}, sensitivity "
           f"{any_row['sensitivity']:.2f}, specificity {any_row['specificity']:.2f} ({time.time() - t0:.0f} s)")
 
 

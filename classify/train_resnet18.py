@@ -17,13 +17,14 @@ import math
 import time
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from classify.nets import arch_spec, build
-from common.cli import ArgumentParser, nonneg_float, nonneg_int, positive_float, positive_int, run
-from common.data import DataError, label_matrix, read_medmnist, to_signed
+from common.cli import ArgumentParser, key_values, nonneg_float, nonneg_int, positive_float, positive_int, run
+from common.data import DataError, label_matrix, medmnist_arrays, medmnist_subset, read_medmnist, to_signed
 from common.cache import load_images
 from common.runs import (add_common_args, device_from, prepare_out_dir, save_checkpoint, seed_everything,
                          write_config, write_json)
@@ -112,36 +113,83 @@ def add_args(p):
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--npz", required=True, help="an official MedMNIST .npz (e.g. data/medmnist/breastmnist.npz)")
+    p.add_argument("--per-class", type=positive_int, default=None,
+                   help="train on Chaptoukaev's subset: about N images per class of the official train split, split "
+                        "9:1 into training and validation, drawn by --seed (default: the whole official splits)")
+    p.add_argument("--synthetic", default=None,
+                   help="a generator's samples.npz (images uint8, class labels) appended to the training images")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                   help="a column written into preds.csv, e.g. --tag dataset=breast --tag method=AE")
     add_args(p)
     add_common_args(p, "runs/medmnist/resnet18")
     return p.parse_args(argv)
 
 
+def read_samples(path, shape):
+    """A generator's samples.npz (images uint8, labels: class indices): (images in [-1, 1] (N, C, H, W), labels)."""
+    try:
+        with np.load(path) as z:
+            images, labels = z["images"], z["labels"]
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"--synthetic {path}: not a samples file with images and labels ({type(e).__name__}: {e}); "
+                        f"write one with vae.train_mlp_ae, vae.train_mlp_cvae or gan.train_mlp_cgan")
+    if images.shape[1:] != shape:
+        raise DataError(f"--synthetic {path}: images of shape {images.shape[1:]}, the data's are {shape}")
+    return to_signed(images), torch.from_numpy(labels.astype(np.int64))
+
+
 def main(args):
     device = device_from(args.device)
+    keys = key_values(args.tag)  # bad input first, before the run folder is touched
     out = prepare_out_dir(args.out_dir, args.force)
     seed_everything(args.seed)
     t = read_medmnist(args.npz)
     multilabel = t.attrs["task"] == "multi-label"
-    rgb = "RGB" if np.load(args.npz, mmap_mode="r")["train_images"].ndim == 4 else "L"
-    size = np.load(args.npz, mmap_mode="r")["train_images"].shape[1]
-    x, ok = load_images(t["image"], size, rgb)  # an image that cannot be read is named and left out
-    x = to_signed(x)
-    y = torch.tensor(label_matrix(t) if multilabel else t["target"].to_numpy()).long()  # copies pandas' read-only view
-    s = {k: torch.from_numpy((t["split"] == k).to_numpy() & ok) for k in ("train", "val", "test")}
-    for k, m in s.items():
-        if not m.any():
-            raise DataError(f"--npz {args.npz}: no {k} images")
+    if args.per_class:  # Chaptoukaev's subset (the seed draws it) and the official test split
+        if args.synthetic and multilabel:
+            raise DataError(f"--synthetic with {args.npz}: the generators are class-conditional, this set is "
+                            f"multi-label")
+        xi, yi, xv, yv, _ = medmnist_subset(args.npz, args.per_class, args.seed)
+        images, labels, split, _, _ = medmnist_arrays(args.npz)
+        te = np.nonzero(split == "test")[0]
+        x_tr, y_tr = to_signed(xi), torch.from_numpy(yi).long()
+        x_val, y_val = to_signed(xv), torch.from_numpy(yv).long()
+        x_te, y_te = to_signed(images[te]), torch.tensor(labels[te]).long()
+        n = {"train": len(xi), "val": len(xv), "test": len(te)}
+    else:
+        rgb = "RGB" if np.load(args.npz, mmap_mode="r")["train_images"].ndim == 4 else "L"
+        size = np.load(args.npz, mmap_mode="r")["train_images"].shape[1]
+        x, ok = load_images(t["image"], size, rgb)  # an image that cannot be read is named and left out
+        x = to_signed(x)
+        y = torch.tensor(label_matrix(t) if multilabel else t["target"].to_numpy()).long()  # copies pandas' view
+        s = {k: (t["split"] == k).to_numpy() & ok for k in ("train", "val", "test")}
+        for k, m in s.items():
+            if not m.any():
+                raise DataError(f"--npz {args.npz}: no {k} images")
+        te = np.nonzero(s["test"])[0]
+        x_tr, y_tr, x_val, y_val = x[s["train"]], y[s["train"]], x[s["val"]], y[s["val"]]
+        x_te, y_te = x[te], y[te]
+        n = {k: int(v.sum()) for k, v in s.items()}
+    if args.synthetic:  # appended after the real training images
+        gx, gy = read_samples(args.synthetic, tuple(np.load(args.npz, mmap_mode="r")["train_images"].shape[1:]))
+        x_tr, y_tr = torch.cat([x_tr, gx]), torch.cat([y_tr, gy])
+        n["synthetic"] = len(gx)
     write_config(out, args, data=str(args.npz), weights="none (from scratch)")
     t0 = time.time()
-    net, history, spec = fit(x[s["train"]], y[s["train"]], x[s["val"]], y[s["val"]], args, device, multilabel)
-    auc, acc = evaluate(net, x[s["test"]], y[s["test"]], multilabel, device)
+    net, history, spec = fit(x_tr, y_tr, x_val, y_val, args, device, multilabel)
+    auc, acc = evaluate(net, x_te, y_te, multilabel, device)
+    probs = probabilities(net, x_te, device, multilabel)
+    preds = pd.DataFrame({**keys, "seed": args.seed, "image": te, "label": y_te.numpy() if not multilabel else
+                          [" ".join(map(str, r)) for r in y_te.numpy()], "pred": probs.argmax(1)})
+    for k in range(probs.shape[1]):
+        preds[f"p_{k}"] = probs[:, k]
+    preds.to_csv(out / "preds.csv", index=False, float_format="%.9g")
     save_checkpoint({"arch": spec, "model": net.state_dict()}, out / "ckpt.pt")
     best = max(history, key=lambda h: (h["val_auc"], -h["val_loss"]) if args.select == "auc"
                else (-h["val_loss"], h["val_auc"]))
     metrics = {"test_auc": auc, "test_acc": acc, "best_epoch": best["epoch"], "best_val_auc": best["val_auc"],
-               "recipe": args.recipe, "epochs_run": len(history), "seconds": time.time() - t0,
-               "n": {k: int(v.sum()) for k, v in s.items()}, "history": history}
+               "recipe": args.recipe, "epochs_run": len(history), "seconds": time.time() - t0, "n": n,
+               "history": history}
     write_json(out / "metrics.json", metrics)
     print(f"{t.attrs['flag']}mnist, {args.recipe} recipe: test AUC {auc:.3f}, ACC {acc:.3f} "
           f"(best val epoch {best['epoch']}, {time.time() - t0:.0f} s)")

@@ -149,3 +149,33 @@ def run(main, parse_args):
         raise
     settle_replaced(ok=True)
     return result
+
+
+def as_argv(add_flags, args):
+    """The flags that add_flags(parser) declares, with their values in args, as a command line: how a study passes
+    a script's flags on to that script's stages (`--epochs 16 --pretrained ...`). BooleanOptionalAction flags
+    become --x / --no-x, store_true ones appear only when set, flags whose value is None are left out."""
+    argv = []
+    for action in add_flags(argparse.ArgumentParser(add_help=False))._actions:
+        if not action.option_strings:
+            continue
+        value = getattr(args, action.dest)
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(action.option_strings[0] if value else action.option_strings[1])
+        elif isinstance(action, argparse._StoreTrueAction):
+            argv += [action.option_strings[0]] if value else []
+        elif value is not None:
+            argv += [action.option_strings[0], str(value)]
+    return argv
+
+
+def key_values(items, flag="--tag"):
+    """KEY=VALUE items of a repeated flag -> {KEY: VALUE}, integers as int (e.g. the columns a stage writes into
+    its preds.csv: --tag fold=0 --tag condition=balanced_real)."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise DataError(f"{flag} {item!r}: expected KEY=VALUE, e.g. {flag} fold=0")
+        out[key] = int(value) if value.lstrip("-").isdigit() else value
+    return out

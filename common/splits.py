@@ -4,8 +4,12 @@ A patient's stratum is its most frequent value of the attribute. Within each str
 and cut by the fractions, so each split keeps the attribute's patient mix. Rows without a patient id (MedMNIST,
 Fitzpatrick17k) are each their own group.
 """
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
+
+from common.data import DataError
 
 
 def patient_groups(table):
@@ -71,3 +75,42 @@ def per_class_subset(y, per_class, val_fraction=0.1, seed=0):
         va.append(idx[:n_val])
         tr.append(idx[n_val:])
     return np.sort(np.concatenate(tr)), np.sort(np.concatenate(va))
+
+
+def write_sets(path, sets):
+    """A split file: one row per (set, image name), each set's images in their order ({name: [image names]}). A
+    study writes one per fold or repeat and its stage scripts read it (--sets); the file is rewritten only when its
+    content changes, so an unchanged split keeps its time stamp and the stages that read it stay done."""
+    rows = [(s, str(img)) for s, images in sets.items() for img in images]
+    text = pd.DataFrame(rows, columns=["set", "image"]).to_csv(index=False)
+    path = Path(path)
+    if not path.is_file() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return path
+
+
+def read_sets(path, names, wanted, flag="--sets"):
+    """{set: row indices into a table whose image names are `names`} for the sets in `wanted`, in the file's
+    order; a missing set or an image the table lacks stops with the file named."""
+    try:
+        df = pd.read_csv(path, dtype=str)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{flag} {path}: cannot read it as a split file ({e}); write it with common.splits.write_sets")
+    if list(df.columns) != ["set", "image"]:
+        raise DataError(f"{flag} {path}: columns {list(df.columns)}, expected set,image (common.splits.write_sets)")
+    row = {n: i for i, n in enumerate(names)}
+    if len(row) != len(names):
+        raise DataError(f"{flag} {path}: the data's image names are not unique, so a split file cannot name them "
+                        f"(rename the duplicates)")
+    out = {}
+    for s in wanted:
+        images = df.loc[df["set"] == s, "image"]
+        if images.empty:
+            raise DataError(f"{flag} {path}: no set named {s!r} (sets here: {', '.join(df['set'].unique())})")
+        missing = [i for i in images if i not in row]
+        if missing:
+            raise DataError(f"{flag} {path}: {len(missing)} images of set {s!r} are not in the data, e.g. "
+                            f"{missing[0]} (the split file belongs to another --data-root?)")
+        out[s] = np.array([row[i] for i in images], dtype=int)
+    return out

@@ -31,9 +31,6 @@ import hashlib
 import json
 import math
 from pathlib import Path
-import shlex
-import subprocess
-import sys
 import time
 import warnings
 
@@ -43,11 +40,12 @@ import torch
 
 from classify.downstream import KINDS, fit_predict
 from common.cli import ArgumentParser, positive_int, run
-from common.data import DataError, to_signed
+from common.data import to_signed
 from common.modalities import MODALITIES, export, load_modality, modality_name
 from common.report import save_grid, write_table
 from common.runs import default_runs, device_from, prepare_out_dir, seed_everything, write_config, write_json
 from common.splits import patient_split
+from common.stages import Stages
 from diffusion.annotate import blinded_pairs, write_pair_set
 from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, fd_equal_n, gap_permutation,
                               group_gap, kid, paired_difference_replicates, with_holm)
@@ -128,6 +126,9 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true",
                    help="print the stage commands of this run (each a script of its own), those it would reuse "
                         "from --runs marked '# reuse: ', and exit without running or writing anything")
+    p.add_argument("--makefile", default=None,
+                   help="write the training and sampling stages as a makefile here and exit: `make -j N -f FILE` runs "
+                        "them, and the study run afterwards reuses them, evaluates and writes the report")
     args = p.parse_args(argv)
     args.preset = PRESETS["smoke" if args.smoke else args.scale]
     args.kinds = args.kinds or args.preset["kinds"]
@@ -143,68 +144,6 @@ def stopwatch():
         dt, last[0] = now - last[0], now
         return dt
     return lap
-
-
-class Stages:
-    """A study's stage commands: each stage is a script run as its own process (`python -m module argv`), skipped
-    when its output exists beside the command that made it (the stage's config.json "argv", or a samples file's
-    "meta") and is newer than every input file it names (as make would: a retrained pretrain redoes the fine-tunes
-    and their samples). A change to the code itself is not detected: use a new --runs, or --force there.
-    dry=True runs nothing; `commands` lists every stage, and `plan` marks those a run would reuse.
-    `reused`: what this invocation took from runs/ (its wall time leaves those out)."""
-
-    def __init__(self, dry=False):
-        self.dry, self.commands, self.plan, self.reused = dry, [], [], []
-
-    def run(self, module, argv, done, recorded, deps=()):
-        """Run `python -m module *argv --force` unless `done` exists, recorded(done) == argv, and done is newer
-        than every file in deps. recorded: the argv (no --force) stored beside the output, or None."""
-        line = " ".join(["python", "-m", module, *map(shlex.quote, argv), "--force"])
-        self.commands.append(line)
-        fresh = done.is_file() and recorded(done) == argv and all(
-            not d.is_file() or d.stat().st_mtime <= done.stat().st_mtime for d in deps)
-        self.plan.append(("# reuse: " if fresh else "") + line)
-        if self.dry:
-            return
-        if fresh:
-            print(f"  reuse {done.parent if done.name == 'metrics.json' else done}", flush=True)
-            self.reused.append(str(done))
-            return
-        child = subprocess.Popen([sys.executable, "-m", module, *argv, "--force"])
-        try:
-            rc = child.wait()
-        except BaseException:  # Ctrl-C or a kill of the study: the stage gets SIGTERM and puts back what it replaced
-            child.terminate()
-            child.wait()
-            raise
-        if rc:
-            raise DataError(f"stage failed (exit {rc}; its message is above): {line}")
-
-    def script(self, module, argv, folder, deps=()):
-        """A training stage: done when folder/metrics.json exists, folder/config.json recorded this argv, and it is
-        newer than deps (the checkpoints it starts from)."""
-        self.run(module, argv, folder / "metrics.json", lambda done: stage_argv(done.parent / "config.json"), deps)
-
-    def samples(self, argv, out, ckpt):
-        """A sampling stage (diffusion.sample_ddpm): done when `out` records this argv and is newer than ckpt."""
-        self.run("diffusion.sample_ddpm", argv, out, samples_argv, [ckpt])
-
-
-def stage_argv(cfg):
-    """The argv (without --force) a script recorded in its config.json, or None."""
-    try:
-        return [a for a in json.loads(cfg.read_text())["argv"][1:] if a != "--force"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def samples_argv(path):
-    """The argv (without --force) sample_ddpm recorded in a samples file's meta, or None."""
-    try:
-        with np.load(path) as z:
-            return [a for a in json.loads(str(z["meta"]))["argv"] if a != "--force"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def modality(name, args, seed, runs, device, stages):
@@ -239,19 +178,19 @@ def modality(name, args, seed, runs, device, stages):
         steps = P["finetune"] - (P["dpo"] if v == "sqrs_cb" else 0)
         fair = ["--fair-time-window", str(P["fair_window"])] if v == "fairdiffusion" else []
         stages.script("diffusion.train_ddpm", ddpm + ft + VARIANT_FLAGS[v] + fair +
-                      ["--steps", str(steps), "--out-dir", str(r / v)], r / v, deps=[r / "pretrain/ckpt.pt"])
+                      ["--steps", str(steps), "--out-dir", str(r / v)], r / v, deps=[r / "pretrain/metrics.json"])
     stages.script("diffusion.train_dpo", base + hflip + [
         "--init", str(r / "sqrs_cb/ckpt.pt"), "--judge", str(r / "judge/ckpt.pt"), "--sampler", "sqrs", "--cb-loss",
         "--dpo", args.dpo, "--steps", str(P["dpo"]), "--batch-size", str(P["batch"]), "--pairs-per-class",
         str(P["pairs_per_class"]), "--pair-steps", str(P["sample_steps"]), "--grid-steps", str(P["sample_steps"]),
-        "--out-dir", str(r / "fairgen")], r / "fairgen", deps=[r / "sqrs_cb/ckpt.pt", r / "judge/ckpt.pt"])
+        "--out-dir", str(r / "fairgen")], r / "fairgen", deps=[r / "sqrs_cb/metrics.json", r / "judge/metrics.json"])
     seconds["generators"] = lap()  # this invocation's time per phase (reused steps take ~0)
     samples_file = f"samples_{per_class}pc_{P['sample_steps']}steps.npz"  # the name holds what makes them differ
     for m in METHODS:
         out = r / m / samples_file
-        stages.samples(["--ckpt", str(r / m / "ckpt.pt"), "--n-per-class", str(per_class), "--steps",
-                        str(P["sample_steps"]), "--seed", str(seed), "--out", str(out), "--device", str(device)],
-                       out, r / m / "ckpt.pt")
+        stages.samples("diffusion.sample_ddpm", ["--ckpt", str(r / m / "ckpt.pt"), "--n-per-class", str(per_class),
+                                                 "--steps", str(P["sample_steps"]), "--seed", str(seed), "--out",
+                                                 str(out), "--device", str(device)], out, [r / m / "metrics.json"])
     if stages.dry:
         return None
     export(mod, r / "real_train.npz", train)
@@ -567,11 +506,15 @@ def main(args):
     device = device_from(args.device)
     runs = Path(args.runs or default_runs(args.out))  # each --out (and so each scale) has its own tree
     names = [m.strip() for m in args.modalities.split(",") if m.strip()]
-    stages = Stages(dry=args.dry_run)
-    if args.dry_run:  # the stage commands, in order; then the in-process steps
+    stages = Stages(dry=args.dry_run or bool(args.makefile))
+    if stages.dry:  # the stage commands, in order; then the in-process steps
         for name in names:
             for seed in range(args.preset["seeds"]):
                 modality(name, args, seed, runs, device, stages)
+        if args.makefile:
+            print(f"wrote {stages.write_makefile(args.makefile)}: run `make -j N -f {args.makefile}`, then this "
+                  f"command without --makefile for the evaluation and the report")
+            return
         print("\n".join(stages.plan))
         print(f"# then in this process, per modality and seed: FD / KID / memorization of the samples, the "
               f"downstream classifiers (Table 1: ViT x {args.preset['down_seeds']} seeds x (real only + "

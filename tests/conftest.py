@@ -114,3 +114,27 @@ def http_server(tmp_path):
     yield f"http://127.0.0.1:{srv.server_address[1]}", folder, Handler
     srv.shutdown()
     srv.server_close()
+
+
+SMOKE_FLAGS = {"classify.chestxray_study": ["--size", "32"],  # 32 px: the CVAE's 64 px samples get resized
+               "classify.medmnist_study": ["--datasets", "breast,path"],  # path: not embedded, a "not run" row
+               "vae.skintone_study": []}
+
+
+@pytest.fixture(scope="session")
+def smoke_study(tmp_path_factory):
+    """smoke_study(module) -> (out, runs, completed process) of the study's smoke chain, run once per test session
+    (its stage processes are what costs: each study's tests share one run)."""
+    import subprocess
+    done = {}
+
+    def get(module):
+        if module not in done:
+            base = tmp_path_factory.mktemp(module.split(".")[-1])
+            r = subprocess.run([sys.executable, "-m", module, "--smoke", *SMOKE_FLAGS[module], "--out",
+                                str(base / "out"), "--runs", str(base / "runs")], cwd=ROOT, capture_output=True,
+                               text=True, timeout=900)
+            assert r.returncode == 0, r.stderr[-3000:]
+            done[module] = (base / "out", base / "runs", r)
+        return done[module]
+    return get

@@ -75,10 +75,8 @@ def test_cvae_resume_equals_an_unbroken_run_and_samples(tmp_path):
     assert all((row == pool).all(1).any() for row in z["labels"]) and list(z["label_names"]) == NIH_LABELS
 
 
-def test_chestxray_study_smoke_chain(tmp_path):
-    out = tmp_path / "smoke-chestxray"
-    # --size 32: the classifier below the CVAE's 64 px, so its samples are resized on the way
-    run("classify.chestxray_study", "--smoke", "--size", "32", "--out", str(out), "--runs", str(tmp_path / "runs"))
+def test_chestxray_study_smoke_chain(smoke_study):
+    out, runs, _ = smoke_study("classify.chestxray_study")  # --size 32: the CVAE's 64 px samples are resized
     s = json.loads((out / "summary.json").read_text())
     assert s["scale"] == "smoke" and set(s["conditions"]) == {"balanced_real", "imbalanced_real",
                                                                "imbalanced_synth", "imbalanced_reweight"}
@@ -108,7 +106,31 @@ def test_chestxray_study_smoke_chain(tmp_path):
                and r["b"] == "imbalanced_real")
     assert row["diff"] == pytest.approx(hand)
     assert s["answers"] and all("95% CI" in a for a in s["answers"])
-    assert not (ROOT / "results" / "smoke-chestxray").exists()
+    # the study is its stage commands: a CVAE, its samples and 4 classifiers per fold, each a folder of files
+    stages = json.loads((out / "stages.json").read_text())["stages"]
+    assert len(stages) == 2 * 6 and sum("-m classify.train_chexnet" in c for c in stages) == 8
+    assert all((runs / f"fold{k}" / c / "preds.csv").is_file() for k in range(2) for c in s["conditions"])
+    # no CVAE saw its fold's test or validation patients
+    for k in range(2):
+        sets = pd.read_csv(runs / f"fold{k}" / "sets.csv")
+        pid = dict(zip(preds.image, preds.patient_id))
+        held_out = {pid[i] for i in sets[sets.set.isin(["test", "val"])].image}
+        assert held_out and not held_out & {pid[i] for i in sets[sets.set == "cvae_train"].image}
+
+
+def test_chestxray_dry_run_prints_the_stages_and_writes_nothing(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "classify.chestxray_study", "--smoke", "--dry-run", "--out",
+                        str(tmp_path / "out"), "--runs", str(tmp_path / "runs")], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    lines = [l for l in r.stdout.splitlines() if l.startswith("python -m")]
+    assert len(lines) == 12 and lines[0].startswith("python -m vae.train_cvae") and "--epochs 2" in lines[2]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+    # a flag the user passes reaches every classifier stage
+    r = subprocess.run([sys.executable, "-m", "classify.chestxray_study", "--smoke", "--dry-run", "--epochs", "5",
+                        "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert sum("--epochs 5 " in l for l in r.stdout.splitlines() if "train_chexnet" in l) == 8
 
 
 def test_chestxray_study_runs_a_subset_of_conditions_without_the_cvae(tmp_path):
@@ -117,7 +139,7 @@ def test_chestxray_study_runs_a_subset_of_conditions_without_the_cvae(tmp_path):
         "--out", str(out), "--runs", str(runs))
     s = json.loads((out / "summary.json").read_text())
     assert list(s["conditions"]) == ["balanced_real", "imbalanced_reweight"]
-    assert not (out / "cvae_samples.png").exists() and not (runs / "fold0" / "ckpt.pt").exists()  # no CVAE trained
+    assert not (out / "cvae_samples.png").exists() and not (runs / "fold0" / "cvae").exists()  # no CVAE trained
     r = subprocess.run([sys.executable, "-m", "classify.chestxray_study", "--conditions", "balanced,real"], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 2 and "unknown balanced, real" in r.stderr

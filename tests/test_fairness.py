@@ -212,3 +212,12 @@ def test_figures_draw(tmp_path):
     for p in paths:
         img = np.asarray(Image.open(p).convert("L"), dtype=float)
         assert img.shape[1] > 200 and img.std() > 10  # drawn, not a blank canvas
+
+
+def test_average_ranks_equal_scipy_rankdata_with_and_without_ties():
+    from scipy.stats import rankdata
+    from fairness.metrics import average_ranks
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 300):
+        for x in (rng.normal(size=n), rng.integers(0, max(2, n // 4), n).astype(float), np.zeros(n)):
+            assert np.array_equal(average_ranks(x), rankdata(x))

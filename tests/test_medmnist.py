@@ -93,34 +93,51 @@ def test_generator_scripts_run(module, tmp_path):
     assert z["images"].shape == (10, 28, 28) and np.bincount(z["labels"]).tolist() == [5, 5]
 
 
-def test_resnet18_script_and_study_smoke(tmp_path):
+def test_resnet18_script_end_to_end(tmp_path):
+    """Whole official splits; and Chaptoukaev's subset with a generator's samples appended, scored in preds.csv."""
     run("classify.train_resnet18", "--npz", str(PROJECT_DATA / "medmnist/breastmnist.npz"), "--epochs", "1", "--width", "16",
             "--out-dir", str(tmp_path / "r18"))
     m = json.loads((tmp_path / "r18/metrics.json").read_text())
     assert 0 <= m["test_auc"] <= 1 and m["n"] == {"train": 546, "val": 78, "test": 156}
-    run("classify.medmnist_study", "--smoke", "--out", str(tmp_path / "mm"))
-    s = json.loads((tmp_path / "mm/summary.json").read_text())
-    assert set(s["auc"]) == {"breast", "pneumonia"} and set(s["auc"]["breast"]) == {"None", "AE", "cVAE", "cGAN"}
-    assert sorted(s["datasets_missing"]) == sorted(["path", "derma", "oct", "organa", "organc", "organs"])
-    table = (tmp_path / "mm/table2.md").read_text()
+    preds = pd.read_csv(tmp_path / "r18/preds.csv")
+    assert len(preds) == 156 and m["test_auc"] == pytest.approx(auroc(preds.label, preds.p_1))
+    images = np.random.default_rng(0).integers(0, 256, (10, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "g.npz", images=images, labels=np.r_[np.zeros(5), np.ones(5)].astype(int))
+    run("classify.train_resnet18", "--npz", str(PROJECT_DATA / "medmnist/breastmnist.npz"), "--per-class", "20",
+        "--synthetic", str(tmp_path / "g.npz"), "--tag", "method=AE", "--epochs", "1", "--width", "8",
+        "--out-dir", str(tmp_path / "sub"))
+    m = json.loads((tmp_path / "sub/metrics.json").read_text())
+    assert m["n"] == {"train": 36, "val": 4, "test": 156, "synthetic": 10}
+    assert set(pd.read_csv(tmp_path / "sub/preds.csv")["method"]) == {"AE"}
+
+
+def test_medmnist_study_smoke(smoke_study):
+    out, runs, _ = smoke_study("classify.medmnist_study")
+    s = json.loads((out / "summary.json").read_text())
+    assert set(s["auc"]) == {"breast"} and set(s["auc"]["breast"]) == {"None", "AE", "cVAE", "cGAN"}
+    assert s["datasets_missing"] == ["path"]
+    table = (out / "table2.md").read_text()
     assert "0.872" in table and "not run" in table and "**" in table
+    stages = json.loads((out / "stages.json").read_text())["stages"]
+    assert len(stages) == 2 * 7 and sum("-m classify.train_resnet18" in c for c in stages) == 8
     # one preds row per official test image, method and seed; the table's AUC recomputed from the file
-    preds = pd.read_csv(tmp_path / "mm/preds.csv", dtype={"method": str}, keep_default_na=False)
-    assert len(preds) == s["seeds"] * 4 * (156 + 621) and s["seeds"] == 2
+    preds = pd.read_csv(out / "preds.csv", dtype={"method": str}, keep_default_na=False)
+    assert len(preds) == s["seeds"] * 4 * 156 and s["seeds"] == 2
     b = preds[(preds.dataset == "breast") & (preds.method == "cGAN") & (preds.seed == 1)]
     assert auroc(b.label, b.p_1) == pytest.approx(s["auc_runs"]["breast"]["cGAN"][1])
     rows = s["comparisons"]
-    assert len(rows) == 2 * 3 * 2 and all(r["b"] == "None" and r["replicates"] == 2 for r in rows)
-    assert all(r["p_holm"] >= r["p"] and r["n_units"] in (156, 621) for r in rows)
+    assert len(rows) == 3 * 2 and all(r["b"] == "None" and r["replicates"] == 2 for r in rows)
+    assert all(r["p_holm"] >= r["p"] and r["n_units"] == 156 for r in rows)
     cmp = next(r for r in rows if r["metric"] == "breastmnist AUC" and r["a"] == "cGAN")
     assert cmp["diff"] == pytest.approx(np.mean(s["auc_runs"]["breast"]["cGAN"]) - np.mean(s["auc_runs"]["breast"]["None"]))
 
 
 def test_medmnist_flags_take_effect_at_the_quick_scale():
-    from classify.medmnist_study import QUICK, parse_args
+    from classify.medmnist_study import SCALES, parse_args
+    quick = SCALES["quick"]
     a = parse_args(["--epochs", "7", "--width", "8", "--batch-size", "16"])
-    assert (a.epochs, a.width, a.batch_size, a.select) == (7, 8, 16, QUICK["select"])  # given flags win
+    assert (a.epochs, a.width, a.batch_size, a.select) == (7, 8, 16, quick["select"])  # given flags win
     q = parse_args([])
-    assert (q.epochs, q.width, q.recipe) == (QUICK["classifier_epochs"], QUICK["classifier_width"], QUICK["recipe"])
+    assert (q.epochs, q.width, q.recipe, q.cgan_epochs) == (quick["epochs"], quick["width"], quick["recipe"], 1000)
     f = parse_args(["--scale", "full"])
     assert (f.epochs, f.width, f.recipe) == (100, 64, "paper")

@@ -35,7 +35,8 @@ def test_representation_effect_on_the_phantom(tmp_path):
     out = tmp_path / "sk"
     r = subprocess.run([sys.executable, "-m", "vae.skintone_study", "--no-pretrained", "--size", "16", "--epochs", "20",
                         "--n-test", "40", "--n-train", "200", "--repeats", "1", "--width", "16", "--latent-res", "4",
-                        "--n-boot", "100", "--perceptual-weight", "0", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+                        "--n-boot", "100", "--perceptual-weight", "0", "--out", str(out), "--runs",
+                        str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     mse = s["mse_median"]
@@ -47,13 +48,10 @@ def test_representation_effect_on_the_phantom(tmp_path):
     assert "PHANTOM" in (out / "medians.md").read_text() and "random VGG19" in (out / "medians.md").read_text()
 
 
-def test_smoke_compares_at_the_level_of_repeats(tmp_path):
+def test_smoke_compares_at_the_level_of_repeats(smoke_study):
     """The smoke chain: summary.json's comparisons have every key, one replicate per repeat, Holm p >= p; preds.csv
     has one row per test image, model and repeat with its id; the answers and per-repeat medians are there."""
-    out = tmp_path / "sk"
-    r = subprocess.run([sys.executable, "-m", "vae.skintone_study", "--smoke", "--no-pretrained", "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    out, runs, r = smoke_study("vae.skintone_study")
     s = json.loads((out / "summary.json").read_text())
     assert s["repeats"] == 2 and len(s["comparisons"]) == 11
     for c in s["comparisons"]:

@@ -4,9 +4,12 @@ replacement) from the CVAE's own training split, so finding co-occurrence is rea
 
     python -m vae.sample_cvae --ckpt runs/chestxray/cvae/ckpt.pt --n 500 --out runs/chestxray/cvae/synth.npz
 
-Writes `images` (N, 64, 64) uint8 and `labels` (N, 15) multi-hot (FORMULAS.md label order), and a PNG grid.
+Writes `images` (N, 64, 64) uint8, `labels` (N, 15) multi-hot (FORMULAS.md label order) and `meta` (JSON: the
+checkpoint, n, seed and the command's argv), and a PNG grid.
 """
 import argparse
+import json
+import sys
 
 import numpy as np
 import torch
@@ -44,7 +47,9 @@ def main(args):
     model, ck = load_cvae(args.ckpt, device_from(args.device))
     images, labels = sample(model, ck["train_labels"], args.n, args.seed, device_from(args.device))
     with written_together(out, out.with_suffix(".png")) as (tmp_npz, tmp_png):
-        np.savez_compressed(tmp_npz, images=images, labels=labels, label_names=np.array(NIH_LABELS))
+        meta = {"ckpt": str(args.ckpt), "n": args.n, "seed": args.seed, "argv": sys.argv[1:]}  # argv: stage reuse
+        np.savez_compressed(tmp_npz, images=images, labels=labels, label_names=np.array(NIH_LABELS),
+                            meta=json.dumps(meta))
         save_grid(images[:32], tmp_png, nrow=4, title="synthetic female X-rays (CVAE)")
     print(f"wrote {len(images)} synthetic images to {out}")
 

@@ -2,8 +2,11 @@
 
 Skin types: light = Fitzpatrick 1-2, dark = 5-6 (3-4 and unknown dropped). Per repeat: two test sets (light and
 dark, --n-test each, disjoint), then three training sets of --n-train images drawn with replacement from the rest:
-A 100% light, B 50/50, C 100% dark. A residual perceptual VAE (vae/train_resvae.py) is trained on each and every
-test image gets its reconstruction MSE and mean latent std (preds.csv, one row per test image and repeat).
+A 100% light, B 50/50, C 100% dark (the repeat's split file, runs/<out>/repeat<r>/sets.csv). Stage: a residual
+perceptual VAE (vae.train_resvae, its own command; `--dry-run` prints them) is trained on each set, and every
+test image gets its reconstruction MSE and mean latent std (its preds.csv; gathered into --out/preds.csv, one row
+per test image, training set and repeat). The report reads only those files; SCALES below holds each scale's
+settings.
 
 Inference is at the level of repeats, since each repeat trains its own models on its own draw: a statistic is the
 median MSE of a repeat's test images, averaged over repeats, and its CI comes from a two-level bootstrap (draw
@@ -20,7 +23,8 @@ procedural skin phantom (common/phantom.py), and every title says PHANTOM.
     python -m vae.skintone_study --smoke --out smoke/skintone   # seconds
 """
 import argparse
-import sys
+import json
+from pathlib import Path
 import time
 
 import numpy as np
@@ -28,22 +32,29 @@ import pandas as pd
 import torch
 from scipy.stats import mannwhitneyu, spearmanr
 
-from common.cli import ArgumentParser, positive_int, run
+from common.cli import ArgumentParser, as_argv, positive_int, run
 from common.report import save_grid, write_table
-from common.runs import device_from, prepare_out_dir, seed_everything, write_config, write_json
+from common.runs import default_runs, prepare_out_dir, write_config, write_json
+from common.splits import write_sets
+from common.stages import Stages
 from fairness.compare import COMPARISON_HEADER, answer, comparison, comparison_rows, paired_difference_replicates, \
     with_holm
 from fairness.figures import boxplots
 from vae.skin import SETS, draw_train_set, load_skin
-from vae.train_resvae import VGGPerceptual, add_args, fit, measure
+from vae.train_resvae import add_args
 
-# quick: as many repeats as 30 min on 2 CPU cores allow: 3 repeats took 10.8 min (README), so 6 take ~22 min, with
-# room for machines 1.5x slower (inference is at the level of repeats, so the repeats are what buys power);
-# full: the paper's; smoke: tiny, but 2 repeats so that the two-level bootstrap has replicates to draw.
+# Every setting a scale sets, in one place (a flag given on the command line wins). quick: as many repeats as 30
+# min on 2 CPU cores allow: 3 repeats took 10.8 min (README), so 6 take ~22 min, with room for machines 1.5x slower
+# (inference is at the level of repeats, so the repeats are what buys power); a random VGG19 (no download; pass
+# --pretrained for ImageNet weights). full: the paper's sizes and ImageNet VGG19. smoke: tiny, but 2 repeats so that
+# the two-level bootstrap has replicates to draw.
 SCALES = {
-    "quick": {"size": 32, "n_test": 100, "n_train": 200, "epochs": 15, "repeats": 6},
-    "full": {"size": 64, "n_test": 500, "n_train": 1668, "epochs": 15, "repeats": 10},
-    "smoke": {"size": 16, "n_test": 8, "n_train": 24, "epochs": 1, "repeats": 2},
+    "quick": {"size": 32, "n_test": 100, "n_train": 200, "epochs": 15, "repeats": 6, "pretrained": False,
+              "width": 32, "latent_res": 8, "n_boot": 1000},
+    "full": {"size": 64, "n_test": 500, "n_train": 1668, "epochs": 15, "repeats": 10, "pretrained": True,
+             "width": 32, "latent_res": 8, "n_boot": 1000},
+    "smoke": {"size": 16, "n_test": 8, "n_train": 24, "epochs": 1, "repeats": 2, "pretrained": False,
+              "width": 8, "latent_res": 4, "n_boot": 50},
 }
 GROUPS = ("light", "dark")
 QUESTIONS = ("Does the VAE reconstruct dark skin worse when trained on light skin (set A)?",
@@ -52,32 +63,98 @@ QUESTIONS = ("Does the VAE reconstruct dark skin worse when trained on light ski
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", default="quick", choices=list(SCALES),
+                   help="the settings of SCALES at the top of this file; every flag below overrides its scale's value")
+    p.add_argument("--smoke", action="store_true", help="the same as --scale smoke")
     p.add_argument("--data-root", default=None, help="Fitzpatrick17k folder; default: the skin phantom")
-    p.add_argument("--scale", default="quick", choices=["quick", "full"], help="sizes below (flags override)")
-    p.add_argument("--smoke", action="store_true", help="tiny run to test the chain")
-    p.add_argument("--n-test", type=positive_int, default=None, help="test images per group (quick 100, full 500)")
-    p.add_argument("--n-train", type=positive_int, default=None, help="training images per set (quick 200, full 1668)")
-    p.add_argument("--repeats", type=positive_int, default=None, help="repeats (quick 6, full 10)")
-    p.add_argument("--n-boot", type=positive_int, default=1000,
-                   help="two-level bootstrap resamples (repeats, then test images)")
-    p.add_argument("--seed", type=int, default=0, help="seed")
-    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
-    p.add_argument("--out", default="results/skintone", help="figures, tables, summary.json")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
-    add_args(p)
+    p.add_argument("--n-test", type=positive_int, help="test images per group")
+    p.add_argument("--n-train", type=positive_int, help="training images per set")
+    p.add_argument("--repeats", type=positive_int, help="repeats (each its own test images, training draws, models)")
+    p.add_argument("--n-boot", type=positive_int, help="two-level bootstrap resamples (repeats, then test images)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws; the model of repeat r and set s gets "
+                                                        "seed * 1000 + 10 r + ord(s)")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (passed to every stage)")
+    p.add_argument("--out", default="results/skintone", help="figures, tables, preds.csv, summary.json")
+    p.add_argument("--runs", default=None, help="stage folders (default: runs/<--out>); a stage whose folder records "
+                   "the same command is reused")
+    p.add_argument("--force", action="store_true", help="replace an existing --out (stage folders are reused)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the stage commands (those a run would reuse marked '# reuse: ') and exit; writes nothing")
+    p.add_argument("--makefile", default=None,
+                   help="write the split files and the stages as a makefile here and exit: `make -j N -f FILE` runs "
+                        "them, and the study run afterwards reuses them and writes the report")
+    add_args(p)  # the VAE's flags (vae/train_resvae.py), passed to every training stage
+    pre, _ = p.parse_known_args(argv)
+    scale = "smoke" if pre.smoke else pre.scale
+    p.set_defaults(**SCALES[scale])
     args = p.parse_args(argv)
-    preset = SCALES["smoke" if args.smoke else args.scale]
-    for k in ("n_test", "n_train", "repeats"):
-        if getattr(args, k) is None:
-            setattr(args, k, preset[k])
-    given = sys.argv[1:] if argv is None else argv
-    if "--size" not in given:
-        args.size = preset["size"]
-    if "--epochs" not in given:
-        args.epochs = preset["epochs"]
-    if args.smoke:
-        args.width, args.latent_res, args.n_boot = 8, 4, 50
+    args.scale = scale
     return args
+
+
+def image_name(path):
+    return str(path).replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def repeat_sets(t, r, args):
+    """Repeat r's sets {name: image names}: the light and dark test images, and the training sets A, B, C drawn
+    with replacement from the rest (one generator per repeat, in this order)."""
+    groups = t["group"].to_numpy()
+    rng = np.random.default_rng(args.seed + r)
+    test = {g: rng.choice(np.nonzero(groups == g)[0], args.n_test, replace=False) for g in GROUPS}
+    pool = np.setdiff1d(np.arange(len(t)), np.r_[test["light"], test["dark"]])
+    idx = {**test, **{s: draw_train_set(t, pool, s, args.n_train, rng) for s in SETS}}
+    names = np.array([image_name(i) for i in t["image"]])
+    return {k: names[v] for k, v in idx.items()}
+
+
+def main(args):
+    t0 = time.time()
+    t, _, data = load_skin(args.data_root, args.size)  # inputs first: the phantom is made (once) here
+    runs = Path(args.runs or default_runs(args.out))
+    stages = Stages(dry=args.dry_run or bool(args.makefile))
+    if not stages.dry:
+        out = prepare_out_dir(args.out, args.force)
+        write_config(out, args, data=data, sizes={k: getattr(args, k) for k in (
+            "size", "n_test", "n_train", "epochs", "repeats")})
+    cells = []
+    for r in range(args.repeats):
+        sets_file = runs / f"repeat{r}" / "sets.csv"
+        sets = repeat_sets(t, r, args)
+        if not args.dry_run:
+            write_sets(sets_file, sets)
+        for s in SETS:
+            if not stages.dry:
+                print(f"repeat {r + 1}/{args.repeats}, training set {s} ({time.time() - t0:.0f} s)", flush=True)
+            cell = runs / f"repeat{r}" / s
+            stages.script("vae.train_resvae", (["--data-root", args.data_root] if args.data_root else []) + [
+                "--sets", sets_file, "--train-set", s, "--test-sets", ",".join(GROUPS), "--seed",
+                args.seed * 1000 + r * 10 + ord(s), "--device", args.device, "--tag", f"repeat={r}", "--tag",
+                f"train_set={s}", *as_argv(add_args, args), "--out-dir", cell], cell, deps=[sets_file])
+            cells.append((r, s, cell))
+    if args.dry_run:
+        print("\n".join(stages.plan))
+        print(f"# then in this process: preds.csv (the stages' preds.csv together), the tables and figures in "
+              f"{args.out}")
+        return
+    if args.makefile:
+        print(f"wrote {stages.write_makefile(args.makefile)}: run `make -j N -f {args.makefile}`, then this command "
+              f"without --makefile for the report")
+        return
+    df = pd.concat([pd.read_csv(cell / "preds.csv") for _, _, cell in cells], ignore_index=True)
+    df.to_csv(out / "preds.csv", index=False)  # one row per test image, training set and repeat
+    grids = {}
+    for r, s, cell in cells:
+        if r == 0:
+            with np.load(cell / "recon.npz") as z:
+                for g in GROUPS:
+                    grids[(s, g)] = (torch.from_numpy(z[f"{g}_original"]), torch.from_numpy(z[f"{g}_recon"]))
+    vgg = json.loads((cells[0][2] / "metrics.json").read_text())["vgg"]
+    tag = ("PHANTOM data" if data == "phantom" else data) + ("" if vgg.startswith("imagenet")
+                                                              else ", random VGG19 (no ImageNet weights)") + \
+        ("" if args.perceptual_weight else ", perceptual term off")
+    write_json(out / "stages.json", {"stages": stages.commands, "reused": stages.reused})
+    report(df, grids, args, out, data, tag, vgg, args.scale, time.time() - t0)
 
 
 def median_of(v):
@@ -164,44 +241,6 @@ def answers(comparisons):
             + "; and " + closes]
 
 
-def main(args):
-    t0 = time.time()
-    device = device_from(args.device)
-    out = prepare_out_dir(args.out, args.force)
-    seed_everything(args.seed)
-    t, x, data = load_skin(args.data_root, args.size)
-    groups = t["group"].to_numpy()
-    vgg = VGGPerceptual(args.pretrained, args.vgg_weights).to(device)
-    tag = ("PHANTOM data" if data == "phantom" else data) + ("" if args.pretrained or args.vgg_weights
-                                                              else ", random VGG19 (no ImageNet weights)") + \
-        ("" if args.perceptual_weight else ", perceptual term off")
-    scale = "smoke" if args.smoke else args.scale
-    write_config(out, args, data=data, weights=f"VGG19: {vgg.source}", sizes={k: getattr(args, k) for k in (
-        "size", "n_test", "n_train", "epochs", "repeats")})
-    rows, grids = [], {}
-    for r in range(args.repeats):
-        rng = np.random.default_rng(args.seed + r)
-        test = {g: rng.choice(np.nonzero(groups == g)[0], args.n_test, replace=False) for g in ("light", "dark")}
-        pool = np.setdiff1d(np.arange(len(t)), np.r_[test["light"], test["dark"]])
-        for s in SETS:
-            print(f"repeat {r + 1}/{args.repeats}, training set {s} ({time.time() - t0:.0f} s)", flush=True)
-            train = draw_train_set(t, pool, s, args.n_train, rng)
-            seed = args.seed * 1000 + r * 10 + ord(s)
-            run_args = argparse.Namespace(**{**vars(args), "seed": seed})
-            model, hist = fit(x[train], run_args, vgg, device, progress=False)
-            for g, idx in test.items():
-                mse, std, rec = measure(model, x[idx], device)
-                rows += [{"repeat": r, "train_set": s, "image": str(t["image"].iloc[i]).replace("\\", "/")
-                          .rsplit("/", 1)[-1], "test_group": g, "skin_type": int(t["skin_type"].iloc[i]),
-                          "diagnosis": t["diagnosis_nine"].iloc[i], "mse": m, "latent_std": sd, "seed": seed}
-                         for m, sd, i in zip(mse, std, idx)]
-                if r == 0:
-                    grids[(s, g)] = (x[idx[:8]], rec[:8])
-    df = pd.DataFrame(rows)
-    df.to_csv(out / "preds.csv", index=False)  # the stage's per-image file: one row per test image and repeat
-    report(df, grids, args, out, data, tag, vgg, scale, time.time() - t0)
-
-
 def report(df, grids, args, out, data, tag, vgg, scale, seconds):
     """Tables, figures and summary.json from the per-image rows (preds.csv)."""
     repeats = sorted(df["repeat"].unique())
@@ -209,8 +248,8 @@ def report(df, grids, args, out, data, tag, vgg, scale, seconds):
            f"95% CI of the mean over repeats of the per-repeat median")
     summary = {"mse_median": {}, "mse_median_ci": {}, "latent_std_median": {}, "latent_std_median_ci": {},
                "median_per_repeat": {}, "latent_std_median_per_repeat": {}, "spearman_std_mse": {}, "ci_method": how,
-               "repeats": len(repeats), "data": data, "pretrained": vgg.source.startswith("imagenet"),
-               "vgg": vgg.source, "scale": scale,
+               "repeats": len(repeats), "data": data, "pretrained": vgg.startswith("imagenet"),
+               "vgg": vgg, "scale": scale,
                "sizes": {k: getattr(args, k) for k in ("size", "n_test", "n_train", "epochs")}, "seconds": seconds}
     table, corr_rows, repeat_rows = [], [], []
     for s in SETS:
@@ -243,7 +282,7 @@ def report(df, grids, args, out, data, tag, vgg, scale, seconds):
                 notes=[f"{n}; MSE of decode(mu(x)) on the [0, 1] scale. CI: {how}. Light vs dark and the training "
                        f"sets are compared in comparisons.md. Paper (Fitzpatrick17k): MSE below 0.07 for all, light < "
                        f"dark in every training set including 50/50. Sizes: {summary['sizes']} (quick scale chosen "
-                       f"for a 2-core CPU; full: 64 px, 500 / 1,668, 15 epochs, 10 repeats). VGG19: {vgg.source}. "
+                       f"for a 2-core CPU; full: 64 px, 500 / 1,668, 15 epochs, 10 repeats). VGG19: {vgg}. "
                        f"Wall time {seconds / 60:.1f} min."])
     comparisons = compare_groups(df, args.n_boot, args.seed)
     summary["comparisons"], summary["answers"] = comparisons, answers(comparisons)

@@ -14,6 +14,7 @@ batch 64, up to 100 epochs, early stopping on the validation loss (patience 10),
 """
 import argparse
 import copy
+from pathlib import Path
 import time
 
 import numpy as np
@@ -28,7 +29,7 @@ from common.data import PROJECT_DATA, DataError, label_matrix, read_nih, to_sign
 from common.report import fit_title, save_grid
 from common.runs import (add_common_args, check_finite, device_from, load_checkpoint, load_weights, prepare_out_dir,
                          save_checkpoint, seed_everything, write_config, write_json)
-from common.splits import patient_split
+from common.splits import patient_split, read_sets
 
 N_COND = 15
 
@@ -186,6 +187,10 @@ def parse_args(argv=None):
     p.add_argument("--data-root", default=str(PROJECT_DATA / "nih_cxr14"), help="NIH images (any depth) + labels")
     p.add_argument("--csv", default=None, help="label table (default: found under --data-root)")
     p.add_argument("--split-seed", type=int, default=0, help="patient-level split seed (70/10/20 by sex)")
+    p.add_argument("--sets", default=None,
+                   help="a split file (set,image rows; common.splits.write_sets) instead of the --split-seed split")
+    p.add_argument("--train-set", default="train", help="--sets: the set to train on")
+    p.add_argument("--val-set", default="val", help="--sets: the set for early stopping")
     p.add_argument("--limit", type=positive_int, default=None, help="use at most this many training images (smoke tests)")
     p.add_argument("--latent", type=positive_int, default=128, help="latent dimension")
     p.add_argument("--beta", type=nonneg_float, default=0.00025, help="KL weight")
@@ -205,12 +210,19 @@ def main(args):
         resumable(out / "ckpt.pt", args)  # refuse a checkpoint of another shape before config.json is rewritten
     seed_everything(args.seed)
     t = read_nih(args.data_root, args.csv)
-    split = patient_split(t, seed=args.split_seed, stratify="sex")
-    female = (t["sex"] == "F").to_numpy()
-    tr, va = np.nonzero(female & (split == "train"))[0], np.nonzero(female & (split == "val"))[0]
-    if args.limit:
-        tr, va = tr[:args.limit], va[:max(8, args.limit // 4)]
-    x, ok = load_images(t["image"].iloc[np.r_[tr, va]], 64, "L")  # unreadable images: named in a warning
+    if args.sets:  # a study's split file: the named sets, as they are (the study puts women's images in them)
+        idx = read_sets(args.sets, [Path(i).name for i in t["image"]], [args.train_set, args.val_set])
+        tr, va = idx[args.train_set], idx[args.val_set]
+        female = (t["sex"] == "F").to_numpy()
+        x, ok = load_images(t["image"], 64, "L")  # the whole table: one cache for every fold's stage
+        x, ok = x[np.r_[tr, va]], ok[np.r_[tr, va]]
+    else:
+        split = patient_split(t, seed=args.split_seed, stratify="sex")
+        female = (t["sex"] == "F").to_numpy()
+        tr, va = np.nonzero(female & (split == "train"))[0], np.nonzero(female & (split == "val"))[0]
+        if args.limit:
+            tr, va = tr[:args.limit], va[:max(8, args.limit // 4)]
+        x, ok = load_images(t["image"].iloc[np.r_[tr, va]], 64, "L")  # unreadable images: named in a warning
     tr, va = tr[ok[:len(tr)]], va[ok[len(tr):]]  # ... and left out
     if len(tr) == 0 or len(va) == 0:
         raise DataError(f"--data-root {args.data_root}: {len(tr)} readable female training and {len(va)} validation "
@@ -220,7 +232,7 @@ def main(args):
     x = to_signed(x[ok])
     data = "nih1000" if args.data_root == str(PROJECT_DATA / "nih_cxr14") else f"nih ({args.data_root})"
     write_config(out, args, data=data, weights="none (from scratch)", n_train=len(tr), n_val=len(va),
-                 sex="female only")
+                 sex="female only" if female[np.r_[tr, va]].all() else "mixed")
     t0 = time.time()
     model, history = fit(x[:len(tr)], y[:len(tr)], x[len(tr):], y[len(tr):], args, out, device, args.resume)
     best = min(history, key=lambda h: h["val_loss"])

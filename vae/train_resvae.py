@@ -20,16 +20,18 @@ import argparse
 import time
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.cli import ArgumentParser, nonneg_float, positive_float, positive_int, run
+from common.cli import ArgumentParser, key_values, nonneg_float, positive_float, positive_int, run
 from common.data import DataError
 from common.runs import (add_common_args, check_finite, device_from, load_state_dict_file, prepare_out_dir,
                          save_checkpoint, seed_everything, write_config, write_json)
-from vae.skin import draw_train_set, load_skin
+from common.splits import read_sets
+from vae.skin import SETS, draw_train_set, load_skin
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -189,25 +191,58 @@ def add_args(p):
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default=None, help="Fitzpatrick17k (csv + images); default: the skin phantom")
-    p.add_argument("--train-set", default="B", choices=["A", "B", "C"], help="A 100%% light, B 50/50, C 100%% dark")
+    p.add_argument("--train-set", default="B",
+                   help="A 100%% light, B 50/50, C 100%% dark (drawn here); with --sets, a set of that file")
     p.add_argument("--n-train", type=positive_int, default=1668, help="training images, drawn with replacement")
+    p.add_argument("--sets", default=None,
+                   help="a split file (set,image rows; common.splits.write_sets): train on its --train-set and "
+                        "measure its --test-sets")
+    p.add_argument("--test-sets", default="", help="comma-separated sets of --sets whose images get their MSE and "
+                                                   "latent std in preds.csv (e.g. light,dark)")
+    p.add_argument("--vgg-seed", type=int, default=0,
+                   help="seed of the VGG19's random weights under --no-pretrained (one fixed random perceptual net "
+                        "for every training set)")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                   help="a column written into preds.csv, e.g. --tag repeat=0")
     add_args(p)
     add_common_args(p, "runs/skintone/resvae")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.sets and args.train_set not in SETS:
+        p.error(f"--train-set {args.train_set}: choose A, B or C (or name a set of a --sets file)")
+    return args
 
 
 def main(args):
     device = device_from(args.device)
+    keys = key_values(args.tag)  # bad input first, before the run folder is touched
     out = prepare_out_dir(args.out_dir, args.force)
     seed_everything(args.seed)
     t, x, data = load_skin(args.data_root, args.size)
-    rng = np.random.default_rng(args.seed)
-    idx = draw_train_set(t, np.arange(len(t)), args.train_set, args.n_train, rng)
+    tests = [s for s in args.test_sets.split(",") if s]
+    if args.sets:
+        names = [str(i).replace("\\", "/").rsplit("/", 1)[-1] for i in t["image"]]
+        sets = read_sets(args.sets, names, [args.train_set, *tests])
+        idx = sets[args.train_set]
+    else:
+        if tests:
+            raise DataError("--test-sets needs --sets (the file that names the test images)")
+        idx = draw_train_set(t, np.arange(len(t)), args.train_set, args.n_train, np.random.default_rng(args.seed))
+    torch.manual_seed(args.vgg_seed)  # the random VGG19 (--no-pretrained) is the same for every run
     vgg = VGGPerceptual(args.pretrained, args.vgg_weights).to(device)
     write_config(out, args, data=data, weights=f"VGG19: {vgg.source}")
     t0 = time.time()
     model, history = fit(x[idx], args, vgg, device)
     save_checkpoint({"model": model.state_dict(), "args": vars(args)}, out / "ckpt.pt")
+    rows, recons = [], {}
+    for g in tests:  # per test image: reconstruction MSE and latent std; the first 8 reconstructions for figures
+        mse, std, rec = measure(model, x[sets[g]], device)
+        rows += [{**keys, "image": names[i], "test_group": g, "skin_type": int(t["skin_type"].iloc[i]),
+                  "diagnosis": t["diagnosis_nine"].iloc[i], "mse": m, "latent_std": sd, "seed": args.seed}
+                 for m, sd, i in zip(mse, std, sets[g])]
+        recons[f"{g}_original"], recons[f"{g}_recon"] = x[sets[g][:8]].numpy(), rec[:8].numpy()
+    if tests:
+        pd.DataFrame(rows).to_csv(out / "preds.csv", index=False)
+        np.savez_compressed(out / "recon.npz", **recons)
     write_json(out / "metrics.json", {"history": history, "seconds": time.time() - t0, "data": data,
                                       "vgg": vgg.source, "n_train": len(idx)})
     print(f"ResVAE on set {args.train_set} ({data}, VGG19 {vgg.source}): final MSE {history[-1]['mse']:.4f}")

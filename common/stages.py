@@ -1,0 +1,108 @@
+"""A study as the list of its stage commands. Each stage is a script run as its own process (`python -m module
+argv --force`) that writes files; it is skipped when its output exists with the command that made it recorded
+beside it (the stage's config.json "argv", or a samples file's "meta") and is newer than every file it depends on
+(as make would: a retrained generator redoes the classifiers that use its samples). A change to the code itself is
+not detected: use a new --runs folder, or --force there.
+
+Three ways to run the same list:
+    Stages()                 run each stage now, in order (one process at a time)
+    Stages(dry=True)         run nothing: `plan` lists every command, "# reuse: " before those a run would skip
+    stages.write_makefile(p) the same stages as make rules (target: the stage's output; prerequisites: the outputs
+                             it reads), so that `make -j N -f p` runs independent stages in parallel
+
+    stages = Stages()
+    stages.script("vae.train_cvae", argv, folder)                    # done: folder/metrics.json
+    stages.samples("vae.sample_cvae", argv, out_npz, deps=[folder / "metrics.json"])
+"""
+import json
+from pathlib import Path
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+
+from common.data import DataError
+
+
+def recorded_argv(cfg):
+    """The argv (without --force) a script recorded in its config.json, or None."""
+    try:
+        return [a for a in json.loads(Path(cfg).read_text())["argv"][1:] if a != "--force"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def samples_argv(path):
+    """The argv (without --force) a sampling script recorded in its .npz's meta, or None."""
+    try:
+        with np.load(path) as z:
+            return [a for a in json.loads(str(z["meta"]))["argv"] if a != "--force"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+class Stages:
+    """rules: (output, dependencies, argv line, fresh) per stage, in order; `reused`: the outputs this invocation
+    took from earlier runs instead of running their stage (its wall time leaves those out)."""
+
+    def __init__(self, dry=False):
+        self.dry, self.rules, self.reused = dry, [], []
+
+    @property
+    def commands(self):
+        return [line for _, _, line, _ in self.rules]
+
+    @property
+    def plan(self):
+        return [("# reuse: " if fresh else "") + line for _, _, line, fresh in self.rules]
+
+    def run(self, module, argv, done, recorded, deps=()):
+        """Run `python -m module *argv --force` unless `done` exists, recorded(done) == argv, and done is newer
+        than every file in deps. recorded: the argv (no --force) stored beside the output, or None."""
+        done, deps = Path(done), [Path(d) for d in deps]
+        argv = [str(a) for a in argv]
+        line = " ".join(["python", "-m", module, *map(shlex.quote, argv), "--force"])
+        fresh = done.is_file() and recorded(done) == argv and all(
+            not d.is_file() or d.stat().st_mtime <= done.stat().st_mtime for d in deps)
+        self.rules.append((done, deps, line, fresh))
+        if self.dry:
+            return
+        if fresh:
+            print(f"  reuse {done.parent if done.name == 'metrics.json' else done}", flush=True)
+            self.reused.append(str(done))
+            return
+        child = subprocess.Popen([sys.executable, "-m", module, *argv, "--force"])
+        try:
+            rc = child.wait()
+        except BaseException:  # Ctrl-C or a kill of the study: the stage gets SIGTERM and puts back what it replaced
+            child.terminate()
+            child.wait()
+            raise
+        if rc:
+            raise DataError(f"stage failed (exit {rc}; its message is above): {line}")
+
+    def script(self, module, argv, folder, deps=()):
+        """A training stage: done when folder/metrics.json exists, folder/config.json recorded this argv, and it is
+        newer than deps."""
+        self.run(module, argv, Path(folder) / "metrics.json",
+                 lambda done: recorded_argv(done.parent / "config.json"), deps)
+
+    def samples(self, module, argv, out, deps=()):
+        """A sampling stage: done when the .npz `out` records this argv in its meta and is newer than deps."""
+        self.run(module, argv, out, samples_argv, deps)
+
+    def write_makefile(self, path):
+        """The stages as make rules: each output depends on the files its stage reads; a stage that is not fresh
+        (other argv recorded, or none) also depends on FORCE, so make reruns it. Recipes call $(PYTHON) (default:
+        this interpreter) from the folder make runs in. Returns the path."""
+        path = Path(path)
+        rules = ["# written by a study's --makefile; run with `make -j N -f " + str(path) + "`",
+                 f"PYTHON ?= {sys.executable}", ".PHONY: all FORCE", "all: " + " ".join(str(d) for d, *_ in self.rules),
+                 "FORCE:"]
+        for done, deps, line, fresh in self.rules:
+            prereq = " ".join([str(d) for d in deps] + ([] if fresh else ["FORCE"]))
+            rules += [f"{done}: {prereq}".rstrip(), "\t" + line.replace("python -m ", "$(PYTHON) -m ", 1)]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(rules) + "\n")
+        return path
