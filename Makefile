@@ -7,7 +7,8 @@ SEED ?= 0
 # A GPU box with its own python runs `make <target> PYTHON=python3`: no venv needed there.
 SETUP := $(if $(filter .venv/bin/python,$(PYTHON)),.venv/.stamp,)
 DATA_ROOT ?=
-# extra flags for a study's command, e.g. `make chestxray ARGS="--epochs 30"` (`make -n chestxray` prints it)
+# extra flags for a study's command, e.g. `make chestxray ARGS="--epochs 30"` (`make chestxray DRY=1` prints the
+# stage commands they make)
 ARGS ?=
 # quick results live in results/ (committed), full-scale ones in results-full/, smoke runs in smoke/:
 # a smoke or quick run can never overwrite full results.
@@ -40,7 +41,7 @@ all: chestxray skintone medmnist fairgen ## the four studies, quick scale (hours
 # DRY=1 prints every stage command instead (those a run would reuse marked '# reuse: ').
 define staged
 	$(PYTHON) -m $(1) $(FLAGS) --out $(OUT)/$(2) $(3) $(ARGS) $(if $(DRY),--dry-run,--makefile runs/$(OUT)/$(2).mk)
-	$(if $(DRY),@true,$(MAKE) -f runs/$(OUT)/$(2).mk PYTHON=$(PYTHON))
+	$(if $(DRY),@true,if [ -f runs/$(OUT)/$(2).mk ]; then $(MAKE) -f runs/$(OUT)/$(2).mk PYTHON=$(PYTHON); fi)
 	$(if $(DRY),@true,$(PYTHON) -m $(1) $(FLAGS) --out $(OUT)/$(2) $(3) $(ARGS))
 endef
 
@@ -54,7 +55,7 @@ medmnist: $(SETUP) ## Chaptoukaev: AE / cVAE / cGAN augmentation, ResNet-18 -> r
 	$(call staged,classify.medmnist_study,medmnist,$(if $(DATA_ROOT),--data-root $(DATA_ROOT)))
 
 fairgen: $(SETUP) ## FairGen with our DDPM: resampling, CB loss, DPO; downstream fairness -> results/fairgen
-	$(PYTHON) -m diffusion.fairgen_study $(FLAGS) --out $(OUT)/fairgen $(if $(DATA_ROOT),--skin-root $(DATA_ROOT)) $(ARGS)
+	$(call staged,diffusion.fairgen_study,fairgen,$(if $(DATA_ROOT),--skin-root $(DATA_ROOT)))
 
 ddpm: $(SETUP) ## quick NIH DDPM (32 px, ~25 min CPU) + DDIM-50 vs DDPM-1000 domain FD, 40 samples each -> results/ddpm
 	$(PYTHON) -m diffusion.train_ddpm --data nih --size 32 --width 32 --mults 1,2,2 --num-res 1 --attn-res 8 \

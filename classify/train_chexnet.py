@@ -190,7 +190,8 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default=str(PROJECT_DATA / "nih_cxr14"), help="NIH images + label table")
     p.add_argument("--csv", default=None, help="label table (default: found under --data-root)")
-    p.add_argument("--split-seed", type=int, default=0, help="patient-level split seed (70/10/20, by sex)")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="patient-level split seed (70/10/20, by sex); not used with --sets")
     p.add_argument("--sets", default=None,
                    help="a split file (set,image rows; common.splits.write_sets) instead of the --split-seed split")
     p.add_argument("--train-set", default="train", help="--sets: the set to train on")
@@ -207,7 +208,10 @@ def parse_args(argv=None):
                    help="a column written into preds.csv, e.g. --tag fold=0 --tag condition=balanced_real")
     add_args(p)
     add_common_args(p, "runs/chestxray/chexnet")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.sets and (args.train_set, args.val_set, args.test_set) != ("train", "val", "test"):
+        p.error("--train-set, --val-set and --test-set name sets of a --sets file; pass one")
+    return args
 
 
 def col(name):
@@ -250,7 +254,7 @@ def read_synthetic(path):
 
 def main(args):
     device = device_from(args.device)
-    keys = key_values(args.tag)  # bad input first, before the run folder is touched
+    keys = key_values(args.tag, reserved=("image", "patient_id", "sex", "age", "seed", "arch", "split"))
     out = prepare_out_dir(args.out_dir, args.force)
     seed_everything(args.seed)
     t = read_nih(args.data_root, args.csv)

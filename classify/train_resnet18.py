@@ -140,15 +140,15 @@ def read_samples(path, shape):
 
 def main(args):
     device = device_from(args.device)
-    keys = key_values(args.tag)  # bad input first, before the run folder is touched
-    out = prepare_out_dir(args.out_dir, args.force)
-    seed_everything(args.seed)
+    keys = key_values(args.tag, reserved=("seed", "image", "label", "pred"))  # bad input first
     t = read_medmnist(args.npz)
     multilabel = t.attrs["task"] == "multi-label"
+    if args.synthetic and multilabel:
+        raise DataError(f"--synthetic with {args.npz}: the generators are class-conditional, this set is "
+                        f"multi-label")
+    out = prepare_out_dir(args.out_dir, args.force)
+    seed_everything(args.seed)
     if args.per_class:  # Chaptoukaev's subset (the seed draws it) and the official test split
-        if args.synthetic and multilabel:
-            raise DataError(f"--synthetic with {args.npz}: the generators are class-conditional, this set is "
-                            f"multi-label")
         xi, yi, xv, yv, _ = medmnist_subset(args.npz, args.per_class, args.seed)
         images, labels, split, _, _ = medmnist_arrays(args.npz)
         te = np.nonzero(split == "test")[0]

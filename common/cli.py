@@ -164,18 +164,24 @@ def as_argv(add_flags, args):
             argv.append(action.option_strings[0] if value else action.option_strings[1])
         elif isinstance(action, argparse._StoreTrueAction):
             argv += [action.option_strings[0]] if value else []
-        elif value is not None:
-            argv += [action.option_strings[0], str(value)]
+        elif type(action) is argparse._StoreAction and action.nargs is None:
+            argv += [action.option_strings[0], str(value)] if value is not None else []
+        else:
+            raise TypeError(f"as_argv: {action.option_strings[0]} is a {type(action).__name__} (nargs "
+                            f"{action.nargs}); only single values and on/off flags are passed on")
     return argv
 
 
-def key_values(items, flag="--tag"):
+def key_values(items, flag="--tag", reserved=()):
     """KEY=VALUE items of a repeated flag -> {KEY: VALUE}, integers as int (e.g. the columns a stage writes into
-    its preds.csv: --tag fold=0 --tag condition=balanced_real)."""
+    its preds.csv: --tag fold=0 --tag condition=balanced_real); a key in `reserved` (a column the stage writes
+    itself) is refused."""
     out = {}
     for item in items:
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise DataError(f"{flag} {item!r}: expected KEY=VALUE, e.g. {flag} fold=0")
+        if key in reserved or key.startswith(("y_", "p_", "thr_")):
+            raise DataError(f"{flag} {item!r}: {key} is a column the script writes itself; choose another name")
         out[key] = int(value) if value.lstrip("-").isdigit() else value
     return out

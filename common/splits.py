@@ -77,17 +77,23 @@ def per_class_subset(y, per_class, val_fraction=0.1, seed=0):
     return np.sort(np.concatenate(tr)), np.sort(np.concatenate(va))
 
 
-def write_sets(path, sets):
+def write_sets(path, sets, dry=False):
     """A split file: one row per (set, image name), each set's images in their order ({name: [image names]}). A
     study writes one per fold or repeat and its stage scripts read it (--sets); the file is rewritten only when its
-    content changes, so an unchanged split keeps its time stamp and the stages that read it stay done."""
+    content changes, so an unchanged split keeps its time stamp and the stages that read it stay done. Returns
+    whether the content changed (with dry=True: whether it would; nothing is written)."""
+    empty = [s for s, images in sets.items() if len(images) == 0]
+    if empty:
+        raise DataError(f"{path}: the sets {', '.join(empty)} would be empty (too few images or patients of a "
+                        f"group in this fold or repeat: use more data, fewer folds, or other fractions)")
     rows = [(s, str(img)) for s, images in sets.items() for img in images]
     text = pd.DataFrame(rows, columns=["set", "image"]).to_csv(index=False)
     path = Path(path)
-    if not path.is_file() or path.read_text() != text:
+    changed = not path.is_file() or path.read_text() != text
+    if changed and not dry:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    return path
+    return changed
 
 
 def read_sets(path, names, wanted, flag="--sets"):

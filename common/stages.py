@@ -16,6 +16,7 @@ Three ways to run the same list:
 """
 import json
 from pathlib import Path
+import re
 import shlex
 import subprocess
 import sys
@@ -42,12 +43,21 @@ def samples_argv(path):
         return None
 
 
+def make_name(path):
+    """A file name as a make target or prerequisite: ':', '#', spaces and '$' escaped (e.g. fairgen's toy:160)."""
+    text = str(path)
+    if "\n" in text or "%" in text:
+        raise DataError(f"{text!r}: make cannot name a file with a newline or '%' (choose another --out or --runs)")
+    return re.sub(r"([:# ])", r"\\\1", text).replace("$", "$$")
+
+
 class Stages:
     """rules: (output, dependencies, argv line, fresh) per stage, in order; `reused`: the outputs this invocation
     took from earlier runs instead of running their stage (its wall time leaves those out)."""
 
     def __init__(self, dry=False):
         self.dry, self.rules, self.reused = dry, [], []
+        self.changed = set()  # inputs a dry run knows will be rewritten (a split file): their stages are not fresh
 
     @property
     def commands(self):
@@ -63,7 +73,7 @@ class Stages:
         done, deps = Path(done), [Path(d) for d in deps]
         argv = [str(a) for a in argv]
         line = " ".join(["python", "-m", module, *map(shlex.quote, argv), "--force"])
-        fresh = done.is_file() and recorded(done) == argv and all(
+        fresh = done.is_file() and recorded(done) == argv and not set(deps) & self.changed and all(
             not d.is_file() or d.stat().st_mtime <= done.stat().st_mtime for d in deps)
         self.rules.append((done, deps, line, fresh))
         if self.dry:
@@ -98,11 +108,12 @@ class Stages:
         this interpreter) from the folder make runs in. Returns the path."""
         path = Path(path)
         rules = ["# written by a study's --makefile; run with `make -j N -f " + str(path) + "`",
-                 f"PYTHON ?= {sys.executable}", ".PHONY: all FORCE", "all: " + " ".join(str(d) for d, *_ in self.rules),
-                 "FORCE:"]
+                 f"PYTHON ?= {sys.executable}", ".PHONY: all FORCE",
+                 "all: " + " ".join(make_name(d) for d, *_ in self.rules), "FORCE:"]
         for done, deps, line, fresh in self.rules:
-            prereq = " ".join([str(d) for d in deps] + ([] if fresh else ["FORCE"]))
-            rules += [f"{done}: {prereq}".rstrip(), "\t" + line.replace("python -m ", "$(PYTHON) -m ", 1)]
+            prereq = " ".join([make_name(d) for d in deps] + ([] if fresh else ["FORCE"]))
+            recipe = line.replace("$", "$$").replace("python -m ", "$(PYTHON) -m ", 1)  # the shell sees one $
+            rules += [f"{make_name(done)}: {prereq}".rstrip(), "\t" + recipe]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(rules) + "\n")
         return path

@@ -15,8 +15,9 @@ Per modality (common/modalities.py; class = attribute x disease), with one patie
                  (fairness/compare.py) at one common n per modality (the smallest subgroup's), and the
                  inter-subgroup variance (1/G) of those equal-n FDs; n beside every value
   memorization   each method's samples against the DDPM's training images (fairness/memorization.py)
-  downstream     ViT on real + synthetic (ratio 1.0), with and without adaptive reweighting, for each of
-                 `down_seeds` downstream seeds on the same test patients: per-image predictions in preds.csv; from
+  downstream     (a stage, diffusion/fairgen_downstream.py) ViT on real + synthetic (ratio 1.0), with and without
+                 adaptive reweighting, for each of `down_seeds` downstream seeds on the same test patients:
+                 per-image predictions in its preds.csv; from
                  that file, accuracy, per-group AUROC, DP, EO, ESSP, NAR (Table 1, the mean over the seeds) and the
                  paired comparisons of every method with base (comparisons_from_preds: two-level bootstrap over
                  seeds and test patients, Holm per modality); and accuracy vs synthetic ratio {0, .25, .5, 1} for
@@ -27,7 +28,6 @@ Per modality (common/modalities.py; class = attribute x disease), with one patie
     python -m diffusion.fairgen_study --smoke --out smoke/fairgen               # seconds
 """
 import argparse
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -36,11 +36,9 @@ import warnings
 
 import numpy as np
 import pandas as pd
-import torch
 
-from classify.downstream import KINDS, fit_predict
+from classify.downstream import KINDS
 from common.cli import ArgumentParser, positive_int, run
-from common.data import to_signed
 from common.modalities import MODALITIES, export, load_modality, modality_name
 from common.report import save_grid, write_table
 from common.runs import default_runs, device_from, prepare_out_dir, seed_everything, write_config, write_json
@@ -53,11 +51,8 @@ from fairness.figures import bars, lines, radar
 from fairness.metrics import bootstrap, essp, fairness_summary, group_accuracy
 
 METHODS = ["base", "cbrs", "sqrs", "cbdm", "fairdiffusion", "fairgen"]  # the paper's order
-# each method's fixed stream for drawing its synthetic subset (a new method leaves the others' draws unchanged)
-DRAW = {"base": 0, "cbrs": 1, "sqrs": 2, "cbdm": 3, "fairgen": 4, "fairdiffusion": 5}
 VARIANT_FLAGS = {"base": [], "cbrs": ["--sampler", "cbrs"], "sqrs": ["--sampler", "sqrs"], "cbdm": ["--cb-loss"],
                  "fairdiffusion": ["--fair-bayes"], "sqrs_cb": ["--sampler", "sqrs", "--cb-loss"]}
-RATIOS = [0.0, 0.25, 0.5, 1.0]
 # FairGen Table 1 (ViT, Fitzpatrick-17k; FORMULAS.md, labels as the paper's): their Stable-Diffusion-based numbers,
 # never mixed with ours. "Base (ViT)" is the ViT on real data only; "Stable Diffusion" the plain generator's data.
 PUBLISHED = {("Fitzpatrick-17k", m): dict(zip(("ESSP", "DP", "EO", "NAR"), v)) for m, v in [
@@ -131,7 +126,12 @@ def parse_args(argv=None):
                         "them, and the study run afterwards reuses them, evaluates and writes the report")
     args = p.parse_args(argv)
     args.preset = PRESETS["smoke" if args.smoke else args.scale]
-    args.kinds = args.kinds or args.preset["kinds"]
+    args.kinds = ",".join(k.strip() for k in (args.kinds or args.preset["kinds"]).split(",") if k.strip())
+    args.sweep_methods = ",".join(m.strip() for m in args.sweep_methods.split(",") if m.strip())
+    if set(args.kinds.split(",")) - set(KINDS):
+        p.error(f"--kinds {args.kinds}: choose from {', '.join(KINDS)}")
+    if set(args.sweep_methods.split(",")) - set(METHODS):
+        p.error(f"--sweep-methods {args.sweep_methods}: choose from {', '.join(METHODS)}")
     return args
 
 
@@ -191,24 +191,35 @@ def modality(name, args, seed, runs, device, stages):
         stages.samples("diffusion.sample_ddpm", ["--ckpt", str(r / m / "ckpt.pt"), "--n-per-class", str(per_class),
                                                  "--steps", str(P["sample_steps"]), "--seed", str(seed), "--out",
                                                  str(out), "--device", str(device)], out, [r / m / "metrics.json"])
+    seconds["sampling"] = lap()
+    vit = ",".join(f"{k}={v}" for k, v in P["vit"].items())
+    stages.script("diffusion.fairgen_downstream", [
+        "--data", name, "--size", str(P["size"]), "--split-seed", str(seed), "--seed", str(seed)] +
+        (["--data-root", root] if root else []) +
+        [a for m in METHODS for a in ("--samples", f"{m}={r / m / samples_file}")] +
+        ["--down-seeds", str(P["down_seeds"]), "--epochs", str(P["down_epochs"]), "--vit", vit, "--kinds", args.kinds,
+         "--sweep-methods", args.sweep_methods, "--device", str(device), "--out-dir", str(r / "downstream")],
+        r / "downstream", deps=[r / m / samples_file for m in METHODS])
+    seconds["downstream"] = lap()
     if stages.dry:
         return None
     export(mod, r / "real_train.npz", train)
     synth = {m: np.load(r / m / samples_file) for m in METHODS}
-    seconds["sampling"] = lap()
     res = {"data": mod.data, "classes": mod.class_names, "attrs": mod.attrs, "labels": mod.labels,
            "notes": mod.notes, "n_train": n_train, "n_test": int((split == "test").sum()),
            "synthetic_per_class": per_class, "samples_file": samples_file, "judge": f"classifier ({r / 'judge/ckpt.pt'})"}
     res["fd"] = fd_scores(r, synth, mod)
     res["memorization"] = memorization(r, synth, mod)
     seconds["fd_memorization"] = lap()
-    res["downstream"] = downstream(mod, split, synth, args, seed, device, r / "downstream.json", stages.reused)
-    preds = res["downstream"].pop("preds")
-    preds.to_csv(r / "preds.csv", index=False, float_format="%.9g")  # 9 digits: rounding makes AUROC ties
-    res["preds"] = str(r / "preds.csv")
-    res["downstream"]["table1"] = table1_from_preds(read_preds(r / "preds.csv"), args.n_boot, seed)  # from the file
-    total = sum(seconds.values()) + lap()  # the last lap: the whole downstream step
-    res["seconds"] = {**seconds, **res["downstream"].pop("seconds"), "total": total}
+    done = json.loads((r / "downstream" / "metrics.json").read_text())  # the downstream stage's files
+    res["downstream"] = {"sweep": {k: {m: {float(q): a for q, a in v.items()} for m, v in d.items()}
+                                   for k, d in done["sweep"].items()}, "seconds": done["seconds"]}
+    res["preds"] = str(r / "downstream" / "preds.csv")
+    res["downstream"]["table1"] = table1_from_preds(read_preds(res["preds"]), args.n_boot, seed)  # from the file
+    total = sum(seconds.values()) + lap()  # the last lap: Table 1 from the preds file
+    # per phase: this invocation's (a reused stage takes ~0); downstream_*: the downstream stage's own, when it ran
+    res["seconds"] = {**seconds, **{f"downstream_{k}": v for k, v in res["downstream"].pop("seconds").items()},
+                      "total": total}
     print(f"  {name}: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in res["seconds"].items()), flush=True)
     return res
 
@@ -259,91 +270,6 @@ def memorization(r, synth, mod):
 def cell_name(method, reweight):
     """Table 1's row name of a cell: 'real only', 'base', 'fairgen + reweighting', ..."""
     return method + (" + reweighting" if reweight else "")
-
-
-def downstream(mod, split, synth, args, seed, device, cache_path, reused):
-    """Table 1's fits (ViT, ratio 1.0, +/- reweighting, real only too) for each downstream seed, as per-image
-    predictions on the real test patients (a DataFrame, written to preds.csv by the caller), and the ratio sweep
-    (one downstream seed). Every finished fit is kept in cache_path (with what it depends on), so that a killed
-    study resumes there. Down seed d trains the ViT with seed 1000 d + split seed (its initialisation, batch order
-    and shifts); the training images are the same for every d."""
-    L = len(mod.labels)
-    y_all = mod.table["cls"].to_numpy() % L
-    g_all = mod.table["attr"].to_numpy().astype(str)
-    pid = mod.table["patient_id"].fillna(mod.table.index.to_series().astype(str)).to_numpy()
-    x_all = to_signed(mod.images)
-    sel = {s: split == s for s in ("train", "val", "test")}
-    real_tr = (x_all[sel["train"]], y_all[sel["train"]], g_all[sel["train"]])
-    val = (x_all[sel["val"]], y_all[sel["val"]], g_all[sel["val"]])
-    x_te, y_te = x_all[sel["test"]], y_all[sel["test"]]
-    n_train = len(real_tr[1])
-    key = {"preset": args.preset, "seed": seed,
-           "samples": {m: hashlib.sha1(z["images"].tobytes()).hexdigest()[:16] for m, z in synth.items()}}
-    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    fits = cache.get("fits", {}) if cache.get("key") == key else {}
-
-    def cached(name, compute):
-        if name not in fits:
-            fits[name] = compute()
-            write_json(cache_path, {"key": key, "fits": fits})
-        else:
-            reused.append(f"{cache_path}:{name}")
-        return fits[name]
-
-    def train_set(method, ratio):
-        if method is None or ratio == 0:
-            return real_tr
-        z = synth[method]
-        rng = np.random.default_rng([seed, DRAW[method], int(round(100 * ratio))])  # same draw on resume
-        take = rng.permutation(len(z["labels"]))[:int(round(ratio * n_train))]
-        ys = z["labels"][take] % L
-        return (torch.cat([real_tr[0], to_signed(z["images"][take])]), np.r_[real_tr[1], ys],
-                np.r_[real_tr[2], z["groups"][take].astype(str)])
-
-    P = args.preset
-    seconds, lap = {}, stopwatch()
-    test_rows = {"image": np.nonzero(sel["test"])[0], "patient_id": pid[sel["test"]].astype(str),
-                 "group": g_all[sel["test"]], "label": y_te}
-    preds = []
-    for method in [None] + METHODS:
-        for rw in (False, True):
-            name = cell_name(method or "real only", rw)
-            for d in range(P["down_seeds"]):
-                probs = np.array(cached(f"table1/{name}/down{d}", lambda: fit_predict(
-                    "vit", train_set(method, 1.0), val, x_te, L, rw, 1000 * d + seed, device, P["down_epochs"],
-                    vit=P["vit"]).astype(float).tolist()))  # (N_test, L)
-                preds.append(pd.DataFrame({**test_rows, "pred": probs.argmax(1),
-                                           **{f"p_{k}": probs[:, k] for k in range(L)},
-                                           "method": method or "real only", "reweight": rw, "down_seed": d,
-                                           "split_seed": seed}))
-                print(f"  table 1: {name}, down seed {d}: accuracy {np.mean(probs.argmax(1) == y_te):.3f}",
-                      flush=True)
-    preds = pd.concat(preds, ignore_index=True)
-    seconds["table1"] = lap()
-
-    def acc_of(method):  # Table 1's fit at ratio 1.0 (ratio 0: real only), down seed 0
-        d = preds[(preds["method"] == method) & ~preds["reweight"] & (preds["down_seed"] == 0)]
-        return float(np.mean(d["pred"] == d["label"]))
-    sweep = {}
-    for kind in [k.strip() for k in args.kinds.split(",") if k.strip()]:
-        sweep[kind] = {}
-        # ratio 0 is one fit shared by the methods; for the ViT it and ratio 1 are Table 1's (down seed 0)
-        real_acc = acc_of("real only") if kind == "vit" else None
-        for method in [m.strip() for m in args.sweep_methods.split(",") if m.strip()]:
-            sweep[kind][method] = {}
-            for ratio in RATIOS:
-                if ratio == 0 and real_acc is not None:
-                    acc = real_acc
-                elif kind == "vit" and ratio == 1.0:
-                    acc = acc_of(method)
-                else:
-                    acc = cached(f"sweep/{kind}/{method}/{ratio}", lambda: float(np.mean(fit_predict(
-                        kind, train_set(method, ratio), val, x_te, L, False, seed, device,
-                        P["down_epochs"], vit=P["vit"]).argmax(1) == y_te)))
-                    real_acc = acc if ratio == 0 else real_acc
-                sweep[kind][method][ratio] = acc
-        seconds[f"sweep_{kind}"] = lap()
-    return {"preds": preds, "sweep": sweep, "seconds": seconds}
 
 
 # ---- from preds.csv: Table 1 and the comparisons ------------------------------------------------------------------
@@ -516,10 +442,8 @@ def main(args):
                   f"command without --makefile for the evaluation and the report")
             return
         print("\n".join(stages.plan))
-        print(f"# then in this process, per modality and seed: FD / KID / memorization of the samples, the "
-              f"downstream classifiers (Table 1: ViT x {args.preset['down_seeds']} seeds x (real only + "
-              f"{len(METHODS)} methods) x reweighting; ratio sweep: {args.kinds}), preds.csv, and the tables in "
-              f"{args.out}")
+        print(f"# then in this process, per modality and seed: FD / KID / memorization of the samples; Table 1 "
+              f"and the comparisons from the downstream stages' preds.csv, and the tables in {args.out}")
         return
     out = prepare_out_dir(args.out, args.force)
     scale = "smoke" if args.smoke else args.scale

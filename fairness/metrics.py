@@ -32,7 +32,8 @@ def auroc(y, score):
     """Area under the ROC curve via the Mann-Whitney U statistic (ties count 1/2); NaN if y has one class."""
     y = np.asarray(y).astype(bool)
     n1, n0 = y.sum(), (~y).sum()
-    if n1 == 0 or n0 == 0:
+    score = np.asarray(score, dtype=float)
+    if n1 == 0 or n0 == 0 or np.isnan(score).any():  # a NaN score has no rank
         return float("nan")
     r = average_ranks(score)
     return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))

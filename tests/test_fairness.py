@@ -221,3 +221,4 @@ def test_average_ranks_equal_scipy_rankdata_with_and_without_ties():
     for n in (1, 2, 7, 300):
         for x in (rng.normal(size=n), rng.integers(0, max(2, n // 4), n).astype(float), np.zeros(n)):
             assert np.array_equal(average_ranks(x), rankdata(x))
+    assert np.isnan(M.auroc([0, 1, 1], [0.2, np.nan, 0.9]))  # a NaN score has no rank: no AUROC

@@ -41,11 +41,13 @@ def test_same_seed_same_numbers(study, smoke_study, tmp_path):
     out, runs, _ = smoke_study(STUDIES[study])
     stages = json.loads((out / "stages.json").read_text())["stages"]
     rerun = {}
-    for line in stages:  # the first stage of each script, rerun into a fresh folder
+    for line in stages:  # the first stage of each script and condition (its --tag values), rerun elsewhere
         argv = shlex.split(line)
-        module = argv[2]
-        if module in rerun:
+        key = (argv[2], *[argv[i + 1] for i, a in enumerate(argv) if a == "--tag" and "fold=" not in argv[i + 1]
+                          and "repeat=" not in argv[i + 1] and "dataset=" not in argv[i + 1]])
+        if key in rerun:
             continue
+        module = "-".join(key)
         flag = "--out-dir" if "--out-dir" in argv else "--out"
         i = argv.index(flag) + 1
         original = argv[i]
@@ -58,7 +60,8 @@ def test_same_seed_same_numbers(study, smoke_study, tmp_path):
             name = next(n for n in ("preds.csv", "samples.npz", "metrics.json") if (ROOT / original / n).is_file())
             a, b = ROOT / original / name, tmp_path / module / name
         assert same_output(a, b), f"{line}: another run wrote other numbers"
-        rerun[module] = line
+        rerun[key] = line
+    assert len(rerun) == {"chestxray": 6, "medmnist": 7, "skintone": 3}[study]  # every script and condition
     r = subprocess.run([sys.executable, "-m", STUDIES[study], "--smoke", *SMOKE_FLAGS[STUDIES[study]], "--out",
                         str(tmp_path / "again"), "--runs", str(runs)], cwd=ROOT, capture_output=True, text=True,
                        timeout=600)

@@ -121,15 +121,15 @@ def main(args):
     for r in range(args.repeats):
         sets_file = runs / f"repeat{r}" / "sets.csv"
         sets = repeat_sets(t, r, args)
-        if not args.dry_run:
-            write_sets(sets_file, sets)
+        if write_sets(sets_file, sets, dry=args.dry_run) and args.dry_run:
+            stages.changed.add(sets_file)  # a run would rewrite it: its stages would run again
         for s in SETS:
             if not stages.dry:
                 print(f"repeat {r + 1}/{args.repeats}, training set {s} ({time.time() - t0:.0f} s)", flush=True)
             cell = runs / f"repeat{r}" / s
             stages.script("vae.train_resvae", (["--data-root", args.data_root] if args.data_root else []) + [
                 "--sets", sets_file, "--train-set", s, "--test-sets", ",".join(GROUPS), "--seed",
-                args.seed * 1000 + r * 10 + ord(s), "--device", args.device, "--tag", f"repeat={r}", "--tag",
+                args.seed * 1000 + r * 10 + ord(s), "--vgg-seed", args.seed, "--device", args.device, "--tag", f"repeat={r}", "--tag",
                 f"train_set={s}", *as_argv(add_args, args), "--out-dir", cell], cell, deps=[sets_file])
             cells.append((r, s, cell))
     if args.dry_run:
@@ -283,7 +283,7 @@ def report(df, grids, args, out, data, tag, vgg, scale, seconds):
                        f"sets are compared in comparisons.md. Paper (Fitzpatrick17k): MSE below 0.07 for all, light < "
                        f"dark in every training set including 50/50. Sizes: {summary['sizes']} (quick scale chosen "
                        f"for a 2-core CPU; full: 64 px, 500 / 1,668, 15 epochs, 10 repeats). VGG19: {vgg}. "
-                       f"Wall time {seconds / 60:.1f} min."])
+                       f"Wall time of this invocation {seconds / 60:.1f} min (stages it reused not counted)."])
     comparisons = compare_groups(df, args.n_boot, args.seed)
     summary["comparisons"], summary["answers"] = comparisons, answers(comparisons)
     write_table(out / "comparisons", COMPARISON_HEADER, comparison_rows(comparisons, digits=4),

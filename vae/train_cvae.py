@@ -186,7 +186,8 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default=str(PROJECT_DATA / "nih_cxr14"), help="NIH images (any depth) + labels")
     p.add_argument("--csv", default=None, help="label table (default: found under --data-root)")
-    p.add_argument("--split-seed", type=int, default=0, help="patient-level split seed (70/10/20 by sex)")
+    p.add_argument("--split-seed", type=int, default=0, help="patient-level split seed (70/10/20 by sex); not used "
+                                                              "with --sets")
     p.add_argument("--sets", default=None,
                    help="a split file (set,image rows; common.splits.write_sets) instead of the --split-seed split")
     p.add_argument("--train-set", default="train", help="--sets: the set to train on")
@@ -200,7 +201,12 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=positive_float, default=5e-3, help="Adam learning rate (x0.95 per epoch)")
     p.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt")
     add_common_args(p, "runs/chestxray/cvae")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.sets and args.limit:
+        p.error("--limit cuts the --split-seed split; with --sets, write the sets you want instead")
+    if not args.sets and (args.train_set, args.val_set) != ("train", "val"):
+        p.error("--train-set and --val-set name sets of a --sets file; pass one")
+    return args
 
 
 def main(args):

@@ -193,7 +193,8 @@ def parse_args(argv=None):
     p.add_argument("--data-root", default=None, help="Fitzpatrick17k (csv + images); default: the skin phantom")
     p.add_argument("--train-set", default="B",
                    help="A 100%% light, B 50/50, C 100%% dark (drawn here); with --sets, a set of that file")
-    p.add_argument("--n-train", type=positive_int, default=1668, help="training images, drawn with replacement")
+    p.add_argument("--n-train", type=positive_int, default=1668,
+                   help="training images, drawn with replacement (not used with --sets: the set is the draw)")
     p.add_argument("--sets", default=None,
                    help="a split file (set,image rows; common.splits.write_sets): train on its --train-set and "
                         "measure its --test-sets")
@@ -214,7 +215,8 @@ def parse_args(argv=None):
 
 def main(args):
     device = device_from(args.device)
-    keys = key_values(args.tag)  # bad input first, before the run folder is touched
+    keys = key_values(args.tag, reserved=("image", "test_group", "skin_type", "diagnosis", "mse", "latent_std",
+                                          "seed"))  # bad input first, before the run folder is touched
     out = prepare_out_dir(args.out_dir, args.force)
     seed_everything(args.seed)
     t, x, data = load_skin(args.data_root, args.size)

@@ -1,0 +1,92 @@
+"""common/stages.py and the command-line helpers the studies build their stage commands with."""
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from common.cli import as_argv, key_values
+from common.data import DataError
+from common.splits import read_sets, write_sets
+from common.stages import Stages
+from conftest import ROOT
+
+
+def test_as_argv_gives_back_what_the_parser_reads():
+    def add(p):
+        p.add_argument("--epochs", type=int, default=3)
+        p.add_argument("--name", default=None)
+        p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True)
+        p.add_argument("--hflip", action="store_true")
+        return p
+    args = add(argparse.ArgumentParser()).parse_args(["--epochs", "7", "--no-pretrained", "--hflip"])
+    argv = as_argv(add, args)
+    assert argv == ["--epochs", "7", "--no-pretrained", "--hflip"]  # --name None is left out
+    assert vars(add(argparse.ArgumentParser()).parse_args(argv)) == vars(args)
+
+    def many(p):
+        p.add_argument("--tag", action="append", default=[])
+        return p
+    with pytest.raises(TypeError, match="--tag"):  # what it cannot pass on it refuses, never writes "['a']"
+        as_argv(many, many(argparse.ArgumentParser()).parse_args(["--tag", "a"]))
+
+
+def test_key_values_and_their_reserved_names():
+    assert key_values(["fold=0", "condition=balanced_real"]) == {"fold": 0, "condition": "balanced_real"}
+    for bad in (["fold"], ["=1"], ["seed=3"], ["p_any=1"]):
+        with pytest.raises(DataError):
+            key_values(bad, reserved=("seed",))
+
+
+def test_split_files_round_trip_keep_order_and_duplicates(tmp_path):
+    names = ["a.png", "b.png", "c.png"]
+    sets = {"train": ["c.png", "a.png", "c.png"], "test": ["b.png"]}
+    assert write_sets(tmp_path / "s.csv", sets)
+    mtime = (tmp_path / "s.csv").stat().st_mtime_ns
+    assert not write_sets(tmp_path / "s.csv", sets)  # unchanged: not rewritten, its time stamp kept
+    assert (tmp_path / "s.csv").stat().st_mtime_ns == mtime
+    assert write_sets(tmp_path / "s.csv", {**sets, "test": ["a.png"]}, dry=True)  # would change; nothing written
+    assert (tmp_path / "s.csv").stat().st_mtime_ns == mtime
+    got = read_sets(tmp_path / "s.csv", names, ["train", "test"])
+    assert got["train"].tolist() == [2, 0, 2] and got["test"].tolist() == [1]
+    with pytest.raises(DataError, match="no set named 'val'"):
+        read_sets(tmp_path / "s.csv", names, ["val"])
+    with pytest.raises(DataError, match="not in the data"):
+        read_sets(tmp_path / "s.csv", names[:2], ["train"])
+    with pytest.raises(DataError, match="empty"):
+        write_sets(tmp_path / "e.csv", {"train": []})
+
+
+def test_a_stage_is_reused_only_with_its_recorded_command_and_newer_than_its_inputs(tmp_path):
+    out, dep = tmp_path / "run", tmp_path / "sets.csv"
+    dep.write_text("x")
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    (out / "config.json").write_text(json.dumps({"argv": ["prog", "--epochs", "2", "--force"]}))
+    s = Stages(dry=True)
+    s.script("m", ["--epochs", 2], out, deps=[dep])
+    s.script("m", ["--epochs", 3], out, deps=[dep])
+    assert s.plan[0].startswith("# reuse: ") and not s.plan[1].startswith("#")
+    s.changed.add(dep)  # a dry run that would rewrite the split file
+    s.script("m", ["--epochs", 2], out, deps=[dep])
+    assert not s.plan[2].startswith("#")
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_makefile_names_files_with_colons_spaces_and_dollars(tmp_path):
+    """fairgen's toy:160 folders, an --out with a space, an argument with a $: make parses the rules and the
+    shell receives each argument as written."""
+    folder = tmp_path / "runs dir" / "toy:160-seed0"
+    s = Stages(dry=True)
+    s.script("json.tool", ["--sort-keys", "a$b", "--out-dir", folder / "stage"], folder / "stage",
+             deps=[folder / "sets.csv"])
+    (folder).mkdir(parents=True)
+    (folder / "sets.csv").write_text("set,image\n")
+    mk = s.write_makefile(tmp_path / "stages.mk")
+    r = subprocess.run(["make", "-n", "-f", str(mk)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    line = [x for x in r.stdout.splitlines() if "json.tool" in x][0]
+    assert line.startswith(sys.executable) and "'a$b'" in line and f"'{folder / 'stage'}'" in line
