@@ -39,7 +39,7 @@ from common.data import DataError, PROJECT_DATA, read_nih
 from common.report import mean_std, with_ci, write_table
 from common.runs import default_runs, prepare_out_dir, write_config, write_json
 from common.splits import patient_kfold, patient_split, write_sets
-from common.stages import Stages
+from common.stages import Stages, add_study_args, parse_scaled, planned
 from fairness.figures import bars, lines
 from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, fmt_p, gap_permutation,
                               paired_difference, with_holm)
@@ -68,10 +68,7 @@ SCALES = {
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scale", default="quick", choices=list(SCALES),
-                   help="the settings of SCALES at the top of this file (quick: embedded data, CPU; full: a GPU; "
-                        "smoke: seconds); every flag below overrides its scale's value")
-    p.add_argument("--smoke", action="store_true", help="the same as --scale smoke")
+    add_study_args(p, "results/chestxray", SCALES)
     p.add_argument("--data-root", default=str(PROJECT_DATA / "nih_cxr14"), help="NIH images + label table")
     p.add_argument("--csv", default=None, help="label table (default: found under --data-root)")
     p.add_argument("--folds", type=positive_int, help="patient-level cross-validation folds")
@@ -87,25 +84,11 @@ def parse_args(argv=None):
     p.add_argument("--n-boot", type=positive_int, help="bootstrap resamples for CIs")
     p.add_argument("--seed", type=int, default=0, help="seed of the folds and subsets; fold k's models get "
                                                         "seed * 100 + k")
-    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (passed to every stage)")
-    p.add_argument("--out", default="results/chestxray", help="tables, figures, preds.csv, summary.json")
-    p.add_argument("--runs", default=None, help="stage folders (default: runs/<--out>, e.g. runs/results/chestxray); a "
-                   "stage whose folder records the same command is reused")
-    p.add_argument("--force", action="store_true", help="replace an existing --out (stage folders are reused)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the stage commands (those a run would reuse marked '# reuse: ') and exit; writes nothing")
-    p.add_argument("--makefile", default=None,
-                   help="write the split files and the stages as a makefile here and exit: `make -j N -f FILE` runs "
-                        "them, and the study run afterwards reuses them and writes the report")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: rebuild the tables, figures, comparisons and summary.json of an existing --out "
                         "from its preds.csv and training.json (e.g. with another --n-boot)")
     add_args(p)  # the classifier's flags (classify/train_chexnet.py), passed to every classifier stage
-    pre, _ = p.parse_known_args(argv)
-    scale = "smoke" if pre.smoke else pre.scale
-    p.set_defaults(**SCALES[scale])
-    args = p.parse_args(argv)
-    args.scale = scale
+    args = parse_scaled(p, SCALES, argv)
     args.conditions = args.conditions.split(",")
     if args.female_fraction >= 0.5:
         p.error(f"--female-fraction {args.female_fraction}: the imbalanced set has fewer women than men, so it "
@@ -185,8 +168,8 @@ def main(args):
                 raise DataError(f"--out {out}: no {f} here; --report-only rebuilds a finished run's report (run the "
                                 f"study without it first)")
         made = json.loads((out / "config.json").read_text())
-        # the run's own settings (conditions, folds, size...), with this command's --n-boot and --out
-        args = argparse.Namespace(**{**made["args"], "n_boot": args.n_boot, "out": args.out, "report_only": True})
+        # the run's own command (conditions, folds, size...) parsed again, with this command's --n-boot and --out
+        args = parse_args(made["argv"][1:] + ["--n-boot", str(args.n_boot), "--out", args.out, "--report-only"])
         return report(out, args, args.runs or default_runs(args.out), made.get("data", "?"), made.get("weights", "?"))
     t = read_nih(args.data_root, args.csv)  # inputs first: a bad --data-root stops before anything is written
     if args.images_per_sex:
@@ -213,14 +196,7 @@ def main(args):
         if write_sets(sets_file, sets, dry=args.dry_run) and args.dry_run:
             stages.changed.add(sets_file)  # a run would rewrite it: its stages would run again
         fold_stages(k, sets_file, n_male, n_synthetic, args, runs, stages)
-    if args.dry_run:
-        print("\n".join(stages.plan))
-        print(f"# then in this process: preds.csv (the stages' preds.csv together), the tables and figures in "
-              f"{args.out}")
-        return
-    if args.makefile:
-        print(f"wrote {stages.write_makefile(args.makefile)}: run `make -j N -f {args.makefile}`, then this command "
-              f"without --makefile for the report")
+    if planned(stages, args, f"preds.csv (the stages' preds.csv together), the tables and figures in {args.out}"):
         return
     gather(runs, args, out, time.time() - t0, stages)
     report(out, args, runs, data, weights)

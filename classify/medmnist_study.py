@@ -29,7 +29,7 @@ from common.data import MEDMNIST, PROJECT_DATA, DataError, medmnist_file, requir
 from common.download import STUDY_FLAGS
 from common.report import write_table
 from common.runs import default_runs, prepare_out_dir, write_config, write_json
-from common.stages import Stages
+from common.stages import Stages, add_study_args, parse_scaled, planned
 from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, paired_difference_replicates,
                               with_holm)
 from fairness.metrics import auroc_ovr
@@ -61,10 +61,7 @@ SCALES = {
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scale", default="quick", choices=list(SCALES),
-                   help="the settings of SCALES at the top of this file (quick: width-16 ResNet-18, Adam, 20 epochs; "
-                        "full: ResNet-18, the paper's 100 epochs; smoke: seconds); every flag below overrides them")
-    p.add_argument("--smoke", action="store_true", help="the same as --scale smoke")
+    add_study_args(p, "results/medmnist", SCALES)
     p.add_argument("--data-root", default=None, help="folder with official MedMNIST .npz files (default: embedded)")
     p.add_argument("--datasets", default=",".join(STUDY_FLAGS), type=name_list(list(MEDMNIST)),
                    help="MedMNIST flags to run")
@@ -74,23 +71,9 @@ def parse_args(argv=None):
     for g in ("ae", "cvae", "cgan"):
         p.add_argument(f"--{g}-epochs", type=positive_int, help=f"epochs of the MLP {g} (its script's other "
                                                                  f"settings are its defaults)")
-    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (passed to every stage)")
-    p.add_argument("--out", default="results/medmnist", help="table2.md, preds.csv, summary.json, sample grids")
-    p.add_argument("--runs", default=None, help="stage folders (default: runs/<--out>); a stage whose folder records "
-                   "the same command is reused")
-    p.add_argument("--force", action="store_true", help="replace an existing --out (stage folders are reused)")
     p.add_argument("--n-boot", type=positive_int, default=2000, help="bootstrap resamples of the comparisons")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the stage commands (those a run would reuse marked '# reuse: ') and exit; writes nothing")
-    p.add_argument("--makefile", default=None,
-                   help="write the stages as a makefile here and exit: `make -j N -f FILE` runs them, and the study "
-                        "run afterwards reuses them and writes the report")
     add_args(p)  # the classifier's flags (classify/train_resnet18.py), passed to every classifier stage
-    pre, _ = p.parse_known_args(argv)
-    scale = "smoke" if pre.smoke else pre.scale
-    p.set_defaults(**SCALES[scale])
-    args = p.parse_args(argv)
-    args.scale = scale
+    args = parse_scaled(p, SCALES, argv)
     return args
 
 
@@ -138,14 +121,8 @@ def main(args):
         if not stages.dry:
             print(f"{flag}: seed {seed} ({time.time() - t0:.0f} s)", flush=True)
         seed_stages(flag, path, seed, args, runs, stages)
-    if args.dry_run:
-        print("\n".join(stages.plan))
-        print(f"# then in this process: preds.csv (the classifier stages' preds.csv together), Table 2 and the "
-              f"comparisons in {args.out}")
-        return
-    if args.makefile:
-        print(f"wrote {stages.write_makefile(args.makefile)}: run `make -j N -f {args.makefile}`, then this command "
-              f"without --makefile for the report")
+    if planned(stages, args, f"preds.csv (the classifier stages' preds.csv together), Table 2 and the "
+                             f"comparisons in {args.out}"):
         return
     parts = [pd.read_csv(runs / f"{flag}-seed{seed}" / f"classifier-{m}" / "preds.csv", dtype={"method": str},
                          keep_default_na=False, na_values=[""]) for flag, _, seed in cells for m in METHODS]

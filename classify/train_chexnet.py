@@ -35,7 +35,8 @@ from tqdm import tqdm
 from classify.nets import arch_spec, build
 from common.cli import ArgumentParser, key_values, nonneg_float, nonneg_int, positive_float, positive_int, run
 from common.cache import load_images
-from common.data import NIH_FINDINGS, NIH_LABELS, PROJECT_DATA, DataError, label_matrix, read_nih, to_signed
+from common.data import (NIH_FINDINGS, NIH_LABELS, PROJECT_DATA, DataError, label_matrix, read_nih, read_samples,
+                         to_signed)
 from common.runs import (add_common_args, device_from, prepare_out_dir, save_checkpoint, seed_everything,
                          write_config, write_json)
 from common.splits import patient_split, read_sets
@@ -240,13 +241,8 @@ def to_size(x, size):
 
 def read_synthetic(path):
     """A generator's samples file: (images (N, 1, S, S) in [-1, 1], NIH multi-hot labels (N, 15))."""
-    try:
-        with np.load(path) as z:
-            images, labels = z["images"], z["labels"]
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"--synthetic {path}: not a samples file with images and labels ({type(e).__name__}: {e}); "
-                        f"write one with vae.sample_cvae")
-    if labels.ndim != 2 or labels.shape[1] != len(NIH_LABELS) or len(labels) != len(images):
+    images, labels = read_samples(path, "vae.sample_cvae")
+    if labels.ndim != 2 or labels.shape[1] != len(NIH_LABELS):
         raise DataError(f"--synthetic {path}: labels of shape {labels.shape}, expected ({len(images)}, "
                         f"{len(NIH_LABELS)}) NIH multi-hot vectors")
     return to_signed(images), labels

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from classify.nets import arch_spec, build
 from common.cli import ArgumentParser, key_values, nonneg_float, nonneg_int, positive_float, positive_int, run
-from common.data import DataError, label_matrix, medmnist_arrays, medmnist_subset, read_medmnist, to_signed
+from common.data import (DataError, label_matrix, medmnist_arrays, medmnist_subset, read_medmnist, read_samples,
+                         to_signed)
 from common.cache import load_images
 from common.runs import (add_common_args, device_from, prepare_out_dir, save_checkpoint, seed_everything,
                          write_config, write_json)
@@ -125,14 +126,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def read_samples(path, shape):
+def read_synthetic(path, shape):
     """A generator's samples.npz (images uint8, labels: class indices): (images in [-1, 1] (N, C, H, W), labels)."""
-    try:
-        with np.load(path) as z:
-            images, labels = z["images"], z["labels"]
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"--synthetic {path}: not a samples file with images and labels ({type(e).__name__}: {e}); "
-                        f"write one with vae.train_mlp_ae, vae.train_mlp_cvae or gan.train_mlp_cgan")
+    images, labels = read_samples(path, "vae.train_mlp_ae, vae.train_mlp_cvae or gan.train_mlp_cgan")
     if images.shape[1:] != shape:
         raise DataError(f"--synthetic {path}: images of shape {images.shape[1:]}, the data's are {shape}")
     return to_signed(images), torch.from_numpy(labels.astype(np.int64))
@@ -171,7 +167,7 @@ def main(args):
         x_te, y_te = x[te], y[te]
         n = {k: int(v.sum()) for k, v in s.items()}
     if args.synthetic:  # appended after the real training images
-        gx, gy = read_samples(args.synthetic, tuple(np.load(args.npz, mmap_mode="r")["train_images"].shape[1:]))
+        gx, gy = read_synthetic(args.synthetic, tuple(np.load(args.npz, mmap_mode="r")["train_images"].shape[1:]))
         x_tr, y_tr = torch.cat([x_tr, gx]), torch.cat([y_tr, gy])
         n["synthetic"] = len(gx)
     write_config(out, args, data=str(args.npz), weights="none (from scratch)")

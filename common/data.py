@@ -474,3 +474,17 @@ def to_signed(images, device=None):
     x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images, device=device).float()
     x = x / 127.5 - 1
     return x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
+
+
+def read_samples(path, writers, flag="--synthetic"):
+    """A generator's samples .npz as (images uint8, labels): what a classifier stage appends to its training set.
+    writers: the scripts that write such a file, named in the error for a file that is not one."""
+    try:
+        with np.load(path) as z:
+            images, labels = z["images"], z["labels"]
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"{flag} {path}: not a samples file with images and labels ({type(e).__name__}: {e}); "
+                        f"write one with {writers}")
+    if len(labels) != len(images):
+        raise DataError(f"{flag} {path}: {len(images)} images but {len(labels)} labels")
+    return images, labels

@@ -117,3 +117,49 @@ class Stages:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(rules) + "\n")
         return path
+
+
+def add_study_args(p, out, scales=None):
+    """The flags every study has for its stages and outputs: --device, --out, --runs, --force, --dry-run,
+    --makefile; with scales ({name: {dest: value}}), --scale and --smoke too (see parse_scaled)."""
+    if scales:
+        p.add_argument("--scale", default="quick", choices=list(scales),
+                       help="the settings of SCALES at the top of the study's file (quick: embedded data, CPU; full: "
+                            "a GPU; smoke: seconds); every flag overrides its scale's value")
+        p.add_argument("--smoke", action="store_true", help="the same as --scale smoke")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (passed to every stage)")
+    p.add_argument("--out", default=out, help="tables, figures, preds.csv, summary.json, stages.json")
+    p.add_argument("--runs", default=None, help=f"stage folders (default: runs/<--out>, e.g. runs/{out}); a stage whose "
+                                                f"folder records the same command is reused")
+    p.add_argument("--force", action="store_true", help="replace an existing --out (stage folders are reused)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the stage commands (those a run would reuse marked '# reuse: ') and exit; writes nothing")
+    p.add_argument("--makefile", default=None,
+                   help="write the split files and the stages as a makefile here and exit: `make -j N -f FILE` runs "
+                        "them, and the study run afterwards reuses them and writes the report")
+    return p
+
+
+def parse_scaled(p, scales, argv=None):
+    """Parse with the chosen scale's settings as defaults (a flag on the command line wins); args.scale is the
+    scale used ('smoke' under --smoke)."""
+    pre, _ = p.parse_known_args(argv)
+    scale = "smoke" if pre.smoke else pre.scale
+    p.set_defaults(**scales[scale])
+    args = p.parse_args(argv)
+    args.scale = scale
+    return args
+
+
+def planned(stages, args, then):
+    """After a study listed its stages: print them (--dry-run) or write them as a makefile (--makefile) and return
+    True (the study stops there); False for a run. then: what the study does in its own process afterwards."""
+    if args.dry_run:
+        print("\n".join(stages.plan))
+        print(f"# then in this process: {then}")
+        return True
+    if args.makefile:
+        print(f"wrote {stages.write_makefile(args.makefile)}: run `make -j N -f {args.makefile}`, then this command "
+              f"without --makefile for the rest")
+        return True
+    return False

@@ -43,7 +43,7 @@ from common.modalities import MODALITIES, export, load_modality, modality_name
 from common.report import save_grid, write_table
 from common.runs import default_runs, device_from, prepare_out_dir, seed_everything, write_config, write_json
 from common.splits import patient_split
-from common.stages import Stages
+from common.stages import Stages, planned
 from diffusion.annotate import blinded_pairs, write_pair_set
 from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, fd_equal_n, gap_permutation,
                               group_gap, kid, paired_difference_replicates, with_holm)
@@ -437,13 +437,8 @@ def main(args):
         for name in names:
             for seed in range(args.preset["seeds"]):
                 modality(name, args, seed, runs, device, stages)
-        if args.makefile:
-            print(f"wrote {stages.write_makefile(args.makefile)}: run `make -j N -f {args.makefile}`, then this "
-                  f"command without --makefile for the evaluation and the report")
-            return
-        print("\n".join(stages.plan))
-        print(f"# then in this process, per modality and seed: FD / KID / memorization of the samples; Table 1 "
-              f"and the comparisons from the downstream stages' preds.csv, and the tables in {args.out}")
+        planned(stages, args, "per modality and seed: FD / KID / memorization of the samples; Table 1 and the "
+                              f"comparisons from the downstream stages' preds.csv, and the tables in {args.out}")
         return
     out = prepare_out_dir(args.out, args.force)
     scale = "smoke" if args.smoke else args.scale

@@ -1,6 +1,7 @@
 """Chest X-ray chain: CVAE (resume, samples), CheXNet trainer, the study end to end on a handful of images."""
 import json
 from pathlib import Path
+import shutil
 import subprocess
 import sys
 
@@ -116,6 +117,16 @@ def test_chestxray_study_smoke_chain(smoke_study):
         pid = dict(zip(preds.image, preds.patient_id))
         held_out = {pid[i] for i in sets[sets.set.isin(["test", "val"])].image}
         assert held_out and not held_out & {pid[i] for i in sets[sets.set == "cvae_train"].image}
+
+
+def test_chestxray_report_only_rebuilds_the_report_from_the_files(smoke_study, tmp_path):
+    out, _, _ = smoke_study("classify.chestxray_study")
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    run("classify.chestxray_study", "--report-only", "--n-boot", "30", "--out", str(copy))
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (out, copy))
+    assert [r["diff"] for r in a["comparisons"]] == [r["diff"] for r in b["comparisons"]]  # same preds, same points
+    assert "30 resamples" in (copy / "comparisons.md").read_text() and a["scale"] == b["scale"] == "smoke"
 
 
 def test_chestxray_dry_run_prints_the_stages_and_writes_nothing(tmp_path):

@@ -36,7 +36,7 @@ from common.cli import ArgumentParser, as_argv, positive_int, run
 from common.report import save_grid, write_table
 from common.runs import default_runs, prepare_out_dir, write_config, write_json
 from common.splits import write_sets
-from common.stages import Stages
+from common.stages import Stages, add_study_args, parse_scaled, planned
 from fairness.compare import COMPARISON_HEADER, answer, comparison, comparison_rows, paired_difference_replicates, \
     with_holm
 from fairness.figures import boxplots
@@ -63,32 +63,16 @@ QUESTIONS = ("Does the VAE reconstruct dark skin worse when trained on light ski
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scale", default="quick", choices=list(SCALES),
-                   help="the settings of SCALES at the top of this file; every flag below overrides its scale's value")
-    p.add_argument("--smoke", action="store_true", help="the same as --scale smoke")
+    add_study_args(p, "results/skintone", SCALES)
     p.add_argument("--data-root", default=None, help="Fitzpatrick17k folder; default: the skin phantom")
     p.add_argument("--n-test", type=positive_int, help="test images per group")
     p.add_argument("--n-train", type=positive_int, help="training images per set")
     p.add_argument("--repeats", type=positive_int, help="repeats (each its own test images, training draws, models)")
     p.add_argument("--n-boot", type=positive_int, help="two-level bootstrap resamples (repeats, then test images)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the draws; the model of repeat r and set s gets "
-                                                        "seed * 1000 + 10 r + ord(s)")
-    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (passed to every stage)")
-    p.add_argument("--out", default="results/skintone", help="figures, tables, preds.csv, summary.json")
-    p.add_argument("--runs", default=None, help="stage folders (default: runs/<--out>); a stage whose folder records "
-                   "the same command is reused")
-    p.add_argument("--force", action="store_true", help="replace an existing --out (stage folders are reused)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the stage commands (those a run would reuse marked '# reuse: ') and exit; writes nothing")
-    p.add_argument("--makefile", default=None,
-                   help="write the split files and the stages as a makefile here and exit: `make -j N -f FILE` runs "
-                        "them, and the study run afterwards reuses them and writes the report")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws and of the random VGG19; the model of repeat "
+                                                        "r and set s gets seed * 1000 + 10 r + ord(s)")
     add_args(p)  # the VAE's flags (vae/train_resvae.py), passed to every training stage
-    pre, _ = p.parse_known_args(argv)
-    scale = "smoke" if pre.smoke else pre.scale
-    p.set_defaults(**SCALES[scale])
-    args = p.parse_args(argv)
-    args.scale = scale
+    args = parse_scaled(p, SCALES, argv)
     return args
 
 
@@ -132,14 +116,7 @@ def main(args):
                 args.seed * 1000 + r * 10 + ord(s), "--vgg-seed", args.seed, "--device", args.device, "--tag", f"repeat={r}", "--tag",
                 f"train_set={s}", *as_argv(add_args, args), "--out-dir", cell], cell, deps=[sets_file])
             cells.append((r, s, cell))
-    if args.dry_run:
-        print("\n".join(stages.plan))
-        print(f"# then in this process: preds.csv (the stages' preds.csv together), the tables and figures in "
-              f"{args.out}")
-        return
-    if args.makefile:
-        print(f"wrote {stages.write_makefile(args.makefile)}: run `make -j N -f {args.makefile}`, then this command "
-              f"without --makefile for the report")
+    if planned(stages, args, f"preds.csv (the stages' preds.csv together), the tables and figures in {args.out}"):
         return
     df = pd.concat([pd.read_csv(cell / "preds.csv") for _, _, cell in cells], ignore_index=True)
     df.to_csv(out / "preds.csv", index=False)  # one row per test image, training set and repeat
