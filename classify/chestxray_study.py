@@ -318,7 +318,7 @@ def report(out, args, runs, data, weights):
     sex, pid = t["sex"].to_numpy(), t["patient_id"].to_numpy()
     Y = arrays[args.conditions[0]][0]
     findings = [j for j in range(14) if Y[:, j].sum() >= 5]
-    summary = {"data": data, "pretrained": args.pretrained, "scale": "smoke" if args.smoke else args.scale,
+    summary = {"data": data, "pretrained": args.pretrained, "scale": args.scale,
                "model": args.arch, "size": args.size, "folds": args.folds, "female_fraction": args.female_fraction,
                "cvae_female": args.cvae_female, "n_images": len(t), "n_patients": int(t["patient_id"].nunique()),
                "seconds": seconds, "conditions": {}}
