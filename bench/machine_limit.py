@@ -1,0 +1,103 @@
+"""How near the machine's limit the quick studies' training loops run (issue #21, part 1): the fp32
+matrix-multiply rate of this machine (a 2048 x 2048 sgemm at the current thread count) and, per loop, the
+achieved GFLOP/s of a training step (forward, loss, backward, optimiser step; FLOPs of the matrix multiplies and
+convolutions counted by torch.utils.flop_counter, so elementwise work is time without FLOPs), in contiguous and in
+channels_last memory format.
+
+    python bench/machine_limit.py [--steps 10] [--rounds 3] [--loops cnn8,cvae,resnet18]
+
+Each loop and format is timed --rounds times in turn and its fastest round kept (a burst of other work on the
+machine does not decide it). The models are untrained: speed does not depend on the weights. Measured: README,
+Benchmarks.
+"""
+import argparse
+from pathlib import Path
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from classify.nets import build  # noqa: E402
+from vae.train_cvae import CVAE, cvae_loss  # noqa: E402
+
+
+def sgemm_gflops(n=2048, reps=10):
+    """The fp32 matrix-multiply rate: best of 3 rounds of reps n x n products."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 * reps / best / 1e9
+
+
+def loop(name, channels_last):
+    """(one training step as a function, images per step) of a quick study's main loop."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if name == "cnn8":  # chest X-ray classifier: classify/train_chexnet.py at quick scale (64 px, width 16, batch 32)
+        net, x, y = build("cnn8", 1, 15, 64, width=16), torch.rand(32, 1, 64, 64) * 2 - 1, torch.rand(32, 15).round()
+        loss_fn = lambda: F.binary_cross_entropy_with_logits(net(x.contiguous(memory_format=fmt)), y)
+    elif name == "resnet18":  # MedMNIST classifier: classify/train_resnet18.py at quick scale (28 px, width 16, batch 32)
+        net, x, y = build("resnet18_28", 1, 2, 28, width=16), torch.rand(32, 1, 28, 28) * 2 - 1, torch.randint(0, 2, (32,))
+        loss_fn = lambda: F.cross_entropy(net(x.contiguous(memory_format=fmt)), y)
+    elif name == "cvae":  # chest X-ray CVAE: vae/train_cvae.py (64 px, batch 64)
+        net, x, y = CVAE(), torch.rand(64, 1, 64, 64) * 2 - 1, (torch.rand(64, 15) > 0.8).float()
+
+        def loss_fn():
+            x_hat, mu, logvar = net(x.contiguous(memory_format=fmt), y)
+            return cvae_loss(x_hat, x, mu, logvar)[0]
+    else:
+        raise SystemExit(f"--loops: unknown loop {name!r} (cnn8, resnet18, cvae)")
+    net = net.to(memory_format=fmt)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+
+    def step():
+        loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step, len(x)
+
+
+def measure(name, channels_last, steps, rounds):
+    step, batch = loop(name, channels_last)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    step()  # warm-up
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        best = min(best, time.perf_counter() - t0)
+    return {"gflop_per_image": flops / batch / 1e9, "images_per_s": steps * batch / best,
+            "gflops": flops * steps / best / 1e9}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=10, help="training steps per timed round")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per loop and format (the fastest is kept)")
+    p.add_argument("--loops", default="cnn8,cvae,resnet18", help="comma-separated: cnn8, cvae, resnet18")
+    args = p.parse_args()
+    peak = sgemm_gflops()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads: sgemm 2048 x 2048 {peak:.0f} GFLOP/s")
+    print("| loop | format | GFLOP per image-step | images/s | GFLOP/s | of sgemm |")
+    print("|---|---|---|---|---|---|")
+    for name in args.loops.split(","):
+        for channels_last in (False, True):
+            r = measure(name, channels_last, args.steps, args.rounds)
+            print(f"| {name} | {'channels_last' if channels_last else 'contiguous'} | {r['gflop_per_image']:.3f} | "
+                  f"{r['images_per_s']:.0f} | {r['gflops']:.0f} | {r['gflops'] / peak:.0%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
