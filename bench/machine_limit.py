@@ -4,7 +4,7 @@ achieved GFLOP/s of a training step (forward, loss, backward, optimiser step; FL
 convolutions counted by torch.utils.flop_counter, so elementwise work is time without FLOPs), in contiguous and in
 channels_last memory format.
 
-    python bench/machine_limit.py [--steps 10] [--rounds 3] [--loops cnn8,cvae,resnet18]
+    python bench/machine_limit.py [--steps 10] [--rounds 3] [--loops cnn8,resnet18,cvae,resvae,unet,vit]
 
 Each loop and format is timed --rounds times in turn and its fastest round kept (a burst of other work on the
 machine does not decide it). The models are untrained: speed does not depend on the weights. Measured: README,
@@ -21,7 +21,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from classify.nets import build  # noqa: E402
+from diffusion.ddpm import Schedule, q_sample  # noqa: E402
+from diffusion.unet import UNet  # noqa: E402
 from vae.train_cvae import CVAE, cvae_loss  # noqa: E402
+from vae.train_resvae import ResVAE, VGGPerceptual, vae_loss  # noqa: E402
+
+LOOPS = ["cnn8", "resnet18", "cvae", "resvae", "unet", "vit"]
 
 
 def sgemm_gflops(n=2048, reps=10):
@@ -53,8 +58,28 @@ def loop(name, channels_last):
         def loss_fn():
             x_hat, mu, logvar = net(x.contiguous(memory_format=fmt), y)
             return cvae_loss(x_hat, x, mu, logvar)[0]
+    elif name == "resvae":  # skin-tone VAE: vae/train_resvae.py at quick scale (32 px, width 32, latent 64 x 8 x 8,
+        # batch 64, the random VGG19 perceptual term included)
+        net, x = ResVAE(3, 32, 2, 64), torch.rand(64, 3, 32, 32) * 2 - 1
+        vgg = VGGPerceptual(pretrained=False).to(memory_format=fmt)
+
+        def loss_fn():
+            xb = x.contiguous(memory_format=fmt)
+            x_hat, mu, logvar = net(xb)
+            return vae_loss(x_hat, xb, mu, logvar, vgg)[0]
+    elif name == "unet":  # fairgen's quick U-Net: diffusion/train_ddpm.py (32 px, 16-32-32, attention at 8, batch 32)
+        net = UNet(1, 32, 16, (1, 2, 2), 1, (8,), num_classes=4)
+        sched, x, y = Schedule(), torch.rand(32, 1, 32, 32) * 2 - 1, torch.randint(0, 4, (32,))
+
+        def loss_fn():
+            t, eps = torch.randint(0, sched.T, (len(x),)), torch.randn_like(x)
+            return F.mse_loss(net(q_sample(sched, x, t, eps).contiguous(memory_format=fmt), t, y), eps)
+    elif name == "vit":  # fairgen's downstream ViT at quick scale (32 px, 8 x 8 patches, width 64, batch 64)
+        net = build("vit", 1, 2, 32, vit=dict(patch=8, dim=64, mlp=128, dropout=0.0))
+        x, y = torch.rand(64, 1, 32, 32) * 2 - 1, torch.randint(0, 2, (64,))
+        loss_fn = lambda: F.cross_entropy(net(x.contiguous(memory_format=fmt)), y)
     else:
-        raise SystemExit(f"--loops: unknown loop {name!r} (cnn8, resnet18, cvae)")
+        raise SystemExit(f"--loops: unknown loop {name!r} ({', '.join(LOOPS)})")
     net = net.to(memory_format=fmt)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
 
@@ -86,7 +111,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=10, help="training steps per timed round")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per loop and format (the fastest is kept)")
-    p.add_argument("--loops", default="cnn8,cvae,resnet18", help="comma-separated: cnn8, cvae, resnet18")
+    p.add_argument("--loops", default=",".join(LOOPS), help=f"comma-separated, of {', '.join(LOOPS)}")
     args = p.parse_args()
     peak = sgemm_gflops()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads: sgemm 2048 x 2048 {peak:.0f} GFLOP/s")
