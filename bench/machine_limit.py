@@ -107,11 +107,23 @@ def measure(name, channels_last, steps, rounds):
             "gflops": flops * steps / best / 1e9}
 
 
+def profile(name, steps=3):
+    """The operators that take a loop's time (channels_last), by self CPU time: what holds a loop back."""
+    step, _ = loop(name, True)
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    print(f"\n{name}, channels_last, {steps} steps:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=40))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=10, help="training steps per timed round")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per loop and format (the fastest is kept)")
     p.add_argument("--loops", default=",".join(LOOPS), help=f"comma-separated, of {', '.join(LOOPS)}")
+    p.add_argument("--profile", action="store_true", help="also print each loop's most expensive operators")
     args = p.parse_args()
     peak = sgemm_gflops()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads: sgemm 2048 x 2048 {peak:.0f} GFLOP/s")
@@ -122,6 +134,8 @@ def main():
             r = measure(name, channels_last, args.steps, args.rounds)
             print(f"| {name} | {'channels_last' if channels_last else 'contiguous'} | {r['gflop_per_image']:.3f} | "
                   f"{r['images_per_s']:.0f} | {r['gflops']:.0f} | {r['gflops'] / peak:.0%} |", flush=True)
+    for name in args.loops.split(",") if args.profile else []:
+        profile(name)
 
 
 if __name__ == "__main__":
