@@ -27,6 +27,7 @@ from vae.train_cvae import CVAE, cvae_loss  # noqa: E402
 from vae.train_resvae import ResVAE, VGGPerceptual, vae_loss  # noqa: E402
 
 LOOPS = ["cnn8", "resnet18", "cvae", "resvae", "unet", "vit"]
+FULL_LOOPS = ["densenet121", "unet64"]  # the full-scale nets, for bench/fullscale.py's GPU-hour estimates
 
 
 def sgemm_gflops(n=2048, reps=10):
@@ -78,8 +79,18 @@ def loop(name, channels_last):
         net = build("vit", 1, 2, 32, vit=dict(patch=8, dim=64, mlp=128, dropout=0.0))
         x, y = torch.rand(64, 1, 32, 32) * 2 - 1, torch.randint(0, 2, (64,))
         loss_fn = lambda: F.cross_entropy(net(x.contiguous(memory_format=fmt)), y)
+    elif name == "densenet121":  # the full-scale chest X-ray classifier: train_chexnet.py (224 px; batch 8 here)
+        net, x, y = build("densenet121", 1, 15, 224), torch.rand(8, 1, 224, 224) * 2 - 1, torch.rand(8, 15).round()
+        loss_fn = lambda: F.binary_cross_entropy_with_logits(net(x.contiguous(memory_format=fmt)), y)
+    elif name == "unet64":  # fairgen's full-preset U-Net: 64 px, 64-128-128-128, 2 blocks, attention at 16 (batch 8)
+        net = UNet(1, 64, 64, (1, 2, 2, 2), 2, (16,), num_classes=4)
+        sched, x, y = Schedule(), torch.rand(8, 1, 64, 64) * 2 - 1, torch.randint(0, 4, (8,))
+
+        def loss_fn():
+            t, eps = torch.randint(0, sched.T, (len(x),)), torch.randn_like(x)
+            return F.mse_loss(net(q_sample(sched, x, t, eps).contiguous(memory_format=fmt), t, y), eps)
     else:
-        raise SystemExit(f"--loops: unknown loop {name!r} ({', '.join(LOOPS)})")
+        raise SystemExit(f"--loops: unknown loop {name!r} ({', '.join(LOOPS + FULL_LOOPS)})")
     net = net.to(memory_format=fmt)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
 
@@ -122,7 +133,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=10, help="training steps per timed round")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per loop and format (the fastest is kept)")
-    p.add_argument("--loops", default=",".join(LOOPS), help=f"comma-separated, of {', '.join(LOOPS)}")
+    p.add_argument("--loops", default=",".join(LOOPS),
+                   help=f"comma-separated, of {', '.join(LOOPS)} (quick scale) and {', '.join(FULL_LOOPS)} (full)")
     p.add_argument("--profile", action="store_true", help="also print each loop's most expensive operators")
     args = p.parse_args()
     peak = sgemm_gflops()

@@ -157,23 +157,27 @@ class ViT(nn.Module):
         return self.head(self.features(x))
 
 
-def build(arch, in_ch, n_out, size, pretrained=False, weights_file=None, width=32, vit=None):
+def build(arch, in_ch, n_out, size, pretrained=False, weights_file=None, width=32, vit=None, dropout=None):
     """A network by name; the kwargs are what a checkpoint stores under 'arch'. vit: ViT keyword arguments (patch,
-    dim, depth, heads, mlp, dropout), its defaults when None."""
+    dim, depth, heads, mlp, dropout), its defaults when None. dropout: cnn8's before the head, the ViT's in its
+    blocks (None: the network's default, 0.3 and 0.1; the torchvision networks have none)."""
+    if dropout is not None and arch not in ("cnn8", "vit"):
+        raise ValueError(f"{arch} has no dropout to set")
     if arch == "cnn8":
-        return CNN8(in_ch, n_out, width)
+        return CNN8(in_ch, n_out, width) if dropout is None else CNN8(in_ch, n_out, width, dropout)
     if arch in ("densenet121", "resnet50"):
         return TorchvisionNet(arch, n_out, pretrained, weights_file)
     if arch == "resnet18_28":
         return ResNet18For28(in_ch, n_out, width)
     if arch == "vit":
-        return ViT(in_ch, n_out, size, **(vit or {}))
+        return ViT(in_ch, n_out, size, **{**(vit or {}), **({} if dropout is None else {"dropout": dropout})})
     raise ValueError(f"unknown arch {arch!r}")
 
 
-def arch_spec(arch, in_ch, n_out, size, width=32):
+def arch_spec(arch, in_ch, n_out, size, width=32, dropout=None):
     """The build() kwargs a checkpoint stores (pretrained weights are in the state dict, not re-fetched)."""
-    return {"arch": arch, "in_ch": in_ch, "n_out": n_out, "size": size, "width": width}
+    return {"arch": arch, "in_ch": in_ch, "n_out": n_out, "size": size, "width": width,
+            **({} if dropout is None else {"dropout": dropout})}
 
 
 def load_classifier(ckpt_path, map_location="cpu"):

@@ -19,6 +19,9 @@ pretraining and is the quick-scale default (README: measured comparison).
     python -m classify.train_chexnet --arch cnn8 --size 64 --out-dir runs/chestxray/chexnet   # embedded NIH1000
     python -m classify.train_chexnet --arch densenet121 --pretrained --size 224 --data-root /data/nih \
         --csv /data/nih/Data_Entry_2017_v2020.csv --batch-size 64 --out-dir runs/chestxray/chexnet-full
+    # N GPUs of one machine (DistributedDataParallel; --batch-size per GPU, global batch N x 64):
+    torchrun --nproc_per_node=N -m classify.train_chexnet --arch densenet121 --pretrained --size 224 ...
+    # several machines: the same on each, with --nnodes=M --node_rank=i --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT
 """
 import argparse
 import copy
@@ -33,12 +36,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from classify.nets import arch_spec, build
-from common.cli import ArgumentParser, key_values, nonneg_float, nonneg_int, positive_float, positive_int, run
+from common.cli import (ArgumentParser, key_values, nonneg_float, nonneg_int, positive_float, positive_int, run,
+                        unit_interval)
 from common.cache import load_images
 from common.data import (NIH_FINDINGS, NIH_LABELS, PROJECT_DATA, DataError, label_matrix, read_nih, read_samples,
                          to_signed)
-from common.runs import (add_common_args, device_from, prepare_out_dir, save_checkpoint, seed_everything,
-                         write_config, write_json)
+from common.runs import (add_common_args, prepare_out_dir, ranks_identical, save_checkpoint, seed_everything,
+                         setup_distributed, write_config, write_json)
 from common.splits import patient_split, read_sets
 from fairness.metrics import auroc, binary_stats, youden_threshold
 
@@ -51,19 +55,55 @@ def targets(Y15):
     return np.concatenate([Y15[:, :14], 1 - Y15[:, 14:15]], 1).astype(np.float32)
 
 
-def augment(x, gen):
-    """Random affine (rotation, scale, translation) and brightness/contrast jitter on a (B, C, H, W) batch."""
-    B = len(x)
-    ang = (torch.rand(B, generator=gen) - 0.5) * 2 * math.radians(7)
-    scale = 0.9 + 0.2 * torch.rand(B, generator=gen)
-    shift = (torch.rand(B, 2, generator=gen) - 0.5) * 0.12
+def jitter(n, gen):
+    """Random augmentation of n images: affine (rotation +-7 deg, scale 0.9-1.1, shift 6%) as a (n, 2, 3) theta,
+    contrast c and brightness b (n, 1, 1, 1). Drawn for a whole global batch, so that a rank's part of it is
+    augmented as one process would augment it."""
+    ang = (torch.rand(n, generator=gen) - 0.5) * 2 * math.radians(7)
+    scale = 0.9 + 0.2 * torch.rand(n, generator=gen)
+    shift = (torch.rand(n, 2, generator=gen) - 0.5) * 0.12
     cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    c = 1 + 0.2 * (torch.rand(n, 1, 1, 1, generator=gen) - 0.5)
+    b = 0.2 * (torch.rand(n, 1, 1, 1, generator=gen) - 0.5)
+    return theta, c, b
+
+
+def augment(x, theta, c, b):
+    """jitter()'s affine warp (border padding) and x * c + b on a (B, C, H, W) batch in [-1, 1]."""
     grid = F.affine_grid(theta.to(x.device), x.shape, align_corners=False)
     x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
-    c = (1 + 0.2 * (torch.rand(B, 1, 1, 1, generator=gen) - 0.5)).to(x.device)
-    b = (0.2 * (torch.rand(B, 1, 1, 1, generator=gen) - 0.5)).to(x.device)
-    return (x * c + b).clamp(-1, 1)
+    return (x * c.to(x.device) + b.to(x.device)).clamp(-1, 1)
+
+
+class Images:
+    """Images by position, converted to [-1, 1] a batch at a time: rows `rows` of a uint8 (N, S, S) array (the
+    memory-mapped image cache: at 112k x 224 x 224 it is 5.6 GB, shared by every process that maps it, where a
+    float copy would be 22 GB per process), then `extra` float images (M, 1, s, s) in [-1, 1] (a generator's
+    samples, kept at their own size s and resized to S per batch: 36k samples at 64 px are 0.6 GB, at 224 px 7 GB)."""
+
+    def __init__(self, u8, rows, extra=None):
+        self.u8, self.rows = u8, np.asarray(rows, dtype=np.int64)
+        self.extra = extra if extra is not None else torch.zeros((0, 1) + tuple(u8.shape[1:]))
+        self.shape = (len(self.rows) + len(self.extra), 1) + tuple(u8.shape[1:])
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, pos):  # positions (a slice or an index tensor) -> (B, 1, S, S) float in [-1, 1]
+        pos = np.arange(len(self))[pos] if isinstance(pos, slice) else np.asarray(pos, dtype=np.int64)
+        real = pos < len(self.rows)
+        if real.all():
+            return to_signed(self.u8[self.rows[pos]])
+        out = torch.empty((len(pos),) + self.shape[1:])
+        out[torch.from_numpy(real)] = to_signed(self.u8[self.rows[pos[real]]])
+        out[torch.from_numpy(~real)] = to_size(self.extra[pos[~real] - len(self.rows)], self.shape[-1])
+        return out
+
+
+def shard(n, rank, world):
+    """This rank's contiguous part of a global batch of n images (the parts' sizes differ by at most one)."""
+    return slice(n * rank // world, n * (rank + 1) // world)
 
 
 def epoch_order(n, epoch_size, weights, gen):
@@ -91,18 +131,31 @@ def class_weights(y, kind):
 
 @torch.no_grad()
 def predict(net, x, device, batch_size=256):
+    """Sigmoid outputs (N, 15) of images x (an Images or a tensor)."""
     net.eval()
-    return torch.cat([torch.sigmoid(net(x[i:i + batch_size].to(device))).cpu()
+    return torch.cat([torch.sigmoid(net(x[i:min(i + batch_size, len(x))].to(device))).cpu()
                       for i in range(0, len(x), batch_size)]).numpy()
 
 
-def fit(x_tr, y_tr, x_val, y_val, args, device, weights=None, progress=True, epoch_size=None):
-    """Train on (x_tr (N, C, S, S) in [-1, 1], y_tr (N, 15) outputs); returns (net, history, thresholds (15,)).
+def fit(x_tr, y_tr, x_val, y_val, args, device, weights=None, progress=True, epoch_size=None, rank=0, world=1):
+    """Train on (x_tr (N, C, S, S) in [-1, 1] (an Images or a tensor), y_tr (N, 15) outputs); returns (net, history,
+    thresholds (15,), spec); thresholds are None on ranks other than 0.
     weights: per-sample sampling weights (e.g. sex-balanced); each epoch draws epoch_size samples with them.
     epoch_size: samples per epoch (default len(x_tr)); a fixed value gives training sets of different sizes the
-    same number of updates (without weights: shuffled passes over the set, the last one cut short)."""
-    spec = arch_spec(args.arch, x_tr.shape[1], len(OUTPUTS), x_tr.shape[-1], args.width)
+    same number of updates (without weights: shuffled passes over the set, the last one cut short).
+    Under torchrun (world > 1): every rank draws the same epoch order and augmentation; a step is a global batch of
+    world x --batch-size images of which each rank trains on its part (shard), and DDP averages the gradients, so
+    the step is one process's at the global batch, except for BatchNorm, whose statistics are each rank's own
+    (--sync-bn on GPUs makes them the global batch's) and dropout, drawn per rank. Rank 0 alone evaluates; it
+    sends the validation score to the others, so that every rank schedules and stops alike."""
+    spec = arch_spec(args.arch, x_tr.shape[1], len(OUTPUTS), x_tr.shape[-1], args.width, args.dropout)
     net = build(**spec, pretrained=args.pretrained).to(device, memory_format=torch.channels_last)
+    train_net = net
+    if world > 1:
+        if args.sync_bn:
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        train_net = torch.nn.parallel.DistributedDataParallel(net)
+        torch.manual_seed(args.seed * 1000 + rank)  # dropout: each rank its own masks (the weights came from rank 0)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     if args.schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
@@ -111,22 +164,39 @@ def fit(x_tr, y_tr, x_val, y_val, args, device, weights=None, progress=True, epo
     n_epoch = epoch_size or len(x_tr)
     w_pos, w_neg = class_weights(y_tr, args.class_weights)
     w_pos, w_neg = w_pos.to(device), w_neg.to(device)
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)  # the same stream on every rank
     best, best_auc, bad, history = None, -1.0, 0, []
-    for epoch in tqdm(range(args.epochs), desc="chexnet", disable=not progress, leave=False):
-        net.train()
+    for epoch in tqdm(range(args.epochs), desc="chexnet", disable=not progress or rank > 0, leave=False):
+        train_net.train()
         order = epoch_order(len(x_tr), n_epoch, weights, gen)
         losses = []
-        for idx in order.split(args.batch_size):
-            x = augment(x_tr[idx].to(device), gen).contiguous(memory_format=torch.channels_last)
+        for batch in order.split(args.batch_size * world):  # a global batch
+            if len(batch) < world:  # a remainder too small to give every rank an image
+                break
+            theta, c, b = jitter(len(batch), gen)
+            part = shard(len(batch), rank, world)
+            idx = batch[part]
+            x = augment(x_tr[idx].to(device), theta[part], c[part], b[part]).contiguous(
+                memory_format=torch.channels_last)
             y = y_tr[idx].to(device)
-            loss = F.binary_cross_entropy_with_logits(net(x), y, weight=y * w_pos + (1 - y) * w_neg)
+            loss = F.binary_cross_entropy_with_logits(train_net(x), y, weight=y * w_pos + (1 - y) * w_neg)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # DDP averages the ranks' gradients; weighting each rank's mean by its share of the global batch makes
+            # that average the gradient of the global batch's mean loss (x 1 in one process)
+            (loss * (len(idx) * world / len(batch))).backward()
             opt.step()
+            if world > 1:  # the global batch's loss, for the history every rank keeps alike
+                loss = loss.detach() * len(idx) / len(batch)
+                torch.distributed.all_reduce(loss)
             losses.append(loss.item())
-        p_val = predict(net, x_val, device)
-        auc = auroc(y_val[:, -1].numpy(), p_val[:, -1])  # any-finding AUROC
+        auc = None
+        if rank == 0:
+            p_val = predict(net, x_val, device)
+            auc = auroc(y_val[:, -1].numpy(), p_val[:, -1])  # any-finding AUROC
+        if world > 1:
+            sent = [auc]
+            torch.distributed.broadcast_object_list(sent, 0)
+            auc = sent[0]
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_any_auroc": auc,
                         "lr": opt.param_groups[0]["lr"]})
         # a ~100-image validation set is noisy: select, stop and schedule on the mean of the last --smooth epochs
@@ -144,6 +214,8 @@ def fit(x_tr, y_tr, x_val, y_val, args, device, weights=None, progress=True, epo
                 break
     if args.keep == "best":
         net.load_state_dict(best)
+    if rank > 0:
+        return net, history, None, spec
     p_val = predict(net, x_val, device)
     thresholds = np.array([youden_threshold(y_val[:, j].numpy(), p_val[:, j]) if 0 < y_val[:, j].sum() < len(y_val)
                            else 0.5 for j in range(len(OUTPUTS))])
@@ -181,7 +253,12 @@ def add_args(p):
     p.add_argument("--keep", default="best", choices=["best", "last"],
                    help="weights to keep: those of the best validation score, or the last epoch's")
     p.add_argument("--lr-patience", type=nonneg_int, default=3, help="reduce-on-plateau patience")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="batch size")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="batch size (per process under torchrun)")
+    p.add_argument("--dropout", type=unit_interval, default=None,
+                   help="dropout of cnn8 (before the head; default 0.3) or vit (in its blocks; default 0.1)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm), so that "
+                        "N GPUs compute what one would at N x --batch-size (slower; default: each GPU's own)")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
     p.add_argument("--weight-decay", type=nonneg_float, default=1e-4, help="Adam weight decay")
     return p
@@ -249,13 +326,20 @@ def read_synthetic(path):
 
 
 def main(args):
-    device = device_from(args.device)
+    device, rank, world = setup_distributed(args.device)
+    if args.sync_bn and device.type != "cuda":
+        raise DataError("--sync-bn: SyncBatchNorm needs GPUs (torchrun with CUDA); drop the flag on CPUs")
+    if args.dropout is not None and args.arch not in ("cnn8", "vit"):
+        raise DataError(f"--dropout: {args.arch} has no dropout to set (cnn8 and vit have)")
     keys = key_values(args.tag, reserved=("image", "patient_id", "sex", "age", "seed", "arch", "split"))
-    out = prepare_out_dir(args.out_dir, args.force)
+    out = prepare_out_dir(args.out_dir, args.force) if rank == 0 else None
     seed_everything(args.seed)
     t = read_nih(args.data_root, args.csv)
-    x, ok = load_images(t["image"], args.size, "L")  # unreadable images: named in a warning and left out
-    x = to_signed(x)
+    if rank > 0:  # rank 0 decodes and caches the images; the others then map its cache
+        torch.distributed.barrier()
+    x, ok = load_images(t["image"], args.size, "L")  # uint8 (N, S, S); unreadable images: named and left out
+    if rank == 0 and world > 1:
+        torch.distributed.barrier()
     y = torch.from_numpy(targets(label_matrix(t)))
     if args.sets:  # a study's split file: the named sets, in the file's order
         idx = read_sets(args.sets, [Path(i).name for i in t["image"]], [args.train_set, args.val_set, args.test_set])
@@ -269,11 +353,11 @@ def main(args):
             raise DataError(f"--data-root {args.data_root}: no readable {s} image (the patient split needs "
                             f"images of several patients)")
     sex = t["sex"].to_numpy()[tr]
-    x_tr, y_tr = x[tr], y[tr]
+    x_tr, y_tr = Images(x, tr), y[tr]
     n_syn = 0
     if args.synthetic:  # appended after the real images
         sx, sy = read_synthetic(args.synthetic)
-        x_tr, y_tr = torch.cat([x_tr, to_size(sx, args.size)]), torch.cat([y_tr, torch.from_numpy(targets(sy))])
+        x_tr, y_tr = Images(x, tr, sx), torch.cat([y_tr, torch.from_numpy(targets(sy))])
         n_syn = len(sx)
     weights = None
     if args.balance_sex:  # each sex half of every epoch: w = 1 / (2 n_sex) over the real training images
@@ -284,11 +368,16 @@ def main(args):
     weights_from = "imagenet" if args.pretrained else "none (from scratch)"
     counts = {"n_train_female": int((sex == "F").sum()), "n_train_male": int((sex == "M").sum()),
               "n_synthetic": n_syn}
-    write_config(out, args, data="nih1000" if "data/nih_cxr14" in args.data_root else args.data_root,
-                 weights=weights_from, **counts)
+    if rank == 0:
+        write_config(out, args, data="nih1000" if "data/nih_cxr14" in args.data_root else args.data_root,
+                     weights=weights_from, world_size=world, **counts)
     t0 = time.time()
-    net, history, thr, spec = fit(x_tr, y_tr, x[va], y[va], args, device, weights, epoch_size=args.epoch_size)
-    p = predict(net, x[te], device)
+    net, history, thr, spec = fit(x_tr, y_tr, Images(x, va), y[va], args, device, weights,
+                                  epoch_size=args.epoch_size, rank=rank, world=world)
+    ddp = {"world_size": world, "ranks_identical": ranks_identical(net)} if world > 1 else {}
+    if rank > 0:
+        return
+    p = predict(net, Images(x, te), device)
     rows = per_output_table(y[te].numpy(), p, thr)
     keys = keys if args.sets else {"split": "test", **keys}
     pred_rows(t.iloc[te], y[te].numpy(), p, np.asarray(thr), **keys, seed=args.seed, arch=args.arch).to_csv(
@@ -296,10 +385,11 @@ def main(args):
     save_checkpoint({"arch": spec, "model": net.state_dict(), "thresholds": torch.tensor(thr),
                      "outputs": OUTPUTS, "weights": weights_from}, out / "ckpt.pt")
     write_json(out / "metrics.json", {"test": rows, "history": history, "seconds": time.time() - t0,
-                                      "weights": weights_from, "labels": NIH_LABELS, **counts})
+                                      "weights": weights_from, "labels": NIH_LABELS, **counts, **ddp})
     any_row = rows[-1]
     print(f"{args.arch} ({weights_from}): test any-finding AUROC {any_row['auroc']:.3f}, sensitivity "
-          f"{any_row['sensitivity']:.2f}, specificity {any_row['specificity']:.2f} ({time.time() - t0:.0f} s)")
+          f"{any_row['sensitivity']:.2f}, specificity {any_row['specificity']:.2f} ({time.time() - t0:.0f} s)"
+          + (f"; {world} processes, weights identical across ranks: {ddp['ranks_identical']}" if ddp else ""))
 
 
 if __name__ == "__main__":

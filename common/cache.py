@@ -1,5 +1,10 @@
 """Decode images once into a uint8 array at a requested size, cached on disk; later epochs never touch the files.
 
+The cache is a .npy file that load_images returns memory-mapped (copy-on-write): every process that reads the same
+images shares one copy in the page cache (the ranks of a torchrun job, the stages of a study), and a set larger than
+RAM (112,120 NIH images at 224 px: 5.6 GB) is paged in as batches need it. Decoding writes straight into that file,
+so RAM holds no second copy, and its disk space is reserved first (a full disk is an error naming the folder).
+
 Resize policy (every study uses it): centre-crop to a square, then a box (area) filter when shrinking and bicubic
 when enlarging; grey ('L') or 'RGB'. The cache key is the list of sources (path, byte size, mtime) + size + mode.
 
@@ -20,7 +25,7 @@ from tqdm import tqdm
 from common.data import DataError, as_uint8
 
 CACHE_DIR = Path(os.environ.get("FAIRSYNTH_CACHE", Path(__file__).resolve().parent.parent / ".cache" / "images"))
-VERSION = "1"  # bump when the resize policy changes
+VERSION = "2"  # bump when the resize policy or the file format changes
 
 
 def to_square(img, size, mode):
@@ -64,9 +69,15 @@ def cache_key(sources, size, mode):
     return h.hexdigest()[:20]
 
 
-def decode_all(sources, size, mode, workers, progress):
-    shape = (size, size) if mode == "L" else (size, size, 3)
-    out = np.zeros((len(sources),) + shape, dtype=np.uint8)
+def available_cpus():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def decode_all(sources, size, mode, workers, progress, out):
+    """Decode sources into out (N, size, size[, 3]) uint8 (a memory map); returns ok (N,) bool."""
     ok = np.zeros(len(sources), dtype=bool)
     arrays, files = {}, []
     for i, s in enumerate(sources):
@@ -90,55 +101,78 @@ def decode_all(sources, size, mode, workers, progress):
             a = np.asarray(arr[row])
             if a.ndim == 3 and a.shape[-1] == 1:
                 a = a[..., 0]
-            if a.shape == shape:
+            if a.shape == out.shape[1:]:
                 out[i] = a
             else:
                 out[i] = to_square(Image.fromarray(a), size, mode)
             ok[i] = True
     jobs = [(sources[i], size, mode) for i in files]
     if jobs:
-        if workers > 1 and len(jobs) > 2000:
+        bar = dict(total=len(jobs), desc=f"decode {size}px", disable=not progress)
+        if workers > 1 and len(jobs) > 2000:  # one process per core; results written as they arrive, in order
             with ProcessPoolExecutor(workers) as pool:
-                decoded = list(tqdm(pool.map(decode_file, jobs, chunksize=256), total=len(jobs),
-                                    desc=f"decode {size}px", disable=not progress))
+                for i, a in zip(files, tqdm(pool.map(decode_file, jobs, chunksize=64), **bar)):
+                    if a is not None:
+                        out[i], ok[i] = a, True
         else:
-            decoded = [decode_file(j) for j in tqdm(jobs, desc=f"decode {size}px", disable=not progress)]
-        for i, a in zip(files, decoded):
-            if a is not None:
-                out[i], ok[i] = a, True
-    return out, ok
+            for i, a in zip(files, tqdm(map(decode_file, jobs), **bar)):
+                if a is not None:
+                    out[i], ok[i] = a, True
+    return ok
+
+
+def reserve(path, shape):
+    """A .npy file of uint8 `shape` at path, its disk space allocated now (writing into a memory map on a full disk
+    would kill the process), opened as a writable memory map."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+    return out
 
 
 def load_images(sources, size, mode="L", cache_dir=None, strict=False, progress=None, workers=None):
-    """(images uint8 (N, size, size) or (N, size, size, 3), ok bool (N,)). Unreadable images are reported by path
-    and left as zeros with ok=False (the caller drops them), or raise DataError under strict=True."""
+    """(images uint8 (N, size, size) or (N, size, size, 3), memory-mapped from the cache; ok bool (N,)). Unreadable
+    images are reported by path and left as zeros with ok=False (the caller drops them), or raise DataError under
+    strict=True. workers: decoding processes (default: one per available core)."""
     sources = [str(s) for s in sources]
     if mode not in ("L", "RGB"):
         raise ValueError(f"mode must be 'L' or 'RGB', not {mode!r}")
+    shape = (len(sources), size, size) + (() if mode == "L" else (3,))
     cache_dir = Path(cache_dir or CACHE_DIR)
     key = cache_key(sources, size, mode)
-    path = cache_dir / f"{key}.npz"
+    path, ok_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.ok.npy"
     images = None
-    if path.is_file():
+    if not sources:
+        images, ok = np.zeros(shape, np.uint8), np.zeros(0, bool)
+    elif path.is_file() and ok_path.is_file():
         try:
-            with np.load(path) as z:
-                images, ok = z["images"], z["ok"]
-            if len(images) != len(sources) or len(ok) != len(sources):
-                raise ValueError(f"{len(images)} images for {len(sources)} sources")
+            ok, images = np.load(ok_path), np.load(path, mmap_mode="c")
+            if images.shape != shape or images.dtype != np.uint8 or ok.shape != shape[:1]:
+                raise ValueError(f"{images.shape} {images.dtype} images for {len(sources)} sources")
         except Exception as e:  # a cache file cut short by a kill, or damaged: it is ours, decode again
             warnings.warn(f"image cache {path} is unreadable ({e}); decoding the images again")
             images = None
     if images is None:
         progress = len(sources) > 500 if progress is None else progress
-        images, ok = decode_all(sources, size, mode, workers or min(4, os.cpu_count() or 1), progress)
+        tmp = path.with_name(f"{key}.tmp{os.getpid()}.npy")
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-            np.savez(tmp, images=images, ok=ok)
-            os.replace(tmp, path)
+            out = reserve(tmp, shape)
         except OSError as e:
-            raise DataError(f"image cache {cache_dir}: cannot write there ({e.strerror}); set FAIRSYNTH_CACHE to a "
-                            f"writable folder") from e
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"image cache {cache_dir}: cannot write {np.prod(shape) / 1e9:.2f} GB there "
+                            f"({e.strerror}); set FAIRSYNTH_CACHE to a writable folder with room") from e
+        try:
+            ok = decode_all(sources, size, mode, workers or available_cpus(), progress, out)
+            out.flush()
+            del out
+            np.save(ok_path.with_name(f"{key}.ok.tmp{os.getpid()}.npy"), ok)
+            os.replace(ok_path.with_name(f"{key}.ok.tmp{os.getpid()}.npy"), ok_path)
+            os.replace(tmp, path)  # last: the images file appears complete or not at all
+        finally:
+            tmp.unlink(missing_ok=True)
+        images = np.load(path, mmap_mode="c")
     if not ok.all():
         bad = [s for s, o in zip(sources, ok) if not o]
         msg = f"{len(bad)} of {len(sources)} images could not be read, e.g. {bad[:3]}"

@@ -63,6 +63,18 @@ def is_main_process():
         or torch.distributed.get_rank() == 0
 
 
+def ranks_identical(model):
+    """Under torchrun: whether every rank holds bit-identical parameters (DDP starts them from rank 0's and
+    averages the gradients, so they stay so; False means the ranks trained different models). Every rank must call
+    it. BatchNorm running statistics are buffers, each rank's own, and are not compared."""
+    h = hashlib.sha1()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    digests = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(digests, h.hexdigest())
+    return len(set(digests)) == 1
+
+
 OUTPUT_TREES = ("results", "results-full", "smoke")  # what runs write, not code
 
 

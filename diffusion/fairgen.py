@@ -55,35 +55,42 @@ def dpo_diffusion(err_w, err_l, ref_w, ref_l, beta=2500.0):
 
 
 def real_batch_loss(net, sched, x_all, cls_all, K, gen, dgen, batch_size, sampler="uniform", grad_means=None,
-                    grad_alpha=0.0, hflip=False, p_uncond=0.1, cb=None, fb=None, n_labels=1, amp=False):
+                    grad_alpha=0.0, hflip=False, p_uncond=0.1, cb=None, fb=None, n_labels=1, amp=False, part=None):
     """One batch of the (FairGen-variant) DDPM loss on real images: a batch drawn with the sampler's weights
     (times our gradient-aware factor with grad_alpha > 0), eps-MSE with label dropout p_uncond, plus the
     class-balancing loss when cb = (tau, gamma); with fb (a fairdiffusion.FairBayes) the eps-MSE weighted per sample
     by 1 + sigma_g xi (g = attribute value = class // n_labels). x_all: uint8 (N, C, S, S); cls_all: class (N,);
     K: the number of classes (K is also the null label of guidance dropout).
-    Random draws: batch indices from gen (CPU); flips, t, eps, label dropout, y' and xi from dgen, in that order.
-    Returns (loss, per-image MSE, y)."""
+    Random draws: batch indices from gen (CPU); flips, t, eps, label dropout, y' and xi from dgen, in that order,
+    all for the whole batch of batch_size. part: the slice of it this process trains on (under torchrun, with
+    batch_size the global batch and the same generators on every rank, each rank's part is what one process would
+    draw for those images; None: all of it).
+    Returns (loss, per-image MSE, y) of the part."""
     device = x_all.device
     w = torch.as_tensor(sample_weights(cls_all.cpu().numpy(), SAMPLER_Q[sampler], grad_means, grad_alpha))
     idx = torch.multinomial(w, batch_size, replacement=True, generator=gen).to(device)
+    B = len(idx)
+    flip = torch.rand(B, device=device, generator=dgen) < 0.5 if hflip else None
+    y = cls_all[idx]
+    t = torch.randint(0, sched.T, (B,), device=device, generator=dgen)
+    eps = torch.randn((B,) + tuple(x_all.shape[1:]), device=device, generator=dgen)
+    y_in = drop_labels(y, p_uncond, K, dgen)
+    yp = torch.randint(0, K, (B,), device=device, generator=dgen) if cb is not None else None  # y' uniform over K
+    xi = torch.randn(B, device=device, generator=dgen) if fb is not None else None
+    if part is not None:
+        idx, y, t, eps, y_in = idx[part], y[part], t[part], eps[part], y_in[part]
+        flip, yp, xi = (None if v is None else v[part] for v in (flip, yp, xi))
     x0 = x_all[idx].float() / 127.5 - 1  # (B, C, S, S) in [-1, 1]
     if hflip:
-        flip = torch.rand(len(x0), device=device, generator=dgen) < 0.5
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-    y = cls_all[idx]
-    t = torch.randint(0, sched.T, (len(x0),), device=device, generator=dgen)
-    eps = torch.randn(x0.shape, device=device, generator=dgen)
-    y_in = drop_labels(y, p_uncond, K, dgen)
     xt = q_sample(sched, x0, t, eps).contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        if cb is not None:  # y' uniform over the K classes
-            yp = torch.randint(0, K, (len(x0),), device=device, generator=dgen)
+        if cb is not None:
             e_y, l_cb = eps_and_cb_loss(net, xt, t, y_in, yp, K, sched.T, *cb)
         else:
             e_y = net(xt, t, y_in).float()
     per = (e_y - eps).pow(2).flatten(1).mean(1)  # ||eps - eps_theta(x_t, t, y)||^2 per image
     if fb is not None:  # FairDiffusion: mean_i (1 + sigma_g(i) xi_i) ||eps_i - eps_theta||^2
-        xi = torch.randn(len(per), device=device, generator=dgen)
         loss = (fb.weights((y // n_labels)[:, None], xi) * per).mean()
     else:
         loss = per.mean()

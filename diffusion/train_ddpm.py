@@ -39,8 +39,8 @@ from common.data import DataError
 from common.modalities import modality_name, training_images
 from common.report import save_grid
 from common.runs import (add_common_args, check_finite, is_main_process, load_checkpoint, load_weights,
-                         prepare_out_dir, save_checkpoint, seed_everything, setup_distributed, write_config,
-                         write_json)
+                         prepare_out_dir, ranks_identical, save_checkpoint, seed_everything, setup_distributed,
+                         write_config, write_json)
 from diffusion.ddpm import Schedule, fixed_noise_grid, update_ema
 from diffusion.fairdiffusion import FairBayes, loss_gap, plot_trajectory
 from diffusion.fairgen import SAMPLER_Q, real_batch_loss
@@ -214,8 +214,9 @@ def main(args):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
     sched = Schedule(args.schedule, args.T)
-    gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # batch indices (CPU)
-    dgen = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank + 1)  # t, noise, label dropout
+    # the same streams on every rank: each draws the global batch and trains on its part (one process's numbers)
+    gen = torch.Generator().manual_seed(args.seed * 1000)  # batch indices (CPU)
+    dgen = torch.Generator(device=device).manual_seed(args.seed * 1000 + 1)  # t, noise, label dropout
     grad_hist = [collections.deque(maxlen=args.grad_window) for _ in range(K)]
     # the same stream on every rank, and the gap averaged over ranks: every rank keeps the same sigma
     fb = FairBayes(len(mod.attrs), args.fair_time_window, args.fair_beta, args.fair_rho, seed=args.seed + 777) \
@@ -249,10 +250,10 @@ def main(args):
     bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="ddpm", disable=not is_main_process())
     for step in bar:
         loss, per, y = real_batch_loss(
-            net, sched, x_all, cls_all, K, gen, dgen, args.batch_size, sampler=args.sampler,
+            net, sched, x_all, cls_all, K, gen, dgen, args.batch_size * world, sampler=args.sampler,
             grad_means=[float(np.mean(h)) if h else np.nan for h in grad_hist], grad_alpha=args.grad_alpha,
             hflip=args.hflip, p_uncond=args.p_uncond, cb=(args.cb_tau, args.cb_gamma) if args.cb_loss else None,
-            fb=fb, n_labels=len(mod.labels), amp=amp)
+            fb=fb, n_labels=len(mod.labels), amp=amp, part=slice(rank * args.batch_size, (rank + 1) * args.batch_size))
         check_finite(loss, step, args.out_dir)
         opt.zero_grad(set_to_none=True)
         if args.grad_alpha:  # our gradient-aware factor: per-group gradient norm at the output layer
@@ -275,6 +276,10 @@ def main(args):
                 sig = torch.as_tensor(fb.sigma, device=device)
                 torch.distributed.broadcast(sig, 0)
                 fb.sigma = sig.cpu().numpy()
+        if world > 1:  # the global batch's loss (the mean of the ranks' equal parts) in every rank's history
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss)
+            loss /= world
         history.append([step + 1, loss.item()])
         seen += args.batch_size * world
         if step % 10 == 0:
@@ -290,6 +295,7 @@ def main(args):
                              **({"fair_bayes": fb.state_dict()} if fb is not None else {})}, ckpt_path)
         if is_main_process() and args.sample_every and done % args.sample_every == 0 and done != args.steps:
             sample_grid(ema, sched, args, mod, done, out, device)
+    ddp = {"world_size": world, "ranks_identical": ranks_identical(model)} if world > 1 else {}
     if is_main_process():
         final = args.steps
         sample_grid(ema, sched, args, mod, final, out, device)
@@ -297,7 +303,8 @@ def main(args):
         losses = [h[1] for h in history]
         metrics = {"steps": final, "final_loss_mean_last_100": float(np.mean(losses[-100:])) if losses else None,
                    "images_per_s": seen / elapsed if seen else None, "wall_s_this_session": elapsed,
-                   "classes": mod.class_names, "class_counts": counts.tolist(), "n_train": N, "data": mod.data}
+                   "classes": mod.class_names, "class_counts": counts.tolist(), "n_train": N, "data": mod.data,
+                   **ddp}
         if fb is not None:  # the sigma trajectory and the batch loss gap per step, drawn in fair_bayes.png
             # sigma_last_step: what the last step used; sigma_next: the search's state after it (a GP update at
             # the last step, as at every multiple of the window, is used by no step of this run)

@@ -198,6 +198,26 @@ def test_memorization_audit_finds_a_planted_copy(tmp_path):
     assert json.loads((tmp_path / "audit/memorization.json").read_text())["fraction_copies"] == pytest.approx(0.04)
 
 
+def test_memorization_reference_on_a_sample_of_training_queries_is_the_full_one_there():
+    """Above max_train_queries training images the train-to-train reference is computed for a sample of them
+    (linear, not quadratic, in the training set): each sampled image gets exactly its full-search distance."""
+    from fairness.memorization import _flat, nearest
+    rng = np.random.default_rng(6)
+    train = rng.integers(0, 256, (60, 8, 8), dtype=np.uint8)
+    train[41] = train[3]  # a duplicate pair: distance 0, whichever of the two is sampled
+    t = _flat(train)
+    _, full, _ = nearest(t, t, exclude_self=True)
+    rows = np.array([3, 10, 41, 59])
+    idx, part, _ = nearest(t[torch.from_numpy(rows)], t, exclude_self=True, rows=rows)
+    np.testing.assert_array_equal(part, full[rows])
+    assert part[0] == 0 and idx[0] == 41 and idx[2] == 3  # the duplicate found, the image itself excluded
+    synth = rng.integers(0, 256, (10, 8, 8), dtype=np.uint8)
+    all_rows, _, _, _ = audit(synth, train)
+    sampled, _, _, _ = audit(synth, train, max_train_queries=20)
+    assert all_rows["n_train_queries"] == 60 and sampled["n_train_queries"] == 20
+    assert sampled["pixel_nn_rmse"] == all_rows["pixel_nn_rmse"]  # the synthetic side is never sampled
+
+
 def test_figures_draw(tmp_path):
     from PIL import Image
     from fairness.figures import bars, boxplots, lines, radar

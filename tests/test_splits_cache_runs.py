@@ -63,7 +63,8 @@ def test_cache_decodes_once(tmp_path, monkeypatch):
     x, ok = load_images(paths, 40)
     assert ok.all() and all((x[i] == arrays[i]).all() for i in range(4))
     small, _ = load_images(paths, 20)  # another size is another cache entry
-    assert small.shape == (4, 20, 20) and len(list(common.cache.CACHE_DIR.glob("*.npz"))) == 2
+    assert small.shape == (4, 20, 20) and len(list(common.cache.CACHE_DIR.glob("*.ok.npy"))) == 2
+    assert isinstance(x, np.memmap)  # mapped from the cache file, not read into memory
     monkeypatch.setattr(common.cache, "decode_file", lambda job: pytest.fail("re-read a PNG"))
     x2, _ = load_images(paths, 40)  # from the cache: the PNGs are never opened again
     assert (x2 == x).all()
