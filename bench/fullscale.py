@@ -142,6 +142,79 @@ def audit_at_scale(root, cache, n_synth=1000):
             "seconds": time.time() - t0}
 
 
+# One A100 80GB, mixed precision, training ResNet-50 v1.5 at 224 px: 2,470 images/s (NVIDIA DeepLearningExamples,
+# PyTorch/Classification/ConvNets/resnet50v1.5/README.md, "Training performance: NVIDIA DGX A100", 1 GPU, NGC
+# pytorch-21.03). Times ResNet-50's FLOPs per image-step (counted here) it is the sustained rate assumed for our nets.
+A100_RESNET50_IMAGES_S = 2470
+
+
+def full_scale_plan():
+    """Image-steps of `make chestxray SCALE=full` on all 112,120 NIH images, from the label table alone: its folds,
+    each fold's sets (classify.chestxray_study.fold_sets) and its settings (SCALES['full']), at most --epochs
+    epochs (early stopping may stop sooner)."""
+    from classify.chestxray_study import fold_sets, parse_args as study_args
+    from common.data import read_nih
+    from common.splits import patient_kfold
+    args = study_args(["--scale", "full"])
+    t = read_nih(PROJECT_DATA / "nih_cxr14", TABLE, require_images=False)
+    fold = patient_kfold(t, args.folds, seed=args.seed, stratify="sex")
+    train = val = test = cvae = 0
+    for k in range(args.folds):
+        sets, n_male, _ = fold_sets(k, fold, t, args)
+        train += args.epochs * 2 * n_male * len(args.conditions)  # every condition: epochs of 2 n_male images
+        val += args.epochs * len(sets["val"]) * len(args.conditions)  # a validation pass per epoch
+        test += len(sets["test"]) * len(args.conditions)
+        cvae += args.cvae_epochs * len(sets["cvae_train"])
+    return {"images": len(t), "folds": args.folds, "conditions": len(args.conditions), "epochs": args.epochs,
+            "classifier_train_image_steps": train, "classifier_eval_images": val + test,
+            "cvae_image_steps": cvae, "cvae_epochs": args.cvae_epochs}
+
+
+def resnet50_gflop_per_image_step():
+    from torch.utils.flop_counter import FlopCounterMode
+    import torchvision
+    net, x = torchvision.models.resnet50(), torch.rand(2, 3, 224, 224)
+    with FlopCounterMode(display=False) as counter:
+        net(x).sum().backward()
+    return counter.get_total_flops() / len(x) / 1e9
+
+
+def report(paths):
+    """The extrapolation to 112,120 images from measurement files (two sizes: the memory's growth per image)."""
+    runs = sorted((json.loads(Path(p).read_text()) for p in paths), key=lambda r: r["n"])
+    big = runs[-1]
+    plan = full_scale_plan()
+    N = plan["images"]
+    dec = max(big["decode_224"], key=lambda d: d["workers"])
+    per_core = dec["images_per_s_per_worker"]
+    rate = resnet50_gflop_per_image_step() * A100_RESNET50_IMAGES_S  # GFLOP/s sustained, assumed
+    steps = big.get("steps") or {}
+    dn = steps.get("densenet121", {}).get("gflop_per_image")
+    cv = 0.314  # the CVAE's GFLOP per image-step (bench/machine_limit.py --loops cvae)
+    gpu_h = None
+    if dn:
+        flop = plan["classifier_train_image_steps"] * dn + plan["classifier_eval_images"] * dn / 3 + \
+            plan["cvae_image_steps"] * cv
+        gpu_h = flop / rate / 3600
+    print(f"full-scale chest X-ray study on {N:,} images: {plan['folds']} folds x {plan['conditions']} conditions, "
+          f"<= {plan['epochs']} epochs: {plan['classifier_train_image_steps']:,} classifier image-steps, "
+          f"{plan['classifier_eval_images']:,} evaluated images, {plan['cvae_image_steps']:,} CVAE image-steps")
+    print(f"decode at 224 px: {per_core:.1f} images/s per core -> {N / per_core / 3600:.2f} core-hours "
+          f"({N / per_core / 3600 / 16:.2f} h on 16 cores), once; cache {N * 224 * 224 / 1e9:.2f} GB at 224 px "
+          f"+ {N * 64 * 64 / 1e9:.2f} GB at 64 px")
+    for key in ("chestxray_capped", "ddpm_capped"):
+        pts = [(r["n"], r[key]["peak_rss_gb"]) for r in runs if key in r]
+        if len(pts) >= 2:
+            (n0, m0), (n1, m1) = pts[0], pts[-1]
+            slope = (m1 - m0) / (n1 - n0)
+            print(f"{key}: peak RSS {m0:.2f} GB at {n0} images, {m1:.2f} GB at {n1}: {slope * 1e6:.0f} KB per image "
+                  f"-> {m0 + slope * (N - n0):.1f} GB at {N:,}")
+    if gpu_h:
+        print(f"GPU: DenseNet-121 {dn:.2f} GFLOP per image-step, at the rate one A100 sustains on ResNet-50 "
+              f"({rate / 1e3:.0f} TFLOP/s, assumed): {gpu_h:.1f} GPU-hours")
+    return {"plan": plan, "decode_core_hours": N / per_core / 3600, "assumed_tflops": rate / 1e3, "gpu_hours": gpu_h}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", required=False, help="the simulated NIH root (built there when missing)")
@@ -154,11 +227,15 @@ def main():
                    help="the capped chest X-ray study's conditions (imbalanced_synth brings the CVAE)")
     p.add_argument("--ddpm-steps", type=int, default=3, help="training steps of the capped DDPM run")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: decode, chestxray, ddpm, audit, steps")
+    p.add_argument("--report", nargs="+", metavar="JSON",
+                   help="print the extrapolation to 112,120 images from these measurement files and exit")
     p.add_argument("--decode-child", nargs=3, metavar=("ROOT", "SIZE", "WORKERS"),
                    help="internal: what the decode measurement runs in its own process")
     args = p.parse_args()
     if args.decode_child:
         return decode_child(args.decode_child[0], int(args.decode_child[1]), int(args.decode_child[2]))
+    if args.report:
+        return report(args.report)
     if not args.root:
         p.error("--root: the folder of the simulated NIH root")
     cores = len(os.sched_getaffinity(0))

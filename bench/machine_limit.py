@@ -23,10 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from classify.nets import build  # noqa: E402
 from diffusion.ddpm import Schedule, q_sample  # noqa: E402
 from diffusion.unet import UNet  # noqa: E402
+from gan.train_mlp_cgan import Discriminator, Generator  # noqa: E402
 from vae.train_cvae import CVAE, cvae_loss  # noqa: E402
 from vae.train_resvae import ResVAE, VGGPerceptual, vae_loss  # noqa: E402
 
-LOOPS = ["cnn8", "resnet18", "cvae", "resvae", "unet", "vit"]
+LOOPS = ["cnn8", "resnet18", "cvae", "resvae", "unet", "vit", "mlpcgan"]
 FULL_LOOPS = ["densenet121", "unet64"]  # the full-scale nets, for bench/fullscale.py's GPU-hour estimates
 
 
@@ -43,71 +44,98 @@ def sgemm_gflops(n=2048, reps=10):
     return 2 * n ** 3 * reps / best / 1e9
 
 
-def loop(name, channels_last):
-    """(one training step as a function, images per step) of a quick study's main loop."""
+def loop(name, channels_last, bf16=False, compile=False):
+    """(one training step as a function, images per step) of a study's main loop; bf16: under CPU bf16 autocast
+    (the loss in fp32); compile: the network(s) through torch.compile (its compilation happens at the first step)."""
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    wrap = torch.compile if compile else (lambda m: m)
+    if name == "mlpcgan":  # MedMNIST's MLP cGAN: gan/train_mlp_cgan.py (784-d, batch 128), a D step and a G step
+        G, D, x, y = Generator(784, 2), Discriminator(784, 2), torch.rand(128, 784) * 2 - 1, torch.randint(0, 2, (128,))
+        opt_g, opt_d = torch.optim.Adam(G.parameters(), lr=1e-4), torch.optim.Adam(D.parameters(), lr=1e-4)
+        Gc, Dc = wrap(G), wrap(D)
+
+        def gan_step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                fake = Gc(torch.randn(len(x), 64), y)
+                d_real, d_fake = Dc(x, y).float(), Dc(fake.detach(), y).float()
+            loss_d = F.binary_cross_entropy_with_logits(d_real, torch.ones(len(x))) + \
+                F.binary_cross_entropy_with_logits(d_fake, torch.zeros(len(x)))
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            opt_d.step()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                d_gen = Dc(fake, y).float()
+            loss_g = F.binary_cross_entropy_with_logits(d_gen, torch.ones(len(x)))
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            opt_g.step()
+        return gan_step, len(x)
     if name == "cnn8":  # chest X-ray classifier: classify/train_chexnet.py at quick scale (64 px, width 16, batch 32)
         net, x, y = build("cnn8", 1, 15, 64, width=16), torch.rand(32, 1, 64, 64) * 2 - 1, torch.rand(32, 15).round()
-        loss_fn = lambda: F.binary_cross_entropy_with_logits(net(x.contiguous(memory_format=fmt)), y)
+        loss_fn = lambda m, xb: F.binary_cross_entropy_with_logits(m(xb).float(), y)
     elif name == "resnet18":  # MedMNIST classifier: classify/train_resnet18.py at quick scale (28 px, width 16, batch 32)
         net, x, y = build("resnet18_28", 1, 2, 28, width=16), torch.rand(32, 1, 28, 28) * 2 - 1, torch.randint(0, 2, (32,))
-        loss_fn = lambda: F.cross_entropy(net(x.contiguous(memory_format=fmt)), y)
+        loss_fn = lambda m, xb: F.cross_entropy(m(xb).float(), y)
     elif name == "cvae":  # chest X-ray CVAE: vae/train_cvae.py (64 px, batch 64)
         net, x, y = CVAE(), torch.rand(64, 1, 64, 64) * 2 - 1, (torch.rand(64, 15) > 0.8).float()
 
-        def loss_fn():
-            x_hat, mu, logvar = net(x.contiguous(memory_format=fmt), y)
-            return cvae_loss(x_hat, x, mu, logvar)[0]
+        def loss_fn(m, xb):
+            x_hat, mu, logvar = m(xb, y)
+            return cvae_loss(x_hat.float(), xb, mu.float(), logvar.float())[0]
     elif name == "resvae":  # skin-tone VAE: vae/train_resvae.py at quick scale (32 px, width 32, latent 64 x 8 x 8,
         # batch 64, the random VGG19 perceptual term included)
         net, x = ResVAE(3, 32, 2, 64), torch.rand(64, 3, 32, 32) * 2 - 1
         vgg = VGGPerceptual(pretrained=False).to(memory_format=fmt)
 
-        def loss_fn():
-            xb = x.contiguous(memory_format=fmt)
-            x_hat, mu, logvar = net(xb)
+        def loss_fn(m, xb):
+            x_hat, mu, logvar = m(xb)
             return vae_loss(x_hat, xb, mu, logvar, vgg)[0]
-    elif name == "unet":  # fairgen's quick U-Net: diffusion/train_ddpm.py (32 px, 16-32-32, attention at 8, batch 32)
-        net = UNet(1, 32, 16, (1, 2, 2), 1, (8,), num_classes=4)
-        sched, x, y = Schedule(), torch.rand(32, 1, 32, 32) * 2 - 1, torch.randint(0, 4, (32,))
+    elif name in ("unet", "unet64"):  # fairgen's U-Net: diffusion/train_ddpm.py; quick: 32 px, 16-32-32, attention
+        # at 8, batch 32; full preset: 64 px, 64-128-128-128, 2 blocks per level, attention at 16 (batch 8 here)
+        size, batch = (32, 32) if name == "unet" else (64, 8)
+        net = UNet(1, 32, 16, (1, 2, 2), 1, (8,), num_classes=4) if name == "unet" else \
+            UNet(1, 64, 64, (1, 2, 2, 2), 2, (16,), num_classes=4)
+        sched, x, y = Schedule(), torch.rand(batch, 1, size, size) * 2 - 1, torch.randint(0, 4, (batch,))
 
-        def loss_fn():
-            t, eps = torch.randint(0, sched.T, (len(x),)), torch.randn_like(x)
-            return F.mse_loss(net(q_sample(sched, x, t, eps).contiguous(memory_format=fmt), t, y), eps)
+        def loss_fn(m, xb):
+            t, eps = torch.randint(0, sched.T, (len(xb),)), torch.randn_like(xb)
+            return F.mse_loss(m(q_sample(sched, xb, t, eps).contiguous(memory_format=fmt), t, y).float(), eps)
     elif name == "vit":  # fairgen's downstream ViT at quick scale (32 px, 8 x 8 patches, width 64, batch 64)
         net = build("vit", 1, 2, 32, vit=dict(patch=8, dim=64, mlp=128, dropout=0.0))
         x, y = torch.rand(64, 1, 32, 32) * 2 - 1, torch.randint(0, 2, (64,))
-        loss_fn = lambda: F.cross_entropy(net(x.contiguous(memory_format=fmt)), y)
+        loss_fn = lambda m, xb: F.cross_entropy(m(xb).float(), y)
     elif name == "densenet121":  # the full-scale chest X-ray classifier: train_chexnet.py (224 px; batch 8 here)
         net, x, y = build("densenet121", 1, 15, 224), torch.rand(8, 1, 224, 224) * 2 - 1, torch.rand(8, 15).round()
-        loss_fn = lambda: F.binary_cross_entropy_with_logits(net(x.contiguous(memory_format=fmt)), y)
-    elif name == "unet64":  # fairgen's full-preset U-Net: 64 px, 64-128-128-128, 2 blocks, attention at 16 (batch 8)
-        net = UNet(1, 64, 64, (1, 2, 2, 2), 2, (16,), num_classes=4)
-        sched, x, y = Schedule(), torch.rand(8, 1, 64, 64) * 2 - 1, torch.randint(0, 4, (8,))
-
-        def loss_fn():
-            t, eps = torch.randint(0, sched.T, (len(x),)), torch.randn_like(x)
-            return F.mse_loss(net(q_sample(sched, x, t, eps).contiguous(memory_format=fmt), t, y), eps)
+        loss_fn = lambda m, xb: F.binary_cross_entropy_with_logits(m(xb).float(), y)
     else:
         raise SystemExit(f"--loops: unknown loop {name!r} ({', '.join(LOOPS + FULL_LOOPS)})")
     net = net.to(memory_format=fmt)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    m, xb = wrap(net), x.contiguous(memory_format=fmt)
 
     def step():
-        loss = loss_fn()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(m, xb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     return step, len(x)
 
 
-def measure(name, channels_last, steps, rounds):
-    step, batch = loop(name, channels_last)
-    with FlopCounterMode(display=False) as counter:
-        step()
-    flops = counter.get_total_flops()
-    step()  # warm-up
+def measure(name, channels_last, steps, rounds, bf16=False, compile=False):
+    """A loop's FLOPs per image-step, images/s and GFLOP/s (the fastest of `rounds` rounds of `steps` steps), and
+    with compile the seconds its first step took beyond an ordinary one (the compilation)."""
+    step, batch = loop(name, channels_last, bf16, compile)
+    t0 = time.perf_counter()
+    step()  # warm-up (and compilation)
+    first = time.perf_counter() - t0
+    if not compile:
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops = counter.get_total_flops()
+    else:
+        flops = measure(name, channels_last, 1, 1)["gflop_per_image"] * batch * 1e9  # counted without compile
     best = float("inf")
     for _ in range(rounds):
         t0 = time.perf_counter()
@@ -115,7 +143,7 @@ def measure(name, channels_last, steps, rounds):
             step()
         best = min(best, time.perf_counter() - t0)
     return {"gflop_per_image": flops / batch / 1e9, "images_per_s": steps * batch / best,
-            "gflops": flops * steps / best / 1e9}
+            "gflops": flops * steps / best / 1e9, "compile_s": first - best / steps if compile else None}
 
 
 def profile(name, steps=3):
@@ -136,16 +164,34 @@ def main():
     p.add_argument("--loops", default=",".join(LOOPS),
                    help=f"comma-separated, of {', '.join(LOOPS)} (quick scale) and {', '.join(FULL_LOOPS)} (full)")
     p.add_argument("--profile", action="store_true", help="also print each loop's most expensive operators")
+    p.add_argument("--variants", default="",
+                   help="comma-separated, in channels_last: bf16 (CPU bf16 autocast), compile (torch.compile): "
+                        "each loop's speed against fp32 eager, and compile's one-off seconds")
     args = p.parse_args()
     peak = sgemm_gflops()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads: sgemm 2048 x 2048 {peak:.0f} GFLOP/s")
     print("| loop | format | GFLOP per image-step | images/s | GFLOP/s | of sgemm |")
     print("|---|---|---|---|---|---|")
+    base = {}
     for name in args.loops.split(","):
         for channels_last in (False, True):
             r = measure(name, channels_last, args.steps, args.rounds)
+            base[name] = r
             print(f"| {name} | {'channels_last' if channels_last else 'contiguous'} | {r['gflop_per_image']:.3f} | "
                   f"{r['images_per_s']:.0f} | {r['gflops']:.0f} | {r['gflops'] / peak:.0%} |", flush=True)
+    variants = [v for v in args.variants.split(",") if v]
+    if variants:
+        print("\n| loop | variant (channels_last) | images/s | x fp32 eager | compile s | compile pays back after |")
+        print("|---|---|---|---|---|---|")
+    for name in args.loops.split(",") if variants else []:
+        for v in variants:
+            r = measure(name, True, args.steps, args.rounds, bf16=v == "bf16", compile=v == "compile")
+            gain = r["images_per_s"] / base[name]["images_per_s"]
+            saved = 1 / base[name]["images_per_s"] - 1 / r["images_per_s"]  # seconds per image
+            payback = f"{r['compile_s'] / saved:.0f} images" if v == "compile" and saved > 0 else \
+                ("never" if v == "compile" else "")
+            compile_s = "" if r["compile_s"] is None else f"{r['compile_s']:.0f}"
+            print(f"| {name} | {v} | {r['images_per_s']:.0f} | {gain:.2f} | {compile_s} | {payback} |", flush=True)
     for name in args.loops.split(",") if args.profile else []:
         profile(name)
 

@@ -42,7 +42,7 @@ from common.cache import load_images
 from common.data import (NIH_FINDINGS, NIH_LABELS, PROJECT_DATA, DataError, label_matrix, read_nih, read_samples,
                          to_signed)
 from common.runs import (add_common_args, prepare_out_dir, ranks_identical, save_checkpoint, seed_everything,
-                         setup_distributed, write_config, write_json)
+                         setup_distributed, use_amp, write_config, write_json)
 from common.splits import patient_split, read_sets
 from fairness.metrics import auroc, binary_stats, youden_threshold
 
@@ -164,6 +164,7 @@ def fit(x_tr, y_tr, x_val, y_val, args, device, weights=None, progress=True, epo
     n_epoch = epoch_size or len(x_tr)
     w_pos, w_neg = class_weights(y_tr, args.class_weights)
     w_pos, w_neg = w_pos.to(device), w_neg.to(device)
+    amp = use_amp(args.amp, device)
     gen = torch.Generator().manual_seed(args.seed)  # the same stream on every rank
     best, best_auc, bad, history = None, -1.0, 0, []
     for epoch in tqdm(range(args.epochs), desc="chexnet", disable=not progress or rank > 0, leave=False):
@@ -179,7 +180,9 @@ def fit(x_tr, y_tr, x_val, y_val, args, device, weights=None, progress=True, epo
             x = augment(x_tr[idx].to(device), theta[part], c[part], b[part]).contiguous(
                 memory_format=torch.channels_last)
             y = y_tr[idx].to(device)
-            loss = F.binary_cross_entropy_with_logits(train_net(x), y, weight=y * w_pos + (1 - y) * w_neg)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = train_net(x).float()
+            loss = F.binary_cross_entropy_with_logits(logits, y, weight=y * w_pos + (1 - y) * w_neg)
             opt.zero_grad(set_to_none=True)
             # DDP averages the ranks' gradients; weighting each rank's mean by its share of the global batch makes
             # that average the gradient of the global batch's mean loss (x 1 in one process)
@@ -259,6 +262,9 @@ def add_args(p):
     p.add_argument("--sync-bn", action="store_true",
                    help="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm), so that "
                         "N GPUs compute what one would at N x --batch-size (slower; default: each GPU's own)")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
+                   help="bf16 autocast of the training steps: auto = on GPUs only; bf16 = also on CPUs with bf16 "
+                        "instructions (README: 2.2x for cnn8, curves and AUROCs within the seeds' spread); off")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
     p.add_argument("--weight-decay", type=nonneg_float, default=1e-4, help="Adam weight decay")
     return p
