@@ -205,18 +205,19 @@ def main(args):
 def gather(runs, args, out, seconds, stages):
     """preds.csv (every classifier stage's preds.csv, fold by fold) and training.json (counts per fold, fold 0's
     validation curves, times) in --out: the files the report reads."""
-    parts, counts, curves0 = [], {c: [] for c in args.conditions}, {}
+    parts, counts, curves0, bf16 = [], {c: [] for c in args.conditions}, {}, set()
     for k in range(args.folds):
         for c in args.conditions:
             cell = runs / f"fold{k}" / c
             parts.append(pd.read_csv(cell / "preds.csv"))
             m = json.loads((cell / "metrics.json").read_text())
+            bf16.add(json.loads((cell / "config.json").read_text()).get("bf16_autocast", False))
             counts[c].append({key: m[key] for key in ("n_train_female", "n_train_male", "n_synthetic")})
             if k == 0:
                 curves0[c] = [h["val_any_auroc"] for h in m["history"]]
     pd.concat(parts, ignore_index=True).to_csv(out / "preds.csv", index=False, float_format="%.9g")
     write_json(out / "training.json", {"counts_per_fold": counts, "val_any_auroc_fold0": curves0,
-                                       "seconds": seconds})
+                                       "bf16_autocast": sorted(bf16), "seconds": seconds})
     write_json(out / "stages.json", {"stages": stages.commands, "reused": stages.reused})
 
 
@@ -392,6 +393,9 @@ def report(out, args, runs, data, weights):
                        "excess over the null median. Compare conditions with comparisons.md (paired), not by overlapping CIs. "
                        "Reference (Larrazabal et al. 2020, full NIH, "
                        "DenseNet-121): the under-represented sex loses ~0.02-0.025 mean AUC.",
+                       "Classifier training arithmetic: " + {(True,): "bf16 autocast (--amp auto on a CPU or GPU with "
+                       "bf16 instructions; evaluation in fp32)", (False,): "fp32"}.get(
+                           tuple(training.get("bf16_autocast", [False])), "mixed (bf16 in some stages, fp32 in others)"),
                        (f"CVAE trained on: {args.cvae_female} female images of each fold (never test or "
                         f"validation images). " if "imbalanced_synth" in args.conditions else "")
                        + f"Classifier weights: {weights}."])

@@ -32,7 +32,7 @@ def max_difference(a, b):
 
 
 def test_train_chexnet_on_two_processes_is_one_process_at_the_global_batch(tmp_path):
-    common = ["--arch", "vit", "--dropout", "0", "--size", "16", "--epochs", "2", "--epoch-size", "100",
+    common = ["--arch", "vit", "--dropout", "0", "--amp", "off", "--size", "16", "--epochs", "2", "--epoch-size", "100",
               "--schedule", "cosine", "--device", "cpu"]
     launch("classify.train_chexnet", *common, "--batch-size", "8", "--out-dir", str(tmp_path / "two"), nproc=2,
            cache=tmp_path / "cache")  # global batch 16: 6 steps of 16 and a last one of 4, split 2 + 2
