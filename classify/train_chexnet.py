@@ -41,8 +41,8 @@ from common.cli import (ArgumentParser, key_values, nonneg_float, nonneg_int, po
 from common.cache import load_images
 from common.data import (NIH_FINDINGS, NIH_LABELS, PROJECT_DATA, DataError, label_matrix, read_nih, read_samples,
                          to_signed)
-from common.runs import (add_common_args, prepare_out_dir, ranks_identical, save_checkpoint, seed_everything,
-                         setup_distributed, use_amp, write_config, write_json)
+from common.runs import (add_common_args, local_rank_zero_first, prepare_out_dir, ranks_identical, save_checkpoint,
+                         seed_everything, setup_distributed, use_amp, write_config, write_json)
 from common.splits import patient_split, read_sets
 from fairness.metrics import auroc, binary_stats, youden_threshold
 
@@ -164,7 +164,7 @@ def fit(x_tr, y_tr, x_val, y_val, args, device, weights=None, progress=True, epo
     n_epoch = epoch_size or len(x_tr)
     w_pos, w_neg = class_weights(y_tr, args.class_weights)
     w_pos, w_neg = w_pos.to(device), w_neg.to(device)
-    amp = use_amp(args.amp, device)
+    amp = use_amp(args.amp, device, cpu_checked=args.arch == "cnn8")
     gen = torch.Generator().manual_seed(args.seed)  # the same stream on every rank
     best, best_auc, bad, history = None, -1.0, 0, []
     for epoch in tqdm(range(args.epochs), desc="chexnet", disable=not progress or rank > 0, leave=False):
@@ -172,8 +172,8 @@ def fit(x_tr, y_tr, x_val, y_val, args, device, weights=None, progress=True, epo
         order = epoch_order(len(x_tr), n_epoch, weights, gen)
         losses = []
         for batch in order.split(args.batch_size * world):  # a global batch
-            if len(batch) < world:  # a remainder too small to give every rank an image
-                break
+            if len(batch) < world:  # a remainder too small to give every rank an image (one process would train
+                break  # on it: the one step in which N processes differ from one)
             theta, c, b = jitter(len(batch), gen)
             part = shard(len(batch), rank, world)
             idx = batch[part]
@@ -263,9 +263,9 @@ def add_args(p):
                    help="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm), so that "
                         "N GPUs compute what one would at N x --batch-size (slower; default: each GPU's own)")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
-                   help="bf16 autocast of the training steps (evaluation stays fp32): auto = where it is faster, on "
-                        "GPUs and on CPUs with bf16 instructions (cnn8: 1.8x; loss and validation AUROC within the "
-                        "seeds' spread of fp32, results/bench/bf16); bf16 = the same, an error elsewhere; off = fp32")
+                   help="bf16 autocast of the training steps (evaluation stays fp32): auto = on GPUs with bf16, and "
+                        "on CPUs with bf16 instructions for cnn8, whose bf16 training was checked against fp32 there "
+                        "(1.8x per step; results/bench/bf16); bf16 = on any device; off = fp32")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
     p.add_argument("--weight-decay", type=nonneg_float, default=1e-4, help="Adam weight decay")
     return p
@@ -342,11 +342,8 @@ def main(args):
     out = prepare_out_dir(args.out_dir, args.force) if rank == 0 else None
     seed_everything(args.seed)
     t = read_nih(args.data_root, args.csv)
-    if rank > 0:  # rank 0 decodes and caches the images; the others then map its cache
-        torch.distributed.barrier()
-    x, ok = load_images(t["image"], args.size, "L")  # uint8 (N, S, S); unreadable images: named and left out
-    if rank == 0 and world > 1:
-        torch.distributed.barrier()
+    with local_rank_zero_first():  # one process per machine decodes the cache; the others then map it
+        x, ok = load_images(t["image"], args.size, "L")  # uint8 (N, S, S); unreadable images: named and left out
     y = torch.from_numpy(targets(label_matrix(t)))
     if args.sets:  # a study's split file: the named sets, in the file's order
         idx = read_sets(args.sets, [Path(i).name for i in t["image"]], [args.train_set, args.val_set, args.test_set])
@@ -377,7 +374,8 @@ def main(args):
               "n_synthetic": n_syn}
     if rank == 0:
         write_config(out, args, data="nih1000" if "data/nih_cxr14" in args.data_root else args.data_root,
-                     weights=weights_from, world_size=world, bf16_autocast=use_amp(args.amp, device), **counts)
+                     weights=weights_from, world_size=world,
+                     bf16_autocast=use_amp(args.amp, device, cpu_checked=args.arch == "cnn8"), **counts)
     t0 = time.time()
     net, history, thr, spec = fit(x_tr, y_tr, Images(x, va), y[va], args, device, weights,
                                   epoch_size=args.epoch_size, rank=rank, world=world)

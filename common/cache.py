@@ -16,6 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 import hashlib
 import os
 from pathlib import Path
+import platform
 import warnings
 
 import numpy as np
@@ -76,8 +77,9 @@ def available_cpus():
         return os.cpu_count() or 1
 
 
-def decode_all(sources, size, mode, workers, progress, out):
-    """Decode sources into out (N, size, size[, 3]) uint8 (a memory map); returns ok (N,) bool."""
+def decode_all(sources, size, mode, workers, progress, out, pool_min=2000):
+    """Decode sources into out (N, size, size[, 3]) uint8 (a memory map); returns ok (N,) bool. Image files are
+    decoded by `workers` processes when there are more than pool_min of them (below, a pool's start costs more)."""
     ok = np.zeros(len(sources), dtype=bool)
     arrays, files = {}, []
     for i, s in enumerate(sources):
@@ -109,7 +111,7 @@ def decode_all(sources, size, mode, workers, progress, out):
     jobs = [(sources[i], size, mode) for i in files]
     if jobs:
         bar = dict(total=len(jobs), desc=f"decode {size}px", disable=not progress)
-        if workers > 1 and len(jobs) > 2000:  # one process per core; results written as they arrive, in order
+        if workers > 1 and len(jobs) > pool_min:  # one process per core; results written as they arrive, in order
             with ProcessPoolExecutor(workers) as pool:
                 for i, a in zip(files, tqdm(pool.map(decode_file, jobs, chunksize=64), **bar)):
                     if a is not None:
@@ -131,7 +133,7 @@ def reserve(path, shape):
     return out
 
 
-def load_images(sources, size, mode="L", cache_dir=None, strict=False, progress=None, workers=None):
+def load_images(sources, size, mode="L", cache_dir=None, strict=False, progress=None, workers=None, pool_min=2000):
     """(images uint8 (N, size, size) or (N, size, size, 3), memory-mapped from the cache; ok bool (N,)). Unreadable
     images are reported by path and left as zeros with ok=False (the caller drops them), or raise DataError under
     strict=True. workers: decoding processes (default: one per available core)."""
@@ -155,7 +157,8 @@ def load_images(sources, size, mode="L", cache_dir=None, strict=False, progress=
             images = None
     if images is None:
         progress = len(sources) > 500 if progress is None else progress
-        tmp = path.with_name(f"{key}.tmp{os.getpid()}.npy")
+        tag = f"{platform.node()}-{os.getpid()}"  # unique also on a folder that several machines share
+        tmp, ok_tmp = path.with_name(f"{key}.tmp-{tag}.npy"), path.with_name(f"{key}.ok.tmp-{tag}.npy")
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
             out = reserve(tmp, shape)
@@ -164,14 +167,15 @@ def load_images(sources, size, mode="L", cache_dir=None, strict=False, progress=
             raise DataError(f"image cache {cache_dir}: cannot write {np.prod(shape) / 1e9:.2f} GB there "
                             f"({e.strerror}); set FAIRSYNTH_CACHE to a writable folder with room") from e
         try:
-            ok = decode_all(sources, size, mode, workers or available_cpus(), progress, out)
+            ok = decode_all(sources, size, mode, workers or available_cpus(), progress, out, pool_min)
             out.flush()
             del out
-            np.save(ok_path.with_name(f"{key}.ok.tmp{os.getpid()}.npy"), ok)
-            os.replace(ok_path.with_name(f"{key}.ok.tmp{os.getpid()}.npy"), ok_path)
+            np.save(ok_tmp, ok)
+            os.replace(ok_tmp, ok_path)
             os.replace(tmp, path)  # last: the images file appears complete or not at all
         finally:
             tmp.unlink(missing_ok=True)
+            ok_tmp.unlink(missing_ok=True)
         images = np.load(path, mmap_mode="c")
     if not ok.all():
         bad = [s for s, o in zip(sources, ok) if not o]

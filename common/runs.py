@@ -1,6 +1,7 @@
 """Run bookkeeping every script shares: seeding, the run folder and its config.json, atomic checkpoints, JSON, and
 the one rank helper that keeps scripts torchrun-ready (only rank 0 logs, saves and samples)."""
 import contextlib
+import datetime
 import hashlib
 import json
 import os
@@ -49,7 +50,9 @@ def setup_distributed(device_arg="auto"):
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
         return device_from(device_arg), 0, 1
-    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    # a long timeout: the other ranks wait at a barrier while each machine's first rank decodes the image cache
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                         timeout=datetime.timedelta(hours=3))
     rank, local = torch.distributed.get_rank(), int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
@@ -59,7 +62,7 @@ def setup_distributed(device_arg="auto"):
 
 def cpu_has_bf16():
     """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX), where CPU bf16 autocast can be faster than fp32
-    (README, Benchmarks: cnn8 2.2x on a 2-core AMD EPYC with AVX512-BF16); False where it cannot tell."""
+    (README, Benchmarks: cnn8 1.8x per step on a 2-core AMD EPYC with AVX512-BF16); False where it cannot tell."""
     try:
         flags = next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split()
     except (OSError, StopIteration):
@@ -67,15 +70,35 @@ def cpu_has_bf16():
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def use_amp(choice, device, flag="--amp"):
-    """--amp auto | bf16 | off as a bool. auto: bf16 autocast where it is faster than fp32, on GPUs and on CPUs with
-    bf16 instructions (README, Benchmarks; results then differ from an fp32 run by bf16 rounding, which on the chest
-    X-ray classifier stayed within the seeds' spread: results/bench/bf16); bf16: the same, and an error on a CPU
+def use_amp(choice, device, cpu_checked=False, flag="--amp"):
+    """--amp auto | bf16 | off as a bool. auto: bf16 autocast on GPUs that support it, and on CPUs with bf16
+    instructions only for a network whose bf16 training was checked against fp32 there (cpu_checked: the chest
+    X-ray cnn8, results/bench/bf16; the ViT, for one, is slower under it); bf16: on any device, an error on a CPU
     without bf16 instructions (there it is slower); off: fp32."""
     if choice == "bf16" and device.type == "cpu" and not cpu_has_bf16():
         raise DataError(f"{flag} bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX), where bf16 autocast "
                         f"is slower than fp32; use {flag} auto")
-    return choice == "bf16" or (choice == "auto" and (device.type == "cuda" or cpu_has_bf16()))
+    if choice == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise DataError(f"{flag} bf16: this GPU does not support bf16; use {flag} auto or off")
+    if choice != "auto":
+        return choice == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_checked and cpu_has_bf16()
+
+
+@contextlib.contextmanager
+def local_rank_zero_first():
+    """Under torchrun: the first process of each machine runs the block (decoding the image cache) before the
+    machine's other processes, which then map its cache instead of decoding the same images at the same time.
+    Every rank passes one barrier; an ordinary run just runs the block."""
+    ddp = torch.distributed.is_available() and torch.distributed.is_initialized()
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if ddp and not first:
+        torch.distributed.barrier()
+    yield
+    if ddp and first:
+        torch.distributed.barrier()
 
 
 def is_main_process():
@@ -87,7 +110,8 @@ def is_main_process():
 def ranks_identical(model):
     """Under torchrun: whether every rank holds bit-identical parameters (DDP starts them from rank 0's and
     averages the gradients, so they stay so; False means the ranks trained different models). Every rank must call
-    it. BatchNorm running statistics are buffers, each rank's own, and are not compared."""
+    it. Buffers (BatchNorm running statistics: DDP copies rank 0's to the others before each forward) are not
+    compared."""
     h = hashlib.sha1()
     for p in model.parameters():
         h.update(p.detach().cpu().contiguous().numpy().tobytes())

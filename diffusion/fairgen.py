@@ -64,7 +64,8 @@ def real_batch_loss(net, sched, x_all, cls_all, K, gen, dgen, batch_size, sample
     Random draws: batch indices from gen (CPU); flips, t, eps, label dropout, y' and xi from dgen, in that order,
     all for the whole batch of batch_size. part: the slice of it this process trains on (under torchrun, with
     batch_size the global batch and the same generators on every rank, each rank's part is what one process would
-    draw for those images; None: all of it).
+    draw for those images; None: all of it). The class-balancing loss is then each rank's mean over its own
+    labelled rows, which their gradient average does not exactly make the global batch's.
     Returns (loss, per-image MSE, y) of the part."""
     device = x_all.device
     w = torch.as_tensor(sample_weights(cls_all.cpu().numpy(), SAMPLER_Q[sampler], grad_means, grad_alpha))

@@ -39,8 +39,8 @@ from common.data import DataError
 from common.modalities import modality_name, training_images
 from common.report import save_grid
 from common.runs import (add_common_args, check_finite, is_main_process, load_checkpoint, load_weights,
-                         prepare_out_dir, ranks_identical, save_checkpoint, seed_everything, setup_distributed,
-                         write_config, write_json)
+                         local_rank_zero_first, prepare_out_dir, ranks_identical, save_checkpoint, seed_everything,
+                         setup_distributed, write_config, write_json)
 from diffusion.ddpm import Schedule, fixed_noise_grid, update_ema
 from diffusion.fairdiffusion import FairBayes, loss_gap, plot_trajectory
 from diffusion.fairgen import SAMPLER_Q, real_batch_loss
@@ -182,7 +182,8 @@ def main(args):
     device, rank, world = setup_distributed(args.device)
     seed_everything(args.seed + rank)
     # everything read and checked first: bad input stops the run before its folder is made or touched
-    mod, x_all, cls_all = training_images(args.data, args.size, args.data_root, args.subset, args.split_seed)
+    with local_rank_zero_first():  # under torchrun: one process per machine decodes the image cache
+        mod, x_all, cls_all = training_images(args.data, args.size, args.data_root, args.subset, args.split_seed)
     x_all, cls_all = torch.from_numpy(x_all), torch.from_numpy(cls_all)
     K, N = len(mod.class_names), len(x_all)
     if N == 0:
@@ -257,9 +258,15 @@ def main(args):
         check_finite(loss, step, args.out_dir)
         opt.zero_grad(set_to_none=True)
         if args.grad_alpha:  # our gradient-aware factor: per-group gradient norm at the output layer
+            norms, has = torch.zeros(K, device=device), torch.zeros(K, device=device)
             for g in y.unique().tolist():
-                gn = torch.autograd.grad(per[y == g].mean(), out_weight, retain_graph=True)[0].norm()
-                grad_hist[g].append(gn.item())
+                norms[g] = torch.autograd.grad(per[y == g].mean(), out_weight, retain_graph=True)[0].norm()
+                has[g] = 1
+            if world > 1:  # every rank must keep the same history, hence the same sampling weights and batches:
+                torch.distributed.all_reduce(norms)  # the mean of the norms of the ranks that saw group g
+                torch.distributed.all_reduce(has)
+            for g in has.nonzero().flatten().tolist():
+                grad_hist[g].append((norms[g] / has[g]).item())
         loss.backward()
         if args.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)

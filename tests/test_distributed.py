@@ -32,10 +32,11 @@ def max_difference(a, b):
 
 
 def test_train_chexnet_on_two_processes_is_one_process_at_the_global_batch(tmp_path):
-    common = ["--arch", "vit", "--dropout", "0", "--amp", "off", "--size", "16", "--epochs", "2", "--epoch-size", "100",
+    common = ["--arch", "vit", "--dropout", "0", "--amp", "off", "--size", "16", "--epochs", "2", "--epoch-size", "99",
               "--schedule", "cosine", "--device", "cpu"]
     launch("classify.train_chexnet", *common, "--batch-size", "8", "--out-dir", str(tmp_path / "two"), nproc=2,
-           cache=tmp_path / "cache")  # global batch 16: 6 steps of 16 and a last one of 4, split 2 + 2
+           cache=tmp_path / "cache")  # global batch 16: 6 steps of 16 and a last one of 3, split 1 + 2 (the
+    # ranks' losses weighted 2/3 and 4/3: an unweighted average would give the one image half the step)
     launch("classify.train_chexnet", *common, "--batch-size", "16", "--out-dir", str(tmp_path / "one"), nproc=1,
            cache=tmp_path / "cache")
     two, one = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("two", "one"))
@@ -51,6 +52,8 @@ def test_train_chexnet_on_two_processes_is_one_process_at_the_global_batch(tmp_p
 
 
 def test_train_chexnet_cnn8_under_torchrun_keeps_the_ranks_identical(tmp_path):
+    """BatchNorm and dropout under DDP: the run finishes, rank 0 alone reports and writes. (Identical weights
+    across ranks are DDP's own guarantee; the check guards against a rank training outside it.)"""
     r = launch("classify.train_chexnet", "--size", "16", "--width", "4", "--epochs", "1", "--epoch-size", "64",
                "--device", "cpu", "--out-dir", str(tmp_path / "two"), nproc=2, cache=tmp_path / "cache")
     m = json.loads((tmp_path / "two" / "metrics.json").read_text())

@@ -70,6 +70,20 @@ def test_cache_decodes_once(tmp_path, monkeypatch):
     assert (x2 == x).all()
 
 
+def test_cache_decodes_in_worker_processes_as_in_one(tmp_path):
+    """Above pool_min files the images are decoded by a process pool and written into the memory map as they
+    arrive: the same array as one process decodes, unreadable files flagged at their own rows."""
+    paths = [tmp_path / f"{i}.png" for i in range(12)]
+    for i, p in enumerate(paths):
+        write_png(p, size=24 + i, seed=i)
+    paths[5].write_bytes(b"\x89PNG broken")
+    with pytest.warns(UserWarning, match="1 of 12"):
+        one, ok1 = load_images(paths, 16, cache_dir=tmp_path / "one", workers=1)
+        pool, ok2 = load_images(paths, 16, cache_dir=tmp_path / "pool", workers=2, pool_min=3)
+    assert np.array_equal(one, pool) and ok1.tolist() == ok2.tolist() == [i != 5 for i in range(12)]
+    assert one[0].std() > 10 and not one[5].any()
+
+
 def test_cache_resize_crop_and_rgb(tmp_path):
     from PIL import Image
     a = np.zeros((30, 60, 3), np.uint8)
