@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from common.cache import available_cpus  # noqa: E402
 from common.data import PROJECT_DATA  # noqa: E402
 from common.runs import git_commit  # noqa: E402
 
@@ -130,10 +131,7 @@ def audit_at_scale(root, cache, n_synth=1000):
     from common.cache import load_images
     from common.data import read_nih
     from fairness.memorization import audit
-    os.environ["FAIRSYNTH_CACHE"] = str(cache)
-    import common.cache
-    common.cache.CACHE_DIR = Path(cache)
-    train, ok = load_images(read_nih(root)["image"], 64, "L", progress=False)
+    train, ok = load_images(read_nih(root)["image"], 64, "L", cache_dir=cache, progress=False)
     train = np.asarray(train[ok])
     synth = np.random.default_rng(0).integers(0, 256, (n_synth, 64, 64), dtype=np.uint8)
     t0 = time.time()
@@ -238,7 +236,7 @@ def main():
         return report(args.report)
     if not args.root:
         p.error("--root: the folder of the simulated NIH root")
-    cores = len(os.sched_getaffinity(0))
+    cores = available_cpus()
     skip = set(filter(None, args.skip.split(",")))
     root = Path(args.root)
     res = {"n_requested": args.n, "cores": cores, "noise": args.noise, "git_commit": git_commit(),

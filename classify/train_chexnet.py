@@ -137,7 +137,8 @@ def predict(net, x, device, batch_size=256):
                       for i in range(0, len(x), batch_size)]).numpy()
 
 
-def fit(x_tr, y_tr, x_val, y_val, args, device, weights=None, progress=True, epoch_size=None, rank=0, world=1):
+def fit(x_tr, y_tr, x_val, y_val, args, device, weights=None, progress=True, epoch_size=None, rank=0, world=1,
+        amp=False):
     """Train on (x_tr (N, C, S, S) in [-1, 1] (an Images or a tensor), y_tr (N, 15) outputs); returns (net, history,
     thresholds (15,), spec); thresholds are None on ranks other than 0.
     weights: per-sample sampling weights (e.g. sex-balanced); each epoch draws epoch_size samples with them.
@@ -147,7 +148,8 @@ def fit(x_tr, y_tr, x_val, y_val, args, device, weights=None, progress=True, epo
     world x --batch-size images of which each rank trains on its part (shard), and DDP averages the gradients, so
     the step is one process's at the global batch, except for BatchNorm, whose statistics are each rank's own
     (--sync-bn on GPUs makes them the global batch's) and dropout, drawn per rank. Rank 0 alone evaluates; it
-    sends the validation score to the others, so that every rank schedules and stops alike."""
+    sends the validation score to the others, so that every rank schedules and stops alike. amp: bf16 autocast of
+    the training steps (common.runs.use_amp)."""
     spec = arch_spec(args.arch, x_tr.shape[1], len(OUTPUTS), x_tr.shape[-1], args.width, args.dropout)
     net = build(**spec, pretrained=args.pretrained).to(device, memory_format=torch.channels_last)
     train_net = net
@@ -164,7 +166,6 @@ def fit(x_tr, y_tr, x_val, y_val, args, device, weights=None, progress=True, epo
     n_epoch = epoch_size or len(x_tr)
     w_pos, w_neg = class_weights(y_tr, args.class_weights)
     w_pos, w_neg = w_pos.to(device), w_neg.to(device)
-    amp = use_amp(args.amp, device, cpu_checked=args.arch == "cnn8")
     gen = torch.Generator().manual_seed(args.seed)  # the same stream on every rank
     best, best_auc, bad, history = None, -1.0, 0, []
     for epoch in tqdm(range(args.epochs), desc="chexnet", disable=not progress or rank > 0, leave=False):
@@ -372,13 +373,13 @@ def main(args):
     weights_from = "imagenet" if args.pretrained else "none (from scratch)"
     counts = {"n_train_female": int((sex == "F").sum()), "n_train_male": int((sex == "M").sum()),
               "n_synthetic": n_syn}
+    amp = use_amp(args.amp, device, cpu_checked=args.arch == "cnn8")
     if rank == 0:
         write_config(out, args, data="nih1000" if "data/nih_cxr14" in args.data_root else args.data_root,
-                     weights=weights_from, world_size=world,
-                     bf16_autocast=use_amp(args.amp, device, cpu_checked=args.arch == "cnn8"), **counts)
+                     weights=weights_from, world_size=world, bf16_autocast=amp, **counts)
     t0 = time.time()
     net, history, thr, spec = fit(x_tr, y_tr, Images(x, va), y[va], args, device, weights,
-                                  epoch_size=args.epoch_size, rank=rank, world=world)
+                                  epoch_size=args.epoch_size, rank=rank, world=world, amp=amp)
     ddp = {"world_size": world, "ranks_identical": ranks_identical(net)} if world > 1 else {}
     if rank > 0:
         return

@@ -40,7 +40,7 @@ from common.modalities import modality_name, training_images
 from common.report import save_grid
 from common.runs import (add_common_args, check_finite, is_main_process, load_checkpoint, load_weights,
                          local_rank_zero_first, prepare_out_dir, ranks_identical, save_checkpoint, seed_everything,
-                         setup_distributed, write_config, write_json)
+                         setup_distributed, use_amp, write_config, write_json)
 from diffusion.ddpm import Schedule, fixed_noise_grid, update_ema
 from diffusion.fairdiffusion import FairBayes, loss_gap, plot_trajectory
 from diffusion.fairgen import SAMPLER_Q, real_batch_loss
@@ -81,7 +81,7 @@ def parse_args(argv=None):
     g.add_argument("--weight-decay", type=nonneg_float, default=0.0, help="AdamW weight decay")
     g.add_argument("--grad-clip", type=nonneg_float, default=1.0, help="clip the global gradient norm (0: off)")
     g.add_argument("--ema", type=unit_interval, default=0.995, help="EMA decay (0.9999 at scale; lower for short runs)")
-    g.add_argument("--amp", default="auto", choices=["auto", "off"], help="bf16 autocast on GPU ('auto')")
+    g.add_argument("--amp", default="auto", choices=["auto", "off"], help="bf16 autocast on GPUs that support it ('auto')")
     g = p.add_argument_group("FairGen variants")
     g.add_argument("--sampler", default="uniform", choices=list(SAMPLER_Q),
                    help="batch sampling weights per group: uniform, CBRS 1/n_g, SQRS 1/sqrt(n_g)")
@@ -245,7 +245,7 @@ def main(args):
                      class_counts=counts.tolist(), notes=mod.notes, model=margs)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     x_all, cls_all = x_all.to(device), cls_all.to(device)
-    amp = device.type == "cuda" and args.amp == "auto"
+    amp = use_amp(args.amp, device)  # bf16 on GPUs that support it; fp32 on CPUs (the U-Net is slower there in bf16)
     out_weight = model.out[-1].weight
     t0, seen = time.time(), 0
     bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="ddpm", disable=not is_main_process())
