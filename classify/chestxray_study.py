@@ -66,16 +66,19 @@ SCALES = {
 }
 
 
-def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_study_args(p, "results/chestxray", SCALES)
+def add_flags(p, conditions=True):
+    """The study's flags after add_study_args (shared with classify/compare_study.py, whose stages reuse these
+    cells: the same flags make the same stage commands); conditions=False leaves out --conditions and
+    --report-only."""
     p.add_argument("--data-root", default=str(PROJECT_DATA / "nih_cxr14"), help="NIH images + label table")
     p.add_argument("--csv", default=None, help="label table (default: found under --data-root)")
     p.add_argument("--folds", type=positive_int, help="patient-level cross-validation folds")
     p.add_argument("--images-per-sex", type=positive_int, help="use only the first N images of each sex (smoke)")
     p.add_argument("--val-fraction", type=fraction, default=0.15, help="share of a fold's non-test patients for validation")
-    p.add_argument("--conditions", default=",".join(CONDITIONS),
-                   help="comma-separated training conditions to run (the CVAE is trained only for imbalanced_synth)")
+    if conditions:
+        p.add_argument("--conditions", default=",".join(CONDITIONS),
+                       help="comma-separated training conditions to run (the CVAE is trained only for "
+                            "imbalanced_synth)")
     p.add_argument("--female-fraction", type=fraction, default=0.1, help="female share of the imbalanced training set")
     p.add_argument("--cvae-female", default="train_pool", choices=["train_pool", "imbalanced"],
                    help="which female images the CVAE trains on")
@@ -84,15 +87,27 @@ def parse_args(argv=None):
     p.add_argument("--n-boot", type=positive_int, help="bootstrap resamples for CIs")
     p.add_argument("--seed", type=int, default=0, help="seed of the folds and subsets; fold k's models get "
                                                         "seed * 100 + k")
-    p.add_argument("--report-only", action="store_true",
-                   help="train nothing: rebuild the tables, figures, comparisons and summary.json of an existing --out "
-                        "from its preds.csv and training.json (e.g. with another --n-boot)")
+    if conditions:
+        p.add_argument("--report-only", action="store_true",
+                       help="train nothing: rebuild the tables, figures, comparisons and summary.json of an existing "
+                            "--out from its preds.csv and training.json (e.g. with another --n-boot)")
     add_args(p)  # the classifier's flags (classify/train_chexnet.py), passed to every classifier stage
-    args = parse_scaled(p, SCALES, argv)
-    args.conditions = args.conditions.split(",")
+    return p
+
+
+def check_female_fraction(p, args):
     if args.female_fraction >= 0.5:
         p.error(f"--female-fraction {args.female_fraction}: the imbalanced set has fewer women than men, so it "
                 f"must be below 0.5")
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_study_args(p, "results/chestxray", SCALES)
+    add_flags(p)
+    args = parse_scaled(p, SCALES, argv)
+    args.conditions = args.conditions.split(",")
+    check_female_fraction(p, args)
     unknown = sorted(set(args.conditions) - set(CONDITIONS))
     if unknown:
         p.error(f"--conditions: unknown {', '.join(unknown)}; choose from {', '.join(CONDITIONS)}")
@@ -153,10 +168,21 @@ def fold_stages(k, sets_file, n_male, n_synthetic, args, runs, stages):
     for c in args.conditions:
         train_set, extra = CONDITION_FLAGS[c]
         extra = [a for e in extra for a in ([e, synth] if e == "--synthetic" else [e])]
-        stages.script("classify.train_chexnet", data + common + [
-            "--train-set", train_set, "--val-set", "val", "--test-set", "test", *extra, "--epoch-size", 2 * n_male,
-            "--tag", f"fold={k}", "--tag", f"condition={c}", *as_argv(add_args, args), "--out-dir", r / c],
-            r / c, deps=[sets_file] + ([synth] if c == "imbalanced_synth" else []))
+        classifier(k, c, train_set, extra, sets_file, n_male, args, runs, stages,
+                   deps=[synth] if c == "imbalanced_synth" else [])
+
+
+def classifier(k, cell, train_set, extra, sets_file, n_male, args, runs, stages, deps=()):
+    """Fold k's classifier stage `cell` (runs/fold<k>/<cell>): trained on the split file's set train_set with the
+    stage flags `extra`, the fold's validation and test sets, 2 n_male samples per epoch and the study's classifier
+    flags; also the stage of every classify/compare_study.py row."""
+    r = runs / f"fold{k}"
+    data = ["--data-root", args.data_root] + (["--csv", args.csv] if args.csv else [])
+    stages.script("classify.train_chexnet", data + [
+        "--sets", sets_file, "--seed", args.seed * 100 + k, "--device", args.device, "--train-set", train_set,
+        "--val-set", "val", "--test-set", "test", *extra, "--epoch-size", 2 * n_male, "--tag", f"fold={k}",
+        "--tag", f"condition={cell}", *as_argv(add_args, args), "--out-dir", r / cell], r / cell,
+        deps=[sets_file, *deps])
 
 
 def main(args):

@@ -69,6 +69,22 @@ def jitter(n, gen):
     return theta, c, b
 
 
+def classic_jitter(n, gen):
+    """`--augment classic`: the stronger augmentation a classic baseline adds (Ktena et al.'s non-generative rows):
+    horizontal flips (p = 0.5; chest X-rays then show the heart on the right), rotation +-15 deg, scale 0.85-1.15,
+    shift 10%, contrast and brightness +-0.2. Same return as jitter()."""
+    ang = (torch.rand(n, generator=gen) - 0.5) * 2 * math.radians(15)
+    scale = 0.85 + 0.3 * torch.rand(n, generator=gen)
+    shift = (torch.rand(n, 2, generator=gen) - 0.5) * 0.2
+    flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
+    theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
+                         torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
+    c = 1 + 0.4 * (torch.rand(n, 1, 1, 1, generator=gen) - 0.5)
+    b = 0.4 * (torch.rand(n, 1, 1, 1, generator=gen) - 0.5)
+    return theta, c, b
+
+
 def augment(x, theta, c, b):
     """jitter()'s affine warp (border padding) and x * c + b on a (B, C, H, W) batch in [-1, 1]."""
     grid = F.affine_grid(theta.to(x.device), x.shape, align_corners=False)
@@ -101,6 +117,16 @@ class Images:
         return out
 
 
+def sex_loss_weights(sex):
+    """--reweight-sex: per-image loss weights N / (2 n_sex), so that each sex carries half of the loss and the mean
+    weight is 1 (a set of one sex: all 1)."""
+    is_f = np.asarray(sex) == "F"
+    n_f, n_m = is_f.sum(), (~is_f).sum()
+    if n_f == 0 or n_m == 0:
+        return np.ones(len(is_f))
+    return np.where(is_f, len(is_f) / (2 * n_f), len(is_f) / (2 * n_m))
+
+
 def shard(n, rank, world):
     """This rank's contiguous part of a global batch of n images (the parts' sizes differ by at most one)."""
     return slice(n * rank // world, n * (rank + 1) // world)
@@ -114,13 +140,14 @@ def epoch_order(n, epoch_size, weights, gen):
     return torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(epoch_size / n))])[:epoch_size]
 
 
-def class_weights(y, kind):
+def class_weights(y, kind, known=None):
     """Per-output BCE weights (w_pos, w_neg) from the training prevalence of y (N, K), P positives, N negatives.
     'chexnet': w_pos = N / (P + N), w_neg = P / (P + N) (Rajpurkar et al. 2017): balanced within an output, and an
     output's share of the loss grows with its prevalence. 'pos_weight': w_pos = N / P, w_neg = 1 (torch's
     pos_weight): every output weighs about as much as the next, so a finding with 5 training positives pulls the
-    shared trunk as hard as one with 200. Outputs without positives keep w_pos = w_neg = 1."""
-    n, pos = len(y), y.sum(0)
+    shared trunk as hard as one with 200. Outputs without positives keep w_pos = w_neg = 1. known (N, K) bool: the
+    labels that count (a class-conditional sample's 14 findings do not); N and P are counted over those."""
+    n, pos = (len(y), y.sum(0)) if known is None else (known.sum(0), (y * known).sum(0))
     none = pos == 0
     if kind == "chexnet":
         w_pos, w_neg = (n - pos) / n, pos / n
@@ -138,7 +165,7 @@ def predict(net, x, device, batch_size=256):
 
 
 def fit(x_tr, y_tr, x_val, y_val, args, device, weights=None, progress=True, epoch_size=None, rank=0, world=1,
-        amp=False):
+        amp=False, loss_weight=None, augmentation="light"):
     """Train on (x_tr (N, C, S, S) in [-1, 1] (an Images or a tensor), y_tr (N, 15) outputs); returns (net, history,
     thresholds (15,), spec); thresholds are None on ranks other than 0.
     weights: per-sample sampling weights (e.g. sex-balanced); each epoch draws epoch_size samples with them.
@@ -149,7 +176,9 @@ def fit(x_tr, y_tr, x_val, y_val, args, device, weights=None, progress=True, epo
     the step is one process's at the global batch, except for BatchNorm, whose statistics are each rank's own
     (--sync-bn on GPUs makes them the global batch's) and dropout, drawn per rank. Rank 0 alone evaluates; it
     sends the validation score to the others, so that every rank schedules and stops alike. amp: bf16 autocast of
-    the training steps (common.runs.use_amp)."""
+    the training steps (common.runs.use_amp). loss_weight: (N, 15) factors on each image's BCE terms
+    (--reweight-sex; 0 on the outputs a generator's sample has no label for). augmentation: "light" (jitter) or
+    "classic" (classic_jitter)."""
     spec = arch_spec(args.arch, x_tr.shape[1], len(OUTPUTS), x_tr.shape[-1], args.width, args.dropout)
     net = build(**spec, pretrained=args.pretrained).to(device, memory_format=torch.channels_last)
     train_net = net
@@ -164,7 +193,7 @@ def fit(x_tr, y_tr, x_val, y_val, args, device, weights=None, progress=True, epo
     else:
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=args.lr_patience)
     n_epoch = epoch_size or len(x_tr)
-    w_pos, w_neg = class_weights(y_tr, args.class_weights)
+    w_pos, w_neg = class_weights(y_tr, args.class_weights, None if loss_weight is None else loss_weight > 0)
     w_pos, w_neg = w_pos.to(device), w_neg.to(device)
     gen = torch.Generator().manual_seed(args.seed)  # the same stream on every rank
     best, best_auc, bad, history = None, -1.0, 0, []
@@ -175,7 +204,7 @@ def fit(x_tr, y_tr, x_val, y_val, args, device, weights=None, progress=True, epo
         for batch in order.split(args.batch_size * world):  # a global batch
             if len(batch) < world:  # a remainder too small to give every rank an image (one process would train
                 break  # on it: the one step in which N processes differ from one)
-            theta, c, b = jitter(len(batch), gen)
+            theta, c, b = (classic_jitter if augmentation == "classic" else jitter)(len(batch), gen)
             part = shard(len(batch), rank, world)
             idx = batch[part]
             x = augment(x_tr[idx].to(device), theta[part], c[part], b[part]).contiguous(
@@ -183,7 +212,10 @@ def fit(x_tr, y_tr, x_val, y_val, args, device, weights=None, progress=True, epo
             y = y_tr[idx].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = train_net(x).float()
-            loss = F.binary_cross_entropy_with_logits(logits, y, weight=y * w_pos + (1 - y) * w_neg)
+            w = y * w_pos + (1 - y) * w_neg
+            if loss_weight is not None:
+                w = w * loss_weight[idx].to(device)
+            loss = F.binary_cross_entropy_with_logits(logits, y, weight=w)
             opt.zero_grad(set_to_none=True)
             # DDP averages the ranks' gradients; weighting each rank's mean by its share of the global batch makes
             # that average the gradient of the global batch's mean loss (x 1 in one process)
@@ -287,6 +319,12 @@ def parse_args(argv=None):
                    help="samples .npz (images, NIH multi-hot labels; vae.sample_cvae) appended to the training set")
     p.add_argument("--balance-sex", action="store_true",
                    help="sample the training images so that each sex is half of every epoch (reweighting)")
+    p.add_argument("--augment", default="light", choices=["light", "classic"],
+                   help="light: affine (rotation 7 deg, scale 0.9-1.1, shift 6%%) and contrast/brightness +-0.1, no "
+                        "flips; classic: flips, rotation 15 deg, scale 0.85-1.15, shift 10%%, +-0.2 (classic_jitter)")
+    p.add_argument("--reweight-sex", action="store_true",
+                   help="weight each real training image's loss by 1 / (2 n_sex) x N, so that each sex carries half of "
+                        "the loss (sampling stays uniform; --balance-sex is the oversampling alternative)")
     p.add_argument("--epoch-size", type=positive_int, default=None,
                    help="samples per epoch (default: the training set's size); a fixed value gives training sets of "
                         "different sizes the same number of updates")
@@ -325,12 +363,29 @@ def to_size(x, size):
 
 
 def read_synthetic(path):
-    """A generator's samples file: (images (N, 1, S, S) in [-1, 1], NIH multi-hot labels (N, 15))."""
-    images, labels = read_samples(path, "vae.sample_cvae")
-    if labels.ndim != 2 or labels.shape[1] != len(NIH_LABELS):
+    """A generator's samples file -> (images (N, 1, S, S) in [-1, 1], NIH multi-hot labels (N, 15), known (N, 15
+    outputs) bool: which outputs the sample has a label for). Two kinds of file: vae.sample_cvae's (labels: the 15
+    NIH labels, all known) and a class-conditional sampler's (labels: class indices into class_names "<group>|No
+    Finding" or "<group>|finding": only the any-finding output is known, the 14 findings get no loss)."""
+    images, labels = read_samples(path, "vae.sample_cvae, diffusion.sample_ddpm, gan.sample_dcgan or "
+                                        "vae.sample_conv_ae")
+    if labels.ndim == 1:
+        with np.load(path) as z:
+            names = [str(n) for n in z["class_names"]] if "class_names" in z.files else None
+        if not names or any(n.rpartition("|")[2] not in ("No Finding", "finding") for n in names) \
+                or labels.min() < 0 or labels.max() >= len(names):
+            raise DataError(f"--synthetic {path}: class labels need class_names '<group>|No Finding' / "
+                            f"'<group>|finding' (NIH any-finding classes), found {names}")
+        nofinding = np.array([names[c].endswith("|No Finding") for c in labels])
+        multi = np.zeros((len(labels), len(NIH_LABELS)), np.uint8)
+        multi[:, -1] = nofinding
+        known = np.zeros((len(multi), len(OUTPUTS)), bool)
+        known[:, -1] = True
+        return to_signed(images), multi, known
+    if labels.shape[1] != len(NIH_LABELS):
         raise DataError(f"--synthetic {path}: labels of shape {labels.shape}, expected ({len(images)}, "
                         f"{len(NIH_LABELS)}) NIH multi-hot vectors")
-    return to_signed(images), labels
+    return to_signed(images), labels, np.ones((len(labels), len(OUTPUTS)), bool)
 
 
 def main(args):
@@ -359,11 +414,17 @@ def main(args):
                             f"images of several patients)")
     sex = t["sex"].to_numpy()[tr]
     x_tr, y_tr = Images(x, tr), y[tr]
-    n_syn = 0
+    n_syn, loss_weight = 0, None
     if args.synthetic:  # appended after the real images
-        sx, sy = read_synthetic(args.synthetic)
+        sx, sy, known = read_synthetic(args.synthetic)
         x_tr, y_tr = Images(x, tr, sx), torch.cat([y_tr, torch.from_numpy(targets(sy))])
         n_syn = len(sx)
+        if not known.all():  # no loss on the outputs a sample has no label for
+            loss_weight = torch.from_numpy(np.r_[np.ones((len(tr), len(OUTPUTS)), bool), known]).float()
+    if args.reweight_sex:
+        if args.synthetic or args.balance_sex:
+            raise DataError("--reweight-sex: the weights cover real images only; drop --synthetic / --balance-sex")
+        loss_weight = torch.from_numpy(np.repeat(sex_loss_weights(sex)[:, None], len(OUTPUTS), 1)).float()
     weights = None
     if args.balance_sex:  # each sex half of every epoch: w = 1 / (2 n_sex) over the real training images
         if args.synthetic:
@@ -379,7 +440,8 @@ def main(args):
                      weights=weights_from, world_size=world, bf16_autocast=amp, **counts)
     t0 = time.time()
     net, history, thr, spec = fit(x_tr, y_tr, Images(x, va), y[va], args, device, weights,
-                                  epoch_size=args.epoch_size, rank=rank, world=world, amp=amp)
+                                  epoch_size=args.epoch_size, rank=rank, world=world, amp=amp,
+                                  loss_weight=loss_weight, augmentation=args.augment)
     ddp = {"world_size": world, "ranks_identical": ranks_identical(net)} if world > 1 else {}
     if rank > 0:
         return

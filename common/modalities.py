@@ -15,6 +15,7 @@ Every generator, downstream classifier and fairness table of `make fairgen` (and
 import argparse
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,7 +23,7 @@ import pandas as pd
 from common.cli import ArgumentParser, positive_int, run
 from common.cache import load_images
 from common.runs import npz_out
-from common.splits import patient_split
+from common.splits import patient_split, read_sets
 from common.data import PROJECT_DATA, DataError, read_covid, read_fitzpatrick, read_ixi, read_nih
 
 SKIN_DIAGNOSES = ["inflammatory", "malignant epidermal", "genodermatoses", "benign dermal", "benign epidermal"]
@@ -140,13 +141,21 @@ def load_modality(name, size, data_root=None, n_toy=2000, phantom_n=1200):
     raise DataError(f"unknown modality {name!r}; choose from toy, nih, cxr, mri, skin")
 
 
-def training_images(data, size, root=None, subset="train", split_seed=0):
+def training_images(data, size, root=None, subset="train", split_seed=0, sets=None, set_name=None, attribute=True):
     """(modality, uint8 images (N, C, S, S), class index (N,)) of the patient-level training split (subset
-    "train", seed split_seed, stratified by the attribute) or of every image ("all"): what a generator trains on."""
+    "train", seed split_seed, stratified by the attribute), of every image ("all"), or of the set `set_name` of a
+    study's split file `sets` (common.splits.write_sets): what a generator trains on. attribute=False: classes are
+    the labels alone (attribute "any": e.g. a DDPM conditioned on the finding but not on sex)."""
     mod = load_modality(data, size, root)
     keep = np.ones(len(mod.table), bool)
-    if subset == "train":
+    if sets:
+        keep[:] = False
+        keep[read_sets(sets, [Path(i).name for i in mod.table["image"]], [set_name])[set_name]] = True
+    elif subset == "train":
         keep = patient_split(mod.table, seed=split_seed, stratify="attr") == "train"
+    if not attribute:
+        table = mod.table.assign(attr="any", cls=mod.table["cls"] % len(mod.labels))
+        mod = Modality(mod.name, mod.images, table, ["any"], mod.labels, mod.data, mod.notes)
     x = mod.images[keep]
     x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
     return mod, np.ascontiguousarray(x), mod.table["cls"].to_numpy()[keep]

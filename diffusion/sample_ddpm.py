@@ -8,7 +8,6 @@ PNG grid beside it.
         --guidance 1.0 --out runs/ddpm/nih32/ddim50.npz
 """
 import argparse
-import json
 import sys
 import time
 
@@ -18,8 +17,9 @@ from tqdm import tqdm
 
 from common.cli import ArgumentParser, nonneg_float, positive_int, run
 from common.data import DataError
-from common.report import save_grid, to_uint8
-from common.runs import device_from, load_checkpoint, load_weights, npz_out, seed_everything, written_together
+from common.report import to_uint8
+from common.runs import device_from, load_checkpoint, load_weights, npz_out, seed_everything
+from common.samples import add_class_args, requested, write_class_samples
 from diffusion.ddpm import Schedule, ddim_sample, ddpm_sample
 from diffusion.unet import shape_problems, unet_from_args
 
@@ -39,18 +39,6 @@ def load_model(ckpt_path, device, raw=False):
         raise DataError(f"{ckpt_path}: its model args are inconsistent ({problems[0]})")
     model = load_weights(unet_from_args(ck["args"]), ck[weights], ckpt_path)
     return model.to(device, memory_format=torch.channels_last).eval(), ck
-
-
-def class_indices(text, names):
-    """Indices of the comma-separated class names of --classes (all classes when empty), in the order given."""
-    if not text:
-        return list(range(len(names)))
-    asked = list(dict.fromkeys(c.strip() for c in text.split(",") if c.strip()))
-    unknown = [c for c in asked if c not in names]
-    if unknown or not asked:
-        raise DataError(f"--classes {text!r}: unknown {', '.join(map(repr, unknown)) or 'empty list'}; this "
-                        f"checkpoint's classes are {', '.join(names)}")
-    return [names.index(c) for c in asked]
 
 
 def default_batch(device):
@@ -82,30 +70,21 @@ def main(args):
     seed_everything(args.seed)
     model, ck = load_model(args.ckpt, device, args.raw)
     a, names = ck["args"], ck["class_names"]
-    which = class_indices(args.classes, names)
+    which, classes = requested(args, names)
     out = npz_out(args.out, args.force, beside=(".png",))
-    png = out.with_suffix(".png")
-    classes = np.repeat(which, args.n_per_class)
     sched = Schedule(a["schedule"], a["T"])
     t0 = time.time()
     images = generate(model, sched, classes, a["size"], a["channels"], args.sampler, args.steps, args.eta,
                       args.guidance, args.batch_size, args.seed, device)
     elapsed = time.time() - t0
-    groups = np.array([names[c].split("|")[0] for c in classes])
     meta = {"ckpt": str(args.ckpt), "step": ck["step"], "sampler": args.sampler,
             "steps": a["T"] if args.sampler == "ddpm" else args.steps, "eta": args.eta, "guidance": args.guidance,
             "weights": "raw" if args.raw else "ema", "seconds": elapsed, "data": ck.get("data"),
             "argv": sys.argv[1:]}  # the command that made the file (a study skips a stage whose output records it)
-    k = min(8, args.n_per_class)
-    pick = np.concatenate([np.nonzero(classes == c)[0][:k] for c in which])
     title = f"{meta['sampler'].upper()}-{meta['steps']}" + (f" eta={args.eta:g}" if args.sampler == "ddim" else "") + \
         f" w={args.guidance}, step {ck['step']}, {ck.get('data')}" + \
         (" (PHANTOM data)" if ck.get("data") == "phantom" else "")
-    # both files to temporary names first, then renamed: a failure leaves what --force was replacing in place
-    with written_together(out, png) as (tmp_npz, tmp_png):  # a failure leaves what --force was replacing
-        np.savez_compressed(tmp_npz, images=images, labels=classes, groups=groups, class_names=np.array(names),
-                            meta=json.dumps(meta))
-        save_grid(images[pick], tmp_png, nrow=len(which), title=title, row_labels=[names[c] for c in which])
+    write_class_samples(out, images, classes, names, which, meta, title)
     print(f"wrote {len(images)} images to {out} ({elapsed:.1f} s, {elapsed / len(images) * 1000:.0f} ms/image)")
     return out
 
@@ -113,8 +92,7 @@ def main(args):
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="a train_ddpm.py ckpt.pt")
-    p.add_argument("--n-per-class", type=positive_int, default=100, help="images per class")
-    p.add_argument("--classes", default=None, help="comma-separated class names (default: all), e.g. 'F|finding'")
+    add_class_args(p)
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="DDIM (--steps) or ancestral DDPM (T)")
     p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps")
     p.add_argument("--eta", type=nonneg_float, default=1.0,

@@ -47,7 +47,7 @@ from diffusion.fairgen import SAMPLER_Q, real_batch_loss
 from diffusion.unet import shape_problems, unet_from_args
 
 # what a --resume must share with the checkpoint it continues: the data, the diffusion, and (model_args) the model
-RUN_KEYS = ("data", "subset", "split_seed", "schedule", "T")
+RUN_KEYS = ("data", "subset", "split_seed", "sets", "train_set", "condition", "schedule", "T")
 RESUME_KEYS = ("args", "model", "ema", "opt", "lr_sched", "gen", "dgen", "torch_rng", "step", "history")
 
 
@@ -61,6 +61,12 @@ def parse_args(argv=None):
     g.add_argument("--subset", default="train", choices=["train", "all"],
                    help="train on the patient-level training split (70%%, seed --split-seed) or on everything")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the patient-level split")
+    g.add_argument("--sets", default=None, help="a study's split file (common.splits.write_sets): train on its set "
+                                                "--train-set instead of --subset (e.g. one fold's training pool)")
+    g.add_argument("--train-set", default="train", help="--sets: the set to train on")
+    g.add_argument("--condition", default="attr_label", choices=["attr_label", "label"],
+                   help="classes: attribute x label (default), or the label alone (attribute 'any': e.g. NIH "
+                        "conditioned on the finding but not on sex)")
     g.add_argument("--hflip", action="store_true", help="random horizontal flips (not for chest X-rays)")
     g = p.add_argument_group("model")
     g.add_argument("--width", type=positive_int, default=64, help="base channel width of the U-Net")
@@ -113,6 +119,8 @@ def parse_args(argv=None):
     g.add_argument("--guidance", type=nonneg_float, default=1.0, help="guidance scale w for the grids")
     g.add_argument("--grid-eta", type=nonneg_float, default=1.0, help="DDIM eta of the grids (see sample_ddpm.py)")
     args = p.parse_args(argv)
+    if not args.sets and args.train_set != "train":
+        p.error("--train-set names a set of a --sets file; pass one")
     if args.force and args.resume:
         p.error("--force replaces the run in --out-dir and --resume continues it: pass one of them")
     problems = [] if args.init else shape_problems(model_args(args, 0, 1))  # --init brings its own shape
@@ -183,7 +191,8 @@ def main(args):
     seed_everything(args.seed + rank)
     # everything read and checked first: bad input stops the run before its folder is made or touched
     with local_rank_zero_first():  # under torchrun: one process per machine decodes the image cache
-        mod, x_all, cls_all = training_images(args.data, args.size, args.data_root, args.subset, args.split_seed)
+        mod, x_all, cls_all = training_images(args.data, args.size, args.data_root, args.subset, args.split_seed,
+                                              args.sets, args.train_set, args.condition == "attr_label")
     x_all, cls_all = torch.from_numpy(x_all), torch.from_numpy(cls_all)
     K, N = len(mod.class_names), len(x_all)
     if N == 0:

@@ -98,3 +98,24 @@ def lines(values, path, title, xlabel, ylabel):
     fit_title(ax, title, 10)
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def scatter(points, path, title, xlabel, ylabel, hline=None, vline=None):
+    """points: {label: (x, (x_lo, x_hi) or None, y, (y_lo, y_hi) or None)} -> labelled points with CI bars in both
+    directions (e.g. female AUROC gain against generator fidelity, gap against AUROC); hline / vline: reference
+    lines (e.g. 0: no difference)."""
+    fig, ax = plt.subplots(figsize=(5.6, 4.2))
+    for i, (label, (x, xci, y, yci)) in enumerate(points.items()):
+        xerr = None if xci is None else np.clip([[x - xci[0]], [xci[1] - x]], 0, None)
+        yerr = None if yci is None else np.clip([[y - yci[0]], [yci[1] - y]], 0, None)
+        color = plt.cm.tab10.colors[i % 10]
+        ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", color=color, capsize=2, ms=5, lw=1)
+        ax.annotate(str(label), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+    if hline is not None:
+        ax.axhline(hline, color="grey", lw=0.8, ls="--")
+    if vline is not None:
+        ax.axvline(vline, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    fit_title(ax, title, 10)
+    return _save(fig, path)

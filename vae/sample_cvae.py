@@ -10,6 +10,7 @@ checkpoint, n, seed and the command's argv), and a PNG grid.
 import argparse
 import json
 import sys
+import time
 
 import numpy as np
 import torch
@@ -45,9 +46,11 @@ def sample(model, label_pool, n, seed=0, device="cpu", batch_size=256):
 def main(args):
     out = npz_out(args.out, args.force, beside=(".png",))  # the file numpy writes, checked before any work
     model, ck = load_cvae(args.ckpt, device_from(args.device))
+    t0 = time.time()
     images, labels = sample(model, ck["train_labels"], args.n, args.seed, device_from(args.device))
     with written_together(out, out.with_suffix(".png")) as (tmp_npz, tmp_png):
-        meta = {"ckpt": str(args.ckpt), "n": args.n, "seed": args.seed, "argv": sys.argv[1:]}  # argv: stage reuse
+        meta = {"ckpt": str(args.ckpt), "n": args.n, "seed": args.seed, "seconds": time.time() - t0,
+                "argv": sys.argv[1:]}  # argv: stage reuse
         np.savez_compressed(tmp_npz, images=images, labels=labels, label_names=np.array(NIH_LABELS),
                             meta=json.dumps(meta))
         save_grid(images[:32], tmp_png, nrow=4, title="synthetic female X-rays (CVAE)")

@@ -56,6 +56,14 @@ def fit(x, y, args, device, progress=True):
     return model.eval(), history
 
 
+def interpolate_codes(z, n, g, noise=0.1):
+    """n new codes from the codes z (M, d) of one class: lam z_a + (1 - lam) z_b + noise x the per-dimension std of
+    z x N(0, 1), a and b random rows, lam ~ U(0, 1) (generator g)."""
+    a, b = torch.randint(0, len(z), (2, n), generator=g)
+    lam = torch.rand(n, 1, generator=g)
+    return lam * z[a] + (1 - lam) * z[b] + noise * z.std(0, unbiased=False) * torch.randn(n, z.shape[1], generator=g)
+
+
 @torch.no_grad()
 def generate(model, x, y, n_per_class, seed=0, device="cpu", noise=0.1):
     """n_per_class decoded interpolations of same-class training codes per class -> ((N, D) in [0, 1], labels)."""
@@ -63,11 +71,7 @@ def generate(model, x, y, n_per_class, seed=0, device="cpu", noise=0.1):
     z_all = model.enc(x.to(device)).cpu()
     out, labels = [], []
     for c in np.unique(y.numpy()):
-        z = z_all[y == c]
-        a, b = torch.randint(0, len(z), (2, n_per_class), generator=g)
-        lam = torch.rand(n_per_class, 1, generator=g)
-        zc = lam * z[a] + (1 - lam) * z[b] + noise * z.std(0, unbiased=False) * torch.randn(n_per_class, z.shape[1],
-                                                                                          generator=g)
+        zc = interpolate_codes(z_all[y == c], n_per_class, g, noise)
         out.append(model.dec(zc.to(device)).cpu())
         labels.append(torch.full((n_per_class,), int(c)))
     return torch.cat(out), torch.cat(labels)

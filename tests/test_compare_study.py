@@ -1,0 +1,191 @@
+"""`make compare` (classify/compare_study.py): the DCGAN and the conv AE (end to end, same seed, resume, planted
+signal), the classifier's new rows (class-conditional samples, sex loss weights, classic augmentation), and the
+study's smoke chain: every row, the summary's fields, no generator trained on its fold's test or validation
+patients."""
+import json
+from pathlib import Path
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from classify.train_chexnet import OUTPUTS, classic_jitter, jitter, read_synthetic, sex_loss_weights
+from common.runs import load_checkpoint
+from common.stages import run_in_process
+from common.splits import read_sets
+from conftest import ROOT, SMOKE_FLAGS
+
+
+def run(module, *args, timeout=600):
+    r = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def call(module, *args):
+    """`python -m module args` in this process (no interpreter start: the scripts' tests are many short runs)."""
+    run_in_process(module, [str(a) for a in args], module)
+
+
+def brightness_by_attr(path):
+    """{attribute: mean of each sample's brightest 10% of pixels} of a toy samples file (bright vs dark shapes)."""
+    z = np.load(path)
+    top = np.sort(z["images"].reshape(len(z["images"]), -1), 1)[:, -z["images"][0].size // 10:].mean(1)
+    return {g: float(top[z["groups"] == g].mean()) for g in set(z["groups"].tolist())}
+
+
+DCGAN = ["--data", "toy:400", "--size", "16", "--width", "32", "--batch-size", "32"]
+
+
+def test_dcgan_end_to_end_same_seed_resume_and_planted_signal(tmp_path, capsys):
+    """Toy shapes whose attribute is their brightness (230 vs 140 on 20): after 300 steps the generator draws the
+    bright classes brighter, from the class it is given alone; the same seed gives the same images; a run resumed
+    at step 10 equals an unbroken one; the samples file and grid are what the classifier and the audit read."""
+    call("gan.train_dcgan", *DCGAN, "--steps", "300", "--out-dir", tmp_path / "a")
+    for f in ("samples.png", "loss_curve.png"):
+        assert (tmp_path / "a" / f).stat().st_size > 5000
+    m = json.loads((tmp_path / "a/metrics.json").read_text())
+    assert m["steps"] == 300 and np.isfinite([m["final_d_loss_mean_last_100"], m["final_g_loss_mean_last_100"]]).all()
+    for out in ("s1.npz", "s2.npz"):
+        call("gan.sample_dcgan", "--ckpt", tmp_path / "a/ckpt.pt", "--n-per-class", "40", "--seed", "3", "--out",
+             tmp_path / out)
+    z1, z2 = np.load(tmp_path / "s1.npz"), np.load(tmp_path / "s2.npz")
+    assert np.array_equal(z1["images"], z2["images"])  # same seed, same images
+    assert z1["images"].shape == (160, 16, 16) and z1["images"].dtype == np.uint8
+    assert list(z1["class_names"]) == ["dark|disc", "dark|square", "bright|disc", "bright|square"]
+    b = brightness_by_attr(tmp_path / "s1.npz")
+    assert b["bright"] > b["dark"] + 40, b  # the planted signal: 230 vs 140 in the data
+    call("gan.train_dcgan", *DCGAN, "--steps", "20", "--out-dir", tmp_path / "b")
+    call("gan.train_dcgan", *DCGAN, "--steps", "10", "--out-dir", tmp_path / "c")
+    capsys.readouterr()
+    call("gan.train_dcgan", *DCGAN, "--steps", "20", "--out-dir", tmp_path / "c", "--resume")
+    assert "at step 10" in capsys.readouterr().out
+    a, b = load_checkpoint(tmp_path / "b/ckpt.pt"), load_checkpoint(tmp_path / "c/ckpt.pt")
+    assert all(torch.equal(a["G"][k], b["G"][k]) for k in a["G"]) and a["history"] == b["history"]
+
+
+def test_conv_ae_end_to_end_same_seed_resume_and_planted_signal(tmp_path, capsys):
+    """The AE's interpolations of same-class codes keep the class's brightness; --class-counts draws exactly the
+    counts asked; the same seed gives the same images; a run resumed after epoch 1 equals an unbroken one."""
+    common = ["--data", "toy:120", "--batch-size", "32", "--patience", "0"]
+    call("vae.train_conv_ae", *common, "--epochs", "2", "--out-dir", tmp_path / "b")
+    call("vae.train_conv_ae", *common, "--epochs", "1", "--out-dir", tmp_path / "c")
+    capsys.readouterr()
+    call("vae.train_conv_ae", *common, "--epochs", "2", "--out-dir", tmp_path / "c", "--resume")
+    assert "at epoch 1" in capsys.readouterr().out
+    b, c = load_checkpoint(tmp_path / "b/ckpt.pt"), load_checkpoint(tmp_path / "c/ckpt.pt")
+    assert all(torch.allclose(b["model"][k].float(), c["model"][k].float()) for k in b["model"])
+    call("vae.train_conv_ae", *common, "--epochs", "12", "--out-dir", tmp_path / "a")
+    a = load_checkpoint(tmp_path / "a/ckpt.pt")
+    assert a["codes"].shape == (84, 128) and len(a["classes"]) == 84  # the 70% training split of 120 images
+    assert (tmp_path / "a/recon.png").stat().st_size > 5000
+    counts = "dark|disc=7,bright|square=13"
+    for out in ("s1.npz", "s2.npz"):
+        call("vae.sample_conv_ae", "--ckpt", tmp_path / "a/ckpt.pt", "--class-counts", counts, "--out", tmp_path / out)
+    z1, z2 = np.load(tmp_path / "s1.npz"), np.load(tmp_path / "s2.npz")
+    assert np.array_equal(z1["images"], z2["images"])
+    assert np.bincount(z1["labels"], minlength=4).tolist() == [7, 0, 0, 13]
+    b = brightness_by_attr(tmp_path / "s1.npz")
+    assert b["bright"] > b["dark"] + 25, b
+
+
+def test_class_samples_train_the_any_finding_output_only(tmp_path):
+    """A class-conditional samples file ('F|finding' ...) becomes NIH label vectors whose 14 findings carry no loss;
+    a class name that is not an NIH any-finding class is refused."""
+    names = np.array(["F|No Finding", "F|finding", "M|No Finding", "M|finding"])
+    np.savez(tmp_path / "s.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.array([0, 1, 1, 3]),
+             groups=np.array(["F", "F", "F", "M"]), class_names=names)
+    x, y, known = read_synthetic(tmp_path / "s.npz")
+    assert x.shape == (4, 1, 8, 8) and y[:, -1].tolist() == [1, 0, 0, 0] and y[:, :14].sum() == 0
+    assert known.shape == (4, len(OUTPUTS)) and known[:, -1].all() and not known[:, :14].any()
+    np.savez(tmp_path / "bad.npz", images=np.zeros((1, 8, 8), np.uint8), labels=np.array([0]),
+             class_names=np.array(["dark|disc"]))
+    from common.data import DataError
+    with pytest.raises(DataError, match="any-finding"):
+        read_synthetic(tmp_path / "bad.npz")
+
+
+def test_sex_loss_weights_give_each_sex_half_and_classic_jitter_flips():
+    w = sex_loss_weights(np.array(["M"] * 9 + ["F"]))
+    assert w[:9].sum() == pytest.approx(w[9]) and w.mean() == pytest.approx(1.0)
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    theta, _, _ = classic_jitter(4000, g1)
+    flipped = (theta[:, 0, 0] < 0).float().mean().item()  # the x axis reversed: about half
+    assert 0.45 < flipped < 0.55
+    light, _, _ = jitter(4000, g2)
+    assert (light[:, 0, 0] > 0).all()  # the default never flips (the heart is on the left)
+
+
+@pytest.fixture(scope="module")
+def compare_smoke(smoke_study, tmp_path_factory):
+    """The compare study's smoke chain in one process (as `make compare SMOKE=1`), on the chest X-ray smoke
+    fixture's run tree, whose cells it reuses (the same flags: --size 32)."""
+    _, runs, _ = smoke_study("classify.chestxray_study")
+    out = tmp_path_factory.mktemp("compare") / "out"
+    r = run("classify.compare_study", "--smoke", *SMOKE_FLAGS["classify.chestxray_study"], "--in-process",
+            "--out", str(out), "--runs", str(runs), timeout=900)
+    return out, Path(runs), r
+
+
+def test_compare_smoke_has_every_row_and_field(compare_smoke):
+    from classify.compare_study import ROWS
+    out, runs, r = compare_smoke
+    assert "reuse" in r.stdout  # chestxray's cells came from the chest X-ray smoke run
+    s = json.loads((out / "summary.json").read_text())
+    family = s["sweep"]["family"]
+    assert family in ("ae", "vae", "gan", "ddpm")
+    assert set(s["rows"]) == set(ROWS) | {f"{family}_x{r:g}" for r in s["sweep"]["ratios"] if r != 1}
+    assert len(s["sweep"]["ratios"]) >= 3
+    for row, d in s["rows"].items():
+        for m in ("any-finding AUROC", "female AUROC", "male AUROC"):
+            assert 0 <= d["utility"][m]["value"] <= 1
+        assert set(d["fairness"]) == {"AUROC gap (M - F)", "DP (any finding)", "EO (any finding)"}
+        if row != "imbalanced_real":
+            c = d["vs_imbalanced_real"]["female AUROC"]
+            assert c["b"] == "imbalanced_real" and 0 <= c["p_holm"] <= 1 and c["mde"] > 0
+    for row in ("ae", "gan", "ddpm"):  # class-conditional: fidelity and privacy for both sexes
+        f = s["rows"][row]
+        assert set(f["fidelity"]) == {"F", "M"} and all(np.isfinite(f["fidelity"][x]["kid"]) for x in "FM")
+        assert 0 <= f["privacy"]["F"]["fraction_closer_than_pool_p1"] <= 1 and f["cost"]["train_s_per_fold"] > 0
+    assert set(s["rows"]["vae"]["fidelity"]) == {"F"}  # the CVAE draws women only
+    metrics = {c["metric"] for c in s["comparisons"]}
+    assert metrics == {"any-finding AUROC", "female AUROC", "male AUROC", "AUROC gap (M - F)", "DP (any finding)",
+                       "EO (any finding)"}
+    assert any(c["a"] == "ddpm" and c["b"] == "ddpm_finding_only" for c in s["comparisons"])
+    table = pd.read_csv(out / "table.csv")
+    assert list(table["row"]) == list(s["rows"])
+    preds = pd.read_csv(out / "preds.csv")  # every row scored the same test images, each once per row
+    sizes = preds.groupby("condition")["image"].nunique()
+    assert set(sizes) == {len(preds) // len(s["rows"])}
+    for png in ["gain_vs_fidelity.png", "gap_vs_auroc.png", "samples_gan.png", "samples_ae.png", "samples_ddpm.png",
+                "closest_pairs_gan.png"]:
+        assert (out / png).stat().st_size > 5000
+
+
+def test_no_generator_saw_its_folds_test_or_validation_patients(compare_smoke):
+    """Each generator stage's recorded command names its training set; that set's patients are disjoint from the
+    fold's test and validation patients, and the images it trained on are that set's."""
+    from common.data import read_nih
+    out, runs, _ = compare_smoke
+    t = read_nih(ROOT / "data" / "nih_cxr14")
+    names = [Path(i).name for i in t["image"]]
+    pid = t["patient_id"].to_numpy()
+    checked = 0
+    for fold in sorted(runs.glob("fold*")):
+        held = read_sets(fold / "sets.csv", names, ["test", "val"])
+        held_pid = set(pid[held["test"]]) | set(pid[held["val"]])
+        for gen in ("ae", "gan", "ddpm", "cvae"):  # (ddpm_finding_only samples the ddpm's model at smoke scale)
+            cfg = json.loads((fold / gen / "config.json").read_text())
+            argv = cfg["argv"]
+            sets, train_set = argv[argv.index("--sets") + 1], argv[argv.index("--train-set") + 1]
+            assert Path(sets).parent == fold and train_set in ("pool", "cvae_train")
+            idx = read_sets(sets, names, [train_set])[train_set]
+            assert not set(pid[idx]) & held_pid, (fold, gen)
+            n = json.loads((fold / gen / "metrics.json").read_text())["n_train"]
+            assert n == len(idx), (fold, gen)
+            checked += 1
+    assert checked == 8
