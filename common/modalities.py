@@ -141,6 +141,17 @@ def load_modality(name, size, data_root=None, n_toy=2000, phantom_n=1200):
     raise DataError(f"unknown modality {name!r}; choose from toy, nih, cxr, mri, skin")
 
 
+def add_set_args(p):
+    """A generator's data flags: --data, --data-root, --split-seed, --sets, --train-set (training_images)."""
+    p.add_argument("--data", default="nih", type=modality_name, help="modality (common/modalities.py), e.g. nih, toy:N")
+    p.add_argument("--data-root", default=None, help="your copy of the data set (default: the embedded data)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the patient-level split (without --sets)")
+    p.add_argument("--sets", default=None, help="a study's split file: train on its set --train-set (e.g. a fold's "
+                                                "training pool) instead of the 70%% training split")
+    p.add_argument("--train-set", default="train", help="--sets: the set to train on")
+    return p
+
+
 def training_images(data, size, root=None, subset="train", split_seed=0, sets=None, set_name=None, attribute=True):
     """(modality, uint8 images (N, C, S, S), class index (N,)) of the patient-level training split (subset
     "train", seed split_seed, stratified by the attribute), of every image ("all"), or of the set `set_name` of a

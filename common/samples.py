@@ -16,6 +16,17 @@ from common.report import save_grid
 from common.runs import written_together
 
 
+def add_sampler_args(p, ckpt_help):
+    """A class-conditional sampler's flags: --ckpt, the class flags, --seed, --device, --out, --force."""
+    p.add_argument("--ckpt", required=True, help=ckpt_help)
+    add_class_args(p)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
+    p.add_argument("--out", required=True, help="output .npz (a .png grid is written beside it)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out (its .npz and .png)")
+    return p
+
+
 def add_class_args(p, n_per_class=100):
     """--n-per-class, --classes and --class-counts on a sampler's parser."""
     p.add_argument("--n-per-class", type=positive_int, default=n_per_class, help="images per class")

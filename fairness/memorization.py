@@ -37,10 +37,10 @@ def _flat(images, size=None):
     return x
 
 
-def nearest(query, ref, exclude_self=False, chunk=512, rows=None):
+def nearest(query, ref, exclude_self=False, chunk=512, rows=None, same=None):
     """For each query row, (index of nearest ref row, its RMSE, RMSE of the second nearest); rows are flattened
     images in [0, 1]. exclude_self: query is ref, and query row i (rows[i] of ref, when rows is given) is not its own
-    neighbour."""
+    neighbour. same: (query ids, ref ids), e.g. patients: a ref row with the query row's id is not its neighbour."""
     q, r = query.flatten(1).double(), ref.flatten(1).double()
     d_dim = q.shape[1]
     idx, d1, d2 = [], [], []
@@ -51,6 +51,8 @@ def nearest(query, ref, exclude_self=False, chunk=512, rows=None):
         if exclude_self:
             self_col = torch.arange(i, i + len(qi)) if rows is None else torch.as_tensor(rows[i:i + len(qi)])
             d[torch.arange(len(qi)), self_col] = float("inf")
+        if same is not None:
+            d[torch.as_tensor(same[0][i:i + len(qi), None] == same[1][None])] = float("inf")
         top = d.topk(2, dim=1, largest=False)
         idx.append(top.indices[:, 0])
         d1.append(top.values[:, 0].sqrt())
@@ -58,11 +60,13 @@ def nearest(query, ref, exclude_self=False, chunk=512, rows=None):
     return torch.cat(idx).numpy(), torch.cat(d1).numpy(), torch.cat(d2).numpy()
 
 
-def audit(synth, train, threshold=0.02, feature_fn=None, max_train_queries=5000, seed=0):
+def audit(synth, train, threshold=0.02, feature_fn=None, max_train_queries=5000, seed=0, train_patients=None):
     """The audit's numbers and the closest pairs, from uint8 image arrays. The train-to-train reference (each
     training image's nearest other training image) is quadratic in the training set; above max_train_queries
     images it is taken for a seeded random sample of that many training images (each against all of them), which
-    keeps it linear: 112k NIH images would be 1.3e10 pairs, 5,000 of them 5.6e8."""
+    keeps it linear: 112k NIH images would be 1.3e10 pairs, 5,000 of them 5.6e8. train_patients: the training
+    images' patient ids; the reference then leaves out images of the same patient (a follow-up scan is closer to
+    its patient's other scans than a new patient's image can be, and would set the threshold too low)."""
     s = _flat(synth)
     t = _flat(train, size=s.shape[-1])
     if s.shape[1] != t.shape[1]:  # grey vs RGB: compare in grey
@@ -70,9 +74,13 @@ def audit(synth, train, threshold=0.02, feature_fn=None, max_train_queries=5000,
     idx, d1, d2 = nearest(s, t)
     rows = None if len(t) <= max_train_queries else \
         np.sort(np.random.default_rng(seed).choice(len(t), max_train_queries, replace=False))
-    _, t_d1, _ = nearest(t if rows is None else t[torch.from_numpy(rows)], t, exclude_self=True, rows=rows)
+    same = None
+    if train_patients is not None:
+        ids = np.asarray(train_patients)
+        same = (ids if rows is None else ids[rows], ids)
+    _, t_d1, _ = nearest(t if rows is None else t[torch.from_numpy(rows)], t, exclude_self=True, rows=rows, same=same)
     out = {"n_synth": len(s), "n_train": len(t), "threshold_rmse": threshold,
-           "n_train_queries": len(t_d1),
+           "n_train_queries": len(t_d1), "reference_excludes_same_patient": train_patients is not None,
            "pixel_nn_rmse": {"min": float(d1.min()), "median": float(np.median(d1))},
            "fraction_copies": float((d1 < threshold).mean()),
            "fraction_d1_below_d2_over_3": float((d1 < d2 / 3).mean()),

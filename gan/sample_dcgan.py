@@ -14,7 +14,7 @@ from common.cli import ArgumentParser, run
 from common.data import DataError
 from common.report import to_uint8
 from common.runs import device_from, load_checkpoint, load_weights, npz_out
-from common.samples import add_class_args, requested, write_class_samples
+from common.samples import add_sampler_args, requested, write_class_samples
 from gan.train_dcgan import Generator, generate
 
 
@@ -45,12 +45,7 @@ def main(args):
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a train_dcgan.py ckpt.pt")
-    add_class_args(p)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
-    p.add_argument("--out", required=True, help="output .npz (a .png grid is written beside it)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out (its .npz and .png)")
+    add_sampler_args(p, "a train_dcgan.py ckpt.pt")
     return p.parse_args(argv)
 
 

@@ -13,6 +13,7 @@ streams); samples.png (fixed noise, a row per class) and loss_curve.png at the e
     python -m gan.train_dcgan --out-dir runs/dcgan/nih64                       # embedded NIH1000, training split
     python -m gan.train_dcgan --sets runs/results/chestxray/fold0/compare_sets.csv --train-set pool ...
     python -m gan.train_dcgan --data toy:200 --size 32 --steps 20 --out-dir /tmp/dcgan   # seconds
+    python -m gan.train_dcgan --data-root /data/nih --size 64 --width 64 --steps 20000 --out-dir runs/dcgan/full  # GPU
 """
 import argparse
 from pathlib import Path
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from common.cli import ArgumentParser, positive_float, positive_int, run
 from common.data import DataError
-from common.modalities import modality_name, training_images
+from common.modalities import add_set_args, training_images
 from common.report import save_grid
 from common.runs import (add_common_args, check_finite, device_from, load_checkpoint, load_weights,
                          prepare_out_dir, save_checkpoint, seed_everything, write_config, write_json)
@@ -106,13 +107,8 @@ def generate(G, classes, seed=0, device="cpu", batch_size=256):
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="nih", type=modality_name, help="modality (common/modalities.py), e.g. nih, toy:N")
-    p.add_argument("--data-root", default=None, help="your copy of the data set (default: the embedded data)")
+    add_set_args(p)
     p.add_argument("--size", type=positive_int, default=64, help="image side (16, 32, 64 or 128)")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the patient-level split (without --sets)")
-    p.add_argument("--sets", default=None, help="a study's split file: train on its set --train-set (e.g. a fold's "
-                                                "training pool) instead of the 70%% training split")
-    p.add_argument("--train-set", default="train", help="--sets: the set to train on")
     p.add_argument("--width", type=positive_int, default=32, help="base channel width w of G and D")
     p.add_argument("--steps", type=positive_int, default=2000, help="training steps (one D and one G update each)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="batch size")
@@ -137,11 +133,14 @@ def main(args):
         raise DataError(f"--data {args.data}: {len(x)} training image; a GAN needs a training set")
     names = mod.class_names
     model_args = {"n_classes": len(names), "channels": mod.channels, "size": args.size, "width": args.width}
+    data_args = {k: getattr(args, k) for k in ("data", "data_root", "split_seed", "sets", "train_set", "batch_size",
+                                                "lr", "seed")}
     ckpt_path = Path(args.out_dir) / "ckpt.pt"
     ck = load_checkpoint(ckpt_path, flag="--resume") if args.resume and ckpt_path.is_file() else None
-    if ck is not None and (not isinstance(ck, dict) or ck.get("model_args") != model_args):
-        raise DataError(f"--resume: {ckpt_path} is not a train_dcgan.py checkpoint of this shape "
-                        f"({model_args}); pass its flags, or --force to start afresh")
+    if ck is not None and (not isinstance(ck, dict) or ck.get("model_args") != model_args
+                           or ck.get("data_args") != data_args):
+        raise DataError(f"--resume: {ckpt_path} is not a train_dcgan.py checkpoint of these flags "
+                        f"({model_args}, {data_args}); pass its flags, or --force to start afresh")
     out = prepare_out_dir(args.out_dir, args.force, args.resume)
     seed_everything(args.seed)
     G, D = build(model_args)
@@ -149,14 +148,14 @@ def main(args):
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.999))
     gen = torch.Generator().manual_seed(args.seed * 1000)  # batches and noise
-    step, history = 0, []
+    step, history, before = 0, [], 0.0
     if ck is not None:
         load_weights(G, ck["G"], ckpt_path)
         load_weights(D, ck["D"], ckpt_path)
         opt_g.load_state_dict(ck["opt_g"])
         opt_d.load_state_dict(ck["opt_d"])
         gen.set_state(ck["gen"])
-        step, history = ck["step"], ck["history"]
+        step, history, before = ck["step"], ck["history"], ck.get("seconds", 0.0)
         print(f"resumed {ckpt_path} at step {step}")
     counts = np.bincount(cls, minlength=len(names))
     write_config(out, args, data=mod.data, weights="none (from scratch)", classes=names, class_counts=counts.tolist(),
@@ -192,8 +191,9 @@ def main(args):
         if done % args.save_every == 0 or done == args.steps:
             save_checkpoint({"G": G.state_dict(), "D": D.state_dict(), "opt_g": opt_g.state_dict(),
                              "opt_d": opt_d.state_dict(), "gen": gen.get_state(), "step": done, "history": history,
-                             "model_args": model_args, "class_names": names, "data": mod.data}, ckpt_path)
-    seconds = time.time() - t0
+                             "model_args": model_args, "data_args": data_args, "class_names": names,
+                             "data": mod.data, "seconds": before + time.time() - t0}, ckpt_path)
+    seconds = before + time.time() - t0  # training time over every session of the run
     rows = len(names)
     grid = generate(G, np.repeat(np.arange(rows), 8), seed=0, device=device)
     save_grid(grid, out / "samples.png", nrow=rows, row_labels=names,

@@ -120,15 +120,36 @@ def test_sex_loss_weights_give_each_sex_half_and_classic_jitter_flips():
     assert (light[:, 0, 0] > 0).all()  # the default never flips (the heart is on the left)
 
 
+def chexpert_root(root, n=24):
+    """A CheXpert-layout folder (train.csv, CheXpert-v1.0-small/train/patientN/studyM/view1_frontal.jpg) of NIH
+    images, for --ood-root: half women, half without a finding, one lateral view (left out)."""
+    from PIL import Image
+    from common.data import CHEXPERT_LABELS
+    nih = sorted((ROOT / "data" / "nih_cxr14").rglob("*.png"))[:n + 1]
+    rows = []
+    for i, src in enumerate(nih):
+        path = f"CheXpert-v1.0-small/train/patient{i // 2:05d}/study{i}/view1_{'lateral' if i == n else 'frontal'}.jpg"
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.open(src).convert("L").resize((64, 64)).save(root / path)
+        row = {"Path": path, "Sex": "Female" if i // 2 % 2 else "Male", "Age": 50,
+               "Frontal/Lateral": "Lateral" if i == n else "Frontal", "AP/PA": "PA"}
+        row.update({c: np.nan for c in CHEXPERT_LABELS})
+        row["No Finding"] = 1.0 if i % 3 == 0 else np.nan
+        rows.append(row)
+    pd.DataFrame(rows).to_csv(root / "train.csv", index=False)
+    return root
+
+
 @pytest.fixture(scope="module")
 def compare_smoke(smoke_study, tmp_path_factory):
     """The compare study's smoke chain in one process (as `make compare SMOKE=1`), on the chest X-ray smoke
-    fixture's run tree, whose cells it reuses (the same flags: --size 32)."""
+    fixture's run tree, whose cells it reuses (the same flags: --size 32), with a CheXpert-layout --ood-root."""
     _, runs, _ = smoke_study("classify.chestxray_study")
-    out = tmp_path_factory.mktemp("compare") / "out"
+    base = tmp_path_factory.mktemp("compare")
     r = run("classify.compare_study", "--smoke", *SMOKE_FLAGS["classify.chestxray_study"], "--in-process",
-            "--out", str(out), "--runs", str(runs), timeout=900)
-    return out, Path(runs), r
+            "--ood-root", str(chexpert_root(base / "chexpert")), "--out", str(base / "out"), "--runs", str(runs),
+            timeout=900)
+    return base / "out", Path(runs), r
 
 
 def test_compare_smoke_has_every_row_and_field(compare_smoke):
@@ -143,7 +164,7 @@ def test_compare_smoke_has_every_row_and_field(compare_smoke):
     for row, d in s["rows"].items():
         for m in ("any-finding AUROC", "female AUROC", "male AUROC"):
             assert 0 <= d["utility"][m]["value"] <= 1
-        assert set(d["fairness"]) == {"AUROC gap (M - F)", "DP (any finding)", "EO (any finding)"}
+        assert set(d["fairness"]) == {"AUROC gap (M - F)", "|AUROC gap|", "DP (any finding)", "EO (any finding)"}
         if row != "imbalanced_real":
             c = d["vs_imbalanced_real"]["female AUROC"]
             assert c["b"] == "imbalanced_real" and 0 <= c["p_holm"] <= 1 and c["mde"] > 0
@@ -153,9 +174,14 @@ def test_compare_smoke_has_every_row_and_field(compare_smoke):
         assert 0 <= f["privacy"]["F"]["fraction_closer_than_pool_p1"] <= 1 and f["cost"]["train_s_per_fold"] > 0
     assert set(s["rows"]["vae"]["fidelity"]) == {"F"}  # the CVAE draws women only
     metrics = {c["metric"] for c in s["comparisons"]}
-    assert metrics == {"any-finding AUROC", "female AUROC", "male AUROC", "AUROC gap (M - F)", "DP (any finding)",
-                       "EO (any finding)"}
+    nih = {"any-finding AUROC", "female AUROC", "male AUROC", "AUROC gap (M - F)", "|AUROC gap|"}
+    assert metrics == nih | {"DP (any finding)", "EO (any finding)"} | {f"OOD {m}" for m in nih}
     assert any(c["a"] == "ddpm" and c["b"] == "ddpm_finding_only" for c in s["comparisons"])
+    p_holm = [c["p_holm"] for c in s["comparisons"]]  # Holm over the whole table: adjusted p never below raw p
+    assert all(h >= c["p"] - 1e-12 for h, c in zip(p_holm, s["comparisons"]) if np.isfinite(h))
+    ood = pd.read_csv(out / "ood_preds.csv")  # the frontal views only, every row's score, recomputable
+    assert len(ood) == 24 and ood["image"].is_unique and {f"p_{r}" for r in s["rows"]} <= set(ood.columns)
+    assert s["finding_only"] == "same" and len(s["fidelity_n_per_fold"]) == 2
     table = pd.read_csv(out / "table.csv")
     assert list(table["row"]) == list(s["rows"])
     preds = pd.read_csv(out / "preds.csv")  # every row scored the same test images, each once per row
@@ -189,3 +215,33 @@ def test_no_generator_saw_its_folds_test_or_validation_patients(compare_smoke):
             assert n == len(idx), (fold, gen)
             checked += 1
     assert checked == 8
+
+
+def test_train_ddpm_on_a_split_files_set_with_finding_only_classes(tmp_path):
+    """--sets/--train-set trains on exactly that set; --condition label makes the classes the finding alone."""
+    from common.data import read_nih
+    from common.splits import write_sets
+    t = read_nih(ROOT / "data" / "nih_cxr14")
+    names = [Path(i).name for i in t["image"]]
+    write_sets(tmp_path / "sets.csv", {"pool": names[:40], "val": names[40:50]})
+    call("diffusion.train_ddpm", "--data", "nih", "--sets", tmp_path / "sets.csv", "--train-set", "pool",
+         "--condition", "label", "--size", "16", "--width", "8", "--mults", "1,2", "--num-res", "1", "--attn-res", "8",
+         "--steps", "2", "--batch-size", "4", "--sample-every", "0", "--out-dir", tmp_path / "d")
+    m = json.loads((tmp_path / "d/metrics.json").read_text())
+    assert m["n_train"] == 40 and m["classes"] == ["any|No Finding", "any|finding"]
+    assert sum(m["class_counts"]) == 40
+
+
+def test_memorization_reference_leaves_out_the_same_patients_images():
+    """A patient's two near-identical scans set the pool's own 1st percentile near 0 unless same-patient pairs are
+    left out; with patient ids they are, and a copy of a training image is then flagged."""
+    from fairness.memorization import audit
+    rng = np.random.default_rng(0)
+    pool = rng.integers(0, 256, (40, 8, 8)).astype(np.uint8)
+    pool[1::2] = np.clip(pool[0::2].astype(int) + 1, 0, 255)  # patients of two almost identical scans
+    ids = np.repeat(np.arange(20), 2)
+    copy = np.clip(pool[:5].astype(int) + 2, 0, 255).astype(np.uint8)  # near copies of training images
+    plain, *_ = audit(copy, pool)
+    by_patient, *_ = audit(copy, pool, train_patients=ids)
+    assert plain["fraction_closer_than_train_p1"] == 0  # the follow-ups hide the copies
+    assert by_patient["fraction_closer_than_train_p1"] == 1 and by_patient["reference_excludes_same_patient"]

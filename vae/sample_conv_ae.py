@@ -18,7 +18,7 @@ from common.cli import ArgumentParser, nonneg_float, run
 from common.data import DataError
 from common.report import to_uint8
 from common.runs import device_from, load_checkpoint, load_weights, npz_out
-from common.samples import add_class_args, requested, write_class_samples
+from common.samples import add_sampler_args, requested, write_class_samples
 from vae.train_conv_ae import ConvAE
 from vae.train_mlp_ae import interpolate_codes
 
@@ -65,13 +65,8 @@ def main(args):
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a train_conv_ae.py ckpt.pt")
-    add_class_args(p)
+    add_sampler_args(p, "a train_conv_ae.py ckpt.pt")
     p.add_argument("--noise", type=nonneg_float, default=0.1, help="code noise, x the class's per-dimension code std")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
-    p.add_argument("--out", required=True, help="output .npz (a .png grid is written beside it)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out (its .npz and .png)")
     return p.parse_args(argv)
 
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from common.cli import ArgumentParser, nonneg_int, positive_float, positive_int, run
 from common.data import DataError
-from common.modalities import modality_name, training_images
+from common.modalities import add_set_args, training_images
 from common.report import save_grid
 from common.splits import patient_split
 from common.runs import (add_common_args, check_finite, device_from, load_checkpoint, load_weights, prepare_out_dir,
@@ -77,12 +77,9 @@ def val_mse(model, x, device, batch_size=256):
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="nih", type=modality_name, help="modality (common/modalities.py), e.g. nih, toy:N")
-    p.add_argument("--data-root", default=None, help="your copy of the data set (default: the embedded data)")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the patient-level split (without --sets)")
-    p.add_argument("--sets", default=None, help="a study's split file: train on --train-set, stop early on --val-set")
-    p.add_argument("--train-set", default="train", help="the set to train on (with --sets; else the 70%% split)")
-    p.add_argument("--val-set", default="val", help="the set for early stopping (with --sets; else the 10%% split)")
+    add_set_args(p)
+    p.add_argument("--val-set", default="val", help="--sets: the set for early stopping (without --sets: the 10%% "
+                                                    "validation split)")
     p.add_argument("--latent", type=positive_int, default=128, help="code size")
     p.add_argument("--epochs", type=positive_int, default=30, help="maximum epochs")
     p.add_argument("--patience", type=nonneg_int, default=5, help="early stopping patience (0: never stop early)")
@@ -113,20 +110,24 @@ def main(args):
     ckpt = Path(args.out_dir) / "ckpt.pt"
     ck = load_checkpoint(ckpt, flag="--resume") if args.resume and ckpt.is_file() else None
     shape = {"channels": mod.channels, "latent": args.latent}
-    if ck is not None and (not isinstance(ck, dict) or ck.get("model_args") != shape or "last" not in ck):
-        raise DataError(f"--resume: {ckpt} is not a train_conv_ae.py checkpoint of this shape ({shape}); pass its "
-                        f"flags, or --force to start afresh")
+    data_args = {k: getattr(args, k) for k in ("data", "data_root", "split_seed", "sets", "train_set", "val_set",
+                                                "batch_size", "lr", "seed")}
+    if ck is not None and (not isinstance(ck, dict) or ck.get("model_args") != shape or "last" not in ck
+                           or ck.get("data_args") != data_args):
+        raise DataError(f"--resume: {ckpt} is not a train_conv_ae.py checkpoint of these flags ({shape}, "
+                        f"{data_args}); pass its flags, or --force to start afresh")
     out = prepare_out_dir(args.out_dir, args.force, args.resume)
     seed_everything(args.seed)
     model = ConvAE(**shape).to(device, memory_format=torch.channels_last)  # the CVAE's faster oneDNN path on CPUs
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.95)
-    start, best, best_val, bad, history = 0, None, float("inf"), 0, []
+    start, best, best_val, bad, history, before = 0, None, float("inf"), 0, [], 0.0
     if ck is not None:
         load_weights(model, ck["last"], ckpt)
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
         start, best, best_val, bad, history = ck["epoch"], ck["model"], ck["best_val"], ck["bad"], ck["history"]
+        before = ck.get("seconds", 0.0)
         print(f"resumed {ckpt} at epoch {start}")
     write_config(out, args, data=mod.data, weights="none (from scratch)", classes=mod.class_names,
                  n_train=len(x_tr), n_val=len(x_val), notes=mod.notes)
@@ -156,12 +157,14 @@ def main(args):
             bad += 1
         save_checkpoint({"model": best, "last": model.state_dict(), "opt": opt.state_dict(),
                          "sched": sched.state_dict(), "epoch": epoch + 1, "best_val": best_val, "bad": bad,
-                         "history": history, "model_args": shape}, ckpt)
+                         "history": history, "model_args": shape, "data_args": data_args,
+                         "seconds": before + time.time() - t0}, ckpt)
     model.load_state_dict(best)
     z = codes(model, x_tr, device)
     save_checkpoint({"model": best, "last": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                      "epoch": len(history), "best_val": best_val, "bad": bad, "history": history, "model_args": shape,
-                     "codes": z, "classes": torch.from_numpy(cls), "class_names": mod.class_names,
+                     "data_args": data_args, "seconds": before + time.time() - t0, "codes": z,
+                     "classes": torch.from_numpy(cls), "class_names": mod.class_names,
                      "data": mod.data}, ckpt)
     pick = np.arange(min(16, len(x_tr)))
     with torch.no_grad():
@@ -174,7 +177,7 @@ def main(args):
     best_epoch = min(history, key=lambda h: h["val_mse"])
     write_json(out / "metrics.json", {"best_epoch": best_epoch["epoch"], "best_val_mse": best_epoch["val_mse"],
                                       "epochs_run": len(history), "n_train": len(x_tr), "n_val": len(x_val),
-                                      "seconds": time.time() - t0, "data": mod.data})
+                                      "seconds": before + time.time() - t0, "data": mod.data})
     print(f"conv AE: best validation MSE {best_epoch['val_mse']:.4f} at epoch {best_epoch['epoch']} "
           f"({len(x_tr)} training images, {time.time() - t0:.0f} s)")
 
