@@ -576,10 +576,11 @@ def report(out, args, t, runs, plan, rows, sweep, stages, seconds, ood=None):
                     f"patients with its CI and Holm p over all {len(comps)} comparisons (comparisons.md, with MDEs). "
                     f"One training run per row and fold: training noise is not in the CIs.",
                     f"KID/FD: penultimate features of each fold's imbalanced_real classifier, standardised by the real "
-                    f"images' mean and sd per feature; samples vs the fold's real test images of that sex, both sexes "
-                    f"at one n per fold (n in summary.json); mean over folds (± sd over folds). Privacy: "
+                    f"test images' (both sexes) mean and sd per feature; samples vs the fold's real test images of "
+                    f"that sex, every row and sex at one n per fold ({fid['n_per_fold']}); mean over folds (± sd over "
+                    f"folds). Privacy: "
                     f"share of samples closer to a training-pool image of that sex than the pool's own 1st "
-                    f"percentile; real held-out test images score F "
+                    f"percentile of distances between different patients; real held-out test images score F "
                     f"{fmt(ref.get(FEMALE, {}).get('fraction_closer_than_pool_p1'))}"
                     f" / M {fmt(ref.get(MALE, {}).get('fraction_closer_than_pool_p1'))} (what no copying looks like).",
                     (f"The sweep's family ({sweep['family']}) was chosen by mean validation any-finding AUROC over "
@@ -642,8 +643,9 @@ def answers(comps, fid, rows):
                    + f" ({by(best)})")
     elif rows_gap:
         widest = min(rows_gap, key=lambda c: c["diff"])
-        out.append(f"No generator family closes the sex gap detectably at this scale: the largest narrowing, "
-                   f"{widest['a']}, changes |AUROC M - F| by {widest['diff']:+.3f} (95% CI {widest['ci'][0]:+.3f} to "
+        lead = "the largest narrowing" if widest["diff"] < 0 else "none narrows it on average; the smallest widening"
+        out.append(f"No generator family closes the sex gap detectably at this scale: {lead}, {widest['a']}, "
+                   f"changes |AUROC M - F| by {widest['diff']:+.3f} (95% CI {widest['ci'][0]:+.3f} to "
                    f"{widest['ci'][1]:+.3f}, Holm p {widest['p_holm']:.2g}; {by(widest)}; the smallest difference "
                    f"this design detects is {widest['mde']:.3f}).")
     for c in [c for c in comps if c["metric"] == "female AUROC" and c["b"] == "imbalanced_real" and c["a"] in gen]:
