@@ -184,7 +184,7 @@ def test_compare_smoke_has_every_row_and_field(compare_smoke):
     assert s["finding_only"] == "same" and len(s["fidelity_n_per_fold"]) == 2
     table = pd.read_csv(out / "table.csv")
     assert list(table["row"]) == list(s["rows"])
-    preds = pd.read_csv(out / "preds.csv")  # every row scored the same test images, each once per row
+    preds = pd.read_csv(out / "preds.csv.gz")  # every row scored the same test images, each once per row
     sizes = preds.groupby("condition")["image"].nunique()
     assert set(sizes) == {len(preds) // len(s["rows"])}
     for png in ["gain_vs_fidelity.png", "gap_vs_auroc.png", "samples_gan.png", "samples_ae.png", "samples_ddpm.png",
