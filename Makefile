@@ -51,7 +51,7 @@ chestxray: $(SETUP) ## Korb & Hall: CVAE-rebalanced chest X-ray classifier by se
 # quick and smoke: every stage inside one process (--in-process: ~2.5 s of interpreter start saved per stage, ~5 min of
 # the quick run's ~125 stages); full scale: the stages as a makefile, like the other studies
 compare: $(SETUP) ## every generator family (AE, CVAE, DCGAN, DDPM) and non-generative fixes on chestxray's task -> results/compare
-	$(if $(filter full,$(SCALE)),$(call staged,classify.compare_study,compare,$(if $(DATA_ROOT),--data-root $(DATA_ROOT))),$(PYTHON) -m classify.compare_study $(FLAGS) --out $(OUT)/compare --in-process $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(ARGS))
+	$(if $(filter full,$(SCALE)),$(call staged,classify.compare_study,compare,$(if $(DATA_ROOT),--data-root $(DATA_ROOT))),$(PYTHON) -m classify.compare_study $(FLAGS) --out $(OUT)/compare --in-process $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(ARGS) $(if $(DRY),--dry-run))
 
 skintone: $(SETUP) ## Lopez-Perez et al.: VAE reconstruction by skin type, sets A/B/C -> results/skintone
 	$(call staged,vae.skintone_study,skintone,$(if $(DATA_ROOT),--data-root $(DATA_ROOT)))
