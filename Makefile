@@ -48,7 +48,7 @@ endef
 chestxray: $(SETUP) ## Korb & Hall: CVAE-rebalanced chest X-ray classifier by sex -> results/chestxray
 	$(call staged,classify.chestxray_study,chestxray,$(if $(DATA_ROOT),--data-root $(DATA_ROOT)))
 
-# quick and smoke: every stage inside one process (--in-process: ~2.5 s of interpreter start saved per stage, ~5 min of
+# quick and smoke: every stage inside one process (--in-process: ~2.5 s of interpreter start saved per stage, ~4 min of
 # the quick run's ~125 stages); full scale: the stages as a makefile, like the other studies
 compare: $(SETUP) ## every generator family (AE, CVAE, DCGAN, DDPM) and non-generative fixes on chestxray's task -> results/compare
 	$(if $(filter full,$(SCALE)),$(call staged,classify.compare_study,compare,$(if $(DATA_ROOT),--data-root $(DATA_ROOT))),$(PYTHON) -m classify.compare_study $(FLAGS) --out $(OUT)/compare --in-process $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(ARGS) $(if $(DRY),--dry-run))
