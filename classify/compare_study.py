@@ -62,7 +62,7 @@ from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_
 from fairness.fid import extract
 from fairness.figures import scatter
 from fairness.memorization import audit, closest_pairs_png
-from fairness.metrics import auroc, bootstrap, demographic_parity, equal_opportunity
+from fairness.metrics import bootstrap, demographic_parity, equal_opportunity
 
 # row: (the classifier cell's folder, its generator family or None); chestxray's cells keep chestxray's names
 ROWS = {"balanced_real": ("balanced_real", None), "imbalanced_real": ("imbalanced_real", None),
@@ -86,6 +86,8 @@ GEN = {"quick": {"ae_epochs": 10, "gan_steps": 400, "gan_width": 16, "ddpm_steps
                  "finding_only": "same", "male_samples": 20, "ratios": "0.5,1,2"}}
 SCALES = {s: {**cx.SCALES[s], **GEN[s]} for s in cx.SCALES}
 FEMALE, MALE = "F", "M"
+SAMPLERS = {"ae": "vae.sample_conv_ae", "gan": "gan.sample_dcgan", "ddpm": "diffusion.sample_ddpm",
+            "ddpm_finding": "diffusion.sample_ddpm"}  # the class-conditional families' samplers
 
 
 def row_cell(row):
@@ -178,23 +180,21 @@ def generator_stages(k, family, n_female, counts, sets_cmp, args, runs, stages):
     seed, dev = args.seed * 100 + k, ["--device", args.device]
     root = [] if str(args.data_root) == str(PROJECT_DATA / "nih_cxr14") else ["--data-root", args.data_root]
     data = ["--data", "nih", *root, "--sets", sets_cmp, "--train-set", "pool", "--seed", seed, *dev]
-    folder = r / {"ddpm_finding": "ddpm_finding"}.get(family, family)
+    folder = r / family
     if family == "vae":
         return {"train": r / "cvae" / "synth.npz"}
     if family == "ddpm_finding" and args.finding_only == "same":  # the ddpm row's model, sex not asked for
         out = r / "ddpm" / "samples_finding_only.npz"
         stages.samples("diffusion.sample_ddpm", ["--ckpt", r / "ddpm" / "ckpt.pt", "--class-counts", counts["mixed"],
-                                                 "--steps", args.sample_steps, "--guidance", args.guidance, "--seed",
-                                                 seed + 2, *dev, "--out", out], out, deps=[r / "ddpm" / "metrics.json"])
+                                                 *sampler_flags(family, args), "--seed", seed + 2, *dev, "--out", out],
+                       out, deps=[r / "ddpm" / "metrics.json"])
         return {"train": out}
     if family == "ae":
         stages.script("vae.train_conv_ae", data + ["--val-set", "val", "--epochs", args.ae_epochs, "--out-dir",
                                                    folder], folder, deps=[sets_cmp])
-        sampler = "vae.sample_conv_ae"
     elif family == "gan":
         stages.script("gan.train_dcgan", data + ["--size", 64, "--width", args.gan_width, "--steps", args.gan_steps,
                                                  "--out-dir", folder], folder, deps=[sets_cmp])
-        sampler = "gan.sample_dcgan"
     else:
         stages.script("diffusion.train_ddpm", data + [
             "--size", args.ddpm_size, "--width", args.ddpm_width, "--mults", args.ddpm_mults, "--num-res",
@@ -202,8 +202,6 @@ def generator_stages(k, family, n_female, counts, sets_cmp, args, runs, stages):
             "--lr", 5e-4, "--warmup", 100, "--ema", 0.995, "--save-every", 200, "--sample-every", 0,
             *(["--condition", "label"] if family == "ddpm_finding" else []), "--out-dir", folder],
             folder, deps=[sets_cmp])
-        sampler = "diffusion.sample_ddpm"
-    extra = ["--steps", args.sample_steps, "--guidance", args.guidance] if sampler == "diffusion.sample_ddpm" else []
     files = {}
     for i, (what, c) in enumerate([("train", counts[FEMALE]), (MALE, counts[MALE])]):
         if family == "ddpm_finding":  # a finding-only model: the female counts, from its finding-only classes
@@ -211,9 +209,16 @@ def generator_stages(k, family, n_female, counts, sets_cmp, args, runs, stages):
                 break
             c = c.replace(f"{FEMALE}|", "any|")
         files[what] = folder / f"samples_{'F' if what == 'train' else 'M'}.npz"
-        stages.samples(sampler, ["--ckpt", folder / "ckpt.pt", "--class-counts", c, *extra, "--seed", seed + i, *dev,
-                                 "--out", files[what]], files[what], deps=[folder / "metrics.json"])
+        stages.samples(SAMPLERS[family], ["--ckpt", folder / "ckpt.pt", "--class-counts", c,
+                                          *sampler_flags(family, args), "--seed", seed + i, *dev, "--out", files[what]],
+                       files[what], deps=[folder / "metrics.json"])
     return files
+
+
+def sampler_flags(family, args):
+    """The sampler's own flags: DDIM steps and guidance for the DDPMs, none for the AE and the DCGAN."""
+    return ["--steps", args.sample_steps, "--guidance", args.guidance] if SAMPLERS[family].startswith("diffusion") \
+        else []
 
 
 def sweep_file(k, family, ratio, deficit, female_finding, args, runs, stages):
@@ -226,12 +231,10 @@ def sweep_file(k, family, ratio, deficit, female_finding, args, runs, stages):
         stages.samples("vae.sample_cvae", ["--ckpt", r / "cvae" / "ckpt.pt", "--n", n, "--seed", seed + 7, *dev,
                                            "--out", out], out, deps=[r / "cvae" / "metrics.json"])
         return out
-    sampler = {"ae": "vae.sample_conv_ae", "gan": "gan.sample_dcgan", "ddpm": "diffusion.sample_ddpm"}[family]
-    extra = ["--steps", args.sample_steps, "--guidance", args.guidance] if family == "ddpm" else []
     out = r / family / f"samples_F_x{ratio:g}.npz"
-    stages.samples(sampler, ["--ckpt", r / family / "ckpt.pt", "--class-counts",
-                             class_counts(n, female_finding, FEMALE), *extra, "--seed", seed + 7, *dev, "--out", out],
-                   out, deps=[r / family / "metrics.json"])
+    stages.samples(SAMPLERS[family], ["--ckpt", r / family / "ckpt.pt", "--class-counts",
+                                      class_counts(n, female_finding, FEMALE), *sampler_flags(family, args), "--seed",
+                                      seed + 7, *dev, "--out", out], out, deps=[r / family / "metrics.json"])
     return out
 
 
@@ -356,17 +359,14 @@ def gather(out, rows, runs, args):
 
 
 def utility_stats(Y, p, dec, sex):
-    """{metric: f(idx)} of the table's paired comparisons: AUROCs, the signed and absolute gap, DP and EO of the
-    decision."""
-    y, s, d = Y[:, 14], p[:, 14], dec[:, 14].astype(int)
-    def on(idx, who=None):
-        idx = idx if who is None else idx[sex[idx] == who]
-        return auroc(y[idx], s[idx])
-    return {"any-finding AUROC": on, "female AUROC": lambda i: on(i, FEMALE), "male AUROC": lambda i: on(i, MALE),
-            "AUROC gap (M - F)": lambda i: on(i, MALE) - on(i, FEMALE),
-            "|AUROC gap|": lambda i: abs(on(i, MALE) - on(i, FEMALE)),
+    """{metric: f(idx)} of the table's paired comparisons: the any-finding AUROCs and gaps of chestxray's
+    auroc_stat, DP and EO of the decision."""
+    y, d = Y[:, 14].astype(int), dec[:, 14].astype(int)
+    names = {"any-finding AUROC": "any_auroc", "female AUROC": "any_auroc_female", "male AUROC": "any_auroc_male",
+             "AUROC gap (M - F)": "any_auroc_gap", "|AUROC gap|": "any_auroc_abs_gap"}
+    return {**{name: cx.auroc_stat(Y, p, sex, key) for name, key in names.items()},
             "DP (any finding)": lambda i: demographic_parity(d[i], sex[i]),
-            "EO (any finding)": lambda i: equal_opportunity(y[i].astype(int), d[i], sex[i])}
+            "EO (any finding)": lambda i: equal_opportunity(y[i], d[i], sex[i])}
 
 
 def fidelity_privacy(t, runs, plan, rows, args, out):

@@ -153,17 +153,18 @@ def add_set_args(p):
 
 
 def training_images(data, size, root=None, subset="train", split_seed=0, sets=None, set_name=None, attribute=True):
-    """(modality, uint8 images (N, C, S, S), class index (N,)) of the patient-level training split (subset
-    "train", seed split_seed, stratified by the attribute), of every image ("all"), or of the set `set_name` of a
-    study's split file `sets` (common.splits.write_sets): what a generator trains on. attribute=False: classes are
-    the labels alone (attribute "any": e.g. a DDPM conditioned on the finding but not on sex)."""
+    """(modality, uint8 images (N, C, S, S), class index (N,)) of a part of the patient-level split (subset
+    "train", "val" or "test", seed split_seed, stratified by the attribute), of every image ("all"), or of the set
+    `set_name` of a study's split file `sets` (common.splits.write_sets): what a generator trains on.
+    attribute=False: classes are the labels alone (attribute "any": e.g. a DDPM conditioned on the finding but not
+    on sex)."""
     mod = load_modality(data, size, root)
     keep = np.ones(len(mod.table), bool)
     if sets:
         keep[:] = False
         keep[read_sets(sets, [Path(i).name for i in mod.table["image"]], [set_name])[set_name]] = True
-    elif subset == "train":
-        keep = patient_split(mod.table, seed=split_seed, stratify="attr") == "train"
+    elif subset != "all":  # train, val or test of the 70/10/20 patient split
+        keep = patient_split(mod.table, seed=split_seed, stratify="attr") == subset
     if not attribute:
         table = mod.table.assign(attr="any", cls=mod.table["cls"] % len(mod.labels))
         mod = Modality(mod.name, mod.images, table, ["any"], mod.labels, mod.data, mod.notes)

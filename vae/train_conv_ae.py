@@ -28,7 +28,6 @@ from common.cli import ArgumentParser, nonneg_int, positive_float, positive_int,
 from common.data import DataError
 from common.modalities import add_set_args, training_images
 from common.report import save_grid
-from common.splits import patient_split
 from common.runs import (add_common_args, check_finite, device_from, load_checkpoint, load_weights, prepare_out_dir,
                          save_checkpoint, seed_everything, write_config, write_json)
 from fairness.figures import lines
@@ -99,11 +98,7 @@ def main(args):
     device = device_from(args.device)
     mod, x_tr, cls = training_images(args.data, 64, args.data_root, "train", args.split_seed, args.sets,
                                      args.train_set)
-    if args.sets:
-        _, x_val, _ = training_images(args.data, 64, args.data_root, sets=args.sets, set_name=args.val_set)
-    else:  # the patient split's validation part
-        keep = patient_split(mod.table, seed=args.split_seed, stratify="attr") == "val"
-        x_val = mod.images[keep][:, None] if mod.images.ndim == 3 else mod.images[keep].transpose(0, 3, 1, 2)
+    _, x_val, _ = training_images(args.data, 64, args.data_root, "val", args.split_seed, args.sets, args.val_set)
     if len(x_tr) < 2 or len(x_val) < 1:
         raise DataError(f"--data {args.data}: {len(x_tr)} training and {len(x_val)} validation images; the AE "
                         f"needs both")
