@@ -35,7 +35,8 @@ import pandas as pd
 from classify.train_chexnet import OUTPUTS, add_args, col, per_output_table
 from common.cli import ArgumentParser, as_argv, fraction, nonneg_int, positive_int, run
 from common.cache import load_images
-from common.data import DataError, PROJECT_DATA, read_nih
+from common.data import PROJECT_DATA, read_nih
+from common.errors import DataError
 from common.report import mean_std, with_ci, write_table
 from common.runs import default_runs, prepare_out_dir, write_config, write_json
 from common.splits import patient_kfold, patient_split, write_sets
@@ -46,7 +47,7 @@ from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_
 from fairness.metrics import auroc, binary_stats, bootstrap, demographic_parity, equal_opportunity
 
 CONDITIONS = ["balanced_real", "imbalanced_real", "imbalanced_synth", "imbalanced_reweight"]
-# CheXNet (Rajpurkar et al. 2017) reference AUROCs we can cite per class (FORMULAS.md); mean 0.841
+# CheXNet (Rajpurkar et al. 2017) reference AUROCs we can cite per class (docs/METHODS.md); mean 0.841
 CHEXNET_REF = {"Infiltration": 0.71, "Emphysema": 0.94}
 # Every setting a scale sets, in one place (a flag given on the command line wins). quick: 2-core CPU, embedded
 # NIH1000 (measured, README: cnn8 learns more from 1,000 images at 64 px than DenseNet-121 from scratch; a

@@ -52,7 +52,8 @@ from classify.nets import load_classifier, load_feature_extractor
 from classify.train_chexnet import Images, predict
 from common.cache import load_images
 from common.cli import ArgumentParser, name_list, nonneg_float, positive_int, run
-from common.data import DataError, PROJECT_DATA, read_chexpert, read_nih
+from common.data import PROJECT_DATA, read_chexpert, read_nih
+from common.errors import DataError
 from common.report import save_grid, with_ci, write_table
 from common.runs import default_runs, device_from, prepare_out_dir, write_config, write_json
 from common.splits import patient_kfold, write_sets

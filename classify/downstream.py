@@ -5,7 +5,7 @@ Four kinds (FairGen's downstream set, small enough for a CPU at quick scale):
     resnet50   torchvision ResNet-50 (ImageNet weights with --pretrained on a user's machine; from scratch here)
     gb         scikit-learn HistGradientBoostingClassifier on 50 PCA components of the pixels
     knn        scikit-learn k-nearest neighbours (k = 15, distance-weighted) on the same PCA components
-Adaptive inverse-performance reweighting (FairGen code; FORMULAS.md), --reweight: in epoch 0 every sample has
+Adaptive inverse-performance reweighting (FairGen code; docs/METHODS.md), --reweight: in epoch 0 every sample has
 weight 1; before epoch e each sensitive group s gets w_s = (1 / (Acc_s + 1e-6)) normalised, Acc_s its validation
 accuracy (%) after epoch e-1, and the epoch's samples are drawn with replacement with w_s(i). For gb, one
 reweighted refit after a first fit (sample_weight); knn has no training loop and is never reweighted.

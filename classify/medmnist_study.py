@@ -25,7 +25,8 @@ import pandas as pd
 
 from classify.train_resnet18 import add_args
 from common.cli import ArgumentParser, as_argv, name_list, positive_int, run
-from common.data import MEDMNIST, PROJECT_DATA, DataError, medmnist_file, require_dir
+from common.data import MEDMNIST, PROJECT_DATA, medmnist_file, require_dir
+from common.errors import DataError
 from common.download import STUDY_FLAGS
 from common.report import write_table
 from common.runs import default_runs, prepare_out_dir, write_config, write_json
@@ -37,7 +38,7 @@ from fairness.metrics import auroc_ovr
 METHODS = ["None", "AE", "cVAE", "cGAN"]
 GENERATORS = {"AE": ("vae.train_mlp_ae", "ae"), "cVAE": ("vae.train_mlp_cvae", "cvae"),
               "cGAN": ("gan.train_mlp_cgan", "cgan")}
-# Chaptoukaev Table 2 AUC (150/class subsets), FORMULAS.md; and MedMNIST v2 ResNet-18 (28) on the full sets.
+# Chaptoukaev Table 2 AUC (150/class subsets), docs/METHODS.md; and MedMNIST v2 ResNet-18 (28) on the full sets.
 PAPER_AUC = {"breast": [0.872, 0.885, 0.901, 0.850], "pneumonia": [0.942, 0.949, 0.942, 0.948]}
 MEDMNIST_V2 = {"path": (.983, .907), "derma": (.917, .735), "oct": (.943, .743), "pneumonia": (.944, .854),
                "breast": (.901, .863), "organa": (.997, .935), "organc": (.992, .900), "organs": (.972, .782)}

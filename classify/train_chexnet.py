@@ -1,6 +1,6 @@
 """CheXNet-style multi-label chest X-ray classifier (Rajpurkar et al. 2017), trained so that it actually learns.
 
-Outputs: 14 finding logits (sigmoid, FORMULAS.md order) + one "any finding" logit (= not 'No Finding').
+Outputs: 14 finding logits (sigmoid, docs/METHODS.md order) + one "any finding" logit (= not 'No Finding').
 Loss: class-weighted BCE from the training prevalence, CheXNet's weights by default (w+ = N / (P + N),
 w- = P / (P + N) per output; `--class-weights pos_weight` for torch's pos_weight = N / P, which on NIH1000 let
 findings with a handful of positives pull the shared trunk as hard as common ones: README). Adam with
@@ -39,8 +39,8 @@ from classify.nets import arch_spec, build
 from common.cli import (ArgumentParser, key_values, nonneg_float, nonneg_int, positive_float, positive_int, run,
                         unit_interval)
 from common.cache import load_images
-from common.data import (NIH_FINDINGS, NIH_LABELS, PROJECT_DATA, DataError, label_matrix, read_nih, read_samples,
-                         to_signed)
+from common.data import NIH_FINDINGS, NIH_LABELS, PROJECT_DATA, label_matrix, read_nih, read_samples, to_signed
+from common.errors import DataError
 from common.runs import (add_common_args, local_rank_zero_first, prepare_out_dir, ranks_identical, save_checkpoint,
                          seed_everything, setup_distributed, use_amp, write_config, write_json)
 from common.splits import patient_split, read_sets

@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from classify.nets import arch_spec, build
 from common.cli import ArgumentParser, nonneg_int, positive_float, positive_int, run
-from common.data import DataError, to_signed
+from common.data import to_signed
+from common.errors import DataError
 from common.modalities import load_modality, modality_name
 from common.runs import (add_common_args, device_from, prepare_out_dir, save_checkpoint, seed_everything,
                          write_config, write_json)

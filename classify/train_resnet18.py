@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from classify.nets import arch_spec, build
 from common.cli import ArgumentParser, key_values, nonneg_float, nonneg_int, positive_float, positive_int, run
-from common.data import (DataError, label_matrix, medmnist_arrays, medmnist_subset, read_medmnist, read_samples,
-                         to_signed)
+from common.data import label_matrix, medmnist_arrays, medmnist_subset, read_medmnist, read_samples, to_signed
+from common.errors import DataError
 from common.cache import load_images
 from common.runs import (add_common_args, device_from, prepare_out_dir, save_checkpoint, seed_everything,
                          write_config, write_json)

@@ -23,7 +23,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common.data import DataError, as_uint8
+from common.data import as_uint8
+from common.errors import DataError
 
 CACHE_DIR = Path(os.environ.get("FAIRSYNTH_CACHE", Path(__file__).resolve().parent.parent / ".cache" / "images"))
 VERSION = "2"  # bump when the resize policy or the file format changes

@@ -14,7 +14,7 @@ import argparse
 import math
 import sys
 
-from common.data import DataError
+from common.errors import DataError
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -22,7 +22,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-# FORMULAS.md, chest X-ray CVAE: the 15-label order (14 findings + No Finding).
+from common.errors import DataError
+from common.splits import per_class_subset
+
+# docs/METHODS.md, chest X-ray CVAE: the 15-label order (14 findings + No Finding).
 NIH_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
               "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax",
               "No Finding"]
@@ -37,14 +40,6 @@ DOWNLOAD_HINT = {
     "medmnist": "python -m common.download medmnist --root DIR",
     "fitzpatrick17k": "python -m common.download fitzpatrick17k --root DIR",
 }
-
-
-class DataError(SystemExit):
-    """Bad input: stops a script with this message and no traceback (exit status 2 under common.cli.run, the
-    handler every entry point runs under; 1 where a script is called without it)."""
-
-    def __init__(self, message):
-        super().__init__(f"error: {message}")
 
 
 def label_columns(table):
@@ -145,7 +140,7 @@ def parse_age(v):
 def read_nih(data_root=PROJECT_DATA / "nih_cxr14", csv=None, require_images=True):
     """NIH ChestX-ray14: Data_Entry_2017*.csv or Kaggle sample_labels.csv (either header spelling); images are
     found anywhere under data_root (the official archives unpack to images_001/images/*.png). Rows whose image is
-    not on disk are dropped with a count; 15 labels in FORMULAS.md order."""
+    not on disk are dropped with a count; 15 labels in docs/METHODS.md order."""
     root = require_dir(data_root, "NIH ChestX-ray14", "nih")
     files = index_files(root, {".png"}) if require_images else {}
     csv = Path(csv) if csv else find_nih_csv(root, files)
@@ -459,7 +454,6 @@ def medmnist_subset(path, per_class=150, seed=0, val_fraction=0.1):
     """Chaptoukaev's subset of an official MedMNIST file: about `per_class` images of each class from the official
     train split, divided train:val 9:1 within each class. Returns (images, labels, images_val, labels_val, names);
     multi-label sets are refused (the generators are class-conditional)."""
-    from common.splits import per_class_subset
     images, labels, split, task, names = medmnist_arrays(path)
     if task == "multi-label":
         raise DataError(f"{path}: multi-label sets (ChestMNIST) do not fit the class-conditional protocol")

@@ -39,7 +39,8 @@ import urllib.request
 from tqdm import tqdm
 
 from common.cli import ArgumentParser, name_list, positive_float, positive_int, run
-from common.data import PROJECT_DATA, DataError
+from common.data import PROJECT_DATA
+from common.errors import DataError
 
 USER_AGENT = "fairsynth-downloader/1.0 (research; https://github.com/fairsynth)"
 MEDMNIST_URL = "https://zenodo.org/records/10519652/files"

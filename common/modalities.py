@@ -24,7 +24,8 @@ from common.cli import ArgumentParser, positive_int, run
 from common.cache import load_images
 from common.runs import npz_out
 from common.splits import patient_split, read_sets
-from common.data import PROJECT_DATA, DataError, read_covid, read_fitzpatrick, read_ixi, read_nih
+from common.data import PROJECT_DATA, read_covid, read_fitzpatrick, read_ixi, read_nih
+from common.errors import DataError
 
 SKIN_DIAGNOSES = ["inflammatory", "malignant epidermal", "genodermatoses", "benign dermal", "benign epidermal"]
 PHANTOM_DIR = PROJECT_DATA.parent / ".cache" / "skin_phantom"

@@ -24,7 +24,7 @@ import pandas as pd
 from PIL import Image
 
 from common.cli import ArgumentParser, positive_int, run
-from common.data import DataError
+from common.errors import DataError
 
 # Counts of (nine-partition diagnosis, Fitzpatrick type 1..6) in fitzpatrick17k.csv (rows with type -1 dropped).
 JOINT = {

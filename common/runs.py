@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from common.data import DataError
+from common.errors import DataError
 
 ROOT = Path(__file__).resolve().parent.parent
 

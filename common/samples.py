@@ -11,7 +11,7 @@ import json
 import numpy as np
 
 from common.cli import positive_int
-from common.data import DataError
+from common.errors import DataError
 from common.report import save_grid
 from common.runs import written_together
 

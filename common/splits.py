@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.data import DataError
+from common.errors import DataError
 
 
 def patient_groups(table):

@@ -25,7 +25,7 @@ import sys
 
 import numpy as np
 
-from common.data import DataError
+from common.errors import DataError
 
 
 def recorded_argv(cfg):

@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image
 
 from common.cli import ArgumentParser, nonneg_float, port, positive_int, run
-from common.data import DataError
+from common.errors import DataError
 from common.runs import device_from, write_json
 
 CHOICES = ["left", "right", "both_unacceptable", "cannot_tell"]

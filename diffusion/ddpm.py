@@ -1,5 +1,5 @@
 """The DDPM core: noise schedules, the forward process, the eps-prediction loss with classifier-free guidance
-dropout, and the two samplers (ancestral DDPM, DDIM). FORMULAS.md, "DDPM core".
+dropout, and the two samplers (ancestral DDPM, DDIM). docs/METHODS.md, "DDPM core".
 
     x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps                             (Ho et al. 2020, Eq. 4)
     L   = E ||eps - eps_theta(x_t, t, y)||^2, y -> null with p_uncond            (Ho & Salimans 2022)

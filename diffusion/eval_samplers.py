@@ -16,7 +16,7 @@ import numpy as np
 
 from classify.nets import load_feature_extractor
 from common.cli import ArgumentParser, nonneg_float, positive_int, run
-from common.data import DataError
+from common.errors import DataError
 from common.modalities import load_modality
 from common.report import save_grid, write_table
 from common.runs import device_from, prepare_out_dir, seed_everything, write_json

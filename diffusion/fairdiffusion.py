@@ -1,5 +1,5 @@
 """FairDiffusion's Fair Bayesian Perturbation (Luo et al., Science Advances 2025), from its public training code
-(FORMULAS.md, "FairDiffusion"); `train_ddpm.py --fair-bayes` uses it.
+(docs/METHODS.md, "FairDiffusion"); `train_ddpm.py --fair-bayes` uses it.
 
 One noise scale sigma_g in [0, 1] per value g of each sensitive attribute, all starting at 1. Each step:
     w_i = 1 + sum_attributes sigma_{g(i)} xi_i,   xi_i ~ N(0, 1)         per-sample loss weights

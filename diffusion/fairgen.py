@@ -1,4 +1,4 @@
-"""FairGen's parts, as FORMULAS.md gives them from the public FairGen and CBDM code: group-resampling weights,
+"""FairGen's parts, as docs/METHODS.md gives them from the public FairGen and CBDM code: group-resampling weights,
 the class-balancing loss, and the two DPO losses (pure functions of tensors, so tests check them by hand); and the
 batch loss on real images that train_ddpm.py and train_dpo.py share, which puts them together (and FairDiffusion's
 per-sample weights, diffusion/fairdiffusion.py).

@@ -21,7 +21,8 @@ import torch
 
 from classify.downstream import KINDS, fit_predict
 from common.cli import ArgumentParser, key_values, positive_int, run
-from common.data import DataError, to_signed
+from common.data import to_signed
+from common.errors import DataError
 from common.modalities import load_modality, modality_name
 from common.runs import add_common_args, device_from, prepare_out_dir, seed_everything, write_config, write_json
 from common.splits import patient_split

@@ -53,7 +53,7 @@ from fairness.metrics import bootstrap, essp, fairness_summary, group_accuracy
 METHODS = ["base", "cbrs", "sqrs", "cbdm", "fairdiffusion", "fairgen"]  # the paper's order
 VARIANT_FLAGS = {"base": [], "cbrs": ["--sampler", "cbrs"], "sqrs": ["--sampler", "sqrs"], "cbdm": ["--cb-loss"],
                  "fairdiffusion": ["--fair-bayes"], "sqrs_cb": ["--sampler", "sqrs", "--cb-loss"]}
-# FairGen Table 1 (ViT, Fitzpatrick-17k; FORMULAS.md, labels as the paper's): their Stable-Diffusion-based numbers,
+# FairGen Table 1 (ViT, Fitzpatrick-17k; docs/METHODS.md, labels as the paper's): their Stable-Diffusion-based numbers,
 # never mixed with ours. "Base (ViT)" is the ViT on real data only; "Stable Diffusion" the plain generator's data.
 PUBLISHED = {("Fitzpatrick-17k", m): dict(zip(("ESSP", "DP", "EO", "NAR"), v)) for m, v in [
     ("Base (ViT)", (5.11, 18.22, 7.56, 0.36)), ("Stable Diffusion", (3.76, 25.04, 8.19, 0.41)),
@@ -655,7 +655,7 @@ def report(summary, out, runs, args):
                        "'FairDiffusion' (Luo et al. 2025) our 'fairdiffusion' (its Fair Bayesian Perturbation on our "
                        "DDPM; scikit-learn's Gaussian process where the original uses BoTorch). Other generator "
                        "(Stable Diffusion fine-tuned on the full data), other data (real Fitzpatrick17k "
-                       "images), other classifier budget. FORMULAS.md: FairGen's ESSP values are not reproducible "
+                       "images), other classifier budget. docs/METHODS.md: FairGen's ESSP values are not reproducible "
                        "from its own definition; we did not tune toward them."])
     metric = summary['modalities'][next(iter(summary['modalities']))]['seed0']['fd']['metric']
     write_table(out / "fid", ["modality", "method", "FD", "n real / n synthetic", "per subgroup at equal n",

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from common.cli import ArgumentParser, nonneg_float, positive_int, run
-from common.data import DataError
+from common.errors import DataError
 from common.report import to_uint8
 from common.runs import device_from, load_checkpoint, load_weights, npz_out, seed_everything
 from common.samples import add_class_args, requested, write_class_samples

@@ -1,7 +1,7 @@
 """Train a class-conditional DDPM (Ho et al. 2020) with classifier-free guidance, from scratch, in plain PyTorch.
 
 Class = (sensitive attribute x label) of a modality (common/modalities.py), e.g. sex x {No Finding, finding} on
-NIH chest X-rays. Also the FairGen training variants of `make fairgen` (FORMULAS.md, FairGen parts):
+NIH chest X-rays. Also the FairGen training variants of `make fairgen` (docs/METHODS.md, FairGen parts):
     --sampler cbrs | sqrs   draw batches with replacement, weight 1/n_g or 1/sqrt(n_g) per sample (base: uniform)
     --grad-alpha A          our gradient-aware factor on those weights (A = 0, the default, is the public code's)
     --cb-loss               add the class-balancing loss L_reg + gamma L_com (CBDM), on the rows that kept their
@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from common.cli import (ArgumentParser, int_list, nonneg_float, nonneg_int, positive_float, positive_int, run,
                         unit_interval)
-from common.data import DataError
+from common.errors import DataError
 from common.modalities import modality_name, training_images
 from common.report import save_grid
 from common.runs import (add_common_args, check_finite, is_main_process, load_checkpoint, load_weights,

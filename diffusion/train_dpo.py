@@ -1,4 +1,4 @@
-"""DPO fine-tuning of a conditional DDPM on preference pairs (FairGen; Wallace et al. 2023). FORMULAS.md.
+"""DPO fine-tuning of a conditional DDPM on preference pairs (FairGen; Wallace et al. 2023). docs/METHODS.md.
 
 Preference pairs (x_w preferred, x_l rejected, same condition) come from
 - a CSV `condition, preferred_path, rejected_path` (what physicians would supply; condition = a class name such
@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from common.cache import load_images
 from common.cli import ArgumentParser, nonneg_float, positive_float, positive_int, run, unit_interval
-from common.data import DataError, read_csv_checked, to_signed
+from common.data import read_csv_checked, to_signed
+from common.errors import DataError
 from common.modalities import modality_name, training_images
 from common.runs import (add_common_args, check_finite, device_from, prepare_out_dir, save_checkpoint,
                          seed_everything, write_config, write_json)

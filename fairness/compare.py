@@ -1,6 +1,6 @@
 """Comparisons that can answer: paired differences between conditions on the same test patients, gaps between groups
 against a permutation null, replicates, Holm's correction and the minimum detectable effect; KID and FD at equal n.
-Definitions: FORMULAS.md, "Statistics for comparisons". Every result names its method.
+Definitions: docs/METHODS.md, "Statistics for comparisons". Every result names its method.
 
 A statistic is a function of row indices, `stat(idx) -> float` (e.g. the AUROC of condition A's scores on the rows
 idx), so one resample of patients serves both conditions of a paired comparison. Units are patients: a resample
@@ -47,7 +47,7 @@ def _summary(point, diffs, n_units, method, alpha=0.05):
 
 def paired_difference(stat_a, stat_b, n_rows=None, clusters=None, n_boot=2000, seed=0):
     """stat_a - stat_b on the same rows, with a patient-clustered paired bootstrap: each resample draws patients
-    with replacement and evaluates both conditions on the same drawn rows. Percentile CI; p as FORMULAS.md."""
+    with replacement and evaluates both conditions on the same drawn rows. Percentile CI; p as docs/METHODS.md."""
     if n_rows is None and clusters is None:
         raise ValueError("give n_rows or clusters")
     n_rows = len(clusters) if n_rows is None else n_rows

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from common.cli import ArgumentParser, run
-from common.data import DataError
+from common.errors import DataError
 from common.runs import load_state_dict_file, write_json
 
 FEATURE_CACHE = Path(os.environ.get("FAIRSYNTH_CACHE", Path(__file__).resolve().parent.parent / ".cache")) / "fid"

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from common.cli import ArgumentParser, positive_float, run
-from common.data import DataError
+from common.errors import DataError
 from common.report import save_grid
 from common.runs import write_json
 from fairness.fid import load_input

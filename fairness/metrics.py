@@ -1,4 +1,4 @@
-"""Group metrics and fairness metrics, exactly as FORMULAS.md defines them, with patient-level bootstrap CIs.
+"""Group metrics and fairness metrics, exactly as docs/METHODS.md defines them, with patient-level bootstrap CIs.
 
 Cross-checked in tests: AUROC against scikit-learn, DP / EO / accuracy gaps against fairlearn, ESSP and NAR against
 hand-computed values. Conventions:
@@ -111,7 +111,7 @@ def multilabel_group_table(Y, S, groups, thresholds, names):
                      ignore_index=True)
 
 
-# ---- fairness metrics (FORMULAS.md) ----------------------------------------------------------------------------------
+# ---- fairness metrics (docs/METHODS.md) ----------------------------------------------------------------------------------
 def _classes(y_true, y_pred, classes=None):
     """(binary?, the classes to go over). With `classes` (every class of the task) a resample that lacks a class
     stays multi-class; without it the classes are those present, binary when they lie in {0, 1}."""

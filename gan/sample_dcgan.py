@@ -11,7 +11,7 @@ import sys
 import time
 
 from common.cli import ArgumentParser, run
-from common.data import DataError
+from common.errors import DataError
 from common.report import to_uint8
 from common.runs import device_from, load_checkpoint, load_weights, npz_out
 from common.samples import add_sampler_args, requested, write_class_samples

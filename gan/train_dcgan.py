@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.cli import ArgumentParser, positive_float, positive_int, run
-from common.data import DataError
+from common.errors import DataError
 from common.modalities import add_set_args, training_images
 from common.report import save_grid
 from common.runs import (add_common_args, check_finite, device_from, load_checkpoint, load_weights,

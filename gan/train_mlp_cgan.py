@@ -3,7 +3,7 @@
 Three hidden layers each side, a learned label embedding (16-d) concatenated to the input of both (widths ours,
 not published): G: (z 64 + emb) -> 256 -> 512 -> 1024 -> D (tanh); D: (x + emb) -> 1024 -> 512 -> 256 -> 1,
 LeakyReLU 0.2, dropout 0.3 in D. Non-saturating BCE loss (Goodfellow et al. 2014; Mirza & Osindero 2014),
-Adam 1e-4 (betas 0.5, 0.999), batch 128, 1000 epochs (FORMULAS.md).
+Adam 1e-4 (betas 0.5, 0.999), batch 128, 1000 epochs (docs/METHODS.md).
 
     python -m gan.train_mlp_cgan --npz data/medmnist/breastmnist.npz --out-dir runs/medmnist/cgan
 """

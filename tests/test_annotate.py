@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from common.data import DataError
+from common.errors import DataError
 import diffusion.annotate as an
 
 

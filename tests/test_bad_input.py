@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.data import DataError, read_fitzpatrick, read_medmnist
+from common.data import read_fitzpatrick, read_medmnist
+from common.errors import DataError
 from conftest import ROOT, write_png
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}

@@ -15,7 +15,7 @@ from PIL import Image
 import pytest
 
 import common.download as dl
-from common.data import DataError
+from common.errors import DataError
 from conftest import ROOT, write_png
 
 FAKE_CSV_URL = "https://raw.example/fitzpatrick17k.csv"

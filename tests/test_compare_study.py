@@ -104,7 +104,7 @@ def test_class_samples_train_the_any_finding_output_only(tmp_path):
     assert known.shape == (4, len(OUTPUTS)) and known[:, -1].all() and not known[:, :14].any()
     np.savez(tmp_path / "bad.npz", images=np.zeros((1, 8, 8), np.uint8), labels=np.array([0]),
              class_names=np.array(["dark|disc"]))
-    from common.data import DataError
+    from common.errors import DataError
     with pytest.raises(DataError, match="any-finding"):
         read_synthetic(tmp_path / "bad.npz")
 
@@ -249,7 +249,7 @@ def test_memorization_reference_leaves_out_the_same_patients_images():
 
 def test_bad_class_requests_and_sizes_are_refused_naming_the_flag():
     from argparse import Namespace
-    from common.data import DataError
+    from common.errors import DataError
     from common.samples import requested
     from gan.train_dcgan import levels
     names = ["F|No Finding", "F|finding"]

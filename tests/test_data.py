@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from common.cache import load_images
-from common.data import (NIH_LABELS, PROJECT_DATA, DataError, label_matrix, label_names, read_chexpert, read_covid,
-                         read_fitzpatrick, read_ixi, read_medmnist, read_nih)
+from common.data import NIH_LABELS, PROJECT_DATA, label_matrix, label_names, read_chexpert, read_covid, read_fitzpatrick, read_ixi, read_medmnist, read_nih
+from common.errors import DataError
 from common.phantom import JOINT, is_phantom, make_phantom
 from conftest import SHARED, write_png
 

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 import common.download as dl
-from common.data import DataError, read_fitzpatrick, read_medmnist, read_nih
+from common.data import read_fitzpatrick, read_medmnist, read_nih
+from common.errors import DataError
 from conftest import ROOT, write_png
 
 

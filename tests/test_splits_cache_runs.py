@@ -10,7 +10,8 @@ import torch
 
 import common.cache
 from common.cache import load_images
-from common.data import PROJECT_DATA, DataError, read_nih
+from common.data import PROJECT_DATA, read_nih
+from common.errors import DataError
 from common.report import mean_std, save_grid, write_table
 from common.runs import (check_finite, load_checkpoint, prepare_out_dir, save_checkpoint, seed_everything,
                          write_config)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from common.cli import as_argv, key_values
-from common.data import DataError
+from common.errors import DataError
 from common.splits import read_sets, write_sets
 from common.stages import Stages
 from conftest import ROOT

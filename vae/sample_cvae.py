@@ -4,7 +4,7 @@ replacement) from the CVAE's own training split, so finding co-occurrence is rea
 
     python -m vae.sample_cvae --ckpt runs/chestxray/cvae/ckpt.pt --n 500 --out runs/chestxray/cvae/synth.npz
 
-Writes `images` (N, 64, 64) uint8, `labels` (N, 15) multi-hot (FORMULAS.md label order) and `meta` (JSON: the
+Writes `images` (N, 64, 64) uint8, `labels` (N, 15) multi-hot (docs/METHODS.md label order) and `meta` (JSON: the
 checkpoint, n, seed and the command's argv), and a PNG grid.
 """
 import argparse
@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from common.cli import ArgumentParser, positive_int, run
-from common.data import NIH_LABELS, DataError
+from common.data import NIH_LABELS
+from common.errors import DataError
 from common.report import save_grid, to_uint8
 from common.runs import device_from, load_checkpoint, load_weights, npz_out, written_together
 from vae.train_cvae import CVAE

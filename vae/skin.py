@@ -4,7 +4,8 @@ training set A (100% light), B (50/50) or C (100% dark)."""
 import numpy as np
 
 from common.cache import load_images
-from common.data import DataError, read_fitzpatrick, to_signed
+from common.data import read_fitzpatrick, to_signed
+from common.errors import DataError
 
 SETS = {"A": "100% light", "B": "50/50", "C": "100% dark"}
 PHANTOM_N = 4000

@@ -1,4 +1,4 @@
-"""Is a VAE fair across skin types? The protocol of Lopez-Perez, Hauberg & Feragen (FORMULAS.md):
+"""Is a VAE fair across skin types? The protocol of Lopez-Perez, Hauberg & Feragen (docs/METHODS.md):
 
 Skin types: light = Fitzpatrick 1-2, dark = 5-6 (3-4 and unknown dropped). Per repeat: two test sets (light and
 dark, --n-test each, disjoint), then three training sets of --n-train images drawn with replacement from the rest:

@@ -1,5 +1,5 @@
 """Conditional VAE for chest X-rays (Korb & Hall, "Closing the Gender Gap in Medical Imaging with VAEs";
-FORMULAS.md "Chest X-ray CVAE"), trained on FEMALE images of the training split only.
+docs/METHODS.md "Chest X-ray CVAE"), trained on FEMALE images of the training split only.
 
 Condition y: the 15-label multi-hot vector (14 findings + No Finding). Encoder sees the image with y spread as 15
 constant planes: 5 x [Conv k3 s2 p1, BN, LeakyReLU] (C+15 -> 32, 64, 128, 256, 512; 64 px -> 2 px), Linear to mu
@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from common.cli import ArgumentParser, nonneg_float, nonneg_int, positive_float, positive_int, run
 from common.cache import load_images
-from common.data import PROJECT_DATA, DataError, label_matrix, read_nih, to_signed
+from common.data import PROJECT_DATA, label_matrix, read_nih, to_signed
+from common.errors import DataError
 from common.report import fit_title, save_grid
 from common.runs import (add_common_args, check_finite, device_from, load_checkpoint, load_weights, prepare_out_dir,
                          save_checkpoint, seed_everything, write_config, write_json)

@@ -2,7 +2,7 @@
 
 Widths are not published; ours: encoder D -> 512 -> 256 -> 128 -> 64 -> latent 32 (4 hidden layers, ReLU),
 decoder mirrored (32 -> 64 -> 128 -> 256 -> 512 -> D, sigmoid). MSE on pixels in [0, 1], Adam 1e-3, batch 128,
-300 epochs (FORMULAS.md). An AE is not a sampler; new images of class c are decoded INTERPOLATED codes:
+300 epochs (docs/METHODS.md). An AE is not a sampler; new images of class c are decoded INTERPOLATED codes:
 z = lam z_a + (1 - lam) z_b + noise, with a, b two training images of class c, lam ~ U(0, 1) and Gaussian
 noise of 0.1 x the per-dimension std of the class's codes.
 

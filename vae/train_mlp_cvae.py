@@ -3,7 +3,7 @@
 Two hidden layers each side (widths ours, not published): encoder (D + K) -> 512 -> 256 -> mu, logvar (latent 32),
 decoder (32 + K) -> 256 -> 512 -> D (sigmoid); the one-hot label is concatenated to both inputs.
 ELBO: binary cross-entropy summed over pixels (in [0, 1]) + KL, mean over the batch. Adam 1e-3, batch 128,
-300 epochs (FORMULAS.md). New images of class c: z ~ N(0, I) decoded with label c.
+300 epochs (docs/METHODS.md). New images of class c: z ~ N(0, I) decoded with label c.
 
     python -m vae.train_mlp_cvae --npz data/medmnist/breastmnist.npz --out-dir runs/medmnist/cvae
 """

@@ -1,5 +1,5 @@
 """Residual VAE with a VGG19 perceptual loss (Lopez-Perez, Hauberg & Feragen, "Are generative models fair? A study
-of racial bias in dermatological image generation"; built on LukeDitria/CNN-VAE). FORMULAS.md.
+of racial bias in dermatological image generation"; built on LukeDitria/CNN-VAE). docs/METHODS.md.
 
 Pre-activation residual blocks, BatchNorm + ELU, 3x3 convs. ResDown(ci, co): ELU(BN(x)) -> Conv(ci -> co//2 + co,
 stride 2); the first co channels are the skip, the rest -> ELU(BN) -> Conv(co//2 -> co); out = sum + skip. ResUp
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.cli import ArgumentParser, key_values, nonneg_float, positive_float, positive_int, run
-from common.data import DataError
+from common.errors import DataError
 from common.runs import (add_common_args, check_finite, device_from, load_state_dict_file, prepare_out_dir,
                          save_checkpoint, seed_everything, write_config, write_json)
 from common.splits import read_sets
@@ -127,7 +127,7 @@ class VGGPerceptual(nn.Module):
 
 def vae_loss(x_hat, x, mu, logvar, vgg, perceptual_weight=1.0):
     mse = F.mse_loss(x_hat, x)
-    kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).mean()  # mean over latent elements (FORMULAS.md)
+    kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).mean()  # mean over latent elements (docs/METHODS.md)
     perc = torch.zeros((), device=x.device)
     if perceptual_weight:
         with torch.no_grad():
