@@ -19,7 +19,11 @@ from PIL import Image
 
 from conftest import ROOT
 from common.errors import DataError
-import diffusion.annotate as an
+from diffusion.annotate_answers import ANSWER_COLUMNS, Store, annotator_order, read_answers, replay
+from diffusion.annotate_export import export
+from diffusion.annotate_pairs import (blinded_pairs, dir_candidates, load_pair_set, preference_pairs_from_dir,
+                                      write_pair_set)
+from diffusion.annotate_stats import fleiss_kappa, preference_rates
 
 
 def candidates(folder, n=6, seed=0, conditions=("F__finding", "M__No Finding")):
@@ -32,9 +36,9 @@ def candidates(folder, n=6, seed=0, conditions=("F__finding", "M__No Finding")):
 
 
 def make_set(tmp_path, n=3):
-    found = an.dir_candidates(candidates(tmp_path / "cands"))
+    found = dir_candidates(candidates(tmp_path / "cands"))
     recipe = {"from_dir": "x", "pairs_per_class": n, "seed": 0}
-    return an.write_pair_set(tmp_path / "prefs", "preference", an.preference_pairs_from_dir(found, n, 0), recipe)
+    return write_pair_set(tmp_path / "prefs", "preference", preference_pairs_from_dir(found, n, 0), recipe)
 
 
 def start_server(folder, tmp_path, timeout=60):
@@ -143,11 +147,11 @@ def test_export_never_overwrites(tmp_path):
     log(tmp_path / "prefs", m, [("ann", m["pairs"][0]["id"], "left")])
     for out in (tmp_path / "prefs/answers.csv", tmp_path / "prefs/sub/p.csv"):
         with pytest.raises(DataError, match="inside the pair set"):
-            an.export(tmp_path / "prefs", out)
-    an.export(tmp_path / "prefs", tmp_path / "p.csv")
+            export(tmp_path / "prefs", out)
+    export(tmp_path / "prefs", tmp_path / "p.csv")
     with pytest.raises(DataError, match="exists"):
-        an.export(tmp_path / "prefs", tmp_path / "p.csv")
-    an.export(tmp_path / "prefs", tmp_path / "p.csv", force=True)
+        export(tmp_path / "prefs", tmp_path / "p.csv")
+    export(tmp_path / "prefs", tmp_path / "p.csv", force=True)
 
 
 def test_answer_log_is_checked(tmp_path):
@@ -155,17 +159,17 @@ def test_answer_log_is_checked(tmp_path):
     log(tmp_path / "prefs", m, [("ann", m["pairs"][0]["id"], "left"), ("ann", "p9999", "left"),
                                 ("ann", m["pairs"][1]["id"], "left")])
     with pytest.raises(DataError, match="line 3"):
-        an.Store(tmp_path / "prefs")
+        Store(tmp_path / "prefs")
     log(tmp_path / "prefs", m, [("ann", m["pairs"][0]["id"], "left")])
     with open(tmp_path / "prefs/answers.csv", "a") as f:
         f.write("2026-01-01T00:00:00,ann,")  # a write cut short by a kill
     with pytest.warns(UserWarning, match="incomplete"):
-        store = an.Store(tmp_path / "prefs")
+        store = Store(tmp_path / "prefs")
     assert store.state("ann")["done"] == 1
     (tmp_path / "prefs/answers.csv").write_text("")  # an empty log gets its header back with the next answer
-    store = an.Store(tmp_path / "prefs")
+    store = Store(tmp_path / "prefs")
     store.answer("ann", m["pairs"][0]["id"], "right", "=HYPERLINK(1)")
-    rows = an.read_answers(tmp_path / "prefs", m)
+    rows = read_answers(tmp_path / "prefs", m)
     assert len(rows) == 1 and rows[0]["note"] == "'=HYPERLINK(1)"  # shown as text by a spreadsheet
 
 
@@ -175,12 +179,12 @@ def test_pair_set_paths_are_fixed(tmp_path):
     j["pairs"][0]["left"] = "../../.ssh/id_rsa"
     (tmp_path / "prefs/pairs.json").write_text(json.dumps(j))
     with pytest.raises(DataError, match="not a pair set"):
-        an.load_pair_set(tmp_path / "prefs")
+        load_pair_set(tmp_path / "prefs")
 
 
 def test_killed_server_loses_nothing_and_resumes(tmp_path):
     m = make_set(tmp_path)
-    order = an.annotator_order(m, "lee")
+    order = annotator_order(m, "lee")
     p, base = start_server(tmp_path / "prefs", tmp_path)
     for pid, c in zip(order[:3], ["left", "right", "cannot_tell"]):
         assert request(base, "/api/answer", {"annotator": "lee", "pair_id": pid, "choice": c})[0] == 200
@@ -189,14 +193,14 @@ def test_killed_server_loses_nothing_and_resumes(tmp_path):
     state = json.loads(request(base, "/api/state?annotator=lee")[1])
     assert state["done"] == 3 and state["pair"]["id"] == order[3] and state["can_undo"]
     other = json.loads(request(base, "/api/state?annotator=kim")[1])
-    assert other["done"] == 0 and an.annotator_order(m, "kim") != order  # each annotator has their own order
+    assert other["done"] == 0 and annotator_order(m, "kim") != order  # each annotator has their own order
     kill(p)
 
 
 def test_refuses_answers_of_another_pair_set(tmp_path):
     make_set(tmp_path)
     with open(tmp_path / "prefs/answers.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, an.ANSWER_COLUMNS)
+        w = csv.DictWriter(f, ANSWER_COLUMNS)
         w.writeheader()
         w.writerow({"time": "t", "annotator": "a", "pair_set": "0123456789abcdef", "pair_id": "p0000",
                     "choice": "left", "note": ""})
@@ -212,7 +216,7 @@ def test_refuses_answers_of_another_pair_set(tmp_path):
 
 def log(folder, m, rows):
     with open(folder / "answers.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, an.ANSWER_COLUMNS)
+        w = csv.DictWriter(f, ANSWER_COLUMNS)
         w.writeheader()
         for a, pid, c in rows:
             w.writerow({"time": "t", "annotator": a, "pair_set": m["id"], "pair_id": pid, "choice": c, "note": ""})
@@ -227,7 +231,7 @@ def test_export_pairs_ties_undo_and_agreement(tmp_path):
     rows = [("ann", ids[0], "right"), ("ann", ids[0], "undo")]  # an undone answer does not count
     rows += [("ann", i, c) for i, c in zip(ids, a)] + [("bo", i, c) for i, c in zip(ids, b)]
     log(tmp_path / "prefs", m, rows)
-    s = an.export(tmp_path / "prefs", tmp_path / "pairs.csv")
+    s = export(tmp_path / "prefs", tmp_path / "pairs.csv")
     df = pd.read_csv(tmp_path / "pairs.csv")
     assert len(df) == 8 and s["undecided"] == {"left": 0, "right": 0, "both_unacceptable": 2, "cannot_tell": 2}
     first = df[(df.annotator == "ann") & (df.pair_id == ids[1])].iloc[0]  # 'right' -> right image preferred
@@ -241,13 +245,13 @@ def test_export_pairs_ties_undo_and_agreement(tmp_path):
 
 
 def test_fleiss_kappa_known_values():
-    assert an.fleiss_kappa([[3, 0], [0, 3], [3, 0]]) == pytest.approx(1.0)
+    assert fleiss_kappa([[3, 0], [0, 3], [3, 0]]) == pytest.approx(1.0)
     # Fleiss (1971)'s worked example as reproduced widely: 10 items, 14 raters, 5 categories, kappa 0.210
     table = [[0, 0, 0, 0, 14], [0, 2, 6, 4, 2], [0, 0, 3, 5, 6], [0, 3, 9, 2, 0], [2, 2, 8, 1, 1], [7, 7, 0, 0, 0],
              [3, 2, 6, 3, 0], [2, 5, 3, 2, 2], [6, 5, 2, 1, 0], [0, 2, 2, 3, 7]]
-    assert an.fleiss_kappa(table) == pytest.approx(0.210, abs=5e-4)
+    assert fleiss_kappa(table) == pytest.approx(0.210, abs=5e-4)
     # Fleiss (1971)-style check by hand: 2 raters, 4 items, agreement on 2 -> P_bar = 0.5, p = (0.5, 0.5)
-    assert an.fleiss_kappa([[2, 0], [0, 2], [1, 1], [1, 1]]) == pytest.approx(0.0)
+    assert fleiss_kappa([[2, 0], [0, 2], [1, 1], [1, 1]]) == pytest.approx(0.0)
 
 
 def test_blinded_rates_find_a_planted_preference(tmp_path):
@@ -256,9 +260,9 @@ def test_blinded_rates_find_a_planted_preference(tmp_path):
     img = lambda v: np.full((20, 16, 16), v, np.uint8)  # noqa: E731
     real = (img(200), [names[i % 2] for i in range(20)])
     methods = {"good": (img(190), real[1]), "bad": (img(10), real[1])}
-    pairs = an.blinded_pairs(real, methods, 10, seed=1)
+    pairs = blinded_pairs(real, methods, 10, seed=1)
     assert {(p["left_source"], p["right_source"]) for p in pairs} >= {("real", "good"), ("good", "real")}
-    m = an.write_pair_set(tmp_path / "ev", "blinded", pairs, {"test": 1})
+    m = write_pair_set(tmp_path / "ev", "blinded", pairs, {"test": 1})
     # three annotators who prefer the brighter image (the planted 'finding'), two of them with 10% noise (with two
     # annotators the crossed bootstrap's CI is rightly wide: one noisy annotator drawn twice moves the rate a lot)
     rows = []
@@ -269,7 +273,7 @@ def test_blinded_rates_find_a_planted_preference(tmp_path):
             flip = rng.random() < noise
             rows.append((a, p["id"], {"left": "right", "right": "left"}[bright] if flip else bright))
     log(tmp_path / "ev", m, rows)
-    s = an.export(tmp_path / "ev", tmp_path / "ev_pairs.csv")
+    s = export(tmp_path / "ev", tmp_path / "ev_pairs.csv")
     r = s["preference_rates"]
     assert r["bad"]["vs real"]["rate"] < 0.25 and r["bad"]["vs real"]["ci"][1] < 0.5
     assert r["good"]["vs bad"]["rate"] > 0.75 and r["good"]["vs bad"]["ci"][0] > 0.5
@@ -277,8 +281,8 @@ def test_blinded_rates_find_a_planted_preference(tmp_path):
     assert s["agreement"]["cohen"]["a vs b"]["kappa"] > 0.3
     # the CI resamples pairs (shared by the annotators) and annotators: for two annotators who answer alike, its
     # width is about that of a binomial CI over the pairs, not sqrt(annotators) narrower
-    b = an.replay([r for r in an.read_answers(tmp_path / "ev", m) if r["annotator"] == "b"])[0]["b"]
-    twins = an.preference_rates(m, {"b": b, "b2": b})
+    b = replay([r for r in read_answers(tmp_path / "ev", m) if r["annotator"] == "b"])[0]["b"]
+    twins = preference_rates(m, {"b": b, "b2": b})
     widths = []
     for opp in twins.values():
         for g in opp.values():
@@ -312,7 +316,7 @@ def test_browser_answers_undo_restart_export(tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
     m = make_set(tmp_path)
     folder = tmp_path / "prefs"
-    order = an.annotator_order(m, "Dr Okafor")
+    order = annotator_order(m, "Dr Okafor")
     d = browser()
     p, base = start_server(folder, tmp_path)
     try:
@@ -411,13 +415,13 @@ def test_from_a_trained_ddpm_to_a_dpo_run_judged_by_clinicians(tmp_path):
         "--out-dir", str(tmp_path / "ddpm"))
     cli("diffusion.annotate", "--ckpt", str(tmp_path / "ddpm/ckpt.pt"), "--pairs-per-class", "2", "--steps", "2",
         "--out", str(tmp_path / "prefs"), "--no-serve")
-    m = an.load_pair_set(tmp_path / "prefs")
+    m = load_pair_set(tmp_path / "prefs")
     assert len(m["pairs"]) == 8 and {p["condition"] for p in m["pairs"]} == {"dark|disc", "dark|square",
                                                                               "bright|disc", "bright|square"}
     p, base = start_server(tmp_path / "prefs", tmp_path)
     try:
         for who, choices in (("dr-a", "left"), ("dr-b", "right")):
-            for pid in an.annotator_order(m, who):
+            for pid in annotator_order(m, who):
                 assert request(base, "/api/answer", {"annotator": who, "pair_id": pid, "choice": choices})[0] == 200
     finally:
         kill(p)

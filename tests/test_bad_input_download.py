@@ -15,6 +15,7 @@ from PIL import Image
 import pytest
 
 import common.download as dl
+import common.download_http as dh
 from common.errors import DataError
 from conftest import ROOT, write_png
 
@@ -148,7 +149,7 @@ def test_image_path_refuses_what_leaves_root(tmp_path):
                                  "gopher://127.0.0.1/x", "//atlas.example/x.jpg", "atlas.example/x.jpg"])
 def test_fetch_refuses_what_is_not_http(tmp_path, url):
     with pytest.raises(DataError, match="not an http:// or https:// URL"):
-        dl.fetch(url, tmp_path / "x.jpg")
+        dh.fetch(url, tmp_path / "x.jpg")
     assert not list(tmp_path.iterdir())
 
 
@@ -192,7 +193,7 @@ def test_local_hosts_refused_without_url_base_allowed_with_it(http_server, tmp_p
                                           ("100.64.0.1", True), ("fe80::1", True), ("224.0.0.1", True),
                                           ("127.1", True), ("8.8.8.8", False), ("2606:4700::1111", False)])
 def test_host_refusal(host, refused):
-    assert (dl.host_refusal(host) is not None) == refused
+    assert (dh.host_refusal(host) is not None) == refused
 
 
 def test_redirects_are_checked_too(scripted, tmp_path, monkeypatch):
@@ -200,12 +201,12 @@ def test_redirects_are_checked_too(scripted, tmp_path, monkeypatch):
     base, _ = scripted({"/to-ftp": (b"ftp://127.0.0.1:9/x.jpg", "redirect"),
                         "/to-local": (b"http://localhost:1/x.jpg", "redirect"), "/x.jpg": (img, "ok")})
     with pytest.raises(DataError, match="redirected to ftp://127.0.0.1:9/x.jpg: not an http"):
-        dl.fetch(f"{base}/to-ftp", tmp_path / "a.jpg")
+        dh.fetch(f"{base}/to-ftp", tmp_path / "a.jpg")
     # a public host that redirects to this machine: pretend 127.0.0.1 were public, 'localhost' is still refused
-    real = dl.host_refusal
-    monkeypatch.setattr(dl, "host_refusal", lambda h: None if h == "127.0.0.1" else real(h))
+    real = dh.host_refusal
+    monkeypatch.setattr(dh, "host_refusal", lambda h: None if h == "127.0.0.1" else real(h))
     with pytest.raises(DataError, match="redirected to http://localhost:1/x.jpg: localhost is this machine"):
-        dl.fetch(f"{base}/to-local", tmp_path / "b.jpg", public_only=True)
+        dh.fetch(f"{base}/to-local", tmp_path / "b.jpg", public_only=True)
     assert not list(tmp_path.glob("*.jpg*"))
 
 
@@ -233,7 +234,7 @@ def test_malformed_urls_are_reported_per_row(http_server, tmp_path):
 def test_spaces_and_non_ascii_in_a_path_are_encoded(scripted, tmp_path):
     img = jpeg_bytes()
     base, h = scripted({"/a%20b/%C3%A9.jpg": (img, "ok")})
-    assert dl.fetch(f"{base}/a b/é.jpg", tmp_path / "x.jpg").read_bytes() == img
+    assert dh.fetch(f"{base}/a b/é.jpg", tmp_path / "x.jpg").read_bytes() == img
 
 
 # --- 4. bodies that are not the whole file -----------------------------------------------------------------------
@@ -241,7 +242,7 @@ def test_short_body_is_not_counted_as_fetched(scripted, tmp_path):
     img = jpeg_bytes()
     base, h = scripted({"/x.jpg": (img, "short")})
     with pytest.raises(DataError, match=r"connection cut .* after 2 tries"):
-        dl.fetch(f"{base}/x.jpg", tmp_path / "x.jpg", retries=1)
+        dh.fetch(f"{base}/x.jpg", tmp_path / "x.jpg", retries=1)
     assert not (tmp_path / "x.jpg").exists()
 
 
@@ -293,7 +294,7 @@ def test_416_on_a_stale_part_fetches_anew(scripted, tmp_path, mode):
     payload = os.urandom(50_000)
     base, handler = scripted({"/f.bin": (payload, mode)})
     (tmp_path / "f.bin.part").write_bytes(os.urandom(70_000))  # from an older, longer version of the file
-    assert dl.fetch(f"{base}/f.bin", tmp_path / "f.bin").read_bytes() == payload
+    assert dh.fetch(f"{base}/f.bin", tmp_path / "f.bin").read_bytes() == payload
     assert handler.seen == [("/f.bin", "bytes=70000-"), ("/f.bin", None)]
     assert not (tmp_path / "f.bin.part").exists()
 
@@ -304,7 +305,7 @@ def test_416_on_a_complete_part(scripted, tmp_path, mode, requests):
     payload = os.urandom(20_000)
     base, handler = scripted({"/f.bin": (payload, mode)})
     (tmp_path / "f.bin.part").write_bytes(payload)
-    assert dl.fetch(f"{base}/f.bin", tmp_path / "f.bin").read_bytes() == payload
+    assert dh.fetch(f"{base}/f.bin", tmp_path / "f.bin").read_bytes() == payload
     assert len(handler.seen) == requests
 
 
@@ -314,7 +315,7 @@ def test_server_that_does_not_resume_where_asked(scripted, tmp_path, mode):
     payload = os.urandom(40_000)
     base, handler = scripted({"/f.bin": (payload, mode)})
     (tmp_path / "f.bin.part").write_bytes(payload[:10_000] if mode == "206-from-0" else b"X" * 10_000)
-    assert dl.fetch(f"{base}/f.bin", tmp_path / "f.bin").read_bytes() == payload
+    assert dh.fetch(f"{base}/f.bin", tmp_path / "f.bin").read_bytes() == payload
     assert handler.seen[0] == ("/f.bin", "bytes=10000-")
 
 
@@ -328,10 +329,10 @@ def test_md5_mismatch_deletes_what_it_says(scripted, tmp_path, old_file, server_
     if old_file:
         dest.write_bytes(b"an older, damaged copy")
     if server_right:
-        assert dl.fetch(f"{base}/x.npz", dest, md5=md5).read_bytes() == payload
+        assert dh.fetch(f"{base}/x.npz", dest, md5=md5).read_bytes() == payload
         return
     with pytest.raises(DataError) as e:
-        dl.fetch(f"{base}/x.npz", dest, md5=md5)
+        dh.fetch(f"{base}/x.npz", dest, md5=md5)
     msg = e.value.code
     assert msg.startswith(f"error: {base}/x.npz: MD5 ") and "does not match the published" in msg
     assert "deleted the download" in msg and (("earlier x.npz" in msg) == old_file)
@@ -464,5 +465,5 @@ def test_a_body_over_the_size_cap_is_not_kept(http_server, tmp_path):
     base, served, _ = http_server
     (served / "huge.jpg").write_bytes(b"\xff" * 300_000)
     with pytest.raises(dl.DataError, match="allowed here"):
-        dl.fetch(f"{base}/huge.jpg", tmp_path / "huge.jpg", max_bytes=100_000)
+        dh.fetch(f"{base}/huge.jpg", tmp_path / "huge.jpg", max_bytes=100_000)
     assert not list(tmp_path.glob("huge*"))

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 import common.download as dl
+import common.download_http as dh
 from common.data import read_fitzpatrick, read_medmnist, read_nih
 from common.errors import DataError
 from conftest import ROOT, write_png
@@ -45,12 +46,12 @@ def test_resume_after_a_cut(http_server, tmp_path):
     payload = np.random.default_rng(1).bytes(300_000)
     (served / "big.bin").write_bytes(payload)
     handler.cut_after = 100_000  # the first response is cut after 100 kB
-    dest = dl.fetch(f"{base}/big.bin", tmp_path / "big.bin", md5=hashlib.md5(payload).hexdigest())
+    dest = dh.fetch(f"{base}/big.bin", tmp_path / "big.bin", md5=hashlib.md5(payload).hexdigest())
     assert dest.read_bytes() == payload and "/big.bin" in handler.cut_done
     # a .part left by an earlier, killed run is continued with a Range request, not restarted
     (served / "b2.bin").write_bytes(payload)
     (tmp_path / "b2.bin.part").write_bytes(payload[:123_456])
-    assert dl.fetch(f"{base}/b2.bin", tmp_path / "b2.bin").read_bytes() == payload
+    assert dh.fetch(f"{base}/b2.bin", tmp_path / "b2.bin").read_bytes() == payload
 
 
 def test_offline_fails_at_once_with_one_line(tmp_path):
