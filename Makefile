@@ -3,7 +3,6 @@
 SHELL := /bin/bash
 PYTHON ?= .venv/bin/python
 SCALE ?= quick
-SEED ?= 0
 # A GPU box with its own python runs `make <target> PYTHON=python3`: no venv needed there.
 SETUP := $(if $(filter .venv/bin/python,$(PYTHON)),.venv/.stamp,)
 DATA_ROOT ?=
@@ -16,7 +15,7 @@ OUT := $(if $(SMOKE),smoke,$(if $(filter full,$(SCALE)),results-full,results))
 FLAGS := $(if $(SMOKE),--smoke,--scale $(SCALE)) --force
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup test all chestxray compare skintone medmnist fairgen ddpm bench bench-gpu clean-runs
+.PHONY: help setup test all chestxray compare skintone medmnist fairgen ddpm bench clean-runs
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -48,10 +47,11 @@ endef
 chestxray: $(SETUP) ## Korb & Hall: CVAE-rebalanced chest X-ray classifier by sex -> results/chestxray
 	$(call staged,classify.chestxray_study,chestxray,$(if $(DATA_ROOT),--data-root $(DATA_ROOT)))
 
-# quick and smoke: every stage inside one process (--in-process: ~2.5 s of interpreter start saved per stage, ~4 min of
-# the quick run's ~125 stages); full scale: the stages as a makefile, like the other studies
+# compare builds on a finished chestxray run of the same scale (its plan.json, split files and cells): made first
+# if missing. DATA_ROOT goes to chestxray, whose data compare reads.
 compare: $(SETUP) ## every generator family (AE, CVAE, DCGAN, DDPM) and non-generative fixes on chestxray's task -> results/compare
-	$(if $(filter full,$(SCALE)),$(call staged,classify.compare_study,compare,$(if $(DATA_ROOT),--data-root $(DATA_ROOT))),$(PYTHON) -m classify.compare_study $(FLAGS) --out $(OUT)/compare --in-process $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(ARGS) $(if $(DRY),--dry-run))
+	$(if $(DRY),,@[ -f $(OUT)/chestxray/plan.json ] || $(MAKE) chestxray)
+	$(call staged,classify.compare_study,compare,)
 
 skintone: $(SETUP) ## Lopez-Perez et al.: VAE reconstruction by skin type, sets A/B/C -> results/skintone
 	$(call staged,vae.skintone_study,skintone,$(if $(DATA_ROOT),--data-root $(DATA_ROOT)))
@@ -62,14 +62,8 @@ medmnist: $(SETUP) ## Chaptoukaev: AE / cVAE / cGAN augmentation, ResNet-18 -> r
 fairgen: $(SETUP) ## FairGen with our DDPM: resampling, CB loss, DPO; downstream fairness -> results/fairgen
 	$(call staged,diffusion.fairgen_study,fairgen,$(if $(DATA_ROOT),--skin-root $(DATA_ROOT)))
 
-ddpm: $(SETUP) ## quick NIH DDPM (32 px, ~25 min CPU) + DDIM-50 vs DDPM-1000 domain FD, 40 samples each -> results/ddpm
-	$(PYTHON) -m diffusion.train_ddpm --data nih --size 32 --width 32 --mults 1,2,2 --num-res 1 --attn-res 8 \
-	  --steps $(if $(SMOKE),4,2400) --batch-size 32 --lr 5e-4 --warmup 100 --ema 0.995 --save-every 200 \
-	  --sample-every 800 --out-dir runs/$(OUT)-ddpm/nih32 --resume
-	$(PYTHON) -m classify.train_classifier --data nih --size 32 --target label --seed 1 \
-	  --epochs $(if $(SMOKE),1,30) --out-dir runs/$(OUT)-ddpm/fdnet --force
-	$(PYTHON) -m diffusion.eval_samplers --ckpt runs/$(OUT)-ddpm/nih32/ckpt.pt --fd-ckpt runs/$(OUT)-ddpm/fdnet/ckpt.pt \
-	  --n-per-class $(if $(SMOKE),2,10) --out $(OUT)/ddpm --force
+ddpm: $(SETUP) ## our NIH DDPM (32 px, ~25 min CPU) + DDIM-50 vs DDPM-1000 domain FD, 40 samples each -> results/ddpm
+	$(call staged,diffusion.ddpm_study,ddpm,$(if $(DATA_ROOT),--data-root $(DATA_ROOT)))
 
 bench: $(SETUP) ## CPU benchmarks: FID vs pytorch-fid, our U-Net vs diffusers (installs bench/requirements.txt)
 	.venv/bin/pip install -q -r bench/requirements.txt

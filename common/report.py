@@ -73,7 +73,16 @@ def save_grid(images, path, nrow=None, title=None, row_labels=None):
 
 
 def command_line():
-    return " ".join(shlex.quote(a) for a in sys.argv)
+    """This process's command as a user would type it in the repository: `python -m package.module flags` for a
+    module under the working folder (sys.argv[0] is then the module's path on this machine)."""
+    argv = list(sys.argv)
+    try:
+        rel = Path(argv[0]).resolve().relative_to(Path.cwd().resolve())
+        if rel.suffix == ".py":
+            argv[0:1] = ["python", "-m", ".".join(rel.with_suffix("").parts)]
+    except (ValueError, IndexError):
+        pass
+    return " ".join(shlex.quote(a) for a in argv)
 
 
 def footer(command=None):
@@ -128,3 +137,16 @@ def save_samples(out_dir, images, labels, class_names, title, per_row=10, name="
     pick = np.concatenate([np.pad(r, (0, per_row - len(r)), mode="edge") for r in rows])
     return save_grid(images[pick], out_dir / f"{name}.png", nrow=len(rows), title=title,
                      row_labels=[class_names[c][:18] for c in range(len(class_names)) if (labels == c).any()])
+
+
+def write_readme(out, title, answers, tables, notes=()):
+    """out/README.md, the page a reader opens first: the title (the study's question), the answers in words, then
+    each table's Markdown (files under out, written by write_table, each with its own notes and footer), then notes
+    and the footer of the report that wrote them."""
+    out = Path(out)
+    parts = [f"# {title}", "", *[f"{a}\n" for a in answers]]
+    parts += [(out / t).read_text().strip() + "\n" for t in tables if (out / t).is_file()]
+    parts += [f"{n}\n" for n in notes]
+    parts.append(footer())
+    (out / "README.md").write_text("\n".join(parts) + "\n")
+    return out / "README.md"

@@ -4,9 +4,8 @@ beside it (the stage's config.json "argv", or a samples file's "meta") and is ne
 (as make would: a retrained generator redoes the classifiers that use its samples). A change to the code itself is
 not detected: use a new --runs folder, or --force there.
 
-Three ways to run the same list:
+Two ways to run the same list, and a third to hand it to make:
     Stages()                 run each stage now, in order (one process at a time)
-    Stages(in_process=True)  the same in this process (no interpreter start per stage: smoke runs, tests)
     Stages(dry=True)         run nothing: `plan` lists every command, "# reuse: " before those a run would skip
     stages.write_makefile(p) the same stages as make rules (target: the stage's output; prerequisites: the outputs
                              it reads), so that `make -j N -f p` runs independent stages in parallel
@@ -71,39 +70,53 @@ def run_in_process(module, argv, line):
 
 
 class Stages:
-    """rules: (output, dependencies, argv line, fresh) per stage, in order; `reused`: the outputs this invocation
-    took from earlier runs instead of running their stage (its wall time leaves those out)."""
+    """rules: (output, dependencies, argv line, module, argv, recorded) per stage, in order; `reused`: the outputs
+    this invocation took from earlier runs instead of running their stage (its wall time leaves those out).
+    Stages(dry=True) only lists; run_all() then runs the list (a study's plan builds it, its main runs it);
+    Stages() runs each stage as it is added."""
 
-    def __init__(self, dry=False, in_process=False):
-        self.dry, self.in_process, self.rules, self.reused = dry, in_process, [], []
+    def __init__(self, dry=False):
+        self.dry, self.rules, self.reused = dry, [], []
         self.changed = set()  # inputs a dry run knows will be rewritten (a split file): their stages are not fresh
 
     @property
     def commands(self):
-        return [line for _, _, line, _ in self.rules]
+        return [rule[2] for rule in self.rules]
 
     @property
     def plan(self):
-        return [("# reuse: " if fresh else "") + line for _, _, line, fresh in self.rules]
+        return [("# reuse: " if self.fresh(rule) else "") + rule[2] for rule in self.rules]
 
-    def run(self, module, argv, done, recorded, deps=()):
-        """Run `python -m module *argv --force` unless `done` exists, recorded(done) == argv, and done is newer
-        than every file in deps. recorded: the argv (no --force) stored beside the output, or None."""
-        done, deps = Path(done), [Path(d) for d in deps]
-        argv = [str(a) for a in argv]
-        line = " ".join(["python", "-m", module, *map(shlex.quote, argv), "--force"])
-        fresh = done.is_file() and recorded(done) == argv and not set(deps) & self.changed and all(
+    def fresh(self, rule):
+        """Whether a stage's output exists, records the stage's argv, and is newer than every file it reads."""
+        done, deps, _, _, argv, recorded, _ = rule
+        return done.is_file() and recorded(done) == argv and not set(deps) & self.changed and all(
             not d.is_file() or d.stat().st_mtime <= done.stat().st_mtime for d in deps)
-        self.rules.append((done, deps, line, fresh))
-        if self.dry:
-            return
-        if fresh:
+
+    def run(self, module, argv, done, recorded, deps=(), force=True):
+        """Add the stage `python -m module *argv --force`; unless dry, run it now unless `done` exists,
+        recorded(done) == argv, and done is newer than every file in deps. recorded: the argv (no --force) stored
+        beside the output, or None. force=False: no --force (a stage that continues its run with --resume)."""
+        argv = [str(a) for a in argv]
+        line = " ".join(["python", "-m", module, *map(shlex.quote, argv), *(["--force"] if force else [])])
+        rule = (Path(done), [Path(d) for d in deps], line, module, argv, recorded, force)
+        self.rules.append(rule)
+        if not self.dry:
+            self.execute(rule)
+
+    def run_all(self, start=0):
+        """Run every listed stage from the start-th in order, each unless fresh when its turn comes (after the stages
+        before it)."""
+        for rule in self.rules[start:]:
+            self.execute(rule)
+
+    def execute(self, rule):
+        done, _, line, module, argv, _, force = rule
+        if self.fresh(rule):
             print(f"  reuse {done.parent if done.name == 'metrics.json' else done}", flush=True)
             self.reused.append(str(done))
             return
-        if self.in_process:
-            return run_in_process(module, [*argv, "--force"], line)
-        child = subprocess.Popen([sys.executable, "-m", module, *argv, "--force"])
+        child = subprocess.Popen([sys.executable, "-m", module, *argv, *(["--force"] if force else [])])
         try:
             rc = child.wait()
         except BaseException:  # Ctrl-C or a kill of the study: the stage gets SIGTERM and puts back what it replaced
@@ -113,15 +126,21 @@ class Stages:
         if rc:
             raise DataError(f"stage failed (exit {rc}; its message is above): {line}")
 
-    def script(self, module, argv, folder, deps=()):
+    def script(self, module, argv, folder, deps=(), force=True):
         """A training stage: done when folder/metrics.json exists, folder/config.json recorded this argv, and it is
         newer than deps."""
         self.run(module, argv, Path(folder) / "metrics.json",
-                 lambda done: recorded_argv(done.parent / "config.json"), deps)
+                 lambda done: recorded_argv(done.parent / "config.json"), deps, force)
 
     def samples(self, module, argv, out, deps=()):
         """A sampling stage: done when the .npz `out` records this argv in its meta and is newer than deps."""
         self.run(module, argv, out, samples_argv, deps)
+
+    def output(self, module, argv, out, record=None, deps=(), force=True):
+        """A stage that writes one file `out` (an evaluation's JSON or CSV) and its command into the JSON `record`
+        (default: out itself, under "argv"): done when record holds this argv and out is newer than deps."""
+        record = Path(record or out)
+        self.run(module, argv, out, lambda done: recorded_argv(record), deps, force)
 
     def write_makefile(self, path):
         """The stages as make rules: each output depends on the files its stage reads; a stage that is not fresh
@@ -130,9 +149,10 @@ class Stages:
         path = Path(path)
         rules = ["# written by a study's --makefile; run with `make -j N -f " + str(path) + "`",
                  f"PYTHON ?= {sys.executable}", ".PHONY: all FORCE",
-                 "all: " + " ".join(make_name(d) for d, *_ in self.rules), "FORCE:"]
-        for done, deps, line, fresh in self.rules:
-            prereq = " ".join([make_name(d) for d in deps] + ([] if fresh else ["FORCE"]))
+                 "all: " + " ".join(make_name(rule[0]) for rule in self.rules), "FORCE:"]
+        for rule in self.rules:
+            done, deps, line = rule[:3]
+            prereq = " ".join([make_name(d) for d in deps] + ([] if self.fresh(rule) else ["FORCE"]))
             recipe = line.replace("$", "$$").replace("python -m ", "$(PYTHON) -m ", 1)  # the shell sees one $
             rules += [f"{make_name(done)}: {prereq}".rstrip(), "\t" + recipe]
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,15 +192,26 @@ def parse_scaled(p, scales, argv=None):
     return args
 
 
-def planned(stages, args, then):
-    """After a study listed its stages: print them (--dry-run) or write them as a makefile (--makefile) and return
-    True (the study stops there); False for a run. then: what the study does in its own process afterwards."""
-    if args.dry_run:
+def planned(stages, dry_run, makefile, then):
+    """After a study listed its stages: print them (dry_run) or write them as a makefile (makefile: its path) and
+    return True (the study stops there); False for a run. then: what the study does in its own process afterwards."""
+    if dry_run:
         print("\n".join(stages.plan))
         print(f"# then in this process: {then}")
         return True
-    if args.makefile:
-        print(f"wrote {stages.write_makefile(args.makefile)}: run `make -j N -f {args.makefile}`, then this command "
-              f"without --makefile for the rest")
+    if makefile:
+        print(f"wrote {stages.write_makefile(makefile)}: run `make -j N -f {makefile}`, then this command without "
+              f"--makefile for the rest")
         return True
     return False
+
+
+def portable(path):
+    """A path as a stage command records it: relative to the working folder when it lies inside it (stages run
+    from the repository's root, and a committed command must not name a folder of the machine that ran it),
+    else as given."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)

@@ -1,14 +1,16 @@
 """DDIM-50 against ancestral DDPM-1000 for a trained conditional DDPM: time, and the domain feature distance
 (FD-<network>, fairness/fid.py) of each sampler's images to the real images the model was trained on, overall and
 per attribute group, with KID on the same features (fairness/compare.py: mean and std over 100 subsets) and a
-sentence saying whether the samplers' KID intervals (mean +- 2 std) separate at this n. Writes samplers.md,
-summary.json and one grid per sampler into --out.
+sentence saying whether the samplers' KID intervals (mean +- 2 std) separate at this n. Writes summary.json (with
+this command under "argv") and one grid per sampler into --out; the ddpm study's report (diffusion/ddpm_report.py)
+makes the table from them.
 
     python -m diffusion.eval_samplers --ckpt runs/ddpm/nih32/ckpt.pt --fd-ckpt runs/ddpm/fdnet/ckpt.pt \
         --n-per-class 100 --out results/ddpm
 """
 import argparse
 import shutil
+import sys
 from pathlib import Path
 import time
 
@@ -18,7 +20,7 @@ from classify.nets import load_feature_extractor
 from common.cli import ArgumentParser, nonneg_float, positive_int, run
 from common.errors import DataError
 from common.modalities import load_modality
-from common.report import save_grid, write_table
+from common.report import save_grid
 from common.runs import device_from, prepare_out_dir, seed_everything, write_json
 from common.splits import patient_split
 from diffusion.ddpm import Schedule
@@ -64,8 +66,8 @@ def main(args):
     sched = Schedule(a["schedule"], a["T"])
     classes = np.repeat(np.arange(len(names)), args.n_per_class)
     groups = np.array([names[c].split("|")[0] for c in classes])
-    rows, summary = [], {"ckpt": str(args.ckpt), "step": ck["step"], "data": ck.get("data"), "metric": label,
-                         "n_real": len(real), "guidance": args.guidance, "samplers": {}}
+    summary = {"argv": ["diffusion.eval_samplers", *sys.argv[1:]], "ckpt": str(args.ckpt), "step": ck["step"], "data": ck.get("data"),
+               "size": a["size"], "metric": label, "n_real": len(real), "guidance": args.guidance, "samplers": {}}
     for sampler, steps, eta in (("ddim", 50, 0.0), ("ddim", 50, 1.0), ("ddpm", a["T"], 1.0)):
         t0 = time.time()
         imgs = generate(model, sched, classes, a["size"], a["channels"], sampler, steps, eta, args.guidance,
@@ -79,9 +81,6 @@ def main(args):
         summary["samplers"][name] = {"fd": fd, "kid": k, "n_fake": len(imgs), "seconds": secs,
                                      "subgroup_variance": var,
                                      "groups": {g: {"fd": v[0], "n_real": v[1], "n_fake": v[2]} for g, v in per.items()}}
-        rows.append([name, f"{fd:.2f}", f"{k['mean']:.3g} ± {k['std']:.2g} (m={k['m']})", f"{len(real)} / {len(imgs)}",
-                     "; ".join(f"{g} {v[0]:.2f} (n={v[1]}/{v[2]})" for g, v in per.items()), f"{var:.3f}",
-                     f"{secs:.0f} s ({secs / len(imgs) * 1000:.0f} ms/image)"])
         pick = np.concatenate([np.nonzero(classes == c)[0][:8] for c in range(len(names))])
         fname = f"samples_{sampler}{steps}" + (f"_eta{eta:g}" if sampler == "ddim" else "") + ".png"
         save_grid(imgs[pick], out / fname, nrow=len(names), row_labels=names,
@@ -91,17 +90,8 @@ def main(args):
         if src.is_file():
             shutil.copy(src, out / f"train_{f}")
     summary["kid_separation"] = kid_separation({n: v["kid"] for n, v in summary["samplers"].items()})
-    write_table(out / "samplers", ["sampler", label, "KID (mean ± std)", "n real / synthetic", "per group",
-                                   "group variance (1/G)", "sampling time"], rows,
-                title=f"DDIM-50 (eta 0 and 1) vs DDPM-1000 ({ck.get('data')}, {a['size']} px, step {ck['step']})",
-                notes=[summary["kid_separation"],
-                       "KID: unbiased MMD^2 with the kernel (x.y / d + 1)^3 on the same features, mean and std over "
-                       "100 subsets of m images from each set (fairness/compare.py, Binkowski et al. 2018).",
-                       f"{label}: Frechet distance on the penultimate features of a CNN trained on the real training "
-                       "images, not Inception FID. n < 2048: biased upwards, compare only at equal n. Reference "
-                       "(CIFAR-10 FID, DDIM paper Table 1): 50 steps eta 0 4.67, eta 1 8.01; 1000 steps eta 1 4.73."])
     write_json(out / "summary.json", summary)
-    print((out / "samplers.md").read_text())
+    print(summary["kid_separation"])
 
 
 def parse_args(argv=None):

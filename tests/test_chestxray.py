@@ -123,7 +123,7 @@ def test_chestxray_report_only_rebuilds_the_report_from_the_files(smoke_study, t
     out, _, _ = smoke_study("classify.chestxray_study")
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    run("classify.chestxray_study", "--report-only", "--n-boot", "30", "--out", str(copy))
+    run("classify.chestxray_report", "--n-boot", "30", "--out", str(copy))
     a, b = (json.loads((d / "summary.json").read_text()) for d in (out, copy))
     assert [r["diff"] for r in a["comparisons"]] == [r["diff"] for r in b["comparisons"]]  # same preds, same points
     assert "30 resamples" in (copy / "comparisons.md").read_text() and a["scale"] == b["scale"] == "smoke"

@@ -142,20 +142,21 @@ def chexpert_root(root, n=24):
 
 @pytest.fixture(scope="module")
 def compare_smoke(smoke_study, tmp_path_factory):
-    """The compare study's smoke chain in one process (as `make compare SMOKE=1`), on the chest X-ray smoke
-    fixture's run tree, whose cells it reuses (the same flags: --size 32), with a CheXpert-layout --ood-root."""
-    _, runs, _ = smoke_study("classify.chestxray_study")
+    """The compare study's smoke chain (as `make compare SMOKE=1`), built on the chest X-ray smoke fixture's run
+    (its plan.json, split files and cells, read as files), with a CheXpert-layout --ood-root."""
+    cx_out, runs, _ = smoke_study("classify.chestxray_study")
     base = tmp_path_factory.mktemp("compare")
-    r = run("classify.compare_study", "--smoke", *SMOKE_FLAGS["classify.chestxray_study"], "--in-process",
-            "--ood-root", str(chexpert_root(base / "chexpert")), "--out", str(base / "out"), "--runs", str(runs),
-            timeout=900)
+    r = run("classify.compare_study", "--smoke", "--chestxray", str(cx_out), "--ood-root",
+            str(chexpert_root(base / "chexpert")), "--out", str(base / "out"), timeout=900)
     return base / "out", Path(runs), r
 
 
 def test_compare_smoke_has_every_row_and_field(compare_smoke):
     from classify.compare_study import ROWS
     out, runs, r = compare_smoke
-    assert "reuse" in r.stdout  # chestxray's cells came from the chest X-ray smoke run
+    stages = json.loads((out / "stages.json").read_text())["stages"]  # chestxray's cells are read, never rerun
+    assert stages and not any(f"condition={c}" in line for line in stages for c in
+                              ("balanced_real", "imbalanced_real", "imbalanced_reweight", "imbalanced_synth"))
     s = json.loads((out / "summary.json").read_text())
     family = s["sweep"]["family"]
     assert family in ("ae", "vae", "gan", "ddpm")

@@ -1,0 +1,270 @@
+"""The chest X-ray study's report (classify/chestxray_study.py is its plan): tables, figures, comparisons and
+summary.json from the files in --out alone (plan.json, preds.csv, training.json, the CVAE figures).
+
+Metrics come from the pooled out-of-fold predictions (bootstrap CIs over patients) and per fold (mean +- std);
+conditions are compared paired on the same test patients (patient-clustered bootstrap of the difference, Holm over
+the table, the smallest detectable difference beside each: docs/METHODS.md, "Statistics for comparisons").
+
+    python -m classify.chestxray_report --out results/chestxray               # rebuild the report from its files
+    python -m classify.chestxray_report --out results/chestxray --n-boot 2000 # the same, with more resamples
+"""
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from classify.cxr_task import auroc_stat
+from classify.train_chexnet import OUTPUTS, col, per_output_table
+from common.cli import ArgumentParser, positive_int, run
+from common.errors import DataError
+from common.report import mean_std, with_ci, write_readme, write_table
+from common.runs import write_json
+from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, fmt_p, gap_permutation,
+                              paired_difference, with_holm)
+from fairness.figures import bars, lines
+from fairness.metrics import auroc, binary_stats, bootstrap, demographic_parity, equal_opportunity
+
+CONDITIONS = ["balanced_real", "imbalanced_real", "imbalanced_synth", "imbalanced_reweight"]
+# CheXNet (Rajpurkar et al. 2017) reference AUROCs we can cite per class (docs/METHODS.md); mean 0.841
+CHEXNET_REF = {"Infiltration": 0.71, "Emphysema": 0.94}
+# the study's questions: each condition against the imbalanced baseline, and synthetic against real women
+PAIRS = [("balanced_real", "imbalanced_real"), ("imbalanced_synth", "imbalanced_real"),
+         ("imbalanced_reweight", "imbalanced_real"), ("imbalanced_synth", "balanced_real")]
+COMPARED = {"any_auroc_female": "female AUROC", "any_auroc_male": "male AUROC",
+            "any_auroc_gap": "AUROC gap (M - F)", "any_auroc_abs_gap": "|AUROC gap|", "any_auroc": "any-finding AUROC"}
+QUESTIONS = [(("female AUROC", "imbalanced_synth", "imbalanced_real"),
+              "Do CVAE-generated female X-rays help women? Female AUROC, synthetic minus imbalanced"),
+             (("|AUROC gap|", "imbalanced_synth", "imbalanced_real"),
+              "Do they narrow the sex gap? |AUROC M - F|, synthetic minus imbalanced"),
+             (("female AUROC", "balanced_real", "imbalanced_real"),
+              "Do more real women help women? Female AUROC, balanced minus imbalanced")]
+FINDING_HEADER = ["finding", "AUC (folds)", "AUC (pooled)", "accuracy (folds)", "sensitivity (folds)",
+                  "sensitivity (pooled)", "specificity (folds)", "specificity (pooled)", "class ratio (pos:neg)",
+                  "Korb & Hall AUC", "CheXNet AUC"]
+FAIRNESS_HEADER = ["condition", "any-finding AUROC", "female", "male", "gap (M - F)", "DP (any finding)",
+                   "EO (any finding)", "mean AUROC (findings, >=5 pos)", "train F / M / synthetic F"]
+
+
+def read_preds(path, conditions):
+    """preds.csv -> (per-image table in one order, {condition: (Y, scores, thresholds, fold)}); every condition must
+    score the same images (the pairing of every comparison)."""
+    df = pd.read_csv(path)
+    first = None
+    arrays = {}
+    for c in conditions:
+        d = df[df["condition"] == c].sort_values("image").reset_index(drop=True)
+        if first is None:
+            first = d
+        if not d["image"].equals(first["image"]):
+            raise DataError(f"{path}: condition {c} scores other images than {conditions[0]}; a paired comparison "
+                            f"needs the same test images (rerun the study)")
+        arrays[c] = tuple(d[[f"{k}_{col(o)}" for o in OUTPUTS]].to_numpy(float) for k in ("y", "p", "thr")) + \
+            (d["fold"].to_numpy(),)
+    return first, arrays
+
+
+def metrics_of(Y, p, dec, sex, findings):
+    """The per-condition statistics of rows idx: any-finding AUROC overall and by sex, M - F gap, mean AUROC, DP, EO."""
+    def stat(idx):
+        fi, mi = idx[sex[idx] == "F"], idx[sex[idx] == "M"]
+        s = {"any_auroc": auroc(Y[idx, 14], p[idx, 14]),
+             "mean_auroc": float(np.nanmean([auroc(Y[idx, j], p[idx, j]) for j in findings])),
+             "any_auroc_female": auroc(Y[fi, 14], p[fi, 14]), "any_auroc_male": auroc(Y[mi, 14], p[mi, 14]),
+             "dp": demographic_parity(dec[idx, 14].astype(int), sex[idx]),
+             "eo": equal_opportunity(Y[idx, 14].astype(int), dec[idx, 14].astype(int), sex[idx])}
+        s["any_auroc_gap"] = s["any_auroc_male"] - s["any_auroc_female"]
+        return s
+    return stat
+
+
+def comparisons(arrays, sex, pid, n_boot, seed):
+    """Paired differences on the same out-of-fold test patients (patient-clustered bootstrap), Holm over the table."""
+    rows = []
+    for a, b in PAIRS:
+        if a in arrays and b in arrays:
+            for key, name in COMPARED.items():
+                r = paired_difference(auroc_stat(*arrays[a][:2], sex, key), auroc_stat(*arrays[b][:2], sex, key),
+                                      clusters=pid, n_boot=n_boot, seed=seed)
+                rows.append(comparison(name, a, b, r))
+    return with_holm(rows)
+
+
+def permutation_or_nan(stat_group, sex, pid, n_perm, seed):
+    """gap_permutation, or NaNs with the reason where a patient has images under both sexes (no permutation of sex
+    across patients then)."""
+    try:
+        return gap_permutation(stat_group, sex, pid, n_perm, seed)
+    except ValueError as e:
+        return {"gap": float("nan"), "p": float("nan"), "null_median": float("nan"), "excess": float("nan"),
+                "method": str(e)}
+
+
+def gap_cell(point, perm):
+    return f"{point:.3f} (perm. p {fmt_p(perm['p'])}, excess {perm['excess']:+.3f})"
+
+
+def answers(rows):
+    """The study's question, answered in one sentence per comparison that asks it."""
+    find = {(r["metric"], r["a"], r["b"]): r for r in rows}
+    return [answer(find[key], what) for key, what in QUESTIONS if key in find]
+
+
+def condition_stats(Y, p, th, sex, pid, findings, plan, counts):
+    """One condition's point estimates, bootstrap CIs, DP/EO permutation tests and pooled decisions."""
+    dec = p >= th
+    stat = metrics_of(Y, p, dec, sex, findings)
+    point = stat(np.arange(len(Y)))
+    ci = bootstrap(stat, len(Y), clusters=pid, n_boot=plan["n_boot"], seed=plan["seed"])
+    # DP and EO are max - min gaps (>= 0): a percentile CI cannot contain 0, so each gets a permutation p
+    yany, dany = Y[:, 14].astype(bool), dec[:, 14]
+    dp_perm = permutation_or_nan(lambda idx: dany[idx].mean() if len(idx) else np.nan, sex, pid, plan["n_boot"],
+                                 plan["seed"])
+    eo_perm = permutation_or_nan(lambda idx: dany[idx][yany[idx]].mean() if yany[idx].any() else np.nan, sex, pid,
+                                 plan["n_boot"], plan["seed"])
+    pooled = [binary_stats(Y[:, j], dec[:, j]) for j in range(len(OUTPUTS))]  # each image at its fold's threshold
+    return point, ci, dp_perm, eo_perm, pooled, pd.DataFrame(counts).mean().to_dict()
+
+
+def condition_summary(point, ci, dp_perm, eo_perm, pooled, cnt, per_fold, p, findings):
+    """summary.json's entry of one condition."""
+    out = {}
+    for k in ("any_auroc", "any_auroc_female", "any_auroc_male", "any_auroc_gap", "mean_auroc"):
+        out[k], out[f"{k}_ci"] = point[k], list(ci[k])
+    out = {k: out[k] for k in ("any_auroc", "any_auroc_ci", "any_auroc_female", "any_auroc_female_ci",
+                               "any_auroc_male", "any_auroc_male_ci", "any_auroc_gap", "any_auroc_gap_ci",
+                               "mean_auroc", "mean_auroc_ci")}
+    out.update({"dp_any": point["dp"], "dp_any_permutation": dp_perm, "eo_any": point["eo"],
+                "eo_any_permutation": eo_perm, "any_auroc_per_fold": [pf[-1]["auroc"] for pf in per_fold],
+                "n_train_female": cnt["n_train_female"], "n_train_male": cnt["n_train_male"],
+                "n_synthetic": cnt["n_synthetic"], "score_std_any": float(p[:, 14].std()),
+                "sensitivity_above_0_every_finding_5plus": all(pooled[j]["sensitivity"] > 0 for j in findings),
+                "pooled_sensitivity": {OUTPUTS[j]: pooled[j]["sensitivity"] for j in range(len(OUTPUTS))},
+                "pooled_specificity": {OUTPUTS[j]: pooled[j]["specificity"] for j in range(len(OUTPUTS))}})
+    return out
+
+
+def finding_table(out, c, Y, p, per_fold, pooled, plan, n_folds):
+    """table_<condition>: per finding, mean +- std over folds and pooled, beside Korb & Hall's and CheXNet's."""
+    rows = []
+    for j, name in enumerate(OUTPUTS):
+        vals = {m: [pf[j][m] for pf in per_fold] for m in ("auroc", "accuracy", "sensitivity", "specificity")}
+        rows.append([name, mean_std(vals["auroc"]), f"{auroc(Y[:, j], p[:, j]):.3f}", mean_std(vals["accuracy"]),
+                     mean_std(vals["sensitivity"]), f"{pooled[j]['sensitivity']:.2f}", mean_std(vals["specificity"]),
+                     f"{pooled[j]['specificity']:.2f}", f"{int(Y[:, j].sum())}:{int(len(Y) - Y[:, j].sum())}",
+                     "0.50 (collapse)" if j < 14 else "n/a", CHEXNET_REF.get(name, "")])
+    write_table(out / f"table_{c}", FINDING_HEADER, rows,
+                title=f"{c}: per finding, mean ± std over {n_folds} patient-level folds ({plan['data']}, "
+                      f"{plan['size']} px, {plan['arch']}, weights: {plan['weights']})",
+                notes=["Folds: mean ± std of the per-fold test metrics; pooled: all out-of-fold predictions "
+                       "together. Thresholds per finding are chosen on each fold's validation patients "
+                       "(Youden's J), never 0.5. Korb & Hall's classifier "
+                       "gave ~0.50 AUC and sensitivity 0 on every finding (a collapse); CheXNet's published "
+                       "mean is 0.841 on the full data set at 224 px with ImageNet weights."])
+
+
+def fairness_row(c, point, ci, dp_perm, eo_perm, cnt):
+    return [c, with_ci(point["any_auroc"], ci["any_auroc"]), with_ci(point["any_auroc_female"], ci["any_auroc_female"]),
+            with_ci(point["any_auroc_male"], ci["any_auroc_male"]), with_ci(point["any_auroc_gap"], ci["any_auroc_gap"]),
+            gap_cell(point["dp"], dp_perm), gap_cell(point["eo"], eo_perm),
+            with_ci(point["mean_auroc"], ci["mean_auroc"]),
+            f"{cnt['n_train_female']:.0f} / {cnt['n_train_male']:.0f} / {cnt['n_synthetic']:.0f}"]
+
+
+def fairness_table(out, rows, plan, t, bf16):
+    arithmetic = {(True,): "bf16 autocast (--amp auto on a CPU or GPU with bf16 instructions; evaluation in fp32)",
+                  (False,): "fp32"}.get(tuple(bf16), "mixed (bf16 in some stages, fp32 in others)")
+    cvae = (f"CVAE trained on: {plan['cvae_female']} female images of each fold (never test or validation images). "
+            if "imbalanced_synth" in plan["conditions"] else "")
+    write_table(out / "fairness", FAIRNESS_HEADER, rows,
+                title=f"Any finding vs No Finding by sex, pooled out-of-fold predictions ({plan['data']}, {len(t)} "
+                      f"images, {t['patient_id'].nunique()} patients, {plan['folds']} folds)",
+                notes=["95% CIs: percentile bootstrap over patients (" + str(plan["n_boot"]) + " resamples), one "
+                       "training run per fold (the CIs carry test sampling, not training noise). DP and EO are "
+                       "between-sex differences of the any-finding decision at each fold's validation threshold "
+                       "(fractions; x100 for FairGen's scale); being |M - F| they get no percentile CI (it cannot "
+                       "contain 0) but a permutation p (sex shuffled across patients; not Holm-corrected) and the "
+                       "gap's excess over the null median. Compare conditions with comparisons.md (paired), not by "
+                       "overlapping CIs. Reference (Larrazabal et al. 2020, full NIH, "
+                       "DenseNet-121): the under-represented sex loses ~0.02-0.025 mean AUC.",
+                       "Classifier training arithmetic: " + arithmetic, cvae + f"Classifier weights: {plan['weights']}."])
+
+
+def comparisons_table(out, summary, plan, t):
+    write_table(out / "comparisons", COMPARISON_HEADER, comparison_rows(summary["comparisons"]),
+                title=f"Paired comparisons of conditions on the same out-of-fold test patients ({plan['data']}, "
+                      f"{len(t)} images, {t['patient_id'].nunique()} patients)",
+                notes=[f"a - b on the pooled out-of-fold any-finding scores; 95% CI and p from a patient-clustered "
+                       f"paired bootstrap ({plan['n_boot']} resamples, percentile); p (Holm) over the "
+                       f"{len(summary['comparisons'])} rows; MDE = (1.96 + 0.84) x bootstrap SE, the smallest "
+                       f"difference this design detects with 80% power. One training run per condition and fold: "
+                       f"training noise is not in the CI. Recompute from preds.csv."] + summary["answers"])
+
+
+def figures(out, summary, curves0, plan):
+    conds = summary["conditions"]
+    bars({c: {"female": (conds[c]["any_auroc_female"], conds[c]["any_auroc_female_ci"]),
+              "male": (conds[c]["any_auroc_male"], conds[c]["any_auroc_male_ci"])} for c in plan["conditions"]},
+         out / "auroc_by_sex.png", f"Any-finding AUROC by sex, 95% CI ({plan['data']}, {plan['arch']}, "
+                                   f"{plan['size']}px)", "AUROC")
+    lines({c: dict(enumerate(v, 1)) for c, v in curves0.items()}, out / "classifier_val_auroc.png",
+          "Validation any-finding AUROC per epoch (fold 0)", "epoch", "AUROC")
+
+
+def write_report(out, n_boot=None):
+    """Tables, figures, summary.json and README.md from the files alone: plan.json, preds.csv and training.json in
+    out (n_boot: another number of resamples than the run's)."""
+    out = Path(out)
+    plan = json.loads((out / "plan.json").read_text())
+    plan["n_boot"] = n_boot or plan["n_boot"]
+    training = json.loads((out / "training.json").read_text())
+    t, arrays = read_preds(out / "preds.csv", plan["conditions"])
+    sex, pid = t["sex"].to_numpy(), t["patient_id"].to_numpy()
+    Y = arrays[plan["conditions"][0]][0]
+    findings = [j for j in range(14) if Y[:, j].sum() >= 5]
+    summary = {"data": plan["data"], "pretrained": plan["pretrained"], "scale": plan["scale"], "model": plan["arch"],
+               "size": plan["size"], "folds": plan["folds"], "female_fraction": plan["female_fraction"],
+               "cvae_female": plan["cvae_female"], "n_images": len(t), "n_patients": int(t["patient_id"].nunique()),
+               "seconds": training["seconds"], "conditions": {}}
+    fair_rows = []
+    for c in plan["conditions"]:
+        _, p, th, fold = arrays[c]
+        point, ci, dp, eo, pooled, cnt = condition_stats(Y, p, th, sex, pid, findings, plan,
+                                                         training["counts_per_fold"][c])
+        per_fold = [per_output_table(Y[fold == k], p[fold == k], th[fold == k][0]) for k in range(plan["folds"])]
+        summary["conditions"][c] = condition_summary(point, ci, dp, eo, pooled, cnt, per_fold, p, findings)
+        finding_table(out, c, Y, p, per_fold, pooled, plan, plan["folds"])
+        fair_rows.append(fairness_row(c, point, ci, dp, eo, cnt))
+    fairness_table(out, fair_rows, plan, t, training.get("bf16_autocast", [False]))
+    figures(out, summary, training["val_any_auroc_fold0"], plan)
+    summary["comparisons"] = comparisons(arrays, sex, pid, plan["n_boot"], plan["seed"])
+    summary["answers"] = answers(summary["comparisons"])
+    comparisons_table(out, summary, plan, t)
+    write_json(out / "summary.json", summary)
+    write_readme(out, "Do CVAE-generated female chest X-rays help a sex-imbalanced classifier on women? (Korb & Hall)",
+                 summary["answers"], ["fairness.md", "comparisons.md"],
+                 notes=[f"Per-finding tables: {', '.join(f'table_{c}.md' for c in plan['conditions'])}; every "
+                        f"prediction, per image with its patient and sex: preds.csv; the stage commands: stages.json."])
+    print((out / "comparisons.md").read_text())
+    print((out / "fairness.md").read_text())
+    return summary
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="a finished chestxray run's folder (plan.json, preds.csv, training.json)")
+    p.add_argument("--n-boot", type=positive_int, default=None, help="bootstrap resamples (default: the run's)")
+    return p.parse_args(argv)
+
+
+def main(args):
+    for f in ("plan.json", "preds.csv", "training.json"):
+        if not (Path(args.out) / f).is_file():
+            raise DataError(f"--out {args.out}: no {f} here; the report rebuilds a finished run's report (run "
+                            f"`python -m classify.chestxray_study --out {args.out}` first)")
+    write_report(args.out, args.n_boot)
+
+
+if __name__ == "__main__":
+    run(main, parse_args)

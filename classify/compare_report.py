@@ -1,0 +1,321 @@
+"""The compare study's report (classify/compare_study.py is its plan): the table, comparisons, figures and
+summary.json from the files gathered into --out alone (plan.json, preds.csv.gz, audit.json, cost.json,
+ood_preds.csv).
+
+Every row is paired against imbalanced_real on the same out-of-fold test patients (patient-clustered bootstrap of
+the difference, Holm over the table, the smallest detectable difference beside each: docs/METHODS.md, "Statistics
+for comparisons"); fidelity and privacy are the fold audits' means over folds.
+
+    python -m classify.compare_report --out results/compare     # rebuild the report from its files
+"""
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from classify.chestxray_report import read_preds
+from classify.cxr_task import FEMALE, MALE, auroc_stat
+from common.cli import ArgumentParser, positive_int, run
+from common.errors import DataError
+from common.report import with_ci, write_readme, write_table
+from common.runs import write_json
+from fairness.compare import COMPARISON_HEADER, answer, comparison, comparison_rows, paired_difference, with_holm
+from fairness.figures import scatter
+from fairness.metrics import bootstrap, demographic_parity, equal_opportunity
+
+# row: (the classifier cell's folder, its generator family or None); chestxray's cells keep chestxray's names
+ROWS = {"balanced_real": ("balanced_real", None), "imbalanced_real": ("imbalanced_real", None),
+        "loss_reweight": ("loss_reweight", None), "oversample": ("imbalanced_reweight", None),
+        "classic_augment": ("classic_augment", None), "ae": ("synth_ae", "ae"), "vae": ("imbalanced_synth", "vae"),
+        "gan": ("synth_gan", "gan"), "ddpm": ("synth_ddpm", "ddpm"),
+        "ddpm_finding_only": ("synth_ddpm_finding", "ddpm_finding")}
+FAMILIES = ["ae", "vae", "gan", "ddpm"]  # the sweep's candidates (ddpm_finding_only is the ablation of ddpm)
+OOD_METRICS = ("any-finding AUROC", "female AUROC", "male AUROC", "AUROC gap (M - F)", "|AUROC gap|")
+HEADER = ["row", "any-finding AUROC", "female AUROC", "female vs imbalanced", "male AUROC", "gap (M - F)",
+          "|gap| vs imbalanced", "DP", "EO", "KID F (sd folds)", "KID M", "FD F", "closer than pool p1 F / M",
+          "generator s/fold (train + sample)"]
+
+
+def row_cell(row):
+    """(the classifier cell's folder, its family or None) of a row; a sweep row <family>_x<r> -> synth_<row>."""
+    if row in ROWS:
+        return ROWS[row]
+    family = row.rpartition("_x")[0]
+    return f"synth_{row}", family
+
+
+def fmt(v, digits=3, kind="f"):
+    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{digits}{kind}}"
+
+
+def utility_stats(Y, p, dec, sex):
+    """{metric: f(idx)} of the table's paired comparisons: the any-finding AUROCs and gaps, DP and EO of the
+    decision."""
+    y, d = Y[:, 14].astype(int), dec[:, 14].astype(int)
+    names = {"any-finding AUROC": "any_auroc", "female AUROC": "any_auroc_female", "male AUROC": "any_auroc_male",
+             "AUROC gap (M - F)": "any_auroc_gap", "|AUROC gap|": "any_auroc_abs_gap"}
+    return {**{name: auroc_stat(Y, p, sex, key) for name, key in names.items()},
+            "DP (any finding)": lambda i: demographic_parity(d[i], sex[i]),
+            "EO (any finding)": lambda i: equal_opportunity(y[i], d[i], sex[i])}
+
+
+def paired(name, a, b, stats, pid, n_boot, seed):
+    return comparison(name, a, b, paired_difference(stats[a][name], stats[b][name], clusters=pid, n_boot=n_boot,
+                                                    seed=seed))
+
+
+def ood_comparisons(path, rows, n_boot, seed):
+    """The same classifiers on another data set (ood_preds.csv): AUROCs and the gap, each row vs imbalanced_real."""
+    ood = pd.read_csv(path)
+    o_sex, o_pid = ood["sex"].to_numpy(), ood["patient_id"].to_numpy()
+    o_y = np.zeros((len(ood), 15))
+    o_y[:, 14] = ood["y_any_finding"].to_numpy()
+    stats = {row: utility_stats(o_y, np.repeat(ood[f"p_{row}"].to_numpy()[:, None], 15, 1), np.zeros_like(o_y),
+                                o_sex) for row in rows}
+    stats = {row: {f"OOD {m}": f for m, f in s.items()} for row, s in stats.items()}
+    return [paired(f"OOD {m}", row, "imbalanced_real", stats, o_pid, n_boot, seed)
+            for row in rows if row != "imbalanced_real" for m in OOD_METRICS]
+
+
+def comparisons(stats, rows, pid, plan, out):
+    """Every row vs imbalanced_real on every metric, ddpm vs ddpm_finding_only, the OOD rows; Holm over all."""
+    n_boot, seed = plan["n_boot"], plan["seed"]
+    comps = [paired(m, row, "imbalanced_real", stats, pid, n_boot, seed)
+             for row in rows if row != "imbalanced_real" for m in stats[row]]
+    if {"ddpm", "ddpm_finding_only"} <= set(rows):  # what asking for women adds (Ktena et al.)
+        comps += [paired(m, "ddpm", "ddpm_finding_only", stats, pid, n_boot, seed)
+                  for m in ("female AUROC", "|AUROC gap|")]
+    if plan["ood"]:
+        comps += ood_comparisons(out / "ood_preds.csv", rows, n_boot, seed)
+    return with_holm(comps)
+
+
+def fidelity(audit):
+    """Per generator row and sex: the fold audits' KID (mean, sd over folds), FD and privacy numbers, averaged."""
+    cells = {}
+    for fold in audit["folds"]:
+        for row, by_sex in fold.items():
+            for s, v in by_sex.items():
+                c = cells.setdefault(row, {}).setdefault(s, {"kid": [], "fd": [], "copies": [], "nn": [],
+                                                                     "single": []})
+                for k in c:
+                    if k in v:
+                        c[k].append(v[k])
+    summary = {"n_per_fold": audit["n_per_fold"]}
+    for row, by_sex in cells.items():
+        summary[row] = {s: {"kid": float(np.mean(v["kid"])) if v["kid"] else None,
+                            "kid_sd_over_folds": float(np.std(v["kid"], ddof=1)) if len(v["kid"]) > 1 else None,
+                            "fd": float(np.mean(v["fd"])) if v["fd"] else None,
+                            "fraction_closer_than_pool_p1": float(np.mean(v["copies"])),
+                            "median_nn_rmse": float(np.mean(v["nn"])),
+                            "fraction_d1_below_d2_over_3": float(np.mean(v["single"]))} for s, v in by_sex.items()}
+    return summary
+
+
+def row_summary(row, point, ci, find, fid, costs):
+    """summary.json's entry of one row."""
+    keep = lambda d, keys: {s: {k: v for k, v in x.items() if k in keys} for s, x in d.items()}
+    return {"cell": row_cell(row)[0], "family": row_cell(row)[1],
+            "utility": {m: {"value": point[m], "ci": list(ci[m])} for m in list(point)[:3]},
+            "fairness": {m: {"value": point[m], "ci": list(ci[m])} for m in list(point)[3:]},
+            "vs_imbalanced_real": {m: find.get((m, row, "imbalanced_real")) for m in point},
+            "fidelity": keep(fid.get(row, {}), ("kid", "kid_sd_over_folds", "fd")),
+            "privacy": keep(fid.get(row, {}), ("fraction_closer_than_pool_p1", "median_nn_rmse",
+                                               "fraction_d1_below_d2_over_3")),
+            "cost": costs.get(row)}
+
+
+def table_row(row, point, ci, find, fF, fM, c):
+    """The Markdown table's line of one row."""
+    def diff(m):
+        if row == "imbalanced_real":
+            return ""
+        d = find[(m, row, "imbalanced_real")]
+        return f"{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] p_H {d['p_holm']:.2g}"
+    return [row, with_ci(point["any-finding AUROC"], ci["any-finding AUROC"]),
+            with_ci(point["female AUROC"], ci["female AUROC"]), diff("female AUROC"),
+            with_ci(point["male AUROC"], ci["male AUROC"]),
+            with_ci(point["AUROC gap (M - F)"], ci["AUROC gap (M - F)"]), diff("|AUROC gap|"),
+            f"{point['DP (any finding)']:.3f}", f"{point['EO (any finding)']:.3f}",
+            f"{fmt(fF.get('kid'), 3, 'g')} ± {fmt(fF.get('kid_sd_over_folds'), 2, 'g')}"
+            if fF.get("kid") is not None else "", fmt(fM.get("kid"), 3, "g") if fM.get("kid") is not None else "",
+            fmt(fF.get("fd"), 3, "g") if fF.get("fd") is not None else "",
+            f"{fmt(fF.get('fraction_closer_than_pool_p1'))} / {fmt(fM.get('fraction_closer_than_pool_p1'))}"
+            if fF else "",
+            f"{fmt(c.get('train_s_per_fold'), 0)} + {fmt(c.get('sample_female_s_per_fold'), 0)}" if c else ""]
+
+
+def csv_row(row, point, find, fF, fM, c):
+    return {"row": row, **{m: point[m] for m in point},
+            **{f"{m} vs imbalanced_real": (find.get((m, row, "imbalanced_real")) or {}).get("diff") for m in point},
+            "kid_female": fF.get("kid"), "kid_male": fM.get("kid"), "fd_female": fF.get("fd"),
+            "fd_male": fM.get("fd"), "copies_female": fF.get("fraction_closer_than_pool_p1"),
+            "copies_male": fM.get("fraction_closer_than_pool_p1"), "train_s_per_fold": c.get("train_s_per_fold"),
+            "sample_s_per_fold": c.get("sample_female_s_per_fold")}
+
+
+def notes(summary, plan, fid, n_comps):
+    """The table's notes: the answers, how the CIs and the fidelity / privacy columns are made, what the rows are."""
+    ref, sweep = fid.get("real_heldout", {}), plan["sweep"]
+    return summary["answers"] + [
+        f"95% CIs: patient bootstrap ({plan['n_boot']}); 'vs imbalanced': paired difference on the same test "
+        f"patients with its CI and Holm p over all {n_comps} comparisons (comparisons.md, with MDEs). "
+        f"One training run per row and fold: training noise is not in the CIs.",
+        f"KID/FD: penultimate features of each fold's imbalanced_real classifier, standardised by the real "
+        f"test images' (both sexes) mean and sd per feature; samples vs the fold's real test images of "
+        f"that sex, every row and sex at one n per fold ({fid['n_per_fold']}); mean over folds (± sd over "
+        f"folds). Privacy: "
+        f"share of samples closer to a training-pool image of that sex than the pool's own 1st "
+        f"percentile of distances between different patients; real held-out test images score F "
+        f"{fmt(ref.get(FEMALE, {}).get('fraction_closer_than_pool_p1'))}"
+        f" / M {fmt(ref.get(MALE, {}).get('fraction_closer_than_pool_p1'))} (what no copying looks like).",
+        (f"The sweep's family ({sweep['family']}) was chosen by mean validation any-finding AUROC over "
+         f"folds ({', '.join(f'{k} {fmt(v)}' for k, v in sweep['validation_any_auroc'].items() if v)}), "
+         f"not by test numbers; its rows add r x the female deficit (n_male - n_f) of synthetic women. "
+         if sweep["family"] else "No ratio sweep in this run. ") +
+        "Every generator trains on its fold's training pool (all of the pool's women: more real women "
+        "than imbalanced_real's classifier sees, as in Korb & Hall) and never on test or validation "
+        "images; the AE and the CVAE stop early on the validation patients. The VAE (CVAE) is "
+        "chestxray's: trained on the pool's women only, so it has no male samples. " +
+        ("ddpm_finding_only: the ddpm row's model asked for the finding with sex drawn as in the pool "
+         "(not a separately trained finding-only DDPM): ddpm vs ddpm_finding_only measures what asking "
+         "for women adds with the generator held fixed." if plan["finding_only"] == "same" else
+         "ddpm_finding_only: a DDPM trained on the finding alone (its samples have no sex).")]
+
+
+def summary_head(plan, tab, fid):
+    return {"scale": plan["scale"], "folds": plan["folds"], "female_fraction": plan["female_fraction"],
+            "n_images": len(tab), "n_patients": int(tab["patient_id"].nunique()), "model": plan["arch"],
+            "pretrained": plan["pretrained"], "seconds": plan["seconds"], "sweep": plan["sweep"],
+            "finding_only": plan["finding_only"],
+            "generators_train_on": "each fold's training pool (both sexes, every pool woman; the CVAE: the "
+                                   "pool's women), early stopping (AE, CVAE) on the fold's validation patients",
+            "fidelity_n_per_fold": fid["n_per_fold"], "rows": {}}
+
+
+def write_report(out, n_boot=None):
+    """table, comparisons, figures, summary.json and README.md from the files in out alone."""
+    out = Path(out)
+    plan = json.loads((out / "plan.json").read_text())
+    plan["n_boot"] = n_boot or plan["n_boot"]
+    rows = plan["rows"]
+    tab, arrays = read_preds(out / "preds.csv.gz", rows)
+    sex, pid = tab["sex"].to_numpy(), tab["patient_id"].to_numpy()
+    Y = arrays["imbalanced_real"][0]
+    stats = {row: utility_stats(Y, arrays[row][1], arrays[row][1] >= arrays[row][2], sex) for row in rows}
+    comps = comparisons(stats, rows, pid, plan, out)
+    fid = fidelity(json.loads((out / "audit.json").read_text()))
+    costs = json.loads((out / "cost.json").read_text())
+    find = {(c["metric"], c["a"], c["b"]): c for c in comps}
+    summary, table, csv_rows = summary_head(plan, tab, fid), [], []
+    for row in rows:
+        point = {m: f(np.arange(len(Y))) for m, f in stats[row].items()}
+        ci = bootstrap(lambda idx: {m: f(idx) for m, f in stats[row].items()}, len(Y), clusters=pid,
+                       n_boot=plan["n_boot"], seed=plan["seed"])
+        summary["rows"][row] = row_summary(row, point, ci, find, fid, costs)
+        fF, fM, c = fid.get(row, {}).get(FEMALE, {}), fid.get(row, {}).get(MALE, {}), costs.get(row, {})
+        table.append(table_row(row, point, ci, find, fF, fM, c))
+        csv_rows.append(csv_row(row, point, find, fF, fM, c))
+    summary["real_heldout_privacy"] = fid.get("real_heldout", {})
+    summary["comparisons"] = comps
+    summary["answers"] = answers(comps, fid, rows)
+    write_table(out / "table", HEADER, table,
+                title=f"Every row on one task: any finding vs No Finding by sex, pooled out-of-fold predictions "
+                      f"({len(tab)} images, {tab['patient_id'].nunique()} patients, {plan['folds']} folds, "
+                      f"{plan['arch']} {plan['size']} px, weights: {'imagenet' if plan['pretrained'] else 'none'})",
+                notes=notes(summary, plan, fid, len(comps)))
+    pd.DataFrame(csv_rows).to_csv(out / "table.csv", index=False, float_format="%.6g")
+    write_table(out / "comparisons", COMPARISON_HEADER, comparison_rows(comps),
+                title="Paired comparisons on the same out-of-fold test patients (a - b)",
+                notes=[f"patient-clustered paired bootstrap ({plan['n_boot']}); Holm over the {len(comps)} rows; "
+                       f"MDE = 2.8 x SE. Recompute from preds.csv.gz."])
+    figures(out, summary, rows, find, fid)
+    write_json(out / "summary.json", summary)
+    write_readme(out, "Which generator family, if any, helps the under-represented sex most, at what cost to "
+                      "fidelity and privacy?", summary["answers"], ["table.md", "comparisons.md"],
+                 notes=["Figures: gain_vs_fidelity.png, gap_vs_auroc.png, samples_<row>.png, closest_pairs_<row>.png;"
+                        " every prediction: preds.csv.gz; the stage commands: stages.json."])
+    print((out / "table.md").read_text())
+    return summary
+
+
+def figures(out, summary, rows, find, fid):
+    """The female AUROC gain against fidelity (KID, female) and the gap against AUROC, both with CIs."""
+    pts = {}
+    for row in rows:
+        c, f = find.get(("female AUROC", row, "imbalanced_real")), fid.get(row, {}).get(FEMALE, {})
+        if c and f.get("kid") is not None:
+            sd = f.get("kid_sd_over_folds") or 0
+            pts[row] = (f["kid"], (f["kid"] - sd, f["kid"] + sd), c["diff"], tuple(c["ci"]))
+    if pts:
+        scatter(pts, out / "gain_vs_fidelity.png", "Female AUROC gain over imbalanced_real (paired 95% CI) against "
+                "the generator's female KID (mean ± sd over folds)", "KID, female samples vs real test women",
+                "female AUROC - imbalanced_real's", hline=0)
+    pts = {}
+    for row in rows:
+        r = summary["rows"][row]
+        u, f = r["utility"]["any-finding AUROC"], r["fairness"]["AUROC gap (M - F)"]
+        pts[row] = (u["value"], tuple(u["ci"]), f["value"], tuple(f["ci"]))
+    scatter(pts, out / "gap_vs_auroc.png", "Sex gap (male - female AUROC) against any-finding AUROC, 95% CIs",
+            "any-finding AUROC", "AUROC gap (M - F)", hline=0)
+
+
+def answers(comps, fid, rows):
+    """The answer sentences: which generator family, if any, closes the sex gap, and which copy training images."""
+    gen = [r for r in rows if r in ROWS and ROWS[r][1]]
+    find = {(c["metric"], c["a"]): c for c in comps if c["b"] == "imbalanced_real"}
+    rows_gap = [find[("|AUROC gap|", r)] for r in gen if ("|AUROC gap|", r) in find]
+    closed = [c for c in rows_gap if c["p_holm"] < 0.05 and c["diff"] < 0]
+    out = []
+    by = lambda c: (f"female AUROC {find[('female AUROC', c['a'])]['diff']:+.3f}, male AUROC "
+                    f"{find[('male AUROC', c['a'])]['diff']:+.3f}")
+    if closed:
+        best = min(closed, key=lambda c: c["diff"])
+        out.append(answer(best, f"{best['a']} narrows the sex gap here: |AUROC M - F|, {best['a']} minus imbalanced")
+                   + f" ({by(best)})")
+    elif rows_gap:
+        widest = min(rows_gap, key=lambda c: c["diff"])
+        lead = "the largest narrowing" if widest["diff"] < 0 else "none narrows it on average; the smallest widening"
+        out.append(f"No generator family closes the sex gap detectably at this scale: {lead}, {widest['a']}, "
+                   f"changes |AUROC M - F| by {widest['diff']:+.3f} (95% CI {widest['ci'][0]:+.3f} to "
+                   f"{widest['ci'][1]:+.3f}, Holm p {widest['p_holm']:.2g}; {by(widest)}; the smallest difference "
+                   f"this design detects is {widest['mde']:.3f}).")
+    for c in [c for c in comps if c["metric"] == "female AUROC" and c["b"] == "imbalanced_real" and c["a"] in gen]:
+        out.append(answer(c, f"Does {c['a']} help women? Female AUROC, {c['a']} minus imbalanced"))
+    ref = fid.get("real_heldout", {}).get(FEMALE, {}).get("fraction_closer_than_pool_p1")
+    if gen and ref is not None:  # copying: more than twice the held-out share and over 2% (our rule, stated)
+        copying = [r for r in gen if fid.get(r, {}).get(FEMALE, {}).get("fraction_closer_than_pool_p1", 0)
+                   > max(2 * ref, 0.02)]
+        single = lambda r: fid[r][FEMALE]["fraction_d1_below_d2_over_3"]
+        out.append(("Copying by our rule (female samples closer to a training-pool image of another patient than "
+                    "the pool's own 1st percentile, above twice real held-out women's share and 2%): " +
+                    ", ".join(f"{r} {fid[r][FEMALE]['fraction_closer_than_pool_p1']:.1%} (samples near one training "
+                              f"image alone, d1 < d2 / 3: {single(r):.1%})" for r in copying)
+                    if copying else "No generator copies training images beyond what real held-out images do by "
+                    "our rule (over twice their share and over 2% of female samples closer to a training-pool "
+                    "image than the pool's own 1st percentile)") + f"; real held-out women: {ref:.1%}. A blurred "
+                   "average image is close to many training images at once (d1 near d2): the rule flags it too; a "
+                   "copy is close to one (d1 < d2 / 3, Carlini et al. 2023). The closest pairs are in "
+                   "closest_pairs_<row>.png.")
+    return out
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="a finished compare run's folder (plan.json, preds.csv.gz, audit.json)")
+    p.add_argument("--n-boot", type=positive_int, default=None, help="bootstrap resamples (default: the run's)")
+    return p.parse_args(argv)
+
+
+def main(args):
+    for f in ("plan.json", "preds.csv.gz", "audit.json", "cost.json"):
+        if not (Path(args.out) / f).is_file():
+            raise DataError(f"--out {args.out}: no {f} here; the report rebuilds a finished run's report (run "
+                            f"`python -m classify.compare_study --out {args.out}` first)")
+    write_report(args.out, args.n_boot)
+
+
+if __name__ == "__main__":
+    run(main, parse_args)

@@ -1,0 +1,102 @@
+"""The chest X-ray task that the chestxray and compare studies share: the fold's training sets, the classifier
+cell's stage command, and the any-finding statistics their reports compare. Not a study: both studies import it,
+neither imports the other (compare reads chestxray's split files and cells as files).
+
+Per patient-level fold k (every image tested once), the split file runs/.../fold<k>/sets.csv names: test; val (a
+share of the fold's other patients); balanced (n_male real male + n_male real female images of the remaining pool);
+imbalanced (the same men + n_f = round(n_male f / (1 - f)) of those women, f the female fraction); and, where a CVAE
+is trained, its female training and validation images. A classifier cell is one `classify.train_chexnet` stage
+trained on one of these sets, tested on the fold's test patients, 2 n_male samples per epoch in every cell.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.cache import load_images
+from common.data import read_nih
+from common.errors import DataError
+from common.splits import patient_split
+from fairness.metrics import auroc
+
+FEMALE, MALE = "F", "M"
+ANY = 14  # the any-finding output (classify.train_chexnet.OUTPUTS)
+
+
+def fold_sets(k, fold, t, seed, val_fraction, female_fraction, cvae_female=None, data_flag="--data-root"):
+    """Fold k's sets {name: image names} (male images first, then female), n_male and the female deficit
+    n_male - n_f. cvae_female ('train_pool' or 'imbalanced'; None: no CVAE) adds the CVAE's training and validation
+    sets."""
+    rng = np.random.default_rng(seed * 100 + k)
+    test = fold == k
+    rest = np.nonzero(~test)[0]
+    inner = patient_split(t.iloc[rest], fractions=(1 - val_fraction, val_fraction), names=("pool", "val"),
+                          seed=seed * 100 + k, stratify="sex")
+    pool, val = rest[inner == "pool"], rest[inner == "val"]
+    sex = t["sex"].to_numpy()
+    males, females = pool[sex[pool] == MALE], pool[sex[pool] == FEMALE]
+    if len(males) == 0 or len(females) == 0:
+        raise DataError(f"{data_flag}: fold {k}'s training pool has {len(females)} female and {len(males)} male "
+                        f"images; the study compares the sexes, so the data need both (or use fewer --folds)")
+    n_male = min(len(males), len(females))
+    male_set = rng.choice(males, n_male, replace=False)
+    female_bal = rng.choice(females, n_male, replace=False)
+    n_f = int(round(n_male * female_fraction / (1 - female_fraction)))
+    female_imb = female_bal[:n_f]
+    idx = {"test": np.nonzero(test)[0], "val": val, "balanced": np.r_[male_set, female_bal],
+           "imbalanced": np.r_[male_set, female_imb]}
+    if cvae_female:
+        idx.update(cvae_val=val[sex[val] == FEMALE], cvae_train=females if cvae_female == "train_pool" else female_imb)
+    names = np.array([Path(i).name for i in t["image"]])
+    return {name: names[i] for name, i in idx.items()}, n_male, n_male - n_f
+
+
+def read_data(data_root, csv, images_per_sex, size, folds):
+    """The NIH table (the first images_per_sex of each sex if given), images that decode only, checked for folds."""
+    t = read_nih(data_root, csv)  # inputs first: a bad --data-root stops before anything is written
+    if images_per_sex:
+        t = t.groupby("sex", group_keys=False).head(images_per_sex).reset_index(drop=True)
+    _, ok = load_images(t["image"], size, "L")  # an unreadable image is named in a warning and left out
+    t = t[ok].reset_index(drop=True)
+    n_patients = t["patient_id"].nunique()
+    if folds < 2 or folds > n_patients:
+        raise DataError(f"--folds {folds}: cross-validation needs 2 to {n_patients} folds here (one per patient at "
+                        f"most)")
+    return t
+
+
+@dataclass(frozen=True)
+class Task:
+    """What every classifier cell of one run shares: the data flags, the seed of the folds (fold k's models get
+    seed * 100 + k), the device, the classifier's flags, and the run tree (runs/fold<k>/<cell>)."""
+    data_argv: tuple
+    seed: int
+    device: str
+    classifier_argv: tuple
+    runs: Path
+
+    def folder(self, k):
+        return Path(self.runs) / f"fold{k}"
+
+
+def classifier_stage(stages, task, k, cell, train_set, extra, n_male, deps=()):
+    """Fold k's classifier cell `cell` (runs/fold<k>/<cell>): trained on the split file's set train_set with the
+    stage flags `extra`, validated and tested on the fold's val and test sets, 2 n_male samples per epoch."""
+    r = task.folder(k)
+    sets_file = r / "sets.csv"
+    stages.script("classify.train_chexnet", [
+        *task.data_argv, "--sets", sets_file, "--seed", task.seed * 100 + k, "--device", task.device, "--train-set",
+        train_set, "--val-set", "val", "--test-set", "test", *extra, "--epoch-size", 2 * n_male, "--tag", f"fold={k}",
+        "--tag", f"condition={cell}", *task.classifier_argv, "--out-dir", r / cell], r / cell,
+        deps=[sets_file, *deps])
+
+
+def auroc_stat(Y, p, sex, key):
+    """f(idx) -> the any-finding AUROC named by key (overall, female, male, the M - F gap or its size) on rows idx."""
+    def on(idx, who=None):
+        idx = idx if who is None else idx[sex[idx] == who]
+        return auroc(Y[idx, ANY], p[idx, ANY])
+    return {"any_auroc": on, "any_auroc_female": lambda idx: on(idx, FEMALE),
+            "any_auroc_male": lambda idx: on(idx, MALE),
+            "any_auroc_gap": lambda idx: on(idx, MALE) - on(idx, FEMALE),
+            "any_auroc_abs_gap": lambda idx: abs(on(idx, MALE) - on(idx, FEMALE))}[key]
