@@ -8,7 +8,8 @@ import pandas as pd
 import torch
 
 from conftest import ROOT
-from vae.skintone_study import GROUPS, SETS, answers, compare_groups
+from vae.skin import SETS
+from vae.skintone_report import GROUPS, answers, compare_groups
 from vae.train_resvae import ResVAE, VGGPerceptual, vae_loss
 
 KEYS = {"metric", "a", "b", "diff", "ci", "p", "p_holm", "mde", "n_units", "replicates", "method"}
