@@ -32,7 +32,7 @@ import pandas as pd
 from common.cli import ArgumentParser, as_argv, positive_int, run
 from common.runs import default_runs, prepare_out_dir, write_config, write_json
 from common.splits import write_sets
-from common.stages import Stages, add_study_args, parse_scaled, planned
+from common.stages import Stages, add_study_args, parse_scaled, planned, portable
 from vae.skin import SETS, draw_train_set, load_skin
 from vae.skintone_report import GROUPS, write_report
 from vae.train_resvae import add_args
@@ -121,19 +121,20 @@ def main(args):
     t0 = time.time()
     t, _, data = load_skin(args.data_root, args.size)  # inputs first: the phantom is made (once) here
     runs = Path(args.runs or default_runs(args.out))
-    stages = Stages(dry=args.dry_run or bool(args.makefile))
+    stages = Stages(dry=True)
     sizes = {k: getattr(args, k) for k in SIZES}
-    if not stages.dry:
-        out = prepare_out_dir(args.out, args.force)
-        write_config(out, args, data=data, sizes={**sizes, "repeats": args.repeats})
     for r in range(args.repeats):
         sets = repeat_sets(t, r, args.seed, args.n_test, args.n_train)
         if write_sets(sets_file(runs, r), sets, dry=args.dry_run) and args.dry_run:
             stages.changed.add(sets_file(runs, r))  # a run would rewrite it: its stages would run again
-    cells = plan(stages, runs, args.repeats, args.seed, as_argv(add_args, args), args.data_root, args.device)
-    if planned(stages, args, f"preds.csv (the stages' preds.csv together), plan.json, then vae.skintone_report: "
-                             f"the tables and figures in {args.out}"):
+    cells = plan(stages, runs, args.repeats, args.seed, as_argv(add_args, args),
+                 args.data_root and portable(args.data_root), args.device)
+    if planned(stages, args.dry_run, args.makefile, f"preds.csv (the stages' preds.csv together), plan.json, then "
+                                                    f"vae.skintone_report: the tables and figures in {args.out}"):
         return
+    out = prepare_out_dir(args.out, args.force)
+    write_config(out, args, data=data, sizes={**sizes, "repeats": args.repeats})
+    stages.run_all()
     vgg = gather(out, cells)
     write_json(out / "stages.json", {"stages": stages.commands, "reused": stages.reused})
     write_json(out / "plan.json", {"study": "skintone", "scale": args.scale, "data": data, "vgg": vgg,
