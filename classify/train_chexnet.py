@@ -436,7 +436,7 @@ def main(args):
               "n_synthetic": n_syn}
     amp = use_amp(args.amp, device, cpu_checked=args.arch == "cnn8")
     if rank == 0:
-        write_config(out, args, data="nih1000" if "data/nih_cxr14" in args.data_root else args.data_root,
+        write_config(out, vars(args), data="nih1000" if "data/nih_cxr14" in args.data_root else args.data_root,
                      weights=weights_from, world_size=world, bf16_autocast=amp, **counts)
     t0 = time.time()
     net, history, thr, spec = fit(x_tr, y_tr, Images(x, va), y[va], args, device, weights,

@@ -170,7 +170,7 @@ def main(args):
         gx, gy = read_synthetic(args.synthetic, tuple(np.load(args.npz, mmap_mode="r")["train_images"].shape[1:]))
         x_tr, y_tr = torch.cat([x_tr, gx]), torch.cat([y_tr, gy])
         n["synthetic"] = len(gx)
-    write_config(out, args, data=str(args.npz), weights="none (from scratch)")
+    write_config(out, vars(args), data=str(args.npz), weights="none (from scratch)")
     t0 = time.time()
     net, history, spec = fit(x_tr, y_tr, x_val, y_val, args, device, multilabel)
     auc, acc = evaluate(net, x_te, y_te, multilabel, device)

@@ -250,8 +250,9 @@ def main(args):
             print(f"{args.out_dir} is already finished at --steps {args.steps}; nothing to do")
             return ema
     if is_main_process():
-        write_config(out, args, data=mod.data, weights=f"init from {args.init}" if args.init else "none (from scratch)", classes=mod.class_names,
-                     class_counts=counts.tolist(), notes=mod.notes, model=margs)
+        write_config(out, vars(args), data=mod.data,
+                     weights=f"init from {args.init}" if args.init else "none (from scratch)",
+                     classes=mod.class_names, class_counts=counts.tolist(), notes=mod.notes, model=margs)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     x_all, cls_all = x_all.to(device), cls_all.to(device)
     amp = use_amp(args.amp, device)  # bf16 on GPUs that support it; fp32 on CPUs (the U-Net is slower there in bf16)

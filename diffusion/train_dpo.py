@@ -178,7 +178,7 @@ def main(args):
     out = prepare_out_dir(args.out_dir, args.force)
     if args.judge:
         xw, xl, c = judge_pairs(ema, sched, a, names, judge, jck, args, device, out)
-    write_config(out, args, data=mod.data, weights=f"init from {args.init}", judge=judge_name, dpo=args.dpo,
+    write_config(out, vars(args), data=mod.data, weights=f"init from {args.init}", judge=judge_name, dpo=args.dpo,
                  n_pairs=len(c), classes=names, notes=mod.notes)
     x_all, cls_all = x_all.to(device), cls_all.to(device)
     xw, xl, c = to_model_input(xw, device), to_model_input(xl, device), torch.as_tensor(c, device=device)

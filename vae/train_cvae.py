@@ -238,7 +238,7 @@ def main(args):
     y = torch.from_numpy(label_matrix(t)[np.r_[tr, va]]).float()
     x = to_signed(x[ok])
     data = "nih1000" if args.data_root == str(PROJECT_DATA / "nih_cxr14") else f"nih ({args.data_root})"
-    write_config(out, args, data=data, weights="none (from scratch)", n_train=len(tr), n_val=len(va),
+    write_config(out, vars(args), data=data, weights="none (from scratch)", n_train=len(tr), n_val=len(va),
                  sex="female only" if female[np.r_[tr, va]].all() else "mixed")
     t0 = time.time()
     model, history = fit(x[:len(tr)], y[:len(tr)], x[len(tr):], y[len(tr):], args, out, device, args.resume)

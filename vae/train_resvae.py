@@ -231,7 +231,7 @@ def main(args):
         idx = draw_train_set(t, np.arange(len(t)), args.train_set, args.n_train, np.random.default_rng(args.seed))
     torch.manual_seed(args.vgg_seed)  # the random VGG19 (--no-pretrained) is the same for every run
     vgg = VGGPerceptual(args.pretrained, args.vgg_weights).to(device)
-    write_config(out, args, data=data, weights=f"VGG19: {vgg.source}")
+    write_config(out, vars(args), data=data, weights=f"VGG19: {vgg.source}")
     t0 = time.time()
     model, history = fit(x[idx], args, vgg, device)
     save_checkpoint({"model": model.state_dict(), "args": vars(args)}, out / "ckpt.pt")
