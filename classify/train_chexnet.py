@@ -201,11 +201,11 @@ def fit(x_tr, y_tr, x_val, y_val, network, recipe, seed, device, weights=None, e
     epoch_size: samples per epoch (default len(x_tr)); a fixed value gives training sets of different sizes the
     same number of updates (without weights: shuffled passes over the set, the last one cut short).
     Under torchrun (world > 1): every rank draws the same epoch order and augmentation; a step is a global batch of
-    world x --batch-size images of which each rank trains on its part (shard), and DDP averages the gradients, so
+    world x batch_size images of which each rank trains on its part (shard), and DDP averages the gradients, so
     the step is one process's at the global batch, except for BatchNorm, whose statistics are each rank's own
-    (sync_bn, --sync-bn on GPUs, makes them the global batch's) and dropout, drawn per rank. Rank 0 alone evaluates; it
-    sends the validation score to the others, so that every rank schedules and stops alike. amp: bf16 autocast of
-    the training steps (common.runs.use_amp). loss_weight: (N, 15) factors on each image's BCE terms
+    (sync_bn, --sync-bn on GPUs, makes them the global batch's) and dropout, drawn per rank. Rank 0 alone
+    evaluates; it sends the validation score to the others, so that every rank schedules and stops alike. amp: bf16
+    autocast of the training steps (common.runs.use_amp). loss_weight: (N, 15) factors on each image's BCE terms
     (--reweight-sex; 0 on the outputs a generator's sample has no label for). augmentation: "light" (jitter) or
     "classic" (classic_jitter)."""
     spec = arch_spec(network.arch, x_tr.shape[1], len(OUTPUTS), x_tr.shape[-1], network.width, network.dropout)
