@@ -43,22 +43,23 @@ def rss_kb(field):
     return 0
 
 
-def one(args):
-    """Time one model in one memory format; print a JSON line."""
-    dev = torch.device(args.device)
+def one(which, memory_format, size, batch, iters, device):
+    """Time one model ('ours' or 'diffusers') in one memory format ('contiguous' or 'channels_last'): iters
+    training steps on batches of `batch` size x size images; print a JSON line."""
+    dev = torch.device(device)
     torch.manual_seed(0)
-    model = make(args.one, args.size).to(dev)
-    fmt = torch.channels_last if args.format == "channels_last" else torch.contiguous_format
+    model = make(which, size).to(dev)
+    fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
     model = model.to(memory_format=fmt)
     opt = torch.optim.AdamW(model.parameters(), 1e-4)
-    x = torch.randn(args.batch, 1, args.size, args.size, device=dev).contiguous(memory_format=fmt)
-    t = torch.randint(0, 1000, (args.batch,), device=dev)
-    y = torch.randint(0, 4, (args.batch,), device=dev)
+    x = torch.randn(batch, 1, size, size, device=dev).contiguous(memory_format=fmt)
+    t = torch.randint(0, 1000, (batch,), device=dev)
+    y = torch.randint(0, 4, (batch,), device=dev)
     eps = torch.randn_like(x)
 
     def step():
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            out = model(x, t, y) if args.one == "ours" else model(x, t, class_labels=y).sample
+            out = model(x, t, y) if which == "ours" else model(x, t, class_labels=y).sample
         loss = (out.float() - eps).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -72,23 +73,24 @@ def one(args):
     if dev.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for _ in range(args.iters):
+    for _ in range(iters):
         step()
     if dev.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     mem = torch.cuda.max_memory_allocated() / 2 ** 20 if dev.type == "cuda" else (rss_kb("VmHWM:") - base_rss) / 1024
-    print(json.dumps({"model": args.one, "format": args.format, "params": sum(p.numel() for p in model.parameters()),
-                      "img_s": args.batch * args.iters / dt, "peak_mem_mib": mem}))
+    print(json.dumps({"model": which, "format": memory_format, "params": sum(p.numel() for p in model.parameters()),
+                      "img_s": batch * iters / dt, "peak_mem_mib": mem}))
 
 
-def sampling(args):
+def sampling(size, batch, device):
+    """Seconds to sample a batch of size x size images with DDIM-50 and with DDPM-1000 (our U-Net, w = 1)."""
     from diffusion.ddpm import Schedule, ddim_sample, ddpm_sample
-    dev = torch.device(args.device)
-    model = make("ours", args.size).to(dev, memory_format=torch.channels_last).eval()
+    dev = torch.device(device)
+    model = make("ours", size).to(dev, memory_format=torch.channels_last).eval()
     s = Schedule("linear", 1000)
-    y = torch.randint(0, 4, (args.sample_batch,), device=dev)
-    shape = (args.sample_batch, 1, args.size, args.size)
+    y = torch.randint(0, 4, (batch,), device=dev)
+    shape = (batch, 1, size, size)
     out = {}
     for name, fn in [("DDIM-50", lambda: ddim_sample(model, s, shape, y, 1.0, 50, 0.0, None, dev)),
                      ("DDPM-1000", lambda: ddpm_sample(model, s, shape, y, 1.0, None, dev))]:
@@ -103,7 +105,7 @@ def sampling(args):
 
 def main(args):
     if args.one:
-        return one(args)
+        return one(args.one, args.format, args.size, args.batch, args.iters, args.device)
     rows = []
     for which in ("ours", "diffusers"):
         for fmt in ("contiguous", "channels_last"):
@@ -125,7 +127,7 @@ def main(args):
     print(f"ours / diffusers (each in its faster format): speed {o['img_s'] / d['img_s']:.2f}x, "
           f"per parameter {per_param:.2f}x, peak memory {o['peak_mem_mib'] / max(d['peak_mem_mib'], 1e-9):.2f}x")
     if args.sampling:
-        t = sampling(args)
+        t = sampling(args.size, args.sample_batch, args.device)
         print(f"sampling {args.sample_batch} images (w=1): DDIM-50 {t['DDIM-50']:.1f} s, DDPM-1000 "
               f"{t['DDPM-1000']:.1f} s ({t['DDPM-1000'] / t['DDIM-50']:.1f}x)")
 

@@ -25,6 +25,7 @@ pretraining and is the quick-scale default (README: measured comparison).
 """
 import argparse
 import copy
+from dataclasses import dataclass, fields
 import math
 from pathlib import Path
 import time
@@ -164,44 +165,72 @@ def predict(net, x, device, batch_size=256):
                       for i in range(0, len(x), batch_size)]).numpy()
 
 
-def fit(x_tr, y_tr, x_val, y_val, args, device, weights=None, progress=True, epoch_size=None, rank=0, world=1,
-        amp=False, loss_weight=None, augmentation="light"):
-    """Train on (x_tr (N, C, S, S) in [-1, 1] (an Images or a tensor), y_tr (N, 15) outputs); returns (net, history,
-    thresholds (15,), spec); thresholds are None on ranks other than 0.
+@dataclass(frozen=True)
+class Network:
+    """The network: --arch, --width (cnn8), --dropout (cnn8, vit; None: the network's default), --pretrained."""
+    arch: str
+    width: int
+    dropout: float | None
+    pretrained: bool
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How it is trained (the flags of the same names): Adam (lr, weight_decay) on the BCE weighted by
+    class_weights, batch_size images per process, at most epochs epochs; the LR schedule ('plateau', with
+    lr_patience, or 'cosine'); selection, stopping (patience; 0: never early) and the plateau schedule on the mean
+    validation any-finding AUROC of the last `smooth` epochs; keep: the 'best' or the 'last' weights."""
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    class_weights: str
+    schedule: str
+    lr_patience: int
+    smooth: int
+    patience: int
+    keep: str
+
+
+def fit(x_tr, y_tr, x_val, y_val, network, recipe, seed, device, weights=None, epoch_size=None, loss_weight=None,
+        augmentation="light", rank=0, world=1, sync_bn=False, amp=False, progress=True):
+    """Train a Network by a Recipe on (x_tr (N, C, S, S) in [-1, 1] (an Images or a tensor), y_tr (N, 15) outputs);
+    returns (net, history, thresholds (15,), spec); thresholds are None on ranks other than 0. seed: the epoch
+    order and augmentation (and, under torchrun, dropout with the rank).
     weights: per-sample sampling weights (e.g. sex-balanced); each epoch draws epoch_size samples with them.
     epoch_size: samples per epoch (default len(x_tr)); a fixed value gives training sets of different sizes the
     same number of updates (without weights: shuffled passes over the set, the last one cut short).
     Under torchrun (world > 1): every rank draws the same epoch order and augmentation; a step is a global batch of
-    world x --batch-size images of which each rank trains on its part (shard), and DDP averages the gradients, so
+    world x batch_size images of which each rank trains on its part (shard), and DDP averages the gradients, so
     the step is one process's at the global batch, except for BatchNorm, whose statistics are each rank's own
-    (--sync-bn on GPUs makes them the global batch's) and dropout, drawn per rank. Rank 0 alone evaluates; it
-    sends the validation score to the others, so that every rank schedules and stops alike. amp: bf16 autocast of
-    the training steps (common.runs.use_amp). loss_weight: (N, 15) factors on each image's BCE terms
+    (sync_bn, --sync-bn on GPUs, makes them the global batch's) and dropout, drawn per rank. Rank 0 alone
+    evaluates; it sends the validation score to the others, so that every rank schedules and stops alike. amp: bf16
+    autocast of the training steps (common.runs.use_amp). loss_weight: (N, 15) factors on each image's BCE terms
     (--reweight-sex; 0 on the outputs a generator's sample has no label for). augmentation: "light" (jitter) or
     "classic" (classic_jitter)."""
-    spec = arch_spec(args.arch, x_tr.shape[1], len(OUTPUTS), x_tr.shape[-1], args.width, args.dropout)
-    net = build(**spec, pretrained=args.pretrained).to(device, memory_format=torch.channels_last)
+    spec = arch_spec(network.arch, x_tr.shape[1], len(OUTPUTS), x_tr.shape[-1], network.width, network.dropout)
+    net = build(**spec, pretrained=network.pretrained).to(device, memory_format=torch.channels_last)
     train_net = net
     if world > 1:
-        if args.sync_bn:
+        if sync_bn:
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         train_net = torch.nn.parallel.DistributedDataParallel(net)
-        torch.manual_seed(args.seed * 1000 + rank)  # dropout: each rank its own masks (the weights came from rank 0)
-    opt = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    if args.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
+        torch.manual_seed(seed * 1000 + rank)  # dropout: each rank its own masks (the weights came from rank 0)
+    opt = torch.optim.Adam(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    if recipe.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=recipe.epochs)
     else:
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=args.lr_patience)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=recipe.lr_patience)
     n_epoch = epoch_size or len(x_tr)
-    w_pos, w_neg = class_weights(y_tr, args.class_weights, None if loss_weight is None else loss_weight > 0)
+    w_pos, w_neg = class_weights(y_tr, recipe.class_weights, None if loss_weight is None else loss_weight > 0)
     w_pos, w_neg = w_pos.to(device), w_neg.to(device)
-    gen = torch.Generator().manual_seed(args.seed)  # the same stream on every rank
+    gen = torch.Generator().manual_seed(seed)  # the same stream on every rank
     best, best_auc, bad, history = None, -1.0, 0, []
-    for epoch in tqdm(range(args.epochs), desc="chexnet", disable=not progress or rank > 0, leave=False):
+    for epoch in tqdm(range(recipe.epochs), desc="chexnet", disable=not progress or rank > 0, leave=False):
         train_net.train()
         order = epoch_order(len(x_tr), n_epoch, weights, gen)
         losses = []
-        for batch in order.split(args.batch_size * world):  # a global batch
+        for batch in order.split(recipe.batch_size * world):  # a global batch
             if len(batch) < world:  # a remainder too small to give every rank an image (one process would train
                 break  # on it: the one step in which N processes differ from one)
             theta, c, b = (classic_jitter if augmentation == "classic" else jitter)(len(batch), gen)
@@ -236,9 +265,9 @@ def fit(x_tr, y_tr, x_val, y_val, args, device, weights=None, progress=True, epo
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_any_auroc": auc,
                         "lr": opt.param_groups[0]["lr"]})
         # a ~100-image validation set is noisy: select, stop and schedule on the mean of the last --smooth epochs
-        score = float(np.mean([h["val_any_auroc"] for h in history[-args.smooth:]]))
+        score = float(np.mean([h["val_any_auroc"] for h in history[-recipe.smooth:]]))
         history[-1]["val_score"] = score
-        if args.schedule == "plateau":
+        if recipe.schedule == "plateau":
             sched.step(score)
         else:
             sched.step()
@@ -246,9 +275,9 @@ def fit(x_tr, y_tr, x_val, y_val, args, device, weights=None, progress=True, epo
             best, best_auc, bad = copy.deepcopy(net.state_dict()), score, 0
         else:
             bad += 1
-            if args.patience and bad >= args.patience:
+            if recipe.patience and bad >= recipe.patience:
                 break
-    if args.keep == "best":
+    if recipe.keep == "best":
         net.load_state_dict(best)
     if rank > 0:
         return net, history, None, spec
@@ -436,12 +465,14 @@ def main(args):
               "n_synthetic": n_syn}
     amp = use_amp(args.amp, device, cpu_checked=args.arch == "cnn8")
     if rank == 0:
-        write_config(out, args, data="nih1000" if "data/nih_cxr14" in args.data_root else args.data_root,
+        write_config(out, vars(args), data="nih1000" if "data/nih_cxr14" in args.data_root else args.data_root,
                      weights=weights_from, world_size=world, bf16_autocast=amp, **counts)
     t0 = time.time()
-    net, history, thr, spec = fit(x_tr, y_tr, Images(x, va), y[va], args, device, weights,
-                                  epoch_size=args.epoch_size, rank=rank, world=world, amp=amp,
-                                  loss_weight=loss_weight, augmentation=args.augment)
+    network = Network(args.arch, args.width, args.dropout, args.pretrained)
+    recipe = Recipe(**{f.name: getattr(args, f.name) for f in fields(Recipe)})  # the flags of the same names
+    net, history, thr, spec = fit(x_tr, y_tr, Images(x, va), y[va], network, recipe, args.seed, device, weights,
+                                  epoch_size=args.epoch_size, loss_weight=loss_weight, augmentation=args.augment,
+                                  rank=rank, world=world, sync_bn=args.sync_bn, amp=amp)
     ddp = {"world_size": world, "ranks_identical": ranks_identical(net)} if world > 1 else {}
     if rank > 0:
         return

@@ -88,7 +88,7 @@ def main(args):
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     counts = np.bincount(data["train"][1].numpy(), minlength=len(names))
     class_w = torch.tensor(len(counts) * counts.sum() / np.maximum(counts, 1) / len(counts) ** 2, dtype=torch.float)
-    write_config(out, args, data=mod.data, weights="none (from scratch)", classes=names, notes=mod.notes)
+    write_config(out, vars(args), data=mod.data, weights="none (from scratch)", classes=names, notes=mod.notes)
     gen = torch.Generator().manual_seed(args.seed)
     best, best_auc, bad, history = None, -1.0, 0, []
     t0 = time.time()

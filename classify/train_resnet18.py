@@ -58,23 +58,25 @@ def evaluate(net, x, y, multilabel, device, batch_size=512, with_loss=False):
     return (*res, loss) if with_loss else res
 
 
-def fit(x_tr, y_tr, x_val, y_val, args, device, multilabel=False, progress=True):
-    """Train with the chosen recipe; returns (net with the best-validation weights, history)."""
+def fit(x_tr, y_tr, x_val, y_val, device, *, recipe, epochs, batch_size, width, lr, momentum, patience, select, seed,
+        multilabel=False, progress=True):
+    """Train with the chosen recipe (add_args' flags of the same names); returns (net with the best-validation
+    weights, history, spec)."""
     n_out = y_tr.shape[1] if multilabel else int(max(y_tr.max(), y_val.max())) + 1
-    spec = arch_spec("resnet18_28", x_tr.shape[1], n_out, x_tr.shape[-1], args.width)
+    spec = arch_spec("resnet18_28", x_tr.shape[1], n_out, x_tr.shape[-1], width)
     net = build(**spec).to(device, memory_format=torch.channels_last)
-    if args.recipe == "paper":
-        opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum)
+    if recipe == "paper":
+        opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
         sched = None
     else:
-        opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[int(0.5 * args.epochs), int(0.75 * args.epochs)],
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[int(0.5 * epochs), int(0.75 * epochs)],
                                                      gamma=0.1)
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(seed)
     best, best_key, bad, history = None, (-math.inf, -math.inf), 0, []
-    for epoch in tqdm(range(args.epochs), desc="resnet18", disable=not progress, leave=False):
+    for epoch in tqdm(range(epochs), desc="resnet18", disable=not progress, leave=False):
         net.train()
-        for idx in torch.randperm(len(x_tr), generator=gen).split(args.batch_size):
+        for idx in torch.randperm(len(x_tr), generator=gen).split(batch_size):
             out = net(x_tr[idx].to(device).contiguous(memory_format=torch.channels_last))
             yb = y_tr[idx].to(device)
             loss = F.binary_cross_entropy_with_logits(out, yb.float()) if multilabel else F.cross_entropy(out, yb)
@@ -86,12 +88,12 @@ def fit(x_tr, y_tr, x_val, y_val, args, device, multilabel=False, progress=True)
         auc, acc, val_loss = evaluate(net, x_val, y_val, multilabel, device, with_loss=True)
         history.append({"epoch": epoch + 1, "loss": loss.item(), "val_auc": auc, "val_acc": acc, "val_loss": val_loss})
         # a small validation set reaches AUC 1.0 within a few epochs: ties go to the lower validation loss
-        key = (auc, -val_loss) if args.select == "auc" else (-val_loss, auc)
+        key = (auc, -val_loss) if select == "auc" else (-val_loss, auc)
         if best is None or key > best_key:  # a NaN validation AUC (one class) never wins later
             best, best_key, bad = copy.deepcopy(net.state_dict()), key, 0  # a copy of the weights, not a reference
         else:
             bad += 1
-            if args.recipe == "paper" and bad >= args.patience:
+            if recipe == "paper" and bad >= patience:
                 break
     net.load_state_dict(best)
     return net, history, spec
@@ -170,9 +172,11 @@ def main(args):
         gx, gy = read_synthetic(args.synthetic, tuple(np.load(args.npz, mmap_mode="r")["train_images"].shape[1:]))
         x_tr, y_tr = torch.cat([x_tr, gx]), torch.cat([y_tr, gy])
         n["synthetic"] = len(gx)
-    write_config(out, args, data=str(args.npz), weights="none (from scratch)")
+    write_config(out, vars(args), data=str(args.npz), weights="none (from scratch)")
     t0 = time.time()
-    net, history, spec = fit(x_tr, y_tr, x_val, y_val, args, device, multilabel)
+    net, history, spec = fit(x_tr, y_tr, x_val, y_val, device, recipe=args.recipe, epochs=args.epochs,
+                             batch_size=args.batch_size, width=args.width, lr=args.lr, momentum=args.momentum,
+                             patience=args.patience, select=args.select, seed=args.seed, multilabel=multilabel)
     auc, acc = evaluate(net, x_te, y_te, multilabel, device)
     probs = probabilities(net, x_te, device, multilabel)
     preds = pd.DataFrame({**keys, "seed": args.seed, "image": te, "label": y_te.numpy() if not multilabel else

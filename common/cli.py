@@ -154,7 +154,9 @@ def run(main, parse_args):
 def as_argv(add_flags, args):
     """The flags that add_flags(parser) declares, with their values in args, as a command line: how a study passes
     a script's flags on to that script's stages (`--epochs 16 --pretrained ...`). BooleanOptionalAction flags
-    become --x / --no-x, store_true ones appear only when set, flags whose value is None are left out."""
+    become --x / --no-x, store_true ones appear only when set, flags whose value is None are left out.
+    The one function besides main/parse_args that takes a parsed Namespace: it reads no setting, it turns a
+    parser's values back into flags (a study's main calls it; common.runs.write_config records them likewise)."""
     argv = []
     for action in add_flags(argparse.ArgumentParser(add_help=False))._actions:
         if not action.option_strings:

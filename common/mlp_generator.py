@@ -26,13 +26,14 @@ def parse_args(doc, out_dir, epochs, lr, extra, argv=None):
     return p.parse_args(argv)
 
 
-def start(args):
-    """Run folder, seeds and the training subset: (out, device, x (N, D) in [0, 1], y (N,), image shape, names)."""
-    device = device_from(args.device)
-    out = prepare_out_dir(args.out_dir, args.force)
-    seed_everything(args.seed)
-    images, labels, _, _, names = medmnist_subset(args.npz, args.per_class, args.seed)
-    write_config(out, args, data=args.npz, weights="none (from scratch)")
+def start(npz, per_class, seed, device, out_dir, force, settings):
+    """Run folder, seeds and the training subset (--npz, --per-class, drawn by --seed), config.json recording
+    settings (the flags, vars(args)): (out, device, x (N, D) in [0, 1], y (N,), image shape, names)."""
+    device = device_from(device)
+    out = prepare_out_dir(out_dir, force)
+    seed_everything(seed)
+    images, labels, _, _, names = medmnist_subset(npz, per_class, seed)
+    write_config(out, settings, data=npz, weights="none (from scratch)")
     x, y = torch.from_numpy(images).float().flatten(1) / 255, torch.from_numpy(labels).long()
     return out, device, x, y, images.shape[1:], names
 

@@ -310,10 +310,12 @@ def _jsonable(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-def write_config(out_dir, args, data, weights="none", **extra):
-    """config.json: the args, argv, git commit, versions, and which data and weights were used."""
-    cfg = {"args": vars(args) if hasattr(args, "__dict__") else dict(args),
-           "argv": sys.argv, "git_commit": git_commit(), "torch": torch.__version__, "python": platform.python_version(),
+def write_config(out_dir, settings, data, weights="none", **extra):
+    """config.json: the command's settings (under "args"), argv, git commit, versions, and which data and weights
+    were used. settings: the flags as parsed, a dict (a script's main passes vars(args)); a Namespace is read as its
+    vars(). Like common.cli.as_argv, a serializer of a parser's values: nothing here reads a setting."""
+    cfg = {"args": vars(settings) if hasattr(settings, "__dict__") else dict(settings), "argv": sys.argv,
+           "git_commit": git_commit(), "torch": torch.__version__, "python": platform.python_version(),
            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
            "cpu_threads": torch.get_num_threads(),  # float summation order, hence CPU results, depend on it
            "data": data, "weights": weights, "time": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}

@@ -49,22 +49,22 @@ def class_indices(text, names):
     return [names.index(c) for c in asked]
 
 
-def requested(args, names):
+def requested(names, *, n_per_class, classes=None, class_counts=None):
     """(class indices in order, the class index of every image to draw) from --class-counts, or --classes and
-    --n-per-class."""
-    if not args.class_counts:
-        which = class_indices(args.classes, names)
-        return which, np.repeat(which, args.n_per_class)
+    --n-per-class (the flags of add_class_args)."""
+    if not class_counts:
+        which = class_indices(classes, names)
+        return which, np.repeat(which, n_per_class)
     counts = {}
-    for item in args.class_counts.split(","):
+    for item in class_counts.split(","):
         name, eq, n = item.rpartition("=")
         if not eq or not n.strip().isdigit() or name.strip() not in names:
-            raise DataError(f"--class-counts {args.class_counts!r}: {item!r} is not NAME=N with NAME one of "
+            raise DataError(f"--class-counts {class_counts!r}: {item!r} is not NAME=N with NAME one of "
                             f"{', '.join(names)}")
         counts[names.index(name.strip())] = int(n)
     which = [c for c, n in counts.items() if n > 0]
     if not which:
-        raise DataError(f"--class-counts {args.class_counts!r}: no images asked for")
+        raise DataError(f"--class-counts {class_counts!r}: no images asked for")
     return which, np.repeat(which, [counts[c] for c in which])
 
 

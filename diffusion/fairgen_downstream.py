@@ -88,7 +88,7 @@ def main(args):
         except (OSError, ValueError) as e:
             raise DataError(f"--samples {m}={path}: cannot read it ({type(e).__name__}); write it with "
                             f"diffusion.sample_ddpm")
-    write_config(out, args, data=mod.data, weights="none (from scratch)")
+    write_config(out, vars(args), data=mod.data, weights="none (from scratch)")
     L = len(mod.labels)
     y_all = mod.table["cls"].to_numpy() % L
     g_all = mod.table["attr"].to_numpy().astype(str)

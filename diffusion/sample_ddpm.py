@@ -70,7 +70,8 @@ def main(args):
     seed_everything(args.seed)
     model, ck = load_model(args.ckpt, device, args.raw)
     a, names = ck["args"], ck["class_names"]
-    which, classes = requested(args, names)
+    which, classes = requested(names, n_per_class=args.n_per_class, classes=args.classes,
+                                class_counts=args.class_counts)
     out = npz_out(args.out, args.force, beside=(".png",))
     sched = Schedule(a["schedule"], a["T"])
     t0 = time.time()

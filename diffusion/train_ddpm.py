@@ -24,6 +24,7 @@ EMA, optimiser and random streams), a sample grid from fixed noise every --sampl
 import argparse
 import collections
 import copy
+from dataclasses import dataclass
 import json
 from pathlib import Path
 import sys
@@ -123,26 +124,39 @@ def parse_args(argv=None):
         p.error("--train-set names a set of a --sets file; pass one")
     if args.force and args.resume:
         p.error("--force replaces the run in --out-dir and --resume continues it: pass one of them")
-    problems = [] if args.init else shape_problems(model_args(args, 0, 1))  # --init brings its own shape
+    margs = model_args(args.size, args.width, args.mults, args.num_res, args.attn_res, args.dropout, 0, 1)
+    problems = [] if args.init else shape_problems(margs)  # --init brings its own shape
     if problems:
         p.error("; ".join(problems))
     return args
 
 
-def model_args(args, num_classes, channels):
-    return {"channels": channels, "size": args.size, "width": args.width,
-            "mults": [int(m) for m in args.mults.split(",")], "num_res": args.num_res,
-            "attn_res": [int(r) for r in args.attn_res.split(",") if r], "num_classes": num_classes,
-            "dropout": args.dropout}
+def model_args(size, width, mults, num_res, attn_res, dropout, num_classes, channels):
+    """The U-Net's args (what a checkpoint stores and unet_from_args takes) from the model flags; mults and
+    attn_res as typed ('1,2,2', '16')."""
+    return {"channels": channels, "size": size, "width": width, "mults": [int(m) for m in mults.split(",")],
+            "num_res": num_res, "attn_res": [int(r) for r in attn_res.split(",") if r], "num_classes": num_classes,
+            "dropout": dropout}
 
 
-def sample_grid(ema, sched, args, mod, step, out, device):
-    """The grid of --grid-per-class images per class from the same noise every time (successive grids compare)."""
-    eta = args.grid_eta
-    x = fixed_noise_grid(ema, sched, len(mod.class_names), mod.channels, args.size, args.grid_per_class,
-                         args.guidance, args.grid_steps, eta, args.seed + 12345, device)
+@dataclass(frozen=True)
+class Grid:
+    """The sample grids: per_class images per class (--grid-per-class) at size px, DDIM with `steps` steps
+    (--grid-steps) and eta (--grid-eta), guidance w (--guidance), from the noise of seed (the same every time)."""
+    size: int
+    per_class: int
+    steps: int
+    eta: float
+    guidance: float
+    seed: int
+
+
+def sample_grid(ema, sched, grid, mod, step, out, device):
+    """The Grid of images per class from the same noise every time (successive grids compare)."""
+    x = fixed_noise_grid(ema, sched, len(mod.class_names), mod.channels, grid.size, grid.per_class,
+                         grid.guidance, grid.steps, grid.eta, grid.seed, device)
     title = f"DDPM samples, step {step}, {mod.data}" + (" (PHANTOM data)" if mod.data == "phantom" else "") + \
-        f", DDIM-{args.grid_steps} eta={eta:g}, w={args.guidance}"
+        f", DDIM-{grid.steps} eta={grid.eta:g}, w={grid.guidance}"
     for name in (f"samples_step{step:06d}.png", "samples.png"):
         save_grid(x, out / name, nrow=len(mod.class_names), title=title, row_labels=mod.class_names)
 
@@ -156,13 +170,14 @@ def init_args(init, path, margs):
     return {k: init["args"].get(k, margs[k]) for k in margs}
 
 
-def check_resume(ck, path, args, margs):
+def check_resume(ck, path, run_flags, margs, steps, fair_bayes):
     """A checkpoint --resume can continue: ours, at most --steps far, and trained with the same data, diffusion and
-    model flags (a different shape would fail to load; different data or T would silently change the run)."""
+    model flags (a different shape would fail to load; different data or T would silently change the run).
+    run_flags: {RUN_KEYS flag: value}; fair_bayes: {"window", "beta", "rho"} of --fair-bayes, or None without it."""
     if not isinstance(ck, dict) or any(k not in ck for k in RESUME_KEYS) or not isinstance(ck["args"], dict):
         raise DataError(f"--resume: {path} is not a train_ddpm.py checkpoint (choose another --out-dir, or move "
                         f"the file away to start afresh)")
-    saved, now = ck["args"], {**{k: getattr(args, k) for k in RUN_KEYS}, **margs}
+    saved, now = ck["args"], {**run_flags, **margs}
     show = lambda v: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
     flag = {"channels": "--data (image channels)", "num_classes": "--data (number of classes)"}
     differ = [f"{flag.get(k, '--' + k.replace('_', '-'))} {show(v)} (checkpoint: {show(saved[k])})"
@@ -170,19 +185,18 @@ def check_resume(ck, path, args, margs):
     if differ:
         raise DataError(f"--resume {path}: these flags differ from the run being continued: {'; '.join(differ)}. "
                         f"Pass the checkpoint's values, or another --out-dir for a new run")
-    if ("fair_bayes" in ck) != args.fair_bayes:
+    if ("fair_bayes" in ck) != (fair_bayes is not None):
         had = "with" if "fair_bayes" in ck else "without"
         raise DataError(f"--resume {path}: that run was trained {had} --fair-bayes; pass the same, or another "
                         f"--out-dir for a new run")
-    if args.fair_bayes:
+    if fair_bayes is not None:
         fb = ck["fair_bayes"]
         differ = [f"--fair-{k.replace('window', 'time-window')} {v} (checkpoint: {fb[k]})"
-                  for k, v in (("window", args.fair_time_window), ("beta", args.fair_beta), ("rho", args.fair_rho))
-                  if fb[k] != v]
+                  for k, v in fair_bayes.items() if fb[k] != v]
         if differ:
             raise DataError(f"--resume {path}: these flags differ from the run being continued: {'; '.join(differ)}")
-    if ck["step"] > args.steps:
-        raise DataError(f"--steps {args.steps}: {path} is already at step {ck['step']}; pass --steps >= "
+    if ck["step"] > steps:
+        raise DataError(f"--steps {steps}: {path} is already at step {ck['step']}; pass --steps >= "
                         f"{ck['step']} to continue it")
 
 
@@ -202,7 +216,7 @@ def main(args):
     for name in np.array(mod.class_names)[counts == 0]:
         print(f"warning: class {name} has no training images; its grid row shows what the model guesses for it",
               file=sys.stderr)
-    margs = model_args(args, K, mod.channels)
+    margs = model_args(args.size, args.width, args.mults, args.num_res, args.attn_res, args.dropout, K, mod.channels)
     init = load_checkpoint(args.init) if args.init else None
     if init is not None:
         margs = init_args(init, args.init, margs)
@@ -214,7 +228,9 @@ def main(args):
     ckpt_path = Path(args.out_dir) / "ckpt.pt"
     ck = load_checkpoint(ckpt_path) if args.resume and ckpt_path.is_file() else None
     if ck is not None:
-        check_resume(ck, ckpt_path, args, margs)
+        fair = {"window": args.fair_time_window, "beta": args.fair_beta, "rho": args.fair_rho} \
+            if args.fair_bayes else None
+        check_resume(ck, ckpt_path, {k: getattr(args, k) for k in RUN_KEYS}, margs, args.steps, fair)
     out = prepare_out_dir(args.out_dir, args.force, args.resume) if is_main_process() else None
     model = unet_from_args(margs)
     if init is not None:
@@ -250,12 +266,14 @@ def main(args):
             print(f"{args.out_dir} is already finished at --steps {args.steps}; nothing to do")
             return ema
     if is_main_process():
-        write_config(out, args, data=mod.data, weights=f"init from {args.init}" if args.init else "none (from scratch)", classes=mod.class_names,
-                     class_counts=counts.tolist(), notes=mod.notes, model=margs)
+        write_config(out, vars(args), data=mod.data,
+                     weights=f"init from {args.init}" if args.init else "none (from scratch)",
+                     classes=mod.class_names, class_counts=counts.tolist(), notes=mod.notes, model=margs)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     x_all, cls_all = x_all.to(device), cls_all.to(device)
     amp = use_amp(args.amp, device)  # bf16 on GPUs that support it; fp32 on CPUs (the U-Net is slower there in bf16)
     out_weight = model.out[-1].weight
+    grid = Grid(args.size, args.grid_per_class, args.grid_steps, args.grid_eta, args.guidance, args.seed + 12345)
     t0, seen = time.time(), 0
     bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="ddpm", disable=not is_main_process())
     for step in bar:
@@ -310,11 +328,11 @@ def main(args):
                              "grad_hist": [list(h) for h in grad_hist],
                              **({"fair_bayes": fb.state_dict()} if fb is not None else {})}, ckpt_path)
         if is_main_process() and args.sample_every and done % args.sample_every == 0 and done != args.steps:
-            sample_grid(ema, sched, args, mod, done, out, device)
+            sample_grid(ema, sched, grid, mod, done, out, device)
     ddp = {"world_size": world, "ranks_identical": ranks_identical(model)} if world > 1 else {}
     if is_main_process():
         final = args.steps
-        sample_grid(ema, sched, args, mod, final, out, device)
+        sample_grid(ema, sched, grid, mod, final, out, device)
         elapsed = time.time() - t0
         losses = [h[1] for h in history]
         metrics = {"steps": final, "final_loss_mean_last_100": float(np.mean(losses[-100:])) if losses else None,

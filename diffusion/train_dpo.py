@@ -89,13 +89,13 @@ def load_judge(judge_ckpt, names):
     return judge, jck
 
 
-def judge_pairs(model, sched, a, names, judge, jck, args, device, out):
-    """Sample 2 x n images per condition, let the judge prefer the higher-scoring of each two; write them as
-    PNGs + pairs.csv (the physicians' format). Returns (x_w, x_l uint8 arrays, class indices)."""
-    n = args.pairs_per_class
+def judge_pairs(model, sched, a, names, judge, jck, device, out, *, n, steps, guidance, seed):
+    """Sample 2 x n images per condition (DDIM with `steps` steps, guidance w, from seed), let the judge prefer the
+    higher-scoring of each two; write them as PNGs + pairs.csv (the physicians' format). Returns (x_w, x_l uint8
+    arrays, class indices)."""
     classes = np.repeat(np.arange(len(names)), 2 * n)
-    imgs = generate(model, sched, classes, a["size"], a["channels"], "ddim", args.pair_steps, 1.0, args.guidance,
-                    None, args.seed + 7, device, progress=False)
+    imgs = generate(model, sched, classes, a["size"], a["channels"], "ddim", steps, 1.0, guidance, None, seed,
+                    device, progress=False)
     x = to_signed(imgs)
     jsize = jck["arch"]["size"]
     if x.shape[-1] != jsize:
@@ -177,8 +177,9 @@ def main(args):
                         f"--subset all)")
     out = prepare_out_dir(args.out_dir, args.force)
     if args.judge:
-        xw, xl, c = judge_pairs(ema, sched, a, names, judge, jck, args, device, out)
-    write_config(out, args, data=mod.data, weights=f"init from {args.init}", judge=judge_name, dpo=args.dpo,
+        xw, xl, c = judge_pairs(ema, sched, a, names, judge, jck, device, out, n=args.pairs_per_class,
+                                steps=args.pair_steps, guidance=args.guidance, seed=args.seed + 7)
+    write_config(out, vars(args), data=mod.data, weights=f"init from {args.init}", judge=judge_name, dpo=args.dpo,
                  n_pairs=len(c), classes=names, notes=mod.notes)
     x_all, cls_all = x_all.to(device), cls_all.to(device)
     xw, xl, c = to_model_input(xw, device), to_model_input(xl, device), torch.as_tensor(c, device=device)

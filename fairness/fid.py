@@ -1,6 +1,7 @@
 """Frechet Inception Distance (and its domain-network variant), per subgroup, with the inter-subgroup variance.
 
-    python -m fairness.fid REAL FAKE [--groups CSV] [--weights PATH | --no-pretrained | --domain-ckpt CKPT]
+    python -m fairness.fid REAL FAKE [--groups CSV] [--weights PATH | --no-pretrained] [--json OUT]
+    python -m classify.domain_fd REAL FAKE --domain-ckpt CKPT [--groups CSV] [--json OUT]   # a classifier's features
 
 REAL and FAKE are folders of images (PNG/JPEG) or .npz files with a uint8 `images` array (and optionally a
 `groups` array: the output of our samplers). Features:
@@ -9,15 +10,16 @@ REAL and FAKE are folders of images (PNG/JPEG) or .npz files with a uint8 `image
   by --weights PATH, which gives the standard TF-Inception FID (its pooling quirks are reproduced). Torchvision's
   weights give "FID-tv", close to but not the standard number. --no-pretrained uses a random Inception: the
   number is only good for a smoke test and is labelled so.
-- --domain-ckpt: the penultimate features of a classifier checkpoint from this project, labelled FD-<network>,
-  for runs without ImageNet weights.
+- a classifier's: the penultimate features of a classifier checkpoint from this project (classify.domain_fd, the same
+  command with --domain-ckpt CKPT; this package loads no classifier), labelled FD-<network>, for runs without
+  ImageNet weights.
 Preprocessing: grey images repeated to 3 channels; [0, 255] -> [0, 1]; bilinear resize to 299x299
 (align_corners=False, as pytorch-fid); then 2x - 1.
 Distance: FID = ||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2)) in float64. Tr((S_r S_g)^(1/2)) is the sum of
 the square roots of the eigenvalues of R^T S_g R with R R^T = S_r (Cholesky factor, or the PSD square root
-when S_r is singular): a symmetric PSD matrix, so one symmetric eigendecomposition; --sqrtm scipy takes scipy.linalg.sqrtm of the non-symmetric product instead (pytorch-fid's
-path, slower), as a cross-check. A full-rank covariance needs n >= 2048 images: n is printed beside every FID and
-a warning is given below that. Subgroup variance = (1/G) sum_g (FID_g - mean_g FID_g)^2 (population, denominator G).
+when S_r is singular): a symmetric PSD matrix, so one symmetric eigendecomposition; --sqrtm scipy takes
+scipy.linalg.sqrtm of the non-symmetric product instead (pytorch-fid's path, slower), as a cross-check. A
+full-rank covariance needs n >= 2048 images: n is printed beside every FID and a warning is given below that. Subgroup variance = (1/G) sum_g (FID_g - mean_g FID_g)^2 (population, denominator G).
 """
 import argparse
 import hashlib
@@ -147,8 +149,8 @@ def inception(weights="torchvision"):
             net = inception_v3(weights=Inception_V3_Weights.IMAGENET1K_V1)
         except Exception as e:
             raise DataError(f"cannot load torchvision's Inception-v3 ImageNet weights ({type(e).__name__}: {e}). "
-                            f"Offline? Pass --weights pt_inception-2015-12-05-6726825d.pth, --domain-ckpt, or "
-                            f"--no-pretrained.") from e
+                            f"Offline? Pass --weights pt_inception-2015-12-05-6726825d.pth or --no-pretrained, or "
+                            f"use a classifier's features: python -m classify.domain_fd --domain-ckpt CKPT") from e
         return InceptionPool3(net, False).eval(), "FID-tv (torchvision Inception weights; close to, not equal to, " \
                                                   "the standard TF-Inception FID)"
     path = Path(weights)
@@ -245,41 +247,44 @@ def warn_small(n, what):
                       f"upwards and comparable only to FIDs at the same n")
 
 
-def feature_net(args):
-    if args.domain_ckpt:
-        from classify.nets import load_feature_extractor
-        return load_feature_extractor(args.domain_ckpt)
-    return inception(None if args.no_pretrained else (args.weights or "torchvision"))
-
-
-def main(args):
-    # the inputs read and checked before the feature network is loaded (or downloaded) and anything is computed
-    (xr, names_r, gr), (xf, names_f, gf) = load_input(args.real), load_input(args.fake)
-    for path, x in ((args.real, xr), (args.fake, xf)):
+def read_pair(real, fake, groups=None):
+    """The two inputs, read and checked: ((images, groups or None) of REAL, the same of FAKE); groups: a CSV
+    (file,group) naming each image's subgroup (--groups; folders of images only)."""
+    (xr, names_r, gr), (xf, names_f, gf) = load_input(real), load_input(fake)
+    for path, x in ((real, xr), (fake, xf)):
         if len(x) < 2:
             raise DataError(f"{path}: {len(x)} image; a Frechet distance needs at least 2 per set")
-    if args.groups:
+    if groups:
         from common.data import read_csv_checked
-        g = read_csv_checked(args.groups, ["file", "group"])
+        g = read_csv_checked(groups, ["file", "group"])
         lookup = dict(zip(g["file"].map(lambda s: Path(str(s)).name), g["group"].astype(str)))
         if names_r is None or names_f is None:
             raise DataError("--groups names files; use folders of images, or .npz inputs with a `groups` array")
         gr = np.array([lookup.get(n, "?") for n in names_r])
         gf = np.array([lookup.get(n, "?") for n in names_f])
-    if args.json and Path(args.json).is_dir():
-        raise DataError(f"--json {args.json}: is a folder; --json names the file to write")
-    if args.json and Path(args.json).exists() and not args.force:
-        raise DataError(f"--json {args.json}: exists (pass --force to replace it, or choose another --json)")
-    net, label = feature_net(args)
-    device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    fr = cached_features(net, label, args.real, xr, device)
-    ff = cached_features(net, label, args.fake, xf, device)
+    return (xr, gr), (xf, gf)
+
+
+def check_json(path, force):
+    """Refuse a --json that is a folder, or that exists without --force (before anything is computed)."""
+    if path and Path(path).is_dir():
+        raise DataError(f"--json {path}: is a folder; --json names the file to write")
+    if path and Path(path).exists() and not force:
+        raise DataError(f"--json {path}: exists (pass --force to replace it, or choose another --json)")
+
+
+def distances(net, label, real, fake, sqrtm="eigh", device="cpu"):
+    """FID (or FD) of the inputs real = (path, images, groups or None) and fake (the same) on the features of
+    net (labelled label), overall and per subgroup when both have groups; printed, and returned as a dict."""
+    (path_r, xr, gr), (path_f, xf, gf) = real, fake
+    fr = cached_features(net, label, path_r, xr, device)
+    ff = cached_features(net, label, path_f, xf, device)
     warn_small(min(len(fr), len(ff)), "overall")
-    result = {"metric": label, "fid": fid_from_features(fr, ff, args.sqrtm), "n_real": len(fr), "n_fake": len(ff),
-              "sqrtm": args.sqrtm}
+    result = {"metric": label, "fid": fid_from_features(fr, ff, sqrtm), "n_real": len(fr), "n_fake": len(ff),
+              "sqrtm": sqrtm}
     print(f"{label}\n  overall: {result['fid']:.3f}  (n_real={len(fr)}, n_fake={len(ff)})")
     if gr is not None and gf is not None:
-        per, var = subgroup_fids(fr, ff, np.asarray(gr).astype(str), np.asarray(gf).astype(str), args.sqrtm)
+        per, var = subgroup_fids(fr, ff, np.asarray(gr).astype(str), np.asarray(gf).astype(str), sqrtm)
         for k, (v, nr, nf) in per.items():
             print(f"  group {k}: {v:.3f}  (n_real={nr}, n_fake={nf})")
             warn_small(min(nr, nf), f"group {k}")
@@ -287,26 +292,42 @@ def main(args):
               ("" if per else "; no group has >= 2 images in both sets"))
         result.update(groups={k: {"fid": v, "n_real": nr, "n_fake": nf} for k, (v, nr, nf) in per.items()},
                       subgroup_variance=var)
+    return result
+
+
+def main(args):
+    # the inputs read and checked before the feature network is loaded (or downloaded) and anything is computed
+    (xr, gr), (xf, gf) = read_pair(args.real, args.fake, args.groups)
+    check_json(args.json, args.force)
+    net, label = inception(None if args.no_pretrained else (args.weights or "torchvision"))
+    device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    result = distances(net, label, (args.real, xr, gr), (args.fake, xf, gf), args.sqrtm, device)
     if args.json:
         write_json(args.json, result)
     return result
 
 
-def parse_args(argv=None):
-    p = ArgumentParser(prog="python -m fairness.fid", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_args(p):
+    """The flags of every FD command but the feature network's (fairness.fid: Inception; classify.domain_fd: a
+    classifier's)."""
     p.add_argument("real", help="folder of real images, or .npz with `images` (and optionally `groups`)")
     p.add_argument("fake", help="folder of generated images, or .npz with `images` (and optionally `groups`)")
     p.add_argument("--groups", help="CSV with columns file,group naming each image's subgroup (both folders)")
-    w = p.add_mutually_exclusive_group()
-    w.add_argument("--weights", help="path to pytorch-fid's pt_inception-2015-12-05-6726825d.pth (standard FID)")
-    w.add_argument("--no-pretrained", action="store_true", help="random Inception weights (smoke tests only)")
-    w.add_argument("--domain-ckpt", help="a fairsynth classifier ckpt.pt: FD on its penultimate features")
     p.add_argument("--sqrtm", choices=["eigh", "scipy"], default="eigh",
                    help="matrix square root: symmetric eigendecomposition (default) or scipy.linalg.sqrtm")
     p.add_argument("--device", default="auto", help="'auto' or 'cpu'")
     p.add_argument("--json", help="also write the result to this JSON file")
     p.add_argument("--force", action="store_true", help="replace an existing --json")
+    return p
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(prog="python -m fairness.fid", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(p)
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--weights", help="path to pytorch-fid's pt_inception-2015-12-05-6726825d.pth (standard FID)")
+    w.add_argument("--no-pretrained", action="store_true", help="random Inception weights (smoke tests only)")
     return p.parse_args(argv)
 
 

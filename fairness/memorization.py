@@ -1,13 +1,14 @@
 """Memorization audit: is any generated image a copy of a training patient's image?
 
-    python -m fairness.memorization SYNTH TRAIN [--feature-ckpt CKPT] [--threshold 0.02] [--out DIR] [--force]
+    python -m fairness.memorization SYNTH TRAIN [--threshold 0.02] [--out DIR] [--force]
+    python -m classify.domain_memorization SYNTH TRAIN --feature-ckpt CKPT [...]   # and in a classifier's features
 
 SYNTH and TRAIN are folders of images or .npz files with a uint8 `images` array. For each synthetic image it
 finds the nearest training image
 - in pixel space: root-mean-square difference of the images scaled to [0, 1] (after resizing TRAIN to SYNTH's
   size if they differ), and
-- in feature space (with --feature-ckpt, a fairsynth classifier checkpoint): cosine distance of its penultimate
-  features.
+- in feature space (classify.domain_memorization, the same command with --feature-ckpt, a fairsynth classifier
+  checkpoint; this package loads no classifier): cosine distance of its penultimate features.
 It reports the fraction of synthetic images whose pixel RMSE to their nearest training image is below
 --threshold (default 0.02, about 5 grey levels: an exact copy up to resampling noise), the fraction that are much
 closer to their nearest training image than to the second nearest (d1 < d2 / 3, Carlini et al. 2023), and, as the
@@ -110,50 +111,66 @@ def closest_pairs_png(synth, train, order, idx, d1, path, k=8, title="closest sy
     return save_grid(pairs, path, nrow=len(pick), title=title, row_labels=labels)
 
 
-def main(args):
-    # the inputs read and checked, and the output place, before anything is computed or written
-    synth, _, _ = load_input(args.synth)
-    train, _, _ = load_input(args.train)
-    if len(train) < 2:
-        raise DataError(f"{args.train}: {len(train)} image; the audit compares each image with its two nearest "
+def read_inputs(synth, train):
+    """The synthetic and the training images (uint8 arrays), read and checked."""
+    synth_images, _, _ = load_input(synth)
+    train_images, _, _ = load_input(train)
+    if len(train_images) < 2:
+        raise DataError(f"{train}: {len(train_images)} image; the audit compares each image with its two nearest "
                         f"training images, so it needs at least 2")
-    feature_fn = None
-    if args.feature_ckpt:
-        from classify.nets import load_feature_extractor
-        from fairness.fid import extract
-        net, label = load_feature_extractor(args.feature_ckpt)
-        feature_fn = lambda x: extract(net, x)
-    out = Path(args.out)
+    return synth_images, train_images
+
+
+def out_folder(out, force):
+    """--out, checked: a folder (made here) whose earlier audit is replaced only with force."""
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: is a file; --out names the folder to write into")
     existing = [str(out / f) for f in ("memorization.json", "closest_pairs.png") if (out / f).exists()]
-    if existing and not args.force:
+    if existing and not force:
         raise DataError(f"--out {out}: {' and '.join(existing)} already exist; pass --force to replace them, or "
                         f"choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    result, order, idx, d1 = audit(synth, train, args.threshold, feature_fn)
+    return out
+
+
+def write_audit(synth, train, out, threshold, title, feature_fn=None):
+    """audit() of the image arrays, written into the folder out (memorization.json, closest_pairs.png titled
+    title) and summed up in one printed line; returns the numbers."""
+    result, order, idx, d1 = audit(synth, train, threshold, feature_fn)
     write_json(out / "memorization.json", result)
-    closest_pairs_png(synth, train, order, idx, d1, out / "closest_pairs.png", title=args.title)
+    closest_pairs_png(synth, train, order, idx, d1, out / "closest_pairs.png", title=title)
     print(f"{result['n_synth']} synthetic vs {result['n_train']} training images: "
-          f"{100 * result['fraction_copies']:.2f}% within RMSE {args.threshold} of a training image "
+          f"{100 * result['fraction_copies']:.2f}% within RMSE {threshold} of a training image "
           f"(nearest-neighbour RMSE median {result['pixel_nn_rmse']['median']:.3f}; training set's own "
           f"{result['train_to_train_nn_rmse']['median']:.3f}); {out / 'closest_pairs.png'}")
     return result
 
 
-def parse_args(argv=None):
-    p = ArgumentParser(prog="python -m fairness.memorization", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(args):
+    # the inputs read and checked, and the output place, before anything is computed or written
+    synth, train = read_inputs(args.synth, args.train)
+    out = out_folder(args.out, args.force)
+    return write_audit(synth, train, out, args.threshold, args.title)
+
+
+def add_args(p):
+    """The audit's flags (classify.domain_memorization adds --feature-ckpt)."""
     p.add_argument("synth", help="generated images: folder or .npz with `images`")
     p.add_argument("train", help="the generator's training images: folder or .npz with `images`")
     p.add_argument("--threshold", type=positive_float, default=0.02, help="pixel RMSE (images in [0,1]) below "
                    "which a synthetic image counts as a copy")
-    p.add_argument("--feature-ckpt", help="classifier ckpt.pt for the feature-space nearest neighbour")
     p.add_argument("--out", default="memorization", help="folder for memorization.json and closest_pairs.png")
     p.add_argument("--title", default="closest synthetic (left) / training (right) pairs", help="PNG title")
     p.add_argument("--force", action="store_true", help="replace the memorization.json and closest_pairs.png of an "
                    "earlier audit in --out")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(prog="python -m fairness.memorization", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    return add_args(p).parse_args(argv)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ def main(args):
     device = device_from(args.device)
     G, ck = load_generator(args.ckpt, device)
     names = ck["class_names"]
-    which, classes = requested(args, names)
+    which, classes = requested(names, n_per_class=args.n_per_class, classes=args.classes,
+                                class_counts=args.class_counts)
     out = npz_out(args.out, args.force, beside=(".png",))
     t0 = time.time()
     u = to_uint8(generate(G, classes, args.seed, device))

@@ -158,8 +158,8 @@ def main(args):
         step, history, before = ck["step"], ck["history"], ck.get("seconds", 0.0)
         print(f"resumed {ckpt_path} at step {step}")
     counts = np.bincount(cls, minlength=len(names))
-    write_config(out, args, data=mod.data, weights="none (from scratch)", classes=names, class_counts=counts.tolist(),
-                 model=model_args, notes=mod.notes)
+    write_config(out, vars(args), data=mod.data, weights="none (from scratch)", classes=names,
+                 class_counts=counts.tolist(), model=model_args, notes=mod.notes)
     x_all, y_all = torch.from_numpy(x), torch.from_numpy(cls).long()
     t0 = time.time()
     bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="dcgan")

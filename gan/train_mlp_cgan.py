@@ -43,19 +43,19 @@ class Discriminator(nn.Module):
         return self.net(torch.cat([x, self.emb(y)], 1)).squeeze(1)
 
 
-def fit(x, y, args, device, progress=True):
+def fit(x, y, device, *, z_dim, epochs, batch_size, lr, seed, progress=True):
     """x: (N, D) in [0, 1] (scaled to [-1, 1] here), y: (N,) class indices. Returns (generator, history)."""
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     k = int(y.max()) + 1
-    G, D = Generator(x.shape[1], k, args.z_dim).to(device), Discriminator(x.shape[1], k).to(device)
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.999))
+    G, D = Generator(x.shape[1], k, z_dim).to(device), Discriminator(x.shape[1], k).to(device)
+    opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(D.parameters(), lr=lr, betas=(0.5, 0.999))
     x = x * 2 - 1
-    gen, history = torch.Generator().manual_seed(args.seed), []
-    for epoch in tqdm(range(args.epochs), desc="mlp-cgan", disable=not progress, leave=False):
-        for idx in torch.randperm(len(x), generator=gen).split(args.batch_size):
+    gen, history = torch.Generator().manual_seed(seed), []
+    for epoch in tqdm(range(epochs), desc="mlp-cgan", disable=not progress, leave=False):
+        for idx in torch.randperm(len(x), generator=gen).split(batch_size):
             real, yb = x[idx].to(device), y[idx].to(device)
-            fake = G(torch.randn(len(idx), args.z_dim, device=device), yb)
+            fake = G(torch.randn(len(idx), z_dim, device=device), yb)
             # D: log D(x|y) + log(1 - D(G(z|y)|y))
             d_real, d_fake = D(real, yb), D(fake.detach(), yb)
             loss_d = F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real)) + \
@@ -89,8 +89,10 @@ def parse_args(argv=None):
 
 
 def main(args):
-    out, device, x, y, shape, names = mlp_generator.start(args)
-    G, history = fit(x, y, args, device)
+    out, device, x, y, shape, names = mlp_generator.start(args.npz, args.per_class, args.seed, args.device,
+                                                          args.out_dir, args.force, vars(args))
+    G, history = fit(x, y, device, z_dim=args.z_dim, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                     seed=args.seed)
     gx, gy = generate(G, args.n_per_class, args.seed, device)
     mlp_generator.finish(out, G, {"dim": x.shape[1], "k": G.k, "z_dim": args.z_dim}, gx, gy, shape, names,
                          "MLP-cGAN samples per class (Adam, both networks)",

@@ -249,17 +249,16 @@ def test_memorization_reference_leaves_out_the_same_patients_images():
 
 
 def test_bad_class_requests_and_sizes_are_refused_naming_the_flag():
-    from argparse import Namespace
     from common.errors import DataError
     from common.samples import requested
     from gan.train_dcgan import levels
     names = ["F|No Finding", "F|finding"]
-    ask = lambda counts: requested(Namespace(class_counts=counts, classes=None, n_per_class=3), names)
+    ask = lambda counts: requested(names, class_counts=counts, n_per_class=3)
     assert ask("F|finding=2,F|No Finding=1")[1].tolist() == [1, 1, 0]
     for bad in ("F|findings=2", "F|finding=two", "F|finding=0"):
         with pytest.raises(DataError, match="--class-counts"):
             ask(bad)
     with pytest.raises(DataError, match="--classes"):
-        requested(Namespace(class_counts=None, classes="M|finding", n_per_class=3), names)
+        requested(names, classes="M|finding", n_per_class=3)
     with pytest.raises(DataError, match="--size 20"):
         levels(20)

@@ -1,5 +1,5 @@
 """fairness/: metrics against scikit-learn and fairlearn, ESSP/NAR by hand, FID against pytorch-fid, the FID CLI,
-the memorization audit."""
+the memorization audit, and the two on a classifier's features (classify.domain_fd, classify.domain_memorization)."""
 import json
 import subprocess
 import sys
@@ -196,6 +196,44 @@ def test_memorization_audit_finds_a_planted_copy(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "audit/memorization.json").read_text())["fraction_copies"] == pytest.approx(0.04)
+
+
+def test_fd_and_audit_on_a_classifiers_features_run_from_classify(tmp_path):
+    """FD-<network> and the feature-space audit load the classifier in classify/ (classify.domain_fd,
+    classify.domain_memorization) and compute with fairness/, which imports nothing from classify/."""
+    import ast
+    from classify.nets import arch_spec, build
+    for f in (ROOT / "fairness").glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.split(".")[0] == "classify" for n in names), f"{f.name} imports {names}"
+    spec = arch_spec("cnn8", 1, 2, 16, width=4)
+    torch.manual_seed(0)
+    torch.save({"arch": spec, "model": build(**spec).state_dict()}, tmp_path / "ckpt.pt")
+    rng = np.random.default_rng(7)
+    train = rng.integers(0, 256, (12, 16, 16), dtype=np.uint8)
+    synth = rng.integers(0, 256, (10, 16, 16), dtype=np.uint8)
+    synth[4] = train[9]
+    np.savez(tmp_path / "train.npz", images=train, groups=np.array(["F", "M"] * 6))
+    np.savez(tmp_path / "synth.npz", images=synth, groups=np.array(["F", "M"] * 5))
+    r = subprocess.run([sys.executable, "-m", "classify.domain_fd", str(tmp_path / "train.npz"),
+                        str(tmp_path / "synth.npz"), "--domain-ckpt", str(tmp_path / "ckpt.pt"), "--json",
+                        str(tmp_path / "fd.json"), "--device", "cpu"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    fd = json.loads((tmp_path / "fd.json").read_text())
+    assert fd["metric"].startswith("FD-cnn8") and fd["fid"] > 0 and set(fd["groups"]) == {"F", "M"}
+    r = subprocess.run([sys.executable, "-m", "classify.domain_memorization", str(tmp_path / "synth.npz"),
+                        str(tmp_path / "train.npz"), "--feature-ckpt", str(tmp_path / "ckpt.pt"), "--out",
+                        str(tmp_path / "audit")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "audit/memorization.json").read_text())
+    assert res["fraction_copies"] == pytest.approx(0.1) and res["feature_nn_cosine_distance"]["min"] < 1e-6
+    r = subprocess.run([sys.executable, "-m", "fairness.fid", str(tmp_path / "train.npz"), str(tmp_path / "synth.npz"),
+                        "--domain-ckpt", str(tmp_path / "ckpt.pt")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1  # not fairness.fid's flag: one line
 
 
 def test_memorization_reference_on_a_sample_of_training_queries_is_the_full_one_there():

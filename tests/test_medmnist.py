@@ -1,5 +1,4 @@
 """MedMNIST chain: the generators learn a planted class signal; the ResNet-18 trainer and the study run."""
-import argparse
 import json
 import subprocess
 import sys
@@ -48,15 +47,15 @@ def judged_accuracy(judge, gx, gy):
 def test_generator_samples_are_recognised_as_their_class(name, judge):
     """Class-conditional samples, judged by a classifier trained on real images: well above chance (0.5)."""
     x, y = bands(300, 3)  # 150 per class, like the study's subsets
-    ns = lambda **kw: argparse.Namespace(seed=0, batch_size=64, **kw)
+    kw = dict(seed=0, batch_size=64, progress=False)
     if name == "ae":
-        m, hist = ae.fit(x, y, ns(epochs=100, lr=1e-3, latent=32), "cpu", progress=False)
+        m, hist = ae.fit(x, "cpu", epochs=100, lr=1e-3, latent=32, **kw)
         gx, gy = ae.generate(m, x, y, 50)
     elif name == "cvae":
-        m, hist = cvae.fit(x, y, ns(epochs=100, lr=1e-3, latent=32), "cpu", progress=False)
+        m, hist = cvae.fit(x, y, "cpu", epochs=100, lr=1e-3, latent=32, **kw)
         gx, gy = cvae.generate(m, 50)
     else:
-        m, hist = cgan.fit(x, y, ns(epochs=200, lr=2e-4, z_dim=64), "cpu", progress=False)
+        m, hist = cgan.fit(x, y, "cpu", epochs=200, lr=2e-4, z_dim=64, **kw)
         gx, gy = cgan.generate(m, 50)
     assert gx.shape == (100, 784) and 0 <= gx.min() and gx.max() <= 1
     assert judged_accuracy(judge, gx, gy) >= 0.85
@@ -65,8 +64,7 @@ def test_generator_samples_are_recognised_as_their_class(name, judge):
 def test_untrained_generator_is_at_chance(judge):
     """The same judge on an untrained cGAN: near chance, so the test above can fail."""
     x, y = bands(300, 3)
-    m, _ = cgan.fit(x, y, argparse.Namespace(seed=0, batch_size=64, epochs=0, lr=1e-4, z_dim=64), "cpu",
-                    progress=False)
+    m, _ = cgan.fit(x, y, "cpu", seed=0, batch_size=64, epochs=0, lr=1e-4, z_dim=64, progress=False)
     assert judged_accuracy(judge, *cgan.generate(m, 50)) < 0.7
 
 

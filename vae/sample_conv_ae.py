@@ -45,7 +45,8 @@ def main(args):
         raise DataError(f"{args.ckpt}: not a finished train_conv_ae.py checkpoint (one with the training codes)")
     model = load_weights(ConvAE(**ck["model_args"]), ck["model"], args.ckpt).to(device).eval()
     names, cls = ck["class_names"], ck["classes"].numpy()
-    which, classes = requested(args, names)
+    which, classes = requested(names, n_per_class=args.n_per_class, classes=args.classes,
+                                class_counts=args.class_counts)
     empty = [names[c] for c in which if not (cls == c).any()]
     if empty:
         raise DataError(f"{args.ckpt}: no training image of class {', '.join(empty)}, so the AE has no code to "

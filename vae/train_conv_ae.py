@@ -124,7 +124,7 @@ def main(args):
         start, best, best_val, bad, history = ck["epoch"], ck["model"], ck["best_val"], ck["bad"], ck["history"]
         before = ck.get("seconds", 0.0)
         print(f"resumed {ckpt} at epoch {start}")
-    write_config(out, args, data=mod.data, weights="none (from scratch)", classes=mod.class_names,
+    write_config(out, vars(args), data=mod.data, weights="none (from scratch)", classes=mod.class_names,
                  n_train=len(x_tr), n_val=len(x_val), notes=mod.notes)
     gen = torch.Generator().manual_seed(args.seed)
     for _ in range(start):  # the shuffles of finished epochs replayed: a resumed run equals an unbroken one

@@ -86,45 +86,48 @@ def validation_loss(model, x, y, beta, batch_size=256):
     return total / max(len(x), 1)
 
 
-def resumable(ckpt, args):
-    """The checkpoint a --resume continues, if it fits the model flags (checked before anything is written)."""
+def resumable(ckpt, latent):
+    """The checkpoint a --resume continues, if it fits the model flags (--latent; checked before anything is
+    written)."""
     ck = load_checkpoint(ckpt, flag="--resume")
     if not isinstance(ck, dict) or not {"last", "model", "opt", "epoch", "args"} <= set(ck):
         raise DataError(f"--resume: {ckpt} is not a train_cvae.py checkpoint (choose another --out-dir)")
-    if ck.get("args", {}).get("latent") != args.latent:
+    if ck.get("args", {}).get("latent") != latent:
         raise DataError(f"--resume: {ckpt} was trained with --latent {ck.get('args', {}).get('latent')}, not "
-                        f"{args.latent} (pass the same --latent, or --force to start a new run)")
+                        f"{latent} (pass the same --latent, or --force to start a new run)")
     return ck
 
 
-def fit(x_tr, y_tr, x_val, y_val, args, out, device, resume=False, progress=True):
-    """Train the CVAE with early stopping; returns (model with the best weights, history). Checkpoints every epoch."""
+def fit(x_tr, y_tr, x_val, y_val, out, device, *, latent, beta, epochs, patience, batch_size, lr, seed,
+        resume=False, progress=True):
+    """Train the CVAE (the flags of the same names) with early stopping; returns (model with the best weights,
+    history). Checkpoints into out every epoch; resume: continue from out/ckpt.pt."""
     # channels_last: the (transposed) convolutions take the faster oneDNN path on a CPU (1.19x per step on 2 cores,
     # bench/cvae_format.py)
-    model = CVAE(1, args.latent).to(device, memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    model = CVAE(1, latent).to(device, memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.95)
     start, best_state, best_val, bad, history = 0, None, float("inf"), 0, []
     ckpt = out / "ckpt.pt"
     if resume and ckpt.is_file():
-        ck = resumable(ckpt, args)
+        ck = resumable(ckpt, latent)
         load_weights(model, ck["last"], ckpt)
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
         start, best_state, best_val, bad, history = ck["epoch"], ck["model"], ck["best_val"], ck["bad"], ck["history"]
         torch.set_rng_state(ck["torch_rng"])
         print(f"resumed {ckpt} at epoch {start}")
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(seed)
     for _ in range(start):  # replay the shuffles of finished epochs, so a resumed run equals an unbroken one
         torch.randperm(len(x_tr), generator=gen)
     xv, yv = x_val.to(device), y_val.to(device)
-    for epoch in tqdm(range(start, args.epochs), initial=start, total=args.epochs, desc="cvae", disable=not progress):
+    for epoch in tqdm(range(start, epochs), initial=start, total=epochs, desc="cvae", disable=not progress):
         model.train()
         tot = []
-        for idx in torch.randperm(len(x_tr), generator=gen).split(args.batch_size):
+        for idx in torch.randperm(len(x_tr), generator=gen).split(batch_size):
             x, y = x_tr[idx].to(device), y_tr[idx].to(device)
             x_hat, mu, logvar = model(x, y)
-            loss, mse, kld = cvae_loss(x_hat, x, mu, logvar, args.beta)
+            loss, mse, kld = cvae_loss(x_hat, x, mu, logvar, beta)
             check_finite(loss, epoch, out)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -132,7 +135,7 @@ def fit(x_tr, y_tr, x_val, y_val, args, out, device, resume=False, progress=True
             tot.append([loss.item(), mse.item(), kld.item()])
         sched.step()
         model.eval()
-        val = validation_loss(model, xv, yv, args.beta)
+        val = validation_loss(model, xv, yv, beta)
         t = np.mean(tot, 0)
         history.append({"epoch": epoch + 1, "loss": float(t[0]), "mse": float(t[1]), "kl": float(t[2]),
                         "val_loss": float(val)})
@@ -143,9 +146,9 @@ def fit(x_tr, y_tr, x_val, y_val, args, out, device, resume=False, progress=True
         save_checkpoint({"model": best_state, "last": model.state_dict(), "opt": opt.state_dict(),
                          "sched": sched.state_dict(), "epoch": epoch + 1, "best_val": best_val, "bad": bad,
                          "history": history, "torch_rng": torch.get_rng_state(),
-                         "args": {"latent": args.latent, "channels": 1, "size": 64},
+                         "args": {"latent": latent, "channels": 1, "size": 64},
                          "train_labels": y_tr.to(torch.uint8)}, ckpt)
-        if bad >= args.patience:
+        if bad >= patience:
             break
     model.load_state_dict(best_state)
     return model.eval(), history
@@ -214,7 +217,7 @@ def main(args):
     device = device_from(args.device)
     out = prepare_out_dir(args.out_dir, args.force, args.resume)
     if args.resume and (out / "ckpt.pt").is_file():
-        resumable(out / "ckpt.pt", args)  # refuse a checkpoint of another shape before config.json is rewritten
+        resumable(out / "ckpt.pt", args.latent)  # refuse a checkpoint of another shape before config.json is rewritten
     seed_everything(args.seed)
     t = read_nih(args.data_root, args.csv)
     if args.sets:  # a study's split file: the named sets, as they are (the study puts women's images in them)
@@ -238,10 +241,12 @@ def main(args):
     y = torch.from_numpy(label_matrix(t)[np.r_[tr, va]]).float()
     x = to_signed(x[ok])
     data = "nih1000" if args.data_root == str(PROJECT_DATA / "nih_cxr14") else f"nih ({args.data_root})"
-    write_config(out, args, data=data, weights="none (from scratch)", n_train=len(tr), n_val=len(va),
+    write_config(out, vars(args), data=data, weights="none (from scratch)", n_train=len(tr), n_val=len(va),
                  sex="female only" if female[np.r_[tr, va]].all() else "mixed")
     t0 = time.time()
-    model, history = fit(x[:len(tr)], y[:len(tr)], x[len(tr):], y[len(tr):], args, out, device, args.resume)
+    model, history = fit(x[:len(tr)], y[:len(tr)], x[len(tr):], y[len(tr):], out, device, latent=args.latent,
+                         beta=args.beta, epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
+                         lr=args.lr, seed=args.seed, resume=args.resume)
     best = min(history, key=lambda h: h["val_loss"])
     write_json(out / "metrics.json", {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
                                       "epochs_run": len(history), "n_train": len(tr), "n_val": len(va),

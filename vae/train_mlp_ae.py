@@ -38,14 +38,14 @@ class AE(nn.Module):
         return self.dec(self.enc(x))
 
 
-def fit(x, y, args, device, progress=True):
+def fit(x, device, *, latent, epochs, batch_size, lr, seed, progress=True):
     """x: (N, D) in [0, 1]. Returns (model, history)."""
-    torch.manual_seed(args.seed)
-    model = AE(x.shape[1], args.latent).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    gen, history = torch.Generator().manual_seed(args.seed), []
-    for epoch in tqdm(range(args.epochs), desc="mlp-ae", disable=not progress, leave=False):
-        for idx in torch.randperm(len(x), generator=gen).split(args.batch_size):
+    torch.manual_seed(seed)
+    model = AE(x.shape[1], latent).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen, history = torch.Generator().manual_seed(seed), []
+    for epoch in tqdm(range(epochs), desc="mlp-ae", disable=not progress, leave=False):
+        for idx in torch.randperm(len(x), generator=gen).split(batch_size):
             xb = x[idx].to(device)
             loss = F.mse_loss(model(xb), xb)
             check_finite(loss, epoch)
@@ -83,8 +83,10 @@ def parse_args(argv=None):
 
 
 def main(args):
-    out, device, x, y, shape, names = mlp_generator.start(args)
-    model, history = fit(x, y, args, device)
+    out, device, x, y, shape, names = mlp_generator.start(args.npz, args.per_class, args.seed, args.device,
+                                                          args.out_dir, args.force, vars(args))
+    model, history = fit(x, device, latent=args.latent, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         seed=args.seed)
     gx, gy = generate(model, x, y, args.n_per_class, args.seed, device)
     mlp_generator.finish(out, model, {"dim": x.shape[1], "latent": args.latent}, gx, gy, shape, names,
                          "MLP-AE: decoded interpolations of same-class codes",

@@ -44,14 +44,14 @@ def elbo_loss(x_hat, x, mu, logvar):
     return rec + kld
 
 
-def fit(x, y, args, device, progress=True):
+def fit(x, y, device, *, latent, epochs, batch_size, lr, seed, progress=True):
     """x: (N, D) in [0, 1], y: (N,) class indices. Returns (model, history)."""
-    torch.manual_seed(args.seed)
-    model = MLPCVAE(x.shape[1], int(y.max()) + 1, args.latent).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    gen, history = torch.Generator().manual_seed(args.seed), []
-    for epoch in tqdm(range(args.epochs), desc="mlp-cvae", disable=not progress, leave=False):
-        for idx in torch.randperm(len(x), generator=gen).split(args.batch_size):
+    torch.manual_seed(seed)
+    model = MLPCVAE(x.shape[1], int(y.max()) + 1, latent).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen, history = torch.Generator().manual_seed(seed), []
+    for epoch in tqdm(range(epochs), desc="mlp-cvae", disable=not progress, leave=False):
+        for idx in torch.randperm(len(x), generator=gen).split(batch_size):
             xb, yb = x[idx].to(device), y[idx].to(device)
             x_hat, mu, logvar = model(xb, yb)
             loss = elbo_loss(x_hat, xb, mu, logvar)
@@ -77,8 +77,10 @@ def parse_args(argv=None):
 
 
 def main(args):
-    out, device, x, y, shape, names = mlp_generator.start(args)
-    model, history = fit(x, y, args, device)
+    out, device, x, y, shape, names = mlp_generator.start(args.npz, args.per_class, args.seed, args.device,
+                                                          args.out_dir, args.force, vars(args))
+    model, history = fit(x, y, device, latent=args.latent, epochs=args.epochs, batch_size=args.batch_size,
+                         lr=args.lr, seed=args.seed)
     gx, gy = generate(model, args.n_per_class, args.seed, device)
     mlp_generator.finish(out, model, {"dim": x.shape[1], "k": model.k, "latent": args.latent}, gx, gy, shape, names,
                          "MLP-cVAE samples per class", {"final_loss": history[-1], "n_train": len(x),

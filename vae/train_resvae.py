@@ -136,21 +136,23 @@ def vae_loss(x_hat, x, mu, logvar, vgg, perceptual_weight=1.0):
     return mse + kl + perceptual_weight * perc, mse, kl, perc
 
 
-def fit(x, args, vgg, device, progress=True):
-    """x: (N, 3, S, S) in [-1, 1]. Returns (model, history)."""
-    torch.manual_seed(args.seed)
-    levels = int(np.log2(x.shape[-1] // args.latent_res))
-    model = ResVAE(x.shape[1], args.width, levels, args.latent_channels).to(device, memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    gen, history = torch.Generator().manual_seed(args.seed), []
-    for epoch in tqdm(range(args.epochs), desc="resvae", disable=not progress, leave=False):
+def fit(x, vgg, device, *, width, latent_channels, latent_res, epochs, batch_size, lr, perceptual_weight, seed,
+        out_dir=None, progress=True):
+    """x: (N, 3, S, S) in [-1, 1]; the model and its training: add_args' flags of the same names; out_dir: named in
+    the message of a non-finite loss. Returns (model, history)."""
+    torch.manual_seed(seed)
+    levels = int(np.log2(x.shape[-1] // latent_res))
+    model = ResVAE(x.shape[1], width, levels, latent_channels).to(device, memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen, history = torch.Generator().manual_seed(seed), []
+    for epoch in tqdm(range(epochs), desc="resvae", disable=not progress, leave=False):
         model.train()
         parts = []
-        for idx in torch.randperm(len(x), generator=gen).split(args.batch_size):
+        for idx in torch.randperm(len(x), generator=gen).split(batch_size):
             xb = x[idx].to(device).contiguous(memory_format=torch.channels_last)
             x_hat, mu, logvar = model(xb)
-            loss, mse, kl, perc = vae_loss(x_hat, xb, mu, logvar, vgg, args.perceptual_weight)
-            check_finite(loss, epoch, getattr(args, "out_dir", None))
+            loss, mse, kl, perc = vae_loss(x_hat, xb, mu, logvar, vgg, perceptual_weight)
+            check_finite(loss, epoch, out_dir)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -231,9 +233,11 @@ def main(args):
         idx = draw_train_set(t, np.arange(len(t)), args.train_set, args.n_train, np.random.default_rng(args.seed))
     torch.manual_seed(args.vgg_seed)  # the random VGG19 (--no-pretrained) is the same for every run
     vgg = VGGPerceptual(args.pretrained, args.vgg_weights).to(device)
-    write_config(out, args, data=data, weights=f"VGG19: {vgg.source}")
+    write_config(out, vars(args), data=data, weights=f"VGG19: {vgg.source}")
     t0 = time.time()
-    model, history = fit(x[idx], args, vgg, device)
+    model, history = fit(x[idx], vgg, device, width=args.width, latent_channels=args.latent_channels,
+                         latent_res=args.latent_res, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         perceptual_weight=args.perceptual_weight, seed=args.seed, out_dir=args.out_dir)
     save_checkpoint({"model": model.state_dict(), "args": vars(args)}, out / "ckpt.pt")
     rows, recons = [], {}
     for g in tests:  # per test image: reconstruction MSE and latent std; the first 8 reconstructions for figures
