@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -93,7 +94,7 @@ def main():
           f"mean seconds per run fp32 {seconds['off']:.0f}, bf16 {seconds['bf16']:.0f} "
           f"({seconds['off'] / seconds['bf16']:.2f}x, process start and evaluation included)")
     plot(runs, seeds, out / "curves.png")
-    summary = {"git_commit": git_commit(), "command": " ".join(sys.argv), "settings": QUICK, "seeds": seeds,
+    summary = {"git_commit": git_commit(), "command": " ".join(sys.argv).replace(tempfile.gettempdir(), "<tmp>"), "settings": QUICK, "seeds": seeds,
                "rule": {k: {kk: (float(vv) if not isinstance(vv, bool) else vv) for kk, vv in v.items()}
                         for k, v in rule.items()},
                "agrees": agree, "seconds_per_run": seconds,

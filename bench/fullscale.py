@@ -50,6 +50,11 @@ FULL_N = 112120  # images in NIH ChestX-ray14
 TABLE = PROJECT_DATA / "nih_cxr14" / "Data_Entry_2017_v2020.csv.gz"
 
 
+def as_recorded(cmd, root, work):
+    """The command as the results record it: the machine's temporary folders named <root> and <tmp>."""
+    return " ".join(cmd[1:]).replace(str(work), "<tmp>").replace(str(root), "<root>")
+
+
 def cpu_name():
     try:
         return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
@@ -262,7 +267,7 @@ def main():
                    "--cvae-epochs", "1", "--n-boot", "50", "--out", str(work / "chestxray"),
                    "--runs", str(work / "chestxray-runs")]
             rc, wall, rss, out = measured(cmd, env={"FAIRSYNTH_CACHE": str(cache)})
-            res["chestxray_capped"] = {"command": " ".join(cmd[1:]), "exit": rc, "seconds": wall,
+            res["chestxray_capped"] = {"command": as_recorded(cmd, root, work), "exit": rc, "seconds": wall,
                                        "peak_rss_gb": rss, "summary": (work / "chestxray" / "summary.json").is_file()}
             print(f"chestxray --scale full, capped: exit {rc}, {wall:.0f} s, peak RSS {rss:.2f} GB")
             if rc:
@@ -273,7 +278,7 @@ def main():
                    "--steps", str(args.ddpm_steps), "--batch-size", "8", "--sample-every", "0", "--grid-per-class", "1",
                    "--grid-steps", "2", "--out-dir", str(work / "ddpm")]
             rc, wall, rss, out = measured(cmd, env={"FAIRSYNTH_CACHE": str(cache)})
-            res["ddpm_capped"] = {"command": " ".join(cmd[1:]), "exit": rc, "seconds": wall, "peak_rss_gb": rss}
+            res["ddpm_capped"] = {"command": as_recorded(cmd, root, work), "exit": rc, "seconds": wall, "peak_rss_gb": rss}
             print(f"train_ddpm, fairgen's full preset, {args.ddpm_steps} steps: exit {rc}, {wall:.0f} s, peak RSS {rss:.2f} GB")
             if rc:
                 print(out)

@@ -310,11 +310,23 @@ def _jsonable(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
+def recorded_command():
+    """sys.argv as a record may keep it: the script's path relative to the working folder when it lies inside it
+    (a committed config.json names no folder of the machine that ran it)."""
+    argv = list(sys.argv)
+    if argv:
+        try:
+            argv[0] = str(Path(argv[0]).resolve().relative_to(Path.cwd().resolve()))
+        except ValueError:
+            pass
+    return argv
+
+
 def write_config(out_dir, settings, data, weights="none", **extra):
     """config.json: the command's settings (under "args"), argv, git commit, versions, and which data and weights
     were used. settings: the flags as parsed, a dict (a script's main passes vars(args)); a Namespace is read as its
     vars(). Like common.cli.as_argv, a serializer of a parser's values: nothing here reads a setting."""
-    cfg = {"args": vars(settings) if hasattr(settings, "__dict__") else dict(settings), "argv": sys.argv,
+    cfg = {"args": vars(settings) if hasattr(settings, "__dict__") else dict(settings), "argv": recorded_command(),
            "git_commit": git_commit(), "torch": torch.__version__, "python": platform.python_version(),
            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
            "cpu_threads": torch.get_num_threads(),  # float summation order, hence CPU results, depend on it
