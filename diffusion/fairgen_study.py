@@ -437,7 +437,7 @@ def main(args):
         for name in names:
             for seed in range(args.preset["seeds"]):
                 modality(name, args, seed, runs, device, stages)
-        planned(stages, args, "per modality and seed: FD / KID / memorization of the samples; Table 1 and the "
+        planned(stages, args.dry_run, args.makefile, "per modality and seed: FD / KID / memorization of the samples; Table 1 and the "
                               f"comparisons from the downstream stages' preds.csv, and the tables in {args.out}")
         return
     out = prepare_out_dir(args.out, args.force)

@@ -147,7 +147,7 @@ def compare_smoke(smoke_study, tmp_path_factory):
     cx_out, runs, _ = smoke_study("classify.chestxray_study")
     base = tmp_path_factory.mktemp("compare")
     r = run("classify.compare_study", "--smoke", "--chestxray", str(cx_out), "--ood-root",
-            str(chexpert_root(base / "chexpert")), "--out", str(base / "out"), timeout=900)
+            str(chexpert_root(base / "chexpert")), "--out", str(base / "out"), timeout=1800)
     return base / "out", Path(runs), r
 
 

@@ -87,8 +87,9 @@ def test_compare_plans_from_a_chestxray_run_and_refuses_without_one(smoke_study,
 def test_ddpm_study_smoke_chain_and_its_report_from_files(tmp_path):
     """`make ddpm SMOKE=1` as stages: the report's table is made from summary.json, and remade from the files."""
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", STUDIES["ddpm"], "--smoke", "--out", str(out), "--runs",
-                        str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    r = subprocess.run([sys.executable, "-m", STUDIES["ddpm"], "--smoke", "--size", "16", "--width", "8",
+                        "--n-per-class", "1", "--out", str(out), "--runs", str(tmp_path / "runs")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     table = (out / "samplers.md").read_text()
