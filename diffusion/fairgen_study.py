@@ -104,28 +104,29 @@ def parse_args(argv=None):
     p.add_argument("--modalities", default="cxr,mri,skin", type=modality_list,
                    help="comma-separated: cxr, nih, mri, skin, toy")
     p.add_argument("--skin-root", default=None, help="Fitzpatrick17k folder (default: the skin phantom)")
-    p.add_argument("--size", type=positive_int, help="image side (every stage)")
-    p.add_argument("--width", type=positive_int, help="U-Net base channel width")
-    p.add_argument("--mults", type=int_list(1), help="U-Net channel multiplier per resolution level, e.g. 1,2,2")
-    p.add_argument("--num-res", type=positive_int, help="U-Net residual blocks per level")
-    p.add_argument("--attn-res", type=int_list(1, allow_empty=True), help="resolutions with self-attention, e.g. 8")
-    p.add_argument("--pretrain", type=positive_int, help="pretraining steps of the plain DDPM")
-    p.add_argument("--finetune", type=positive_int, help="fine-tuning steps of every method (fairgen: SQRS + CB "
+    g = p.add_argument_group("the settings of a scale (default: its value in SCALES for --scale)")
+    g.add_argument("--size", type=positive_int, help="image side (every stage)")
+    g.add_argument("--width", type=positive_int, help="U-Net base channel width")
+    g.add_argument("--mults", type=int_list(1), help="U-Net channel multiplier per resolution level, e.g. 1,2,2")
+    g.add_argument("--num-res", type=positive_int, help="U-Net residual blocks per level")
+    g.add_argument("--attn-res", type=int_list(1, allow_empty=True), help="resolutions with self-attention, e.g. 8")
+    g.add_argument("--pretrain", type=positive_int, help="pretraining steps of the plain DDPM")
+    g.add_argument("--finetune", type=positive_int, help="fine-tuning steps of every method (fairgen: SQRS + CB "
                                                          "loss for finetune - dpo steps, then DPO)")
-    p.add_argument("--dpo-steps", dest="dpo", type=positive_int, metavar="STEPS",
+    g.add_argument("--dpo-steps", dest="dpo", type=positive_int, metavar="STEPS",
                    help="DPO steps of the fairgen method")
-    p.add_argument("--fair-window", type=positive_int, help="FairDiffusion's fine-tuning steps per GP update")
-    p.add_argument("--batch", type=positive_int, help="DDPM batch size (pretraining, fine-tuning, DPO)")
-    p.add_argument("--sample-steps", type=positive_int, help="DDIM steps of the samples, the DPO pairs and grids")
-    p.add_argument("--clf-epochs", type=positive_int, help="epochs of the judge and the FD network")
-    p.add_argument("--down-epochs", type=positive_int, help="epochs of the downstream classifiers")
-    p.add_argument("--seeds", type=positive_int, help="split seeds (each its own split, generators, stages)")
-    p.add_argument("--down-seeds", type=positive_int, help="downstream ViT seeds per Table-1 cell")
-    p.add_argument("--pairs-per-class", type=positive_int, help="DPO pairs per class the judge makes")
-    p.add_argument("--vit", type=vit_size, help="the downstream ViT's size as KEY=NUMBER,..., e.g. patch=8,dim=64")
-    p.add_argument("--kinds", type=name_list(KINDS), help=f"downstream classifiers of the ratio sweep, of "
+    g.add_argument("--fair-window", type=positive_int, help="FairDiffusion's fine-tuning steps per GP update")
+    g.add_argument("--batch", type=positive_int, help="DDPM batch size (pretraining, fine-tuning, DPO)")
+    g.add_argument("--sample-steps", type=positive_int, help="DDIM steps of the samples, the DPO pairs and grids")
+    g.add_argument("--clf-epochs", type=positive_int, help="epochs of the judge and the FD network")
+    g.add_argument("--down-epochs", type=positive_int, help="epochs of the downstream classifiers")
+    g.add_argument("--seeds", type=positive_int, help="split seeds (each its own split, generators, stages)")
+    g.add_argument("--down-seeds", type=positive_int, help="downstream ViT seeds per Table-1 cell")
+    g.add_argument("--pairs-per-class", type=positive_int, help="DPO pairs per class the judge makes")
+    g.add_argument("--vit", type=vit_size, help="the downstream ViT's size as KEY=NUMBER,..., e.g. patch=8,dim=64")
+    g.add_argument("--kinds", type=name_list(KINDS), help=f"downstream classifiers of the ratio sweep, of "
                                                           f"{','.join(KINDS)}")
-    p.add_argument("--blinded-per-condition", type=positive_int,
+    g.add_argument("--blinded-per-condition", type=positive_int,
                    help="pairs per condition and contest in the blinded expert-evaluation set")
     p.add_argument("--sweep-methods", default="base,fairgen", type=name_list(METHODS),
                    help="methods whose synthetic data get the ratio sweep")
