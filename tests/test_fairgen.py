@@ -91,7 +91,7 @@ def test_cxr_patient_ids_carry_their_source():
 def test_rows_auroc_equals_auroc_ovr_on_resamples():
     """The comparisons' fast AUROC of a resample (rows repeated) equals fairness.metrics.auroc_ovr on the resampled
     rows, binary and multi-class, with ties and with a class missing from the resample."""
-    from diffusion.fairgen_study import RowsAUROC
+    from diffusion.fairgen_report import RowsAUROC
     from fairness.metrics import auroc_ovr
     rng = np.random.default_rng(0)
     for L in (2, 3, 5):
@@ -123,7 +123,7 @@ def test_inverse_performance_weights():
 def test_table_marks_a_gap_whose_ci_excludes_it():
     """Resampling inflates a max - min gap: two groups with equal accuracy give NAR 0 and a bootstrap CI above 0.
     Table 1 marks such a value instead of printing a CI that silently excludes it."""
-    from diffusion.fairgen_study import fmt
+    from diffusion.fairgen_report import fmt
     from fairness.metrics import bootstrap, group_accuracy, nar
     groups = np.repeat(["F", "M"], 40)
     y_true, y_pred = np.ones(80, int), np.tile([1, 0], 40)  # 50% correct in each group
@@ -188,7 +188,7 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
     down = s1["preset"]["down_seeds"]
     assert down == 2 and len(t1["fairgen"]["accuracy"]["seeds"]) == down
     # per-image predictions: one row per test image, cell and downstream seed; the comparisons come from that file
-    from diffusion.fairgen_study import PAIRS, comparisons_from_preds, read_preds
+    from diffusion.fairgen_report import PAIRS, comparisons_from_preds, read_preds
     preds = read_preds(tmp_path / "out" / s1["preds"]["toy:160"])
     n_test = s1["modalities"]["toy:160"]["seed0"]["n_test"]
     assert len(preds) == 14 * down * n_test  # (real only + 6 methods) x reweighting
@@ -233,10 +233,10 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
     assert all(p["left_source"] != p["right_source"] for p in bp["pairs"])
     second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
-    # judge, fdnet, pretrain, 6 fine-tunes, fairgen (DPO), 6 samples, the downstream classifiers
-    assert second.stdout.count("reuse ") == 17
+    # judge, fdnet, pretrain, 6 fine-tunes, fairgen (DPO), 6 samples, the downstream classifiers, the evaluation
+    assert second.stdout.count("reuse ") == 18
     s2 = json.loads((tmp_path / "out/summary.json").read_text())
-    assert s2["stages"] == s1["stages"] and len(s1["stages"]) == 17
+    assert s2["stages"] == s1["stages"] and len(s1["stages"]) == 18
     # --dry-run prints the stage commands the run executed, each a script of its own, and touches nothing
     before = sorted(p.name for p in (tmp_path / "out").iterdir())
     dry = subprocess.run(cmd + ["--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -245,7 +245,8 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
     assert [x.removeprefix("# reuse: ") for x in plan] == s1["stages"]
     assert all(x.startswith("# reuse: ") for x in plan)  # after a finished run, every stage would be reused
     assert all(c.split()[2] in {"classify.train_classifier", "diffusion.train_ddpm", "diffusion.train_dpo",
-                                "diffusion.sample_ddpm", "diffusion.fairgen_downstream"} for c in s1["stages"])
+                                "diffusion.sample_ddpm", "diffusion.fairgen_downstream",
+                                "diffusion.fairgen_eval"} for c in s1["stages"])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
     assert s2["table1"] == s1["table1"] and s2["fid"] == s1["fid"]
-    assert s1["reused"] == [] and len(s2["reused"]) == 17
+    assert s1["reused"] == [] and len(s2["reused"]) == 18

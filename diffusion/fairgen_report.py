@@ -1,0 +1,499 @@
+"""The fairgen study's report, from files alone: what the study gathered into --out (plan.json, stages.json,
+preds_<modality>.csv(.gz), blinded pairs, figures) and the stage files plan.json names (the eval and downstream
+stages' metrics.json, FairDiffusion's sigma search, the samples). Writes Table 1 (ours and the paper's), the paired
+comparisons (gaps.md for more than two groups), FD / KID / memorization, figures, summary.json and README.md.
+
+    python -m diffusion.fairgen_report --out results/fairgen     # rebuild a finished run's report
+"""
+import argparse
+import json
+from pathlib import Path
+import time
+import warnings
+
+import numpy as np
+import pandas as pd
+
+from common.cli import ArgumentParser, run
+from common.errors import DataError
+from common.report import footer, markdown_table, save_grid, write_table
+from common.runs import write_json
+from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, gap_permutation, group_gap,
+                              paired_difference_replicates, with_holm)
+from fairness.figures import bars, lines, radar
+from fairness.metrics import bootstrap, essp, fairness_summary, group_accuracy
+
+METHODS = ["base", "cbrs", "sqrs", "cbdm", "fairdiffusion", "fairgen"]  # the paper's order
+JUDGE = "classifier (automatic, trained on real images; not physicians)"
+# FairGen Table 1 (ViT, Fitzpatrick-17k; docs/METHODS.md, labels as the paper's): their Stable-Diffusion-based numbers,
+# never mixed with ours. "Base (ViT)" is the ViT on real data only; "Stable Diffusion" the plain generator's data.
+PUBLISHED = {("Fitzpatrick-17k", m): dict(zip(("ESSP", "DP", "EO", "NAR"), v)) for m, v in [
+    ("Base (ViT)", (5.11, 18.22, 7.56, 0.36)), ("Stable Diffusion", (3.76, 25.04, 8.19, 0.41)),
+    ("CBRS", (5.85, 15.28, 6.72, 0.30)), ("SQRS", (5.08, 18.03, 7.29, 0.35)), ("CBDM", (6.11, 13.13, 6.56, 0.28)),
+    ("FairDiffusion", (11.16, 8.13, 4.52, 0.25)), ("FairGen", (15.47, 4.51, 2.70, 0.21))]}
+# the comparisons of Table 1's cells, (method, reweighting) a vs b: every method vs base, without and with
+# reweighting on both sides, FairGen with reweighting (the paper's FairGen includes it) vs base without, and FairGen
+# vs FairDiffusion (the paper's strongest earlier fair generator) without and with reweighting
+PAIRS = [((m, rw), ("base", rw)) for rw in (False, True) for m in METHODS[1:]] + \
+    [(("fairgen", True), ("base", False))] + [(("fairgen", rw), ("fairdiffusion", rw)) for rw in (False, True)]
+GAP_NOTE = ("DP, EO and NAR are max - min gaps between groups (never below 0), and resampling inflates a gap (two "
+            "groups that happen to score alike in the test set rarely do in a resample), so their percentile CI "
+            "cannot contain 0 and can sit above the value (marked †): read it as the range the gap takes under "
+            "test-set noise, not as a confidence interval or a test. Whether a method changes a gap: comparisons.md "
+            "(signed AUROC gap, paired) and gaps.md (permutation nulls).")
+ANSWERS = [("Is FairGen (with reweighting) fairer than its base?", ""),  # summary's answers: essp<suffix>, gap<suffix>
+           ("Is FairGen fairer than FairDiffusion, both with reweighting?", "_vs_fairdiffusion")]
+
+
+def cell_name(method, reweight):
+    """Table 1's row name of a cell: 'real only', 'base', 'fairgen + reweighting', ..."""
+    return method + (" + reweighting" if reweight else "")
+
+
+# ---- from preds.csv: Table 1 and the comparisons ------------------------------------------------------------------
+def read_preds(path):
+    """preds.csv(.gz) as written by the study: one row per test image, cell and downstream seed."""
+    return pd.read_csv(path, dtype={"patient_id": str, "group": str, "method": str})
+
+
+class RowsAUROC:
+    """auroc_ovr(y[rows], probs[rows]) for any rows, repeats included, in microseconds: the AUROC (Mann-Whitney) of
+    a multiset is sum_ij w_i w_j ([s_i > s_j] + [s_i = s_j] / 2) / (W_pos W_neg) over positives i and negatives j,
+    w_i the number of times row i occurs, so each class's comparison matrix is built once. Binary (2 columns): the
+    AUROC of class 1; more: the mean over the classes present of one-vs-rest AUROCs (tests: equal to auroc_ovr)."""
+
+    def __init__(self, y, probs):
+        self.n, self.parts = len(y), []
+        for k in [1] if probs.shape[1] == 2 else range(probs.shape[1]):
+            pos, neg = np.nonzero(y == k)[0], np.nonzero(y != k)[0]
+            s_pos, s_neg = probs[pos, k][:, None], probs[neg, k][None, :]
+            self.parts.append((pos, neg, (s_pos > s_neg) + 0.5 * (s_pos == s_neg)))  # (P_k, N_k)
+
+    def __call__(self, rows):
+        w = np.bincount(rows, minlength=self.n).astype(float)
+        vals = [w[pos] @ c @ w[neg] / (w[pos].sum() * w[neg].sum()) for pos, neg, c in self.parts
+                if w[pos].sum() > 0 and w[neg].sum() > 0]
+        return float(np.mean(vals)) if vals else float("nan")
+
+
+def _cell_arrays(df, method, reweight, split_seed):
+    """One cell of one split, rows in image order, per downstream seed: (y, groups, patients, [(pred, probs, auc)])
+    with auc a RowsAUROC of that seed's probabilities."""
+    d = df[(df["method"] == method) & (df["reweight"] == reweight) & (df["split_seed"] == split_seed)]
+    seeds = sorted(d["down_seed"].unique())
+    parts = [d[d["down_seed"] == s].sort_values("image") for s in seeds]
+    first = parts[0]
+    assert all(np.array_equal(p["image"].to_numpy(), first["image"].to_numpy()) for p in parts), \
+        "every downstream seed must predict the same test images"
+    pcols = sorted((c for c in df.columns if c.startswith("p_")), key=lambda c: int(c[2:]))
+    y = first["label"].to_numpy()
+    return (y, first["group"].to_numpy().astype(str), first["patient_id"].to_numpy(),
+            [(p["pred"].to_numpy(), p[pcols].to_numpy(float), RowsAUROC(y, p[pcols].to_numpy(float))) for p in parts])
+
+
+def _binary_or_probs(probs):
+    return probs[:, 1] if probs.shape[1] == 2 else probs
+
+
+def table1_from_preds(df, n_boot, seed=0):
+    """Table 1 of one split from its preds rows: for each cell, every metric of fairness_summary as the mean over
+    the downstream seeds ({value, ci, seeds}); CI: percentile bootstrap over test patients of that mean (the seeds
+    held fixed; the comparisons resample them too)."""
+    out = {}
+    split_seed = sorted(df["split_seed"].unique())[0]
+    for (method, rw), _ in df.groupby(["method", "reweight"], sort=False):
+        y, g, pid, runs = _cell_arrays(df, method, rw, split_seed)
+
+        def stat(idx):
+            per = [fairness_summary(y[idx], pred[idx], g[idx], _binary_or_probs(probs)[idx]) for pred, probs, _ in runs]
+            return {k: float(np.mean([p[k] for p in per])) for k in per[0]}
+        every = np.arange(len(y))
+        point = stat(every)
+        seeds = [fairness_summary(y, pred, g, _binary_or_probs(probs)) for pred, probs, _ in runs]
+        ci = bootstrap(stat, len(y), clusters=pid, n_boot=n_boot, seed=seed)
+        out[cell_name(method, rw)] = {k: {"value": v, "ci": list(ci.get(k, (np.nan, np.nan))),
+                                          "seeds": [float(s[k]) for s in seeds]} for k, v in point.items()}
+    return out
+
+
+def metric_functions(attrs):
+    """{name: f(y, groups, run, idx) -> float} of the comparisons, run = (pred, probs, auc): accuracy, ESSP on
+    accuracy, and the gap in AUROC (binary: of class 1; more classes: one-vs-rest mean) between groups (signed
+    first - second for two groups; max - min for more, see gap_tables)."""
+    def acc(y, g, run, i):
+        return float(np.mean(y[i] == run[0][i]))
+
+    def es(y, g, run, i):
+        return essp(acc(y, g, run, i), group_accuracy(y[i], run[0][i], g[i]).values())
+
+    def gap(y, g, run, i):
+        if len(attrs) == 2:
+            a, b = (i[g[i] == s] for s in attrs)
+            return run[2](a) - run[2](b) if len(a) and len(b) else float("nan")
+        return group_gap(run[2], g, i, attrs)
+    gap_name = f"AUROC gap {attrs[0]} - {attrs[1]}" if len(attrs) == 2 else "AUROC gap max - min"
+    return {"accuracy": acc, "ESSP (accuracy)": es, gap_name: gap}
+
+
+def comparisons_from_preds(df, attrs, n_boot=2000, seed=0):
+    """The paired comparisons of one modality, from its preds DataFrame alone (every split seed in it): each PAIR
+    of cells on accuracy, ESSP and the AUROC gap, a - b, with compare.paired_difference_replicates (units: test
+    patients). One split: the replicates are the downstream seeds on its test set (one draw of patients serves
+    them all); several splits: the replicates are the splits, each statistic the mean over its downstream seeds.
+    Holm over the modality's rows. Each row also has value_a / value_b (the mean over replicates)."""
+    attrs = [a for a in attrs if a in set(df["group"].astype(str))]
+    splits = sorted(df["split_seed"].unique())
+    rows, cells = [], {}
+
+    def cell(m, r, s):  # (y, groups, patients, runs) and the image ids of one cell, built once for every metric
+        if (m, r, s) not in cells:
+            images = df[(df.method == m) & (df.reweight == r) & (df.split_seed == s) & (df.down_seed == 0)]
+            cells[m, r, s] = _cell_arrays(df, m, r, s), images.sort_values("image")["image"].to_numpy()
+        return cells[m, r, s]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of a resample without a class: NaN, left out
+        for metric, f in metric_functions(attrs).items():
+            for (ma, ra), (mb, rb) in PAIRS:
+                reps = []  # (stat_a, stat_b, patients) per replicate
+                for s in splits:
+                    (y, g, pid, runs_a), img_a = cell(ma, ra, s)
+                    (y_b, _, _, runs_b), img_b = cell(mb, rb, s)
+                    assert np.array_equal(y, y_b) and np.array_equal(img_a, img_b), \
+                        "a and b must be evaluated on the same test images"
+                    if len(splits) == 1:  # replicates: the downstream seeds
+                        reps += [(_seed_mean(f, y, g, [a]), _seed_mean(f, y, g, [b]), pid)
+                                 for a, b in zip(runs_a, runs_b)]
+                    else:  # replicates: the splits
+                        reps.append((_seed_mean(f, y, g, runs_a), _seed_mean(f, y, g, runs_b), pid))
+                res = paired_difference_replicates(reps, n_boot=n_boot, seed=seed)
+                if len(splits) > 1:
+                    res["method"] += "; each replicate a split (its own test patients), its statistic the mean " \
+                                     "over its downstream seeds"
+                every = [np.arange(len(pid)) for _, _, pid in reps]
+                rows.append({**comparison(metric, cell_name(ma, ra), cell_name(mb, rb), res),
+                             "value_a": float(np.nanmean([a(i) for (a, _, _), i in zip(reps, every)])),
+                             "value_b": float(np.nanmean([b(i) for (_, b, _), i in zip(reps, every)]))})
+    return with_holm(rows)
+
+
+def _seed_mean(f, y, g, runs):
+    """idx -> the mean over downstream seeds (runs: [(pred, probs, auc)]) of the metric f on the rows idx."""
+    if len(runs) == 1:
+        return lambda idx: f(y, g, runs[0], idx)
+    return lambda idx: float(np.mean([f(y, g, run, idx) for run in runs]))
+
+
+def gap_tables(df, attrs, n_perm=2000, seed=0):
+    """For more than two groups: each cell's max - min AUROC gap against its permutation null (group labels
+    shuffled across patients; compare.gap_permutation) on split seed 0, the AUROC the mean over downstream seeds:
+    {cell: {gap, p, null_median, excess, n_units, method}}. Empty for two groups (their signed gap has a CI)."""
+    attrs = [a for a in attrs if a in set(df["group"].astype(str))]
+    if len(attrs) <= 2:
+        return {}
+    out = {}
+    split_seed = sorted(df["split_seed"].unique())[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for (method, rw), _ in df.groupby(["method", "reweight"], sort=False):
+            y, g, pid, runs = _cell_arrays(df, method, rw, split_seed)
+            stat = _seed_mean(lambda y_, g_, run, rows: run[2](rows), y, g, runs)
+            try:
+                out[cell_name(method, rw)] = gap_permutation(stat, g, pid, n_perm=n_perm, seed=seed)
+            except ValueError as e:  # a patient in two groups: no permutation across patients
+                out[cell_name(method, rw)] = {"gap": float("nan"), "p": float("nan"), "excess": float("nan"),
+                                              "method": str(e)}
+    return out
+
+
+# ---- the study's files as summary.json ----------------------------------------------------------------------------
+def read_json(path):  # a file the study or a stage wrote
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read it ({type(e).__name__}); is --out a finished fairgen_study run?") from e
+
+
+def preds_file(out, name):
+    """The gathered preds of a modality in --out: preds_<name>.csv, or .csv.gz above 2 MB."""
+    path = out / f"preds_{name}.csv"
+    return path if path.is_file() else path.with_suffix(".csv.gz")
+
+
+def cell_result(c, preds, seed, n_boot):
+    """One modality and split seed of summary.json: plan.json's facts, the eval stage's FD / memorization, the
+    downstream stage's ratio sweep, Table 1 from the split's preds rows, the seconds per phase."""
+    ev, down = read_json(c["files"]["eval"]), read_json(c["files"]["downstream"])
+    res = {k: c[k] for k in ("data", "classes", "attrs", "labels", "notes", "n_train", "n_test", "synthetic_per_class",
+                             "samples_file", "judge")}
+    res["fd"], res["memorization"] = ev["fd"], ev["memorization"]
+    sweep = {k: {m: {float(q): a for q, a in v.items()} for m, v in d.items()} for k, d in down["sweep"].items()}
+    res["downstream"] = {"sweep": sweep, "table1": table1_from_preds(preds[preds["split_seed"] == seed], n_boot, seed)}
+    res["preds"] = c["preds"]
+    # per phase: the study invocation's (a reused stage takes ~0); downstream_*: the downstream stage's own
+    res["seconds"] = {**c["seconds"], **{f"downstream_{k}": v for k, v in down["seconds"].items()},
+                      "total": sum(c["seconds"].values())}
+    return res
+
+
+def load_summary(out, plan, stages):
+    """summary.json's first part: the settings, each modality's results per split seed, the stages run."""
+    summary = {**{k: plan[k] for k in ("scale", "judge", "preset", "dpo")}, "modalities": {}}
+    for name, seeds in plan["modalities"].items():
+        preds = read_preds(preds_file(out, name))
+        summary["modalities"][name] = {key: cell_result(c, preds, int(key.removeprefix("seed")), plan["n_boot"])
+                                       for key, c in seeds.items()}
+    summary["seconds"], summary["reused"], summary["stages"] = stages["seconds"], stages["reused"], stages["stages"]
+    return summary
+
+
+# ---- tables -------------------------------------------------------------------------------------------------------
+def fmt(entry, scale=100.0, digits=2):
+    """'value [lo, hi]', with a dagger where the value lies outside its percentile CI (see GAP_NOTE)."""
+    v, (lo, hi) = entry["value"], entry["ci"]
+    mark = "†" if not lo <= v <= hi else ""
+    return f"{v * scale:.{digits}f}{mark} [{lo * scale:.{digits}f}, {hi * scale:.{digits}f}]"
+
+
+def modality_rows(summary, out, name, rows):
+    """One modality (split seed 0) into summary.json's tables and into the rows of Table 1, fid, subgroup_fidelity
+    and memorization; returns its tag (the name, with PHANTOM where it is)."""
+    res = summary["modalities"][name]["seed0"]
+    summary["preds"][name] = preds_file(out, name).name
+    tag = name + (" (PHANTOM)" if res["data"] == "phantom" else "")
+    t1, fd = res["downstream"]["table1"], res["fd"]
+    summary["table1"][name] = {m: {k: t1[m][k] for k in ("essp_acc", "dp", "eo", "nar", "accuracy")} for m in t1}
+    rows["t1"] += [[tag, m, fmt(e["essp_acc"]), fmt(e["dp"]), fmt(e["eo"]), fmt(e["nar"], 1, 3), fmt(e["accuracy"]),
+                    fmt(e["auroc"], 1, 3) if "auroc" in e else "n/a",
+                    " / ".join(f"{v:.3f}" for v in e["accuracy"]["seeds"])] for m, e in t1.items()]
+    summary["fid"][name] = {m: fd[m]["fd"] for m in METHODS}
+    summary["fid_var"][name] = {m: fd[m]["subgroup_variance"] for m in METHODS}
+    summary["kid"][name] = {m: fd[m]["kid"] for m in METHODS}
+    for m in METHODS:
+        g = "; ".join(f"{k} {v['fd']:.2f}" for k, v in fd[m]["groups_equal_n"].items())
+        rows["fd"].append([tag, m, f"{fd[m]['fd']:.2f}", f"{fd[m]['n_real']} / {fd[m]['n_fake']}",
+                           f"{g} (n={fd['n_equal']} each)", f"{fd[m]['subgroup_variance']:.3f}"])
+        rows["sub"] += [[tag, m, k, f"{fd[m]['groups_equal_n'][k]['fd']:.2f}", f"{v['mean']:.3g} ± {v['std']:.2g}",
+                         v["m"], f"{fd[m]['groups'][k]['n_real']} / {fd[m]['groups'][k]['n_fake']}"]
+                        for k, v in fd[m]["kid"].items()]
+        mm = res["memorization"][m]
+        rows["mem"].append([tag, m, f"{100 * mm['fraction_copies']:.2f}%", f"{mm['pixel_nn_rmse']['median']:.3f}",
+                            f"{mm['train_to_train_nn_rmse']['median']:.3f}",
+                            f"{100 * mm['fraction_closer_than_train_p1']:.1f}%"])
+    folder = out / "blinded_pairs" / name  # the study gathered it; diffusion/annotate.py serves it
+    res["blinded_pairs"] = {"folder": str(folder), "n_pairs": len(read_json(folder / "pairs.json")["pairs"]),
+                            "serve": f"python -m diffusion.annotate --serve {folder}"}
+    return tag
+
+
+def fair_bayes(path, window):
+    """FairDiffusion's sigma search (its stage's metrics.json): final sigma, GP updates, mean batch loss gap over the
+    first and the last `window` steps."""
+    fb = read_json(path)["fair_bayes"]
+    gaps = [t[-1] for t in fb["trajectory"]]
+    return {**{k: fb[k] for k in ("groups", "sigma_last_step", "sigma_next", "gp_updates")},
+            "mean_gap_first_window": float(np.mean(gaps[:window])),
+            "mean_gap_last_window": float(np.mean(gaps[-window:]))}
+
+
+def modality_figures(out, name, tag, res, samples, down_seeds):
+    """Sample grids (from the samples plan.json names), per-group AUROC radar, accuracy vs ratio, DP / EO bars."""
+    for m in METHODS:
+        z = np.load(samples[m])
+        pick = np.concatenate([np.nonzero(z["labels"] == c)[0][:6] for c in range(len(res["classes"]))])
+        save_grid(z["images"][pick], out / f"samples_{name}_{m}.png", nrow=len(res["classes"]),
+                  title=f"{tag}: {m} samples (rows: attribute|disease)", row_labels=res["classes"])
+    t1 = res["downstream"]["table1"]
+    radar({m: {g: t1[m].get(f"auroc[{g}]", {"value": np.nan})["value"] for g in res["attrs"]}
+           for m in ["real only"] + METHODS}, out / f"radar_auc_{name}.png",
+          f"Per-group AUROC, ViT, ratio 1.0, mean of {down_seeds} seeds ({tag})")
+    sw = res["downstream"]["sweep"]
+    lines({f"{k} ({m})": v for k, d in sw.items() for m, v in d.items()}, out / f"accuracy_vs_ratio_{name}.png",
+          f"Test accuracy vs synthetic ratio, one seed ({tag})", "synthetic / real training images", "accuracy")
+    bars({m: {"DP": (t1[m]["dp"]["value"] * 100, [c * 100 for c in t1[m]["dp"]["ci"]]),
+              "EO": (t1[m]["eo"]["value"] * 100, [c * 100 for c in t1[m]["eo"]["ci"]])} for m in t1},
+         out / f"dp_eo_{name}.png", f"DP and EO x100, ViT, mean of {down_seeds} seeds ({tag})", "x100")
+
+
+def fairer(comps, name, b, label, suffix):
+    """The answer sentences (ESSP and AUROC gap) of FairGen + reweighting against cell b of one modality."""
+    paper = {c["metric"]: c for c in comps if (c["a"], c["b"]) == ("fairgen + reweighting", b)}
+    gap_metric = [m for m in paper if m.startswith("AUROC gap")][0]
+    e, g = paper["ESSP (accuracy)"], paper[gap_metric]
+    return {"essp" + suffix: answer(e, f"{name}: ESSP (accuracy, fraction), FairGen + reweighting "
+                                       f"{e['value_a']:.3f} vs {label} {e['value_b']:.3f}, difference"),
+            "gap" + suffix: answer(g, f"{name}: {gap_metric}, FairGen + reweighting {g['value_a']:+.3f} vs {label} "
+                                      f"{g['value_b']:+.3f} (nearer 0 is fairer), difference")}
+
+
+def modality_comparisons(summary, out, name, n_boot_compare):
+    """One modality's comparisons, gaps and answers from its preds file in --out, into summary; returns the rows of
+    comparisons.md and gaps.md."""
+    res = summary["modalities"][name]["seed0"]
+    df = read_preds(out / summary["preds"][name])  # the report's comparisons come from the file alone
+    comps = [{**c, "modality": name} for c in comparisons_from_preds(df, res["attrs"], n_boot_compare)]
+    summary["comparisons"] += comps
+    rows = [[name] + comparison_rows([c])[0][:2] + [f"{c['value_a']:.3f}", f"{c['value_b']:.3f}"] +
+            comparison_rows([c])[0][2:] for c in comps]
+    gaps = gap_tables(df, res["attrs"], n_boot_compare)
+    if gaps:
+        summary["gaps"][name] = gaps
+    gap_rows = [[name, cell, f"{v['gap']:.3f}", f"{v.get('null_median', float('nan')):.3f}", f"{v['excess']:+.3f}",
+                 f"{v['p']:.3g}"] for cell, v in gaps.items()]
+    summary["answers"][name] = {
+        "question": "Is FairGen (with reweighting) fairer than its base (the plain DDPM's data, no reweighting)?",
+        **fairer(comps, name, "base", "base", ""),
+        "question_fairdiffusion": "Is FairGen fairer than FairDiffusion, both with reweighting?",
+        **fairer(comps, name, "fairdiffusion + reweighting", "FairDiffusion + reweighting", "_vs_fairdiffusion")}
+    return rows, gap_rows
+
+
+def comparison_table(summary, out, n_boot_compare):
+    """comparisons.md/.csv (and gaps.md/.csv where a modality has more than two groups) from the preds files in
+    --out, with the one-sentence answers; fills summary's comparisons, gaps and answers."""
+    summary["comparisons"], summary["gaps"], summary["answers"] = [], {}, {}
+    rows, gap_rows = [], []
+    for name in summary["modalities"]:
+        r, g = modality_comparisons(summary, out, name, n_boot_compare)
+        rows, gap_rows = rows + r, gap_rows + g
+    methods = sorted({c["method"] for c in summary["comparisons"]})
+    notes = [f"{q} {' '.join(x[k + sfx] for x in summary['answers'].values() for k in ('essp', 'gap'))}"
+             for q, sfx in ANSWERS] + [
+        "a - b for each pair of Table 1's cells (ViT, ratio 1.0): every method vs base, without and with downstream "
+        "reweighting on both sides, FairGen + reweighting (the paper's FairGen) vs base without, and FairGen vs "
+        "FairDiffusion (the paper's strongest baseline), each without and with reweighting. Accuracy and ESSP as "
+        "fractions (Table 1 shows ESSP x100); AUROC gap: between the attribute groups, signed (first - second) for "
+        "two groups, max - min for more (then see gaps.md for each gap against its permutation null; the paired "
+        "bootstrap of a difference of max - min gaps resamples both alike). value a / b: the mean over replicates.",
+        "Method: " + " | ".join(methods) + ". Units: test patients (rows without a patient id are their own unit). "
+        "Replicates: downstream ViT seeds trained on the same real + synthetic images and tested on the same "
+        "patients, so the CI covers test sampling and ViT training noise, not generator training noise (one "
+        f"generator per method at {summary['scale']} scale). p two-sided, floored at 1 / (resamples + 1); Holm "
+        "over each modality's comparisons; MDE at 80% power, alpha 0.05: (1.96 + 0.84) SE.",
+        "Read from preds_<modality>.csv(.gz) in this folder (diffusion.fairgen_report.comparisons_from_preds)."]
+    write_table(out / "comparisons", ["modality"] + COMPARISON_HEADER[:2] + ["value a", "value b"] +
+                COMPARISON_HEADER[2:], rows, title="Paired comparisons of the downstream ViT (FairGen Table 1's cells)",
+                notes=notes)
+    if gap_rows:
+        write_table(out / "gaps", ["modality", "cell", "AUROC gap max - min", "null median", "excess", "p"],
+                    gap_rows, title="Max - min AUROC gaps over more than two groups against their permutation null",
+                    notes=[f"Method: {next(iter(next(iter(summary['gaps'].values())).values()))['method']} "
+                           f"({n_boot_compare}); split seed 0, the AUROC the mean over the downstream seeds. "
+                           "excess = gap - null median: a max - min gap is positive even between equal groups."])
+
+
+TABLE1_HEADER = ["modality", "method", "ESSP", "DP", "EO", "NAR", "accuracy", "AUROC", "accuracy by down seed"]
+TABLE1_TITLE = "Table 1 (ours): downstream fairness of each generator's synthetic data"
+
+
+def table1_notes(summary, plan):
+    P, D, n = summary["preset"], summary["preset"]["down_seeds"], len(summary["reused"])
+    return [f"Ours: from-scratch conditional DDPM ({summary['scale']} scale, preset {P}), one patient-level split, "
+            f"seed 0. Each value is the mean over {D} downstream ViT seeds (same training images, same test patients; "
+            f"the accuracy of each in the last column); 95% CIs by percentile bootstrap over test patients "
+            f"({plan['n_boot']}) of that mean, the seeds held fixed: for differences between rows see comparisons.md "
+            f"(paired, seeds resampled too). DP, EO, ESSP (on accuracy) x100, NAR as a fraction. Classifier: ViT "
+            f"({P['vit']}, {P['down_epochs']} epochs) trained on real + synthetic images (ratio 1.0: as many synthetic "
+            "as real), '+ reweighting' = adaptive inverse-performance reweighting. Preferences for DPO: judge = a "
+            f"classifier trained on real images (automatic), not physicians. Ratio sweep (one downstream seed): "
+            f"{P['kinds']}.",
+            "Modalities: " + "; ".join(f"{n}: classes {s['seed0']['classes']}, data {s['seed0']['data']}"
+                                       + (f" - {' '.join(s['seed0']['notes'])}" if s['seed0']['notes'] else "")
+                                       for n, s in summary["modalities"].items()),
+            "Per-image predictions of every cell and seed: preds_<modality>.csv(.gz).", GAP_NOTE,
+            f"Wall time of this invocation: {summary['seconds'] / 60:.1f} min, then "
+            f"{summary['seconds_comparisons'] / 60:.1f} min for the comparisons" + (
+                f", reusing {n} trained models and classifier fits from {plan['runs']}/ (their time is not in it)"
+                if n else "")]
+
+
+def write_tables(out, summary, plan, rows):
+    """Table 1 (ours and the published), fid, subgroup_fidelity and memorization (.md and .csv)."""
+    write_table(out / "table1", TABLE1_HEADER, rows["t1"], title=TABLE1_TITLE, notes=table1_notes(summary, plan))
+    pub = [[d, m, v["ESSP"], v["DP"], v["EO"], v["NAR"]] for (d, m), v in PUBLISHED.items()]
+    write_table(out / "table1_published", ["data", "method", "ESSP", "DP", "EO", "NAR"], pub,
+                title="FairGen's published Table 1 (ViT; Stable Diffusion based): for reference only, not comparable",
+                notes=["Rows as the paper labels them: 'Base (ViT)' is the ViT on real images only (our 'real only'), "
+                       "'Stable Diffusion' the plain generator's synthetic data (our 'base'), 'FairDiffusion' (Luo et "
+                       "al. 2025) our 'fairdiffusion' (its Fair Bayesian Perturbation on our DDPM; scikit-learn's "
+                       "Gaussian process where the original uses BoTorch). Other generator (Stable Diffusion "
+                       "fine-tuned on the full data), other data (real Fitzpatrick17k images), other classifier "
+                       "budget. docs/METHODS.md: FairGen's ESSP values are not reproducible from its own definition; "
+                       "we did not tune toward them."])
+    metric = next(iter(summary["modalities"].values()))["seed0"]["fd"]["metric"]
+    write_table(out / "fid", ["modality", "method", "FD", "n real / n synthetic", "per subgroup at equal n",
+                              "subgroup variance (1/G, equal n)"], rows["fd"],
+                title="Feature distance of each method's samples to the real training images",
+                notes=[f"{metric}: Frechet distance on the penultimate features of a CNN trained on the real training "
+                       "images (disease label), not Inception FID (no ImageNet weights offline). n < 2048: biased "
+                       "upwards; compare only at equal n. Per subgroup: both sets subsampled to one n per modality "
+                       "(the smallest subgroup's size, real or synthetic; compare.fd_equal_n), so that the "
+                       "inter-subgroup variance (1/G) measures the subgroups, not their sizes (at unequal n it "
+                       "measured group size; those values stay in summary.json). KID per subgroup: "
+                       "subgroup_fidelity.md."])
+    write_table(out / "subgroup_fidelity", ["modality", "method", "group", "FD at equal n", "KID (mean ± std)",
+                                            "n (= m)", "n real / n synthetic in group"], rows["sub"],
+                title="Per-subgroup fidelity at equal n: FD and KID on the same features",
+                notes=[f"{metric} features. KID: unbiased MMD^2, kernel (x.y / d + 1)^3, mean ± std over 100 subsets "
+                       "of m images from each set (fairness/compare.py kid; Binkowski et al. 2018); m = n = the "
+                       "modality's smallest subgroup, the same for every method and group. FD at the same n "
+                       "(compare.fd_equal_n, one subsample). A subset std shows the subsampling spread; where m is a "
+                       "set's whole size that set is not resampled, so the std understates its sampling noise."])
+    write_table(out / "memorization", ["modality", "method", "copies (RMSE < 0.02)", "median NN RMSE",
+                                       "train-train median NN RMSE", "closer than train-train 1st pct."], rows["mem"],
+                title="Memorization audit: synthetic images against the DDPM's training images")
+
+
+def write_readme(out, summary, plan, rows):
+    """README.md: the answers first, then Table 1 inline, how to read it, the other files, the command and commit."""
+    lines_ = [f"# FairGen with our DDPM: is preference-aligned synthetic data fairer? ({summary['scale']} scale)", ""]
+    for q, sfx in ANSWERS:
+        lines_ += [f"**{q}**", ""] + [f"- {a[k + sfx]}" for a in summary["answers"].values() for k in ("essp", "gap")]
+        lines_.append("")
+    lines_ += [f"## {TABLE1_TITLE}", "", markdown_table(TABLE1_HEADER, rows["t1"]), "", "## How to read it", ""]
+    lines_ += [f"- {n}" for n in table1_notes(summary, plan)[:2]] + [
+        "- Each answer above is a paired difference of two Table-1 cells with its 95% CI, Holm-corrected p and the "
+        "smallest effect the design could detect (MDE); 'cannot tell at this scale' means the CI contains 0.",
+        f"- {GAP_NOTE}",
+        "- More: comparisons.md (every pair of cells), gaps.md (more than two groups), fid.md and subgroup_fidelity.md "
+        "(FD and KID per subgroup at equal n), memorization.md, table1_published.md (the paper's numbers, not "
+        "comparable), figures (samples_*, radar_auc_*, accuracy_vs_ratio_*, dp_eo_*, fair_bayes_*, memorization_*), "
+        "blinded_pairs/ (`python -m diffusion.annotate --serve`), summary.json, preds_<modality>.csv(.gz).", "",
+        footer()]
+    (out / "README.md").write_text("\n".join(lines_) + "\n")
+
+
+def write_report(out):
+    """Every table, figure, summary.json and README.md of a finished fairgen run, from the files in `out`."""
+    out = Path(out)
+    plan, stages = read_json(out / "plan.json"), read_json(out / "stages.json")
+    summary = load_summary(out, plan, stages)
+    summary["table1"], summary["fid"], summary["fid_var"], summary["kid"], summary["preds"] = {}, {}, {}, {}, {}
+    rows = {"t1": [], "fd": [], "sub": [], "mem": []}
+    for name, seeds in summary["modalities"].items():
+        files = plan["modalities"][name]["seed0"]["files"]  # the stage files of split seed 0
+        modality_figures(out, name, modality_rows(summary, out, name, rows), seeds["seed0"], files["samples"],
+                         plan["preset"]["down_seeds"])
+        summary.setdefault("fair_bayes", {})[name] = fair_bayes(files["fairdiffusion"], plan["preset"]["fair_window"])
+    t0 = time.time()
+    comparison_table(summary, out, plan["n_boot_compare"])
+    summary["seconds_comparisons"] = time.time() - t0
+    write_tables(out, summary, plan, rows)
+    write_json(out / "summary.json", summary)
+    write_readme(out, summary, plan, rows)
+    print((out / "table1.md").read_text())
+    print((out / "comparisons.md").read_text())
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="the --out of a finished diffusion.fairgen_study run (its plan.json, "
+                                                "stages.json and gathered files); the report is rewritten there")
+    return p.parse_args(argv)
+
+
+def main(args):
+    write_report(args.out)
+
+
+if __name__ == "__main__":
+    run(main, parse_args)
