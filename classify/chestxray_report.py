@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from classify.cxr_task import auroc_stat
+from classify.cxr_task import auroc_stat, read_preds
 from classify.train_chexnet import OUTPUTS, col, per_output_table
 from common.cli import ArgumentParser, positive_int, run
 from common.errors import DataError
@@ -45,24 +45,6 @@ FINDING_HEADER = ["finding", "AUC (folds)", "AUC (pooled)", "accuracy (folds)", 
                   "Korb & Hall AUC", "CheXNet AUC"]
 FAIRNESS_HEADER = ["condition", "any-finding AUROC", "female", "male", "gap (M - F)", "DP (any finding)",
                    "EO (any finding)", "mean AUROC (findings, >=5 pos)", "train F / M / synthetic F"]
-
-
-def read_preds(path, conditions):
-    """preds.csv -> (per-image table in one order, {condition: (Y, scores, thresholds, fold)}); every condition must
-    score the same images (the pairing of every comparison)."""
-    df = pd.read_csv(path)
-    first = None
-    arrays = {}
-    for c in conditions:
-        d = df[df["condition"] == c].sort_values("image").reset_index(drop=True)
-        if first is None:
-            first = d
-        if not d["image"].equals(first["image"]):
-            raise DataError(f"{path}: condition {c} scores other images than {conditions[0]}; a paired comparison "
-                            f"needs the same test images (rerun the study)")
-        arrays[c] = tuple(d[[f"{k}_{col(o)}" for o in OUTPUTS]].to_numpy(float) for k in ("y", "p", "thr")) + \
-            (d["fold"].to_numpy(),)
-    return first, arrays
 
 
 def metrics_of(Y, p, dec, sex, findings):

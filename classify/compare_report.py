@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from classify.chestxray_report import read_preds
-from classify.cxr_task import FEMALE, MALE, auroc_stat
+from classify.cxr_task import FEMALE, MALE, auroc_stat, read_preds
 from common.cli import ArgumentParser, positive_int, run
 from common.errors import DataError
 from common.report import with_ci, write_readme, write_table

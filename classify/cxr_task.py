@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
+from classify.train_chexnet import OUTPUTS, col
 from common.cache import load_images
 from common.data import read_nih
 from common.errors import DataError
@@ -100,3 +102,21 @@ def auroc_stat(Y, p, sex, key):
             "any_auroc_male": lambda idx: on(idx, MALE),
             "any_auroc_gap": lambda idx: on(idx, MALE) - on(idx, FEMALE),
             "any_auroc_abs_gap": lambda idx: abs(on(idx, MALE) - on(idx, FEMALE))}[key]
+
+
+def read_preds(path, conditions):
+    """preds.csv -> (per-image table in one order, {condition: (Y, scores, thresholds, fold)}); every condition must
+    score the same images (the pairing of every comparison)."""
+    df = pd.read_csv(path)
+    first = None
+    arrays = {}
+    for c in conditions:
+        d = df[df["condition"] == c].sort_values("image").reset_index(drop=True)
+        if first is None:
+            first = d
+        if not d["image"].equals(first["image"]):
+            raise DataError(f"{path}: condition {c} scores other images than {conditions[0]}; a paired comparison "
+                            f"needs the same test images (rerun the study)")
+        arrays[c] = tuple(d[[f"{k}_{col(o)}" for o in OUTPUTS]].to_numpy(float) for k in ("y", "p", "thr")) + \
+            (d["fold"].to_numpy(),)
+    return first, arrays
