@@ -11,7 +11,7 @@ DATA_ROOT ?=
 ARGS ?=
 # quick results live in results/ (committed), full-scale ones in results-full/, smoke runs in smoke/:
 # a smoke or quick run can never overwrite full results.
-OUT := $(if $(SMOKE),smoke,$(if $(filter full,$(SCALE)),results-full,results))
+OUT := $(if $(or $(SMOKE),$(filter smoke,$(SCALE))),smoke,$(if $(filter full,$(SCALE)),results-full,results))
 FLAGS := $(if $(SMOKE),--smoke,--scale $(SCALE)) --force
 export PYTHONUNBUFFERED := 1
 
@@ -48,9 +48,9 @@ chestxray: $(SETUP) ## Korb & Hall: CVAE-rebalanced chest X-ray classifier by se
 	$(call staged,classify.chestxray_study,chestxray,$(if $(DATA_ROOT),--data-root $(DATA_ROOT)))
 
 # compare builds on a finished chestxray run of the same scale (its plan.json, split files and cells): made first
-# if missing. DATA_ROOT goes to chestxray, whose data compare reads.
+# if its run tree is missing (a fresh clone has chestxray's results but no runs/). DATA_ROOT goes to chestxray.
 compare: $(SETUP) ## every generator family (AE, CVAE, DCGAN, DDPM) and non-generative fixes on chestxray's task -> results/compare
-	$(if $(DRY),,@[ -f $(OUT)/chestxray/plan.json ] || $(MAKE) chestxray)
+	$(if $(DRY),,@[ -f runs/$(OUT)/chestxray/fold0/imbalanced_real/metrics.json ] || $(MAKE) chestxray)
 	$(call staged,classify.compare_study,compare,)
 
 skintone: $(SETUP) ## Lopez-Perez et al.: VAE reconstruction by skin type, sets A/B/C -> results/skintone

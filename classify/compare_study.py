@@ -409,6 +409,13 @@ def main(args):
     cx_dir = args.chestxray or str(Path(args.out).parent / "chestxray")
     cx = read_chestxray(cx_dir, args.rows)
     runs = Path(args.runs or cx["runs"])  # chestxray's run tree: its cells and split files are read from there
+    if not all((runs / f"fold{k}" / "sets.csv").is_file() for k in range(cx["folds"])):
+        if args.dry_run:  # a fresh clone has chestxray's plan.json but not its run tree
+            print(f"# compare builds on the chestxray run tree {runs}, which is not here: `make chestxray` makes it "
+                  f"(`make chestxray DRY=1` lists its stages); compare's own stages are listed once it exists")
+            return
+        raise DataError(f"--chestxray {cx_dir}: its run tree {runs} (split files, cells) is not here; run that "
+                        f"chestxray study first (`make chestxray`), or pass --runs where it is")
     t = read_data(cx["data_root"], None, cx["images_per_sex"], cx["size"], cx["folds"])
     pools = fold_pools(t, runs, cx["fold_sets"])
     default_root = Path(cx["data_root"]).resolve() == (PROJECT_DATA / "nih_cxr14").resolve()
