@@ -153,9 +153,10 @@ A100_RESNET50_IMAGES_S = 2470
 
 def full_scale_plan():
     """Image-steps of `make chestxray SCALE=full` on all 112,120 NIH images, from the label table alone: its folds,
-    each fold's sets (classify.chestxray_study.fold_sets) and its settings (SCALES['full']), at most --epochs
+    each fold's sets (classify.cxr_task.fold_sets) and its settings (SCALES['full']), at most --epochs
     epochs (early stopping may stop sooner)."""
-    from classify.chestxray_study import fold_sets, parse_args as study_args
+    from classify.chestxray_study import parse_args as study_args
+    from classify.cxr_task import fold_sets
     from common.data import read_nih
     from common.splits import patient_kfold
     args = study_args(["--scale", "full"])
@@ -163,7 +164,8 @@ def full_scale_plan():
     fold = patient_kfold(t, args.folds, seed=args.seed, stratify="sex")
     train = val = test = cvae = 0
     for k in range(args.folds):
-        sets, n_male, _ = fold_sets(k, fold, t, args)
+        sets, n_male, _ = fold_sets(k, fold, t, args.seed, args.val_fraction, args.female_fraction,
+                                    args.cvae_female)
         train += args.epochs * 2 * n_male * len(args.conditions)  # every condition: epochs of 2 n_male images
         val += args.epochs * len(sets["val"]) * len(args.conditions)  # a validation pass per epoch
         test += len(sets["test"]) * len(args.conditions)
