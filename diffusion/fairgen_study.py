@@ -367,8 +367,9 @@ def main(args):
                 for name in names for seed in range(P["seeds"])]
     cells, facts = [c for c, _ in prepared], [f for _, f in prepared]
     seconds = run_stages(stages, plan(cells, P, args.dpo_form, args.sweep_methods, device), t0)
-    if planned(stages, args, f"preds_<modality>.csv, the blinded pair sets and plan.json in {args.out}; then "
-                             f"`python -m diffusion.fairgen_report --out {args.out}` (Table 1, comparisons, tables)"):
+    if planned(stages, args, f"preds_<modality>.csv, the blinded pair sets and plan.json gathered into {args.out}, "
+                             "then the report from those files (diffusion.fairgen_report: Table 1, the comparisons, "
+                             "FD / KID, memorization)"):
         return
     write_json(out / "plan.json", {
         "study": "fairgen", "scale": args.scale, "judge": JUDGE, "preset": P, "dpo": args.dpo_form,
