@@ -51,8 +51,9 @@ from common.splits import patient_split
 from common.stages import Stages, add_study_args, parse_scaled, planned
 from diffusion.annotate import blinded_pairs, write_pair_set
 from diffusion.fairgen_downstream import number_values
-from diffusion.fairgen_report import JUDGE, METHODS, read_preds, write_report
+from diffusion.fairgen_report import METHODS, read_preds, write_report
 
+JUDGE = "classifier (automatic, trained on real images; not physicians)"  # the DPO preferences' source
 VARIANT_FLAGS = {"base": [], "cbrs": ["--sampler", "cbrs"], "sqrs": ["--sampler", "sqrs"], "cbdm": ["--cb-loss"],
                  "fairdiffusion": ["--fair-bayes"], "sqrs_cb": ["--sampler", "sqrs", "--cb-loss"]}
 # Every setting a scale sets, in one place (a flag given on the command line wins; summary.json keeps them as
