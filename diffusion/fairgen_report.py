@@ -24,7 +24,6 @@ from fairness.figures import bars, lines, radar
 from fairness.metrics import bootstrap, essp, fairness_summary, group_accuracy
 
 METHODS = ["base", "cbrs", "sqrs", "cbdm", "fairdiffusion", "fairgen"]  # the paper's order
-JUDGE = "classifier (automatic, trained on real images; not physicians)"
 # FairGen Table 1 (ViT, Fitzpatrick-17k; docs/METHODS.md, labels as the paper's): their Stable-Diffusion-based numbers,
 # never mixed with ours. "Base (ViT)" is the ViT on real data only; "Stable Diffusion" the plain generator's data.
 PUBLISHED = {("Fitzpatrick-17k", m): dict(zip(("ESSP", "DP", "EO", "NAR"), v)) for m, v in [
@@ -446,9 +445,9 @@ def write_tables(out, summary, plan, rows):
 def write_readme(out, summary, plan, rows):
     """README.md: the answers first, then Table 1 inline, how to read it, the other files, the command and commit."""
     lines_ = [f"# FairGen with our DDPM: is preference-aligned synthetic data fairer? ({summary['scale']} scale)", ""]
-    for q, sfx in ANSWERS:
-        lines_ += [f"**{q}**", ""] + [f"- {a[k + sfx]}" for a in summary["answers"].values() for k in ("essp", "gap")]
-        lines_.append("")
+    for q, sfx in ANSWERS:  # each question, then its answer per modality and metric
+        lines_ += [f"**{q}**", "", *(f"- {a[k + sfx]}" for a in summary["answers"].values() for k in ("essp", "gap")),
+                   ""]
     lines_ += [f"## {TABLE1_TITLE}", "", markdown_table(TABLE1_HEADER, rows["t1"]), "", "## How to read it", ""]
     lines_ += [f"- {n}" for n in table1_notes(summary, plan)[:2]] + [
         "- Each answer above is a paired difference of two Table-1 cells with its 95% CI, Holm-corrected p and the "

@@ -51,8 +51,9 @@ from common.splits import patient_split
 from common.stages import Stages, add_study_args, parse_scaled, planned
 from diffusion.annotate import blinded_pairs, write_pair_set
 from diffusion.fairgen_downstream import number_values
-from diffusion.fairgen_report import JUDGE, METHODS, read_preds, write_report
+from diffusion.fairgen_report import METHODS, read_preds, write_report
 
+JUDGE = "classifier (automatic, trained on real images; not physicians)"  # the DPO preferences' source
 VARIANT_FLAGS = {"base": [], "cbrs": ["--sampler", "cbrs"], "sqrs": ["--sampler", "sqrs"], "cbdm": ["--cb-loss"],
                  "fairdiffusion": ["--fair-bayes"], "sqrs_cb": ["--sampler", "sqrs", "--cb-loss"]}
 # Every setting a scale sets, in one place (a flag given on the command line wins; summary.json keeps them as
@@ -367,9 +368,10 @@ def main(args):
                 for name in names for seed in range(P["seeds"])]
     cells, facts = [c for c, _ in prepared], [f for _, f in prepared]
     seconds = run_stages(stages, plan(cells, P, args.dpo_form, args.sweep_methods, device), t0)
-    if planned(stages, args.dry_run, args.makefile, f"preds_<modality>.csv, the blinded pair sets and plan.json in "
-                                                    f"{args.out}; then "
-                             f"`python -m diffusion.fairgen_report --out {args.out}` (Table 1, comparisons, tables)"):
+    if planned(stages, args.dry_run, args.makefile, f"preds_<modality>.csv, the blinded pair sets and plan.json "
+                                                    f"gathered into {args.out}, "
+                             "then the report from those files (diffusion.fairgen_report: Table 1, the comparisons, "
+                             "FD / KID, memorization)"):
         return
     write_json(out / "plan.json", {
         "study": "fairgen", "scale": args.scale, "judge": JUDGE, "preset": P, "dpo": args.dpo_form,
