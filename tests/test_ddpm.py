@@ -140,4 +140,7 @@ def test_eval_samplers_reports_kid_and_whether_it_separates(tmp_path):
         assert v["kid"]["m"] == 8 and np.isfinite(v["kid"]["mean"]) and v["kid"]["std"] >= 0
     assert "KID intervals" in s["kid_separation"] and ("separate" in s["kid_separation"] or
                                                        "cannot be told apart" in s["kid_separation"])
+    from diffusion.ddpm_report import write_report  # the table is the report's, from summary.json alone
+    write_report(tmp_path / "ev")
     assert s["kid_separation"] in (tmp_path / "ev/samplers.md").read_text()
+    assert s["kid_separation"] in (tmp_path / "ev/README.md").read_text()
