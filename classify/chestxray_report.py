@@ -8,7 +8,6 @@ the table, the smallest detectable difference beside each: docs/METHODS.md, "Sta
     python -m classify.chestxray_report --out results/chestxray               # rebuild the report from its files
     python -m classify.chestxray_report --out results/chestxray --n-boot 2000 # the same, with more resamples
 """
-import argparse
 import json
 from pathlib import Path
 
@@ -17,9 +16,7 @@ import pandas as pd
 
 from classify.cxr_task import auroc_stat, read_preds
 from classify.train_chexnet import OUTPUTS, col, per_output_table
-from common.cli import ArgumentParser, positive_int, run
-from common.errors import DataError
-from common.report import mean_std, with_ci, write_readme, write_table
+from common.report import mean_std, report_command, with_ci, write_readme, write_table
 from common.runs import write_json
 from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, fmt_p, gap_permutation,
                               paired_difference, with_holm)
@@ -233,20 +230,5 @@ def write_report(out, n_boot=None):
     return summary
 
 
-def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="a finished chestxray run's folder (plan.json, preds.csv, training.json)")
-    p.add_argument("--n-boot", type=positive_int, default=None, help="bootstrap resamples (default: the run's)")
-    return p.parse_args(argv)
-
-
-def main(args):
-    for f in ("plan.json", "preds.csv", "training.json"):
-        if not (Path(args.out) / f).is_file():
-            raise DataError(f"--out {args.out}: no {f} here; the report rebuilds a finished run's report (run "
-                            f"`python -m classify.chestxray_study --out {args.out}` first)")
-    write_report(args.out, args.n_boot)
-
-
 if __name__ == "__main__":
-    run(main, parse_args)
+    report_command(__doc__, write_report, "classify.chestxray_study", needs=("plan.json", "preds.csv", "training.json"), n_boot=True)

@@ -8,7 +8,6 @@ for comparisons"); fidelity and privacy are the fold audits' means over folds.
 
     python -m classify.compare_report --out results/compare     # rebuild the report from its files
 """
-import argparse
 import json
 from pathlib import Path
 
@@ -16,9 +15,7 @@ import numpy as np
 import pandas as pd
 
 from classify.cxr_task import FEMALE, MALE, auroc_stat, read_preds
-from common.cli import ArgumentParser, positive_int, run
-from common.errors import DataError
-from common.report import with_ci, write_readme, write_table
+from common.report import report_command, with_ci, write_readme, write_table
 from common.runs import write_json
 from fairness.compare import COMPARISON_HEADER, answer, comparison, comparison_rows, paired_difference, with_holm
 from fairness.figures import scatter
@@ -301,20 +298,5 @@ def answers(comps, fid, rows):
     return out
 
 
-def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="a finished compare run's folder (plan.json, preds.csv.gz, audit.json)")
-    p.add_argument("--n-boot", type=positive_int, default=None, help="bootstrap resamples (default: the run's)")
-    return p.parse_args(argv)
-
-
-def main(args):
-    for f in ("plan.json", "preds.csv.gz", "audit.json", "cost.json"):
-        if not (Path(args.out) / f).is_file():
-            raise DataError(f"--out {args.out}: no {f} here; the report rebuilds a finished run's report (run "
-                            f"`python -m classify.compare_study --out {args.out}` first)")
-    write_report(args.out, args.n_boot)
-
-
 if __name__ == "__main__":
-    run(main, parse_args)
+    report_command(__doc__, write_report, "classify.compare_study", needs=("plan.json", "preds.csv.gz", "audit.json", "cost.json"), n_boot=True)

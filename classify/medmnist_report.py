@@ -10,16 +10,14 @@ seeds, then test images; docs/METHODS.md).
 
     python -m classify.medmnist_report --out results/medmnist    # rebuild a finished run's report from its files
 """
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from common.cli import ArgumentParser, run
 from common.errors import DataError
-from common.report import footer, markdown_table, write_table
+from common.report import footer, markdown_table, report_command, write_table
 from common.runs import write_json
 from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, paired_difference_replicates,
                               with_holm)
@@ -194,16 +192,5 @@ def write_report(out):
     print((out / "comparisons.md").read_text())
 
 
-def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="a finished medmnist run's folder (plan.json, preds.csv); its "
-                                                "tables, summary.json and README.md are rewritten")
-    return p.parse_args(argv)
-
-
-def main(args):
-    write_report(args.out)
-
-
 if __name__ == "__main__":
-    run(main, parse_args)
+    report_command(__doc__, write_report, "classify.medmnist_study", needs=("plan.json", "preds.csv"))

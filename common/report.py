@@ -150,3 +150,29 @@ def write_readme(out, title, answers, tables, notes=()):
     parts.append(footer())
     (out / "README.md").write_text("\n".join(parts) + "\n")
     return out / "README.md"
+
+
+def report_command(doc, write_report, study, needs, n_boot=False):
+    """The command line of a study's report module, `python -m <package>.<study>_report --out DIR [--n-boot N]`:
+    rebuilds the report of a finished run from the files in DIR alone. needs: the files it reads there (a missing
+    one is refused in one line that names it and the study command that writes it); n_boot: whether the report
+    takes --n-boot (bootstrap resamples, default the run's). Call it under `if __name__ == "__main__":`."""
+    import argparse
+    from common.cli import ArgumentParser, positive_int, run
+    from common.errors import DataError
+
+    def parse_args(argv=None):
+        p = ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--out", required=True, help=f"a finished run's folder (it holds {', '.join(needs)}); its "
+                                                    "tables, figures, summary and README.md are rewritten there")
+        if n_boot:
+            p.add_argument("--n-boot", type=positive_int, default=None, help="bootstrap resamples (default: the run's)")
+        return p.parse_args(argv)
+
+    def main(args):
+        for f in needs:
+            if not (Path(args.out) / f).is_file():
+                raise DataError(f"--out {args.out}: no {f} here; the report rebuilds a finished run's report (run "
+                                f"`python -m {study} --out {args.out}` first)")
+        write_report(args.out, args.n_boot) if n_boot else write_report(args.out)
+    run(main, parse_args)

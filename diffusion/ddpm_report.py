@@ -3,13 +3,10 @@ in --out alone (summary.json of diffusion/eval_samplers.py, the sample grids).
 
     python -m diffusion.ddpm_report --out results/ddpm     # rebuild the report from its files
 """
-import argparse
 import json
 from pathlib import Path
 
-from common.cli import ArgumentParser, run
-from common.errors import DataError
-from common.report import write_readme, write_table
+from common.report import report_command, write_readme, write_table
 
 HEADER = ["sampler", None, "KID (mean ± std)", "n real / synthetic", "per group", "group variance (1/G)",
           "sampling time"]
@@ -43,18 +40,5 @@ def write_report(out):
     print((out / "samplers.md").read_text())
 
 
-def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="a finished ddpm run's folder (summary.json)")
-    return p.parse_args(argv)
-
-
-def main(args):
-    if not (Path(args.out) / "summary.json").is_file():
-        raise DataError(f"--out {args.out}: no summary.json here; run `python -m diffusion.ddpm_study --out "
-                        f"{args.out}` first")
-    write_report(args.out)
-
-
 if __name__ == "__main__":
-    run(main, parse_args)
+    report_command(__doc__, write_report, "diffusion.ddpm_study", needs=("summary.json",))

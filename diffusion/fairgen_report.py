@@ -5,7 +5,6 @@ comparisons (gaps.md for more than two groups), FD / KID / memorization, figures
 
     python -m diffusion.fairgen_report --out results/fairgen     # rebuild a finished run's report
 """
-import argparse
 import json
 from pathlib import Path
 import time
@@ -14,9 +13,8 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from common.cli import ArgumentParser, run
 from common.errors import DataError
-from common.report import footer, markdown_table, save_grid, write_table
+from common.report import footer, markdown_table, report_command, save_grid, write_table
 from common.runs import write_json
 from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, gap_permutation, group_gap,
                               paired_difference_replicates, with_holm)
@@ -483,16 +481,5 @@ def write_report(out):
     print((out / "comparisons.md").read_text())
 
 
-def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="the --out of a finished diffusion.fairgen_study run (its plan.json, "
-                                                "stages.json and gathered files); the report is rewritten there")
-    return p.parse_args(argv)
-
-
-def main(args):
-    write_report(args.out)
-
-
 if __name__ == "__main__":
-    run(main, parse_args)
+    report_command(__doc__, write_report, "diffusion.fairgen_study", needs=("plan.json", "stages.json"))

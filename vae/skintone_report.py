@@ -10,7 +10,6 @@ averaged over repeats, with a two-level bootstrap CI (repeats, then test images 
 
     python -m vae.skintone_report --out results/skintone     # rebuild a finished run's report from its files
 """
-import argparse
 import json
 from pathlib import Path
 
@@ -19,9 +18,8 @@ import pandas as pd
 import torch
 from scipy.stats import mannwhitneyu, spearmanr
 
-from common.cli import ArgumentParser, run
 from common.errors import DataError
-from common.report import footer, markdown_table, save_grid, write_table
+from common.report import footer, markdown_table, report_command, save_grid, write_table
 from common.runs import write_json
 from fairness.compare import COMPARISON_HEADER, answer, comparison, comparison_rows, paired_difference_replicates, \
     with_holm
@@ -304,16 +302,5 @@ def write_report(out):
     return summary
 
 
-def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="a finished skintone run's folder (plan.json, preds.csv, recon/); "
-                                                "its tables, figures, summary.json and README.md are rewritten")
-    return p.parse_args(argv)
-
-
-def main(args):
-    write_report(args.out)
-
-
 if __name__ == "__main__":
-    run(main, parse_args)
+    report_command(__doc__, write_report, "vae.skintone_study", needs=("plan.json", "preds.csv"))
