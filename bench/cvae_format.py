@@ -5,7 +5,7 @@ loss, backward, Adam) with contiguous (NCHW) weights and with channels_last weig
 
 The CVAE is docs/METHODS.md's (64 px, 15-label condition, latent 128), untrained: speed does not depend on the
 weights. The two formats are measured in turn, --rounds times, and each format's fastest round kept, so that a
-burst of other work on the machine does not decide the ranking. Measured: README, Benchmarks.
+burst of other work on the machine does not decide the ranking. Measured: docs/bench.md.
 """
 import argparse
 from pathlib import Path

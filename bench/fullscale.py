@@ -21,7 +21,7 @@ the full-scale commands capped to a few steps, and what they cost, extrapolated 
 4. The memorization audit at this training-set size (1,000 synthetic images against all n at 64 px).
 5. One training step of each full-scale network (bench/machine_limit.py): FLOPs and seconds per image.
 
-It writes --out (JSON) and prints the extrapolation to 112,120 images (README, "Full scale, simulated").
+It writes --out (JSON) and prints the extrapolation to 112,120 images (docs/fullscale.md).
 """
 import argparse
 import json

@@ -40,7 +40,7 @@ PLAN_CLASSIFIER = ("width", "recipe", "batch_size", "epochs", "patience", "selec
 # Every setting a scale sets, in one place (a flag given on the command line wins).
 # quick (2-core CPU): ResNet-18 at width 16 (every stage / 4; 0.7 M parameters instead of 11.2 M: full width trains
 # at ~10 images/s on one CPU core, 15x slower), the MedMNIST v2 optimiser (Adam 1e-3, x0.1 at 50% and 75%) at
-# batch 32 for 20 epochs, weights kept at the lowest validation loss. Measured (README): the paper's SGD 1e-3 at
+# batch 32 for 20 epochs, weights kept at the lowest validation loss. Measured (docs/medmnist.md): the paper's SGD 1e-3 at
 # batch 128 makes ~3 steps per epoch on 270 images and left BreastMNIST near chance after 30 epochs, and the AUC
 # of a 30-image validation set hits 1.0 within a few epochs, so selecting on it picks noise.
 # full: ResNet-18 itself (width 64) and the paper's recipe, 100 epochs. smoke: seconds, to test the chain.

@@ -3,7 +3,7 @@
 Outputs: 14 finding logits (sigmoid, docs/METHODS.md order) + one "any finding" logit (= not 'No Finding').
 Loss: class-weighted BCE from the training prevalence, CheXNet's weights by default (w+ = N / (P + N),
 w- = P / (P + N) per output; `--class-weights pos_weight` for torch's pos_weight = N / P, which on NIH1000 let
-findings with a handful of positives pull the shared trunk as hard as common ones: README). Adam with
+findings with a handful of positives pull the shared trunk as hard as common ones: docs/chestxray.md). Adam with
 reduce-on-plateau (x0.1) and early stopping on the validation any-finding AUROC (averaged over the last --smooth
 epochs: with ~100 validation images one epoch's AUROC swings by 0.1), CheXNet's schedule; or (`--schedule cosine`,
 the quick study's choice) a cosine decay over a fixed number of epochs, which does not let one noisy validation
@@ -14,7 +14,7 @@ brightness/contrast jitter; no horizontal flips (the heart is on the left).
 
 Networks: `--arch densenet121` (torchvision DenseNet-121; --pretrained for ImageNet weights) is CheXNet's and the
 full-scale default; `--arch cnn8` (a plain 8-conv CNN) learns more from 1,000 images at 64 px without
-pretraining and is the quick-scale default (README: measured comparison).
+pretraining and is the quick-scale default (docs/chestxray.md: measured comparison).
 
     python -m classify.train_chexnet --arch cnn8 --size 64 --out-dir runs/chestxray/chexnet   # embedded NIH1000
     python -m classify.train_chexnet --arch densenet121 --pretrained --size 224 --data-root /data/nih \

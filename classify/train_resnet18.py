@@ -8,7 +8,7 @@ Both keep a copy of the best-validation-AUC weights (ties, common on a small val
 validation loss) and report that model's test AUC (multi-class: unweighted mean
 of one-vs-rest AUCs; binary: AUC of class 1) and ACC (argmax), as MedMNIST's evaluator does.
 
-    # the benchmark check (README): full BreastMNIST, MedMNIST v2 recipe; test AUC should be ~0.901
+    # the benchmark check (docs/medmnist.md): full BreastMNIST, MedMNIST v2 recipe; test AUC should be ~0.901
     python -m classify.train_resnet18 --npz data/medmnist/breastmnist.npz --recipe medmnist --out-dir runs/medmnist/breast-v2
 """
 import argparse

@@ -62,7 +62,7 @@ def setup_distributed(device_arg="auto"):
 
 def cpu_has_bf16():
     """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX), where CPU bf16 autocast can be faster than fp32
-    (README, Benchmarks: cnn8 1.8x per step on a 2-core AMD EPYC with AVX512-BF16); False where it cannot tell."""
+    (docs/bench.md: cnn8 1.8x per step on a 2-core AMD EPYC with AVX512-BF16); False where it cannot tell."""
     try:
         flags = next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split()
     except (OSError, StopIteration):

@@ -57,7 +57,7 @@ JUDGE = "classifier (automatic, trained on real images; not physicians)"  # the 
 VARIANT_FLAGS = {"base": [], "cbrs": ["--sampler", "cbrs"], "sqrs": ["--sampler", "sqrs"], "cbdm": ["--cb-loss"],
                  "fairdiffusion": ["--fair-bayes"], "sqrs_cb": ["--sampler", "sqrs", "--cb-loss"]}
 # Every setting a scale sets, in one place (a flag given on the command line wins; summary.json keeps them as
-# "preset"). quick: the three modalities in under 60 min on a 2-core CPU (README has the measured time): a small
+# "preset"). quick: the three modalities in under 60 min on a 2-core CPU (docs/fairgen.md has the measured time): a small
 # U-Net (16-32-32 channels), few steps (700 pretraining steps and DDIM-15 took 51.5 min), a ViT with 8x8 patches and
 # no dropout (~12x cheaper than 4x4 patches with dropout at 32 px, about as accurate: bench/vit_sizes.py) and
 # no ResNet-50 in the ratio sweep (~10 min per modality from scratch on 2 cores; add it with --kinds): a chain

@@ -16,7 +16,7 @@ EMA, optimiser and random streams), a sample grid from fixed noise every --sampl
 
     # full scale (one GPU; torchrun --nproc_per_node=N for more):
     python -m diffusion.train_ddpm --data nih --size 64 --width 128 --steps 100000 --batch-size 128 --ema 0.9999
-    # quick CPU run (~20 min on 2 cores; see README for its numbers):
+    # quick CPU run (~20 min on 2 cores; docs/ddpm.md has its numbers):
     python -m diffusion.train_ddpm --data nih --size 32 --width 32 --steps 3000 --batch-size 32 --ema 0.995
     # smoke test (seconds):
     python -m diffusion.train_ddpm --data toy --size 16 --width 16 --mults 1,2 --num-res 1 --attn-res 8 --steps 20

@@ -38,7 +38,7 @@ from vae.skintone_report import GROUPS, write_report
 from vae.train_resvae import add_args
 
 # Every setting a scale sets, in one place (a flag given on the command line wins). quick: as many repeats as 30
-# min on 2 CPU cores allow: 3 repeats took 10.8 min (README), so 6 take ~22 min, with room for machines 1.5x slower
+# min on 2 CPU cores allow: 3 repeats took 10.8 min (docs/skintone.md), so 6 take ~22 min, with room for machines 1.5x slower
 # (inference is at the level of repeats, so the repeats are what buys power); a random VGG19 (no download; pass
 # --pretrained for ImageNet weights). full: the paper's sizes and ImageNet VGG19. smoke: tiny, but 2 repeats so that
 # the two-level bootstrap has replicates to draw.
