@@ -414,8 +414,8 @@ def write_tables(out, summary, plan, rows):
                        "al. 2025) our 'fairdiffusion' (its Fair Bayesian Perturbation on our DDPM; scikit-learn's "
                        "Gaussian process where the original uses BoTorch). Other generator (Stable Diffusion "
                        "fine-tuned on the full data), other data (real Fitzpatrick17k images), other classifier "
-                       "budget. docs/METHODS.md: FairGen's ESSP values are not reproducible from its own definition; "
-                       "we did not tune toward them."])
+                       "budget. FairGen's ESSP values are hard to reconcile with the equity-scaled definition it "
+                       "cites (docs/METHODS.md gives the bound); we did not tune toward them."])
     metric = next(iter(summary["modalities"].values()))["seed0"]["fd"]["metric"]
     write_table(out / "fid", ["modality", "method", "FD", "n real / n synthetic", "per subgroup at equal n",
                               "subgroup variance (1/G, equal n)"], rows["fd"],
