@@ -24,7 +24,6 @@ from fairness.figures import bars, lines
 from fairness.metrics import auroc, binary_stats, bootstrap, demographic_parity, equal_opportunity
 
 CONDITIONS = ["balanced_real", "imbalanced_real", "imbalanced_synth", "imbalanced_reweight"]
-# CheXNet (Rajpurkar et al. 2017) reference AUROCs we can cite per class (docs/METHODS.md); mean 0.841
 # CheXNet's per-class test AUROC on the full ChestX-ray14 (Rajpurkar et al. 2017, Table 1; docs/METHODS.md):
 # a reference from 112k images at 224 px with ImageNet weights, never a target for 1,000 images at 64 px
 CHEXNET_REF = {"Atelectasis": 0.8094, "Cardiomegaly": 0.9248, "Consolidation": 0.7901, "Edema": 0.8878,

@@ -36,13 +36,14 @@ import time
 import pandas as pd
 
 from classify.chestxray_report import CONDITIONS, write_report
-from classify.cxr_task import Task, classifier_stage, fold_sets, read_data
+from classify.cxr_task import FEMALE, Task, classifier_stage, fold_sets, read_data
 from classify.train_chexnet import add_args
 from common.cli import ArgumentParser, as_argv, fraction, nonneg_int, positive_int, run
 from common.data import PROJECT_DATA
 from common.runs import default_runs, prepare_out_dir, write_config, write_json
 from common.splits import patient_kfold, write_sets
 from common.stages import Stages, add_study_args, parse_scaled, planned, portable
+from fairness.plant import parse_plant, plant_label
 
 # Every setting a scale sets, in one place (a flag given on the command line wins). quick: 2-core CPU, embedded
 # NIH1000 (measured, docs/chestxray.md: cnn8 learns more from 1,000 images at 64 px than DenseNet-121 from scratch; a
@@ -82,6 +83,10 @@ def parse_args(argv=None):
     p.add_argument("--cvae-epochs", type=positive_int, help="CVAE maximum epochs (early stopping on val loss)")
     p.add_argument("--cvae-patience", type=nonneg_int, help="CVAE early stopping patience")
     p.add_argument("--n-boot", type=positive_int, help="bootstrap resamples for CIs")
+    p.add_argument("--plant", type=parse_plant, default=None, metavar="KIND:STRENGTH",
+                   help="the positive control: run on a copy of the data in which the women's images carry a planted "
+                        "signature (fairness/plant.py: invert:SHARE, noise:SD, blur:SIGMA; strength 0 is the planted "
+                        "null), written by a first stage; every title then says PLANTED")
     p.add_argument("--seed", type=int, default=0, help="seed of the folds and subsets; fold k's models get "
                                                         "seed * 100 + k")
     add_args(p)  # the classifier's flags (classify/train_chexnet.py), passed to every classifier stage
@@ -96,11 +101,16 @@ def parse_args(argv=None):
     return args
 
 
-def plan(task, folds, conditions, cvae_epochs, cvae_patience):
+def plan(task, folds, conditions, cvae_epochs, cvae_patience, plant=None):
     """The study's stages, a pure function of its settings: per fold (folds: [{n_male, n_synthetic}]) the CVAE and
     its samples (only for imbalanced_synth) and one classifier per condition, every condition with the same number
-    of updates (epochs of the balanced set's size)."""
+    of updates (epochs of the balanced set's size). plant: (argv, record) of the planted copy's stage, which then
+    comes first and which every other stage reads (task.data_argv names the copy)."""
     stages = Stages(dry=True)
+    data_deps = []
+    if plant:
+        stages.output("fairness.plant", plant[0], plant[1])
+        data_deps = [plant[1]]
     for k, f in enumerate(folds):
         r = task.folder(k)
         synth = r / "cvae" / "synth.npz"
@@ -109,7 +119,7 @@ def plan(task, folds, conditions, cvae_epochs, cvae_patience):
             stages.script("vae.train_cvae", [*task.data_argv, "--sets", r / "sets.csv", "--seed", seed, "--device",
                                              task.device, "--train-set", "cvae_train", "--val-set", "cvae_val",
                                              "--epochs", cvae_epochs, "--patience", cvae_patience, "--out-dir",
-                                             r / "cvae"], r / "cvae", deps=[r / "sets.csv"])
+                                             r / "cvae"], r / "cvae", deps=[r / "sets.csv", *data_deps])
             stages.samples("vae.sample_cvae", ["--ckpt", r / "cvae" / "ckpt.pt", "--n", f["n_synthetic"], "--seed",
                                                seed, "--device", task.device, "--out", synth], synth,
                            deps=[r / "cvae" / "metrics.json"])
@@ -117,7 +127,7 @@ def plan(task, folds, conditions, cvae_epochs, cvae_patience):
             train_set, extra = CONDITION_FLAGS[c]
             extra = [a for e in extra for a in ([e, synth] if e == "--synthetic" else [e])]
             classifier_stage(stages, task, k, c, train_set, extra, f["n_male"],
-                             deps=[synth] if c == "imbalanced_synth" else [])
+                             deps=([synth] if c == "imbalanced_synth" else []) + data_deps)
     return stages
 
 
@@ -148,8 +158,15 @@ def main(args):
     fold = patient_kfold(t, args.folds, seed=args.seed, stratify="sex")
     runs = Path(args.runs or default_runs(args.out))  # this --out's own tree
     args.data_root = data_root = portable(args.data_root)  # recorded relative to the repository where it lies there
-    task = Task(data_argv=("--data-root", data_root, *(["--csv", portable(args.csv)] if args.csv else [])),
-                seed=args.seed, device=args.device, classifier_argv=tuple(as_argv(add_args, args)), runs=runs)
+    data_argv = ("--data-root", data_root, *(["--csv", portable(args.csv)] if args.csv else []))
+    plant = None
+    if args.plant:  # the stages read the planted copy; the folds come from the original table (the same rows)
+        copy = runs / "planted_data"
+        plant = ([*data_argv, "--plant", f"{args.plant[0]}:{args.plant[1]:g}", "--group", FEMALE, "--seed",
+                  args.seed, "--out", copy], copy / "plant.json")
+        data_argv = ("--data-root", copy, *(["--csv", copy / Path(args.csv).name] if args.csv else []))
+    task = Task(data_argv=data_argv, seed=args.seed, device=args.device,
+                classifier_argv=tuple(as_argv(add_args, args)), runs=runs)
     folds, changed = [], set()
     for k in range(args.folds):
         sets, n_male, n_synthetic = fold_sets(k, fold, t, args.seed, args.val_fraction, args.female_fraction,
@@ -158,7 +175,7 @@ def main(args):
         if write_sets(task.folder(k) / "sets.csv", sets, dry=args.dry_run) and args.dry_run:
             changed.add(task.folder(k) / "sets.csv")  # a run would rewrite it: its stages would run again
         folds.append({"sets": str(task.folder(k) / "sets.csv"), "n_male": n_male, "n_synthetic": n_synthetic})
-    stages = plan(task, folds, args.conditions, args.cvae_epochs, args.cvae_patience)
+    stages = plan(task, folds, args.conditions, args.cvae_epochs, args.cvae_patience, plant)
     stages.changed = changed
     if planned(stages, args.dry_run, args.makefile, f"preds.csv (the stages' preds.csv together), the tables and "
                                                     f"figures in {args.out}"):
@@ -166,6 +183,8 @@ def main(args):
     out = prepare_out_dir(args.out, args.force)
     data = "nih1000" if Path(args.data_root).resolve() == (PROJECT_DATA / "nih_cxr14").resolve() else \
         f"nih ({data_root})"
+    if args.plant:
+        data += ", " + plant_label(*args.plant, FEMALE)
     weights = "imagenet" if args.pretrained else "none (from scratch)"
     write_config(out, args, data=data, weights=weights)
     stages.run_all()
@@ -176,7 +195,8 @@ def main(args):
         "size": args.size, "pretrained": args.pretrained, "folds": args.folds, "female_fraction": args.female_fraction,
         "cvae_female": args.cvae_female, "conditions": args.conditions, "n_boot": args.n_boot, "seed": args.seed,
         "keep": args.keep, "runs": str(runs), "data_root": data_root, "csv": args.csv,
-        "images_per_sex": args.images_per_sex, "data_argv": list(task.data_argv), "device": args.device,
+        "images_per_sex": args.images_per_sex, "data_argv": [str(a) for a in task.data_argv], "device": args.device,
+        "plant": {k: v for k, v in json.loads(plant[1].read_text()).items() if k != "argv"} if plant else None,
         "classifier_argv": list(task.classifier_argv), "fold_sets": folds})
     return write_report(out)
 

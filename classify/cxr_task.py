@@ -81,14 +81,15 @@ class Task:
         return Path(self.runs) / f"fold{k}"
 
 
-def classifier_stage(stages, task, k, cell, train_set, extra, n_male, deps=()):
+def classifier_stage(stages, task, k, cell, train_set, extra, n_male, deps=(), test_set="test"):
     """Fold k's classifier cell `cell` (runs/fold<k>/<cell>): trained on the split file's set train_set with the
-    stage flags `extra`, validated and tested on the fold's val and test sets, 2 n_male samples per epoch."""
+    stage flags `extra`, validated on the fold's val set and scoring its test_set (a choice made on validation
+    data scores "val"), 2 n_male samples per epoch."""
     r = task.folder(k)
     sets_file = r / "sets.csv"
     stages.script("classify.train_chexnet", [
         *task.data_argv, "--sets", sets_file, "--seed", task.seed * 100 + k, "--device", task.device, "--train-set",
-        train_set, "--val-set", "val", "--test-set", "test", *extra, "--epoch-size", 2 * n_male, "--tag", f"fold={k}",
+        train_set, "--val-set", "val", "--test-set", test_set, *extra, "--epoch-size", 2 * n_male, "--tag", f"fold={k}",
         "--tag", f"condition={cell}", *task.classifier_argv, "--out-dir", r / cell], r / cell,
         deps=[sets_file, *deps])
 
