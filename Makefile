@@ -15,7 +15,7 @@ OUT := $(if $(or $(SMOKE),$(filter smoke,$(SCALE))),smoke,$(if $(filter full,$(S
 FLAGS := $(if $(SMOKE),--smoke,--scale $(SCALE)) --force
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup test all chestxray compare skintone medmnist fairgen ddpm bench clean-runs
+.PHONY: help setup test all chestxray compare planted skintone medmnist fairgen ddpm bench clean-runs
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -49,9 +49,20 @@ chestxray: $(SETUP) ## Korb & Hall: CVAE-rebalanced chest X-ray classifier by se
 
 # compare builds on a finished chestxray run of the same scale (its plan.json, split files and cells): made first
 # if its run tree is missing (a fresh clone has chestxray's results but no runs/). DATA_ROOT goes to chestxray.
+# PLANTED=1: on the positive control's planted chestxray run instead (results/compare_planted).
+CX := chestxray$(if $(PLANTED),_planted)
 compare: $(SETUP) ## every generator family (AE, CVAE, DCGAN, DDPM) and non-generative fixes on chestxray's task -> results/compare
-	$(if $(DRY),,@[ -f runs/$(OUT)/chestxray/fold0/imbalanced_real/metrics.json ] || $(MAKE) chestxray)
-	$(call staged,classify.compare_study,compare,)
+	$(if $(DRY),,@[ -f runs/$(OUT)/$(CX)/fold0/imbalanced_real/metrics.json ] || $(MAKE) $(if $(PLANTED),planted,chestxray))
+	$(call staged,classify.compare_study,compare$(if $(PLANTED),_planted),--chestxray $(OUT)/$(CX))
+
+# The positive control (fairness/plant.py): chestxray on a copy of the data whose women's images carry a planted
+# signature (PLANT=KIND:STRENGTH; the default was chosen on validation patients: results/bench/plant_strength.md),
+# and the planted null (the same kind at strength 0). The design must say "yes" on the first and "cannot tell" on
+# the second. `make compare PLANTED=1` then compares the generator families on the planted task.
+PLANT ?= invert:1
+planted: $(SETUP) ## the positive control: chestxray on planted data and on the planted null -> results/chestxray_planted{,_null}
+	$(call staged,classify.chestxray_study,chestxray_planted,--plant $(PLANT) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)))
+	$(call staged,classify.chestxray_study,chestxray_planted_null,--plant $(firstword $(subst :, ,$(PLANT))):0 $(if $(DATA_ROOT),--data-root $(DATA_ROOT)))
 
 skintone: $(SETUP) ## Lopez-Perez et al.: VAE reconstruction by skin type, sets A/B/C -> results/skintone
 	$(call staged,vae.skintone_study,skintone,$(if $(DATA_ROOT),--data-root $(DATA_ROOT)))

@@ -18,8 +18,8 @@ from classify.cxr_task import auroc_stat, read_preds
 from classify.train_chexnet import OUTPUTS, col, per_output_table
 from common.report import mean_std, report_command, with_ci, write_readme, write_table
 from common.runs import write_json
-from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, fmt_p, gap_permutation,
-                              paired_difference, with_holm)
+from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, family_facts, fmt_p,
+                              gap_permutation, paired_difference, with_holm)
 from fairness.figures import bars, lines
 from fairness.metrics import auroc, binary_stats, bootstrap, demographic_parity, equal_opportunity
 
@@ -35,12 +35,18 @@ PAIRS = [("balanced_real", "imbalanced_real"), ("imbalanced_synth", "imbalanced_
          ("imbalanced_reweight", "imbalanced_real"), ("imbalanced_synth", "balanced_real")]
 COMPARED = {"any_auroc_female": "female AUROC", "any_auroc_male": "male AUROC",
             "any_auroc_gap": "AUROC gap (M - F)", "any_auroc_abs_gap": "|AUROC gap|", "any_auroc": "any-finding AUROC"}
+# The study's questions, declared before its runs: its primary comparisons (Holm over these alone; every other row of
+# comparisons.md is exploratory). The fairness outcome is the signed gap M - F, oriented in advance by the training
+# data: women are the minority of the imbalanced set, so a positive gap disadvantages them and a narrowing is
+# negative. |gap| stays an exploratory row (it is biased toward "no change").
 QUESTIONS = [(("female AUROC", "imbalanced_synth", "imbalanced_real"),
               "Do CVAE-generated female X-rays help women? Female AUROC, synthetic minus imbalanced"),
-             (("|AUROC gap|", "imbalanced_synth", "imbalanced_real"),
-              "Do they narrow the sex gap? |AUROC M - F|, synthetic minus imbalanced"),
+             (("AUROC gap (M - F)", "imbalanced_synth", "imbalanced_real"),
+              "Do they narrow the sex gap? AUROC M - F (negative: narrower for women), synthetic minus imbalanced"),
              (("female AUROC", "balanced_real", "imbalanced_real"),
-              "Do more real women help women? Female AUROC, balanced minus imbalanced")]
+              "Do more real women help women? Female AUROC, balanced minus imbalanced"),
+             (("AUROC gap (M - F)", "balanced_real", "imbalanced_real"),
+              "Do more real women narrow the sex gap? AUROC M - F, balanced minus imbalanced")]
 FINDING_HEADER = ["finding", "AUC (folds)", "AUC (pooled)", "accuracy (folds)", "sensitivity (folds)",
                   "sensitivity (pooled)", "specificity (folds)", "specificity (pooled)", "class ratio (pos:neg)",
                   "Korb & Hall AUC", "CheXNet AUC"]
@@ -63,7 +69,8 @@ def metrics_of(Y, p, dec, sex, findings):
 
 
 def comparisons(arrays, sex, pid, n_boot, seed):
-    """Paired differences on the same out-of-fold test patients (patient-clustered bootstrap), Holm over the table."""
+    """Paired differences on the same out-of-fold test patients (patient-clustered bootstrap); Holm over the declared
+    questions of the conditions run (the primary family), and separately over the other rows (exploratory)."""
     rows = []
     for a, b in PAIRS:
         if a in arrays and b in arrays:
@@ -71,7 +78,8 @@ def comparisons(arrays, sex, pid, n_boot, seed):
                 r = paired_difference(auroc_stat(*arrays[a][:2], sex, key), auroc_stat(*arrays[b][:2], sex, key),
                                       clusters=pid, n_boot=n_boot, seed=seed)
                 rows.append(comparison(name, a, b, r))
-    return with_holm(rows)
+    declared = {key for key, _ in QUESTIONS if key[1] in arrays and key[2] in arrays}
+    return with_holm(rows, primary=declared)
 
 
 def permutation_or_nan(stat_group, sex, pid, n_perm, seed):
@@ -179,10 +187,13 @@ def comparisons_table(out, summary, plan, t):
                 title=f"Paired comparisons of conditions on the same out-of-fold test patients ({plan['data']}, "
                       f"{len(t)} images, {t['patient_id'].nunique()} patients)",
                 notes=[f"a - b on the pooled out-of-fold any-finding scores; 95% CI and p from a patient-clustered "
-                       f"paired bootstrap ({plan['n_boot']} resamples, percentile); p (Holm) over the "
-                       f"{len(summary['comparisons'])} rows; MDE = (1.96 + 0.84) x bootstrap SE, the smallest "
-                       f"difference this design detects with 80% power. One training run per condition and fold: "
-                       f"training noise is not in the CI. Recompute from preds.csv."] + summary["answers"])
+                       f"paired bootstrap ({plan['n_boot']} resamples, percentile). Primary: the "
+                       f"{summary['primary_family_size']} comparisons declared before the run (the questions below); "
+                       f"p (Holm) over them alone (the smallest it can reach is {summary['min_holm_p']:.3f}), and "
+                       f"separately over the rows marked exploratory, which answer no question. MDE = (z + 0.84) x "
+                       f"bootstrap SE at the family's first Holm step (alpha 0.05 / family size): effects smaller "
+                       f"would usually be missed. One training run per condition and fold: training noise is not in "
+                       f"the CI. Recompute from preds.csv."] + summary["answers"])
 
 
 def figures(out, summary, curves0, plan):
@@ -192,7 +203,7 @@ def figures(out, summary, curves0, plan):
          out / "auroc_by_sex.png", f"Any-finding AUROC by sex, 95% CI ({plan['data']}, {plan['arch']}, "
                                    f"{plan['size']}px)", "AUROC")
     lines({c: dict(enumerate(v, 1)) for c, v in curves0.items()}, out / "classifier_val_auroc.png",
-          "Validation any-finding AUROC per epoch (fold 0)", "epoch", "AUROC")
+          f"Validation any-finding AUROC per epoch (fold 0, {plan['data']})", "epoch", "AUROC")
 
 
 def write_report(out, n_boot=None):
@@ -206,7 +217,7 @@ def write_report(out, n_boot=None):
     sex, pid = t["sex"].to_numpy(), t["patient_id"].to_numpy()
     Y = arrays[plan["conditions"][0]][0]
     findings = [j for j in range(14) if Y[:, j].sum() >= 5]
-    summary = {"data": plan["data"], "pretrained": plan["pretrained"], "scale": plan["scale"], "model": plan["arch"],
+    summary = {"data": plan["data"], "plant": plan.get("plant"), "pretrained": plan["pretrained"], "scale": plan["scale"], "model": plan["arch"],
                "size": plan["size"], "folds": plan["folds"], "female_fraction": plan["female_fraction"],
                "cvae_female": plan["cvae_female"], "n_images": len(t), "n_patients": int(t["patient_id"].nunique()),
                "seconds": training["seconds"], "conditions": {}}
@@ -222,10 +233,13 @@ def write_report(out, n_boot=None):
     fairness_table(out, fair_rows, plan, t, training.get("bf16_autocast", [False]))
     figures(out, summary, training["val_any_auroc_fold0"], plan)
     summary["comparisons"] = comparisons(arrays, sex, pid, plan["n_boot"], plan["seed"])
+    summary.update(family_facts(summary["comparisons"], plan["n_boot"]))
     summary["answers"] = answers(summary["comparisons"])
     comparisons_table(out, summary, plan, t)
     write_json(out / "summary.json", summary)
-    write_readme(out, "Do CVAE-generated female chest X-rays help a sex-imbalanced classifier on women? (Korb & Hall)",
+    planted = f"{plan['plant']['label']}, a positive control: " if plan.get("plant") else ""
+    write_readme(out, planted + "Do CVAE-generated female chest X-rays help a sex-imbalanced classifier on women? "
+                 "(Korb & Hall)",
                  summary["answers"], ["fairness.md", "comparisons.md"],
                  notes=[f"Per-finding tables: {', '.join(f'table_{c}.md' for c in plan['conditions'])}; every "
                         f"prediction, per image with its patient and sex: preds.csv; the stage commands: stages.json."])

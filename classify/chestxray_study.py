@@ -194,7 +194,8 @@ def main(args):
         "study": "chestxray", "data": data, "weights": weights, "scale": args.scale, "arch": args.arch,
         "size": args.size, "pretrained": args.pretrained, "folds": args.folds, "female_fraction": args.female_fraction,
         "cvae_female": args.cvae_female, "conditions": args.conditions, "n_boot": args.n_boot, "seed": args.seed,
-        "keep": args.keep, "runs": str(runs), "data_root": data_root, "csv": args.csv,
+        "keep": args.keep, "runs": str(runs), "data_root": str(task.data_argv[1]), "source_data_root": data_root,
+        "csv": args.csv,
         "images_per_sex": args.images_per_sex, "data_argv": [str(a) for a in task.data_argv], "device": args.device,
         "plant": {k: v for k, v in json.loads(plant[1].read_text()).items() if k != "argv"} if plant else None,
         "classifier_argv": list(task.classifier_argv), "fold_sets": folds})

@@ -17,7 +17,8 @@ import pandas as pd
 from classify.cxr_task import FEMALE, MALE, auroc_stat, read_preds
 from common.report import report_command, with_ci, write_readme, write_table
 from common.runs import write_json
-from fairness.compare import COMPARISON_HEADER, answer, comparison, comparison_rows, paired_difference, with_holm
+from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, family_facts, paired_difference,
+                              with_holm)
 from fairness.figures import scatter
 from fairness.metrics import bootstrap, demographic_parity, equal_opportunity
 
@@ -28,9 +29,13 @@ ROWS = {"balanced_real": ("balanced_real", None), "imbalanced_real": ("imbalance
         "gan": ("synth_gan", "gan"), "ddpm": ("synth_ddpm", "ddpm"),
         "ddpm_finding_only": ("synth_ddpm_finding", "ddpm_finding")}
 FAMILIES = ["ae", "vae", "gan", "ddpm"]  # the sweep's candidates (ddpm_finding_only is the ablation of ddpm)
+# The study's primary comparisons, declared before its runs: each generator family against imbalanced_real on the
+# female AUROC and on the signed gap M - F (women are the training data's minority, so a narrowing is negative).
+# Holm runs over these alone; every other row (non-generative fixes, sweep rows, |gap|, DP, EO, OOD) is exploratory.
+PRIMARY_METRICS = ("female AUROC", "AUROC gap (M - F)")
 OOD_METRICS = ("any-finding AUROC", "female AUROC", "male AUROC", "AUROC gap (M - F)", "|AUROC gap|")
 HEADER = ["row", "any-finding AUROC", "female AUROC", "female vs imbalanced", "male AUROC", "gap (M - F)",
-          "|gap| vs imbalanced", "DP", "EO", "KID F (sd folds)", "KID M", "FD F", "closer than pool p1 F / M",
+          "gap vs imbalanced", "DP", "EO", "KID F (sd folds)", "KID M", "FD F", "closer than pool p1 F / M",
           "generator s/fold (train + sample)"]
 
 
@@ -76,7 +81,8 @@ def ood_comparisons(path, rows, n_boot, seed):
 
 
 def comparisons(stats, rows, pid, plan, out):
-    """Every row vs imbalanced_real on every metric, ddpm vs ddpm_finding_only, the OOD rows; Holm over all."""
+    """Every row vs imbalanced_real on every metric, ddpm vs ddpm_finding_only, the OOD rows; Holm over the
+    declared primary comparisons, and separately over the rest (exploratory)."""
     n_boot, seed = plan["n_boot"], plan["seed"]
     comps = [paired(m, row, "imbalanced_real", stats, pid, n_boot, seed)
              for row in rows if row != "imbalanced_real" for m in stats[row]]
@@ -85,7 +91,12 @@ def comparisons(stats, rows, pid, plan, out):
                   for m in ("female AUROC", "|AUROC gap|")]
     if plan["ood"]:
         comps += ood_comparisons(out / "ood_preds.csv", rows, n_boot, seed)
-    return with_holm(comps)
+    return with_holm(comps, primary=primary_keys(rows))
+
+
+def primary_keys(rows):
+    """The declared primary comparisons among the rows run: (metric, family, imbalanced_real)."""
+    return [(m, f, "imbalanced_real") for f in FAMILIES if f in rows for m in PRIMARY_METRICS]
 
 
 def fidelity(audit):
@@ -133,7 +144,7 @@ def table_row(row, point, ci, find, fF, fM, c):
     return [row, with_ci(point["any-finding AUROC"], ci["any-finding AUROC"]),
             with_ci(point["female AUROC"], ci["female AUROC"]), diff("female AUROC"),
             with_ci(point["male AUROC"], ci["male AUROC"]),
-            with_ci(point["AUROC gap (M - F)"], ci["AUROC gap (M - F)"]), diff("|AUROC gap|"),
+            with_ci(point["AUROC gap (M - F)"], ci["AUROC gap (M - F)"]), diff("AUROC gap (M - F)"),
             f"{point['DP (any finding)']:.3f}", f"{point['EO (any finding)']:.3f}",
             f"{fmt(fF.get('kid'), 3, 'g')} ± {fmt(fF.get('kid_sd_over_folds'), 2, 'g')}"
             if fF.get("kid") is not None else "", fmt(fM.get("kid"), 3, "g") if fM.get("kid") is not None else "",
@@ -157,7 +168,8 @@ def notes(summary, plan, fid, n_comps):
     ref, sweep = fid.get("real_heldout", {}), plan["sweep"]
     return summary["answers"] + [
         f"95% CIs: patient bootstrap ({plan['n_boot']}); 'vs imbalanced': paired difference on the same test "
-        f"patients with its CI and Holm p over all {n_comps} comparisons (comparisons.md, with MDEs). "
+        f"patients with its CI and Holm p within its family of the {n_comps} comparisons (primary: each "
+        f"generator family on the female AUROC and the signed gap; the rest exploratory; comparisons.md, with MDEs). "
         f"One training run per row and fold: training noise is not in the CIs.",
         f"KID/FD: penultimate features of each fold's imbalanced_real classifier, standardised by the real "
         f"test images' (both sexes) mean and sd per feature; samples vs the fold's real test images of "
@@ -216,21 +228,30 @@ def write_report(out, n_boot=None):
         csv_rows.append(csv_row(row, point, find, fF, fM, c))
     summary["real_heldout_privacy"] = fid.get("real_heldout", {})
     summary["comparisons"] = comps
-    summary["answers"] = answers(comps, fid, rows)
+    summary.update(family_facts(comps, plan["n_boot"]))
+    summary["recovery"] = recovery(stats, rows, pid, plan, find)
+    recovery_table(out, summary["recovery"], plan)
+    summary["answers"] = answers(comps, fid, rows, summary)
     write_table(out / "table", HEADER, table,
                 title=f"Every row on one task: any finding vs No Finding by sex, pooled out-of-fold predictions "
-                      f"({len(tab)} images, {tab['patient_id'].nunique()} patients, {plan['folds']} folds, "
+                      f"({plan['data']}, {len(tab)} images, {tab['patient_id'].nunique()} patients, {plan['folds']} folds, "
                       f"{plan['arch']} {plan['size']} px, weights: {'imagenet' if plan['pretrained'] else 'none'})",
                 notes=notes(summary, plan, fid, len(comps)))
     pd.DataFrame(csv_rows).to_csv(out / "table.csv", index=False, float_format="%.6g")
     write_table(out / "comparisons", COMPARISON_HEADER, comparison_rows(comps),
-                title="Paired comparisons on the same out-of-fold test patients (a - b)",
-                notes=[f"patient-clustered paired bootstrap ({plan['n_boot']}); Holm over the {len(comps)} rows; "
-                       f"MDE = 2.8 x SE. Recompute from preds.csv.gz."])
+                title=f"Paired comparisons on the same out-of-fold test patients (a - b; {plan['data']})",
+                notes=[f"patient-clustered paired bootstrap ({plan['n_boot']}). Primary: the "
+                       f"{summary['primary_family_size']} comparisons declared before the run (each generator family "
+                       f"vs imbalanced_real on the female AUROC and the signed gap M - F); p (Holm) over them alone "
+                       f"(the smallest it can reach: {summary['min_holm_p']:.3f}) and separately over the rows "
+                       f"marked exploratory. MDE = (z + 0.84) x SE at the family's first Holm step. Recompute from "
+                       f"preds.csv.gz."])
     figures(out, summary, rows, find, fid)
     write_json(out / "summary.json", summary)
-    write_readme(out, "Which generator family, if any, helps the under-represented sex most, at what cost to "
-                      "fidelity and privacy?", summary["answers"], ["table.md", "comparisons.md"],
+    planted = f"{plan['data']}, a positive control: " if "PLANTED" in plan["data"] else ""
+    write_readme(out, planted + "Which generator family, if any, helps the under-represented sex most, at what "
+                                "cost to fidelity and privacy?", summary["answers"],
+                 ["table.md", "comparisons.md", "recovery.md"],
                  notes=["Figures: gain_vs_fidelity.png, gap_vs_auroc.png, samples_<row>.png, closest_pairs_<row>.png;"
                         " every prediction: preds.csv.gz; the stage commands: stages.json."])
     print((out / "table.md").read_text())
@@ -258,26 +279,72 @@ def figures(out, summary, rows, find, fid):
             "any-finding AUROC", "AUROC gap (M - F)", hline=0)
 
 
-def answers(comps, fid, rows):
+def recovery(stats, rows, pid, plan, find):
+    """Per row, the share of what more real women recover for women that the row recovers: (female AUROC of the row
+    - imbalanced_real's) / (balanced_real's - imbalanced_real's), with a patient bootstrap CI (one draw serves all
+    three). Defined only where balanced_real detectably helps women (the CI of its paired difference excludes 0);
+    on the planted positive control it does by construction. Returns {row: {value, ci}} or the reason it is not."""
+    ref = find.get(("female AUROC", "balanced_real", "imbalanced_real"))
+    if ref is None:
+        return {"reason": "no balanced_real row in this run"}
+    if not ref["ci"][0] > 0:
+        return {"reason": f"balanced_real does not detectably help women here (female AUROC {ref['diff']:+.3f}, 95% "
+                          f"CI {ref['ci'][0]:+.3f} to {ref['ci'][1]:+.3f}): there is nothing to recover a share of"}
+    female = {r: stats[r]["female AUROC"] for r in rows}
+    others = [r for r in rows if r not in ("balanced_real", "imbalanced_real")]
+
+    def shares(idx):
+        base, full = female["imbalanced_real"](idx), female["balanced_real"](idx)
+        return {r: (female[r](idx) - base) / (full - base) if full != base else np.nan for r in others}
+    point = shares(np.arange(len(pid)))
+    ci = bootstrap(shares, len(pid), clusters=pid, n_boot=plan["n_boot"], seed=plan["seed"])
+    return {r: {"value": float(point[r]), "ci": list(ci[r])} for r in others}
+
+
+def recovery_table(out, rec, plan):
+    if "reason" in rec:
+        rows = [["n/a", rec["reason"], ""]]
+    else:
+        rows = [[r, f"{v['value']:.2f}", f"[{v['ci'][0]:.2f}, {v['ci'][1]:.2f}]"] for r, v in rec.items()]
+    write_table(out / "recovery", ["row", "share of balanced_real's female gain", "95% CI"], rows,
+                title=f"How much of what more real women recover for women each row recovers ({plan['data']})",
+                notes=["(female AUROC of the row - imbalanced_real's) / (balanced_real's - imbalanced_real's) on the "
+                       "same test patients; 1 = as much as real women, 0 = nothing, below 0 = worse than the baseline. "
+                       f"Percentile CI from a patient bootstrap ({plan['n_boot']}); a ratio's CI is wide when the "
+                       "denominator is small. Exploratory: not in the Holm family."])
+
+
+def baseline_gap(summary):
+    """Whether imbalanced_real has a gap to close at all: its signed gap M - F with its CI."""
+    base = summary["rows"]["imbalanced_real"]
+    women, men = (base["utility"][f"{s} AUROC"]["value"] for s in ("female", "male"))
+    g, (lo, hi) = base["fairness"]["AUROC gap (M - F)"]["value"], base["fairness"]["AUROC gap (M - F)"]["ci"]
+    return (f"The baseline (imbalanced_real) scores women {women:.3f} and men {men:.3f}: "
+            f"gap M - F {g:+.3f} (95% CI {lo:+.3f} to {hi:+.3f})" +
+            (", so there is no detectable gap here for any row to close; a row that narrows it cannot be told from "
+             "one that does nothing." if lo <= 0 <= hi else "."))
+
+
+def answers(comps, fid, rows, summary=None):
     """The answer sentences: which generator family, if any, closes the sex gap, and which copy training images."""
     gen = [r for r in rows if r in ROWS and ROWS[r][1]]
     find = {(c["metric"], c["a"]): c for c in comps if c["b"] == "imbalanced_real"}
-    rows_gap = [find[("|AUROC gap|", r)] for r in gen if ("|AUROC gap|", r) in find]
-    closed = [c for c in rows_gap if c["p_holm"] < 0.05 and c["diff"] < 0]
-    out = []
+    rows_gap = [find[("AUROC gap (M - F)", r)] for r in gen if ("AUROC gap (M - F)", r) in find]
+    closed = [c for c in rows_gap if c["primary"] and c["p_holm"] < 0.05 and c["diff"] < 0]
+    out = [baseline_gap(summary)] if summary else []
     by = lambda c: (f"female AUROC {find[('female AUROC', c['a'])]['diff']:+.3f}, male AUROC "
                     f"{find[('male AUROC', c['a'])]['diff']:+.3f}")
     if closed:
         best = min(closed, key=lambda c: c["diff"])
-        out.append(answer(best, f"{best['a']} narrows the sex gap here: |AUROC M - F|, {best['a']} minus imbalanced")
+        out.append(answer(best, f"{best['a']} narrows the sex gap here: AUROC M - F, {best['a']} minus imbalanced")
                    + f" ({by(best)})")
     elif rows_gap:
         widest = min(rows_gap, key=lambda c: c["diff"])
         lead = "the largest narrowing" if widest["diff"] < 0 else "none narrows it on average; the smallest widening"
-        out.append(f"No generator family closes the sex gap detectably at this scale: {lead}, {widest['a']}, "
-                   f"changes |AUROC M - F| by {widest['diff']:+.3f} (95% CI {widest['ci'][0]:+.3f} to "
-                   f"{widest['ci'][1]:+.3f}, Holm p {widest['p_holm']:.2g}; {by(widest)}; the smallest difference "
-                   f"this design detects is {widest['mde']:.3f}).")
+        out.append(f"No generator family narrows the sex gap detectably at this scale: {lead}, {widest['a']}, "
+                   f"changes AUROC M - F by {widest['diff']:+.3f} (95% CI {widest['ci'][0]:+.3f} to "
+                   f"{widest['ci'][1]:+.3f}, Holm p {widest['p_holm']:.2g}; {by(widest)}; effects smaller than "
+                   f"{widest['mde']:.3f} would usually be missed).")
     for c in [c for c in comps if c["metric"] == "female AUROC" and c["b"] == "imbalanced_real" and c["a"] in gen]:
         out.append(answer(c, f"Does {c['a']} help women? Female AUROC, {c['a']} minus imbalanced"))
     ref = fid.get("real_heldout", {}).get(FEMALE, {}).get("fraction_closer_than_pool_p1")

@@ -21,9 +21,18 @@ from fairness.metrics import cluster_members
 Z_ALPHA, Z_POWER = norm.ppf(0.975), norm.ppf(0.8)  # 1.96 and 0.84: two-sided alpha 0.05, power 0.8
 
 
-def mde(se):
-    """Minimum detectable effect at two-sided alpha 0.05 and power 0.8: (1.96 + 0.84) * SE."""
-    return float((Z_ALPHA + Z_POWER) * se)
+def mde(se, tests=1):
+    """Minimum detectable effect at power 0.8 and two-sided alpha 0.05 / tests (Holm's first step over a family of
+    `tests` comparisons: the level the family's smallest p must pass): (z(1 - alpha / 2) + 0.84) * SE; for one test
+    (1.96 + 0.84) * SE."""
+    return float((norm.ppf(1 - 0.025 / tests) + Z_POWER) * se)
+
+
+def min_holm_p(family_size, n_resamples):
+    """The smallest Holm-adjusted p a family can reach when each p comes from n_resamples resamples (a bootstrap p
+    is at least 1 / (n_resamples + 1)): family_size / (n_resamples + 1). Below 0.05 or the family can never reject;
+    a study's primary family needs it below 0.01 (tests/test_primary.py)."""
+    return family_size / (n_resamples + 1)
 
 
 def _p_two_sided(diffs, n_boot):
@@ -191,11 +200,33 @@ def comparison(metric, a, b, result):
             "replicates": result.get("replicates", 1), "n_valid": result.get("n_valid"), "method": result["method"]}
 
 
-def with_holm(comparisons):
-    """The same rows with `p_holm`: Holm's adjustment over every row with a finite p (NaN rows stay NaN)."""
-    finite = [i for i, c in enumerate(comparisons) if np.isfinite(c["p"])]
-    adjusted = dict(zip(finite, holm([comparisons[i]["p"] for i in finite]))) if finite else {}
-    return [{**c, "p_holm": adjusted.get(i, float("nan"))} for i, c in enumerate(comparisons)]
+def with_holm(comparisons, primary=None):
+    """The same rows with `p_holm`, `primary` and `family_size`. primary: the (metric, a, b) of the comparisons a
+    study declared before its run (its questions); Holm's adjustment runs over them alone, and separately over the
+    rest (exploratory rows, which never answer a question). primary None: every row is one family, as in the studies
+    that have not declared theirs. Each row's MDE is taken at its family's first Holm step (alpha 0.05 / family
+    size): the smallest effect its family could have seen. NaN rows stay NaN and do not count."""
+    keys = None if primary is None else {tuple(k) for k in primary}
+    if keys is not None:
+        missing = keys - {(c["metric"], c["a"], c["b"]) for c in comparisons}
+        assert not missing, f"declared primary comparisons missing from the table: {sorted(missing)}"
+    is_primary = [keys is None or (c["metric"], c["a"], c["b"]) in keys for c in comparisons]
+    out = [dict(c) for c in comparisons]
+    for family in (True, False):
+        finite = [i for i, c in enumerate(comparisons) if is_primary[i] == family and np.isfinite(c["p"])]
+        adjusted = dict(zip(finite, holm([comparisons[i]["p"] for i in finite]))) if finite else {}
+        for i in (i for i in range(len(out)) if is_primary[i] == family):
+            se = out[i].get("se", float("nan"))
+            out[i].update(p_holm=adjusted.get(i, float("nan")), primary=family, family_size=len(finite),
+                          mde=mde(se, max(1, len(finite))) if np.isfinite(se) else out[i]["mde"])
+    return out
+
+
+def family_facts(comparisons, n_resamples):
+    """What summary.json records of a table's primary family: its size, the resamples per p and the smallest Holm p
+    it can reach (the design can say yes only if that is below 0.05)."""
+    k = sum(1 for c in comparisons if c.get("primary") and np.isfinite(c["p"]))
+    return {"primary_family_size": k, "n_boot": n_resamples, "min_holm_p": min_holm_p(k, n_resamples)}
 
 
 def fmt_p(p):
@@ -203,16 +234,17 @@ def fmt_p(p):
 
 
 def comparison_rows(comparisons, digits=3):
-    """Markdown/CSV cells: metric, a - b, difference [95% CI], p, p (Holm), MDE, units, replicates."""
+    """Markdown/CSV cells: metric (exploratory rows marked), a - b, difference [95% CI], p, p (Holm within its
+    family), MDE, units, replicates."""
     f = f"{{:+.{digits}f}}"
-    return [[c["metric"], f"{c['a']} - {c['b']}",
+    return [[c["metric"] + ("" if c.get("primary", True) else " (exploratory)"), f"{c['a']} - {c['b']}",
              f"{f.format(c['diff'])} [{f.format(c['ci'][0])}, {f.format(c['ci'][1])}]" if np.isfinite(c["diff"])
              else "n/a", fmt_p(c["p"]), fmt_p(c["p_holm"]), f"{c['mde']:.{digits}f}" if np.isfinite(c["mde"]) else
              "n/a", c["n_units"], c["replicates"]] for c in comparisons]
 
 
-COMPARISON_HEADER = ["metric", "a - b", "difference [95% CI]", "p", "p (Holm)", "MDE (80% power)", "units",
-                     "replicates"]
+COMPARISON_HEADER = ["metric", "a - b", "difference [95% CI]", "p", "p (Holm)", "MDE (80% power, Holm level)",
+                     "units", "replicates"]
 
 
 def answer(c, what, digits=3):
@@ -225,8 +257,12 @@ def answer(c, what, digits=3):
     if not np.all(np.isfinite(c["ci"])):
         return f"{what}: {f.format(c['diff'])}, no CI (too few valid resamples): cannot tell at this scale."
     body = f"{what}: {f.format(c['diff'])} (95% CI {ci}, Holm p {fmt_p(c['p_holm'])}, MDE {c['mde']:.{digits}f})"
+    missed = f"effects smaller than {c['mde']:.{digits}f} would usually be missed"
     if c["ci"][0] <= 0 <= c["ci"][1]:
-        return body + f"; cannot tell at this scale (an effect under {c['mde']:.{digits}f} would go unseen)."
+        return body + f"; cannot tell at this scale ({missed})."
     if not c["p_holm"] < 0.05:
-        return body + "; its CI excludes 0 but not after Holm's correction over the table: cannot tell at this scale."
+        family = (f"the {c['family_size']} {'primary' if c['primary'] else 'exploratory'} comparisons"
+                  if "family_size" in c else "the table")
+        return body + f"; its CI excludes 0 but not after Holm's correction over {family}: cannot tell at this " \
+                      f"scale ({missed})."
     return body + "."

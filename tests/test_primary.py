@@ -1,0 +1,91 @@
+"""Tests that can reject: declared primary families with Holm over them alone, an MDE at the first Holm step, a
+smallest attainable Holm p below 0.01 for every declared family; and the planted positive control's data."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from classify import chestxray_report, chestxray_study
+from common.data import read_nih
+from fairness.compare import family_facts, holm, mde, min_holm_p, with_holm
+from fairness.plant import affected_patients, parse_plant
+from conftest import ROOT
+
+
+def row(metric, a, p, se=0.01):
+    return {"metric": metric, "a": a, "b": "base", "diff": 0.1, "ci": [0.0, 0.2], "p": p, "mde": mde(se), "se": se}
+
+
+def test_holm_runs_over_the_declared_family_alone():
+    rows = [row("x", "a", 0.01), row("y", "a", 0.02), row("x", "b", 0.001), row("y", "b", 0.5)]
+    out = with_holm(rows, primary=[("x", "a", "base"), ("y", "a", "base")])
+    assert [r["primary"] for r in out] == [True, True, False, False]
+    assert [r["p_holm"] for r in out[:2]] == pytest.approx(holm([0.01, 0.02]))  # not diluted by the other rows
+    assert [r["p_holm"] for r in out[2:]] == pytest.approx(holm([0.001, 0.5]))
+    assert all(r["family_size"] == 2 for r in out)
+    # the MDE is taken at the family's first Holm step: alpha 0.05 / 2, so larger than the unadjusted one
+    assert out[0]["mde"] == pytest.approx((2.241403 + 0.841621) * 0.01, rel=1e-5) and out[0]["mde"] > mde(0.01)
+    facts = family_facts(out, 1000)
+    assert facts == {"primary_family_size": 2, "n_boot": 1000, "min_holm_p": pytest.approx(2 / 1001)}
+    with pytest.raises(AssertionError, match="missing"):
+        with_holm(rows, primary=[("z", "a", "base")])
+    # undeclared: one family of every row, as before
+    assert [r["p_holm"] for r in with_holm(rows)] == pytest.approx(holm([r["p"] for r in rows]))
+
+
+@pytest.mark.parametrize("scale", ["quick", "full"])
+def test_chestxray_primary_family_can_reject(scale):
+    """The smallest Holm p the declared questions can reach with the scale's resamples is below 0.01, and the fairness
+    outcome among them is the signed gap, never |gap|."""
+    k = len(chestxray_report.QUESTIONS)
+    assert min_holm_p(k, chestxray_study.SCALES[scale]["n_boot"]) < 0.01
+    metrics = {key[0] for key, _ in chestxray_report.QUESTIONS}
+    assert "AUROC gap (M - F)" in metrics and "|AUROC gap|" not in metrics
+
+
+def test_parse_plant_refuses_what_it_cannot_plant():
+    assert parse_plant("invert:0.5") == ("invert", 0.5) and parse_plant("blur:2") == ("blur", 2.0)
+    for bad in ("invert", "invert:x", "invert:1.5", "sharpen:1", "noise:-0.1"):
+        with pytest.raises(Exception):
+            parse_plant(bad)
+
+
+def test_plant_writes_what_it_says_and_strength_zero_changes_nothing(tmp_path):
+    src = ROOT / "data" / "nih_cxr14"
+    t = read_nih(src)
+    women = t[t["sex"] == "F"]
+    for spec in ("invert:0", "invert:0.5", "noise:0.1"):
+        r = subprocess.run([sys.executable, "-m", "fairness.plant", "--data-root", str(src), "--plant", spec, "--out",
+                            str(tmp_path / spec)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    null, inv, noise = (tmp_path / s for s in ("invert:0", "invert:0.5", "noise:0.1"))
+    facts = json.loads((inv / "plant.json").read_text())
+    chosen = set(affected_patients(women["patient_id"], 0.5, 0))
+    assert facts["affected_patients"] == sorted(chosen) and len(chosen) == round(0.5 * women["patient_id"].nunique())
+    for image, patient, sex in zip(t["image"], t["patient_id"], t["sex"]):
+        name = image.split("/")[-1]
+        a = np.asarray(Image.open(image))
+        assert (null / "images" / name).read_bytes() == (src / "images" / name).read_bytes()  # the planted null
+        b = np.asarray(Image.open(inv / "images" / name))
+        assert np.array_equal(b, 255 - a) if (sex == "F" and patient in chosen) else np.array_equal(b, a)
+        if sex == "M":  # the other group's images are the originals, byte for byte
+            assert (noise / "images" / name).read_bytes() == (src / "images" / name).read_bytes()
+    noisy = [np.abs(np.asarray(Image.open(noise / "images" / i.split("/")[-1]), float) -
+                    np.asarray(Image.open(i), float)).mean() for i in women["image"][:20]]
+    assert 10 < np.mean(noisy) < 40  # sd 0.1 x 255 ~ 25 grey levels: mean |noise| ~ 20 before clipping
+    assert (null / "labels.csv").read_bytes() == (src / "labels.csv").read_bytes()
+
+
+def test_chestxray_planted_dry_run_plants_first_and_reads_the_copy(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "classify.chestxray_study", "--smoke", "--plant", "invert:1", "--dry-run",
+                        "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [l for l in r.stdout.splitlines() if l.startswith("python -m")]
+    copy = str(tmp_path / "runs" / "planted_data")
+    assert lines[0].startswith("python -m fairness.plant") and "--plant invert:1 --group F" in lines[0]
+    assert all(f"--data-root {copy} " in l for l in lines[1:] if "train_" in l)
+    assert not (tmp_path / "out").exists()
