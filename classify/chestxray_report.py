@@ -37,16 +37,17 @@ COMPARED = {"any_auroc_female": "female AUROC", "any_auroc_male": "male AUROC",
             "any_auroc_gap": "AUROC gap (M - F)", "any_auroc_abs_gap": "|AUROC gap|", "any_auroc": "any-finding AUROC"}
 # The study's questions, declared before its runs: its primary comparisons (Holm over these alone; every other row of
 # comparisons.md is exploratory). The fairness outcome is the signed gap M - F, oriented in advance by the training
-# data: women are the minority of the imbalanced set, so a positive gap disadvantages them and a narrowing is
-# negative. |gap| stays an exploratory row (it is biased toward "no change").
+# data: women are the minority of the imbalanced set, so a change that favours them is negative (it narrows the gap
+# only where the baseline gap is positive). |gap| stays an exploratory row (it is biased toward "no change").
 QUESTIONS = [(("female AUROC", "imbalanced_synth", "imbalanced_real"),
               "Do CVAE-generated female X-rays help women? Female AUROC, synthetic minus imbalanced"),
              (("AUROC gap (M - F)", "imbalanced_synth", "imbalanced_real"),
-              "Do they narrow the sex gap? AUROC M - F (negative: narrower for women), synthetic minus imbalanced"),
+              "Do they move the sex gap toward women? AUROC M - F (negative: toward women), synthetic minus "
+              "imbalanced"),
              (("female AUROC", "balanced_real", "imbalanced_real"),
               "Do more real women help women? Female AUROC, balanced minus imbalanced"),
              (("AUROC gap (M - F)", "balanced_real", "imbalanced_real"),
-              "Do more real women narrow the sex gap? AUROC M - F, balanced minus imbalanced")]
+              "Do more real women move the sex gap toward women? AUROC M - F, balanced minus imbalanced")]
 FINDING_HEADER = ["finding", "AUC (folds)", "AUC (pooled)", "accuracy (folds)", "sensitivity (folds)",
                   "sensitivity (pooled)", "specificity (folds)", "specificity (pooled)", "class ratio (pos:neg)",
                   "Korb & Hall AUC", "CheXNet AUC"]
@@ -189,7 +190,8 @@ def comparisons_table(out, summary, plan, t):
                 notes=[f"a - b on the pooled out-of-fold any-finding scores; 95% CI and p from a patient-clustered "
                        f"paired bootstrap ({plan['n_boot']} resamples, percentile). Primary: the "
                        f"{summary['primary_family_size']} comparisons declared before the run (the questions below); "
-                       f"p (Holm) over them alone (the smallest it can reach is {summary['min_holm_p']:.3f}), and "
+                       f"p (Holm) over them alone (the smallest it can reach with these resamples is "
+                       f"{summary['min_holm_p']:.3f}), and "
                        f"separately over the rows marked exploratory, which answer no question. MDE = (z + 0.84) x "
                        f"bootstrap SE at the family's first Holm step (alpha 0.05 / family size): effects smaller "
                        f"would usually be missed. One training run per condition and fold: training noise is not in "

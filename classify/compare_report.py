@@ -20,7 +20,7 @@ from common.runs import write_json
 from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, family_facts, paired_difference,
                               with_holm)
 from fairness.figures import scatter
-from fairness.metrics import bootstrap, demographic_parity, equal_opportunity
+from fairness.metrics import bootstrap, cluster_members, demographic_parity, equal_opportunity
 
 # row: (the classifier cell's folder, its generator family or None); chestxray's cells keep chestxray's names
 ROWS = {"balanced_real": ("balanced_real", None), "imbalanced_real": ("imbalanced_real", None),
@@ -281,37 +281,48 @@ def figures(out, summary, rows, find, fid):
 
 def recovery(stats, rows, pid, plan, find):
     """Per row, the share of what more real women recover for women that the row recovers: (female AUROC of the row
-    - imbalanced_real's) / (balanced_real's - imbalanced_real's), with a patient bootstrap CI (one draw serves all
-    three). Defined only where balanced_real detectably helps women (the CI of its paired difference excludes 0);
-    on the planted positive control it does by construction. Returns {row: {value, ci}} or the reason it is not."""
+    - imbalanced_real's) / (balanced_real's - imbalanced_real's), with a patient bootstrap percentile CI (one draw
+    serves all three). A ratio is only as good as its denominator: it is given where balanced_real's female gain is
+    at least 3 SE (the planted control is built to give one), resamples whose denominator is not positive are left
+    out of the CI and counted. Returns {"rows": {row: {value, ci}}, "denominator_not_positive_share"} or
+    {"reason": why there is none}."""
     ref = find.get(("female AUROC", "balanced_real", "imbalanced_real"))
     if ref is None:
         return {"reason": "no balanced_real row in this run"}
-    if not ref["ci"][0] > 0:
-        return {"reason": f"balanced_real does not detectably help women here (female AUROC {ref['diff']:+.3f}, 95% "
-                          f"CI {ref['ci'][0]:+.3f} to {ref['ci'][1]:+.3f}): there is nothing to recover a share of"}
+    if not ref["diff"] >= 3 * ref["se"]:
+        return {"reason": f"balanced_real's female AUROC gain over imbalanced_real ({ref['diff']:+.3f}, SE "
+                          f"{ref['se']:.3f}) is under 3 SE: a share of it would be mostly noise"}
     female = {r: stats[r]["female AUROC"] for r in rows}
     others = [r for r in rows if r not in ("balanced_real", "imbalanced_real")]
 
     def shares(idx):
         base, full = female["imbalanced_real"](idx), female["balanced_real"](idx)
-        return {r: (female[r](idx) - base) / (full - base) if full != base else np.nan for r in others}
-    point = shares(np.arange(len(pid)))
-    ci = bootstrap(shares, len(pid), clusters=pid, n_boot=plan["n_boot"], seed=plan["seed"])
-    return {r: {"value": float(point[r]), "ci": list(ci[r])} for r in others}
+        return {r: (female[r](idx) - base) / (full - base) if full > base else np.nan for r in others}, full - base
+    point, _ = shares(np.arange(len(pid)))
+    members, rng = cluster_members(pid, len(pid)), np.random.default_rng(plan["seed"])
+    draws, denominators = [], []
+    for _ in range(plan["n_boot"]):
+        d, den = shares(np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))]))
+        draws.append(d)
+        denominators.append(den)
+    frame = pd.DataFrame(draws)
+    return {"rows": {r: {"value": float(point[r]), "ci": np.nanpercentile(frame[r], [2.5, 97.5]).tolist()}
+                     for r in others}, "denominator_not_positive_share": float(np.mean(np.array(denominators) <= 0))}
 
 
 def recovery_table(out, rec, plan):
     if "reason" in rec:
         rows = [["n/a", rec["reason"], ""]]
     else:
-        rows = [[r, f"{v['value']:.2f}", f"[{v['ci'][0]:.2f}, {v['ci'][1]:.2f}]"] for r, v in rec.items()]
+        rows = [[r, f"{v['value']:.2f}", f"[{v['ci'][0]:.2f}, {v['ci'][1]:.2f}]"] for r, v in rec["rows"].items()]
     write_table(out / "recovery", ["row", "share of balanced_real's female gain", "95% CI"], rows,
                 title=f"How much of what more real women recover for women each row recovers ({plan['data']})",
                 notes=["(female AUROC of the row - imbalanced_real's) / (balanced_real's - imbalanced_real's) on the "
                        "same test patients; 1 = as much as real women, 0 = nothing, below 0 = worse than the baseline. "
-                       f"Percentile CI from a patient bootstrap ({plan['n_boot']}); a ratio's CI is wide when the "
-                       "denominator is small. Exploratory: not in the Holm family."])
+                       f"Percentile CI from a patient bootstrap ({plan['n_boot']}); resamples in which balanced_real "
+                       "does not beat imbalanced_real are left out (share: "
+                       f"{rec.get('denominator_not_positive_share', float('nan')):.3f}). Given only where "
+                       "balanced_real's gain is at least 3 SE. Exploratory: not in the Holm family."])
 
 
 def baseline_gap(summary):
@@ -329,19 +340,22 @@ def answers(comps, fid, rows, summary=None):
     """The answer sentences: which generator family, if any, closes the sex gap, and which copy training images."""
     gen = [r for r in rows if r in ROWS and ROWS[r][1]]
     find = {(c["metric"], c["a"]): c for c in comps if c["b"] == "imbalanced_real"}
-    rows_gap = [find[("AUROC gap (M - F)", r)] for r in gen if ("AUROC gap (M - F)", r) in find]
-    closed = [c for c in rows_gap if c["primary"] and c["p_holm"] < 0.05 and c["diff"] < 0]
+    rows_gap = [find[("AUROC gap (M - F)", r)] for r in gen if ("AUROC gap (M - F)", r) in find and
+                find[("AUROC gap (M - F)", r)]["primary"]]
+    closed = [c for c in rows_gap if c["p_holm"] < 0.05 and c["diff"] < 0]
     out = [baseline_gap(summary)] if summary else []
     by = lambda c: (f"female AUROC {find[('female AUROC', c['a'])]['diff']:+.3f}, male AUROC "
                     f"{find[('male AUROC', c['a'])]['diff']:+.3f}")
     if closed:
         best = min(closed, key=lambda c: c["diff"])
-        out.append(answer(best, f"{best['a']} narrows the sex gap here: AUROC M - F, {best['a']} minus imbalanced")
-                   + f" ({by(best)})")
+        out.append(answer(best, f"{best['a']} moves the sex gap toward women here: AUROC M - F, {best['a']} minus "
+                                f"imbalanced") + f" ({by(best)})")
     elif rows_gap:
         widest = min(rows_gap, key=lambda c: c["diff"])
-        lead = "the largest narrowing" if widest["diff"] < 0 else "none narrows it on average; the smallest widening"
-        out.append(f"No generator family narrows the sex gap detectably at this scale: {lead}, {widest['a']}, "
+        lead = ("the largest move toward women" if widest["diff"] < 0 else
+                "none moves it toward women on average; the smallest move away")
+        out.append(f"No generator family moves the sex gap toward women detectably at this scale: {lead}, "
+                   f"{widest['a']}, "
                    f"changes AUROC M - F by {widest['diff']:+.3f} (95% CI {widest['ci'][0]:+.3f} to "
                    f"{widest['ci'][1]:+.3f}, Holm p {widest['p_holm']:.2g}; {by(widest)}; effects smaller than "
                    f"{widest['mde']:.3f} would usually be missed).")

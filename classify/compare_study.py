@@ -62,11 +62,11 @@ CX_CELLS = {"balanced_real", "imbalanced_real", "imbalanced_reweight", "imbalanc
 SCALES = {"quick": {"ae_epochs": 10, "gan_steps": 400, "gan_width": 16, "ddpm_steps": 200, "ddpm_size": 32,
                     "ddpm_width": 32, "ddpm_mults": "1,2,2", "ddpm_num_res": 1, "ddpm_attn_res": 8,
                     "sample_steps": 10, "finding_only": "same", "male_samples": 100, "ratios": "0.5,1,2",
-                    "n_boot": 1000},
+                    "n_boot": 2000},
           "full": {"ae_epochs": 100, "gan_steps": 20000, "gan_width": 64, "ddpm_steps": 50000, "ddpm_size": 64,
                    "ddpm_width": 128, "ddpm_mults": "1,2,2", "ddpm_num_res": 2, "ddpm_attn_res": 16,
                    "sample_steps": 100, "finding_only": "separate", "male_samples": 2000, "ratios": "0.5,1,4",
-                   "n_boot": 1000},
+                   "n_boot": 2000},
           "smoke": {"ae_epochs": 1, "gan_steps": 3, "gan_width": 8, "ddpm_steps": 3, "ddpm_size": 16,
                     "ddpm_width": 8, "ddpm_mults": "1,2", "ddpm_num_res": 1, "ddpm_attn_res": 8, "sample_steps": 3,
                     "finding_only": "same", "male_samples": 20, "ratios": "0.5,1,2", "n_boot": 50}}

@@ -29,20 +29,21 @@ def mde(se, tests=1):
 
 
 def min_holm_p(family_size, n_resamples):
-    """The smallest Holm-adjusted p a family can reach when each p comes from n_resamples resamples (a bootstrap p
-    is at least 1 / (n_resamples + 1)): family_size / (n_resamples + 1). Below 0.05 or the family can never reject;
-    a study's primary family needs it below 0.01 (tests/test_primary.py)."""
-    return family_size / (n_resamples + 1)
+    """The smallest Holm-adjusted p a family can reach when each p comes from n_resamples resamples (a resampling p
+    is at least 2 / (n_resamples + 1)): 2 family_size / (n_resamples + 1); NaN for an empty family. Above 0.05 the
+    family can never reject; a study's primary family needs it below 0.01 (tests/test_primary.py)."""
+    return 2 * family_size / (n_resamples + 1) if family_size else float("nan")
 
 
-def _p_two_sided(diffs, n_boot):
-    """2 * min(share <= 0, share >= 0), floored at 1 / (n_boot + 1), at most 1."""
-    p = 2 * min(np.mean(diffs <= 0), np.mean(diffs >= 0))
-    return float(min(1.0, max(p, 1 / (n_boot + 1))))
+def _p_two_sided(diffs):
+    """2 (1 + min(#resamples <= 0, #resamples >= 0)) / (n + 1), at most 1: the two-sided resampling p with the
+    usual +1 (never 0; its smallest value is 2 / (n + 1))."""
+    tail = min(int(np.sum(diffs <= 0)), int(np.sum(diffs >= 0)))
+    return float(min(1.0, 2 * (1 + tail) / (len(diffs) + 1)))
 
 
 def _summary(point, diffs, n_units, method, alpha=0.05):
-    """diff, percentile CI, p (floored at 1 / (valid resamples + 1)), SE, MDE. Resamples where the statistic is
+    """diff, percentile CI, p (_p_two_sided over the valid resamples), SE, MDE. Resamples where the statistic is
     undefined (an AUROC without both classes) are left out and counted; a NaN point estimate gives NaNs."""
     valid = diffs[np.isfinite(diffs)]
     out = {"diff": float(point), "ci": [float("nan")] * 2, "p": float("nan"), "se": float("nan"),
@@ -51,7 +52,7 @@ def _summary(point, diffs, n_units, method, alpha=0.05):
         return out
     se = float(np.std(valid, ddof=1))
     return {**out, "ci": np.percentile(valid, [100 * alpha / 2, 100 * (1 - alpha / 2)]).tolist(),
-            "p": _p_two_sided(valid, len(valid)), "se": se, "mde": mde(se)}
+            "p": _p_two_sided(valid), "se": se, "mde": mde(se)}
 
 
 def paired_difference(stat_a, stat_b, n_rows=None, clusters=None, n_boot=2000, seed=0):
@@ -205,7 +206,8 @@ def with_holm(comparisons, primary=None):
     study declared before its run (its questions); Holm's adjustment runs over them alone, and separately over the
     rest (exploratory rows, which never answer a question). primary None: every row is one family, as in the studies
     that have not declared theirs. Each row's MDE is taken at its family's first Holm step (alpha 0.05 / family
-    size): the smallest effect its family could have seen. NaN rows stay NaN and do not count."""
+    size): the effect its family would detect with 80% power at its strictest step. A declared row whose p is
+    undefined counts in its family (as p = 1) and keeps a NaN Holm p; exploratory NaN rows do not count."""
     keys = None if primary is None else {tuple(k) for k in primary}
     if keys is not None:
         missing = keys - {(c["metric"], c["a"], c["b"]) for c in comparisons}
@@ -213,19 +215,23 @@ def with_holm(comparisons, primary=None):
     is_primary = [keys is None or (c["metric"], c["a"], c["b"]) in keys for c in comparisons]
     out = [dict(c) for c in comparisons]
     for family in (True, False):
-        finite = [i for i, c in enumerate(comparisons) if is_primary[i] == family and np.isfinite(c["p"])]
-        adjusted = dict(zip(finite, holm([comparisons[i]["p"] for i in finite]))) if finite else {}
-        for i in (i for i in range(len(out)) if is_primary[i] == family):
+        # every declared row counts in m, one whose p is undefined as p = 1 (so a NaN cannot shrink the family)
+        rows = [i for i in range(len(out)) if is_primary[i] == family]
+        members = [i for i in rows if family or np.isfinite(out[i]["p"])]
+        adjusted = holm([out[i]["p"] if np.isfinite(out[i]["p"]) else 1.0 for i in members]) if members else []
+        for i in rows:
+            out[i].update(primary=family, family_size=len(members), p_holm=float("nan"))
+        for i, p_holm in zip(members, adjusted):
             se = out[i].get("se", float("nan"))
-            out[i].update(p_holm=adjusted.get(i, float("nan")), primary=family, family_size=len(finite),
-                          mde=mde(se, max(1, len(finite))) if np.isfinite(se) else out[i]["mde"])
+            out[i].update(p_holm=p_holm if np.isfinite(out[i]["p"]) else float("nan"),
+                          mde=mde(se, len(members)) if np.isfinite(se) else out[i]["mde"])
     return out
 
 
 def family_facts(comparisons, n_resamples):
     """What summary.json records of a table's primary family: its size, the resamples per p and the smallest Holm p
     it can reach (the design can say yes only if that is below 0.05)."""
-    k = sum(1 for c in comparisons if c.get("primary") and np.isfinite(c["p"]))
+    k = sum(1 for c in comparisons if c.get("primary"))
     return {"primary_family_size": k, "n_boot": n_resamples, "min_holm_p": min_holm_p(k, n_resamples)}
 
 

@@ -14,6 +14,12 @@ Kinds (strength in brackets):
                        seeded per image: a noisier detector. It removes information, so more of the group in
                        training recovers only part of the deficit.
   blur    [sigma, px]  a Gaussian blur of this sigma on every image of the group: a softer detector.
+  lesion  [contrast 0-1] a disease sign only this group shows, as SimBA plants disease effects: on every image of the
+                       group with a finding, a dark Gaussian spot (sd 6% of the width, peak depth `strength` x 255) at
+                       a seeded place in the central lung region. The other group's images carry none, so a classifier
+                       trained mostly on them has little chance to learn the sign, and one trained on as many of the
+                       group as of the others can. Label-dependent by design: it changes what the disease looks like
+                       in this group, not how the images are stored.
 Strength 0 is the planted null: the same pipeline, every image byte-identical to the original.
 
     python -m fairness.plant --data-root data/nih_cxr14 --plant invert:0.5 --group F --out runs/planted/data
@@ -31,7 +37,7 @@ from common.data import NIH_CSV_NAMES, read_nih
 from common.errors import DataError
 from common.runs import recorded_command, write_json
 
-KINDS = {"invert": (0.0, 1.0), "noise": (0.0, 1.0), "blur": (0.0, 20.0)}  # the strength's allowed range
+KINDS = {"invert": (0.0, 1.0), "noise": (0.0, 1.0), "blur": (0.0, 20.0), "lesion": (0.0, 1.0)}  # strength ranges
 
 
 def parse_plant(text):
@@ -67,10 +73,24 @@ def affected_patients(patients, share, seed):
     return sorted(np.random.default_rng(seed).choice(ids, n, replace=False).tolist()) if n else []
 
 
+def lesion(pixels, depth, seed):
+    """A dark Gaussian spot (sd 6% of the width, peak depth x 255) centred at a seeded place in the central region
+    (x in 25-75% of the width, y in 30-70% of the height: the lung fields of a frontal view)."""
+    h, w = pixels.shape
+    rng = np.random.default_rng(seed)
+    cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.25, 0.75) * w
+    yy, xx = np.mgrid[0:h, 0:w]
+    spot = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (0.06 * w) ** 2))
+    return np.clip(np.rint(pixels - depth * 255 * spot), 0, 255).astype(np.uint8)
+
+
 def signature(pixels, kind, strength, seed):
-    """One greyscale uint8 image with the signature applied (kind noise and blur; invert is per patient)."""
+    """One greyscale uint8 image with the signature applied (invert: the patient was drawn; lesion: the image has a
+    finding)."""
     if kind == "invert":
         return 255 - pixels
+    if kind == "lesion":
+        return lesion(pixels, strength, seed)
     if kind == "noise":
         noisy = pixels + np.random.default_rng(seed).normal(0, strength * 255, pixels.shape)
         return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
@@ -87,12 +107,13 @@ def plant(data_root, csv, kind, strength, group, seed, out):
         raise DataError(f"--group {group}: no image of that group under {root} (groups found: "
                         f"{', '.join(sorted(t['sex'].unique()))})")
     chosen = set(affected_patients(t.loc[in_group, "patient_id"], strength, seed)) if kind == "invert" else None
+    finding = (t["label:No Finding"] == 0).to_numpy()
     n_affected = 0
-    for image, patient, member in zip(t["image"], t["patient_id"], in_group):
+    for image, patient, member, sick in zip(t["image"], t["patient_id"], in_group, finding):
         src = Path(image)
         dst = out / src.relative_to(root)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        hit = member and strength > 0 and (chosen is None or patient in chosen)
+        hit = member and strength > 0 and (chosen is None or patient in chosen) and (kind != "lesion" or sick)
         if not hit:
             shutil.copyfile(src, dst)
             continue
@@ -107,7 +128,9 @@ def plant(data_root, csv, kind, strength, group, seed, out):
                                                                                                     group),
             "n_group_images": int(in_group.sum()), "n_group_patients": int(t.loc[in_group, "patient_id"].nunique()),
             "n_affected_images": n_affected,
-            "affected_patients": sorted(chosen) if chosen is not None else "all of the group" if strength else []}
+            "affected_patients": sorted(chosen) if chosen is not None else
+            "the group's images with a finding" if kind == "lesion" and strength else
+            "all of the group" if strength else []}
 
 
 def parse_args(argv=None):

@@ -29,7 +29,7 @@ def test_holm_runs_over_the_declared_family_alone():
     # the MDE is taken at the family's first Holm step: alpha 0.05 / 2, so larger than the unadjusted one
     assert out[0]["mde"] == pytest.approx((2.241403 + 0.841621) * 0.01, rel=1e-5) and out[0]["mde"] > mde(0.01)
     facts = family_facts(out, 1000)
-    assert facts == {"primary_family_size": 2, "n_boot": 1000, "min_holm_p": pytest.approx(2 / 1001)}
+    assert facts == {"primary_family_size": 2, "n_boot": 1000, "min_holm_p": pytest.approx(4 / 1001)}
     with pytest.raises(AssertionError, match="missing"):
         with_holm(rows, primary=[("z", "a", "base")])
     # undeclared: one family of every row, as before
@@ -37,13 +37,26 @@ def test_holm_runs_over_the_declared_family_alone():
 
 
 @pytest.mark.parametrize("scale", ["quick", "full"])
-def test_chestxray_primary_family_can_reject(scale):
-    """The smallest Holm p the declared questions can reach with the scale's resamples is below 0.01, and the fairness
-    outcome among them is the signed gap, never |gap|."""
-    k = len(chestxray_report.QUESTIONS)
-    assert min_holm_p(k, chestxray_study.SCALES[scale]["n_boot"]) < 0.01
-    metrics = {key[0] for key, _ in chestxray_report.QUESTIONS}
-    assert "AUROC gap (M - F)" in metrics and "|AUROC gap|" not in metrics
+def test_declared_primary_families_can_reject(scale):
+    """The smallest Holm p each declared family can reach with its scale's resamples is below 0.01, and the fairness
+    outcome among its primaries is the signed gap, never |gap|."""
+    from classify import compare_report, compare_study
+    families = {"chestxray": ([key for key, _ in chestxray_report.QUESTIONS], chestxray_study.SCALES),
+                "compare": (compare_report.primary_keys(list(compare_report.ROWS)), compare_study.SCALES)}
+    for study, (keys, scales) in families.items():
+        assert min_holm_p(len(keys), scales[scale]["n_boot"]) < 0.01, study
+        metrics = {key[0] for key in keys}
+        assert "AUROC gap (M - F)" in metrics and "|AUROC gap|" not in metrics, study
+
+
+def test_resampling_p_has_the_plus_one_and_a_nan_cannot_shrink_a_family():
+    from fairness.compare import _p_two_sided
+    assert _p_two_sided(np.ones(999)) == pytest.approx(2 / 1000)  # no resample crosses 0: 2 (1 + 0) / (n + 1)
+    assert _p_two_sided(np.r_[np.ones(99), -np.ones(1)]) == pytest.approx(2 * 2 / 101)
+    rows = [row("x", "a", 0.01), row("y", "a", float("nan"))]
+    out = with_holm(rows, primary=[("x", "a", "base"), ("y", "a", "base")])
+    assert out[0]["family_size"] == 2 and out[0]["p_holm"] == pytest.approx(0.02) and np.isnan(out[1]["p_holm"])
+    assert np.isnan(min_holm_p(0, 1000))
 
 
 def test_parse_plant_refuses_what_it_cannot_plant():
