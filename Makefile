@@ -59,7 +59,7 @@ compare: $(SETUP) ## every generator family (AE, CVAE, DCGAN, DDPM) and non-gene
 # signature (PLANT=KIND:STRENGTH; the default was chosen on validation patients: results/bench/plant_strength.md),
 # and the planted null (the same kind at strength 0: the real data through the same pipeline). The design must say
 # "yes" on the first. `make compare PLANTED=1` then compares the generator families on the planted task.
-PLANT ?= invert:1
+PLANT ?= lesion:0.2
 planted: $(SETUP) ## the positive control: chestxray on planted data and on the planted null -> results/chestxray_planted{,_null}
 	$(call staged,classify.chestxray_study,chestxray_planted,--plant $(PLANT) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)))
 	$(call staged,classify.chestxray_study,chestxray_planted_null,--plant $(firstword $(subst :, ,$(PLANT))):0 $(if $(DATA_ROOT),--data-root $(DATA_ROOT)))

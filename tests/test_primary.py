@@ -70,17 +70,22 @@ def test_plant_writes_what_it_says_and_strength_zero_changes_nothing(tmp_path):
     src = ROOT / "data" / "nih_cxr14"
     t = read_nih(src)
     women = t[t["sex"] == "F"]
-    for spec in ("invert:0", "invert:0.5", "noise:0.1"):
+    for spec in ("invert:0", "invert:0.5", "noise:0.1", "lesion:0.3"):
         r = subprocess.run([sys.executable, "-m", "fairness.plant", "--data-root", str(src), "--plant", spec, "--out",
                             str(tmp_path / spec)], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
-    null, inv, noise = (tmp_path / s for s in ("invert:0", "invert:0.5", "noise:0.1"))
+    null, inv, noise, spot = (tmp_path / s for s in ("invert:0", "invert:0.5", "noise:0.1", "lesion:0.3"))
     facts = json.loads((inv / "plant.json").read_text())
     chosen = set(affected_patients(women["patient_id"], 0.5, 0))
     assert facts["affected_patients"] == sorted(chosen) and len(chosen) == round(0.5 * women["patient_id"].nunique())
-    for image, patient, sex in zip(t["image"], t["patient_id"], t["sex"]):
+    for image, patient, sex, healthy in zip(t["image"], t["patient_id"], t["sex"], t["label:No Finding"]):
         name = image.split("/")[-1]
         a = np.asarray(Image.open(image))
+        c = np.asarray(Image.open(spot / "images" / name), float)  # a dark spot on women with a finding, only there
+        if sex == "F" and not healthy:
+            assert 0.05 * 255 < (a - c).max() <= 0.3 * 255 + 1 and (c <= a).all()
+        else:
+            assert np.array_equal(c, a)
         assert (null / "images" / name).read_bytes() == (src / "images" / name).read_bytes()  # the planted null
         b = np.asarray(Image.open(inv / "images" / name))
         assert np.array_equal(b, 255 - a) if (sex == "F" and patient in chosen) else np.array_equal(b, a)

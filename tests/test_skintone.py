@@ -87,7 +87,8 @@ def planted(gap, shift_c=0.0, repeats=5, n=30, seed=0):
 def test_comparisons_find_a_planted_gap_and_no_gap_where_none():
     """Dark = light + 0.05 and C's dark 0.03 lower than A's (so C's gap is 0.02): found, with CIs excluding 0; no
     gap: CIs contain 0."""
-    c = {(x["metric"], x["a"][0], x["b"][0]): x for x in compare_groups(planted(0.05, -0.03), n_boot=400)}
+    # 1000 resamples: the smallest Holm p over the table's 11 rows is 2 x 11 / 1001 = 0.022
+    c = {(x["metric"], x["a"][0], x["b"][0]): x for x in compare_groups(planted(0.05, -0.03), n_boot=1000)}
     for t, gap in (("A", 0.05), ("B", 0.05), ("C", 0.02)):
         d = c[(f"median MSE, training set {t} ({SETS[t]})", "d", "l")]
         assert abs(d["diff"] - gap) < 0.005 and d["ci"][0] > 0 and d["p_holm"] < 0.05 and d["replicates"] == 5
