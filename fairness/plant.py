@@ -140,7 +140,8 @@ def parse_args(argv=None):
     p.add_argument("--plant", required=True, type=parse_plant, help="KIND:STRENGTH, e.g. invert:0.5 (kinds above)")
     p.add_argument("--group", default="F", help="the group whose images carry the signature (a value of the sex "
                                                 "column: F or M)")
-    p.add_argument("--seed", type=int, default=0, help="draws the inverted patients, the noise and the places of the spots")
+    p.add_argument("--seed", type=int, default=0,
+                   help="draws the inverted patients, the noise and the places of the spots")
     p.add_argument("--out", required=True, help="the planted copy's folder; plant.json there records the command")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     return p.parse_args(argv)
