@@ -52,7 +52,7 @@ chestxray: $(SETUP) ## Korb & Hall: CVAE-rebalanced chest X-ray classifier by se
 # PLANTED=1: on the positive control's planted chestxray run instead (results/compare_planted).
 CX := chestxray$(if $(PLANTED),_planted)
 compare: $(SETUP) ## every generator family (AE, CVAE, DCGAN, DDPM) and non-generative fixes on chestxray's task -> results/compare
-	$(if $(DRY),,@[ -f runs/$(OUT)/$(CX)/fold0/imbalanced_real/metrics.json ] || $(MAKE) $(if $(PLANTED),planted,chestxray))
+	$(if $(DRY),,@[ -f runs/$(OUT)/$(CX)/fold0/imbalanced_synth/metrics.json ] || $(MAKE) $(if $(PLANTED),planted,chestxray))
 	$(call staged,classify.compare_study,compare$(if $(PLANTED),_planted),--chestxray $(OUT)/$(CX))
 
 # The positive control (fairness/plant.py): chestxray on a copy of the data whose women's images carry a planted

@@ -189,7 +189,7 @@ def comparisons_table(out, summary, plan, t):
                       f"{len(t)} images, {t['patient_id'].nunique()} patients)",
                 notes=[f"a - b on the pooled out-of-fold any-finding scores; 95% CI and p from a patient-clustered "
                        f"paired bootstrap ({plan['n_boot']} resamples, percentile). Primary: the "
-                       f"{summary['primary_family_size']} comparisons declared before the run (the questions below); "
+                       f"{summary['primary_family_size']} comparisons the study declares in code (the questions below); "
                        f"p (Holm) over them alone (the smallest it can reach with these resamples is "
                        f"{summary['min_holm_p']:.3f}), and "
                        f"separately over the rows marked exploratory, which answer no question. MDE = (z + 0.84) x "

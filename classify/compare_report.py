@@ -241,7 +241,7 @@ def write_report(out, n_boot=None):
     write_table(out / "comparisons", COMPARISON_HEADER, comparison_rows(comps),
                 title=f"Paired comparisons on the same out-of-fold test patients (a - b; {plan['data']})",
                 notes=[f"patient-clustered paired bootstrap ({plan['n_boot']}). Primary: the "
-                       f"{summary['primary_family_size']} comparisons declared before the run (each generator family "
+                       f"{summary['primary_family_size']} comparisons the study declares in code (each generator family "
                        f"vs imbalanced_real on the female AUROC and the signed gap M - F); p (Holm) over them alone "
                        f"(the smallest it can reach: {summary['min_holm_p']:.3f}) and separately over the rows "
                        f"marked exploratory. MDE = (z + 0.84) x SE at the family's first Holm step. Recompute from "

@@ -69,7 +69,7 @@ def comparisons(preds, n_boot):
                                  lambda i, y=y, p=pb, k=k: auc_acc(y[i], p[i])[k], ida))
                 r = paired_difference_replicates(reps, n_boot=n_boot, seed=0)
                 rows.append({**comparison(f"{flag}mnist {metric}", method, "None", r), "dataset": flag})
-    # declared before the run: the AUC of each generator against None per data set is the study's question (the
+    # declared in code: the AUC of each generator against None per data set is the study's question (the
     # primary family, Holm over it alone); the ACC rows are exploratory
     return with_holm(rows, primary=[(r["metric"], r["a"], r["b"]) for r in rows if r["metric"].endswith(" AUC")])
 
@@ -137,7 +137,7 @@ def write_comparisons(out, rows_cmp, seeds, n_boot):
                 title="Each generator's augmentation against None, paired by seed on the same official test images",
                 notes=[f"a - b, mean over {seeds} seeds; 95% CI and p from a two-level bootstrap (seeds, then "
                        f"test images; {n_boot} resamples, percentile); units are test images (MedMNIST has no "
-                       f"patient ids). Primary: the AUC rows (the questions, declared before the run), p (Holm) over "
+                       f"patient ids). Primary: the AUC rows (the questions, declared in code), p (Holm) over "
                        f"them alone; the ACC rows are exploratory (Holm among themselves). MDE = (z + 0.84) x "
                        f"bootstrap SE at the family's first Holm step. Recompute from preds.csv."] + answers)
     return answers

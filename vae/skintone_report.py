@@ -29,7 +29,7 @@ from vae.skin import SETS
 GROUPS = ("light", "dark")
 QUESTIONS = ("Does the VAE reconstruct dark skin worse when trained on light skin (set A)?",
              "Does more dark skin in training fix it?")
-# the comparisons that answer them, declared before the run: the primary family (Holm over these alone; the other
+# the comparisons that answer them, declared in code: the primary family (Holm over these alone; the other
 # rows of comparisons.md are exploratory)
 PRIMARY = [(f"median MSE, training set A ({SETS['A']})", "dark", "light"),
            ("median MSE, dark test images", f"C ({SETS['C']})", f"A ({SETS['A']})"),
