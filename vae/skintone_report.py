@@ -193,8 +193,8 @@ def write_comparisons(out, comparisons, said, repeats, n_test, tag):
                        f"median MSE; {comparisons[0]['method']}. Units: test images (one per unit): dark - light "
                        f"within a training set resamples the repeat's {2 * n_test} test images of both groups; "
                        f"across training sets the same test images are drawn for both sets (paired). Primary: the "
-                       f"{sum(c['primary'] for c in comparisons)} comparisons that answer the questions, declared "
-                       f"before the run, p (Holm) over them alone; the other rows are exploratory. MDE = (z + 0.84) "
+                       f"{sum(c['primary'] for c in comparisons)} comparisons that answer the questions, declared in "
+                       f"code, p (Holm) over them alone; the other rows are exploratory. MDE = (z + 0.84) "
                        f"x the bootstrap SE at the family's first Holm step (power 0.8)."])
 
 
