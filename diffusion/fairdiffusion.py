@@ -35,8 +35,16 @@ def loss_gap(per, groups):
     return gap
 
 
+SNAP = 1e-3  # the search's answer is rounded to this grid: see ucb_argmax
+
+
 def ucb_argmax(X, r, beta, rng, starts=16):
-    """argmax over [0, 1]^G of mean + sqrt(beta) std of a Gaussian process fitted to (X, r)."""
+    """argmax over [0, 1]^G of mean + sqrt(beta) std of a Gaussian process fitted to (X, r), rounded to a grid of
+    SNAP. The GP's linear algebra runs in the BLAS library numpy and scikit-learn load, whose last bits depend on the
+    CPU model (OpenBLAS picks its kernels at run time), and L-BFGS-B's finite-difference gradients magnify those
+    bits: unrounded, sigma differed from the 5th digit between two machines of one kind. The best start is chosen
+    on its UCB rounded to 1e-9 (ties to the first start), and the answer rounded to SNAP, so that noise below both
+    never reaches sigma (tests/test_fairgen.py runs the search under several BLAS kernels and thread counts)."""
     from scipy.optimize import minimize
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.gaussian_process import GaussianProcessRegressor
@@ -53,8 +61,9 @@ def ucb_argmax(X, r, beta, rng, starts=16):
         mu, sd = gp.predict(s[None], return_std=True)
         return -(mu[0] + np.sqrt(beta) * sd[0])
     x0 = np.vstack([X[np.argmax(r)], rng.uniform(0, 1, (starts - 1, G))])
-    best = min((minimize(neg_ucb, s, method="L-BFGS-B", bounds=[(0.0, 1.0)] * G) for s in x0), key=lambda o: o.fun)
-    return np.clip(best.x, 0.0, 1.0)
+    found = [minimize(neg_ucb, s, method="L-BFGS-B", bounds=[(0.0, 1.0)] * G) for s in x0]
+    best = min(range(len(found)), key=lambda i: (round(float(found[i].fun), 9), i))
+    return np.clip(np.round(found[best].x / SNAP) * SNAP, 0.0, 1.0)
 
 
 class FairBayes:

@@ -1,6 +1,9 @@
 """FairDiffusion's Fair Bayesian Perturbation: the loss weights by hand, sigma in [0, 1], a search that narrows a
-loss gap it is shown (and widens none it is not), and a resume that restores sigma and its record."""
+loss gap it is shown (and widens none it is not), a resume that restores sigma and its record, and a search
+whose bytes do not depend on the BLAS kernels or threads."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from diffusion import fairdiffusion
 from diffusion.ddpm import Schedule
 from diffusion.fairdiffusion import FairBayes, loss_gap, loss_weights, ucb_argmax
 from diffusion.fairgen import real_batch_loss
+from conftest import ROOT
 from test_ddpm import run_train
 
 
@@ -129,3 +133,35 @@ def test_resume_restores_sigma_and_its_record(tmp_path):
     r = run_train(tmp_path / "plain", "--steps", "10", "--save-every", "10")
     r = run_train(tmp_path / "plain", "--steps", "20", "--resume", *fb, check=False)
     assert r.returncode != 0 and "without --fair-bayes" in r.stderr
+
+
+SEARCH = """
+import numpy as np
+from diffusion.fairdiffusion import FairBayes
+out = []
+for G in (2, 3):
+    for seed in range(3):
+        fb = FairBayes(G, window=20, seed=777 + seed)
+        rng = np.random.default_rng(seed)
+        for step in range(1, 81):
+            fb.observe(step, float(abs(rng.normal(0.02 + 0.01 * fb.sigma[0], 0.01))))
+        out.append(fb.sigma)
+print(" ".join(x.hex() for s in out for x in s))
+"""
+
+
+def test_sigma_search_is_byte_identical_under_other_blas_kernels_and_threads():
+    """The same seeds give the same sigma bytes whichever kernels OpenBLAS picks for the CPU (OPENBLAS_CORETYPE
+    stands in for another machine) and however many threads it uses: 24 GP updates, in separate processes. Before
+    the search rounded its answer, Sandybridge's and Prescott's kernels changed sigma from the 6th digit."""
+    import os
+    outs = set()
+    for coretype in ("Haswell", "Sandybridge", "Prescott"):
+        for threads in ("1", "2"):
+            env = {**os.environ, "OPENBLAS_CORETYPE": coretype, "OPENBLAS_NUM_THREADS": threads,
+                   "OMP_NUM_THREADS": threads}
+            r = subprocess.run([sys.executable, "-c", SEARCH], cwd=ROOT, env=env, capture_output=True, text=True,
+                               timeout=300)
+            assert r.returncode == 0, r.stderr[-2000:]
+            outs.add(r.stdout)
+    assert len(outs) == 1 and len(next(iter(outs)).split()) == 15  # 3 x 2 + 3 x 3 sigmas
