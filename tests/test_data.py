@@ -1,6 +1,8 @@
-"""Readers on the embedded real data, on ../shared/data when present, and on small fixtures in each official
-format; plus the bad-input messages."""
+"""Readers on the embedded real data, on the official downloads in $FAIRSYNTH_REAL_DATA when set, and on small
+fixtures in each official format; plus the bad-input messages."""
 import gzip
+import os
+from pathlib import Path
 import warnings
 
 import numpy as np
@@ -11,9 +13,13 @@ from common.cache import load_images
 from common.data import NIH_LABELS, PROJECT_DATA, label_matrix, label_names, read_chexpert, read_covid, read_fitzpatrick, read_ixi, read_medmnist, read_nih
 from common.errors import DataError
 from common.phantom import JOINT, is_phantom, make_phantom
-from conftest import SHARED, write_png
+from conftest import write_png
 
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
+# the official downloads a user may hold (fitzpatrick17k/, chexpert/train.csv.gz, covid_cxr/ with its full table):
+# FAIRSYNTH_REAL_DATA names their folder; without it the tests that read them skip
+REAL = Path(os.environ.get("FAIRSYNTH_REAL_DATA", "")) if os.environ.get("FAIRSYNTH_REAL_DATA") else None
+needs_downloads = pytest.mark.skipif(REAL is None or not REAL.is_dir(),
+                                     reason="set FAIRSYNTH_REAL_DATA to a folder of the official downloads")
 
 
 # ---- NIH ChestX-ray14 ------------------------------------------------------------------------------------------
@@ -59,12 +65,12 @@ def test_nih_both_header_spellings_and_nested_images(tmp_path, underscore):
     assert "images_001/images" in t["image"][0]
 
 
-@needs_shared
-def test_nih_shared_tables():
-    s = read_nih(SHARED / "nih_cxr14", csv=SHARED / "nih_cxr14/sample_labels.csv", require_images=False)
+def test_nih_official_tables():
+    """Both official NIH tables ship with the embedded data: the Kaggle sample's and the full Data_Entry."""
+    s = read_nih(PROJECT_DATA / "nih_cxr14", csv=PROJECT_DATA / "nih_cxr14/sample_labels.csv", require_images=False)
     assert len(s) == 5606 and (s["sex"] == "F").sum() == 2472 and (s["sex"] == "M").sum() == 3134
     assert s["age"].dropna().between(0, 100).all() and s["age"].isna().sum() == 1  # one "411Y" typo
-    full = read_nih(SHARED / "nih_cxr14", csv=SHARED / "nih_cxr14/Data_Entry_2017_v2020.csv.gz",
+    full = read_nih(PROJECT_DATA / "nih_cxr14", csv=PROJECT_DATA / "nih_cxr14/Data_Entry_2017_v2020.csv.gz",
                     require_images=False)
     assert len(full) == 112120 and (full["sex"] == "F").sum() == 48780
 
@@ -174,9 +180,9 @@ def test_fitzpatrick_fixture(tmp_path):
     assert not is_phantom(t)
 
 
-@needs_shared
+@needs_downloads
 def test_fitzpatrick_real_table():
-    t = read_fitzpatrick(SHARED / "fitzpatrick17k", require_images=False, level="nine")
+    t = read_fitzpatrick(REAL / "fitzpatrick17k", require_images=False, level="nine")
     assert len(t) == 16012 and len(label_names(t)) == 9
     counts = t.groupby(["diagnosis_nine", "skin_type"]).size().unstack().fillna(0).astype(int)
     assert {k: counts.loc[k].tolist() for k in JOINT} == JOINT  # the phantom's table is the real one
@@ -229,9 +235,9 @@ def test_chexpert_fixture(tmp_path):
     assert read_chexpert(tmp_path, uncertain="ones")["label:Edema"].tolist() == [1, 0, 0]
 
 
-@needs_shared
+@needs_downloads
 def test_chexpert_shared_table(tmp_path):
-    with gzip.open(SHARED / "chexpert/train.csv.gz") as f:
+    with gzip.open(REAL / "chexpert/train.csv.gz") as f:
         (tmp_path / "train.csv").write_bytes(f.read())
     t = read_chexpert(tmp_path, require_images=False)
     assert len(t) > 200000 and t["patient_id"].notna().all() and set(t["sex"].dropna()) == {"F", "M"}
@@ -245,11 +251,11 @@ def test_covid_embedded_is_cc_by_only():
     assert ok.all() and x.shape == (98, 64, 64)
 
 
-@needs_shared
+@needs_downloads
 def test_covid_shared_frontal_and_licence():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t = read_covid(SHARED / "covid_cxr")
+        t = read_covid(REAL / "covid_cxr")
     assert set(t["view"]) <= {"PA", "AP", "AP Supine"} and "license" in t.columns and len(t) > 450
 
 
