@@ -251,4 +251,5 @@ def write_report(out, n_boot=None):
 
 
 if __name__ == "__main__":
-    report_command(__doc__, write_report, "classify.chestxray_study", needs=("plan.json", "preds.csv", "training.json"), n_boot=True)
+    report_command(__doc__, write_report, "classify.chestxray_study",
+                   needs=("plan.json", "preds.csv", "training.json"), n_boot=True)

@@ -20,7 +20,7 @@ from common.runs import write_json
 from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, family_facts, paired_difference,
                               with_holm)
 from fairness.figures import scatter
-from fairness.metrics import bootstrap, cluster_members, demographic_parity, equal_opportunity
+from fairness.metrics import bootstrap, demographic_parity, equal_opportunity
 
 # row: (the classifier cell's folder, its generator family or None); chestxray's cells keep chestxray's names
 ROWS = {"balanced_real": ("balanced_real", None), "imbalanced_real": ("imbalanced_real", None),
@@ -234,15 +234,16 @@ def write_report(out, n_boot=None):
     summary["answers"] = answers(comps, fid, rows, summary)
     write_table(out / "table", HEADER, table,
                 title=f"Every row on one task: any finding vs No Finding by sex, pooled out-of-fold predictions "
-                      f"({plan['data']}, {len(tab)} images, {tab['patient_id'].nunique()} patients, {plan['folds']} folds, "
+                      f"({plan['data']}, {len(tab)} images, {tab['patient_id'].nunique()} patients, "
+                      f"{plan['folds']} folds, "
                       f"{plan['arch']} {plan['size']} px, weights: {'imagenet' if plan['pretrained'] else 'none'})",
                 notes=notes(summary, plan, fid, len(comps)))
     pd.DataFrame(csv_rows).to_csv(out / "table.csv", index=False, float_format="%.6g")
     write_table(out / "comparisons", COMPARISON_HEADER, comparison_rows(comps),
                 title=f"Paired comparisons on the same out-of-fold test patients (a - b; {plan['data']})",
                 notes=[f"patient-clustered paired bootstrap ({plan['n_boot']}). Primary: the "
-                       f"{summary['primary_family_size']} comparisons the study declares in code (each generator family "
-                       f"vs imbalanced_real on the female AUROC and the signed gap M - F); p (Holm) over them alone "
+                       f"{summary['primary_family_size']} comparisons the study declares in code (each generator "
+                       f"family vs imbalanced_real on the female AUROC and the signed gap M - F); p (Holm) over them alone "
                        f"(the smallest it can reach: {summary['min_holm_p']:.3f}) and separately over the rows "
                        f"marked exploratory. MDE = (z + 0.84) x SE at the family's first Holm step. Recompute from "
                        f"preds.csv.gz."])
@@ -297,17 +298,12 @@ def recovery(stats, rows, pid, plan, find):
 
     def shares(idx):
         base, full = female["imbalanced_real"](idx), female["balanced_real"](idx)
-        return {r: (female[r](idx) - base) / (full - base) if full > base else np.nan for r in others}, full - base
-    point, _ = shares(np.arange(len(pid)))
-    members, rng = cluster_members(pid, len(pid)), np.random.default_rng(plan["seed"])
-    draws, denominators = [], []
-    for _ in range(plan["n_boot"]):
-        d, den = shares(np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))]))
-        draws.append(d)
-        denominators.append(den)
-    frame = pd.DataFrame(draws)
-    return {"rows": {r: {"value": float(point[r]), "ci": np.nanpercentile(frame[r], [2.5, 97.5]).tolist()}
-                     for r in others}, "denominator_not_positive_share": float(np.mean(np.array(denominators) <= 0))}
+        return {**{r: (female[r](idx) - base) / (full - base) if full > base else np.nan for r in others},
+                "denominator": full - base}
+    point = shares(np.arange(len(pid)))
+    ci, frame = bootstrap(shares, len(pid), clusters=pid, n_boot=plan["n_boot"], seed=plan["seed"], draws=True)
+    return {"rows": {r: {"value": float(point[r]), "ci": list(ci[r])} for r in others},
+            "denominator_not_positive_share": float(np.mean(frame["denominator"] <= 0))}
 
 
 def recovery_table(out, rec, plan):
@@ -380,4 +376,5 @@ def answers(comps, fid, rows, summary=None):
 
 
 if __name__ == "__main__":
-    report_command(__doc__, write_report, "classify.compare_study", needs=("plan.json", "preds.csv.gz", "audit.json", "cost.json"), n_boot=True)
+    report_command(__doc__, write_report, "classify.compare_study",
+                   needs=("plan.json", "preds.csv.gz", "audit.json", "cost.json"), n_boot=True)

@@ -196,4 +196,5 @@ def write_report(out):
 
 
 if __name__ == "__main__":
-    report_command(__doc__, write_report, "classify.medmnist_study", needs=("plan.json", "preds.csv"))
+    report_command(__doc__, write_report, "classify.medmnist_study",
+                   needs=("plan.json", "preds.csv"))

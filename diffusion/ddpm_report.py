@@ -41,4 +41,5 @@ def write_report(out):
 
 
 if __name__ == "__main__":
-    report_command(__doc__, write_report, "diffusion.ddpm_study", needs=("summary.json",))
+    report_command(__doc__, write_report, "diffusion.ddpm_study",
+                   needs=("summary.json",))

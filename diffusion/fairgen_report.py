@@ -482,4 +482,5 @@ def write_report(out):
 
 
 if __name__ == "__main__":
-    report_command(__doc__, write_report, "diffusion.fairgen_study", needs=("plan.json", "stages.json"))
+    report_command(__doc__, write_report, "diffusion.fairgen_study",
+                   needs=("plan.json", "stages.json"))

@@ -18,7 +18,7 @@ from scipy.stats import norm
 
 from fairness.metrics import cluster_members
 
-Z_ALPHA, Z_POWER = norm.ppf(0.975), norm.ppf(0.8)  # 1.96 and 0.84: two-sided alpha 0.05, power 0.8
+Z_POWER = norm.ppf(0.8)  # 0.84: power 0.8
 
 
 def mde(se, tests=1):
@@ -203,7 +203,7 @@ def comparison(metric, a, b, result):
 
 def with_holm(comparisons, primary=None):
     """The same rows with `p_holm`, `primary` and `family_size`. primary: the (metric, a, b) of the comparisons a
-    study declared before its run (its questions); Holm's adjustment runs over them alone, and separately over the
+    study declares in code (its questions); Holm's adjustment runs over them alone, and separately over the
     rest (exploratory rows, which never answer a question). primary None: every row is one family, as in the studies
     that have not declared theirs. Each row's MDE is taken at its family's first Holm step (alpha 0.05 / family
     size): the effect its family would detect with 80% power at its strictest step. A declared row whose p is

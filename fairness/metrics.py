@@ -210,9 +210,10 @@ def cluster_members(clusters, n_rows):
     return np.split(order, np.cumsum(np.bincount(codes, minlength=len(uniq)))[:-1])
 
 
-def bootstrap(stat, n_rows, clusters=None, n_boot=1000, seed=0, alpha=0.05):
+def bootstrap(stat, n_rows, clusters=None, n_boot=1000, seed=0, alpha=0.05, draws=False):
     """Percentile bootstrap CIs of stat(idx) -> float or {name: float}, resampling clusters (patients) with
-    replacement where given, rows otherwise. Returns {name: (lo, hi)} (name 'value' for a float stat).
+    replacement where given, rows otherwise. Returns {name: (lo, hi)} (name 'value' for a float stat), and with
+    draws=True also the resampled values (a DataFrame, one row per resample).
     Replicates where a statistic is undefined (NaN, e.g. AUROC of a one-class resample) are dropped for it."""
     rng = np.random.default_rng(seed)
     members = cluster_members(clusters, n_rows)
@@ -223,9 +224,10 @@ def bootstrap(stat, n_rows, clusters=None, n_boot=1000, seed=0, alpha=0.05):
         v = stat(idx)
         reps.append(v if isinstance(v, dict) else {"value": v})
     frame = pd.DataFrame(reps)
-    return {c: (float(np.nanpercentile(frame[c], 100 * alpha / 2)), float(np.nanpercentile(frame[c],
-                100 * (1 - alpha / 2)))) if frame[c].notna().any() else (float("nan"), float("nan"))
-            for c in frame.columns}
+    cis = {c: (float(np.nanpercentile(frame[c], 100 * alpha / 2)), float(np.nanpercentile(frame[c],
+               100 * (1 - alpha / 2)))) if frame[c].notna().any() else (float("nan"), float("nan"))
+           for c in frame.columns}
+    return (cis, frame) if draws else cis
 
 
 def with_ci(stat, n_rows, clusters=None, n_boot=1000, seed=0):

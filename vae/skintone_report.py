@@ -312,4 +312,5 @@ def write_report(out):
 
 
 if __name__ == "__main__":
-    report_command(__doc__, write_report, "vae.skintone_study", needs=("plan.json", "preds.csv"))
+    report_command(__doc__, write_report, "vae.skintone_study",
+                   needs=("plan.json", "preds.csv"))
