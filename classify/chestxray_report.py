@@ -1,9 +1,11 @@
 """The chest X-ray study's report (classify/chestxray_study.py is its plan): tables, figures, comparisons and
 summary.json from the files in --out alone (plan.json, preds.csv, training.json, the CVAE figures).
 
-Metrics come from the pooled out-of-fold predictions (bootstrap CIs over patients) and per fold (mean +- std);
-conditions are compared paired on the same test patients (patient-clustered bootstrap of the difference, Holm over
-the table, the smallest detectable difference beside each: docs/METHODS.md, "Statistics for comparisons").
+Metrics come from the pooled out-of-fold predictions (bootstrap CIs over patients) and per fold (mean +- std); with
+replicates (several training seeds per condition and fold) each metric is the mean over them. Conditions are compared
+paired on the same test patients (patient-clustered bootstrap of the difference, replicates resampled first where
+there are several; Holm over the declared questions, the smallest detectable difference beside each:
+docs/METHODS.md, "Statistics for comparisons").
 
     python -m classify.chestxray_report --out results/chestxray               # rebuild the report from its files
     python -m classify.chestxray_report --out results/chestxray --n-boot 2000 # the same, with more resamples
@@ -19,7 +21,7 @@ from classify.train_chexnet import OUTPUTS, col, per_output_table
 from common.report import mean_std, report_command, with_ci, write_readme, write_table
 from common.runs import write_json
 from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, family_facts, fmt_p,
-                              gap_permutation, paired_difference, with_holm)
+                              gap_permutation, paired_difference, paired_difference_replicates, with_holm)
 from fairness.figures import bars, lines
 from fairness.metrics import auroc, binary_stats, bootstrap, demographic_parity, equal_opportunity
 
@@ -70,14 +72,18 @@ def metrics_of(Y, p, dec, sex, findings):
 
 
 def comparisons(arrays, sex, pid, n_boot, seed):
-    """Paired differences on the same out-of-fold test patients (patient-clustered bootstrap); Holm over the declared
-    questions of the conditions run (the primary family), and separately over the other rows (exploratory)."""
+    """Paired differences on the same out-of-fold test patients (patient-clustered bootstrap; with replicates, the
+    two-level bootstrap of fairness.compare.paired_difference_replicates, replicate r of a paired with replicate r
+    of b); Holm over the declared questions of the conditions run (the primary family), and separately over the
+    other rows (exploratory)."""
     rows = []
     for a, b in PAIRS:
         if a in arrays and b in arrays:
             for key, name in COMPARED.items():
-                r = paired_difference(auroc_stat(*arrays[a][:2], sex, key), auroc_stat(*arrays[b][:2], sex, key),
-                                      clusters=pid, n_boot=n_boot, seed=seed)
+                pairs = [(auroc_stat(*ra[:2], sex, key), auroc_stat(*rb[:2], sex, key), pid)
+                         for ra, rb in zip(arrays[a], arrays[b])]
+                r = (paired_difference(*pairs[0][:2], clusters=pid, n_boot=n_boot, seed=seed) if len(pairs) == 1
+                     else paired_difference_replicates(pairs, n_boot=n_boot, seed=seed))
                 rows.append(comparison(name, a, b, r))
     declared = {key for key, _ in QUESTIONS if key[1] in arrays and key[2] in arrays}
     return with_holm(rows, primary=declared)
@@ -103,24 +109,34 @@ def answers(rows):
     return [answer(find[key], what) for key, what in QUESTIONS if key in find]
 
 
-def condition_stats(Y, p, th, sex, pid, findings, plan, counts):
-    """One condition's point estimates, bootstrap CIs, DP/EO permutation tests and pooled decisions."""
-    dec = p >= th
-    stat = metrics_of(Y, p, dec, sex, findings)
+def mean_of(dicts):
+    """{key: mean over the dicts} (the replicates' statistics; one dict is returned as it is)."""
+    return dicts[0] if len(dicts) == 1 else {k: float(np.mean([d[k] for d in dicts])) for k in dicts[0]}
+
+
+def condition_stats(Y, reps, sex, pid, findings, plan, counts):
+    """One condition's point estimates, bootstrap CIs over patients, DP/EO permutation tests and pooled decisions;
+    reps: its replicates' (Y, scores, thresholds, fold), every statistic the mean over them."""
+    decs = [p >= th for _, p, th, _ in reps]
+    stats = [metrics_of(Y, p, dec, sex, findings) for (_, p, _, _), dec in zip(reps, decs)]
+
+    def stat(idx):
+        return mean_of([s(idx) for s in stats])
     point = stat(np.arange(len(Y)))
     ci = bootstrap(stat, len(Y), clusters=pid, n_boot=plan["n_boot"], seed=plan["seed"])
     # DP and EO are max - min gaps (>= 0): a percentile CI cannot contain 0, so each gets a permutation p
-    yany, dany = Y[:, 14].astype(bool), dec[:, 14]
-    dp_perm = permutation_or_nan(lambda idx: dany[idx].mean() if len(idx) else np.nan, sex, pid, plan["n_boot"],
-                                 plan["seed"])
-    eo_perm = permutation_or_nan(lambda idx: dany[idx][yany[idx]].mean() if yany[idx].any() else np.nan, sex, pid,
-                                 plan["n_boot"], plan["seed"])
-    pooled = [binary_stats(Y[:, j], dec[:, j]) for j in range(len(OUTPUTS))]  # each image at its fold's threshold
+    yany, danys = Y[:, 14].astype(bool), [dec[:, 14] for dec in decs]
+    dp_perm = permutation_or_nan(lambda idx: np.mean([d[idx].mean() for d in danys]) if len(idx) else np.nan, sex,
+                                 pid, plan["n_boot"], plan["seed"])
+    eo_perm = permutation_or_nan(lambda idx: np.mean([d[idx][yany[idx]].mean() for d in danys])
+                                 if yany[idx].any() else np.nan, sex, pid, plan["n_boot"], plan["seed"])
+    # each image at its fold's threshold
+    pooled = [mean_of([binary_stats(Y[:, j], dec[:, j]) for dec in decs]) for j in range(len(OUTPUTS))]
     return point, ci, dp_perm, eo_perm, pooled, pd.DataFrame(counts).mean().to_dict()
 
 
-def condition_summary(point, ci, dp_perm, eo_perm, pooled, cnt, per_fold, p, findings):
-    """summary.json's entry of one condition."""
+def condition_summary(point, ci, dp_perm, eo_perm, pooled, cnt, per_fold, reps, findings):
+    """summary.json's entry of one condition (per_fold: per replicate, per fold)."""
     out = {}
     for k in ("any_auroc", "any_auroc_female", "any_auroc_male", "any_auroc_gap", "mean_auroc"):
         out[k], out[f"{k}_ci"] = point[k], list(ci[k])
@@ -128,29 +144,37 @@ def condition_summary(point, ci, dp_perm, eo_perm, pooled, cnt, per_fold, p, fin
                                "any_auroc_male", "any_auroc_male_ci", "any_auroc_gap", "any_auroc_gap_ci",
                                "mean_auroc", "mean_auroc_ci")}
     out.update({"dp_any": point["dp"], "dp_any_permutation": dp_perm, "eo_any": point["eo"],
-                "eo_any_permutation": eo_perm, "any_auroc_per_fold": [pf[-1]["auroc"] for pf in per_fold],
+                "eo_any_permutation": eo_perm,
+                "any_auroc_per_fold": [float(np.mean([rep[k][-1]["auroc"] for rep in per_fold]))
+                                       for k in range(len(per_fold[0]))],
+                "any_auroc_per_replicate": [auroc(y[:, 14], p[:, 14]) for y, p, _, _ in reps],
                 "n_train_female": cnt["n_train_female"], "n_train_male": cnt["n_train_male"],
-                "n_synthetic": cnt["n_synthetic"], "score_std_any": float(p[:, 14].std()),
+                "n_synthetic": cnt["n_synthetic"],
+                "score_std_any": float(np.concatenate([p[:, 14] for _, p, _, _ in reps]).std()),
                 "sensitivity_above_0_every_finding_5plus": all(pooled[j]["sensitivity"] > 0 for j in findings),
                 "pooled_sensitivity": {OUTPUTS[j]: pooled[j]["sensitivity"] for j in range(len(OUTPUTS))},
                 "pooled_specificity": {OUTPUTS[j]: pooled[j]["specificity"] for j in range(len(OUTPUTS))}})
     return out
 
 
-def finding_table(out, c, Y, p, per_fold, pooled, plan, n_folds):
-    """table_<condition>: per finding, mean +- std over folds and pooled, beside Korb & Hall's and CheXNet's."""
+def finding_table(out, c, Y, reps, per_fold, pooled, plan, n_folds):
+    """table_<condition>: per finding, mean +- std over folds (and replicates) and pooled (the mean over replicates),
+    beside Korb & Hall's and CheXNet's."""
     rows = []
+    cells = [pf for rep in per_fold for pf in rep]
     for j, name in enumerate(OUTPUTS):
-        vals = {m: [pf[j][m] for pf in per_fold] for m in ("auroc", "accuracy", "sensitivity", "specificity")}
-        rows.append([name, mean_std(vals["auroc"]), f"{auroc(Y[:, j], p[:, j]):.3f}", mean_std(vals["accuracy"]),
+        vals = {m: [pf[j][m] for pf in cells] for m in ("auroc", "accuracy", "sensitivity", "specificity")}
+        pooled_auc = float(np.mean([auroc(Y[:, j], p[:, j]) for _, p, _, _ in reps]))
+        rows.append([name, mean_std(vals["auroc"]), f"{pooled_auc:.3f}", mean_std(vals["accuracy"]),
                      mean_std(vals["sensitivity"]), f"{pooled[j]['sensitivity']:.2f}", mean_std(vals["specificity"]),
                      f"{pooled[j]['specificity']:.2f}", f"{int(Y[:, j].sum())}:{int(len(Y) - Y[:, j].sum())}",
                      "0.50 (collapse)" if j < 14 else "n/a", f"{CHEXNET_REF[name]:.3f}" if name in CHEXNET_REF else ""])
     write_table(out / f"table_{c}", FINDING_HEADER, rows,
-                title=f"{c}: per finding, mean ± std over {n_folds} patient-level folds ({plan['data']}, "
+                title=f"{c}: per finding, mean ± std over {n_folds} patient-level folds"
+                      f"{f' x {len(reps)} training seeds' if len(reps) > 1 else ''} ({plan['data']}, "
                       f"{plan['size']} px, {plan['arch']}, weights: {plan['weights']})",
                 notes=["Folds: mean ± std of the per-fold test metrics; pooled: all out-of-fold predictions "
-                       "together. Thresholds per finding are chosen on each fold's validation patients "
+                       "together (with several seeds: the mean of each seed's pooled value). Thresholds per finding are chosen on each fold's validation patients "
                        "(Youden's J), never 0.5. Korb & Hall's classifier "
                        "gave ~0.50 AUC and sensitivity 0 on every finding (a collapse); CheXNet's published "
                        "mean is 0.841 on the full data set at 224 px with ImageNet weights."])
@@ -164,6 +188,17 @@ def fairness_row(c, point, ci, dp_perm, eo_perm, cnt):
             f"{cnt['n_train_female']:.0f} / {cnt['n_train_male']:.0f} / {cnt['n_synthetic']:.0f}"]
 
 
+def training_noise(plan):
+    """How the CIs of a run treat training noise, in one phrase."""
+    r = plan.get("replicates", 1)
+    if r == 1:
+        return "one training run per condition and fold: training noise is not in the CI"
+    cvae = " (the CVAE: one per fold, so the generator's own seed-to-seed noise is not)" \
+        if "imbalanced_synth" in plan["conditions"] else ""
+    return f"{r} training runs (seeds) per condition and fold, resampled before the patients: the CI carries " \
+           f"their noise{cvae}"
+
+
 def fairness_table(out, rows, plan, t, bf16):
     arithmetic = {(True,): "bf16 autocast (--amp auto on a CPU or GPU with bf16 instructions; evaluation in fp32)",
                   (False,): "fp32"}.get(tuple(bf16), "mixed (bf16 in some stages, fp32 in others)")
@@ -172,8 +207,10 @@ def fairness_table(out, rows, plan, t, bf16):
     write_table(out / "fairness", FAIRNESS_HEADER, rows,
                 title=f"Any finding vs No Finding by sex, pooled out-of-fold predictions ({plan['data']}, {len(t)} "
                       f"images, {t['patient_id'].nunique()} patients, {plan['folds']} folds)",
-                notes=["95% CIs: percentile bootstrap over patients (" + str(plan["n_boot"]) + " resamples), one "
-                       "training run per fold (the CIs carry test sampling, not training noise). DP and EO are "
+                notes=["95% CIs: percentile bootstrap over patients (" + str(plan["n_boot"]) + " resamples) of "
+                       + ("the statistic" if plan.get("replicates", 1) == 1 else
+                          f"the mean over {plan['replicates']} training seeds") + "; these CIs carry test sampling, "
+                       "not training noise (comparisons.md carries both where there are replicates). DP and EO are "
                        "between-sex differences of the any-finding decision at each fold's validation threshold "
                        "(fractions; x100 for FairGen's scale); being |M - F| they get no percentile CI (it cannot "
                        "contain 0) but a permutation p (sex shuffled across patients; not Holm-corrected) and the "
@@ -187,15 +224,17 @@ def comparisons_table(out, summary, plan, t):
     write_table(out / "comparisons", COMPARISON_HEADER, comparison_rows(summary["comparisons"]),
                 title=f"Paired comparisons of conditions on the same out-of-fold test patients ({plan['data']}, "
                       f"{len(t)} images, {t['patient_id'].nunique()} patients)",
-                notes=[f"a - b on the pooled out-of-fold any-finding scores; 95% CI and p from a patient-clustered "
-                       f"paired bootstrap ({plan['n_boot']} resamples, percentile). Primary: the "
+                notes=[f"a - b on the pooled out-of-fold any-finding scores (with replicates: the mean of "
+                       f"replicate r of a minus replicate r of b); 95% CI and p from a patient-clustered paired "
+                       f"bootstrap{' of replicates, then patients' if plan.get('replicates', 1) > 1 else ''} "
+                       f"({plan['n_boot']} resamples, percentile). Primary: the "
                        f"{summary['primary_family_size']} comparisons the study declares in code (the questions below); "
                        f"p (Holm) over them alone (the smallest it can reach with these resamples is "
                        f"{summary['min_holm_p']:.3f}), and "
                        f"separately over the rows marked exploratory, which answer no question. MDE = (z + 0.84) x "
                        f"bootstrap SE at the family's first Holm step (alpha 0.05 / family size): effects smaller "
-                       f"would usually be missed. One training run per condition and fold: training noise is not in "
-                       f"the CI. Recompute from preds.csv."] + summary["answers"])
+                       f"would usually be missed. {training_noise(plan)[0].upper() + training_noise(plan)[1:]}. "
+                       f"Recompute from preds.csv (one row per image, condition and replicate)."] + summary["answers"])
 
 
 def figures(out, summary, curves0, plan):
@@ -217,20 +256,22 @@ def write_report(out, n_boot=None):
     training = json.loads((out / "training.json").read_text())
     t, arrays = read_preds(out / "preds.csv", plan["conditions"])
     sex, pid = t["sex"].to_numpy(), t["patient_id"].to_numpy()
-    Y = arrays[plan["conditions"][0]][0]
+    Y = arrays[plan["conditions"][0]][0][0]
     findings = [j for j in range(14) if Y[:, j].sum() >= 5]
     summary = {"data": plan["data"], "plant": plan.get("plant"), "pretrained": plan["pretrained"], "scale": plan["scale"], "model": plan["arch"],
                "size": plan["size"], "folds": plan["folds"], "female_fraction": plan["female_fraction"],
                "cvae_female": plan["cvae_female"], "n_images": len(t), "n_patients": int(t["patient_id"].nunique()),
-               "seconds": training["seconds"], "conditions": {}}
+               "seconds": training["seconds"], "replicates": len(arrays[plan["conditions"][0]]),
+               "training_noise": training_noise(plan), "conditions": {}}
     fair_rows = []
     for c in plan["conditions"]:
-        _, p, th, fold = arrays[c]
-        point, ci, dp, eo, pooled, cnt = condition_stats(Y, p, th, sex, pid, findings, plan,
+        reps = arrays[c]
+        point, ci, dp, eo, pooled, cnt = condition_stats(Y, reps, sex, pid, findings, plan,
                                                          training["counts_per_fold"][c])
-        per_fold = [per_output_table(Y[fold == k], p[fold == k], th[fold == k][0]) for k in range(plan["folds"])]
-        summary["conditions"][c] = condition_summary(point, ci, dp, eo, pooled, cnt, per_fold, p, findings)
-        finding_table(out, c, Y, p, per_fold, pooled, plan, plan["folds"])
+        per_fold = [[per_output_table(Y[fold == k], p[fold == k], th[fold == k][0]) for k in range(plan["folds"])]
+                    for _, p, th, fold in reps]
+        summary["conditions"][c] = condition_summary(point, ci, dp, eo, pooled, cnt, per_fold, reps, findings)
+        finding_table(out, c, Y, reps, per_fold, pooled, plan, plan["folds"])
         fair_rows.append(fairness_row(c, point, ci, dp, eo, cnt))
     fairness_table(out, fair_rows, plan, t, training.get("bf16_autocast", [False]))
     figures(out, summary, training["val_any_auroc_fold0"], plan)

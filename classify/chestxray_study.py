@@ -9,12 +9,14 @@ every condition. Then the fold's stages, each a script run as its own command (`
                           paper: it thereby sees more female images than imbalanced_real's classifier) or on the
                           imbalanced set's female images (--cvae-female imbalanced); never validation or test images
   vae.sample_cvae         n_male - n_f female images, labels drawn from the CVAE's training images
-  classify.train_chexnet  one classifier per condition, each scoring the fold's test images (preds.csv):
+  classify.train_chexnet  --replicates classifiers per condition (seeds), each scoring the fold's test images:
       balanced_real        n_male real male + n_male real female images
       imbalanced_real      n_male male + n_f = round(n_male f / (1 - f)) real female images (f = --female-fraction)
       imbalanced_synth     imbalanced_real + the CVAE's images
       imbalanced_reweight  imbalanced_real, sampled so that each sex is half of every epoch (no generator)
-    every condition gets the same number of updates (--epoch-size: epochs of the balanced set's size)
+    every condition gets the same number of updates (--epoch-size: epochs of the balanced set's size); the
+    replicates of a cell differ only in their seed, so that the comparisons' CIs carry training noise (the CVAE is
+    trained once per fold: the generator's own seed-to-seed noise is not in them)
 This module is the plan: the settings of each scale (SCALES below) and the stage commands they make. The study then
 gathers the stages' files into --out (preds.csv, training.json, plan.json, the CVAE's figures) and calls the report
 (classify/chestxray_report.py), which reads only those files: metrics from the pooled out-of-fold predictions
@@ -36,7 +38,7 @@ import time
 import pandas as pd
 
 from classify.chestxray_report import CONDITIONS, write_report
-from classify.cxr_task import FEMALE, Task, classifier_stage, fold_sets, read_data
+from classify.cxr_task import FEMALE, Task, classifier_stage, fold_sets, read_data, replicate_cell
 from classify.train_chexnet import add_args
 from common.cli import ArgumentParser, as_argv, fraction, nonneg_int, positive_int, run
 from common.data import PROJECT_DATA
@@ -53,13 +55,13 @@ from fairness.plant import parse_plant, plant_label
 SCALES = {
     "quick": {"folds": 5, "arch": "cnn8", "width": 16, "size": 64, "pretrained": False, "batch_size": 32,
               "epochs": 16, "schedule": "cosine", "patience": 0, "keep": "last", "cvae_epochs": 40,
-              "cvae_patience": 10, "n_boot": 1000, "images_per_sex": None},
+              "cvae_patience": 10, "n_boot": 1000, "images_per_sex": None, "replicates": 3},
     "full": {"folds": 3, "arch": "densenet121", "width": 16, "size": 224, "pretrained": True, "batch_size": 64,
              "epochs": 40, "schedule": "plateau", "patience": 6, "keep": "best", "cvae_epochs": 100,
-             "cvae_patience": 10, "n_boot": 1000, "images_per_sex": None},
+             "cvae_patience": 10, "n_boot": 1000, "images_per_sex": None, "replicates": 3},
     "smoke": {"folds": 2, "arch": "cnn8", "width": 8, "size": 64, "pretrained": False, "batch_size": 32,
               "epochs": 2, "schedule": "cosine", "patience": 0, "keep": "last", "cvae_epochs": 2,
-              "cvae_patience": 10, "n_boot": 50, "images_per_sex": 60},
+              "cvae_patience": 10, "n_boot": 50, "images_per_sex": 60, "replicates": 1},
 }
 # each condition's classifier: its training set in the fold's split file and its extra flags
 CONDITION_FLAGS = {"balanced_real": ("balanced", []), "imbalanced_real": ("imbalanced", []),
@@ -87,7 +89,10 @@ def parse_args(argv=None):
                    help="the positive control: run on a copy of the data in which the women's images carry a planted "
                         "signature (fairness/plant.py: invert:SHARE, noise:SD, blur:SIGMA; strength 0 is the planted "
                         "null), written by a first stage; every title then says PLANTED")
-    p.add_argument("--seed", type=int, default=0, help="seed of the folds and subsets; fold k's models get "
+    p.add_argument("--replicates", type=positive_int,
+                   help="classifiers per condition and fold, each with its own seed (replicate r of fold k: seed * "
+                        "100 + k + 10000 r); the comparisons resample them, so their CIs carry training noise")
+    p.add_argument("--seed", type=int, default=0, help="seed of the folds and subsets; fold k's CVAE gets "
                                                         "seed * 100 + k")
     add_args(p)  # the classifier's flags (classify/train_chexnet.py), passed to every classifier stage
     args = parse_scaled(p, SCALES, argv)
@@ -101,10 +106,10 @@ def parse_args(argv=None):
     return args
 
 
-def plan(task, folds, conditions, cvae_epochs, cvae_patience, plant=None):
+def plan(task, folds, conditions, cvae_epochs, cvae_patience, plant=None, replicates=1):
     """The study's stages, a pure function of its settings: per fold (folds: [{n_male, n_synthetic}]) the CVAE and
-    its samples (only for imbalanced_synth) and one classifier per condition, every condition with the same number
-    of updates (epochs of the balanced set's size). plant: (argv, record) of the planted copy's stage, which then
+    its samples (only for imbalanced_synth) and `replicates` classifiers per condition, every condition with the same
+    number of updates (epochs of the balanced set's size). plant: (argv, record) of the planted copy's stage, which then
     comes first and which every other stage reads (task.data_argv names the copy)."""
     stages = Stages(dry=True)
     data_deps = []
@@ -123,27 +128,30 @@ def plan(task, folds, conditions, cvae_epochs, cvae_patience, plant=None):
             stages.samples("vae.sample_cvae", ["--ckpt", r / "cvae" / "ckpt.pt", "--n", f["n_synthetic"], "--seed",
                                                seed, "--device", task.device, "--out", synth], synth,
                            deps=[r / "cvae" / "metrics.json"])
-        for c in conditions:
-            train_set, extra = CONDITION_FLAGS[c]
-            extra = [a for e in extra for a in ([e, synth] if e == "--synthetic" else [e])]
-            classifier_stage(stages, task, k, c, train_set, extra, f["n_male"],
-                             deps=([synth] if c == "imbalanced_synth" else []) + data_deps)
+        for rep in range(replicates):
+            for c in conditions:
+                train_set, extra = CONDITION_FLAGS[c]
+                extra = [a for e in extra for a in ([e, synth] if e == "--synthetic" else [e])]
+                classifier_stage(stages, task, k, c, train_set, extra, f["n_male"],
+                                 deps=([synth] if c == "imbalanced_synth" else []) + data_deps, replicate=rep)
     return stages
 
 
-def gather(runs, folds, conditions, out, seconds):
-    """preds.csv (every classifier stage's preds.csv, fold by fold), training.json (counts per fold, fold 0's
-    validation curves, times) and fold 0's CVAE figures in --out: the files the report reads."""
+def gather(runs, folds, conditions, out, seconds, replicates=1):
+    """preds.csv (every classifier stage's preds.csv, fold by fold, with its replicate), training.json (counts per
+    fold, fold 0's validation curves, times) and fold 0's CVAE figures in --out: the files the report reads."""
     parts, counts, curves0, bf16 = [], {c: [] for c in conditions}, {}, set()
-    for k in range(folds):
-        for c in conditions:
-            cell = runs / f"fold{k}" / c
-            parts.append(pd.read_csv(cell / "preds.csv"))
-            m = json.loads((cell / "metrics.json").read_text())
-            bf16.add(json.loads((cell / "config.json").read_text()).get("bf16_autocast", False))
-            counts[c].append({key: m[key] for key in ("n_train_female", "n_train_male", "n_synthetic")})
-            if k == 0:
-                curves0[c] = [h["val_any_auroc"] for h in m["history"]]
+    for rep in range(replicates):
+        for k in range(folds):
+            for c in conditions:
+                cell = runs / f"fold{k}" / replicate_cell(c, rep)
+                parts.append(pd.read_csv(cell / "preds.csv").assign(replicate=rep))
+                m = json.loads((cell / "metrics.json").read_text())
+                bf16.add(json.loads((cell / "config.json").read_text()).get("bf16_autocast", False))
+                if rep == 0:  # the same sets in every replicate
+                    counts[c].append({key: m[key] for key in ("n_train_female", "n_train_male", "n_synthetic")})
+                if k == 0 and rep == 0:
+                    curves0[c] = [h["val_any_auroc"] for h in m["history"]]
     pd.concat(parts, ignore_index=True).to_csv(out / "preds.csv", index=False, float_format="%.9g")
     write_json(out / "training.json", {"counts_per_fold": counts, "val_any_auroc_fold0": curves0,
                                        "bf16_autocast": sorted(bf16), "seconds": seconds})
@@ -175,7 +183,7 @@ def main(args):
         if write_sets(task.folder(k) / "sets.csv", sets, dry=args.dry_run) and args.dry_run:
             changed.add(task.folder(k) / "sets.csv")  # a run would rewrite it: its stages would run again
         folds.append({"sets": str(task.folder(k) / "sets.csv"), "n_male": n_male, "n_synthetic": n_synthetic})
-    stages = plan(task, folds, args.conditions, args.cvae_epochs, args.cvae_patience, plant)
+    stages = plan(task, folds, args.conditions, args.cvae_epochs, args.cvae_patience, plant, args.replicates)
     stages.changed = changed
     if planned(stages, args.dry_run, args.makefile, f"preds.csv (the stages' preds.csv together), the tables and "
                                                     f"figures in {args.out}"):
@@ -188,12 +196,13 @@ def main(args):
     weights = "imagenet" if args.pretrained else "none (from scratch)"
     write_config(out, args, data=data, weights=weights)
     stages.run_all()
-    gather(runs, args.folds, args.conditions, out, time.time() - t0)
+    gather(runs, args.folds, args.conditions, out, time.time() - t0, args.replicates)
     write_json(out / "stages.json", {"stages": stages.commands, "reused": stages.reused})
     write_json(out / "plan.json", {
         "study": "chestxray", "data": data, "weights": weights, "scale": args.scale, "arch": args.arch,
         "size": args.size, "pretrained": args.pretrained, "folds": args.folds, "female_fraction": args.female_fraction,
         "cvae_female": args.cvae_female, "conditions": args.conditions, "n_boot": args.n_boot, "seed": args.seed,
+        "replicates": args.replicates,
         "keep": args.keep, "runs": str(runs), "data_root": str(task.data_argv[1]), "source_data_root": data_root,
         "csv": args.csv,
         "images_per_sex": args.images_per_sex, "data_argv": [str(a) for a in task.data_argv], "device": args.device,

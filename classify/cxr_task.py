@@ -6,7 +6,9 @@ Per patient-level fold k (every image tested once), the split file runs/.../fold
 share of the fold's other patients); balanced (n_male real male + n_male real female images of the remaining pool);
 imbalanced (the same men + n_f = round(n_male f / (1 - f)) of those women, f the female fraction); and, where a CVAE
 is trained, its female training and validation images. A classifier cell is one `classify.train_chexnet` stage
-trained on one of these sets, tested on the fold's test patients, 2 n_male samples per epoch in every cell.
+trained on one of these sets, tested on the fold's test patients, 2 n_male samples per epoch in every cell. A cell
+can be trained R times with different seeds (replicates: runs/.../fold<k>/<cell> is replicate 0,
+<cell>_rep<r> replicate r), so that the comparisons' CIs carry training noise.
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,8 +71,9 @@ def read_data(data_root, csv, images_per_sex, size, folds):
 
 @dataclass(frozen=True)
 class Task:
-    """What every classifier cell of one run shares: the data flags, the seed of the folds (fold k's models get
-    seed * 100 + k), the device, the classifier's flags, and the run tree (runs/fold<k>/<cell>)."""
+    """What every classifier cell of one run shares: the data flags, the seed of the folds (replicate r of fold k's
+    models gets seed * 100 + k + 10000 r), the device, the classifier's flags, and the run tree
+    (runs/fold<k>/<cell>)."""
     data_argv: tuple
     seed: int
     device: str
@@ -80,17 +83,27 @@ class Task:
     def folder(self, k):
         return Path(self.runs) / f"fold{k}"
 
+    def model_seed(self, k, replicate=0):
+        return self.seed * 100 + k + 10000 * replicate
 
-def classifier_stage(stages, task, k, cell, train_set, extra, n_male, deps=(), test_set="test"):
-    """Fold k's classifier cell `cell` (runs/fold<k>/<cell>): trained on the split file's set train_set with the
-    stage flags `extra`, validated on the fold's val set and scoring its test_set (a choice made on validation
-    data scores "val"), 2 n_male samples per epoch."""
+
+def replicate_cell(cell, replicate):
+    """The folder name of a cell's replicate: the cell itself for replicate 0 (so a run without replicates and the
+    first replicate of one are the same files), <cell>_rep<r> otherwise."""
+    return cell if replicate == 0 else f"{cell}_rep{replicate}"
+
+
+def classifier_stage(stages, task, k, cell, train_set, extra, n_male, deps=(), test_set="test", replicate=0):
+    """Fold k's classifier cell `cell` (runs/fold<k>/<cell>, replicate r: replicate_cell): trained on the split
+    file's set train_set with the stage flags `extra`, validated on the fold's val set and scoring its test_set (a
+    choice made on validation data scores "val"), 2 n_male samples per epoch."""
     r = task.folder(k)
     sets_file = r / "sets.csv"
+    folder = r / replicate_cell(cell, replicate)
     stages.script("classify.train_chexnet", [
-        *task.data_argv, "--sets", sets_file, "--seed", task.seed * 100 + k, "--device", task.device, "--train-set",
-        train_set, "--val-set", "val", "--test-set", test_set, *extra, "--epoch-size", 2 * n_male, "--tag", f"fold={k}",
-        "--tag", f"condition={cell}", *task.classifier_argv, "--out-dir", r / cell], r / cell,
+        *task.data_argv, "--sets", sets_file, "--seed", task.model_seed(k, replicate), "--device", task.device,
+        "--train-set", train_set, "--val-set", "val", "--test-set", test_set, *extra, "--epoch-size", 2 * n_male,
+        "--tag", f"fold={k}", "--tag", f"condition={cell}", *task.classifier_argv, "--out-dir", folder], folder,
         deps=[sets_file, *deps])
 
 
@@ -106,18 +119,29 @@ def auroc_stat(Y, p, sex, key):
 
 
 def read_preds(path, conditions):
-    """preds.csv -> (per-image table in one order, {condition: (Y, scores, thresholds, fold)}); every condition must
-    score the same images (the pairing of every comparison)."""
+    """preds.csv -> (per-image table in one order, {condition: [(Y, scores, thresholds, fold) per replicate]}); every
+    condition and replicate must score the same images (the pairing of every comparison). A file without a
+    `replicate` column holds one replicate."""
     df = pd.read_csv(path)
+    if "replicate" not in df.columns:
+        df["replicate"] = 0
     first = None
     arrays = {}
     for c in conditions:
-        d = df[df["condition"] == c].sort_values("image").reset_index(drop=True)
-        if first is None:
-            first = d
-        if not d["image"].equals(first["image"]):
-            raise DataError(f"{path}: condition {c} scores other images than {conditions[0]}; a paired comparison "
-                            f"needs the same test images (rerun the study)")
-        arrays[c] = tuple(d[[f"{k}_{col(o)}" for o in OUTPUTS]].to_numpy(float) for k in ("y", "p", "thr")) + \
-            (d["fold"].to_numpy(),)
+        arrays[c] = []
+        for rep, d in sorted(df[df["condition"] == c].groupby("replicate")):
+            d = d.sort_values("image").reset_index(drop=True)
+            if first is None:
+                first = d
+            if not d["image"].equals(first["image"]):
+                raise DataError(f"{path}: condition {c} (replicate {rep}) scores other images than "
+                                f"{conditions[0]}; a paired comparison needs the same test images (rerun the study)")
+            arrays[c].append(tuple(d[[f"{k}_{col(o)}" for o in OUTPUTS]].to_numpy(float) for k in ("y", "p", "thr"))
+                             + (d["fold"].to_numpy(),))
+        if not arrays[c]:
+            raise DataError(f"{path}: no predictions of condition {c}; rerun the study")
+    counts = {len(v) for v in arrays.values()}
+    if len(counts) > 1:
+        raise DataError(f"{path}: the conditions have different numbers of replicates "
+                        f"({ {c: len(v) for c, v in arrays.items()} }); rerun the study")
     return first, arrays

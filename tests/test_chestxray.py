@@ -148,13 +148,31 @@ def test_chestxray_dry_run_prints_the_stages_and_writes_nothing(tmp_path):
     assert sum("--epochs 5 " in l for l in r.stdout.splitlines() if "train_chexnet" in l) == 8
 
 
-def test_chestxray_study_runs_a_subset_of_conditions_without_the_cvae(tmp_path):
+def test_chestxray_study_runs_a_subset_of_conditions_without_the_cvae_and_replicates(tmp_path):
+    """Two conditions, no CVAE, 2 training seeds per condition and fold: every replicate's predictions are in
+    preds.csv, the comparisons resample them (the two-level bootstrap), and the point is the mean over replicates
+    of the per-replicate difference, recomputed here from the file."""
     out, runs = tmp_path / "sub", tmp_path / "runs"
-    run("classify.chestxray_study", "--smoke", "--size", "32", "--conditions", "balanced_real,imbalanced_reweight",
-        "--out", str(out), "--runs", str(runs))
+    run("classify.chestxray_study", "--smoke", "--size", "32", "--conditions", "balanced_real,imbalanced_real",
+        "--replicates", "2", "--out", str(out), "--runs", str(runs))
     s = json.loads((out / "summary.json").read_text())
-    assert list(s["conditions"]) == ["balanced_real", "imbalanced_reweight"]
+    assert list(s["conditions"]) == ["balanced_real", "imbalanced_real"] and s["replicates"] == 2
     assert not (out / "cvae_samples.png").exists() and not (runs / "fold0" / "cvae").exists()  # no CVAE trained
+    preds = pd.read_csv(out / "preds.csv")
+    assert len(preds) == 2 * 2 * s["n_images"] and sorted(preds.replicate.unique()) == [0, 1]
+    seeds = preds.groupby(["fold", "replicate"])["seed"].unique()
+    assert all(len(v) == 1 for v in seeds) and seeds.map(lambda v: v[0]).nunique() == 4  # a seed per fold and run
+    assert (runs / "fold1" / "balanced_real_rep1" / "preds.csv").is_file()
+    row = next(r for r in s["comparisons"] if r["metric"] == "female AUROC")
+    assert row["replicates"] == 2 and "two-level bootstrap" in row["method"] and row["n_units"] == s["n_patients"]
+    f = preds[preds.sex == "F"]
+    hand = np.mean([auroc(d[d.condition == "balanced_real"].sort_values("image").y_any_finding,
+                          d[d.condition == "balanced_real"].sort_values("image").p_any_finding)
+                    - auroc(d[d.condition == "imbalanced_real"].sort_values("image").y_any_finding,
+                            d[d.condition == "imbalanced_real"].sort_values("image").p_any_finding)
+                    for _, d in f.groupby("replicate")])
+    assert row["diff"] == pytest.approx(hand)
+    assert "2 training runs (seeds) per condition and fold" in (out / "comparisons.md").read_text()
     r = subprocess.run([sys.executable, "-m", "classify.chestxray_study", "--conditions", "balanced,real"], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 2 and "unknown balanced, real" in r.stderr
