@@ -107,3 +107,23 @@ def test_chestxray_planted_dry_run_plants_first_and_reads_the_copy(tmp_path):
     assert lines[0].startswith("python -m fairness.plant") and "--plant invert:1 --group F" in lines[0]
     assert all(f"--data-root {copy} " in l for l in lines[1:] if "train_" in l)
     assert not (tmp_path / "out").exists()
+
+
+def test_planted_power_counts_yes_by_its_rule_and_states_the_monte_carlo_error():
+    """bench/planted_power.py's summary: a repeat says yes on a planted row only with Holm p < 0.05 and a positive
+    female AUROC difference, on the null row with either sign; the rate comes with its exact binomial CI."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import planted_power
+    args = planted_power.parse_args(["--strengths", "0.2"])
+    yes, no_small, no_neg = [0.05, 0.01, 0.02, 0.02], [0.05, 0.03, 0.06, 0.02], [-0.05, 0.01, 0.02, 0.02]
+    gap = [0.0, 0.5, 1.0, 0.03]
+    records = [{"null": [no_neg, gap], "0": [no_small, gap], "0.2": [yes, gap]} for _ in range(8)]
+    records += [{"null": [no_small, gap], "0": [no_neg, gap], "0.2": [no_small, gap]} for _ in range(2)]
+    rows = {r["run"]: r for r in planted_power.summarise(records, args)}
+    assert rows["0.2"]["yes"] == 8 and rows["0.2"]["rate"] == 0.8 and rows["0"]["yes"] == 0
+    assert rows["null"]["yes"] == 8  # a null that says yes with a negative difference still counts
+    assert rows["0.2"]["ci"] == pytest.approx([0.4439, 0.9748], abs=1e-3)  # Clopper-Pearson for 8 of 10
+    assert rows["0.2"]["mc_se"] == pytest.approx(np.sqrt(0.8 * 0.2 / 10))
+    for bad in (["--strengths", "0,0.2"], ["--strengths", "a"], ["--kind", "blur", "--strengths", "30"]):
+        with pytest.raises(SystemExit):
+            planted_power.parse_args(bad)
