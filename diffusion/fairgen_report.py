@@ -16,8 +16,8 @@ import pandas as pd
 from common.errors import DataError
 from common.report import footer, markdown_table, report_command, save_grid, write_table
 from common.runs import write_json
-from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, gap_permutation, group_gap,
-                              paired_difference_replicates, with_holm)
+from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, family_facts, gap_permutation,
+                              group_gap, paired_difference_replicates, with_holm)
 from fairness.figures import bars, lines, radar
 from fairness.metrics import bootstrap, essp, fairness_summary, group_accuracy
 
@@ -38,6 +38,7 @@ GAP_NOTE = ("DP, EO and NAR are max - min gaps between groups (never below 0), a
             "cannot contain 0 and can sit above the value (marked †): read it as the range the gap takes under "
             "test-set noise, not as a confidence interval or a test. Whether a method changes a gap: comparisons.md "
             "(signed AUROC gap, paired) and gaps.md (permutation nulls).")
+PRIMARY_PAIRS = [(("fairgen", True), ("base", False)), (("fairgen", True), ("fairdiffusion", True))]
 ANSWERS = [("Is FairGen (with reweighting) fairer than its base?", ""),  # summary's answers: essp<suffix>, gap<suffix>
            ("Is FairGen fairer than FairDiffusion, both with reweighting?", "_vs_fairdiffusion")]
 
@@ -113,10 +114,24 @@ def table1_from_preds(df, n_boot, seed=0):
     return out
 
 
+def signed_gap_name(attrs):
+    """The signed AUROC gap of a modality, first group minus last (F - M; light - dark: the lightest skin type minus
+    the darkest, the group a dermatology set under-represents), its declared fairness outcome."""
+    return f"AUROC gap {attrs[0]} - {attrs[-1]}"
+
+
+def primary_keys(attrs):
+    """The comparisons each modality declares in code (its primary family; Holm over these alone): the signed AUROC
+    gap of FairGen + reweighting against base and against FairDiffusion + reweighting, the two questions of the
+    README. ESSP and max - min gaps are built from absolute differences, which are biased toward "no change": they
+    stay exploratory rows."""
+    return [(signed_gap_name(attrs), cell_name(*a), cell_name(*b)) for a, b in PRIMARY_PAIRS]
+
+
 def metric_functions(attrs):
     """{name: f(y, groups, run, idx) -> float} of the comparisons, run = (pred, probs, auc): accuracy, ESSP on
-    accuracy, and the gap in AUROC (binary: of class 1; more classes: one-vs-rest mean) between groups (signed
-    first - second for two groups; max - min for more, see gap_tables)."""
+    accuracy, and the gap in AUROC (binary: of class 1; more classes: one-vs-rest mean) between groups: signed,
+    first - last (signed_gap_name); for more than two groups also max - min (see gap_tables)."""
     def acc(y, g, run, i):
         return float(np.mean(y[i] == run[0][i]))
 
@@ -124,12 +139,13 @@ def metric_functions(attrs):
         return essp(acc(y, g, run, i), group_accuracy(y[i], run[0][i], g[i]).values())
 
     def gap(y, g, run, i):
-        if len(attrs) == 2:
-            a, b = (i[g[i] == s] for s in attrs)
-            return run[2](a) - run[2](b) if len(a) and len(b) else float("nan")
+        a, b = (i[g[i] == s] for s in (attrs[0], attrs[-1]))
+        return run[2](a) - run[2](b) if len(a) and len(b) else float("nan")
+
+    def spread(y, g, run, i):
         return group_gap(run[2], g, i, attrs)
-    gap_name = f"AUROC gap {attrs[0]} - {attrs[1]}" if len(attrs) == 2 else "AUROC gap max - min"
-    return {"accuracy": acc, "ESSP (accuracy)": es, gap_name: gap}
+    return {"accuracy": acc, "ESSP (accuracy)": es, signed_gap_name(attrs): gap,
+            **({"AUROC gap max - min": spread} if len(attrs) > 2 else {})}
 
 
 def comparisons_from_preds(df, attrs, n_boot=2000, seed=0):
@@ -137,7 +153,8 @@ def comparisons_from_preds(df, attrs, n_boot=2000, seed=0):
     of cells on accuracy, ESSP and the AUROC gap, a - b, with compare.paired_difference_replicates (units: test
     patients). One split: the replicates are the downstream seeds on its test set (one draw of patients serves
     them all); several splits: the replicates are the splits, each statistic the mean over its downstream seeds.
-    Holm over the modality's rows. Each row also has value_a / value_b (the mean over replicates)."""
+    Holm over the modality's declared comparisons (primary_keys), and separately over its other rows. Each row also
+    has value_a / value_b (the mean over replicates)."""
     attrs = [a for a in attrs if a in set(df["group"].astype(str))]
     splits = sorted(df["split_seed"].unique())
     rows, cells = [], {}
@@ -170,7 +187,7 @@ def comparisons_from_preds(df, attrs, n_boot=2000, seed=0):
                 rows.append({**comparison(metric, cell_name(ma, ra), cell_name(mb, rb), res),
                              "value_a": float(np.nanmean([a(i) for (a, _, _), i in zip(reps, every)])),
                              "value_b": float(np.nanmean([b(i) for (_, b, _), i in zip(reps, every)]))})
-    return with_holm(rows)
+    return with_holm(rows, primary=primary_keys(attrs))
 
 
 def _seed_mean(f, y, g, runs):
@@ -314,7 +331,7 @@ def modality_figures(out, name, tag, res, samples, down_seeds):
 def fairer(comps, name, b, label, suffix):
     """The answer sentences (ESSP and AUROC gap) of FairGen + reweighting against cell b of one modality."""
     paper = {c["metric"]: c for c in comps if (c["a"], c["b"]) == ("fairgen + reweighting", b)}
-    gap_metric = [m for m in paper if m.startswith("AUROC gap")][0]
+    gap_metric = [m for m in paper if m.startswith("AUROC gap") and m != "AUROC gap max - min"][0]
     e, g = paper["ESSP (accuracy)"], paper[gap_metric]
     return {"essp" + suffix: answer(e, f"{name}: ESSP (accuracy, fraction), FairGen + reweighting "
                                        f"{e['value_a']:.3f} vs {label} {e['value_b']:.3f}, difference"),
@@ -329,6 +346,7 @@ def modality_comparisons(summary, out, name, n_boot_compare):
     df = read_preds(out / summary["preds"][name])  # the report's comparisons come from the file alone
     comps = [{**c, "modality": name} for c in comparisons_from_preds(df, res["attrs"], n_boot_compare)]
     summary["comparisons"] += comps
+    summary["primary_families"][name] = family_facts(comps, n_boot_compare)
     rows = [[name] + comparison_rows([c])[0][:2] + [f"{c['value_a']:.3f}", f"{c['value_b']:.3f}"] +
             comparison_rows([c])[0][2:] for c in comps]
     gaps = gap_tables(df, res["attrs"], n_boot_compare)
@@ -347,7 +365,7 @@ def modality_comparisons(summary, out, name, n_boot_compare):
 def comparison_table(summary, out, n_boot_compare):
     """comparisons.md/.csv (and gaps.md/.csv where a modality has more than two groups) from the preds files in
     --out, with the one-sentence answers; fills summary's comparisons, gaps and answers."""
-    summary["comparisons"], summary["gaps"], summary["answers"] = [], {}, {}
+    summary["comparisons"], summary["gaps"], summary["answers"], summary["primary_families"] = [], {}, {}, {}
     rows, gap_rows = [], []
     for name in summary["modalities"]:
         r, g = modality_comparisons(summary, out, name, n_boot_compare)
@@ -358,14 +376,20 @@ def comparison_table(summary, out, n_boot_compare):
         "a - b for each pair of Table 1's cells (ViT, ratio 1.0): every method vs base, without and with downstream "
         "reweighting on both sides, FairGen + reweighting (the paper's FairGen) vs base without, and FairGen vs "
         "FairDiffusion (the paper's strongest baseline), each without and with reweighting. Accuracy and ESSP as "
-        "fractions (Table 1 shows ESSP x100); AUROC gap: between the attribute groups, signed (first - second) for "
-        "two groups, max - min for more (then see gaps.md for each gap against its permutation null; the paired "
-        "bootstrap of a difference of max - min gaps resamples both alike). value a / b: the mean over replicates.",
+        "fractions (Table 1 shows ESSP x100); AUROC gap: between the attribute groups, signed (first - last), and "
+        "for more than two groups also max - min (then see gaps.md for each gap against its permutation null; the "
+        "paired bootstrap of a difference of max - min gaps resamples both alike). value a / b: the mean over "
+        "replicates.",
+        "Primary (declared in code: diffusion/fairgen_report.primary_keys): per modality, "
+        "the signed AUROC gap of FairGen + reweighting minus base and minus FairDiffusion + reweighting; Holm over "
+        "those two alone (the smallest Holm p they can reach: " + ", ".join(
+            f"{m} {f['min_holm_p']:.3f}" for m, f in summary["primary_families"].items()) + "), and separately over "
+        "the rows marked exploratory (ESSP and max - min gaps are built from absolute differences, biased toward "
+        "'no change'). MDE at 80% power at the family's first Holm step.",
         "Method: " + " | ".join(methods) + ". Units: test patients (rows without a patient id are their own unit). "
         "Replicates: downstream ViT seeds trained on the same real + synthetic images and tested on the same "
         "patients, so the CI covers test sampling and ViT training noise, not generator training noise (one "
-        f"generator per method at {summary['scale']} scale). p two-sided, floored at 1 / (resamples + 1); Holm "
-        "over each modality's comparisons; MDE at 80% power, alpha 0.05: (1.96 + 0.84) SE.",
+        f"generator per method at {summary['scale']} scale). p two-sided, 2 (1 + tail) / (resamples + 1).",
         "Read from preds_<modality>.csv(.gz) in this folder (diffusion.fairgen_report.comparisons_from_preds)."]
     write_table(out / "comparisons", ["modality"] + COMPARISON_HEADER[:2] + ["value a", "value b"] +
                 COMPARISON_HEADER[2:], rows, title="Paired comparisons of the downstream ViT (FairGen Table 1's cells)",

@@ -204,6 +204,11 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
         assert not np.isfinite(c["p"]) or c["p_holm"] >= c["p"] - 1e-12
     assert {("fairgen + reweighting", "base"), ("fairgen + reweighting", "fairdiffusion + reweighting"),
             ("fairdiffusion", "base")} <= {(c["a"], c["b"]) for c in comps}
+    # the declared family: the signed gap of FairGen + reweighting vs base and vs FairDiffusion + reweighting
+    assert {(c["metric"], c["a"], c["b"]) for c in comps if c["primary"]} == {
+        ("AUROC gap dark - bright", "fairgen + reweighting", "base"),
+        ("AUROC gap dark - bright", "fairgen + reweighting", "fairdiffusion + reweighting")}
+    assert s1["primary_families"]["toy:160"]["primary_family_size"] == 2
     fb = s1["fair_bayes"]["toy:160"]  # FairDiffusion's sigma search, its figure beside the tables
     assert fb["groups"] == ["dark", "bright"] and all(0 <= v <= 1 for v in fb["sigma_last_step"] + fb["sigma_next"])
     assert fb["gp_updates"] == [2, 4] and (tmp_path / "out/fair_bayes_toy:160.png").stat().st_size > 10_000
@@ -250,3 +255,19 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
     assert s2["table1"] == s1["table1"] and s2["fid"] == s1["fid"]
     assert s1["reused"] == [] and len(s2["reused"]) == 18
+
+
+def test_more_than_two_groups_get_a_signed_gap_first_minus_last_and_max_minus_min_as_exploratory():
+    from diffusion.fairgen_report import metric_functions, primary_keys
+    f = metric_functions(["light", "medium", "dark"])
+    assert list(f) == ["accuracy", "ESSP (accuracy)", "AUROC gap light - dark", "AUROC gap max - min"]
+    g = np.array(["light"] * 3 + ["medium"] * 3 + ["dark"] * 3)
+    auc = {0.9: [0, 1, 2], 0.5: [3, 4, 5], 0.7: [6, 7, 8]}  # a run's AUROC, here by the rows it is given
+
+    def run_auc(rows):
+        return next(v for v, r in auc.items() if set(rows) <= set(r))
+    run = (None, None, run_auc)
+    i = np.arange(9)
+    assert f["AUROC gap light - dark"](None, g, run, i) == pytest.approx(0.9 - 0.7)
+    assert f["AUROC gap max - min"](None, g, run, i) == pytest.approx(0.9 - 0.5)
+    assert primary_keys(["light", "medium", "dark"])[0] == ("AUROC gap light - dark", "fairgen + reweighting", "base")

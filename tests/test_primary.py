@@ -49,6 +49,14 @@ def test_declared_primary_families_can_reject(scale):
         assert "AUROC gap (M - F)" in metrics and "|AUROC gap|" not in metrics, study
 
 
+def test_fairgen_declares_two_signed_gap_rows_per_modality_that_can_reject():
+    from diffusion import fairgen_report, fairgen_study
+    keys = fairgen_report.primary_keys(["F", "M"])
+    assert len(keys) == 2 and {k[0] for k in keys} == {"AUROC gap F - M"}
+    n_boot = fairgen_study.parse_args([]).n_boot_compare
+    assert min_holm_p(len(keys), n_boot) < 0.01
+
+
 def test_resampling_p_has_the_plus_one_and_a_nan_cannot_shrink_a_family():
     from fairness.compare import _p_two_sided
     assert _p_two_sided(np.ones(999)) == pytest.approx(2 / 1000)  # no resample crosses 0: 2 (1 + 0) / (n + 1)
