@@ -115,8 +115,10 @@ def mean_of(dicts):
 
 
 def condition_stats(Y, reps, sex, pid, findings, plan, counts):
-    """One condition's point estimates, bootstrap CIs over patients, DP/EO permutation tests and pooled decisions;
-    reps: its replicates' (Y, scores, thresholds, fold), every statistic the mean over them."""
+    """One condition's point estimates, bootstrap CIs over patients, DP/EO permutation tests and pooled decisions
+    (the mean over replicates, and each replicate's); reps: its replicates' (Y, scores, thresholds, fold), every
+    statistic the mean over them, except DP and EO with several replicates: the gap between the sexes of the
+    replicates' mean decision rates, the statistic their permutation test shuffles."""
     decs = [p >= th for _, p, th, _ in reps]
     stats = [metrics_of(Y, p, dec, sex, findings) for (_, p, _, _), dec in zip(reps, decs)]
 
@@ -130,13 +132,18 @@ def condition_stats(Y, reps, sex, pid, findings, plan, counts):
                                  pid, plan["n_boot"], plan["seed"])
     eo_perm = permutation_or_nan(lambda idx: np.mean([d[idx][yany[idx]].mean() for d in danys])
                                  if yany[idx].any() else np.nan, sex, pid, plan["n_boot"], plan["seed"])
+    if len(reps) > 1:  # the statistic shown is the one tested
+        point["dp"], point["eo"] = dp_perm["gap"], eo_perm["gap"]
     # each image at its fold's threshold
-    pooled = [mean_of([binary_stats(Y[:, j], dec[:, j]) for dec in decs]) for j in range(len(OUTPUTS))]
-    return point, ci, dp_perm, eo_perm, pooled, pd.DataFrame(counts).mean().to_dict()
+    each = [[binary_stats(Y[:, j], dec[:, j]) for j in range(len(OUTPUTS))] for dec in decs]
+    pooled = [mean_of([e[j] for e in each]) for j in range(len(OUTPUTS))]
+    return point, ci, dp_perm, eo_perm, (pooled, each), pd.DataFrame(counts).mean().to_dict()
 
 
 def condition_summary(point, ci, dp_perm, eo_perm, pooled, cnt, per_fold, reps, findings):
-    """summary.json's entry of one condition (per_fold: per replicate, per fold)."""
+    """summary.json's entry of one condition (per_fold: per replicate, per fold; pooled: (the mean over
+    replicates, each replicate's))."""
+    pooled, each = pooled
     out = {}
     for k in ("any_auroc", "any_auroc_female", "any_auroc_male", "any_auroc_gap", "mean_auroc"):
         out[k], out[f"{k}_ci"] = point[k], list(ci[k])
@@ -151,7 +158,8 @@ def condition_summary(point, ci, dp_perm, eo_perm, pooled, cnt, per_fold, reps, 
                 "n_train_female": cnt["n_train_female"], "n_train_male": cnt["n_train_male"],
                 "n_synthetic": cnt["n_synthetic"],
                 "score_std_any": float(np.concatenate([p[:, 14] for _, p, _, _ in reps]).std()),
-                "sensitivity_above_0_every_finding_5plus": all(pooled[j]["sensitivity"] > 0 for j in findings),
+                "sensitivity_above_0_every_finding_5plus": all(e[j]["sensitivity"] > 0 for e in each
+                                                               for j in findings),  # in every replicate
                 "pooled_sensitivity": {OUTPUTS[j]: pooled[j]["sensitivity"] for j in range(len(OUTPUTS))},
                 "pooled_specificity": {OUTPUTS[j]: pooled[j]["specificity"] for j in range(len(OUTPUTS))}})
     return out
@@ -212,6 +220,7 @@ def fairness_table(out, rows, plan, t, bf16):
                           f"the mean over {plan['replicates']} training seeds") + "; these CIs carry test sampling, "
                        "not training noise (comparisons.md carries both where there are replicates). DP and EO are "
                        "between-sex differences of the any-finding decision at each fold's validation threshold "
+                       + ("" if plan.get("replicates", 1) == 1 else "(of the seeds' mean decision rates) ") +
                        "(fractions; x100 for FairGen's scale); being |M - F| they get no percentile CI (it cannot "
                        "contain 0) but a permutation p (sex shuffled across patients; not Holm-corrected) and the "
                        "gap's excess over the null median. Compare conditions with comparisons.md (paired), not by "
@@ -271,7 +280,7 @@ def write_report(out, n_boot=None):
         per_fold = [[per_output_table(Y[fold == k], p[fold == k], th[fold == k][0]) for k in range(plan["folds"])]
                     for _, p, th, fold in reps]
         summary["conditions"][c] = condition_summary(point, ci, dp, eo, pooled, cnt, per_fold, reps, findings)
-        finding_table(out, c, Y, reps, per_fold, pooled, plan, plan["folds"])
+        finding_table(out, c, Y, reps, per_fold, pooled[0], plan, plan["folds"])
         fair_rows.append(fairness_row(c, point, ci, dp, eo, cnt))
     fairness_table(out, fair_rows, plan, t, training.get("bf16_autocast", [False]))
     figures(out, summary, training["val_any_auroc_fold0"], plan)

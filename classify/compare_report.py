@@ -210,7 +210,9 @@ def write_report(out, n_boot=None):
     plan["n_boot"] = n_boot or plan["n_boot"]
     rows = plan["rows"]
     tab, arrays = read_preds(out / "preds.csv.gz", rows)
-    arrays = {row: a[0] for row, a in arrays.items()}  # one training run per row (compare has no replicates yet)
+    # one training run per row: compare has no replicates yet; where chestxray's run has several, its cells here are
+    # its replicate 0 (so balanced_real and imbalanced_real can differ from chestxray's table, which averages them)
+    arrays = {row: a[0] for row, a in arrays.items()}
     sex, pid = tab["sex"].to_numpy(), tab["patient_id"].to_numpy()
     Y = arrays["imbalanced_real"][0]
     stats = {row: utility_stats(Y, arrays[row][1], arrays[row][1] >= arrays[row][2], sex) for row in rows}

@@ -72,7 +72,8 @@ def read_data(data_root, csv, images_per_sex, size, folds):
 @dataclass(frozen=True)
 class Task:
     """What every classifier cell of one run shares: the data flags, the seed of the folds (replicate r of fold k's
-    models gets seed * 100 + k + 10000 r), the device, the classifier's flags, and the run tree
+    models gets seed * 100 + k + 10000 r: distinct within a run of fewer than 100 folds; runs whose --seed differs
+    by 100 share seeds across replicates), the device, the classifier's flags, and the run tree
     (runs/fold<k>/<cell>)."""
     data_argv: tuple
     seed: int

@@ -126,10 +126,11 @@ def test_planted_power_counts_yes_by_its_rule_and_states_the_monte_carlo_error()
     yes, no_small, no_neg = [0.05, 0.01, 0.02, 0.02], [0.05, 0.03, 0.06, 0.02], [-0.05, 0.01, 0.02, 0.02]
     gap = [0.0, 0.5, 1.0, 0.03]
     records = [{"null": [no_neg, gap], "0": [no_small, gap], "0.2": [yes, gap]} for _ in range(8)]
-    records += [{"null": [no_small, gap], "0": [no_neg, gap], "0.2": [no_small, gap]} for _ in range(2)]
+    records += [{"null": [no_small, gap], "0": [no_neg, gap], "0.2": [no_small, gap]}]
+    records += [{"null": [no_small, no_neg], "0": [no_neg, gap], "0.2": [no_small, no_neg]}]  # the gap row alone
     rows = {r["run"]: r for r in planted_power.summarise(records, args)}
     assert rows["0.2"]["yes"] == 8 and rows["0.2"]["rate"] == 0.8 and rows["0"]["yes"] == 0
-    assert rows["null"]["yes"] == 8  # a null that says yes with a negative difference still counts
+    assert rows["null"]["yes"] == 9  # on the null either row, either sign, counts (the family-wise rate)
     assert rows["0.2"]["ci"] == pytest.approx([0.4439, 0.9748], abs=1e-3)  # Clopper-Pearson for 8 of 10
     assert rows["0.2"]["mc_se"] == pytest.approx(np.sqrt(0.8 * 0.2 / 10))
     for bad in (["--strengths", "0,0.2"], ["--strengths", "a"], ["--kind", "blur", "--strengths", "30"]):
