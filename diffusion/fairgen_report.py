@@ -128,10 +128,13 @@ def primary_keys(attrs):
     return [(signed_gap_name(attrs), cell_name(*a), cell_name(*b)) for a, b in PRIMARY_PAIRS]
 
 
-def metric_functions(attrs):
+def metric_functions(attrs, declared=None):
     """{name: f(y, groups, run, idx) -> float} of the comparisons, run = (pred, probs, auc): accuracy, ESSP on
     accuracy, and the gap in AUROC (binary: of class 1; more classes: one-vs-rest mean) between groups: signed,
-    first - last (signed_gap_name); for more than two groups also max - min (see gap_tables)."""
+    first - last of the declared groups (signed_gap_name; NaN where one of the two is absent, so a missing group
+    never turns the declared comparison into another), and for more than two present groups max - min (see
+    gap_tables). declared: the modality's groups as declared (default: attrs, the groups present)."""
+    declared = list(attrs) if declared is None else list(declared)
     def acc(y, g, run, i):
         return float(np.mean(y[i] == run[0][i]))
 
@@ -139,12 +142,12 @@ def metric_functions(attrs):
         return essp(acc(y, g, run, i), group_accuracy(y[i], run[0][i], g[i]).values())
 
     def gap(y, g, run, i):
-        a, b = (i[g[i] == s] for s in (attrs[0], attrs[-1]))
+        a, b = (i[g[i] == s] for s in (declared[0], declared[-1]))
         return run[2](a) - run[2](b) if len(a) and len(b) else float("nan")
 
     def spread(y, g, run, i):
         return group_gap(run[2], g, i, attrs)
-    return {"accuracy": acc, "ESSP (accuracy)": es, signed_gap_name(attrs): gap,
+    return {"accuracy": acc, "ESSP (accuracy)": es, signed_gap_name(declared): gap,
             **({"AUROC gap max - min": spread} if len(attrs) > 2 else {})}
 
 
@@ -155,7 +158,7 @@ def comparisons_from_preds(df, attrs, n_boot=2000, seed=0):
     them all); several splits: the replicates are the splits, each statistic the mean over its downstream seeds.
     Holm over the modality's declared comparisons (primary_keys), and separately over its other rows. Each row also
     has value_a / value_b (the mean over replicates)."""
-    attrs = [a for a in attrs if a in set(df["group"].astype(str))]
+    declared, attrs = list(attrs), [a for a in attrs if a in set(df["group"].astype(str))]
     splits = sorted(df["split_seed"].unique())
     rows, cells = [], {}
 
@@ -166,7 +169,7 @@ def comparisons_from_preds(df, attrs, n_boot=2000, seed=0):
         return cells[m, r, s]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of a resample without a class: NaN, left out
-        for metric, f in metric_functions(attrs).items():
+        for metric, f in metric_functions(attrs, declared).items():
             for (ma, ra), (mb, rb) in PAIRS:
                 reps = []  # (stat_a, stat_b, patients) per replicate
                 for s in splits:
@@ -187,7 +190,7 @@ def comparisons_from_preds(df, attrs, n_boot=2000, seed=0):
                 rows.append({**comparison(metric, cell_name(ma, ra), cell_name(mb, rb), res),
                              "value_a": float(np.nanmean([a(i) for (a, _, _), i in zip(reps, every)])),
                              "value_b": float(np.nanmean([b(i) for (_, b, _), i in zip(reps, every)]))})
-    return with_holm(rows, primary=primary_keys(attrs))
+    return with_holm(rows, primary=primary_keys(declared))
 
 
 def _seed_mean(f, y, g, runs):

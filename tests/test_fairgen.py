@@ -271,3 +271,7 @@ def test_more_than_two_groups_get_a_signed_gap_first_minus_last_and_max_minus_mi
     assert f["AUROC gap light - dark"](None, g, run, i) == pytest.approx(0.9 - 0.7)
     assert f["AUROC gap max - min"](None, g, run, i) == pytest.approx(0.9 - 0.5)
     assert primary_keys(["light", "medium", "dark"])[0] == ("AUROC gap light - dark", "fairgen + reweighting", "base")
+    # a declared group absent from the test set: the declared gap is undefined, never light - medium instead
+    f = metric_functions(["light", "medium"], declared=["light", "medium", "dark"])
+    assert "AUROC gap light - dark" in f and "AUROC gap light - medium" not in f
+    assert np.isnan(f["AUROC gap light - dark"](None, g[:6], run, np.arange(6)))
