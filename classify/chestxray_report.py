@@ -21,7 +21,7 @@ from classify.train_chexnet import OUTPUTS, col, per_output_table
 from common.report import mean_std, report_command, with_ci, write_readme, write_table
 from common.runs import write_json
 from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, family_facts, fmt_p,
-                              gap_permutation, paired_difference, paired_difference_replicates, with_holm)
+                              gap_permutation, paired_difference_replicates, with_holm)
 from fairness.figures import bars, lines
 from fairness.metrics import auroc, binary_stats, bootstrap, demographic_parity, equal_opportunity
 
@@ -82,9 +82,7 @@ def comparisons(arrays, sex, pid, n_boot, seed):
             for key, name in COMPARED.items():
                 pairs = [(auroc_stat(*ra[:2], sex, key), auroc_stat(*rb[:2], sex, key), pid)
                          for ra, rb in zip(arrays[a], arrays[b])]
-                r = (paired_difference(*pairs[0][:2], clusters=pid, n_boot=n_boot, seed=seed) if len(pairs) == 1
-                     else paired_difference_replicates(pairs, n_boot=n_boot, seed=seed))
-                rows.append(comparison(name, a, b, r))
+                rows.append(comparison(name, a, b, paired_difference_replicates(pairs, n_boot=n_boot, seed=seed)))
     declared = {key for key, _ in QUESTIONS if key[1] in arrays and key[2] in arrays}
     return with_holm(rows, primary=declared)
 
@@ -182,10 +180,10 @@ def finding_table(out, c, Y, reps, per_fold, pooled, plan, n_folds):
                       f"{f' x {len(reps)} training seeds' if len(reps) > 1 else ''} ({plan['data']}, "
                       f"{plan['size']} px, {plan['arch']}, weights: {plan['weights']})",
                 notes=["Folds: mean ± std of the per-fold test metrics; pooled: all out-of-fold predictions "
-                       "together (with several seeds: the mean of each seed's pooled value). Thresholds per finding are chosen on each fold's validation patients "
-                       "(Youden's J), never 0.5. Korb & Hall's classifier "
-                       "gave ~0.50 AUC and sensitivity 0 on every finding (a collapse); CheXNet's published "
-                       "mean is 0.841 on the full data set at 224 px with ImageNet weights."])
+                       "together (with several seeds: the mean of each seed's pooled value). Thresholds per "
+                       "finding are chosen on each fold's validation patients (Youden's J), never 0.5. Korb & "
+                       "Hall's classifier gave ~0.50 AUC and sensitivity 0 on every finding (a collapse); "
+                       "CheXNet's published mean is 0.841 on the full data set at 224 px with ImageNet weights."])
 
 
 def fairness_row(c, point, ci, dp_perm, eo_perm, cnt):
@@ -197,10 +195,10 @@ def fairness_row(c, point, ci, dp_perm, eo_perm, cnt):
 
 
 def training_noise(plan):
-    """How the CIs of a run treat training noise, in one phrase."""
+    """How the CIs of a run treat training noise, in one sentence."""
     r = plan.get("replicates", 1)
     if r == 1:
-        return "one training run per condition and fold: training noise is not in the CI"
+        return "One training run per condition and fold: training noise is not in the CI"
     cvae = " (the CVAE: one per fold, so the generator's own seed-to-seed noise is not)" \
         if "imbalanced_synth" in plan["conditions"] else ""
     return f"{r} training runs (seeds) per condition and fold, resampled before the patients: the CI carries " \
@@ -242,7 +240,7 @@ def comparisons_table(out, summary, plan, t):
                        f"{summary['min_holm_p']:.3f}), and "
                        f"separately over the rows marked exploratory, which answer no question. MDE = (z + 0.84) x "
                        f"bootstrap SE at the family's first Holm step (alpha 0.05 / family size): effects smaller "
-                       f"would usually be missed. {training_noise(plan)[0].upper() + training_noise(plan)[1:]}. "
+                       f"would usually be missed. {training_noise(plan)}. "
                        f"Recompute from preds.csv (one row per image, condition and replicate)."] + summary["answers"])
 
 

@@ -331,10 +331,10 @@ def modality_figures(out, name, tag, res, samples, down_seeds):
          out / f"dp_eo_{name}.png", f"DP and EO x100, ViT, mean of {down_seeds} seeds ({tag})", "x100")
 
 
-def fairer(comps, name, b, label, suffix):
-    """The answer sentences (ESSP and AUROC gap) of FairGen + reweighting against cell b of one modality."""
+def fairer(comps, name, b, label, suffix, gap_metric):
+    """The answer sentences (ESSP and the signed AUROC gap, gap_metric) of FairGen + reweighting against cell b of
+    one modality."""
     paper = {c["metric"]: c for c in comps if (c["a"], c["b"]) == ("fairgen + reweighting", b)}
-    gap_metric = [m for m in paper if m.startswith("AUROC gap") and m != "AUROC gap max - min"][0]
     e, g = paper["ESSP (accuracy)"], paper[gap_metric]
     return {"essp" + suffix: answer(e, f"{name}: ESSP (accuracy, fraction), FairGen + reweighting "
                                        f"{e['value_a']:.3f} vs {label} {e['value_b']:.3f}, difference"),
@@ -350,6 +350,7 @@ def modality_comparisons(summary, out, name, n_boot_compare):
     comps = [{**c, "modality": name} for c in comparisons_from_preds(df, res["attrs"], n_boot_compare)]
     summary["comparisons"] += comps
     summary["primary_families"][name] = family_facts(comps, n_boot_compare)
+    gap = signed_gap_name(res["attrs"])
     rows = [[name] + comparison_rows([c])[0][:2] + [f"{c['value_a']:.3f}", f"{c['value_b']:.3f}"] +
             comparison_rows([c])[0][2:] for c in comps]
     gaps = gap_tables(df, res["attrs"], n_boot_compare)
@@ -359,9 +360,9 @@ def modality_comparisons(summary, out, name, n_boot_compare):
                  f"{v['p']:.3g}"] for cell, v in gaps.items()]
     summary["answers"][name] = {
         "question": "Is FairGen (with reweighting) fairer than its base (the plain DDPM's data, no reweighting)?",
-        **fairer(comps, name, "base", "base", ""),
+        **fairer(comps, name, "base", "base", "", gap),
         "question_fairdiffusion": "Is FairGen fairer than FairDiffusion, both with reweighting?",
-        **fairer(comps, name, "fairdiffusion + reweighting", "FairDiffusion + reweighting", "_vs_fairdiffusion")}
+        **fairer(comps, name, "fairdiffusion + reweighting", "FairDiffusion + reweighting", "_vs_fairdiffusion", gap)}
     return rows, gap_rows
 
 

@@ -78,7 +78,10 @@ def paired_difference_replicates(replicates, n_boot=2000, seed=0):
     replicate; the difference is the mean over replicates. Two-level bootstrap: draw replicates with replacement,
     then patients. Where every replicate was evaluated on the same test patients (seeds of one split), one draw of
     patients serves all drawn replicates, so that the test set's variance is not divided by the replicate count;
-    with different test sets (folds, repeats) each replicate draws its own."""
+    with different test sets (folds, repeats) each replicate draws its own. One replicate is paired_difference."""
+    if len(replicates) == 1:
+        a, b, clusters = replicates[0]
+        return {**paired_difference(a, b, clusters=clusters, n_boot=n_boot, seed=seed), "replicates": 1}
     rng = np.random.default_rng(seed)
     clusters = [np.asarray(c) for _, _, c in replicates]
     shared = all(len(c) == len(clusters[0]) and np.array_equal(c, clusters[0]) for c in clusters)
