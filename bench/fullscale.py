@@ -264,8 +264,8 @@ def main():
         cache = work / f"cache{cores}"  # the 224 px cache stays warm for the capped study
         if "chestxray" not in skip:
             cmd = [sys.executable, "-m", "classify.chestxray_study", "--scale", "full", "--data-root", str(root),
-                   "--no-pretrained", "--folds", "2", "--images-per-sex", str(args.images_per_sex), "--epochs", "1",
-                   "--batch-size", "16", "--conditions", args.conditions,
+                   "--no-pretrained", "--folds", "2", "--replicates", "1", "--images-per-sex", str(args.images_per_sex),
+                   "--epochs", "1", "--batch-size", "16", "--conditions", args.conditions,
                    "--cvae-epochs", "1", "--n-boot", "50", "--out", str(work / "chestxray"),
                    "--runs", str(work / "chestxray-runs")]
             rc, wall, rss, out = measured(cmd, env={"FAIRSYNTH_CACHE": str(cache)})

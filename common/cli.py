@@ -121,10 +121,11 @@ def run(main, parse_args):
     DataError (bad data, files or flags found past argparse) and OSError with a file name (unwritable or missing
     path, a file where a folder is expected) become one line and exit status 2; Ctrl-C and SIGTERM exit 130 with a
     note on how to continue. Whenever the command does not succeed, a run folder that --force was replacing is put
-    back (common.runs.settle_replaced, which says where the unfinished new run went). Anything else is a bug: it
+    back (common.runs.settle_replaced, which says where the unfinished new run went); under torchrun the ranks
+    leave the process group together once all have succeeded. Anything else is a bug: it
     raises with its traceback (after the same restore)."""
     import signal
-    from common.runs import settle_replaced
+    from common.runs import finish_distributed, settle_replaced
     signal.signal(signal.SIGTERM, _terminate)
     try:
         result = main(parse_args())
@@ -148,6 +149,7 @@ def run(main, parse_args):
         settle_replaced(ok=False)
         raise
     settle_replaced(ok=True)
+    finish_distributed()
     return result
 
 

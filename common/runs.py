@@ -60,6 +60,15 @@ def setup_distributed(device_arg="auto"):
     return torch.device("cpu"), rank, world
 
 
+def finish_distributed():
+    """Under torchrun, once a rank's work is done: wait for the other ranks, then leave the process group. A rank
+    that exits while another still talks to it (rank 0 writing the test predictions) can abort at exit inside
+    gloo ('terminate called without an active exception'). Nothing in an ordinary run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def cpu_has_bf16():
     """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX), where CPU bf16 autocast can be faster than fp32
     (docs/bench.md: cnn8 1.8x per step on a 2-core AMD EPYC with AVX512-BF16); False where it cannot tell."""

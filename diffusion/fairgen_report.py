@@ -16,18 +16,13 @@ import pandas as pd
 from common.errors import DataError
 from common.report import footer, markdown_table, report_command, save_grid, write_table
 from common.runs import write_json
+from diffusion.fairgen_published import write_published
 from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, family_facts, gap_permutation,
                               group_gap, paired_difference_replicates, with_holm)
 from fairness.figures import bars, lines, radar
 from fairness.metrics import bootstrap, essp, fairness_summary, group_accuracy
 
 METHODS = ["base", "cbrs", "sqrs", "cbdm", "fairdiffusion", "fairgen"]  # the paper's order
-# FairGen Table 1 (ViT, Fitzpatrick-17k; docs/METHODS.md, labels as the paper's): their Stable-Diffusion-based numbers,
-# never mixed with ours. "Base (ViT)" is the ViT on real data only; "Stable Diffusion" the plain generator's data.
-PUBLISHED = {("Fitzpatrick-17k", m): dict(zip(("ESSP", "DP", "EO", "NAR"), v)) for m, v in [
-    ("Base (ViT)", (5.11, 18.22, 7.56, 0.36)), ("Stable Diffusion", (3.76, 25.04, 8.19, 0.41)),
-    ("CBRS", (5.85, 15.28, 6.72, 0.30)), ("SQRS", (5.08, 18.03, 7.29, 0.35)), ("CBDM", (6.11, 13.13, 6.56, 0.28)),
-    ("FairDiffusion", (11.16, 8.13, 4.52, 0.25)), ("FairGen", (15.47, 4.51, 2.70, 0.21))]}
 # the comparisons of Table 1's cells, (method, reweighting) a vs b: every method vs base, without and with
 # reweighting on both sides, FairGen with reweighting (the paper's FairGen includes it) vs base without, and FairGen
 # vs FairDiffusion (the paper's strongest earlier fair generator) without and with reweighting
@@ -434,16 +429,7 @@ def table1_notes(summary, plan):
 def write_tables(out, summary, plan, rows):
     """Table 1 (ours and the published), fid, subgroup_fidelity and memorization (.md and .csv)."""
     write_table(out / "table1", TABLE1_HEADER, rows["t1"], title=TABLE1_TITLE, notes=table1_notes(summary, plan))
-    pub = [[d, m, v["ESSP"], v["DP"], v["EO"], v["NAR"]] for (d, m), v in PUBLISHED.items()]
-    write_table(out / "table1_published", ["data", "method", "ESSP", "DP", "EO", "NAR"], pub,
-                title="FairGen's published Table 1 (ViT; Stable Diffusion based): for reference only, not comparable",
-                notes=["Rows as the paper labels them: 'Base (ViT)' is the ViT on real images only (our 'real only'), "
-                       "'Stable Diffusion' the plain generator's synthetic data (our 'base'), 'FairDiffusion' (Luo et "
-                       "al. 2025) our 'fairdiffusion' (its Fair Bayesian Perturbation on our DDPM; scikit-learn's "
-                       "Gaussian process where the original uses BoTorch). Other generator (Stable Diffusion "
-                       "fine-tuned on the full data), other data (real Fitzpatrick17k images), other classifier "
-                       "budget. FairGen's ESSP values are hard to reconcile with the equity-scaled definition it "
-                       "cites (docs/METHODS.md gives the bound); we did not tune toward them."])
+    write_published(out / "table1_published")
     metric = next(iter(summary["modalities"].values()))["seed0"]["fd"]["metric"]
     write_table(out / "fid", ["modality", "method", "FD", "n real / n synthetic", "per subgroup at equal n",
                               "subgroup variance (1/G, equal n)"], rows["fd"],
