@@ -17,10 +17,10 @@ import pandas as pd
 from classify.cxr_task import FEMALE, MALE, auroc_stat, read_preds
 from common.report import report_command, with_ci, write_readme, write_table
 from common.runs import write_json
-from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, family_facts, paired_difference,
-                              with_holm)
+from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, family_facts,
+                              paired_difference_replicates, with_holm)
 from fairness.figures import scatter
-from fairness.metrics import bootstrap, demographic_parity, equal_opportunity
+from fairness.metrics import bootstrap, cluster_members, demographic_parity, equal_opportunity
 
 # row: (the classifier cell's folder, its generator family or None); chestxray's cells keep chestxray's names
 ROWS = {"balanced_real": ("balanced_real", None), "imbalanced_real": ("imbalanced_real", None),
@@ -63,8 +63,10 @@ def utility_stats(Y, p, dec, sex):
 
 
 def paired(name, a, b, stats, pid, n_boot, seed):
-    return comparison(name, a, b, paired_difference(stats[a][name], stats[b][name], clusters=pid, n_boot=n_boot,
-                                                    seed=seed))
+    """a - b on `name` (stats: {row: [per replicate {metric: f(idx)}]}): replicate r of a paired with replicate r of
+    b, the two-level bootstrap (replicates, then patients; one replicate: the patient bootstrap)."""
+    pairs = [(sa[name], sb[name], pid) for sa, sb in zip(stats[a], stats[b])]
+    return comparison(name, a, b, paired_difference_replicates(pairs, n_boot=n_boot, seed=seed))
 
 
 def ood_comparisons(path, rows, n_boot, seed):
@@ -75,7 +77,7 @@ def ood_comparisons(path, rows, n_boot, seed):
     o_y[:, 14] = ood["y_any_finding"].to_numpy()
     stats = {row: utility_stats(o_y, np.repeat(ood[f"p_{row}"].to_numpy()[:, None], 15, 1), np.zeros_like(o_y),
                                 o_sex) for row in rows}
-    stats = {row: {f"OOD {m}": f for m, f in s.items()} for row, s in stats.items()}
+    stats = {row: [{f"OOD {m}": f for m, f in s.items()}] for row, s in stats.items()}  # one score: the mean
     return [paired(f"OOD {m}", row, "imbalanced_real", stats, o_pid, n_boot, seed)
             for row in rows if row != "imbalanced_real" for m in OOD_METRICS]
 
@@ -85,7 +87,7 @@ def comparisons(stats, rows, pid, plan, out):
     declared primary comparisons, and separately over the rest (exploratory)."""
     n_boot, seed = plan["n_boot"], plan["seed"]
     comps = [paired(m, row, "imbalanced_real", stats, pid, n_boot, seed)
-             for row in rows if row != "imbalanced_real" for m in stats[row]]
+             for row in rows if row != "imbalanced_real" for m in stats[row][0]]
     if {"ddpm", "ddpm_finding_only"} <= set(rows):  # what asking for women adds (Ktena et al.)
         comps += [paired(m, "ddpm", "ddpm_finding_only", stats, pid, n_boot, seed)
                   for m in ("female AUROC", "|AUROC gap|")]
@@ -119,6 +121,11 @@ def fidelity(audit):
                             "median_nn_rmse": float(np.mean(v["nn"])),
                             "fraction_d1_below_d2_over_3": float(np.mean(v["single"]))} for s, v in by_sex.items()}
     return summary
+
+
+def mean_stats(reps):
+    """f(idx) -> {metric: the mean over the replicates' statistics on rows idx} (reps: [{metric: f(idx)}])."""
+    return lambda idx: {m: float(np.mean([s[m](idx) for s in reps])) for m in reps[0]}
 
 
 def row_summary(row, point, ci, find, fid, costs):
@@ -170,7 +177,7 @@ def notes(summary, plan, fid, n_comps):
         f"95% CIs: patient bootstrap ({plan['n_boot']}); 'vs imbalanced': paired difference on the same test "
         f"patients with its CI and Holm p within its family of the {n_comps} comparisons (primary: each "
         f"generator family on the female AUROC and the signed gap; the rest exploratory; comparisons.md, with MDEs). "
-        f"One training run per row and fold: training noise is not in the CIs.",
+        + training_noise(plan) + ".",
         f"KID/FD: penultimate features of each fold's imbalanced_real classifier, standardised by the real "
         f"test images' (both sexes) mean and sd per feature; samples vs the fold's real test images of "
         f"that sex, every row and sex at one n per fold ({fid['n_per_fold']}); mean over folds (± sd over "
@@ -193,8 +200,21 @@ def notes(summary, plan, fid, n_comps):
          "ddpm_finding_only: a DDPM trained on the finding alone (its samples have no sex).")]
 
 
+def training_noise(plan):
+    """How the run's CIs treat training noise, in one sentence."""
+    r, g = plan.get("replicates", 1), plan.get("generator_seeds", 1)
+    if r == 1:
+        return "One training run per row and fold: training noise is not in the CIs"
+    return (f"{r} classifiers (seeds) per row and fold and {g} generator{'s' if g > 1 else ''} (seeds) per family "
+            f"and fold, classifier replicate r trained on generator seed r mod {g}: the paired comparisons resample "
+            f"replicates before patients, so their CIs carry training noise (a row's own CI in the table is over "
+            f"patients, of the mean over its replicates)")
+
+
 def summary_head(plan, tab, fid):
     return {"scale": plan["scale"], "folds": plan["folds"], "female_fraction": plan["female_fraction"],
+            "replicates": plan.get("replicates", 1), "generator_seeds": plan.get("generator_seeds", 1),
+            "training_noise": training_noise(plan),
             "n_images": len(tab), "n_patients": int(tab["patient_id"].nunique()), "model": plan["arch"],
             "pretrained": plan["pretrained"], "seconds": plan["seconds"], "sweep": plan["sweep"],
             "finding_only": plan["finding_only"],
@@ -209,22 +229,18 @@ def write_report(out, n_boot=None):
     plan = json.loads((out / "plan.json").read_text())
     plan["n_boot"] = n_boot or plan["n_boot"]
     rows = plan["rows"]
-    tab, arrays = read_preds(out / "preds.csv.gz", rows)
-    # one training run per row: compare has no replicates yet; where chestxray's run has several, its cells here are
-    # its replicate 0 (so balanced_real and imbalanced_real can differ from chestxray's table, which averages them)
-    arrays = {row: a[0] for row, a in arrays.items()}
+    tab, arrays = read_preds(out / "preds.csv.gz", rows)  # {row: [(Y, scores, thresholds, fold) per replicate]}
     sex, pid = tab["sex"].to_numpy(), tab["patient_id"].to_numpy()
-    Y = arrays["imbalanced_real"][0]
-    stats = {row: utility_stats(Y, arrays[row][1], arrays[row][1] >= arrays[row][2], sex) for row in rows}
+    Y = arrays["imbalanced_real"][0][0]
+    stats = {row: [utility_stats(Y, p, p >= th, sex) for _, p, th, _ in arrays[row]] for row in rows}
     comps = comparisons(stats, rows, pid, plan, out)
     fid = fidelity(json.loads((out / "audit.json").read_text()))
     costs = json.loads((out / "cost.json").read_text())
     find = {(c["metric"], c["a"], c["b"]): c for c in comps}
     summary, table, csv_rows = summary_head(plan, tab, fid), [], []
     for row in rows:
-        point = {m: f(np.arange(len(Y))) for m, f in stats[row].items()}
-        ci = bootstrap(lambda idx: {m: f(idx) for m, f in stats[row].items()}, len(Y), clusters=pid,
-                       n_boot=plan["n_boot"], seed=plan["seed"])
+        point = mean_stats(stats[row])(np.arange(len(Y)))
+        ci = bootstrap(mean_stats(stats[row]), len(Y), clusters=pid, n_boot=plan["n_boot"], seed=plan["seed"])
         summary["rows"][row] = row_summary(row, point, ci, find, fid, costs)
         fF, fM, c = fid.get(row, {}).get(FEMALE, {}), fid.get(row, {}).get(MALE, {}), costs.get(row, {})
         table.append(table_row(row, point, ci, find, fF, fM, c))
@@ -288,7 +304,8 @@ def recovery(stats, rows, pid, plan, find):
     - imbalanced_real's) / (balanced_real's - imbalanced_real's), with a patient bootstrap percentile CI (one draw
     serves all three). A ratio is only as good as its denominator: it is given where balanced_real's female gain is
     at least 3 SE (the planted control is built to give one), resamples whose denominator is not positive are left
-    out of the CI and counted. Returns {"rows": {row: {value, ci}}, "denominator_not_positive_share"} or
+    out of the CI and counted. With replicates each AUROC is the mean over them, and a resample draws replicates
+    (replicate r of every row together) before patients. Returns {"rows": {row: {value, ci}}, "denominator_not_positive_share"} or
     {"reason": why there is none}."""
     ref = find.get(("female AUROC", "balanced_real", "imbalanced_real"))
     if ref is None:
@@ -296,15 +313,22 @@ def recovery(stats, rows, pid, plan, find):
     if not ref["diff"] >= 3 * ref["se"]:
         return {"reason": f"balanced_real's female AUROC gain over imbalanced_real ({ref['diff']:+.3f}, SE "
                           f"{ref['se']:.3f}) is under 3 SE: a share of it would be mostly noise"}
-    female = {r: stats[r]["female AUROC"] for r in rows}
     others = [r for r in rows if r not in ("balanced_real", "imbalanced_real")]
+    n_reps = len(stats["imbalanced_real"])
 
-    def shares(idx):
-        base, full = female["imbalanced_real"](idx), female["balanced_real"](idx)
-        return {**{r: (female[r](idx) - base) / (full - base) if full > base else np.nan for r in others},
+    def shares(idx, reps=range(n_reps)):
+        female = {r: np.mean([stats[r][i]["female AUROC"](idx) for i in reps]) for r in rows}
+        base, full = female["imbalanced_real"], female["balanced_real"]
+        return {**{r: (female[r] - base) / (full - base) if full > base else np.nan for r in others},
                 "denominator": full - base}
     point = shares(np.arange(len(pid)))
-    ci, frame = bootstrap(shares, len(pid), clusters=pid, n_boot=plan["n_boot"], seed=plan["seed"], draws=True)
+    if n_reps == 1:
+        ci, frame = bootstrap(shares, len(pid), clusters=pid, n_boot=plan["n_boot"], seed=plan["seed"], draws=True)
+    else:
+        rng, members = np.random.default_rng(plan["seed"]), cluster_members(pid, len(pid))
+        frame = pd.DataFrame([shares(np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))]),
+                                     rng.integers(0, n_reps, n_reps)) for _ in range(plan["n_boot"])])
+        ci = {r: np.nanpercentile(frame[r], [2.5, 97.5]).tolist() for r in others}
     return {"rows": {r: {"value": float(point[r]), "ci": list(ci[r])} for r in others},
             "denominator_not_positive_share": float(np.mean(frame["denominator"] <= 0))}
 

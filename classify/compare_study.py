@@ -24,6 +24,11 @@ Each generator trains on its fold's training pool only (compare_sets.csv: pool =
 image of the fold, both sexes; the CVAE: the pool's women) and draws n_male - n_f female images (the deficit), the
 findings in the pool women's proportion; AE, GAN and DDPM also draw men (for fidelity and privacy per sex).
 Class-conditional samples carry the any-finding label only: their 14 finding outputs get no loss.
+Replicates: --replicates classifiers per row and fold (default: as many as the chestxray run has), each its own
+seed, and --generator-seeds generators per family and fold (quick: 2); classifier replicate r trains on the samples
+of generator seed r mod G, so that the comparisons' CIs carry the noise of both trainings. chestxray's cells are its
+replicates; one it lacks is added here with chestxray's own command (the vae row's replicates of another CVAE seed
+are this study's cells, synth_vae, as chestxray's CVAE is one per fold).
 Fidelity and privacy per sex are a stage per fold (classify/generator_audit.py: KID and FD in the features of the
 fold's imbalanced_real classifier, the memorization audit against the fold's training pool); --ood-root adds a
 stage that scores another data set (classify/ood_scores.py). The report (classify/compare_report.py) reads only
@@ -36,7 +41,6 @@ imbalanced_real on the same test patients; fidelity, privacy and cost per row.
     python -m classify.compare_study --smoke --out smoke/compare    # seconds, after chestxray's smoke run
 """
 import argparse
-from dataclasses import dataclass
 import json
 from pathlib import Path
 import shutil
@@ -45,8 +49,10 @@ import time
 import numpy as np
 import pandas as pd
 
+from classify.compare_generators import Generators, class_counts, generator_stages, mixed_counts, sweep_file
 from classify.compare_report import FAMILIES, ROWS, row_cell, write_report
-from classify.cxr_task import FEMALE, MALE, Task, classifier_stage, read_data
+from classify.chestxray_study import CONDITION_FLAGS
+from classify.cxr_task import FEMALE, MALE, Task, classifier_stage, read_data, replicate_cell
 from common.cli import ArgumentParser, name_list, nonneg_float, positive_int, run
 from common.data import PROJECT_DATA
 from common.errors import DataError
@@ -62,40 +68,15 @@ CX_CELLS = {"balanced_real", "imbalanced_real", "imbalanced_reweight", "imbalanc
 SCALES = {"quick": {"ae_epochs": 10, "gan_steps": 400, "gan_width": 16, "ddpm_steps": 200, "ddpm_size": 32,
                     "ddpm_width": 32, "ddpm_mults": "1,2,2", "ddpm_num_res": 1, "ddpm_attn_res": 8,
                     "sample_steps": 10, "finding_only": "same", "male_samples": 100, "ratios": "0.5,1,2",
-                    "n_boot": 2000},
+                    "n_boot": 2000, "generator_seeds": 2},
           "full": {"ae_epochs": 100, "gan_steps": 20000, "gan_width": 64, "ddpm_steps": 50000, "ddpm_size": 64,
                    "ddpm_width": 128, "ddpm_mults": "1,2,2", "ddpm_num_res": 2, "ddpm_attn_res": 16,
                    "sample_steps": 100, "finding_only": "separate", "male_samples": 2000, "ratios": "0.5,1,4",
-                   "n_boot": 2000},
+                   "n_boot": 2000, "generator_seeds": 2},
           "smoke": {"ae_epochs": 1, "gan_steps": 3, "gan_width": 8, "ddpm_steps": 3, "ddpm_size": 16,
                     "ddpm_width": 8, "ddpm_mults": "1,2", "ddpm_num_res": 1, "ddpm_attn_res": 8, "sample_steps": 3,
-                    "finding_only": "same", "male_samples": 20, "ratios": "0.5,1,2", "n_boot": 50}}
-SAMPLERS = {"ae": "vae.sample_conv_ae", "gan": "gan.sample_dcgan", "ddpm": "diffusion.sample_ddpm",
-            "ddpm_finding": "diffusion.sample_ddpm"}  # the class-conditional families' samplers
-
-
-@dataclass(frozen=True)
-class Generators:
-    """What every generator stage of one run shares: the run tree, seed and device, the data flags, and the
-    scale's generator and sampler settings."""
-    runs: Path
-    seed: int
-    device: str
-    root_argv: tuple
-    finding_only: str
-    ae_epochs: int
-    gan_steps: int
-    gan_width: int
-    ddpm_steps: int
-    ddpm_size: int
-    ddpm_width: int
-    ddpm_mults: str
-    ddpm_num_res: int
-    ddpm_attn_res: int
-    sample_steps: int
-    guidance: float
-
-
+                    "finding_only": "same", "male_samples": 20, "ratios": "0.5,1,2", "n_boot": 50,
+                    "generator_seeds": 1}}
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_study_args(p, "results/compare", SCALES)
@@ -126,6 +107,12 @@ def parse_args(argv=None):
     p.add_argument("--sample-steps", type=positive_int, help="DDIM steps when sampling the DDPMs")
     p.add_argument("--guidance", type=nonneg_float, default=1.0, help="classifier-free guidance scale w of the DDPMs")
     p.add_argument("--n-boot", type=positive_int, help="bootstrap resamples for CIs")
+    p.add_argument("--replicates", type=positive_int, default=None,
+                   help="classifiers per row and fold, each its own seed (replicate r of fold k: seed * 100 + k + "
+                        "10000 r, as chestxray's); default: as many as the chestxray run has")
+    p.add_argument("--generator-seeds", type=positive_int,
+                   help="generators per family and fold, each its own seed (classifier replicate r trains on the "
+                        "samples of generator seed r mod this); at most --replicates")
     p.add_argument("--ood-root", default=None,
                    help="a CheXpert folder (train.csv and its images; common.data.read_chexpert): every row's fold "
                         "classifiers (their mean score) rate its frontal images, an out-of-distribution test as in "
@@ -164,101 +151,44 @@ def read_chestxray(folder, rows):
     return cx
 
 
-def class_counts(n, pool_sex_finding, sex):
-    """--class-counts for n images of one sex, the findings in that sex's pool proportion."""
-    n_fin = int(round(n * pool_sex_finding.mean())) if len(pool_sex_finding) else n // 2
-    return f"{sex}|No Finding={n - n_fin},{sex}|finding={n_fin}"
-
-
-def mixed_counts(n, pool_finding, pool_sex):
-    """--class-counts for n images with the findings of the pool's women and, per finding class, the sex drawn in
-    the pool's proportion (a finding-only request of a sex x finding model)."""
-    fem = pool_finding[pool_sex == FEMALE]
-    n_fin = int(round(n * fem.mean())) if len(fem) else n // 2
-    parts = []
-    for label, m, is_fin in (("No Finding", n - n_fin, False), ("finding", n_fin, True)):
-        share_f = (pool_sex[pool_finding == is_fin] == FEMALE).mean() if (pool_finding == is_fin).any() else 0.5
-        n_f = int(round(m * share_f))
-        parts += [f"{FEMALE}|{label}={n_f}", f"{MALE}|{label}={m - n_f}"]
-    return ",".join(parts)
-
-
-def generator_stages(stages, g, k, family, counts):
-    """Fold k's stages of one generator family: training on the pool, female samples, and for the
-    class-conditional ones male samples (counts: {F, M, mixed}: --class-counts). Returns {what: samples file}, the
-    classifier's under 'train' (the CVAE's: chestxray's, female only)."""
-    r = g.runs / f"fold{k}"
-    seed, dev = g.seed * 100 + k, ["--device", g.device]
-    data = ["--data", "nih", *g.root_argv, "--sets", r / "compare_sets.csv", "--train-set", "pool", "--seed", seed, *dev]
-    folder = r / family
-    if family == "vae":
-        return {"train": r / "cvae" / "synth.npz"}
-    if family == "ddpm_finding" and g.finding_only == "same":  # the ddpm row's model, sex not asked for
-        out = r / "ddpm" / "samples_finding_only.npz"
-        stages.samples("diffusion.sample_ddpm", ["--ckpt", r / "ddpm" / "ckpt.pt", "--class-counts", counts["mixed"],
-                                                 *sampler_flags(family, g), "--seed", seed + 2, *dev, "--out", out],
-                       out, deps=[r / "ddpm" / "metrics.json"])
-        return {"train": out}
-    sets_cmp = r / "compare_sets.csv"
-    if family == "ae":
-        stages.script("vae.train_conv_ae", data + ["--val-set", "val", "--epochs", g.ae_epochs, "--out-dir",
-                                                   folder], folder, deps=[sets_cmp])
-    elif family == "gan":
-        stages.script("gan.train_dcgan", data + ["--size", 64, "--width", g.gan_width, "--steps", g.gan_steps,
-                                                 "--out-dir", folder], folder, deps=[sets_cmp])
-    else:
-        stages.script("diffusion.train_ddpm", data + [
-            "--size", g.ddpm_size, "--width", g.ddpm_width, "--mults", g.ddpm_mults, "--num-res",
-            g.ddpm_num_res, "--attn-res", g.ddpm_attn_res, "--steps", g.ddpm_steps, "--batch-size", 32,
-            "--lr", 5e-4, "--warmup", 100, "--ema", 0.995, "--save-every", 200, "--sample-every", 0,
-            *(["--condition", "label"] if family == "ddpm_finding" else []), "--out-dir", folder],
-            folder, deps=[sets_cmp])
-    files = {}
-    for i, (what, c) in enumerate([("train", counts[FEMALE]), (MALE, counts[MALE])]):
-        if family == "ddpm_finding":  # a finding-only model: the female counts, from its finding-only classes
-            if what == MALE:
-                break
-            c = c.replace(f"{FEMALE}|", "any|")
-        files[what] = folder / f"samples_{'F' if what == 'train' else 'M'}.npz"
-        stages.samples(SAMPLERS[family], ["--ckpt", folder / "ckpt.pt", "--class-counts", c,
-                                          *sampler_flags(family, g), "--seed", seed + i, *dev, "--out", files[what]],
-                       files[what], deps=[folder / "metrics.json"])
-    return files
-
-
-def sampler_flags(family, g):
-    """The sampler's own flags: DDIM steps and guidance for the DDPMs, none for the AE and the DCGAN."""
-    return ["--steps", g.sample_steps, "--guidance", g.guidance] if SAMPLERS[family].startswith("diffusion") else []
-
-
-def sweep_file(stages, g, k, family, ratio, deficit, female_finding):
-    """Fold k's female samples of `family` at ratio x the deficit (the sweep), as a stage; returns the file."""
-    r = g.runs / f"fold{k}"
-    n = max(1, int(round(ratio * deficit)))
-    seed, dev = g.seed * 100 + k, ["--device", g.device]
-    if family == "vae":
-        out = r / "cvae" / f"synth_x{ratio:g}.npz"
-        stages.samples("vae.sample_cvae", ["--ckpt", r / "cvae" / "ckpt.pt", "--n", n, "--seed", seed + 7, *dev,
-                                           "--out", out], out, deps=[r / "cvae" / "metrics.json"])
-        return out
-    out = r / family / f"samples_F_x{ratio:g}.npz"
-    stages.samples(SAMPLERS[family], ["--ckpt", r / family / "ckpt.pt", "--class-counts",
-                                      class_counts(n, female_finding, FEMALE), *sampler_flags(family, g), "--seed",
-                                      seed + 7, *dev, "--out", out], out, deps=[r / family / "metrics.json"])
-    return out
-
-
-def validation_score(runs, cell, folds, keep):
-    """Mean over folds of the validation score of the weights a cell kept (metrics.json history: the last epoch's
-    with --keep last, the best with --keep best), or None before it has run."""
+def validation_score(runs, row, folds, keep, replicates=1, gen_seeds=1):
+    """Mean over folds and replicates of the validation score of the weights a row's classifiers kept (metrics.json
+    history: the last epoch's with --keep last, the best with --keep best), or None before they have run."""
     scores = []
     for k in range(folds):
-        f = Path(runs) / f"fold{k}" / cell / "metrics.json"
-        if not f.is_file():
-            return None
-        h = [e["val_score"] for e in json.loads(f.read_text())["history"]]
-        scores.append(max(h) if keep == "best" else h[-1])
+        for rep in range(replicates):
+            f = Path(runs) / f"fold{k}" / row_folder(row, rep, gen_seeds) / "metrics.json"
+            if not f.is_file():
+                return None
+            h = [e["val_score"] for e in json.loads(f.read_text())["history"]]
+            scores.append(max(h) if keep == "best" else h[-1])
     return float(np.mean(scores))
+
+
+def row_folder(row, rep, gen_seeds):
+    """The classifier folder (under fold<k>) of a row's replicate rep: replicate_cell of the row's cell, except the
+    vae row's replicates on another CVAE seed than chestxray's (rep mod gen_seeds > 0): this study's synth_vae."""
+    cell = "synth_vae" if row == "vae" and rep % gen_seeds else row_cell(row)[0]
+    return replicate_cell(cell, rep)
+
+
+OWN_FLAGS = {"loss_reweight": ["--reweight-sex"], "classic_augment": ["--augment", "classic"]}
+
+
+def row_classifier(stages, task, k, row, rep, fold_files, n_male, cx_replicates):
+    """Fold k's classifier stage of a row's replicate rep, trained on the samples of generator seed rep mod G
+    (fold_files: per generator seed {family: {what: file}}); nothing where chestxray's run has the cell already.
+    chestxray's conditions get chestxray's own command (so either study reuses the other's cell)."""
+    cell, fam = row_cell(row)
+    gs = rep % len(fold_files)
+    if row == "vae" and gs:
+        cell = "synth_vae"
+    elif cell in CX_CELLS and rep < cx_replicates:
+        return
+    synth = fold_files[gs][fam]["train"] if fam else None
+    train_set, extra = CONDITION_FLAGS.get(cell, ("imbalanced", OWN_FLAGS.get(row, ["--synthetic"] if fam else [])))
+    extra = [a for e in extra for a in ([e, synth] if e == "--synthetic" else [e])]
+    classifier_stage(stages, task, k, cell, train_set, extra, n_male, [synth] if synth else [], replicate=rep)
 
 
 def fold_pools(t, runs, folds):
@@ -278,10 +208,10 @@ def fold_pools(t, runs, folds):
     return out
 
 
-def plan(g, task, pools, rows, male_samples):
-    """The study's stages before the sweep, a pure function of its settings: per fold each generator family's
-    training and samples, and one classifier per row that is not a chestxray cell. Returns (stages, files per
-    fold: {family: {what: samples file}})."""
+def plan(g, task, pools, rows, male_samples, replicates=1, gen_seeds=1, cx_replicates=1):
+    """The study's stages before the sweep, a pure function of its settings: per fold and generator seed each
+    generator family's training and samples, and `replicates` classifiers per row (those chestxray's run lacks).
+    Returns (stages, files per fold and generator seed: {family: {what: samples file}})."""
     stages = Stages(dry=True)
     families = [ROWS[r][1] for r in rows if ROWS[r][1]]
     files = []
@@ -289,25 +219,21 @@ def plan(g, task, pools, rows, male_samples):
         n = fp["deficit"]
         counts = {FEMALE: class_counts(n, fp["female_finding"], FEMALE),
                   MALE: class_counts(min(n, male_samples), fp["male_finding"], MALE),
-                  "mixed": mixed_counts(n, fp["pool_finding"], fp["pool_sex"])}
-        files.append({fam: generator_stages(stages, g, k, fam, counts) for fam in families})
-        for row in rows:
-            cell, fam = ROWS[row]
-            if cell in CX_CELLS:
-                continue
-            extra = {"loss_reweight": ["--reweight-sex"], "classic_augment": ["--augment", "classic"]}.get(row, [])
-            deps = []
-            if fam:
-                extra, deps = ["--synthetic", files[k][fam]["train"]], [files[k][fam]["train"]]
-            classifier_stage(stages, task, k, cell, "imbalanced", extra, fp["n_male"], deps)
+                  "mixed": mixed_counts(n, fp["pool_finding"], fp["pool_sex"]), "n": n}
+        files.append([{fam: generator_stages(stages, g, k, fam, counts, gs) for fam in families}
+                      for gs in range(gen_seeds)])
+        for rep in range(replicates):
+            for row in rows:
+                row_classifier(stages, task, k, row, rep, files[k], fp["n_male"], cx_replicates)
     return stages, files
 
 
 def audit_stages(stages, g, rows, files, data_root, seed):
-    """Per fold: KID, FD and the memorization audit of every generator row's samples (classify/generator_audit.py)."""
+    """Per fold: KID, FD and the memorization audit of every generator row's samples (classify/generator_audit.py;
+    generator seed 0's)."""
     wanted = [r for r in rows if r in ROWS and ROWS[r][1]]
     for k, f in enumerate(files):
-        r = g.runs / f"fold{k}"
+        r, f = g.runs / f"fold{k}", f[0]  # generator seed 0's samples
         samples = [a for row in wanted for a in ("--samples", f"{row}=" + ",".join(map(str, f[ROWS[row][1]].values())))]
         deps = [r / "imbalanced_real" / "metrics.json", *[x for row in wanted for x in f[ROWS[row][1]].values()]]
         stages.output("classify.generator_audit", [
@@ -316,9 +242,11 @@ def audit_stages(stages, g, rows, files, data_root, seed):
             *(["--pairs-dir", r] if k == 0 else []), "--out", r / "audit.json"], r / "audit.json", deps=deps)
 
 
-def ood_stage(stages, g, rows, folds, ood_root, ood_csv, size):
-    """Every row's fold classifiers score the --ood-root images (classify/ood_scores.py)."""
-    ckpts = {row: [g.runs / f"fold{k}" / row_cell(row)[0] / "ckpt.pt" for k in range(folds)] for row in rows}
+def ood_stage(stages, g, rows, folds, ood_root, ood_csv, size, replicates=1, gen_seeds=1):
+    """Every row's fold classifiers (all its replicates: their mean score) score the --ood-root images
+    (classify/ood_scores.py)."""
+    ckpts = {row: [g.runs / f"fold{k}" / row_folder(row, rep, gen_seeds) / "ckpt.pt" for k in range(folds)
+                   for rep in range(replicates)] for row in rows}
     out = g.runs / "ood_preds.csv"
     stages.output("classify.ood_scores", [
         "--ood-root", ood_root, *(["--ood-csv", ood_csv] if ood_csv else []),
@@ -327,10 +255,11 @@ def ood_stage(stages, g, rows, folds, ood_root, ood_csv, size):
         deps=[c.parent / "metrics.json" for cs in ckpts.values() for c in cs])
 
 
-def sweep(stages, g, task, pools, families, ratios, keep):
-    """The ratio sweep: the family with the best mean validation AUROC, once its rows have run (chosen on
-    validation data, never test). Returns (sweep rows, the choice)."""
-    scores = {f: validation_score(g.runs, ROWS[f][0], len(pools), keep) for f in FAMILIES if f in families}
+def sweep(stages, g, task, pools, families, ratios, keep, replicates=1, gen_seeds=1):
+    """The ratio sweep: the family with the best mean validation AUROC (over folds and replicates), once its rows
+    have run (chosen on validation data, never test). Returns (sweep rows, the choice)."""
+    scores = {f: validation_score(g.runs, f, len(pools), keep, replicates, gen_seeds)
+              for f in FAMILIES if f in families}
     best = None if not scores or any(v is None for v in scores.values()) else max(scores, key=scores.get)
     rows = []
     if best and ratios:
@@ -338,8 +267,11 @@ def sweep(stages, g, task, pools, families, ratios, keep):
             row = f"{best}_x{ratio:g}"
             rows.append(row)
             for k, fp in enumerate(pools):
-                f = sweep_file(stages, g, k, best, ratio, fp["deficit"], fp["female_finding"])
-                classifier_stage(stages, task, k, row_cell(row)[0], "imbalanced", ["--synthetic", f], fp["n_male"], [f])
+                f = [sweep_file(stages, g, k, best, ratio, fp["deficit"], fp["female_finding"], gs)
+                     for gs in range(gen_seeds)]
+                for rep in range(replicates):
+                    classifier_stage(stages, task, k, row_cell(row)[0], "imbalanced", ["--synthetic", f[rep % gen_seeds]],
+                                     fp["n_male"], [f[rep % gen_seeds]], replicate=rep)
     elif ratios and families:
         print(f"# the ratio sweep ({ratios}) follows once the generator rows have run: it takes the family with "
               f"the best mean validation any-finding AUROC (a rerun of this command adds its stages)")
@@ -347,10 +279,11 @@ def sweep(stages, g, task, pools, families, ratios, keep):
 
 
 def sample_grids(files, rows, out):
-    """One grid per generator row from fold 0: a row per class (female / male x No Finding / finding)."""
+    """One grid per generator row from fold 0 (generator seed 0): a row per class (female / male x No Finding /
+    finding)."""
     for row in [r for r in rows if r in ROWS and ROWS[r][1]]:
         imgs, labels = [], []
-        for f in files[0][ROWS[row][1]].values():
+        for f in files[0][0][ROWS[row][1]].values():
             with np.load(f) as z:
                 lab, images = z["labels"], z["images"]
                 names = [str(n) for n in z["class_names"]] if lab.ndim == 1 else None
@@ -369,14 +302,15 @@ def sample_grids(files, rows, out):
 
 
 def cost(runs, files, rows, finding_only):
-    """Generator training and sampling seconds per fold (mean), from the stages' metrics.json and samples meta."""
+    """Generator training and sampling seconds per fold (mean; generator seed 0), from the stages' metrics.json and
+    samples meta."""
     out = {}
     for row in [r for r in rows if r in ROWS and ROWS[r][1]]:
         fam = ROWS[row][1]
         shared = fam == "ddpm_finding" and finding_only == "same"  # the ddpm row's model: no training of its own
         folder = {"vae": "cvae"}.get(fam, fam)
         train, sample = [], []
-        for k, f in enumerate(files):
+        for k, f in enumerate(f[0] for f in files):
             m = {} if shared else json.loads((Path(runs) / f"fold{k}" / folder / "metrics.json").read_text())
             train.append(0.0 if shared else m.get("seconds", m.get("wall_s_this_session", np.nan)))
             with np.load(f[fam]["train"]) as z:
@@ -385,13 +319,14 @@ def cost(runs, files, rows, finding_only):
     return out
 
 
-def gather(runs, rows, files, finding_only, ood, out):
-    """The files the report reads, in --out: preds.csv.gz (every row's out-of-fold predictions; gzip: 12 rows x
-    1,000 images x 45 columns are 5 MB as text, 1.5 MB compressed), audit.json (each fold's), cost.json, the
-    samples and closest-pairs figures, ood_preds.csv."""
-    runs = Path(runs)
-    parts = [pd.read_csv(runs / f"fold{k}" / row_cell(row)[0] / "preds.csv").assign(condition=row)
-             for row in rows for k in range(len(files))]
+def gather(runs, rows, files, finding_only, ood, out, replicates=1):
+    """The files the report reads, in --out: preds.csv.gz (every row's out-of-fold predictions, per replicate;
+    gzip: 12 rows x 1,000 images x 45 columns are 5 MB as text, 1.5 MB compressed), audit.json (each fold's),
+    cost.json, the samples and closest-pairs figures, ood_preds.csv."""
+    runs, gen_seeds = Path(runs), len(files[0])
+    parts = [pd.read_csv(runs / f"fold{k}" / row_folder(row, rep, gen_seeds) / "preds.csv").assign(condition=row,
+                                                                                                   replicate=rep)
+             for rep in range(replicates) for row in rows for k in range(len(files))]
     pd.concat(parts, ignore_index=True).to_csv(out / "preds.csv.gz", index=False, float_format="%.9g")
     audits = [json.loads((runs / f"fold{k}" / "audit.json").read_text()) for k in range(len(files))]
     write_json(out / "audit.json", {"n_per_fold": [a["n"] for a in audits], "folds": [a["rows"] for a in audits]})
@@ -416,6 +351,11 @@ def main(args):
             return
         raise DataError(f"--chestxray {cx_dir}: its run tree {runs} (split files, cells) is not here; run that "
                         f"chestxray study first (`make chestxray`), or pass --runs where it is")
+    cx_replicates = cx.get("replicates", 1)
+    replicates = args.replicates or cx_replicates
+    if args.generator_seeds > replicates:
+        raise DataError(f"--generator-seeds {args.generator_seeds}: more generators than classifier replicates "
+                        f"({replicates}: --replicates) would leave some unused; give at most {replicates}")
     t = read_data(cx["data_root"], None, cx["images_per_sex"], cx["size"], cx["folds"])
     pools = fold_pools(t, runs, cx["fold_sets"])
     default_root = Path(cx["data_root"]).resolve() == (PROJECT_DATA / "nih_cxr14").resolve()
@@ -430,16 +370,18 @@ def main(args):
     for k, fp in enumerate(pools):
         if write_sets(runs / f"fold{k}" / "compare_sets.csv", fp["sets"], dry=args.dry_run) and args.dry_run:
             changed.add(runs / f"fold{k}" / "compare_sets.csv")
-    stages, files = plan(g, task, pools, args.rows, args.male_samples)
+    stages, files = plan(g, task, pools, args.rows, args.male_samples, replicates, args.generator_seeds,
+                         cx_replicates)
     audit_stages(stages, g, args.rows, files, cx["data_root"], cx["seed"])
     stages.changed = changed
     families = [ROWS[r][1] for r in args.rows if ROWS[r][1]]
 
     def then():  # the sweep (once the generator rows have run: it is chosen on their validation scores), OOD
-        sweep_rows, choice = sweep(stages, g, task, pools, families, args.ratios, cx["keep"])
+        sweep_rows, choice = sweep(stages, g, task, pools, families, args.ratios, cx["keep"], replicates,
+                                   args.generator_seeds)
         if args.ood_root:
             ood_stage(stages, g, args.rows + sweep_rows, cx["folds"], portable(args.ood_root),
-                      portable(args.ood_csv) if args.ood_csv else None, cx["size"])
+                      portable(args.ood_csv) if args.ood_csv else None, cx["size"], replicates, args.generator_seeds)
         return args.rows + sweep_rows, choice
     if args.dry_run or args.makefile:
         then()
@@ -451,13 +393,13 @@ def main(args):
     first = len(stages.rules)
     rows, choice = then()
     stages.run_all(start=first)
-    gather(runs, rows, files, args.finding_only, args.ood_root, out)
+    gather(runs, rows, files, args.finding_only, args.ood_root, out, replicates)
     write_json(out / "stages.json", {"stages": stages.commands, "reused": stages.reused})
     write_json(out / "plan.json", {
         "study": "compare", "chestxray": portable(cx_dir), "scale": args.scale, "folds": cx["folds"],
         "female_fraction": cx["female_fraction"], "arch": cx["arch"], "size": cx["size"],
         "pretrained": cx["pretrained"], "data": cx["data"], "n_boot": args.n_boot, "seed": cx["seed"],
-        "rows": rows, "sweep": choice, "finding_only": args.finding_only, "ood": bool(args.ood_root),
+        "rows": rows, "replicates": replicates, "generator_seeds": args.generator_seeds, "sweep": choice, "finding_only": args.finding_only, "ood": bool(args.ood_root),
         "seconds": time.time() - t0})
     return write_report(out)
 

@@ -269,3 +269,76 @@ def test_bad_class_requests_and_sizes_are_refused_naming_the_flag():
         requested(names, classes="M|finding", n_per_class=3)
     with pytest.raises(DataError, match="--size 20"):
         levels(20)
+
+
+def test_compare_replicates_train_on_their_generator_seed_and_enter_the_comparisons(smoke_study, tmp_path):
+    """2 classifiers per row and fold on a chestxray run of one: compare adds chestxray's missing replicate with
+    chestxray's own command, trains a second generator per family and fold (the CVAE too, as synth_vae's), and
+    classifier replicate 1 trains on generator seed 1's samples; each comparison's point is the mean over replicates
+    of the per-replicate difference, recomputed here from preds.csv.gz."""
+    from fairness.metrics import auroc
+    cx_out, runs, _ = smoke_study("classify.chestxray_study")
+    out = tmp_path / "out"
+    run("classify.compare_study", "--smoke", "--chestxray", str(cx_out), "--rows", "imbalanced_real,balanced_real,vae,gan",
+        "--ratios", "", "--replicates", "2", "--generator-seeds", "2", "--out", str(out), timeout=1800)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["replicates"] == 2 and s["generator_seeds"] == 2 and "resample replicates before" in s["training_noise"]
+    stages = json.loads((out / "stages.json").read_text())["stages"]
+    cx_planned = [line for line in stages if "condition=balanced_real" in line or "condition=imbalanced_real" in line]
+    assert cx_planned and all("--seed 1000" in line for line in cx_planned)  # replicate 1 only: chestxray has 0
+    runs = Path(runs)
+    for k in (0, 1):
+        fold = runs / f"fold{k}"
+        argv = lambda cell: json.loads((fold / cell / "config.json").read_text())["argv"]
+        synth = lambda cell: Path(argv(cell)[argv(cell).index("--synthetic") + 1])
+        assert synth("synth_gan").parent.name == "gan" and synth("synth_gan_rep1").parent.name == "gan_seed1"
+        assert synth("imbalanced_synth").parent.name == "cvae" and synth("synth_vae_rep1").parent.name == "cvae_seed1"
+        seed = lambda argv: int(argv[argv.index("--seed") + 1])
+        assert seed(argv("synth_vae_rep1")) == seed(argv("imbalanced_synth")) + 10000  # replicate 1's classifier seed
+        assert seed(argv("cvae_seed1")) == seed(argv("cvae")) + 10000  # generator seed 1: chestxray's CVAE reseeded
+        a0, a1 = argv("cvae"), argv("cvae_seed1")  # chestxray's CVAE command, only its seed and folder changed
+        assert len(a0) == len(a1) and {a0[i - 1] for i in range(1, len(a0)) if a0[i] != a1[i]} == {"--seed",
+                                                                                                    "--out-dir"}
+    preds = pd.read_csv(out / "preds.csv.gz")
+    assert sorted(preds.replicate.unique()) == [0, 1] and set(preds.condition) == {"imbalanced_real", "balanced_real",
+                                                                                   "vae", "gan"}
+    row = next(c for c in s["comparisons"] if c["metric"] == "female AUROC" and c["a"] == "gan")
+    assert row["replicates"] == 2 and "two-level bootstrap" in row["method"] and row["primary"]
+    f = preds[preds.sex == "F"]
+    on = lambda d, c: d[d.condition == c].sort_values("image")
+    hand = np.mean([auroc(on(d, "gan").y_any_finding, on(d, "gan").p_any_finding)
+                    - auroc(on(d, "imbalanced_real").y_any_finding, on(d, "imbalanced_real").p_any_finding)
+                    for _, d in f.groupby("replicate")])
+    assert row["diff"] == pytest.approx(hand)
+
+
+def test_recovery_share_is_the_ratio_of_mean_gains_and_its_ci_resamples_replicates():
+    """compare's recovery fraction with replicates: the point is (mean gain of the row) / (mean gain of
+    balanced_real) over replicates, and its CI draws replicates before patients, so replicates that disagree widen
+    it beyond the CI of the same means resampled over patients alone."""
+    from classify.compare_report import paired, recovery, utility_stats
+    rng = np.random.default_rng(0)
+    n = 600
+    pid = np.arange(n) // 2
+    sex, y = np.where(pid % 2, "F", "M"), rng.integers(0, 2, n)
+    Y = np.zeros((n, 15))
+    Y[:, 14] = y
+
+    def replicate(signal):
+        p = np.repeat((y * signal + rng.normal(0, 1, n))[:, None], 15, 1)
+        return utility_stats(Y, p, p >= 0, sex)
+    stats = {"imbalanced_real": [replicate(0.3) for _ in range(3)], "balanced_real": [replicate(1.5) for _ in range(3)],
+             "gan": [replicate(s) for s in (0.2, 0.9, 1.6)]}  # a generator whose seeds disagree
+    find = {("female AUROC", "balanced_real", "imbalanced_real"):
+            paired("female AUROC", "balanced_real", "imbalanced_real", stats, pid, 300, 0)}
+    rec = recovery(stats, list(stats), pid, {"n_boot": 300, "seed": 0}, find)["rows"]["gan"]
+    female = {row: [s["female AUROC"] for s in reps] for row, reps in stats.items()}
+    mean = {row: (lambda fs: lambda idx: np.mean([f(idx) for f in fs]))(fs) for row, fs in female.items()}
+    everyone = np.arange(n)
+    hand = (mean["gan"](everyone) - mean["imbalanced_real"](everyone)) / (mean["balanced_real"](everyone)
+                                                                        - mean["imbalanced_real"](everyone))
+    assert rec["value"] == pytest.approx(hand) and rec["ci"][0] < hand < rec["ci"][1]
+    patients_only = recovery({row: [{"female AUROC": f}] for row, f in mean.items()}, list(stats), pid,
+                             {"n_boot": 300, "seed": 0}, find)["rows"]["gan"]
+    assert patients_only["value"] == pytest.approx(hand)
+    assert rec["ci"][1] - rec["ci"][0] > 1.3 * (patients_only["ci"][1] - patients_only["ci"][0])
