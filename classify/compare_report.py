@@ -17,8 +17,8 @@ import pandas as pd
 from classify.cxr_task import FEMALE, MALE, auroc_stat, read_preds
 from common.report import report_command, with_ci, write_readme, write_table
 from common.runs import write_json
-from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, family_facts,
-                              paired_difference_replicates, with_holm)
+from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, draw_replicates, family_facts,
+                              nested_levels, nested_mean, paired_difference_replicates, with_holm)
 from fairness.figures import scatter
 from fairness.metrics import bootstrap, cluster_members, demographic_parity, equal_opportunity
 
@@ -62,11 +62,18 @@ def utility_stats(Y, p, dec, sex):
             "EO (any finding)": lambda i: equal_opportunity(y[i], d[i], sex[i])}
 
 
-def paired(name, a, b, stats, pid, n_boot, seed):
+def generator_groups(plan):
+    """The generator seed each classifier replicate trained on (replicate r: r mod G), or None without replicates."""
+    r, g = plan.get("replicates", 1), plan.get("generator_seeds", 1)
+    return [k % g for k in range(r)] if r > 1 else None
+
+
+def paired(name, a, b, stats, pid, n_boot, seed, groups=None):
     """a - b on `name` (stats: {row: [per replicate {metric: f(idx)}]}): replicate r of a paired with replicate r of
-    b, the two-level bootstrap (replicates, then patients; one replicate: the patient bootstrap)."""
+    b; the bootstrap draws generator seeds (groups), then replicates within them, then patients (one replicate: the
+    patient bootstrap; a generator seed per replicate, or one for all: replicates, then patients)."""
     pairs = [(sa[name], sb[name], pid) for sa, sb in zip(stats[a], stats[b])]
-    return comparison(name, a, b, paired_difference_replicates(pairs, n_boot=n_boot, seed=seed))
+    return comparison(name, a, b, paired_difference_replicates(pairs, n_boot=n_boot, seed=seed, groups=groups))
 
 
 def ood_comparisons(path, rows, n_boot, seed):
@@ -85,11 +92,11 @@ def ood_comparisons(path, rows, n_boot, seed):
 def comparisons(stats, rows, pid, plan, out):
     """Every row vs imbalanced_real on every metric, ddpm vs ddpm_finding_only, the OOD rows; Holm over the
     declared primary comparisons, and separately over the rest (exploratory)."""
-    n_boot, seed = plan["n_boot"], plan["seed"]
-    comps = [paired(m, row, "imbalanced_real", stats, pid, n_boot, seed)
+    n_boot, seed, groups = plan["n_boot"], plan["seed"], generator_groups(plan)
+    comps = [paired(m, row, "imbalanced_real", stats, pid, n_boot, seed, groups)
              for row in rows if row != "imbalanced_real" for m in stats[row][0]]
     if {"ddpm", "ddpm_finding_only"} <= set(rows):  # what asking for women adds (Ktena et al.)
-        comps += [paired(m, "ddpm", "ddpm_finding_only", stats, pid, n_boot, seed)
+        comps += [paired(m, "ddpm", "ddpm_finding_only", stats, pid, n_boot, seed, groups)
                   for m in ("female AUROC", "|AUROC gap|")]
     if plan["ood"]:
         comps += ood_comparisons(out / "ood_preds.csv", rows, n_boot, seed)
@@ -123,9 +130,10 @@ def fidelity(audit):
     return summary
 
 
-def mean_stats(reps):
-    """f(idx) -> {metric: the mean over the replicates' statistics on rows idx} (reps: [{metric: f(idx)}])."""
-    return lambda idx: {m: float(np.mean([s[m](idx) for s in reps])) for m in reps[0]}
+def mean_stats(reps, levels=None):
+    """f(idx) -> {metric: the mean over the replicates' statistics on rows idx} (reps: [{metric: f(idx)}]; levels:
+    fairness.compare.nested_levels of their generator seeds, whose means are then averaged)."""
+    return lambda idx: {m: nested_mean([s[m](idx) for s in reps], levels) for m in reps[0]}
 
 
 def row_summary(row, point, ci, find, fid, costs):
@@ -205,10 +213,15 @@ def training_noise(plan):
     r, g = plan.get("replicates", 1), plan.get("generator_seeds", 1)
     if r == 1:
         return "One training run per row and fold: training noise is not in the CIs"
+    how = ("generator seeds, then the classifier replicates within each, then patients" if 1 < g < r else
+           "replicates, then patients" + ("" if g > 1 else " (one generator per family and fold: the generator's own "
+                                          "seed-to-seed noise is not in them)"))
     return (f"{r} classifiers (seeds) per row and fold and {g} generator{'s' if g > 1 else ''} (seeds) per family "
-            f"and fold, classifier replicate r trained on generator seed r mod {g}: the paired comparisons resample "
-            f"replicates before patients, so their CIs carry training noise (a row's own CI in the table is over "
-            f"patients, of the mean over its replicates)")
+            f"and fold, classifier replicate r trained on generator seed r mod {g}; each statistic is the mean over "
+            f"generator seeds of the mean over their replicates, and the paired comparisons resample {how}, so their "
+            f"CIs carry training noise (not the OOD rows: their score is the mean over every fold's and replicate's "
+            f"classifier; a row's own CI in the table is over patients; fidelity, privacy and cost are generator seed "
+            f"0's)")
 
 
 def summary_head(plan, tab, fid):
@@ -238,9 +251,10 @@ def write_report(out, n_boot=None):
     costs = json.loads((out / "cost.json").read_text())
     find = {(c["metric"], c["a"], c["b"]): c for c in comps}
     summary, table, csv_rows = summary_head(plan, tab, fid), [], []
+    levels = nested_levels(generator_groups(plan), len(stats["imbalanced_real"]))
     for row in rows:
-        point = mean_stats(stats[row])(np.arange(len(Y)))
-        ci = bootstrap(mean_stats(stats[row]), len(Y), clusters=pid, n_boot=plan["n_boot"], seed=plan["seed"])
+        point = mean_stats(stats[row], levels)(np.arange(len(Y)))
+        ci = bootstrap(mean_stats(stats[row], levels), len(Y), clusters=pid, n_boot=plan["n_boot"], seed=plan["seed"])
         summary["rows"][row] = row_summary(row, point, ci, find, fid, costs)
         fF, fM, c = fid.get(row, {}).get(FEMALE, {}), fid.get(row, {}).get(MALE, {}), costs.get(row, {})
         table.append(table_row(row, point, ci, find, fF, fM, c))
@@ -304,8 +318,9 @@ def recovery(stats, rows, pid, plan, find):
     - imbalanced_real's) / (balanced_real's - imbalanced_real's), with a patient bootstrap percentile CI (one draw
     serves all three). A ratio is only as good as its denominator: it is given where balanced_real's female gain is
     at least 3 SE (the planted control is built to give one), resamples whose denominator is not positive are left
-    out of the CI and counted. With replicates each AUROC is the mean over them, and a resample draws replicates
-    (replicate r of every row together) before patients. Returns {"rows": {row: {value, ci}}, "denominator_not_positive_share"} or
+    out of the CI and counted. With replicates each AUROC is the mean over them (over generator seeds of the mean
+    over their replicates), and a resample draws generator seeds, then replicates within them (replicate r of
+    every row together), then patients. Returns {"rows": {row: {value, ci}}, "denominator_not_positive_share"} or
     {"reason": why there is none}."""
     ref = find.get(("female AUROC", "balanced_real", "imbalanced_real"))
     if ref is None:
@@ -315,9 +330,12 @@ def recovery(stats, rows, pid, plan, find):
                           f"{ref['se']:.3f}) is under 3 SE: a share of it would be mostly noise"}
     others = [r for r in rows if r not in ("balanced_real", "imbalanced_real")]
     n_reps = len(stats["imbalanced_real"])
+    levels = nested_levels(generator_groups(plan), n_reps)
+    everyone = [list(m) for m in levels] if levels else [[i] for i in range(n_reps)]
 
-    def shares(idx, reps=range(n_reps)):
-        female = {r: np.mean([stats[r][i]["female AUROC"](idx) for i in reps]) for r in rows}
+    def shares(idx, drawn=everyone):  # drawn: groups of replicate indices (draw_replicates)
+        female = {r: np.mean([np.mean([stats[r][i]["female AUROC"](idx) for i in grp]) for grp in drawn])
+                  for r in rows}
         base, full = female["imbalanced_real"], female["balanced_real"]
         return {**{r: (female[r] - base) / (full - base) if full > base else np.nan for r in others},
                 "denominator": full - base}
@@ -327,7 +345,7 @@ def recovery(stats, rows, pid, plan, find):
     else:
         rng, members = np.random.default_rng(plan["seed"]), cluster_members(pid, len(pid))
         frame = pd.DataFrame([shares(np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))]),
-                                     rng.integers(0, n_reps, n_reps)) for _ in range(plan["n_boot"])])
+                                     draw_replicates(rng, n_reps, levels)) for _ in range(plan["n_boot"])])
         ci = {r: np.nanpercentile(frame[r], [2.5, 97.5]).tolist() for r in others}
     return {"rows": {r: {"value": float(point[r]), "ci": list(ci[r])} for r in others},
             "denominator_not_positive_share": float(np.mean(frame["denominator"] <= 0))}

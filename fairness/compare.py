@@ -73,12 +73,45 @@ def paired_difference(stat_a, stat_b, n_rows=None, clusters=None, n_boot=2000, s
                     f"paired bootstrap over {'patients' if clusters is not None else 'rows'} ({n_boot}), percentile")
 
 
-def paired_difference_replicates(replicates, n_boot=2000, seed=0):
+def nested_levels(groups, n):
+    """The upper level of n replicates nested in groups (e.g. the generator seed whose samples each classifier
+    replicate trained on): a list of index arrays, one per group in order of first appearance; None where there is
+    no nesting to resample (no groups, one group, or a group per replicate)."""
+    if groups is None:
+        return None
+    labels = list(dict.fromkeys(groups))
+    if not 1 < len(labels) < n:
+        return None
+    return [np.array([r for r in range(n) if groups[r] == g]) for g in labels]
+
+
+def nested_mean(values, levels=None):
+    """The mean over groups of the mean of their members' values (levels: nested_levels, or None: the plain mean)."""
+    if levels is None:
+        return float(np.mean(values))
+    return float(np.mean([np.mean([values[r] for r in members]) for members in levels]))
+
+
+def draw_replicates(rng, n, levels=None):
+    """One resample of the replicate level: a list of drawn groups, each a list of replicate indices. Plain: n
+    replicates with replacement (a group each); nested: the groups with replacement, then each drawn group's
+    replicates with replacement among its own."""
+    if levels is None:
+        return [[r] for r in rng.integers(0, n, n)]
+    return [[members[i] for i in rng.integers(0, len(members), len(members))]
+            for members in (levels[g] for g in rng.integers(0, len(levels), len(levels)))]
+
+
+def paired_difference_replicates(replicates, n_boot=2000, seed=0, groups=None):
     """The same for replicates (seeds, repeats): `replicates` is a list of (stat_a, stat_b, clusters), one per
     replicate; the difference is the mean over replicates. Two-level bootstrap: draw replicates with replacement,
     then patients. Where every replicate was evaluated on the same test patients (seeds of one split), one draw of
     patients serves all drawn replicates, so that the test set's variance is not divided by the replicate count;
-    with different test sets (folds, repeats) each replicate draws its own. One replicate is paired_difference."""
+    with different test sets (folds, repeats) each replicate draws its own. One replicate is paired_difference.
+    groups: a label per replicate where replicates share an upper level (classifiers trained on the samples of one
+    generator seed): then the difference is the mean over groups of their replicates' mean, and a resample draws
+    groups, then replicates within each drawn group, then patients (three levels), so that the upper level's noise
+    is not counted as if every replicate had its own."""
     if len(replicates) == 1:
         a, b, clusters = replicates[0]
         return {**paired_difference(a, b, clusters=clusters, n_boot=n_boot, seed=seed), "replicates": 1}
@@ -86,27 +119,37 @@ def paired_difference_replicates(replicates, n_boot=2000, seed=0):
     clusters = [np.asarray(c) for _, _, c in replicates]
     shared = all(len(c) == len(clusters[0]) and np.array_equal(c, clusters[0]) for c in clusters)
     parts = [(a, b, cluster_members(c, len(c))) for (a, b, _), c in zip(replicates, clusters)]
+    levels = nested_levels(groups, len(parts))
     diffs = np.empty(n_boot)
     for k in range(n_boot):
-        drawn = rng.integers(0, len(parts), len(parts))
+        drawn = draw_replicates(rng, len(parts), levels)
         if shared:
             members = parts[0][2]
             idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
-            vals = [parts[r][0](idx) - parts[r][1](idx) for r in drawn]
+            vals = [np.mean([parts[r][0](idx) - parts[r][1](idx) for r in grp]) for grp in drawn]
         else:
             vals = []
-            for r in drawn:
-                a, b, members = parts[r]
-                idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
-                vals.append(a(idx) - b(idx))
+            for grp in drawn:
+                in_group = []
+                for r in grp:
+                    a, b, members = parts[r]
+                    idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+                    in_group.append(a(idx) - b(idx))
+                vals.append(np.mean(in_group))
         diffs[k] = np.mean(vals)
-    point = np.mean([a(np.arange(len(c))) - b(np.arange(len(c))) for (a, b, _), c in zip(replicates, clusters)])
+    point = nested_mean([a(np.arange(len(c))) - b(np.arange(len(c))) for (a, b, _), c in zip(replicates, clusters)],
+                        levels)
     how = ("the same test patients for all" if shared else
            "each its own test patients: test-set variance enters twice, so the CI is conservative")
-    how += f"; with {len(parts)} replicates the resampled replicate spread is (R - 1) / R of theirs, and coarse"
-    return {**_summary(point, diffs, len(parts[0][2]) if shared else sum(len(m) for _, _, m in parts),
-                       f"two-level bootstrap: {len(parts)} replicates ({how}), then patients ({n_boot}), "
-                       f"percentile"), "replicates": len(parts)}
+    if levels is None:
+        how += f"; with {len(parts)} replicates the resampled replicate spread is (R - 1) / R of theirs, and coarse"
+        method = f"two-level bootstrap: {len(parts)} replicates ({how}), then patients ({n_boot}), percentile"
+    else:
+        how += f"; with {len(levels)} groups the resampled group spread is coarse"
+        method = (f"three-level bootstrap: {len(levels)} groups (generator seeds) of the {len(parts)} replicates, "
+                  f"then the replicates within each drawn group ({how}), then patients ({n_boot}), percentile")
+    return {**_summary(point, diffs, len(parts[0][2]) if shared else sum(len(m) for _, _, m in parts), method),
+            "replicates": len(parts)}
 
 
 def group_gap(stat_group, groups, idx, expected=None):

@@ -186,3 +186,23 @@ def test_kid_equals_torch_fidelity():
     assert ours["std"] == pytest.approx(ref["kernel_inception_distance_std"], rel=1e-3) and ours["m"] == 100
     same = kid(a[:150], a[150:], n_subsets=20, subset_size=100)
     assert abs(same["mean"]) < 3 * same["std"] + 1e-3  # unbiased: about 0 for one distribution
+
+
+def test_nested_replicates_weight_each_generator_seed_once_and_resample_it():
+    """Three classifier replicates on two generator seeds (replicate r on seed r mod 2): the difference is the mean
+    over generator seeds of their replicates' mean (seed 0 is not counted twice), a resample draws seeds before
+    replicates (so the spread between seeds is not diluted by seed 0's two replicates), and without nesting (a seed
+    per replicate) the result is the plain two-level bootstrap's, draw for draw."""
+    from fairness.compare import paired_difference_replicates
+    n = 50
+    x = np.random.default_rng(0).normal(0, 0.01, n)
+    reps = [((lambda off: lambda idx: x[idx].mean() + off)(off), lambda idx: 0.0, np.arange(n)) for off in (1, -1, 1)]
+    plain = paired_difference_replicates(reps, n_boot=2000, seed=1)
+    nested = paired_difference_replicates(reps, n_boot=2000, seed=1, groups=[0, 1, 0])
+    assert plain["diff"] == pytest.approx(1 / 3 + x.mean()) and nested["diff"] == pytest.approx(x.mean())
+    # resampled spread: plain, the mean of 3 draws from {1, -1, 1}: var (8 / 9) / 3 = 0.30; nested, of 2 draws of
+    # the seeds' means {1, -1}: var 1 / 2
+    assert plain["se"] ** 2 == pytest.approx(8 / 27, rel=0.1) and nested["se"] ** 2 == pytest.approx(0.5, rel=0.1)
+    assert "three-level" in nested["method"] and "two-level" in plain["method"]
+    distinct = paired_difference_replicates(reps, n_boot=2000, seed=1, groups=[0, 1, 2])
+    assert distinct == plain
