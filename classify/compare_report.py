@@ -218,7 +218,8 @@ def training_noise(plan):
                                           "seed-to-seed noise is not in them)"))
     return (f"{r} classifiers (seeds) per row and fold and {g} generator{'s' if g > 1 else ''} (seeds) per family "
             f"and fold, classifier replicate r trained on generator seed r mod {g}; each statistic is the mean over "
-            f"generator seeds of the mean over their replicates, and the paired comparisons resample {how}, so their "
+            f"generator seeds of the mean over their replicates (rows without a generator too, with the same weights, "
+            f"so that table differences are the paired ones), and the paired comparisons resample {how}, so their "
             f"CIs carry training noise (not the OOD rows: their score is the mean over every fold's and replicate's "
             f"classifier; a row's own CI in the table is over patients; fidelity, privacy and cost are generator seed "
             f"0's)")
@@ -360,7 +361,9 @@ def recovery_table(out, rec, plan):
                 title=f"How much of what more real women recover for women each row recovers ({plan['data']})",
                 notes=["(female AUROC of the row - imbalanced_real's) / (balanced_real's - imbalanced_real's) on the "
                        "same test patients; 1 = as much as real women, 0 = nothing, below 0 = worse than the baseline. "
-                       f"Percentile CI from a patient bootstrap ({plan['n_boot']}); resamples in which balanced_real "
+                       f"Percentile CI from a bootstrap ({plan['n_boot']}) of "
+                       f"{'generator seeds, replicates within them, then ' if plan.get('replicates', 1) > 1 else ''}"
+                       f"patients; resamples in which balanced_real "
                        "does not beat imbalanced_real are left out (share: "
                        f"{rec.get('denominator_not_positive_share', float('nan')):.3f}). Given only where "
                        "balanced_real's gain is at least 3 SE. Exploratory: not in the Holm family."])
