@@ -38,7 +38,7 @@ import time
 import pandas as pd
 
 from classify.chestxray_report import CONDITIONS, write_report
-from classify.cxr_task import FEMALE, Task, classifier_stage, fold_sets, read_data, replicate_cell
+from classify.cxr_task import CONDITION_FLAGS, FEMALE, Task, classifier_stage, fold_sets, read_data, replicate_cell
 from classify.train_chexnet import add_args
 from common.cli import ArgumentParser, as_argv, fraction, nonneg_int, positive_int, run
 from common.data import PROJECT_DATA
@@ -64,9 +64,6 @@ SCALES = {
               "cvae_patience": 10, "n_boot": 50, "images_per_sex": 60, "replicates": 1},
 }
 # each condition's classifier: its training set in the fold's split file and its extra flags
-CONDITION_FLAGS = {"balanced_real": ("balanced", []), "imbalanced_real": ("imbalanced", []),
-                   "imbalanced_synth": ("imbalanced", ["--synthetic"]),
-                   "imbalanced_reweight": ("imbalanced", ["--balance-sex"])}
 
 
 def parse_args(argv=None):

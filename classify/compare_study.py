@@ -52,8 +52,7 @@ import pandas as pd
 
 from classify.compare_generators import Generators, class_counts, generator_stages, mixed_counts, sweep_file
 from classify.compare_report import FAMILIES, ROWS, row_cell, write_report
-from classify.chestxray_study import CONDITION_FLAGS
-from classify.cxr_task import FEMALE, MALE, Task, classifier_stage, read_data, replicate_cell
+from classify.cxr_task import CONDITION_FLAGS, FEMALE, MALE, Task, classifier_stage, read_data, replicate_cell
 from common.cli import ArgumentParser, name_list, nonneg_float, positive_int, run
 from common.data import PROJECT_DATA
 from common.errors import DataError

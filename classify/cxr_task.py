@@ -94,6 +94,13 @@ def replicate_cell(cell, replicate):
     return cell if replicate == 0 else f"{cell}_rep{replicate}"
 
 
+# chestxray's conditions: (training set of the split file, stage flags; "--synthetic" is followed by the CVAE's
+# samples file). The compare study trains a replicate chestxray lacks with the same command.
+CONDITION_FLAGS = {"balanced_real": ("balanced", []), "imbalanced_real": ("imbalanced", []),
+                   "imbalanced_synth": ("imbalanced", ["--synthetic"]),
+                   "imbalanced_reweight": ("imbalanced", ["--balance-sex"])}
+
+
 def classifier_stage(stages, task, k, cell, train_set, extra, n_male, deps=(), test_set="test", replicate=0):
     """Fold k's classifier cell `cell` (runs/fold<k>/<cell>, replicate r: replicate_cell): trained on the split
     file's set train_set with the stage flags `extra`, validated on the fold's val set and scoring its test_set (a

@@ -282,7 +282,7 @@ def test_compare_replicates_train_on_their_generator_seed_and_enter_the_comparis
     run("classify.compare_study", "--smoke", "--chestxray", str(cx_out), "--rows", "imbalanced_real,balanced_real,vae,gan",
         "--ratios", "", "--replicates", "2", "--generator-seeds", "2", "--out", str(out), timeout=1800)
     s = json.loads((out / "summary.json").read_text())
-    assert s["replicates"] == 2 and s["generator_seeds"] == 2 and "resample replicates before" in s["training_noise"]
+    assert s["replicates"] == 2 and s["generator_seeds"] == 2 and "resample replicates, then patients" in s["training_noise"]
     stages = json.loads((out / "stages.json").read_text())["stages"]
     cx_planned = [line for line in stages if "condition=balanced_real" in line or "condition=imbalanced_real" in line]
     assert cx_planned and all("--seed 1000" in line for line in cx_planned)  # replicate 1 only: chestxray has 0
