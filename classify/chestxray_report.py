@@ -261,7 +261,8 @@ def write_report(out, n_boot=None):
     plan = json.loads((out / "plan.json").read_text())
     plan["n_boot"] = n_boot or plan["n_boot"]
     training = json.loads((out / "training.json").read_text())
-    t, arrays = read_preds(out / "preds.csv", plan["conditions"])
+    preds = out / "preds.csv"  # or gzipped (a committed run with many replicates: git holds files under 5 MB)
+    t, arrays = read_preds(preds if preds.is_file() else out / "preds.csv.gz", plan["conditions"])
     sex, pid = t["sex"].to_numpy(), t["patient_id"].to_numpy()
     Y = arrays[plan["conditions"][0]][0][0]
     findings = [j for j in range(14) if Y[:, j].sum() >= 5]
@@ -300,4 +301,4 @@ def write_report(out, n_boot=None):
 
 if __name__ == "__main__":
     report_command(__doc__, write_report, "classify.chestxray_study",
-                   needs=("plan.json", "preds.csv", "training.json"), n_boot=True)
+                   needs=("plan.json", "preds.csv|preds.csv.gz", "training.json"), n_boot=True)

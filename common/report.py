@@ -170,9 +170,9 @@ def report_command(doc, write_report, study, needs, n_boot=False):
         return p.parse_args(argv)
 
     def main(args):
-        for f in needs:
-            if not (Path(args.out) / f).is_file():
-                raise DataError(f"--out {args.out}: no {f} here; the report rebuilds a finished run's report (run "
+        for f in needs:  # "a|b": either file
+            if not any((Path(args.out) / g).is_file() for g in f.split("|")):
+                raise DataError(f"--out {args.out}: no {' or '.join(f.split('|'))} here; the report rebuilds a finished run's report (run "
                                 f"`python -m {study} --out {args.out}` first)")
         write_report(args.out, args.n_boot) if n_boot else write_report(args.out)
     run(main, parse_args)

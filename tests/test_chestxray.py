@@ -202,3 +202,24 @@ def test_train_chexnet_end_to_end_writes_what_reloads_and_recomputes(tmp_path):
         again = torch.sigmoid(net.eval()(x))[:, -1].numpy()
     saved = preds.sort_values("image")["p_any_finding"].to_numpy()
     assert np.allclose(again, saved, atol=1e-5)
+
+
+def test_chestxray_report_rebuilds_from_a_gzipped_preds_file(smoke_study, tmp_path):
+    """A committed run may hold its predictions gzipped (preds.csv.gz); the report rebuilds from it the same
+    comparisons, and refuses a folder with neither file in one line."""
+    import gzip
+    out, _, _ = smoke_study("classify.chestxray_study")
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    with open(copy / "preds.csv", "rb") as f, gzip.open(copy / "preds.csv.gz", "wb") as g:
+        g.write(f.read())
+    (copy / "preds.csv").unlink()
+    r = subprocess.run([sys.executable, "-m", "classify.chestxray_report", "--out", str(copy)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((copy / "summary.json").read_text())["comparisons"] == \
+        json.loads((out / "summary.json").read_text())["comparisons"]
+    (copy / "preds.csv.gz").unlink()
+    r = subprocess.run([sys.executable, "-m", "classify.chestxray_report", "--out", str(copy)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "no preds.csv or preds.csv.gz here" in r.stderr and "Traceback" not in r.stderr
