@@ -166,11 +166,15 @@ def validation_score(runs, row, folds, keep, replicates=1, gen_seeds=1):
     return float(np.mean(scores))
 
 
+def replicate_row_cell(row, rep, gen_seeds):
+    """The classifier cell of a row's replicate rep: the row's cell, except the vae row's replicates on another
+    CVAE seed than chestxray's (rep mod gen_seeds > 0): this study's synth_vae."""
+    return "synth_vae" if row == "vae" and rep % gen_seeds else row_cell(row)[0]
+
+
 def row_folder(row, rep, gen_seeds):
-    """The classifier folder (under fold<k>) of a row's replicate rep: replicate_cell of the row's cell, except the
-    vae row's replicates on another CVAE seed than chestxray's (rep mod gen_seeds > 0): this study's synth_vae."""
-    cell = "synth_vae" if row == "vae" and rep % gen_seeds else row_cell(row)[0]
-    return replicate_cell(cell, rep)
+    """The classifier folder (under fold<k>) of a row's replicate rep."""
+    return replicate_cell(replicate_row_cell(row, rep, gen_seeds), rep)
 
 
 OWN_FLAGS = {"loss_reweight": ["--reweight-sex"], "classic_augment": ["--augment", "classic"]}
@@ -180,11 +184,8 @@ def row_classifier(stages, task, k, row, rep, fold_files, n_male, cx_replicates)
     """Fold k's classifier stage of a row's replicate rep, trained on the samples of generator seed rep mod G
     (fold_files: per generator seed {family: {what: file}}); nothing where chestxray's run has the cell already.
     chestxray's conditions get chestxray's own command (so either study reuses the other's cell)."""
-    cell, fam = row_cell(row)
-    gs = rep % len(fold_files)
-    if row == "vae" and gs:
-        cell = "synth_vae"
-    elif cell in CX_CELLS and rep < cx_replicates:
+    cell, fam, gs = replicate_row_cell(row, rep, len(fold_files)), row_cell(row)[1], rep % len(fold_files)
+    if cell in CX_CELLS and rep < cx_replicates:
         return
     synth = fold_files[gs][fam]["train"] if fam else None
     train_set, extra = CONDITION_FLAGS.get(cell, ("imbalanced", OWN_FLAGS.get(row, ["--synthetic"] if fam else [])))
