@@ -122,8 +122,8 @@ def run(main, parse_args):
     path, a file where a folder is expected) become one line and exit status 2; Ctrl-C and SIGTERM exit 130 with a
     note on how to continue. Whenever the command does not succeed, a run folder that --force was replacing is put
     back (common.runs.settle_replaced, which says where the unfinished new run went); under torchrun the ranks
-    leave the process group together once all have succeeded. Anything else is a bug: it raises with its traceback
-    (after the same restore)."""
+    leave the process group together once all have succeeded, and exit there (common.runs.finish_distributed).
+    Anything else is a bug: it raises with its traceback (after the same restore)."""
     import signal
     from common.runs import finish_distributed, settle_replaced
     signal.signal(signal.SIGTERM, _terminate)

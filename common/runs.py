@@ -2,6 +2,7 @@
 the one rank helper that keeps scripts torchrun-ready (only rank 0 logs, saves and samples)."""
 import contextlib
 import datetime
+import gc
 import hashlib
 import json
 import os
@@ -61,12 +62,20 @@ def setup_distributed(device_arg="auto"):
 
 
 def finish_distributed():
-    """Under torchrun, once a rank's work is done: wait for the other ranks, then leave the process group. A rank
-    that exits while another still talks to it (rank 0 writing the test predictions) can abort at exit inside
-    gloo ('terminate called without an active exception'). Nothing in an ordinary run."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    """Under torchrun, once a rank's work is done: wait for the other ranks, leave the process group, and exit at
+    once. A rank that exits while another still talks to it (rank 0 writing the test predictions) can abort inside
+    gloo ('terminate called without an active exception'); so can one whose process group is only destroyed during
+    interpreter shutdown, which happens when a DistributedDataParallel wrapper in a reference cycle still holds it
+    (seen once in CI after every output was written). So: collect the cycles, pass a barrier, destroy the group,
+    flush, and leave with os._exit(0) before Python's own teardown. Nothing in an ordinary run."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    gc.collect()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def cpu_has_bf16():
