@@ -241,7 +241,7 @@ def comparisons_table(out, summary, plan, t):
                        f"separately over the rows marked exploratory, which answer no question. MDE = (z + 0.84) x "
                        f"bootstrap SE at the family's first Holm step (alpha 0.05 / family size): effects smaller "
                        f"would usually be missed. {training_noise(plan)}. "
-                       f"Recompute from preds.csv (one row per image, condition and replicate)."] + summary["answers"])
+                       f"Recompute from preds.csv.gz (one row per image, condition and replicate)."] + summary["answers"])
 
 
 def figures(out, summary, curves0, plan):
@@ -261,8 +261,8 @@ def write_report(out, n_boot=None):
     plan = json.loads((out / "plan.json").read_text())
     plan["n_boot"] = n_boot or plan["n_boot"]
     training = json.loads((out / "training.json").read_text())
-    preds = out / "preds.csv"  # or gzipped (a committed run with many replicates: git holds files under 5 MB)
-    t, arrays = read_preds(preds if preds.is_file() else out / "preds.csv.gz", plan["conditions"])
+    preds = out / "preds.csv.gz"  # runs before 2026-12-03 wrote it as text (preds.csv)
+    t, arrays = read_preds(preds if preds.is_file() else out / "preds.csv", plan["conditions"])
     sex, pid = t["sex"].to_numpy(), t["patient_id"].to_numpy()
     Y = arrays[plan["conditions"][0]][0][0]
     findings = [j for j in range(14) if Y[:, j].sum() >= 5]
@@ -293,7 +293,7 @@ def write_report(out, n_boot=None):
                  "(Korb & Hall)",
                  summary["answers"], ["fairness.md", "comparisons.md"],
                  notes=[f"Per-finding tables: {', '.join(f'table_{c}.md' for c in plan['conditions'])}; every "
-                        f"prediction, per image with its patient and sex: preds.csv; the stage commands: stages.json."])
+                        f"prediction, per image with its patient and sex: preds.csv.gz; the stage commands: stages.json."])
     print((out / "comparisons.md").read_text())
     print((out / "fairness.md").read_text())
     return summary
@@ -301,4 +301,4 @@ def write_report(out, n_boot=None):
 
 if __name__ == "__main__":
     report_command(__doc__, write_report, "classify.chestxray_study",
-                   needs=("plan.json", "preds.csv|preds.csv.gz", "training.json"), n_boot=True)
+                   needs=("plan.json", "preds.csv.gz|preds.csv", "training.json"), n_boot=True)

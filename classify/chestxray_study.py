@@ -18,7 +18,7 @@ every condition. Then the fold's stages, each a script run as its own command (`
     replicates of a cell differ only in their seed, so that the comparisons' CIs carry training noise (the CVAE is
     trained once per fold: the generator's own seed-to-seed noise is not in them)
 This module is the plan: the settings of each scale (SCALES below) and the stage commands they make. The study then
-gathers the stages' files into --out (preds.csv, training.json, plan.json, the CVAE's figures) and calls the report
+gathers the stages' files into --out (preds.csv.gz, training.json, plan.json, the CVAE's figures) and calls the report
 (classify/chestxray_report.py), which reads only those files: metrics from the pooled out-of-fold predictions
 (bootstrap CIs over patients) and per fold (mean +- std); conditions compared paired on the same test patients.
 classify/compare_study.py builds on this study's split files and cells (classify/cxr_task.py holds what both use).
@@ -135,7 +135,7 @@ def plan(task, folds, conditions, cvae_epochs, cvae_patience, plant=None, replic
 
 
 def gather(runs, folds, conditions, out, seconds, replicates=1):
-    """preds.csv (every classifier stage's preds.csv, fold by fold, with its replicate), training.json (counts per
+    """preds.csv.gz (every classifier stage's preds.csv, fold by fold, with its replicate), training.json (counts per
     fold, fold 0's validation curves, times) and fold 0's CVAE figures in --out: the files the report reads."""
     parts, counts, curves0, bf16 = [], {c: [] for c in conditions}, {}, set()
     for rep in range(replicates):
@@ -149,7 +149,8 @@ def gather(runs, folds, conditions, out, seconds, replicates=1):
                     counts[c].append({key: m[key] for key in ("n_train_female", "n_train_male", "n_synthetic")})
                 if k == 0 and rep == 0:
                     curves0[c] = [h["val_any_auroc"] for h in m["history"]]
-    pd.concat(parts, ignore_index=True).to_csv(out / "preds.csv", index=False, float_format="%.9g")
+    pd.concat(parts, ignore_index=True).to_csv(out / "preds.csv.gz", index=False, float_format="%.9g",
+                                               compression={"method": "gzip", "mtime": 0})  # the same bytes each run
     write_json(out / "training.json", {"counts_per_fold": counts, "val_any_auroc_fold0": curves0,
                                        "bf16_autocast": sorted(bf16), "seconds": seconds})
     for name in ("samples.png", "recon.png", "loss_curve.png"):  # none without imbalanced_synth: no stale copies
@@ -182,7 +183,7 @@ def main(args):
         folds.append({"sets": str(task.folder(k) / "sets.csv"), "n_male": n_male, "n_synthetic": n_synthetic})
     stages = plan(task, folds, args.conditions, args.cvae_epochs, args.cvae_patience, plant, args.replicates)
     stages.changed = changed
-    if planned(stages, args.dry_run, args.makefile, f"preds.csv (the stages' preds.csv together), the tables and "
+    if planned(stages, args.dry_run, args.makefile, f"preds.csv.gz (the stages' preds.csv together), the tables and "
                                                     f"figures in {args.out}"):
         return
     out = prepare_out_dir(args.out, args.force)

@@ -329,7 +329,8 @@ def gather(runs, rows, files, finding_only, ood, out, replicates=1):
     parts = [pd.read_csv(runs / f"fold{k}" / row_folder(row, rep, gen_seeds) / "preds.csv").assign(condition=row,
                                                                                                    replicate=rep)
              for rep in range(replicates) for row in rows for k in range(len(files))]
-    pd.concat(parts, ignore_index=True).to_csv(out / "preds.csv.gz", index=False, float_format="%.9g")
+    pd.concat(parts, ignore_index=True).to_csv(out / "preds.csv.gz", index=False, float_format="%.9g",
+                                               compression={"method": "gzip", "mtime": 0})  # the same bytes each run
     audits = [json.loads((runs / f"fold{k}" / "audit.json").read_text()) for k in range(len(files))]
     write_json(out / "audit.json", {"n_per_fold": [a["n"] for a in audits], "folds": [a["rows"] for a in audits]})
     write_json(out / "cost.json", cost(runs, files, rows, finding_only))

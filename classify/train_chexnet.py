@@ -486,7 +486,7 @@ def main(args):
     write_json(out / "metrics.json", {"test": rows, "history": history, "seconds": time.time() - t0,
                                       "weights": weights_from, "labels": NIH_LABELS, **counts, **ddp})
     any_row = rows[-1]
-    print(f"{args.arch} ({weights_from}): test any-finding AUROC {any_row['auroc']:.3f}, sensitivity "
+    print(f"{args.arch} ({weights_from}): {args.test_set} any-finding AUROC {any_row['auroc']:.3f}, sensitivity "
           f"{any_row['sensitivity']:.2f}, specificity {any_row['specificity']:.2f} ({time.time() - t0:.0f} s)"
           + (f"; {world} processes, weights identical across ranks: {ddp['ranks_identical']}" if ddp else ""))
 

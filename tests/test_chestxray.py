@@ -89,8 +89,8 @@ def test_chestxray_study_smoke_chain(smoke_study):
         assert k in c["balanced_real"]
     for f in ("fairness.md", "table_balanced_real.md", "auroc_by_sex.png", "cvae_samples.png", "comparisons.md"):
         assert (out / f).is_file()
-    # every comparison is recomputable from preds.csv: one row per test image and condition, each image once
-    preds = pd.read_csv(out / "preds.csv")
+    # every comparison is recomputable from preds.csv.gz: one row per test image and condition, each image once
+    preds = pd.read_csv(out / "preds.csv.gz")
     assert len(preds) == 4 * s["n_images"] and preds.groupby("condition")["image"].nunique().eq(s["n_images"]).all()
     assert {"image", "patient_id", "sex", "fold", "seed", "condition", "y_any_finding", "p_any_finding",
             "thr_any_finding"} <= set(preds.columns)
@@ -150,7 +150,7 @@ def test_chestxray_dry_run_prints_the_stages_and_writes_nothing(tmp_path):
 
 def test_chestxray_study_runs_a_subset_of_conditions_without_the_cvae_and_replicates(tmp_path):
     """Two conditions, no CVAE, 2 training seeds per condition and fold: every replicate's predictions are in
-    preds.csv, the comparisons resample them (the two-level bootstrap), and the point is the mean over replicates
+    preds.csv.gz, the comparisons resample them (the two-level bootstrap), and the point is the mean over replicates
     of the per-replicate difference, recomputed here from the file."""
     out, runs = tmp_path / "sub", tmp_path / "runs"
     run("classify.chestxray_study", "--smoke", "--size", "32", "--conditions", "balanced_real,imbalanced_real",
@@ -158,7 +158,7 @@ def test_chestxray_study_runs_a_subset_of_conditions_without_the_cvae_and_replic
     s = json.loads((out / "summary.json").read_text())
     assert list(s["conditions"]) == ["balanced_real", "imbalanced_real"] and s["replicates"] == 2
     assert not (out / "cvae_samples.png").exists() and not (runs / "fold0" / "cvae").exists()  # no CVAE trained
-    preds = pd.read_csv(out / "preds.csv")
+    preds = pd.read_csv(out / "preds.csv.gz")
     assert len(preds) == 2 * 2 * s["n_images"] and sorted(preds.replicate.unique()) == [0, 1]
     seeds = preds.groupby(["fold", "replicate"])["seed"].unique()
     assert all(len(v) == 1 for v in seeds) and seeds.map(lambda v: v[0]).nunique() == 4  # a seed per fold and run
@@ -204,22 +204,24 @@ def test_train_chexnet_end_to_end_writes_what_reloads_and_recomputes(tmp_path):
     assert np.allclose(again, saved, atol=1e-5)
 
 
-def test_chestxray_report_rebuilds_from_a_gzipped_preds_file(smoke_study, tmp_path):
-    """A committed run may hold its predictions gzipped (preds.csv.gz); the report rebuilds from it the same
-    comparisons, and refuses a folder with neither file in one line."""
+def test_chestxray_report_rebuilds_from_a_plain_preds_file(smoke_study, tmp_path):
+    """The study writes its predictions gzipped (preds.csv.gz, the same bytes each run); a run committed before that
+    holds them as text (preds.csv), from which the report rebuilds the same comparisons; a folder with neither file
+    is refused in one line."""
     import gzip
     out, _, _ = smoke_study("classify.chestxray_study")
+    assert (out / "preds.csv.gz").read_bytes()[4:8] == bytes(4)  # gzip's mtime field: 0, not the time of the run
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    with open(copy / "preds.csv", "rb") as f, gzip.open(copy / "preds.csv.gz", "wb") as g:
+    with gzip.open(copy / "preds.csv.gz", "rb") as f, open(copy / "preds.csv", "wb") as g:
         g.write(f.read())
-    (copy / "preds.csv").unlink()
+    (copy / "preds.csv.gz").unlink()
     r = subprocess.run([sys.executable, "-m", "classify.chestxray_report", "--out", str(copy)], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((copy / "summary.json").read_text())["comparisons"] == \
         json.loads((out / "summary.json").read_text())["comparisons"]
-    (copy / "preds.csv.gz").unlink()
+    (copy / "preds.csv").unlink()
     r = subprocess.run([sys.executable, "-m", "classify.chestxray_report", "--out", str(copy)], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
-    assert r.returncode != 0 and "no preds.csv or preds.csv.gz here" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode != 0 and "no preds.csv.gz or preds.csv here" in r.stderr and "Traceback" not in r.stderr
