@@ -35,6 +35,20 @@ def min_holm_p(family_size, n_resamples):
     return 2 * family_size / (n_resamples + 1) if family_size else float("nan")
 
 
+def sign_flip_p(values):
+    """Exact two-sided sign-flip test that the mean of independent replicate-level differences (one per repeat, each
+    with its own models and test images) is 0: the share of the 2^R sign patterns whose |mean| is at least the
+    observed one. Its smallest value is 2 / 2^R (all R differences of one sign): 6 repeats can never go below 1/32,
+    10 reach 1/512. R at most 20."""
+    v = np.asarray(values, float)
+    if len(v) > 20 or not np.all(np.isfinite(v)):
+        raise ValueError(f"sign_flip_p: {len(v)} values, finite and at most 20 needed")
+    signs = 1 - 2 * ((np.arange(2 ** len(v))[:, None] >> np.arange(len(v))) & 1)
+    means = np.abs(signs @ v) / len(v)
+    observed = abs(v.mean())
+    return float(np.mean(means >= observed - 1e-12 * max(1.0, observed)))
+
+
 def _p_two_sided(diffs):
     """2 (1 + min(#resamples <= 0, #resamples >= 0)) / (n + 1), at most 1: the two-sided resampling p with the
     usual +1 (never 0; its smallest value is 2 / (n + 1))."""
@@ -274,11 +288,15 @@ def with_holm(comparisons, primary=None):
     return out
 
 
-def family_facts(comparisons, n_resamples):
+def family_facts(comparisons, n_resamples, sign_flip_units=None):
     """What summary.json records of a table's primary family: its size, the resamples per p and the smallest Holm p
-    it can reach (the design can say yes only if that is below 0.05)."""
+    it can reach (the design can say yes only if that is below 0.05). sign_flip_units: R where each p is the exact
+    sign-flip test over R replicates (sign_flip_p: smallest p 2 / 2^R) instead of a resampling p."""
     k = sum(1 for c in comparisons if c.get("primary"))
-    return {"primary_family_size": k, "n_boot": n_resamples, "min_holm_p": min_holm_p(k, n_resamples)}
+    if sign_flip_units is None:
+        return {"primary_family_size": k, "n_boot": n_resamples, "min_holm_p": min_holm_p(k, n_resamples)}
+    return {"primary_family_size": k, "n_boot": n_resamples, "p_test": f"exact sign-flip over {sign_flip_units} "
+            f"replicates", "min_holm_p": min(1.0, k * 2.0 ** (1 - sign_flip_units)) if k else float("nan")}
 
 
 def fmt_p(p):

@@ -49,6 +49,29 @@ def test_declared_primary_families_can_reject(scale):
         assert "AUROC gap (M - F)" in metrics and "|AUROC gap|" not in metrics, study
 
 
+def test_sign_flip_p_is_exact_and_skintone_has_the_repeats_to_reject():
+    """The exact sign-flip p over repeats, by hand; skintone's quick and full families (p over repeats, not
+    resamples) reach a Holm p below 0.01, which 6 repeats could not."""
+    from fairness.compare import family_facts, sign_flip_p
+    from vae import skintone_report, skintone_study
+    assert sign_flip_p([0.1] * 10) == pytest.approx(2 / 1024)  # only all-plus and all-minus reach |mean| 0.1
+    assert sign_flip_p([1.0, -1.0]) == 1.0
+    # [3, 1, 1]: only (+ + +) and (- - -) of the 8 sign patterns reach |mean| 5/3; [3, -1, -1]: all 8 reach 1/3
+    assert sign_flip_p([3.0, 1.0, 1.0]) == pytest.approx(2 / 8) and sign_flip_p([3.0, -1.0, -1.0]) == 1.0
+    rng = np.random.default_rng(0)
+    v = rng.normal(0.3, 1, 8)  # against brute force over the 256 patterns
+    brute = np.mean([abs(np.mean(v * s)) >= abs(v.mean()) - 1e-12
+                     for s in np.array(np.meshgrid(*[[1, -1]] * 8)).reshape(8, -1).T])
+    assert sign_flip_p(v) == pytest.approx(brute)
+    rows = [{**row(m, a, 0.01), "b": b} for m, a, b in skintone_report.PRIMARY]
+    for scale in ("quick", "full"):
+        repeats = skintone_study.SCALES[scale]["repeats"]
+        facts = family_facts(with_holm(rows, primary=skintone_report.PRIMARY), 1000, sign_flip_units=repeats)
+        assert facts["primary_family_size"] == 4 and facts["min_holm_p"] < 0.01, scale
+    assert family_facts(with_holm(rows, primary=skintone_report.PRIMARY), 1000, sign_flip_units=6)["min_holm_p"] \
+        == pytest.approx(0.125)
+
+
 def test_fairgen_declares_two_signed_gap_rows_per_modality_that_can_reject():
     from diffusion import fairgen_report, fairgen_study
     keys = fairgen_report.primary_keys(["F", "M"])

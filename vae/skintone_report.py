@@ -6,7 +6,8 @@
     recon/<set>.npz     repeat 0's light and dark test images and their reconstructions after training set <set>
 
 Inference is at the level of repeats (docs/METHODS.md): a statistic is the median of a repeat's test images,
-averaged over repeats, with a two-level bootstrap CI (repeats, then test images within each; fairness/compare.py).
+averaged over repeats, with a two-level bootstrap CI (repeats, then test images within each; fairness/compare.py)
+and an exact sign-flip p over the repeats' differences (fairness.compare.sign_flip_p; smallest p 2 / 2^R).
 
     python -m vae.skintone_report --out results/skintone     # rebuild a finished run's report from its files
 """
@@ -22,7 +23,7 @@ from common.errors import DataError
 from common.report import footer, markdown_table, report_command, save_grid, write_table
 from common.runs import write_json
 from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, family_facts,
-                              paired_difference_replicates, with_holm)
+                              paired_difference_replicates, sign_flip_p, with_holm)
 from fairness.figures import boxplots
 from vae.skin import SETS
 
@@ -46,10 +47,15 @@ def median_of(v):
 
 def two_level(replicates, n_boot, seed):
     """paired_difference_replicates over the repeats, its method named in this study's units (one test image per
-    unit; each repeat has its own test images, so each draws its own)."""
+    unit; each repeat has its own test images, so each draws its own), for the difference and its CI; the p is the
+    exact sign-flip test over the repeats' own differences (the repeats are the independent units: each trains its
+    own models on its own draw), whose smallest value 2 / 2^R sets how many repeats a family needs."""
     d = paired_difference_replicates(replicates, n_boot=n_boot, seed=seed)
+    per_repeat = [a(np.arange(len(c))) - b(np.arange(len(c))) for a, b, c in replicates]
     method = d["method"].replace("test patients", "test images").replace("patients", "test images")
-    return {**d, "method": method}
+    method += f"; p: exact sign-flip test over the {len(per_repeat)} repeats' differences"
+    return {**d, "p": sign_flip_p(per_repeat) if np.all(np.isfinite(per_repeat)) else float("nan"),
+            "method": method}
 
 
 def cell(df, r, s, g=None):
@@ -269,7 +275,7 @@ def write_readme(out, said, rows, summary, tag):
             f"Each training set (A 100% light, B 50/50, C 100% dark) trains its own residual VAE in each of "
             f"{summary['repeats']} repeats; every repeat draws its own light and dark test images. The answers come "
             f"from comparisons.md (dark - light within a set, and each group across sets; differences of medians "
-            f"averaged over repeats, two-level bootstrap CI, Holm over the primary rows); 'cannot tell at this scale' "
+            f"averaged over repeats, two-level bootstrap CI, p from an exact sign-flip test over the repeats, Holm over the primary rows); 'cannot tell at this scale' "
             f"means the CI holds 0 or the difference does not survive Holm's correction, and the MDE is the "
             f"smallest effect the design would have seen. per_repeat.md has each repeat alone, std_vs_mse.md whether the latent std tracks the error, "
             f"fig3-fig8 the figures. Sizes {summary['sizes']}, scale {summary['scale']}, VGG19 {summary['vgg']}. "
@@ -296,7 +302,7 @@ def write_report(out):
     write_medians(out, rows, summary, plan, tag)
     comparisons = compare_groups(df, n_boot, seed)
     summary["comparisons"], summary["answers"] = comparisons, answers(comparisons)
-    summary.update(family_facts(comparisons, plan["n_boot"]))
+    summary.update(family_facts(comparisons, plan["n_boot"], sign_flip_units=len(repeats)))
     write_comparisons(out, comparisons, summary["answers"], len(repeats), plan["n_test"], tag)
     write_per_repeat(out, df, repeats, tag)
     write_std_vs_mse(out, summary["spearman_std_mse"], plan["n_test"], tag)

@@ -15,7 +15,7 @@ docstring and docs/METHODS.md): dark - light within each training set, and each 
 Data: Fitzpatrick17k under --data-root (`python -m common.download fitzpatrick17k --root DIR`); without it, the
 procedural skin phantom (common/phantom.py), and every title says PHANTOM.
 
-    python -m vae.skintone_study                                # quick: phantom, 32 px, 6 repeats (CPU)
+    python -m vae.skintone_study                                # quick: phantom, 32 px, 10 repeats (CPU)
     python -m vae.skintone_study --scale full --data-root /data/fitzpatrick17k --out results/skintone-full   # GPU
     python -m vae.skintone_study --smoke --out smoke/skintone   # seconds
     python -m vae.skintone_report --out smoke/skintone          # the report again, from the run's files
@@ -37,13 +37,13 @@ from vae.skin import SETS, draw_train_set, load_skin
 from vae.skintone_report import GROUPS, write_report
 from vae.train_resvae import add_args
 
-# Every setting a scale sets, in one place (a flag given on the command line wins). quick: as many repeats as 30
-# min on 2 CPU cores allow: 3 repeats took 10.8 min (docs/skintone.md), so 6 take ~22 min, with room for machines 1.5x slower
-# (inference is at the level of repeats, so the repeats are what buys power); a random VGG19 (no download; pass
-# --pretrained for ImageNet weights). full: the paper's sizes and ImageNet VGG19. smoke: tiny, but 2 repeats so that
+# Every setting a scale sets, in one place (a flag given on the command line wins). quick: 10 repeats, the fewest
+# whose exact sign-flip p (the report's test over repeats, smallest value 2 / 2^R) lets the 4 primary rows reach a
+# Holm p below 0.01 (4 x 2 / 1024 = 0.008; 6 repeats could never go below 4 x 1/32 = 0.125); 6 took 17.3 min on
+# 2 cores (docs/skintone.md), so 10 take ~29; a random VGG19 (no download; pass --pretrained for ImageNet weights). full: the paper's sizes and ImageNet VGG19. smoke: tiny, but 2 repeats so that
 # the two-level bootstrap has replicates to draw.
 SCALES = {
-    "quick": {"size": 32, "n_test": 100, "n_train": 200, "epochs": 15, "repeats": 6, "pretrained": False,
+    "quick": {"size": 32, "n_test": 100, "n_train": 200, "epochs": 15, "repeats": 10, "pretrained": False,
               "width": 32, "latent_res": 8, "n_boot": 1000},
     "full": {"size": 64, "n_test": 500, "n_train": 1668, "epochs": 15, "repeats": 10, "pretrained": True,
              "width": 32, "latent_res": 8, "n_boot": 1000},
