@@ -14,18 +14,22 @@ Tested by simulation (tests/test_compare.py): the paired CI of an AUROC differen
 the true value >= 90% of the time (nominal 95%), and the permutation p is uniform under the null.
 """
 import numpy as np
-from scipy.stats import norm
+from scipy.stats import norm, t as student_t
 
 from fairness.metrics import cluster_members
 
 Z_POWER = norm.ppf(0.8)  # 0.84: power 0.8
 
 
-def mde(se, tests=1):
+def mde(se, tests=1, df=None):
     """Minimum detectable effect at power 0.8 and two-sided alpha 0.05 / tests (Holm's first step over a family of
     `tests` comparisons: the level the family's smallest p must pass): (z(1 - alpha / 2) + 0.84) * SE; for one test
-    (1.96 + 0.84) * SE."""
-    return float((norm.ppf(1 - 0.025 / tests) + Z_POWER) * se)
+    (1.96 + 0.84) * SE. df: a test over few replicates (the sign-flip test over R repeats, SE their SD / sqrt(R)):
+    Student t quantiles on df = R - 1 instead of normal ones (t(9): 3.11 + 0.88 for a family of 4 instead of 2.50 +
+    0.84)."""
+    if df is None:
+        return float((norm.ppf(1 - 0.025 / tests) + Z_POWER) * se)
+    return float((student_t.ppf(1 - 0.025 / tests, df) + student_t.ppf(0.8, df)) * se)
 
 
 def min_holm_p(family_size, n_resamples):
@@ -36,17 +40,31 @@ def min_holm_p(family_size, n_resamples):
 
 
 def sign_flip_p(values):
-    """Exact two-sided sign-flip test that the mean of independent replicate-level differences (one per repeat, each
-    with its own models and test images) is 0: the share of the 2^R sign patterns whose |mean| is at least the
-    observed one. Its smallest value is 2 / 2^R (all R differences of one sign): 6 repeats can never go below 1/32,
-    10 reach 1/512. R at most 20."""
+    """Exact two-sided sign-flip test over independent replicate-level differences (one per repeat, each with its own
+    models and test images), under the null that each is symmetric about 0: the share of the 2^R sign patterns whose
+    |sum| is at least the observed one. Its smallest value is 2 / 2^R (all R differences of one sign; 2 / 2^(R - z)
+    with z exact zeros): 6 repeats can never go below 1/32, 10 reach 1/512. 1 to 20 values."""
     v = np.asarray(values, float)
-    if len(v) > 20 or not np.all(np.isfinite(v)):
-        raise ValueError(f"sign_flip_p: {len(v)} values, finite and at most 20 needed")
+    if not 1 <= len(v) <= 20 or not np.all(np.isfinite(v)):
+        raise ValueError(f"sign_flip_p: {len(v)} values; 1 to 20 finite ones needed")
     signs = 1 - 2 * ((np.arange(2 ** len(v))[:, None] >> np.arange(len(v))) & 1)
-    means = np.abs(signs @ v) / len(v)
-    observed = abs(v.mean())
-    return float(np.mean(means >= observed - 1e-12 * max(1.0, observed)))
+    sums = np.abs(signs @ v)
+    return float(np.mean(sums >= abs(v.sum()) - 1e-9 * np.abs(v).sum()))  # mirror patterns tie up to rounding
+
+
+def sign_flip_test(values, alpha=0.05):
+    """The sign-flip test of sign_flip_p with its own (1 - alpha) confidence interval, the shifts d that it does not
+    reject (sign_flip_p(values - d) > alpha; the hull of them, searched on a grid between the smallest and largest
+    value, where all of them lie once 2 / 2^R <= alpha), its SE (SD / sqrt(R)) and df R - 1 for the MDE. The p and
+    the CI come from one test, so the CI excludes 0 exactly when p <= alpha (up to the grid's 1/4000 of the range)."""
+    v = np.asarray(values, float)
+    p = sign_flip_p(v)
+    grid = np.linspace(v.min(), v.max(), 4001)
+    kept = grid[[sign_flip_p(v - d) > alpha for d in grid]]
+    ci = [float(kept.min()), float(kept.max())] if len(kept) and 2.0 ** (1 - len(v)) <= alpha \
+        else [float("-inf"), float("inf")]  # too few replicates: no shift can be rejected
+    se = float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+    return {"diff": float(v.mean()), "ci": ci, "p": p, "se": se, "df": len(v) - 1}
 
 
 def _p_two_sided(diffs):
@@ -258,7 +276,8 @@ def comparison(metric, a, b, result):
     (a - b), from paired_difference(_replicates); `p_holm` is added by with_holm over the whole table."""
     return {"metric": metric, "a": a, "b": b, "diff": result["diff"], "ci": result["ci"], "p": result["p"],
             "mde": result["mde"], "se": result["se"], "n_units": result["n_units"],
-            "replicates": result.get("replicates", 1), "n_valid": result.get("n_valid"), "method": result["method"]}
+            "replicates": result.get("replicates", 1), "n_valid": result.get("n_valid"), "method": result["method"],
+            **({"df": result["df"]} if "df" in result else {})}
 
 
 def with_holm(comparisons, primary=None):
@@ -282,9 +301,11 @@ def with_holm(comparisons, primary=None):
         for i in rows:
             out[i].update(primary=family, family_size=len(members), p_holm=float("nan"))
         for i, p_holm in zip(members, adjusted):
-            se = out[i].get("se", float("nan"))
+            se, df = out[i].get("se", float("nan")), out[i].get("df")
             out[i].update(p_holm=p_holm if np.isfinite(out[i]["p"]) else float("nan"),
-                          mde=mde(se, len(members)) if np.isfinite(se) else out[i]["mde"])
+                          mde=mde(se, len(members), df) if np.isfinite(se) else out[i]["mde"])
+            if df is not None and len(members) * 2.0 ** -df >= 0.05:  # a sign-flip p over df + 1 replicates
+                out[i]["mde"] = float("inf")  # cannot pass this family's first Holm step whatever the effect
     return out
 
 
@@ -325,9 +346,10 @@ def answer(c, what, digits=3):
     if not np.isfinite(c["diff"]):
         return f"{what}: undefined at this scale."
     if not np.all(np.isfinite(c["ci"])):
-        return f"{what}: {f.format(c['diff'])}, no CI (too few valid resamples): cannot tell at this scale."
+        return f"{what}: {f.format(c['diff'])}, no CI (too few valid resamples or replicates): cannot tell at this scale."
     body = f"{what}: {f.format(c['diff'])} (95% CI {ci}, Holm p {fmt_p(c['p_holm'])}, MDE {c['mde']:.{digits}f})"
-    missed = f"effects smaller than {c['mde']:.{digits}f} would usually be missed"
+    missed = f"effects smaller than {c['mde']:.{digits}f} would usually be missed" if np.isfinite(c["mde"]) else \
+        "too few replicates for any effect to pass Holm's correction"
     if c["ci"][0] <= 0 <= c["ci"][1]:
         return body + f"; cannot tell at this scale ({missed})."
     if not c["p_holm"] < 0.05:

@@ -10,7 +10,7 @@ import pytest
 
 from classify import chestxray_report, chestxray_study
 from common.data import read_nih
-from fairness.compare import family_facts, holm, mde, min_holm_p, with_holm
+from fairness.compare import answer, family_facts, holm, mde, min_holm_p, with_holm
 from fairness.plant import affected_patients, parse_plant
 from conftest import ROOT
 
@@ -63,6 +63,13 @@ def test_sign_flip_p_is_exact_and_skintone_has_the_repeats_to_reject():
     brute = np.mean([abs(np.mean(v * s)) >= abs(v.mean()) - 1e-12
                      for s in np.array(np.meshgrid(*[[1, -1]] * 8)).reshape(8, -1).T])
     assert sign_flip_p(v) == pytest.approx(brute)
+    # the CI inverts the same test: it excludes 0 exactly when p <= 0.05, and holds the shifts the test keeps
+    from fairness.compare import sign_flip_test
+    for v in (rng.normal(0.01, 0.01, 10), rng.normal(0.004, 0.01, 10), rng.normal(0, 0.01, 10)):
+        d = sign_flip_test(v)
+        assert (d["ci"][0] > 0 or d["ci"][1] < 0) == (d["p"] <= 0.05) and d["df"] == 9
+        assert sign_flip_p(v - d["ci"][0]) > 0.05 and sign_flip_p(v - (d["ci"][0] - 0.001)) <= 0.05
+    assert sign_flip_test([0.1, 0.2, 0.3])["ci"] == [-np.inf, np.inf]  # 3 values: p >= 1/4, nothing is rejected
     rows = [{**row(m, a, 0.01), "b": b} for m, a, b in skintone_report.PRIMARY]
     for scale in ("quick", "full"):
         repeats = skintone_study.SCALES[scale]["repeats"]
@@ -70,6 +77,10 @@ def test_sign_flip_p_is_exact_and_skintone_has_the_repeats_to_reject():
         assert facts["primary_family_size"] == 4 and facts["min_holm_p"] < 0.01, scale
     assert family_facts(with_holm(rows, primary=skintone_report.PRIMARY), 1000, sign_flip_units=6)["min_holm_p"] \
         == pytest.approx(0.125)
+    six = with_holm([{**r, "df": 5} for r in rows], primary=skintone_report.PRIMARY)  # 6 repeats: MDE infinite
+    assert all(r["mde"] == np.inf for r in six) and "too few replicates" in answer(six[0], "x")
+    ten = with_holm([{**r, "df": 9} for r in rows], primary=skintone_report.PRIMARY)  # t(9) quantiles, not z
+    assert ten[0]["mde"] == pytest.approx((3.1109 + 0.8834) * 0.01, rel=1e-3)
 
 
 def test_fairgen_declares_two_signed_gap_rows_per_modality_that_can_reject():

@@ -56,15 +56,16 @@ def test_smoke_compares_at_the_level_of_repeats(smoke_study):
     s = json.loads((out / "summary.json").read_text())
     assert s["repeats"] == 2 and len(s["comparisons"]) == 11
     for c in s["comparisons"]:
-        assert set(c) >= KEYS and c["replicates"] == s["repeats"] and "two-level bootstrap" in c["method"]
+        assert set(c) >= KEYS and c["replicates"] == s["repeats"] and "exact sign-flip" in c["method"]
         assert c["p_holm"] >= c["p"] and c["ci"][0] <= c["diff"] <= c["ci"][1]
+        assert c["p"] in (0.5, 1.0) and c["mde"] == np.inf  # 2 repeats: 2 sign patterns of 4 at least; no Holm pass
     assert len(s["answers"]) == 2 and s["answers"][0].startswith("Does the VAE") and s["answers"][1] in r.stdout
     assert all(len(s["median_per_repeat"][t][g]) == 2 for t in SETS for g in GROUPS)
     preds = pd.read_csv(out / "preds.csv")
     assert {"repeat", "train_set", "image", "test_group", "skin_type", "diagnosis", "mse", "latent_std",
             "seed"} <= set(preds.columns)
     assert len(preds) == 2 * 3 * 2 * 8 and not preds.duplicated(["repeat", "train_set", "image"]).any()
-    assert "two-level bootstrap" in (out / "comparisons.md").read_text()
+    assert "exact sign-flip" in (out / "comparisons.md").read_text() and s["min_holm_p"] == 1
     assert "two-level bootstrap" in (out / "medians.md").read_text()
 
 
@@ -89,7 +90,7 @@ def test_comparisons_find_a_planted_gap_and_no_gap_where_none():
     gap: CIs contain 0."""
     # 10 repeats (the quick scale's): 10 differences of one sign give the exact sign-flip p 2 / 1024, Holm p 0.008
     # over the 4 primary rows and 0.014 over the 7 exploratory ones
-    c = {(x["metric"], x["a"][0], x["b"][0]): x for x in compare_groups(planted(0.05, -0.03), n_boot=1000)}
+    c = {(x["metric"], x["a"][0], x["b"][0]): x for x in compare_groups(planted(0.05, -0.03))}
     for t, gap in (("A", 0.05), ("B", 0.05), ("C", 0.02)):
         d = c[(f"median MSE, training set {t} ({SETS[t]})", "d", "l")]
         assert abs(d["diff"] - gap) < 0.005 and d["ci"][0] > 0 and d["p_holm"] < 0.05 and d["replicates"] == 10
@@ -99,11 +100,11 @@ def test_comparisons_find_a_planted_gap_and_no_gap_where_none():
     assert d["ci"][0] <= 0 <= d["ci"][1]
     d = c[("median MSE gap dark - light", "C", "A")]  # the gap closes by 0.03 under C: a difference in differences
     assert abs(d["diff"] + 0.03) < 0.005 and d["ci"][1] < 0
-    null = compare_groups(planted(0.0), n_boot=400)
+    null = compare_groups(planted(0.0))
     for d in null[:3]:
         assert d["ci"][0] <= 0 <= d["ci"][1] and abs(d["diff"]) < 0.01
     said = answers(null)
-    assert "cannot tell" in said[0] and "cannot tell" not in answers(compare_groups(planted(0.05), n_boot=400))[0]
+    assert "cannot tell" in said[0] and "cannot tell" not in answers(compare_groups(planted(0.05)))[0]
 
 
 def test_train_resvae_end_to_end_on_a_fitzpatrick_layout(tmp_path):

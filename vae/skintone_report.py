@@ -6,8 +6,9 @@
     recon/<set>.npz     repeat 0's light and dark test images and their reconstructions after training set <set>
 
 Inference is at the level of repeats (docs/METHODS.md): a statistic is the median of a repeat's test images,
-averaged over repeats, with a two-level bootstrap CI (repeats, then test images within each; fairness/compare.py)
-and an exact sign-flip p over the repeats' differences (fairness.compare.sign_flip_p; smallest p 2 / 2^R).
+averaged over repeats. A comparison's p is the exact sign-flip test over the repeats' differences, its CI the one
+that inverts the same test (fairness.compare.sign_flip_test; smallest p 2 / 2^R); a median's CI in medians.md is a
+two-level bootstrap (repeats, then test images within each; fairness/compare.py).
 
     python -m vae.skintone_report --out results/skintone     # rebuild a finished run's report from its files
 """
@@ -23,7 +24,7 @@ from common.errors import DataError
 from common.report import footer, markdown_table, report_command, save_grid, write_table
 from common.runs import write_json
 from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, family_facts,
-                              paired_difference_replicates, sign_flip_p, with_holm)
+                              paired_difference_replicates, sign_flip_test, with_holm)
 from fairness.figures import boxplots
 from vae.skin import SETS
 
@@ -47,15 +48,27 @@ def median_of(v):
 
 def two_level(replicates, n_boot, seed):
     """paired_difference_replicates over the repeats, its method named in this study's units (one test image per
-    unit; each repeat has its own test images, so each draws its own), for the difference and its CI; the p is the
-    exact sign-flip test over the repeats' own differences (the repeats are the independent units: each trains its
-    own models on its own draw), whose smallest value 2 / 2^R sets how many repeats a family needs."""
+    unit; each repeat has its own test images, so each draws its own): the CI of a median in medians.md."""
     d = paired_difference_replicates(replicates, n_boot=n_boot, seed=seed)
-    per_repeat = [a(np.arange(len(c))) - b(np.arange(len(c))) for a, b, c in replicates]
     method = d["method"].replace("test patients", "test images").replace("patients", "test images")
-    method += f"; p: exact sign-flip test over the {len(per_repeat)} repeats' differences"
-    return {**d, "p": sign_flip_p(per_repeat) if np.all(np.isfinite(per_repeat)) else float("nan"),
-            "method": method}
+    return {**d, "method": method}
+
+
+def over_repeats(replicates):
+    """A comparison at the level of repeats (the independent units: each trains its own models on its own draw):
+    the mean of the repeats' differences, with the exact sign-flip test over them and the CI that inverts the same
+    test (fairness.compare.sign_flip_test), so that p and CI agree; each repeat's difference is taken on all of its
+    test images, whose noise is inside the spread between repeats. The smallest p, 2 / 2^R, sets how many repeats a
+    family needs."""
+    per_repeat = [a(np.arange(len(c))) - b(np.arange(len(c))) for a, b, c in replicates]
+    n = sum(len(c) for _, _, c in replicates)
+    method = (f"exact sign-flip test over the {len(per_repeat)} repeats' differences, CI by inverting it; each "
+              f"difference on its repeat's own test images")
+    if not np.all(np.isfinite(per_repeat)):
+        return {"diff": float("nan"), "ci": [float("nan")] * 2, "p": float("nan"), "se": float("nan"),
+                "mde": float("nan"), "n_units": n, "replicates": len(per_repeat), "method": method}
+    d = sign_flip_test(per_repeat)
+    return {**d, "mde": float("nan"), "n_units": n, "replicates": len(per_repeat), "method": method}
 
 
 def cell(df, r, s, g=None):
@@ -65,8 +78,8 @@ def cell(df, r, s, g=None):
 
 
 def replicate_median(df, s, g, col, n_boot, seed):
-    """Mean over repeats of the per-repeat median of `col` (set s, group g), with its two-level bootstrap CI: the
-    same bootstrap as the comparisons, with 0 as the second condition. Returns (value, ci, per-repeat medians)."""
+    """Mean over repeats of the per-repeat median of `col` (set s, group g), with its two-level bootstrap CI (0 as
+    the second condition). Returns (value, ci, per-repeat medians)."""
     reps = []
     for r in sorted(df["repeat"].unique()):
         v = cell(df, r, s, g)[col].to_numpy()
@@ -75,8 +88,9 @@ def replicate_median(df, s, g, col, n_boot, seed):
     return d["diff"], d["ci"], [a(np.arange(len(c))) for a, _, c in reps]
 
 
-def compare_groups(df, n_boot=1000, seed=0):
-    """The study's comparisons of median MSE, each over repeats with the two-level bootstrap, Holm over all:
+def compare_groups(df):
+    """The study's comparisons of median MSE, each at the level of repeats (over_repeats: exact sign-flip p and the
+    CI that inverts it), Holm over the declared primaries and, separately, over the rest:
     dark - light within each training set (the repeat's 2 n_test test images of that set), and each group across
     training sets (B - A, C - A, C - B: the same test images within a repeat, so paired). A list of
     fairness.compare.comparison rows with p_holm."""
@@ -90,7 +104,7 @@ def compare_groups(df, n_boot=1000, seed=0):
             reps.append((lambda i, m=mse, k=dark: median_of(m[i][k[i]]),
                          lambda i, m=mse, k=dark: median_of(m[i][~k[i]]), d["image"].to_numpy()))
         rows.append(comparison(f"median MSE, training set {s} ({SETS[s]})", "dark", "light",
-                               two_level(reps, n_boot, seed)))
+                               over_repeats(reps)))
     for a, b in (("C", "A"), ("B", "A")):  # does more dark skin close the gap: (dark - light) under a minus under b
         reps = []
         for r in repeats:
@@ -102,7 +116,7 @@ def compare_groups(df, n_boot=1000, seed=0):
                 return lambda i: median_of(m[i][k[i]]) - median_of(m[i][~k[i]])
             reps.append((gap(da["mse"].to_numpy()), gap(db["mse"].to_numpy()), da["image"].to_numpy()))
         rows.append(comparison("median MSE gap dark - light", f"{a} ({SETS[a]})", f"{b} ({SETS[b]})",
-                               two_level(reps, n_boot, seed)))
+                               over_repeats(reps)))
     for g in GROUPS:
         for a, b in (("B", "A"), ("C", "A"), ("C", "B")):
             reps = []
@@ -112,7 +126,7 @@ def compare_groups(df, n_boot=1000, seed=0):
                 reps.append((lambda i, m=da["mse"].to_numpy(): median_of(m[i]),
                              lambda i, m=db["mse"].to_numpy(): median_of(m[i]), da["image"].to_numpy()))
             rows.append(comparison(f"median MSE, {g} test images", f"{a} ({SETS[a]})", f"{b} ({SETS[b]})",
-                                   two_level(reps, n_boot, seed)))
+                                   over_repeats(reps)))
     return with_holm(rows, primary=PRIMARY)
 
 
@@ -196,12 +210,14 @@ def write_comparisons(out, comparisons, said, repeats, n_test, tag):
                 title=f"Median reconstruction MSE compared, at the level of repeats ({tag})",
                 notes=[said[0], said[1],
                        f"Each difference is the mean over {repeats} repeats of the per-repeat difference of "
-                       f"median MSE; {comparisons[0]['method']}. Units: test images (one per unit): dark - light "
-                       f"within a training set resamples the repeat's {2 * n_test} test images of both groups; "
-                       f"across training sets the same test images are drawn for both sets (paired). Primary: the "
+                       f"median MSE; {comparisons[0]['method']}. Units: the {repeats} repeats (n is their test "
+                       f"images: dark - light within a training set on the repeat's {2 * n_test} test images of both "
+                       f"groups; across training sets on the same test images, paired). The smallest p {repeats} "
+                       f"repeats allow is 2 / 2^{repeats} = {2 / 2 ** repeats:.2g}. Primary: the "
                        f"{sum(c['primary'] for c in comparisons)} comparisons that answer the questions, declared in "
-                       f"code, p (Holm) over them alone; the other rows are exploratory. MDE = (z + 0.84) "
-                       f"x the bootstrap SE at the family's first Holm step (power 0.8)."])
+                       f"code, p (Holm) over them alone; the other rows are exploratory. MDE = (t + t_0.8) x the SE "
+                       f"over repeats (SD / sqrt(R), Student t on R - 1 df) at the family's first Holm step (power "
+                       f"0.8); infinite where the family cannot pass Holm at all."])
 
 
 def write_per_repeat(out, df, repeats, tag):
@@ -275,7 +291,8 @@ def write_readme(out, said, rows, summary, tag):
             f"Each training set (A 100% light, B 50/50, C 100% dark) trains its own residual VAE in each of "
             f"{summary['repeats']} repeats; every repeat draws its own light and dark test images. The answers come "
             f"from comparisons.md (dark - light within a set, and each group across sets; differences of medians "
-            f"averaged over repeats, two-level bootstrap CI, p from an exact sign-flip test over the repeats, Holm over the primary rows); 'cannot tell at this scale' "
+            f"averaged over repeats, p from an exact sign-flip test over the repeats and the CI that inverts it, "
+            f"Holm over the primary rows); 'cannot tell at this scale' "
             f"means the CI holds 0 or the difference does not survive Holm's correction, and the MDE is the "
             f"smallest effect the design would have seen. per_repeat.md has each repeat alone, std_vs_mse.md whether the latent std tracks the error, "
             f"fig3-fig8 the figures. Sizes {summary['sizes']}, scale {summary['scale']}, VGG19 {summary['vgg']}. "
@@ -300,7 +317,7 @@ def write_report(out):
                "sizes": plan["sizes"], "seconds": plan["seconds"]}
     rows = medians_rows(summary)
     write_medians(out, rows, summary, plan, tag)
-    comparisons = compare_groups(df, n_boot, seed)
+    comparisons = compare_groups(df)
     summary["comparisons"], summary["answers"] = comparisons, answers(comparisons)
     summary.update(family_facts(comparisons, plan["n_boot"], sign_flip_units=len(repeats)))
     write_comparisons(out, comparisons, summary["answers"], len(repeats), plan["n_test"], tag)
