@@ -227,7 +227,7 @@ def fairness_table(out, rows, plan, t, bf16):
                        "Classifier training arithmetic: " + arithmetic, cvae + f"Classifier weights: {plan['weights']}."])
 
 
-def comparisons_table(out, summary, plan, t):
+def comparisons_table(out, summary, plan, t, preds_name="preds.csv.gz"):
     write_table(out / "comparisons", COMPARISON_HEADER, comparison_rows(summary["comparisons"]),
                 title=f"Paired comparisons of conditions on the same out-of-fold test patients ({plan['data']}, "
                       f"{len(t)} images, {t['patient_id'].nunique()} patients)",
@@ -241,7 +241,7 @@ def comparisons_table(out, summary, plan, t):
                        f"separately over the rows marked exploratory, which answer no question. MDE = (z + 0.84) x "
                        f"bootstrap SE at the family's first Holm step (alpha 0.05 / family size): effects smaller "
                        f"would usually be missed. {training_noise(plan)}. "
-                       f"Recompute from preds.csv.gz (one row per image, condition and replicate)."] + summary["answers"])
+                       f"Recompute from {preds_name} (one row per image, condition and replicate)."] + summary["answers"])
 
 
 def figures(out, summary, curves0, plan):
@@ -261,8 +261,9 @@ def write_report(out, n_boot=None):
     plan = json.loads((out / "plan.json").read_text())
     plan["n_boot"] = n_boot or plan["n_boot"]
     training = json.loads((out / "training.json").read_text())
-    preds = out / "preds.csv.gz"  # runs before 2026-12-03 wrote it as text (preds.csv)
-    t, arrays = read_preds(preds if preds.is_file() else out / "preds.csv", plan["conditions"])
+    preds = out / "preds.csv.gz"
+    preds = preds if preds.is_file() else out / "preds.csv"  # runs before 2026-12-03 wrote it as text
+    t, arrays = read_preds(preds, plan["conditions"])
     sex, pid = t["sex"].to_numpy(), t["patient_id"].to_numpy()
     Y = arrays[plan["conditions"][0]][0][0]
     findings = [j for j in range(14) if Y[:, j].sum() >= 5]
@@ -286,14 +287,14 @@ def write_report(out, n_boot=None):
     summary["comparisons"] = comparisons(arrays, sex, pid, plan["n_boot"], plan["seed"])
     summary.update(family_facts(summary["comparisons"], plan["n_boot"]))
     summary["answers"] = answers(summary["comparisons"])
-    comparisons_table(out, summary, plan, t)
+    comparisons_table(out, summary, plan, t, preds.name)
     write_json(out / "summary.json", summary)
     planted = f"{plan['plant']['label']}, a positive control: " if plan.get("plant") else ""
     write_readme(out, planted + "Do CVAE-generated female chest X-rays help a sex-imbalanced classifier on women? "
                  "(Korb & Hall)",
                  summary["answers"], ["fairness.md", "comparisons.md"],
                  notes=[f"Per-finding tables: {', '.join(f'table_{c}.md' for c in plan['conditions'])}; every "
-                        f"prediction, per image with its patient and sex: preds.csv.gz; the stage commands: stages.json."])
+                        f"prediction, per image with its patient and sex: {preds.name}; the stage commands: stages.json."])
     print((out / "comparisons.md").read_text())
     print((out / "fairness.md").read_text())
     return summary
