@@ -44,12 +44,26 @@ def sign_flip_p(values):
     models and test images), under the null that each is symmetric about 0: the share of the 2^R sign patterns whose
     |sum| is at least the observed one. Its smallest value is 2 / 2^R (all R differences of one sign; 2 / 2^(R - z)
     with z exact zeros): 6 repeats can never go below 1/32, 10 reach 1/512. 1 to 20 values."""
+    return float(_sign_flip_ps(values, [0.0])[0])
+
+
+def _sign_flip_ps(values, shifts):
+    """sign_flip_p(values - d) for every d in shifts, with the 2^R sign patterns built once: a pattern's sum of
+    values - d is its sum of values minus d times its sum of signs."""
     v = np.asarray(values, float)
     if not 1 <= len(v) <= 20 or not np.all(np.isfinite(v)):
         raise ValueError(f"sign_flip_p: {len(v)} values; 1 to 20 finite ones needed")
     signs = 1 - 2 * ((np.arange(2 ** len(v))[:, None] >> np.arange(len(v))) & 1)
-    sums = np.abs(signs @ v)
-    return float(np.mean(sums >= abs(v.sum()) - 1e-9 * np.abs(v).sum()))  # mirror patterns tie up to rounding
+    d = np.asarray(shifts, float)
+    sums = np.abs((signs @ v)[:, None] - np.outer(signs.sum(1), d))  # (patterns, shifts)
+    observed = np.abs(v.sum() - len(v) * d)
+    tol = 1e-9 * np.abs(v[:, None] - d).sum(0)  # mirror patterns tie up to rounding
+    return np.mean(sums >= observed - tol, axis=0)
+
+
+def sign_flip_floor(family_size, n_values):
+    """The smallest Holm p a family of sign_flip_p's over n_values replicates can reach: family_size x 2 / 2^R."""
+    return min(1.0, family_size * 2.0 ** (1 - n_values)) if family_size else float("nan")
 
 
 def sign_flip_test(values, alpha=0.05):
@@ -60,8 +74,8 @@ def sign_flip_test(values, alpha=0.05):
     v = np.asarray(values, float)
     p = sign_flip_p(v)
     grid = np.linspace(v.min(), v.max(), 4001)
-    kept = grid[[sign_flip_p(v - d) > alpha for d in grid]]
-    ci = [float(kept.min()), float(kept.max())] if len(kept) and 2.0 ** (1 - len(v)) <= alpha \
+    kept = grid[_sign_flip_ps(v, grid) > alpha]
+    ci = [float(kept.min()), float(kept.max())] if len(kept) and sign_flip_floor(1, len(v)) <= alpha \
         else [float("-inf"), float("inf")]  # too few replicates: no shift can be rejected
     se = float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
     return {"diff": float(v.mean()), "ci": ci, "p": p, "se": se, "df": len(v) - 1}
@@ -304,7 +318,7 @@ def with_holm(comparisons, primary=None):
             se, df = out[i].get("se", float("nan")), out[i].get("df")
             out[i].update(p_holm=p_holm if np.isfinite(out[i]["p"]) else float("nan"),
                           mde=mde(se, len(members), df) if np.isfinite(se) else out[i]["mde"])
-            if df is not None and len(members) * 2.0 ** -df >= 0.05:  # a sign-flip p over df + 1 replicates
+            if df is not None and sign_flip_floor(len(members), df + 1) >= 0.05:  # sign-flip p's over df + 1
                 out[i]["mde"] = float("inf")  # cannot pass this family's first Holm step whatever the effect
     return out
 
@@ -317,7 +331,7 @@ def family_facts(comparisons, n_resamples, sign_flip_units=None):
     if sign_flip_units is None:
         return {"primary_family_size": k, "n_boot": n_resamples, "min_holm_p": min_holm_p(k, n_resamples)}
     return {"primary_family_size": k, "n_boot": n_resamples, "p_test": f"exact sign-flip over {sign_flip_units} "
-            f"replicates", "min_holm_p": min(1.0, k * 2.0 ** (1 - sign_flip_units)) if k else float("nan")}
+            f"replicates", "min_holm_p": sign_flip_floor(k, sign_flip_units)}
 
 
 def fmt_p(p):
