@@ -1,58 +1,143 @@
-"""A local page where clinicians state preferences between synthetic images: the preference pairs FairGen's DPO
-step needs (diffusion/train_dpo.py --pairs), and the blinded expert evaluation FairGen reports.
+"""A local page where clinicians judge synthetic images: the preference pairs FairGen's DPO step needs
+(diffusion/train_dpo.py --pairs), the blinded expert evaluation FairGen reports, and a reader study (real or
+synthetic?).
 
-Two kinds of pair set, one page:
+Three kinds of set, one page:
 - preference: two samples of one model under the same condition (e.g. "female, Effusion"); the answer says which
   shows the condition better. Exported as the physicians' CSV `condition, preferred_path, rejected_path` (plus the
-  annotator), which `train_dpo --pairs` reads; its outputs then name the clinicians as judge.
+  annotator and a `disagreement` flag), which `train_dpo --pairs` reads; its outputs then name the clinicians.
 - blinded: a real image against a method's sample, or two methods' samples, under the same condition; source and
   side hidden and shuffled. The question: "which better shows the prompted finding?". `make fairgen` writes such a
   set (results/fairgen/blinded_pairs); the export gives each method's preference rate against real images and
   against each other method, with a CI over annotators and pairs, and the agreement between annotators.
+- reader (--reader-study BLINDED_DIR): one image at a time, "real or synthetic?" with a realism rating 1-5; as many
+  real as synthetic images per condition. The export gives each reader's accuracy against 50%, the detection rate
+  per method and per group (are one group's synthetic images easier to spot?), and the agreement between readers.
 
-Choices: left better (key 1), right better (2), both unacceptable (3), cannot tell (4); u undoes the last answer.
-Every answer is appended to answers.csv and flushed to disk at once (a killed server loses nothing answered);
-restarting resumes at each annotator's first unanswered pair; each annotator (by name) gets their own order.
+Who answers: the organiser names the annotators (--annotators "Dr A,Dr B"); the server prints one private link per
+annotator, and only that link answers or undoes as that person (the names and tokens are kept in the set's
+annotators.json, so links survive a restart: do not share or commit that file). Every annotator first answers the
+same calibration block (--calibration pairs, in the same order: the overlap agreement is measured on), then their
+share of the rest, split among the named annotators.
+
+Only deliberate answers count: a pair can be answered once it has been on screen --min-view-ms, key repeats and keys
+still held from the previous pair are ignored, buttons never keep the focus. Every answer is appended to
+answers.csv with the time it was on screen and fsynced at once (a killed server loses nothing answered); a last line
+cut short is moved aside to answers.torn-<time>.txt before anything is appended.
 
     # from a trained DDPM: draw 2 x 20 samples per condition, then serve the page on http://127.0.0.1:8765
-    python -m diffusion.annotate --ckpt runs/results/fairgen/cxr-seed0/sqrs_cb/ckpt.pt --pairs-per-class 20 --out prefs
-    python -m diffusion.annotate --serve prefs          # serve an existing pair set again (or results/fairgen/...)
-    python -m diffusion.annotate --export prefs --out pairs.csv   # the CSV for train_dpo, and summary.json
+    python -m diffusion.annotate --ckpt runs/results/fairgen/cxr-seed0/sqrs_cb/ckpt.pt --pairs-per-class 20 \
+        --out prefs --annotators "Dr A,Dr B"
+    python -m diffusion.annotate --serve prefs          # serve it again: the same links
+    python -m diffusion.annotate --export prefs --out pairs.csv   # the CSV for train_dpo, and its summary
     python -m diffusion.train_dpo --init .../sqrs_cb/ckpt.pt --pairs pairs.csv --data cxr --size 32 --out-dir dpo
+    # a reader study on make fairgen's blinded set
+    python -m diffusion.annotate --reader-study results/fairgen/blinded_pairs/cxr --out reading_cxr \
+        --annotators "Dr A,Dr B,Dr C"
 
-Safety: the server binds 127.0.0.1 unless --host says otherwise; it serves the page and the pair set's images by
-pair id only (no path from a request reaches the file system); answers are validated; it refuses a folder whose
-answers belong to another pair set; it sends nothing anywhere.
+Safety: the server binds 127.0.0.1 unless --host says otherwise; it serves the page and the set's images by id only
+(no path from a request reaches the file system); every field of a request is type-checked (one 400 line);
+requests whose headers or body do not arrive within a few seconds are dropped; it sends nothing anywhere.
 """
 import argparse
+import fcntl
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import json
 from pathlib import Path
 import re
-from urllib.parse import parse_qs
+import socket
+import sys
+import threading
 
-from common.cli import ArgumentParser, nonneg_float, port, positive_int, run
+from common.cli import ArgumentParser, nonneg_float, nonneg_int, port, positive_int, run
 from common.errors import DataError
 from common.runs import device_from
-from diffusion.annotate_answers import NAME, Store
+from diffusion.annotate_answers import Store
 from diffusion.annotate_export import export
 from diffusion.annotate_page import PAGE
 from diffusion.annotate_pairs import (dir_candidates, load_pair_set, model_recipe, preference_pairs_from_dir,
-                                      preference_pairs_from_model, write_pair_set)
+                                      preference_pairs_from_model, reader_items, write_pair_set, write_reader_set)
 from diffusion.annotate_pairs import blinded_pairs  # noqa: F401  (re-exported: diffusion/fairgen_study.py imports it)
+
+REQUEST_SECONDS = 5  # a connection that has not sent its whole request (line, headers, body) by then is closed
+FIELDS = {"/api/answer": {"pair_id": str, "choice": str, "note": str, "rating": int}, "/api/undo": {}}
+
+
+def checked_body(raw, path):
+    """The JSON object of a POST, every field of the type the endpoint expects (ValueError names the field)."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise ValueError("request body nested too deeply")
+    if not isinstance(body, dict):
+        raise ValueError("expected a JSON object")
+    expected = FIELDS[path]
+    for key, value in body.items():
+        if key not in expected:
+            raise ValueError(f"unknown field {key!r} (expected {sorted(expected)})")
+        want = expected[key]
+        if value is None and key in ("note", "rating"):
+            continue
+        if not isinstance(value, want) or isinstance(value, bool):
+            raise ValueError(f"{key}: expected {'text' if want is str else 'a whole number'}")
+    for key in expected:
+        if key in ("pair_id", "choice") and key not in body:
+            raise ValueError(f"{key}: missing")
+    note = body.get("note") or ""
+    if len(note) > 500:
+        raise ValueError("note: text of at most 500 characters")
+    return body
+
+
+class Forbidden(Exception):
+    """A request without a valid annotator token."""
 
 
 def make_handler(store, allowed_hosts):
-    """The request handler. Besides validating every answer it refuses requests that a page of another site could
-    make through the clinician's browser: a Host that is not one of allowed_hosts (DNS rebinding; None: any, for a
-    server opened to the network with --host), a POST whose Origin is another site's or whose body is not
-    application/json (a cross-site form or text/plain POST); and it forbids framing (clickjacking)."""
+    """The request handler. Answers and undos need the annotator's token (header X-Annotator-Token, from their
+    private link). Besides it refuses requests that a page of another site could make through the clinician's
+    browser: a Host that is not one of allowed_hosts (DNS rebinding; None: any, for a server opened to the network
+    with --host), a POST whose Origin is another site's or whose body is not application/json (a cross-site form or
+    text/plain POST); and it forbids framing (clickjacking)."""
     class Handler(BaseHTTPRequestHandler):
+        timeout = REQUEST_SECONDS  # socket timeout: a client that goes silent frees its thread
+
+        def setup(self):
+            """One request per connection (HTTP/1.0), and a deadline for all of it: a client that drips its
+            headers or body a byte at a time is cut off too."""
+            super().setup()
+            self.expired = False
+            self.deadline = threading.Timer(REQUEST_SECONDS, self.cut_off)
+            self.deadline.daemon = True
+            self.deadline.start()
+
+        def cut_off(self):
+            self.expired = True  # what the handler then reads is cut short: it answers nothing
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+        def handle(self):
+            try:
+                super().handle()
+            except (BrokenPipeError, ConnectionResetError):  # the client left, or was cut off: nobody to answer
+                pass
+
+        def finish(self):
+            self.deadline.cancel()
+            try:
+                super().finish()
+            except OSError:  # the connection was cut off
+                pass
+
         def log_message(self, *a):
             pass
 
         def send(self, code, body, ctype="application/json"):
-            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            if self.expired:
+                return
+            data = body if isinstance(body, bytes) else json.dumps(body, allow_nan=False).encode()
             self.send_response(code)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(data)))
@@ -60,14 +145,15 @@ def make_handler(store, allowed_hosts):
             self.send_header("X-Content-Type-Options", "nosniff")
             self.send_header("X-Frame-Options", "DENY")
             self.send_header("Content-Security-Policy", "frame-ancestors 'none'")
+            self.send_header("Referrer-Policy", "no-referrer")
             self.end_headers()
             self.wfile.write(data)
 
-        def name(self, value):
-            value = (value or "").strip()
-            if not NAME.fullmatch(value):
-                raise ValueError("name: 1-40 letters, digits, spaces, dots, dashes or underscores")
-            return value
+        def annotator(self):
+            name = store.roster.who(self.headers.get("X-Annotator-Token"))
+            if name is None:
+                raise Forbidden("this link is not valid: open the private link the organiser gave you")
+            return name
 
         def foreign(self, post):
             """Why this request is refused as coming from another site, or None."""
@@ -84,49 +170,62 @@ def make_handler(store, allowed_hosts):
         def do_GET(self):
             if self.foreign(post=False):
                 return self.send(403, {"error": self.foreign(post=False)})
-            path, _, query = self.path.partition("?")
+            path = self.path.partition("?")[0]
             try:
                 if path == "/":
                     return self.send(200, PAGE.encode(), "text/html; charset=utf-8")
                 if path == "/api/state":
-                    return self.send(200, store.state(self.name(parse_qs(query).get("annotator", [""])[0])))
-                m = re.fullmatch(r"/img/(p\d{4,})/(left|right)", path)
-                if m and m.group(1) in store.pairs:  # by pair id only: no request path reaches the file system
-                    return self.send(200, (store.folder / store.pairs[m.group(1)][m.group(2)]).read_bytes(),
-                                     "image/png")
+                    return self.send(200, store.state(self.annotator()))
+                m = re.fullmatch(r"/img/(p\d{4,})/(left|right|image)", path)
+                side = m and store.pairs.get(m.group(1), {}).get(m.group(2))
+                if side:  # by pair id only: no request path reaches the file system
+                    return self.send(200, (store.folder / side).read_bytes(), "image/png")
                 return self.send(404, {"error": "not found"})
-            except ValueError as e:
-                return self.send(400, {"error": str(e)})
+            except Forbidden as e:
+                return self.send(403, {"error": str(e)})
 
         def do_POST(self):
             why = self.foreign(post=True)
             if why:
                 return self.send(403, {"error": why})
             try:
+                if self.path not in FIELDS:
+                    return self.send(404, {"error": "not found"})
                 n = int(self.headers.get("Content-Length") or 0)
                 if not 0 < n <= 4096:
                     raise ValueError("request body missing or too large")
-                body = json.loads(self.rfile.read(n))
-                if not isinstance(body, dict):
-                    raise ValueError("expected a JSON object")
-                name = self.name(body.get("annotator"))
+                body = checked_body(self.rfile.read(n), self.path)
+                name = self.annotator()
                 if self.path == "/api/answer":
-                    note = body.get("note") or ""
-                    if not isinstance(note, str) or len(note) > 500:
-                        raise ValueError("note: text of at most 500 characters")
-                    return self.send(200, store.answer(name, str(body.get("pair_id")), str(body.get("choice")),
-                                                       note))
-                if self.path == "/api/undo":
-                    return self.send(200, store.undo(name))
-                return self.send(404, {"error": "not found"})
+                    return self.send(200, store.answer(name, body["pair_id"], body["choice"], body.get("note") or "",
+                                                       body.get("rating")))
+                return self.send(200, store.undo(name))
+            except Forbidden as e:
+                return self.send(403, {"error": str(e)})
             except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
                 return self.send(400, {"error": str(e)})
+            except OSError as e:  # the answer could not be written (disk full, read-only): said, not saved
+                print(f"could not write {store.folder / 'answers.csv'}: {e}", file=sys.stderr, flush=True)
+                return self.send(500, {"error": "the server could not save this answer (see its console); tell "
+                                                "the organiser"})
     return Handler
 
 
-def serve(folder, host="127.0.0.1", port=8765):
-    """Serve the page for the pair set in `folder` until Ctrl-C."""
-    store = Store(folder)
+def serve(folder, host="127.0.0.1", port=8765, annotators=(), calibration=None, min_view_ms=300):
+    """Serve the page for the set in `folder` until Ctrl-C, one private link per named annotator. One server per
+    folder: a second one would keep its own copy of the log."""
+    lock = open(Path(folder) / ".serving.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise DataError(f"--serve {folder}: another server is serving this folder; stop it first (two would each "
+                        f"keep their own copy of the answers)")
+    store = Store(folder, min_view_ms / 1000)
+    if annotators:  # later serves without --annotators keep the roster (and its calibration block) as it is
+        store.roster.add(annotators, calibration, len(store.pairs))
+    if not store.roster.people:
+        raise DataError(f"--annotators: name who may answer (e.g. --annotators \"Dr A,Dr B\"); the server prints "
+                        f"one private link per annotator")
     try:
         server = ThreadingHTTPServer((host, port), make_handler(store, None))
     except (OSError, OverflowError) as e:
@@ -134,8 +233,14 @@ def serve(folder, host="127.0.0.1", port=8765):
     bound = server.server_address[1]
     if host in ("127.0.0.1", "localhost"):  # only this machine's names: a rebound DNS name is refused
         server.RequestHandlerClass = make_handler(store, {f"{h}:{bound}" for h in ("127.0.0.1", "localhost")})
-    print(f"{len(store.pairs)} pairs ({store.manifest['kind']}) from {folder}; answers go to "
-          f"{Path(folder) / 'answers.csv'}\nopen http://{host}:{bound}/ (Ctrl-C stops; restarting resumes)", flush=True)
+    names = store.roster.names()
+    print(f"{len(store.pairs)} {'images' if store.kind == 'reader' else 'pairs'} ({store.kind}) from {folder}; "
+          f"answers go to {Path(folder) / 'answers.csv'}; calibration block: {store.roster.calibration}, then the "
+          f"rest split among {len(names)} annotator{'s' if len(names) > 1 else ''}\nprivate links (one per "
+          f"annotator; whoever holds a link answers as that person):", flush=True)
+    for p in store.roster.people:
+        print(f"  {p['name']}: http://{host}:{bound}/#t={p['token']}", flush=True)
+    print(f"open http://{host}:{bound}/ through a link above (Ctrl-C stops; restarting resumes)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -150,10 +255,21 @@ def parse_args(argv=None):
     src.add_argument("--ckpt", help="a train_ddpm.py / train_dpo.py checkpoint: draw the candidate pairs from it")
     src.add_argument("--from-dir", help="candidate images in one subfolder per condition ('|' in a class name "
                      "written '__', e.g. F__finding/)")
-    src.add_argument("--serve", metavar="DIR", help="serve the pair set already in DIR")
-    src.add_argument("--export", metavar="DIR", help="write the answers in DIR as train_dpo's pairs CSV (--out) and "
-                     "a summary (<out>_summary.json)")
-    p.add_argument("--out", help="the pair-set folder to create (--ckpt, --from-dir), or the CSV (--export)")
+    src.add_argument("--reader-study", metavar="BLINDED_DIR", help="make a reader study (real or synthetic?) from "
+                     "a blinded pair set, e.g. results/fairgen/blinded_pairs/cxr, into --out")
+    src.add_argument("--serve", metavar="DIR", help="serve the set already in DIR")
+    src.add_argument("--export", metavar="DIR", help="write the answers in DIR as a CSV (--out; for a preference "
+                     "set the one train_dpo reads) and a summary (<out>_summary.json)")
+    p.add_argument("--out", help="the set's folder to create (--ckpt, --from-dir, --reader-study), or the CSV "
+                   "(--export)")
+    p.add_argument("--annotators", default="", help="comma-separated names of who may answer, e.g. \"Dr A,Dr "
+                   "O'Brien\" (letters of any alphabet, spaces, apostrophes, hyphens, dots; case and spacing do not "
+                   "make another person); needed the first time a set is served, later ones add people")
+    p.add_argument("--calibration", type=nonneg_int, default=None, help="pairs every annotator answers first, in "
+                   "the same order (agreement is measured on them; default 20); the rest is split among the "
+                   "annotators. Fixed when a set is first served")
+    p.add_argument("--min-view-ms", type=nonneg_int, default=300, help="a pair can be answered only after it has "
+                   "been on screen this long")
     p.add_argument("--pairs-per-class", type=positive_int, default=20, help="pairs per condition")
     p.add_argument("--steps", type=positive_int, default=25, help="DDIM steps for the candidates (--ckpt)")
     p.add_argument("--guidance", type=nonneg_float, default=1.0, help="guidance scale of the candidates (--ckpt)")
@@ -162,11 +278,12 @@ def parse_args(argv=None):
     p.add_argument("--host", default="127.0.0.1", help="IPv4 address or name to listen on (default: this machine "
                    "only)")
     p.add_argument("--port", type=port, default=8765, help="port to listen on (0: any free port)")
-    p.add_argument("--no-serve", action="store_true", help="write the pair set, do not start the server")
+    p.add_argument("--no-serve", action="store_true", help="write the set, do not start the server")
     p.add_argument("--force", action="store_true", help="--export: replace an earlier export")
     args = p.parse_args(argv)
-    if (args.ckpt or args.from_dir or args.export) and not args.out:
-        p.error("--out is required with --ckpt, --from-dir and --export")
+    if (args.ckpt or args.from_dir or args.reader_study or args.export) and not args.out:
+        p.error("--out is required with --ckpt, --from-dir, --reader-study and --export")
+    args.annotators = [a for a in args.annotators.split(",") if a.strip()]
     return args
 
 
@@ -177,13 +294,19 @@ def main(args):
     if not args.serve:
         if args.ckpt:
             recipe = model_recipe(args.ckpt, args.pairs_per_class, args.steps, args.guidance, args.seed)
-            make = lambda: preference_pairs_from_model(args.ckpt, args.pairs_per_class, args.steps, args.guidance,
-                                                       args.seed, device_from(args.device))
+            make = lambda: write_pair_set(folder, "preference", preference_pairs_from_model(  # noqa: E731
+                args.ckpt, args.pairs_per_class, args.steps, args.guidance, args.seed, device_from(args.device)),
+                recipe)
+        elif args.reader_study:
+            items, source_id = reader_items(args.reader_study, args.seed)
+            recipe = {"reader_study_of": source_id, "seed": args.seed}
+            make = lambda: write_reader_set(folder, items, recipe)  # noqa: E731
         else:
             found = dir_candidates(args.from_dir)
             recipe = {"from_dir": str(Path(args.from_dir).resolve()), "pairs_per_class": args.pairs_per_class,
                       "seed": args.seed, "files": {d.name: [f.name for f in fs] for d, fs in found.items()}}
-            make = lambda: preference_pairs_from_dir(found, args.pairs_per_class, args.seed)
+            make = lambda: write_pair_set(folder, "preference", preference_pairs_from_dir(  # noqa: E731
+                found, args.pairs_per_class, args.seed), recipe)
         if (folder / "pairs.json").is_file():
             old = load_pair_set(folder)
             if old.get("recipe") != recipe:
@@ -193,11 +316,12 @@ def main(args):
         elif folder.exists() and any(folder.iterdir()):
             raise DataError(f"--out {folder}: holds other files; choose a new folder for the pair set")
         else:
-            write_pair_set(folder, "preference", make(), recipe)
+            make()
     if not args.no_serve:
         if args.host not in ("127.0.0.1", "localhost"):
-            print(f"warning: --host {args.host} lets other machines on the network open the page and answer")
-        serve(folder, args.host, args.port)
+            print(f"warning: --host {args.host} lets other machines on the network open the page; only the "
+                  f"private links can answer")
+        serve(folder, args.host, args.port, args.annotators, args.calibration, args.min_view_ms)
 
 
 if __name__ == "__main__":

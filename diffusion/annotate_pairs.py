@@ -17,7 +17,9 @@ from common.runs import write_json
 ATTR_WORDS = {"F": "female", "M": "male", "light": "light skin (Fitzpatrick 1-2)",
               "medium": "medium skin (Fitzpatrick 3-4)", "dark": "dark skin (Fitzpatrick 5-6)"}
 QUESTIONS = {"preference": "Which image better shows this condition?",
-             "blinded": "Which image better shows the prompted finding?"}
+             "blinded": "Which image better shows the prompted finding?",
+             "reader": "Is this image real or synthetic? And how realistic does it look (1 clearly artificial, "
+                       "5 as real as a real image)?"}
 
 
 def condition_text(name):
@@ -60,14 +62,19 @@ PAIR_ID = re.compile(r"p\d{4,}")
 
 def load_pair_set(folder):
     """pairs.json of a folder, checked: every pair has an id p0000..., a condition, and its two images at
-    images/<id>_left.png and images/<id>_right.png (no other path is ever served)."""
+    images/<id>_left.png and images/<id>_right.png (a reader study's item: its one image at images/<id>.png); no
+    other path is ever served."""
     path = Path(folder) / "pairs.json"
     try:
         m = json.loads(path.read_text())
         assert m["kind"] in QUESTIONS and m["pairs"] and isinstance(m["id"], str)
         for p in m["pairs"]:
             assert PAIR_ID.fullmatch(p["id"]) and isinstance(p["condition"], str)
-            assert p["left"] == f"images/{p['id']}_left.png" and p["right"] == f"images/{p['id']}_right.png"
+            if m["kind"] == "reader":
+                assert p["image"] == f"images/{p['id']}.png" and isinstance(p["source"], str) and \
+                    isinstance(p["block"], int)
+            else:
+                assert p["left"] == f"images/{p['id']}_left.png" and p["right"] == f"images/{p['id']}_right.png"
     except FileNotFoundError:
         raise DataError(f"{path}: no pair set here (make one with --ckpt or --from-dir, or check the folder)")
     except (ValueError, KeyError, TypeError, AssertionError) as e:
@@ -148,3 +155,62 @@ def blinded_pairs(real, methods, n, seed):
                               "left_source": sides[0][0], "right_source": sides[1][0]})
     order = rng.permutation(len(pairs))
     return [pairs[i] for i in order]
+
+
+def reader_items(blinded_folder, seed=0):
+    """The reader study's items from a blinded pair set: its distinct images (the same real image can sit in
+    several pairs), in blocks of one real and one synthetic image of one condition (the synthetic ones taken in
+    turn from each method, so that every method is represented); as many blocks per condition as it has real or
+    synthetic images, whichever is fewer. Returns item dicts (condition, image, source, block), shuffled, and the
+    blinded set's id."""
+    m = load_pair_set(blinded_folder)
+    if m["kind"] != "blinded":
+        raise DataError(f"--reader-study {blinded_folder}: a {m['kind']} pair set; the reader study is built from "
+                        f"a blinded one (make fairgen writes results/fairgen/blinded_pairs/<modality>)")
+    rng = np.random.default_rng(seed)
+    seen, pools = set(), {}  # condition -> source -> images
+    for p in m["pairs"]:
+        for side in ("left", "right"):
+            with Image.open(Path(blinded_folder) / p[side]) as im:
+                u8 = np.asarray(im)
+            key = hashlib.sha1(u8.tobytes() + str(u8.shape).encode()).hexdigest()
+            if key not in seen:
+                seen.add(key)
+                pools.setdefault(p["condition"], {}).setdefault(p[f"{side}_source"], []).append(u8)
+    items = []
+    for c, by_source in sorted(pools.items()):
+        real = by_source.get("real", [])
+        methods = {s: [by_source[s][i] for i in rng.permutation(len(by_source[s]))]
+                   for s in sorted(by_source) if s != "real"}
+        synth = []
+        while len(synth) < len(real) and any(methods.values()):
+            for s, imgs in methods.items():
+                if imgs and len(synth) < len(real):
+                    synth.append((s, imgs.pop()))
+        for j, (s, u8) in enumerate(synth):
+            block = len(items) // 2
+            items += [{"condition": c, "image": real[j], "source": "real", "block": block},
+                      {"condition": c, "image": u8, "source": s, "block": block}]
+    if not items:
+        raise DataError(f"--reader-study {blinded_folder}: no condition has both a real and a synthetic image")
+    return [items[i] for i in rng.permutation(len(items))], m["id"]
+
+
+def write_reader_set(folder, items, recipe):
+    """pairs.json of a reader study: one image per item (images/<id>.png), its hidden source and its block."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode())
+    rows = []
+    for i, it in enumerate(items):
+        pid = f"p{i:04d}"
+        rel = f"images/{pid}.png"
+        save_png(it["image"], folder / rel)
+        h.update(np.ascontiguousarray(it["image"]).tobytes())
+        rows.append({"id": pid, "condition": it["condition"], "text": condition_text(it["condition"]),
+                     "group": it["condition"].split("|")[0], "image": rel, "source": it["source"],
+                     "block": it["block"]})
+    manifest = {"kind": "reader", "id": h.hexdigest()[:16], "question": QUESTIONS["reader"], "recipe": recipe,
+                "pairs": rows}
+    write_json(folder / "pairs.json", manifest)
+    return manifest

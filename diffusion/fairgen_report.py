@@ -293,7 +293,7 @@ def modality_rows(summary, out, name, rows):
                             f"{100 * mm['fraction_closer_than_train_p1']:.1f}%"])
     folder = out / "blinded_pairs" / name  # the study gathered it; diffusion/annotate.py serves it
     res["blinded_pairs"] = {"folder": str(folder), "n_pairs": len(read_json(folder / "pairs.json")["pairs"]),
-                            "serve": f"python -m diffusion.annotate --serve {folder}"}
+                            "serve": f"python -m diffusion.annotate --serve {folder} --annotators \"Dr A,Dr B\""}
     return tag
 
 
@@ -468,7 +468,8 @@ def write_readme(out, summary, plan, rows):
         "- More: comparisons.md (every pair of cells), gaps.md (more than two groups), fid.md and subgroup_fidelity.md "
         "(FD and KID per subgroup at equal n), memorization.md, table1_published.md (the paper's numbers, not "
         "comparable), figures (samples_*, radar_auc_*, accuracy_vs_ratio_*, dp_eo_*, fair_bayes_*, memorization_*), "
-        "blinded_pairs/ (`python -m diffusion.annotate --serve`), summary.json, preds_<modality>.csv(.gz).", "",
+        "blinded_pairs/ (`python -m diffusion.annotate --serve DIR --annotators \"Dr A,Dr B\"`, or `--reader-study "
+        "DIR` for a real-or-synthetic reading), summary.json, preds_<modality>.csv(.gz).", "",
         footer()]
     (out / "README.md").write_text("\n".join(lines_) + "\n")
 

@@ -48,6 +48,8 @@ def parse_args(argv=None):
     pref = p.add_mutually_exclusive_group(required=True)
     pref.add_argument("--pairs", help="CSV with columns condition, preferred_path, rejected_path")
     pref.add_argument("--judge", help="classifier checkpoint (target cls) that makes the pairs automatically")
+    p.add_argument("--keep-disagreements", action="store_true", help="--pairs: keep the rows its `disagreement` "
+                   "column marks (pairs on which two clinicians chose opposite images; left out by default)")
     p.add_argument("--pairs-per-class", type=positive_int, default=16, help="pairs per condition the judge makes")
     p.add_argument("--pair-steps", type=positive_int, default=25, help="DDIM steps for the judge's candidate samples")
     p.add_argument("--dpo", default="fairgen", choices=["fairgen", "diffusion"], help="DPO loss form")
@@ -118,8 +120,19 @@ def judge_pairs(model, sched, a, names, judge, jck, device, out, *, n, steps, gu
     return imgs[win], imgs[lose], classes[win]
 
 
-def csv_pairs(path, names, size, channels):
+def csv_pairs(path, names, size, channels, keep_disagreements=False):
+    """The pairs of a --pairs CSV as uint8 arrays. Rows that diffusion.annotate's export marks as `disagreement`
+    (two clinicians chose opposite images of that pair) are left out unless keep_disagreements."""
     df = read_csv_checked(path, ["condition", "preferred_path", "rejected_path"])
+    if "disagreement" in df.columns and not keep_disagreements:
+        split = df["disagreement"].astype(str).str.lower().isin(["true", "1"])
+        if split.any():
+            print(f"--pairs {path}: {int(split.sum())} rows on pairs where clinicians disagree are left out "
+                  f"(--keep-disagreements keeps them)")
+        df = df[~split]
+        if df.empty:
+            raise DataError(f"--pairs {path}: every row is on a pair where clinicians disagree; nothing to train "
+                            f"on (--keep-disagreements keeps them)")
     if df.empty:
         raise DataError(f"--pairs {path}: no pairs (a header and no rows)")
     df["condition"] = df["condition"].astype(str)
@@ -167,7 +180,8 @@ def main(args):
         judge, jck = load_judge(args.judge, names)
         judge_name = f"classifier ({args.judge})"
     else:
-        xw, xl, c, judge_name = csv_pairs(args.pairs, names, a["size"], a["channels"])
+        xw, xl, c, judge_name = csv_pairs(args.pairs, names, a["size"], a["channels"],
+                                                   args.keep_disagreements)
     mod, x_all, cls_all = training_images(args.data, args.size, args.data_root, args.subset, args.split_seed)
     x_all, cls_all = torch.from_numpy(x_all), torch.from_numpy(cls_all)
     if mod.class_names != names:
