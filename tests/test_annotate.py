@@ -275,6 +275,33 @@ def test_slow_clients_are_dropped(server):
     assert not (folder / "answers.csv").exists() and "Traceback" not in srv.output()
 
 
+def test_an_answer_that_cannot_be_written_is_said_and_not_counted(tmp_path, capsys):
+    """A full disk (or any write error) while answering: the page gets one line saying so, the answer does not
+    count, the server's console names the file, and the server goes on."""
+    import threading
+    from http.server import ThreadingHTTPServer
+    from diffusion.annotate import make_handler
+    m = make_set(tmp_path)
+    Roster(tmp_path / "prefs").add(["Dr A"], 0, len(m["pairs"]))
+    store = Store(tmp_path / "prefs", min_view=0)
+
+    def full_disk(row):
+        raise OSError(28, "No space left on device")
+    store.append = full_disk
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(store, None))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        base, tok = f"http://127.0.0.1:{httpd.server_address[1]}", store.roster.people[0]["token"]
+        pid = json.loads(request(base, "/api/state", token=tok)[1])["pair"]["id"]
+        status, body = request(base, "/api/answer", {"pair_id": pid, "choice": "left"}, token=tok)
+        assert status == 500 and b"could not save this answer" in body and b"prefs" not in body
+        s = json.loads(request(base, "/api/state", token=tok)[1])
+        assert s["done"] == 0 and s["pair"]["id"] == pid  # not counted; the same pair again
+    finally:
+        httpd.shutdown()
+    assert "No space left on device" in capsys.readouterr().err
+
+
 def test_requests_another_site_could_make_are_refused(server):
     """A page of another site, open in the clinician's browser, must not answer for them (CSRF), nor read the
     images through a rebound DNS name; and the page may not be framed."""
