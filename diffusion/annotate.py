@@ -40,7 +40,6 @@ Safety: the server binds 127.0.0.1 unless --host says otherwise; it serves the p
 requests whose headers or body do not arrive within a few seconds are dropped; it sends nothing anywhere.
 """
 import argparse
-import fcntl
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import json
 from pathlib import Path
@@ -52,7 +51,7 @@ import threading
 from common.cli import ArgumentParser, nonneg_float, nonneg_int, port, positive_int, run
 from common.errors import DataError
 from common.runs import device_from
-from diffusion.annotate_answers import Store
+from diffusion.annotate_answers import Store, clean_name
 from diffusion.annotate_export import export
 from diffusion.annotate_page import PAGE
 from diffusion.annotate_pairs import (dir_candidates, load_pair_set, model_recipe, preference_pairs_from_dir,
@@ -168,6 +167,7 @@ def make_handler(store, allowed_hosts):
             return None
 
         def do_GET(self):
+            self.deadline.cancel()  # the request is in; a slow download of an image is not cut off
             if self.foreign(post=False):
                 return self.send(403, {"error": self.foreign(post=False)})
             path = self.path.partition("?")[0]
@@ -194,26 +194,35 @@ def make_handler(store, allowed_hosts):
                 n = int(self.headers.get("Content-Length") or 0)
                 if not 0 < n <= 4096:
                     raise ValueError("request body missing or too large")
-                body = checked_body(self.rfile.read(n), self.path)
+                raw = self.rfile.read(n)
+                if len(raw) < n:  # the client left, or was cut off by the deadline
+                    return
+                self.deadline.cancel()  # the request is in: whatever happens now is answered
+                body = checked_body(raw, self.path)
                 name = self.annotator()
-                if self.path == "/api/answer":
-                    return self.send(200, store.answer(name, body["pair_id"], body["choice"], body.get("note") or "",
-                                                       body.get("rating")))
-                return self.send(200, store.undo(name))
+                try:
+                    if self.path == "/api/answer":
+                        done = store.answer(name, body["pair_id"], body["choice"], body.get("note") or "",
+                                            body.get("rating"))
+                    else:
+                        done = store.undo(name)
+                except OSError as e:  # the answer could not be written (disk full, read-only): said, not saved
+                    print(f"could not write {store.folder / 'answers.csv'}: {e}", file=sys.stderr, flush=True)
+                    return self.send(500, {"error": "the server could not save this answer (see its console); "
+                                                    "tell the organiser"})
+                return self.send(200, done)
             except Forbidden as e:
                 return self.send(403, {"error": str(e)})
             except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
                 return self.send(400, {"error": str(e)})
-            except OSError as e:  # the answer could not be written (disk full, read-only): said, not saved
-                print(f"could not write {store.folder / 'answers.csv'}: {e}", file=sys.stderr, flush=True)
-                return self.send(500, {"error": "the server could not save this answer (see its console); tell "
-                                                "the organiser"})
     return Handler
 
 
 def serve(folder, host="127.0.0.1", port=8765, annotators=(), calibration=None, min_view_ms=300):
     """Serve the page for the set in `folder` until Ctrl-C, one private link per named annotator. One server per
     folder: a second one would keep its own copy of the log."""
+    import fcntl  # POSIX; imported here so that the module (and fairgen's import of it) loads anywhere
+    load_pair_set(folder)  # a folder that is no pair set is refused before anything is written into it
     lock = open(Path(folder) / ".serving.lock", "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -222,10 +231,12 @@ def serve(folder, host="127.0.0.1", port=8765, annotators=(), calibration=None, 
                         f"keep their own copy of the answers)")
     store = Store(folder, min_view_ms / 1000)
     if annotators:  # later serves without --annotators keep the roster (and its calibration block) as it is
-        store.roster.add(annotators, calibration, len(store.pairs))
+        store.name_annotators(annotators, calibration)
+    elif calibration is not None and calibration != store.roster.calibration:
+        print(f"note: --calibration {calibration} ignored: the reading started with {store.roster.calibration}")
     if not store.roster.people:
-        raise DataError(f"--annotators: name who may answer (e.g. --annotators \"Dr A,Dr B\"); the server prints "
-                        f"one private link per annotator")
+        raise DataError("--annotators: name who may answer (e.g. --annotators \"Dr A,Dr B\"); the server prints "
+                        "one private link per annotator")
     try:
         server = ThreadingHTTPServer((host, port), make_handler(store, None))
     except (OSError, OverflowError) as e:
@@ -284,6 +295,11 @@ def parse_args(argv=None):
     if (args.ckpt or args.from_dir or args.reader_study or args.export) and not args.out:
         p.error("--out is required with --ckpt, --from-dir, --reader-study and --export")
     args.annotators = [a for a in args.annotators.split(",") if a.strip()]
+    for a in args.annotators:  # said now, not after --ckpt has sampled for minutes
+        try:
+            clean_name(a)
+        except ValueError as e:
+            p.error(f"--annotators: {e}")
     return args
 
 

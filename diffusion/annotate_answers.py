@@ -27,7 +27,7 @@ CHOICES = {"preference": ["left", "right", "both_unacceptable", "cannot_tell"],
 RATINGS = range(1, 6)  # the reader study's realism rating: 1 clearly artificial ... 5 as real as a real image
 ANSWER_COLUMNS = ["time", "annotator", "pair_set", "pair_id", "choice", "rating", "shown_ms", "note"]
 OLD_COLUMNS = ["time", "annotator", "pair_set", "pair_id", "choice", "note"]  # logs written before the rating
-NAME_MARKS = " '\u2019-."
+NAME_MARKS = " '\u2019-.\u200c\u200d"  # and the zero-width (non-)joiners of Persian and Indic names
 
 
 def clean_name(value):
@@ -128,11 +128,17 @@ def upgrade_old_log(folder):
     path = Path(folder) / "answers.csv"
     if not path.is_file() or path.stat().st_size == 0:
         return
-    with open(path, newline="", encoding="utf-8") as f:
-        if next(csv.reader(f), None) != OLD_COLUMNS:
-            return
-        f.seek(0)
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            if next(csv.reader(f), None) != OLD_COLUMNS:
+                return
+            f.seek(0)
+            rows = list(csv.DictReader(f))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 ({e}); save it as UTF-8, then serve again") from e
+    bad = next((i for i, r in enumerate(rows, start=2) if None in r), None)
+    if bad:
+        raise DataError(f"{path}: line {bad} has more fields than the header; fix or remove that line")
     backup = path.with_name("answers.v1.csv")
     if not backup.exists():
         shutil.copyfile(path, backup)
@@ -166,9 +172,9 @@ def replay(rows, names=()):
     return answers, stacks
 
 
-def ratings(rows):
+def ratings(rows, names=()):
     """{annotator: {pair_id: rating}} of the standing answers (the reader study's realism rating)."""
-    _, stacks = replay(rows)
+    _, stacks = replay(rows, names)
     return {a: {pid: int(r) for pid, _, _, r in s if r} for a, s in stacks.items() if s}
 
 
@@ -287,6 +293,12 @@ class Store:
         self.answers, self.stacks = replay(self.rows, self.roster.names())
         self.shown = {}  # annotator -> (pair id, time.monotonic() when the server sent it)
 
+    def name_annotators(self, names, calibration):
+        """Add people to the roster, then replay the log under the roster's spelling of their names."""
+        with self.lock:
+            self.roster.add(names, calibration, len(self.pairs))
+            self.answers, self.stacks = replay(self.rows, self.roster.names())
+
     def queue(self, name):
         return annotator_queue(self.manifest, self.roster.names(), name, self.roster.calibration)
 
@@ -305,8 +317,9 @@ class Store:
             for pid in queue:
                 if pid in done:
                     tally[done[pid][0]] = tally.get(done[pid][0], 0) + 1
+            calibration = self.roster.calibration + (self.roster.calibration % 2 if self.kind == "reader" else 0)
             return {"annotator": name, "kind": self.kind, "done": sum(pid in done for pid in queue),
-                    "total": len(queue), "calibration": self.roster.calibration, "pair": pair,
+                    "total": len(queue), "calibration": min(calibration, len(self.pairs)), "pair": pair,
                     "question": self.manifest["question"], "can_undo": bool(self.stacks.get(name)), "tally": tally,
                     "choices": CHOICES[self.kind], "min_view_ms": round(self.min_view * 1000)}
 
@@ -315,14 +328,20 @@ class Store:
         failed earlier write is set aside first, so no row is ever written onto it."""
         path = self.folder / "answers.csv"
         set_aside_torn(self.folder)
-        new = not path.is_file() or path.stat().st_size == 0
-        with open(path, "a", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, ANSWER_COLUMNS)
-            if new:
-                w.writeheader()
-            w.writerow(row)
-            f.flush()
-            os.fsync(f.fileno())
+        size = path.stat().st_size if path.is_file() else 0
+        new = size == 0
+        try:
+            with open(path, "a", newline="", encoding="utf-8") as f:
+                w = csv.DictWriter(f, ANSWER_COLUMNS)
+                if new:
+                    w.writeheader()
+                w.writerow(row)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:  # not saved: nor left half on disk, to count after a restart
+            with open(path, "r+b") as f:
+                f.truncate(size)
+            raise
         self.rows.append({c: str(row.get(c, "")) for c in ANSWER_COLUMNS})
         self.answers, self.stacks = replay(self.rows, self.roster.names())
 

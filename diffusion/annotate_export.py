@@ -7,7 +7,7 @@ from pathlib import Path
 
 from common.errors import DataError
 from common.runs import write_json
-from diffusion.annotate_answers import CHOICES, ratings, read_answers, replay
+from diffusion.annotate_answers import CHOICES, Roster, ratings, read_answers, replay
 from diffusion.annotate_pairs import load_pair_set
 from diffusion.annotate_stats import agreement, preference_rates, reader_study
 
@@ -38,10 +38,11 @@ def export(folder, out_csv, force=False):
         if f.exists() and not force:
             raise DataError(f"--out {out_csv}: {f} exists (pass --force to replace it, or choose another --out)")
     rows_read = read_answers(folder, m)
-    answers, _ = replay(rows_read)
+    roster = Roster(folder).names()  # the names as the organiser wrote them, as the server shows them
+    answers, _ = replay(rows_read, roster)
     if not answers:
         raise DataError(f"{Path(folder) / 'answers.csv'}: no standing answers yet (serve the page first)")
-    rated = ratings(rows_read)
+    rated = ratings(rows_read, roster)
     pairs = {p["id"]: p for p in m["pairs"]}
     split = disagreements(answers) if kind != "reader" else set()
     rows, tally = [], {c: 0 for c in CHOICES[kind]}

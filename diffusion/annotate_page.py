@@ -46,6 +46,8 @@ this page.</p><button id="undo2">Undo my last answer</button><p class="msg" id="
 const $=id=>document.getElementById(id);
 const token=new URLSearchParams(location.hash.slice(1)).get("t")||sessionStorage.getItem("t")||"";
 if(token){sessionStorage.setItem("t",token);history.replaceState(null,"",location.pathname)}  // out of the URL bar
+window.addEventListener("hashchange",()=>{if(new URLSearchParams(location.hash.slice(1)).get("t")){sessionStorage.
+removeItem("t");location.reload()}});  // another person's link pasted into this tab: theirs from now on
 const WORDS={left:"left better",right:"right better",both_unacceptable:"both unacceptable",cannot_tell:
 "cannot tell",real:"real",synthetic:"synthetic"};
 const KEYS={preference:{"1":"left","2":"right","3":"both_unacceptable","4":"cannot_tell"},real_or_synth:{r:"real",

@@ -75,6 +75,11 @@ def load_pair_set(folder):
                     isinstance(p["block"], int)
             else:
                 assert p["left"] == f"images/{p['id']}_left.png" and p["right"] == f"images/{p['id']}_right.png"
+        if m["kind"] == "reader":  # blocks of one real and one synthetic image: the queues split whole blocks
+            blocks = {}
+            for p in m["pairs"]:
+                blocks.setdefault(p["block"], []).append(p["source"] == "real")
+            assert all(sorted(b) == [False, True] for b in blocks.values())
     except FileNotFoundError:
         raise DataError(f"{path}: no pair set here (make one with --ckpt or --from-dir, or check the folder)")
     except (ValueError, KeyError, TypeError, AssertionError) as e:

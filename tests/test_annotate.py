@@ -201,7 +201,8 @@ def test_only_an_annotators_own_link_answers_or_undoes(server):
 def test_names_any_alphabet_one_person_however_written(tmp_path):
     for ok in ("Dr Zo\u00eb M\u00fcller", "Dr O'Brien", "Dr. Anne-Marie Ng", "\u738b\u533b\u751f",
                "Dr O\u2019Neil", "\u092a\u094d\u0930\u093f\u092f\u093e \u0936\u0930\u094d\u092e\u093e",
-               "\u0645\u062d\u0645\u0651\u062f", "\u0e17\u0e31\u0e01\u0e29\u0e34\u0e13"):
+               "\u0645\u062d\u0645\u0651\u062f", "\u0e17\u0e31\u0e01\u0e29\u0e34\u0e13",
+               "\u0639\u0644\u06cc\u200c\u0631\u0636\u0627"):
         assert clean_name(ok) == ok
     assert clean_name("  Dr   A ") == "Dr A" and name_key("dr a") == name_key("Dr  A") == name_key("DR A")
     for bad in ("", " ", "<script>", "Dr 5", "a" * 61, "'quote first", 5, None, ["Dr A"]):
@@ -211,7 +212,7 @@ def test_names_any_alphabet_one_person_however_written(tmp_path):
     roster = Roster(tmp_path / "prefs")
     with pytest.raises(DataError, match="same person"):
         roster.add(["Dr A", "dr  a"], 20, 6)
-    for extra in ([], ["--annotators", "Dr 5"]):  # nobody named; a name with a digit
+    for extra in ([], ["--annotators", "Dr 5"], ["--annotators", "Dr A,dr  a"]):  # nobody; a digit; twice
         r = subprocess.run([sys.executable, "-m", "diffusion.annotate", "--serve", str(tmp_path / "prefs"), "--port",
                             "0", *extra], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and "--annotators" in r.stderr and "Traceback" not in r.stderr, r.stderr
@@ -383,6 +384,22 @@ def test_an_old_log_is_upgraded_and_its_names_are_people(tmp_path):
     store.answer("Dr A", store.shown["Dr A"][0], "right", "")
     rows = list(csv.DictReader(open(folder / "answers.csv")))
     assert list(rows[0]) == ANSWER_COLUMNS and rows[-1]["shown_ms"] != "" and len(rows) == 3
+
+
+def test_names_in_a_log_are_the_rosters_names_in_the_server_and_the_export(tmp_path):
+    """Answers logged as 'dr a' before the roster existed belong to the 'Dr A' the organiser then names: the page
+    resumes them, and the export calls them 'Dr A'."""
+    m = make_set(tmp_path)
+    folder = tmp_path / "prefs"
+    log(folder, m, [("dr a", "p0000", "left"), ("Dr  A", "p0001", "right")])
+    srv = Server(folder, annotators="Dr A", calibration=0)
+    try:
+        s = state(srv, "Dr A")
+        assert s["done"] == 2 and s["can_undo"] and s["pair"]["id"] not in ("p0000", "p0001")
+    finally:
+        srv.kill()
+    summary = export(folder, tmp_path / "p.csv")
+    assert summary["judge"] == "1 clinician (Dr A)" and set(pd.read_csv(tmp_path / "p.csv").annotator) == {"Dr A"}
 
 
 def test_pair_set_paths_are_fixed(tmp_path):
