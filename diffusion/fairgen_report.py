@@ -468,8 +468,7 @@ def write_readme(out, summary, plan, rows):
         "- More: comparisons.md (every pair of cells), gaps.md (more than two groups), fid.md and subgroup_fidelity.md "
         "(FD and KID per subgroup at equal n), memorization.md, table1_published.md (the paper's numbers, not "
         "comparable), figures (samples_*, radar_auc_*, accuracy_vs_ratio_*, dp_eo_*, fair_bayes_*, memorization_*), "
-        "blinded_pairs/ (`python -m diffusion.annotate --serve DIR --annotators \"Dr A,Dr B\"`, or `--reader-study "
-        "DIR` for a real-or-synthetic reading), summary.json, preds_<modality>.csv(.gz).", "",
+        "blinded_pairs/ (`diffusion.annotate --serve DIR --annotators ..`), summary.json, preds_<modality>.csv*.", "",
         footer()]
     (out / "README.md").write_text("\n".join(lines_) + "\n")
 

@@ -48,7 +48,7 @@ class Server:
     """The real command in a subprocess on a free port: .base (URL), .links ({name: token}), .output() (what it
     printed so far). A thread keeps reading its output (so that the pipe never fills)."""
 
-    def __init__(self, folder, annotators="Dr A,Dr B", min_view_ms=0, calibration=None, timeout=60):
+    def __init__(self, folder, annotators="Dr A,Dr B", min_view_ms=0, calibration=None, timeout=240):
         import queue
         import threading
         cmd = [sys.executable, "-m", "diffusion.annotate", "--serve", str(folder), "--port", "0", "--min-view-ms",
