@@ -55,7 +55,7 @@ from diffusion.annotate_answers import Store, clean_name
 from diffusion.annotate_export import export
 from diffusion.annotate_page import PAGE
 from diffusion.annotate_pairs import (dir_candidates, load_pair_set, model_recipe, preference_pairs_from_dir,
-                                      preference_pairs_from_model, reader_items, write_pair_set, write_reader_set)
+                                      preference_pairs_from_model, reader_items, write_pair_set)
 from diffusion.annotate_pairs import blinded_pairs  # noqa: F401  (re-exported: diffusion/fairgen_study.py imports it)
 
 REQUEST_SECONDS = 5  # a connection that has not sent its whole request (line, headers, body) by then is closed
@@ -316,7 +316,7 @@ def main(args):
         elif args.reader_study:
             items, source_id = reader_items(args.reader_study, args.seed)
             recipe = {"reader_study_of": source_id, "seed": args.seed}
-            make = lambda: write_reader_set(folder, items, recipe)  # noqa: E731
+            make = lambda: write_pair_set(folder, "reader", items, recipe)  # noqa: E731
         else:
             found = dir_candidates(args.from_dir)
             recipe = {"from_dir": str(Path(args.from_dir).resolve()), "pairs_per_class": args.pairs_per_class,

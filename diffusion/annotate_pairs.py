@@ -35,22 +35,26 @@ def save_png(u8, path):
 
 def write_pair_set(folder, kind, pairs, recipe):
     """Write pairs.json for `pairs` (dicts with condition, left, right images as uint8 arrays, and for blinded sets
-    left_source / right_source). The set's id is a hash of its recipe and images: answers record it."""
+    left_source / right_source; a reader study's items: condition, image, source, block). The set's id is a hash of
+    its recipe and images: answers record it."""
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     h = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode())
+    sides = {"image": ""} if kind == "reader" else {"left": "_left", "right": "_right"}
     rows = []
     for i, p in enumerate(pairs):
         pid = f"p{i:04d}"
         row = {"id": pid, "condition": p["condition"], "text": condition_text(p["condition"]),
                "group": p["condition"].split("|")[0]}
-        for side in ("left", "right"):
-            rel = f"images/{pid}_{side}.png"
+        for side, suffix in sides.items():
+            rel = f"images/{pid}{suffix}.png"
             save_png(p[side], folder / rel)
             h.update(np.ascontiguousarray(p[side]).tobytes())
             row[side] = rel
             if kind == "blinded":
                 row[f"{side}_source"] = p[f"{side}_source"]
+        if kind == "reader":
+            row.update(source=p["source"], block=p["block"])
         rows.append(row)
     manifest = {"kind": kind, "id": h.hexdigest()[:16], "question": QUESTIONS[kind], "recipe": recipe, "pairs": rows}
     write_json(folder / "pairs.json", manifest)
@@ -199,23 +203,3 @@ def reader_items(blinded_folder, seed=0):
     if not items:
         raise DataError(f"--reader-study {blinded_folder}: no condition has both a real and a synthetic image")
     return [items[i] for i in rng.permutation(len(items))], m["id"]
-
-
-def write_reader_set(folder, items, recipe):
-    """pairs.json of a reader study: one image per item (images/<id>.png), its hidden source and its block."""
-    folder = Path(folder)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    h = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode())
-    rows = []
-    for i, it in enumerate(items):
-        pid = f"p{i:04d}"
-        rel = f"images/{pid}.png"
-        save_png(it["image"], folder / rel)
-        h.update(np.ascontiguousarray(it["image"]).tobytes())
-        rows.append({"id": pid, "condition": it["condition"], "text": condition_text(it["condition"]),
-                     "group": it["condition"].split("|")[0], "image": rel, "source": it["source"],
-                     "block": it["block"]})
-    manifest = {"kind": "reader", "id": h.hexdigest()[:16], "question": QUESTIONS["reader"], "recipe": recipe,
-                "pairs": rows}
-    write_json(folder / "pairs.json", manifest)
-    return manifest
