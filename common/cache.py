@@ -41,12 +41,36 @@ def to_square(img, size, mode):
     return np.asarray(img, dtype=np.uint8)
 
 
+def open_image(path):
+    """A PIL image of an image file: anything PIL reads (PNG, JPEG, TIFF, ...), a .npy array ((H, W) or (H, W, 3),
+    scaled as the .npz arrays are), or DICOM (pydicom; the stored pixel values, rescaled and windowed from their own
+    range to 0-255, MONOCHROME1 inverted so that bone is bright)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".npy":
+        a = np.load(path, allow_pickle=False)
+        a = a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a
+        if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] != 3):
+            raise ValueError(f"{path}: shape {a.shape}")
+        return Image.fromarray(a if a.dtype == np.uint8 else as_uint8(a, str(path)))
+    if suffix in (".dcm", ".dicom"):
+        import pydicom  # optional: the label table refuses DICOM input without it, in one line
+        d = pydicom.dcmread(path)
+        a = d.pixel_array.astype(np.float64) * float(getattr(d, "RescaleSlope", 1)) + \
+            float(getattr(d, "RescaleIntercept", 0))
+        lo, hi = np.percentile(a, [0.5, 99.5])
+        a = np.clip((a - lo) / max(hi - lo, 1e-9), 0, 1)
+        if getattr(d, "PhotometricInterpretation", "") == "MONOCHROME1":
+            a = 1 - a
+        return Image.fromarray(np.rint(a * 255).astype(np.uint8))
+    return Image.open(path)
+
+
 def decode_file(job):
     path, size, mode = job
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             return to_square(img, size, mode)
-    except Exception:
+    except (Exception, SystemExit):  # a file that does not decode (as_uint8 refuses with a DataError): left out
         return None
 
 
