@@ -174,8 +174,24 @@ def build(arch, in_ch, n_out, size, pretrained=False, weights_file=None, width=3
     raise ValueError(f"unknown arch {arch!r}")
 
 
+# the smallest input side each network takes: CNN8 and the 28 px ResNet-18 halve it 3 times, DenseNet-121 and
+# ResNet-50 5 times; the ViT needs whole 4 px patches
+MIN_SIZE = {"cnn8": 8, "resnet18_28": 8, "densenet121": 32, "resnet50": 32, "vit": 4}
+
+
+def check_size(arch, size, flag="--size"):
+    """Refuse, in one line, an input side `arch` cannot take (before anything is trained)."""
+    low = MIN_SIZE.get(arch, 1)
+    if size < low or (arch == "vit" and size % 4):
+        raise DataError(f"{flag} {size}: {arch} takes images of at least {low} px"
+                        + (" in whole 4 px patches (a multiple of 4)" if arch == "vit" else "")
+                        + " (a larger --size; images are resized to it)")
+
+
 def arch_spec(arch, in_ch, n_out, size, width=32, dropout=None):
-    """The build() kwargs a checkpoint stores (pretrained weights are in the state dict, not re-fetched)."""
+    """The build() kwargs a checkpoint stores (pretrained weights are in the state dict, not re-fetched); the input
+    side is checked first."""
+    check_size(arch, size)
     return {"arch": arch, "in_ch": in_ch, "n_out": n_out, "size": size, "width": width,
             **({} if dropout is None else {"dropout": dropout})}
 

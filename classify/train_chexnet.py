@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from classify.nets import arch_spec, build
+from classify.nets import arch_spec, build, check_size
 from common.cli import (ArgumentParser, key_values, nonneg_float, nonneg_int, positive_float, positive_int, run,
                         unit_interval)
 from common.cache import load_images
@@ -364,6 +364,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.sets and (args.train_set, args.val_set, args.test_set) != ("train", "val", "test"):
         p.error("--train-set, --val-set and --test-set name sets of a --sets file; pass one")
+    check_size(args.arch, args.size)  # before anything is read or written
     return args
 
 

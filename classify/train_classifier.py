@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from classify.nets import arch_spec, build
+from classify.nets import check_size, arch_spec, build
 from common.cli import ArgumentParser, nonneg_int, positive_float, positive_int, run
 from common.data import to_signed
 from common.errors import DataError
@@ -44,7 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--hflip", action="store_true", help="random horizontal flips (not for chest X-rays)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the patient-level split")
     add_common_args(p, "runs/classifier/nih32")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_size(args.arch, args.size)  # before anything is read or written
+    return args
 
 
 def augment(x, gen, hflip):

@@ -62,7 +62,7 @@ def fit(x_tr, y_tr, x_val, y_val, device, *, recipe, epochs, batch_size, width, 
         multilabel=False, progress=True):
     """Train with the chosen recipe (add_args' flags of the same names); returns (net with the best-validation
     weights, history, spec)."""
-    n_out = y_tr.shape[1] if multilabel else int(max(y_tr.max(), y_val.max())) + 1
+    n_out = y_tr.shape[1] if multilabel else int(max(y_tr.max(), y_val.max())) + 1  # read_medmnist checks the classes
     spec = arch_spec("resnet18_28", x_tr.shape[1], n_out, x_tr.shape[-1], width)
     net = build(**spec).to(device, memory_format=torch.channels_last)
     if recipe == "paper":
@@ -172,6 +172,10 @@ def main(args):
         gx, gy = read_synthetic(args.synthetic, tuple(np.load(args.npz, mmap_mode="r")["train_images"].shape[1:]))
         x_tr, y_tr = torch.cat([x_tr, gx]), torch.cat([y_tr, gy])
         n["synthetic"] = len(gx)
+    y_seen = y_tr if multilabel else torch.bincount(y_tr, minlength=2)
+    if (multilabel and not ((y_tr == 0).any() and (y_tr == 1).any())) or (not multilabel and (y_seen > 0).sum() < 2):
+        raise DataError(f"--npz {args.npz}: the training set holds one class only ({int(y_tr.max())}); a classifier "
+                        f"needs at least two (a bigger --per-class, or another split)")
     write_config(out, vars(args), data=str(args.npz), weights="none (from scratch)")
     t0 = time.time()
     net, history, spec = fit(x_tr, y_tr, x_val, y_val, device, recipe=args.recipe, epochs=args.epochs,

@@ -264,11 +264,23 @@ def read_medmnist(path):
         labels = {s: medmnist_labels(path, z, s) for s in MEDMNIST_SPLITS}
     except (ValueError, OSError) as e:  # object arrays (refused: no pickles), a truncated member, ...
         raise DataError(f"{path}: cannot read its arrays ({e}); use an official MedMNIST file") from e
+    for s in MEDMNIST_SPLITS:
+        if not len(labels[s]):
+            raise DataError(f"{path}: {s}_images is empty; every split (train, val, test) needs images")
     if flag in MEDMNIST:
         task, _, names = MEDMNIST[flag]
-    else:  # an unknown flag: infer the task from the label shape
+    else:  # an unknown flag: infer the task from the label shape; classes are 0..K-1, each with training images
         l = labels["train"]
         task = "multi-label" if l.shape[1] > 1 else "multi-class"
+        if task == "multi-class":
+            low = min(int(y.min()) for y in labels.values())
+            seen = np.unique(l[:, 0])
+            if low < 0 or len(seen) < 2 or seen[-1] != len(seen) - 1:
+                raise DataError(
+                    f"{path}: the name does not say which MedMNIST set this is, so its classes are the train_labels "
+                    f"found, which must be 0 to K-1 (K >= 2) each with training images; found {seen[:10].tolist()}"
+                    f"{' and negative labels' if low < 0 else ''} (renumber the classes, or name the file "
+                    f"<set>mnist.npz after its MedMNIST set)")
         names = [str(i) for i in range(l.shape[1] if l.shape[1] > 1 else int(l.max()) + 1)]
     for s in MEDMNIST_SPLITS:  # the label contract: one column of class indices, or one 0/1 column per label
         y = labels[s]
@@ -320,9 +332,9 @@ def skin_types(values, csv):
     if bad.any():
         raise DataError(f"{csv}: fitzpatrick_scale has values {sorted(set(values[bad].astype(str)))[:5]}; it takes "
                         f"1-6 (or I-VI), and -1 or blank for unknown")
-    unknown = int((~fst.between(1, 6)).sum())
+    unknown = int((~fst.between(1, 6).fillna(False).astype(bool)).sum())  # NaN (blank, 'NA', 'n/a') counts too
     if unknown:
-        warnings.warn(f"{csv}: {unknown} rows with an unknown skin type (-1 or blank) left out")
+        warnings.warn(f"{csv}: {unknown} rows with an unknown skin type (-1, blank or missing) left out")
     return fst
 
 
@@ -429,7 +441,11 @@ def read_ixi(data_root=PROJECT_DATA / "ixi_t1"):
     npz = root / "t1_slices.npz"
     if not npz.is_file():
         raise DataError(f"{npz} not found next to {root / 'slices.csv'}")
-    n = len(np.load(npz, mmap_mode="r")["images"])
+    try:
+        n = len(np.load(npz, mmap_mode="r")["images"])
+    except Exception as e:  # numpy raises many types for a bad file; the file and the key are what the user needs
+        raise DataError(f"{npz}: cannot read its array 'images' ({type(e).__name__}: {e}); it needs 'images', "
+                        f"(N, H, W) uint8 slices aligned with slices.csv") from e
     if n != len(df):
         raise DataError(f"{npz} holds {n} slices but {root / 'slices.csv'} has {len(df)} rows; they must align")
     df["image"] = [f"{npz}::images::{i}" for i in range(n)]

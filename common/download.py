@@ -136,13 +136,36 @@ def image_path(root, h):
     return dest
 
 
+def complete_csv(path):
+    """Whether a CSV ends with a newline and its last row has the header's number of fields (a table whose
+    download was cut where the server announced no length fails this, unless the cut fell between two rows)."""
+    import csv
+    data = Path(path).read_bytes()
+    if not data.endswith(b"\n"):
+        return False
+    try:
+        rows = list(csv.reader(data.decode("utf-8", "replace").splitlines()[-1:] or [""]))
+        header = next(csv.reader([data.decode("utf-8", "replace").split("\n", 1)[0]]))
+    except csv.Error:
+        return False
+    return bool(rows) and len(rows[-1]) == len(header)
+
+
 def download_fitzpatrick(root, url_base=None, csv_url=FITZ_CSV_URL, workers=4, delay=0.5, limit=None):
     """The label table (from csv_url, which the user names, so any http(s) host), then every image it lists. The
     table's own md5hash and url values are not trusted: a hash that is not 32 hex digits, a URL that is not
     http(s) or, without url_base, points at this machine or a private network, is reported as failed."""
     import pandas as pd
     root = Path(root)
-    csv = fetch(rebase(csv_url, url_base), root / "fitzpatrick17k.csv")
+    table = root / "fitzpatrick17k.csv"
+    if table.is_file() and not complete_csv(table):  # cut short by an earlier run whose server sent no length
+        print(f"{table}: its last row is cut short; fetching the table again")
+        table.unlink()
+    csv = fetch(rebase(csv_url, url_base), table)
+    if not complete_csv(csv):
+        csv.unlink()
+        raise DataError(f"{csv_url}: the table arrived cut short (its last row is incomplete; the server did not say "
+                        f"how long it is), so it was not kept: run the command again")
     try:
         df = pd.read_csv(csv, dtype={"md5hash": str, "url": str})
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:

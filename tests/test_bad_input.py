@@ -356,3 +356,70 @@ def test_one_line_errors_keep_the_error_type(tmp_path):
     r = run(["classify.train_classifier", "--epochs"], tmp_path)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: argument --epochs")
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 33: where the readers still failed (a traceback, or a number from bad input)
+def skin_root(folder, types):
+    from test_data import fitz_fixture
+    df = fitz_fixture(folder)
+    df["fitzpatrick_scale"] = df["fitzpatrick_scale"].astype(object)
+    df["fitzpatrick_scale"] = [types[i % len(types)] for i in range(len(df))]
+    df.to_csv(folder / "fitzpatrick17k.csv", index=False)
+    return folder
+
+
+def ixi_root(folder, key="images"):
+    folder.mkdir(parents=True)
+    np.savez(folder / "t1_slices.npz", **{key: np.zeros((4, 16, 16), np.uint8)})
+    pd.DataFrame({"subject": [1, 1, 2, 2], "age": [30, 30, 60, 60], "sex": ["F", "F", "M", "M"]}).to_csv(
+        folder / "slices.csv", index=False)
+    return folder
+
+
+RESNET = ["classify.train_resnet18", "--epochs", "1", "--width", "4"]
+READER_CASES = {  # name: (make the input in tmp_path -> (argv, words of the error line))
+    "npz labels with a class missing": lambda p: (
+        [*RESNET, "--npz", str(medmnist_npz(p / "mine.npz", train_labels=np.array([[0], [5]] * 20)))],
+        ["mine.npz", "0 to K-1", "[0, 5]"]),
+    "npz negative labels, unknown name": lambda p: (
+        [*RESNET, "--npz", str(medmnist_npz(p / "mine.npz", train_labels=np.array([[0], [-1]] * 20)))],
+        ["mine.npz", "negative"]),
+    "training set of one class": lambda p: (
+        [*RESNET, "--npz", str(medmnist_npz(p / "breastmnist.npz", train_labels=np.zeros((40, 1), np.uint8)))],
+        ["breastmnist.npz", "one class"]),
+    "empty image array": lambda p: (
+        [*RESNET, "--npz", str(medmnist_npz(p / "mine.npz", train_images=np.zeros((0, 28, 28), np.uint8),
+                                            train_labels=np.zeros((0, 1), np.uint8)))],
+        ["mine.npz", "train_images is empty"]),
+    "npz without its key (IXI)": lambda p: (
+        ["classify.train_classifier", "--data", "mri", "--data-root", str(ixi_root(p / "ixi", key="slices")),
+         "--size", "16", "--epochs", "1"], ["t1_slices.npz", "'images'"]),
+    "cnn8 at 7 px": lambda p: (["classify.train_classifier", "--data", "toy:64", "--size", "7"],
+                               ["--size 7", "cnn8", "at least 8 px"]),
+    "chexnet densenet at 16 px": lambda p: (["classify.train_chexnet", "--arch", "densenet121", "--size", "16"],
+                                            ["--size 16", "densenet121", "32 px"]),
+    "vit at 30 px": lambda p: (["classify.train_classifier", "--data", "toy:64", "--arch", "vit", "--size", "30"],
+                               ["--size 30", "multiple of 4"]),
+    "skin study without dark images": lambda p: (
+        ["vae.skintone_study", "--smoke", "--dry-run", "--n-test", "2", "--data-root",
+         str(skin_root(p / "f", [1, 2]))],
+        ["--data-root", "0 dark images", "--n-test"]),
+}
+
+
+@pytest.mark.parametrize("case", list(READER_CASES), ids=list(READER_CASES))
+def test_readers_refuse_what_they_used_to_train_on(case, tmp_path):
+    (tmp_path / "in").mkdir()
+    argv, words = READER_CASES[case](tmp_path / "in")
+    refused([*argv, "--out-dir" if argv[0].startswith("classify") else "--out", str(tmp_path / "out")], tmp_path,
+            words, watch=[tmp_path / "in"])
+
+
+def test_skin_types_read_as_missing_are_counted(tmp_path):
+    """'NA', 'n/a', 'None' and blanks are unknown skin types like -1: left out, and counted in the warning."""
+    root = skin_root(tmp_path / "f", [1, "NA", 5, "n/a", 3, "", 6, "None"])
+    n = len(pd.read_csv(root / "fitzpatrick17k.csv"))
+    with pytest.warns(UserWarning, match=rf"{n // 2} rows with an unknown skin type"):
+        t = read_fitzpatrick(root)
+    assert len(t) == n - n // 2

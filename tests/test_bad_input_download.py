@@ -467,3 +467,25 @@ def test_a_body_over_the_size_cap_is_not_kept(http_server, tmp_path):
     with pytest.raises(dl.DataError, match="allowed here"):
         dh.fetch(f"{base}/huge.jpg", tmp_path / "huge.jpg", max_bytes=100_000)
     assert not list(tmp_path.glob("huge*"))
+
+
+def test_a_table_cut_short_without_a_length_is_not_kept_and_is_fetched_again(scripted, tmp_path, capsys):
+    """A server that closes the label table early and announces no length: the cut table is refused (nothing kept),
+    and a table an older version kept cut short is fetched again instead of being used."""
+    served = tmp_path / "served"
+    served.mkdir()
+    write_table(served, [(f"{i:032x}", f"https://atlas.example/{i}.jpg") for i in range(40)])
+    table = (served / "fitzpatrick17k.csv").read_bytes()
+    base, H = scripted({"/fitzpatrick17k.csv": (table[:len(table) * 45 // 100], "no-length")})
+    root = tmp_path / "root"
+    with pytest.raises(DataError, match="cut short"):
+        dl.download_fitzpatrick(root, url_base=base, csv_url=FAKE_CSV_URL, workers=2, delay=0.0)
+    assert not (root / "fitzpatrick17k.csv").exists()
+    (root / "fitzpatrick17k.csv").write_bytes(table[:len(table) // 2])  # what the old code kept
+    H.routes["/fitzpatrick17k.csv"] = (table, "no-length")
+    for i in range(40):
+        H.routes[f"/{i}.jpg"] = (jpeg_bytes(i), "ok")
+    dl.download_fitzpatrick(root, url_base=base, csv_url=FAKE_CSV_URL, workers=2, delay=0.0)
+    assert (root / "fitzpatrick17k.csv").read_bytes() == table
+    assert "fetching the table again" in capsys.readouterr().out
+    assert len(list((root / "images").glob("*.jpg"))) == 40

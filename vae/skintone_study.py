@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from common.cli import ArgumentParser, as_argv, positive_int, run
+from common.errors import DataError
 from common.runs import default_runs, prepare_out_dir, write_config, write_json
 from common.splits import write_sets
 from common.stages import Stages, add_study_args, parse_scaled, planned, portable
@@ -120,6 +121,12 @@ def gather(out, cells):
 def main(args):
     t0 = time.time()
     t, _, data = load_skin(args.data_root, args.size)  # inputs first: the phantom is made (once) here
+    for g in GROUPS:  # every repeat draws its own test images of each group, so each needs more than n_test
+        n = int((t["group"] == g).sum())
+        if n <= args.n_test:
+            raise DataError(f"--data-root {args.data_root}: {n} {g} images (Fitzpatrick {'I-II' if g == 'light' else 'V-VI'}); the study "
+                            f"tests on --n-test {args.n_test} of them and trains on the rest: it needs more {g} "
+                            f"images, or a smaller --n-test")
     runs = Path(args.runs or default_runs(args.out))
     stages = Stages(dry=True)
     sizes = {k: getattr(args, k) for k in SIZES}
