@@ -11,7 +11,19 @@ DATA_ROOT ?=
 ARGS ?=
 # quick results live in results/ (committed), full-scale ones in results-full/, smoke runs in smoke/:
 # a smoke or quick run can never overwrite full results.
-OUT := $(if $(or $(SMOKE),$(filter smoke,$(SCALE))),smoke,$(if $(filter full,$(SCALE)),results-full,results))
+SCALE_OUT := $(if $(or $(SMOKE),$(filter smoke,$(SCALE))),smoke,$(if $(filter full,$(SCALE)),results-full,results))
+# Your own data (docs/your-data.md): `make compare DATA=path/table.csv GROUP=sex MINORITY=F` runs chestxray's task
+# and the comparison on your label table, minority group vs the rest (GROUP=sex,age BANDS=age=60 MINORITY='F & 60+'
+# for an intersection; LABELS=a,b to name the 0/1 label columns, the first compared on). Results go to
+# yourdata/<table name>/<group>-<minority>[-<labels>]/<scale>/ (other characters as _), never into results/.
+DATA ?=
+GROUP ?= sex
+MINORITY ?= F
+LABELS ?=
+BANDS ?=
+ASKED = $(shell printf '%s' '$(GROUP)-$(MINORITY)$(if $(LABELS),-$(LABELS))' | tr -c 'A-Za-z0-9,._=+-' '_')
+OUT := $(if $(DATA),yourdata/$(basename $(notdir $(DATA)))/$(ASKED)/$(SCALE_OUT),$(SCALE_OUT))
+TABLE_FLAGS := $(if $(DATA),--table '$(DATA)' --group $(GROUP) --minority '$(MINORITY)' $(if $(LABELS),--labels $(LABELS)) $(foreach b,$(BANDS),--bands $(b)))
 FLAGS := $(if $(SMOKE),--smoke,--scale $(SCALE)) --force
 export PYTHONUNBUFFERED := 1
 
@@ -50,7 +62,7 @@ define staged
 endef
 
 chestxray: $(SETUP) ## Korb & Hall: CVAE-rebalanced chest X-ray classifier by sex -> results/chestxray
-	$(call staged,classify.chestxray_study,chestxray,$(if $(DATA_ROOT),--data-root $(DATA_ROOT)))
+	$(call staged,classify.chestxray_study,chestxray,$(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(TABLE_FLAGS))
 
 # compare builds on a finished chestxray run of the same scale (its plan.json, split files and cells): made first
 # if its run tree is missing (a fresh clone has chestxray's results but no runs/). DATA_ROOT goes to chestxray.

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from classify.cxr_task import auroc_stat, read_preds
-from classify.train_chexnet import OUTPUTS, col, per_output_table
+from classify.cxr_task import ANY, auroc_stat, output_names, read_preds
+from classify.train_chexnet import col, per_output_table
 from common.report import mean_std, report_command, with_ci, write_readme, write_table
+from common.table import reading_key
 from common.runs import write_json
 from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, family_facts, fmt_p,
                               gap_permutation, paired_difference_replicates, with_holm)
@@ -61,11 +62,11 @@ def metrics_of(Y, p, dec, sex, findings):
     """The per-condition statistics of rows idx: any-finding AUROC overall and by sex, M - F gap, mean AUROC, DP, EO."""
     def stat(idx):
         fi, mi = idx[sex[idx] == "F"], idx[sex[idx] == "M"]
-        s = {"any_auroc": auroc(Y[idx, 14], p[idx, 14]),
+        s = {"any_auroc": auroc(Y[idx, ANY], p[idx, ANY]),
              "mean_auroc": float(np.nanmean([auroc(Y[idx, j], p[idx, j]) for j in findings])),
-             "any_auroc_female": auroc(Y[fi, 14], p[fi, 14]), "any_auroc_male": auroc(Y[mi, 14], p[mi, 14]),
-             "dp": demographic_parity(dec[idx, 14].astype(int), sex[idx]),
-             "eo": equal_opportunity(Y[idx, 14].astype(int), dec[idx, 14].astype(int), sex[idx])}
+             "any_auroc_female": auroc(Y[fi, ANY], p[fi, ANY]), "any_auroc_male": auroc(Y[mi, ANY], p[mi, ANY]),
+             "dp": demographic_parity(dec[idx, ANY].astype(int), sex[idx]),
+             "eo": equal_opportunity(Y[idx, ANY].astype(int), dec[idx, ANY].astype(int), sex[idx])}
         s["any_auroc_gap"] = s["any_auroc_male"] - s["any_auroc_female"]
         return s
     return stat
@@ -125,7 +126,7 @@ def condition_stats(Y, reps, sex, pid, findings, plan, counts):
     point = stat(np.arange(len(Y)))
     ci = bootstrap(stat, len(Y), clusters=pid, n_boot=plan["n_boot"], seed=plan["seed"])
     # DP and EO are max - min gaps (>= 0): a percentile CI cannot contain 0, so each gets a permutation p
-    yany, danys = Y[:, 14].astype(bool), [dec[:, 14] for dec in decs]
+    yany, danys = Y[:, ANY].astype(bool), [dec[:, ANY] for dec in decs]
     dp_perm = permutation_or_nan(lambda idx: np.mean([d[idx].mean() for d in danys]) if len(idx) else np.nan, sex,
                                  pid, plan["n_boot"], plan["seed"])
     eo_perm = permutation_or_nan(lambda idx: np.mean([d[idx][yany[idx]].mean() for d in danys])
@@ -133,12 +134,12 @@ def condition_stats(Y, reps, sex, pid, findings, plan, counts):
     if len(reps) > 1:  # the statistic shown is the one tested
         point["dp"], point["eo"] = dp_perm["gap"], eo_perm["gap"]
     # each image at its fold's threshold
-    each = [[binary_stats(Y[:, j], dec[:, j]) for j in range(len(OUTPUTS))] for dec in decs]
-    pooled = [mean_of([e[j] for e in each]) for j in range(len(OUTPUTS))]
+    each = [[binary_stats(Y[:, j], dec[:, j]) for j in range(Y.shape[1])] for dec in decs]
+    pooled = [mean_of([e[j] for e in each]) for j in range(Y.shape[1])]
     return point, ci, dp_perm, eo_perm, (pooled, each), pd.DataFrame(counts).mean().to_dict()
 
 
-def condition_summary(point, ci, dp_perm, eo_perm, pooled, cnt, per_fold, reps, findings):
+def condition_summary(point, ci, dp_perm, eo_perm, pooled, cnt, per_fold, reps, findings, names):
     """summary.json's entry of one condition (per_fold: per replicate, per fold; pooled: (the mean over
     replicates, each replicate's))."""
     pooled, each = pooled
@@ -152,29 +153,30 @@ def condition_summary(point, ci, dp_perm, eo_perm, pooled, cnt, per_fold, reps, 
                 "eo_any_permutation": eo_perm,
                 "any_auroc_per_fold": [float(np.mean([rep[k][-1]["auroc"] for rep in per_fold]))
                                        for k in range(len(per_fold[0]))],
-                "any_auroc_per_replicate": [auroc(y[:, 14], p[:, 14]) for y, p, _, _ in reps],
+                "any_auroc_per_replicate": [auroc(y[:, ANY], p[:, ANY]) for y, p, _, _ in reps],
                 "n_train_female": cnt["n_train_female"], "n_train_male": cnt["n_train_male"],
                 "n_synthetic": cnt["n_synthetic"],
-                "score_std_any": float(np.concatenate([p[:, 14] for _, p, _, _ in reps]).std()),
+                "score_std_any": float(np.concatenate([p[:, ANY] for _, p, _, _ in reps]).std()),
                 "sensitivity_above_0_every_finding_5plus": all(e[j]["sensitivity"] > 0 for e in each
                                                                for j in findings),  # in every replicate
-                "pooled_sensitivity": {OUTPUTS[j]: pooled[j]["sensitivity"] for j in range(len(OUTPUTS))},
-                "pooled_specificity": {OUTPUTS[j]: pooled[j]["specificity"] for j in range(len(OUTPUTS))}})
+                "pooled_sensitivity": {n: pooled[j]["sensitivity"] for j, n in enumerate(names)},
+                "pooled_specificity": {n: pooled[j]["specificity"] for j, n in enumerate(names)}})
     return out
 
 
-def finding_table(out, c, Y, reps, per_fold, pooled, plan, n_folds):
+def finding_table(out, c, Y, reps, per_fold, pooled, plan, n_folds, names):
     """table_<condition>: per finding, mean +- std over folds (and replicates) and pooled (the mean over replicates),
     beside Korb & Hall's and CheXNet's."""
     rows = []
     cells = [pf for rep in per_fold for pf in rep]
-    for j, name in enumerate(OUTPUTS):
+    for j, name in enumerate(names):
         vals = {m: [pf[j][m] for pf in cells] for m in ("auroc", "accuracy", "sensitivity", "specificity")}
         pooled_auc = float(np.mean([auroc(Y[:, j], p[:, j]) for _, p, _, _ in reps]))
         rows.append([name, mean_std(vals["auroc"]), f"{pooled_auc:.3f}", mean_std(vals["accuracy"]),
                      mean_std(vals["sensitivity"]), f"{pooled[j]['sensitivity']:.2f}", mean_std(vals["specificity"]),
                      f"{pooled[j]['specificity']:.2f}", f"{int(Y[:, j].sum())}:{int(len(Y) - Y[:, j].sum())}",
-                     "0.50 (collapse)" if j < 14 else "n/a", f"{CHEXNET_REF[name]:.3f}" if name in CHEXNET_REF else ""])
+                     "0.50 (collapse)" if j < len(names) - 1 and not plan.get("table") else "n/a",
+                     f"{CHEXNET_REF[name]:.3f}" if name in CHEXNET_REF and not plan.get("table") else ""])
     write_table(out / f"table_{c}", FINDING_HEADER, rows,
                 title=f"{c}: per finding, mean ± std over {n_folds} patient-level folds"
                       f"{f' x {len(reps)} training seeds' if len(reps) > 1 else ''} ({plan['data']}, "
@@ -266,8 +268,9 @@ def write_report(out, n_boot=None):
     t, arrays = read_preds(preds, plan["conditions"])
     sex, pid = t["sex"].to_numpy(), t["patient_id"].to_numpy()
     Y = arrays[plan["conditions"][0]][0][0]
-    findings = [j for j in range(14) if Y[:, j].sum() >= 5]
-    summary = {"data": plan["data"], "plant": plan.get("plant"), "pretrained": plan["pretrained"], "scale": plan["scale"], "model": plan["arch"],
+    findings = [j for j in range(Y.shape[1] - 1) if Y[:, j].sum() >= 5]
+    names = output_names(t)
+    summary = {"data": plan["data"], "table": plan.get("table"), "plant": plan.get("plant"), "pretrained": plan["pretrained"], "scale": plan["scale"], "model": plan["arch"],
                "size": plan["size"], "folds": plan["folds"], "female_fraction": plan["female_fraction"],
                "cvae_female": plan["cvae_female"], "n_images": len(t), "n_patients": int(t["patient_id"].nunique()),
                "seconds": training["seconds"], "replicates": len(arrays[plan["conditions"][0]]),
@@ -277,10 +280,10 @@ def write_report(out, n_boot=None):
         reps = arrays[c]
         point, ci, dp, eo, pooled, cnt = condition_stats(Y, reps, sex, pid, findings, plan,
                                                          training["counts_per_fold"][c])
-        per_fold = [[per_output_table(Y[fold == k], p[fold == k], th[fold == k][0]) for k in range(plan["folds"])]
+        per_fold = [[per_output_table(Y[fold == k], p[fold == k], th[fold == k][0], names) for k in range(plan["folds"])]
                     for _, p, th, fold in reps]
-        summary["conditions"][c] = condition_summary(point, ci, dp, eo, pooled, cnt, per_fold, reps, findings)
-        finding_table(out, c, Y, reps, per_fold, pooled[0], plan, plan["folds"])
+        summary["conditions"][c] = condition_summary(point, ci, dp, eo, pooled, cnt, per_fold, reps, findings, names)
+        finding_table(out, c, Y, reps, per_fold, pooled[0], plan, plan["folds"], names)
         fair_rows.append(fairness_row(c, point, ci, dp, eo, cnt))
     fairness_table(out, fair_rows, plan, t, training.get("bf16_autocast", [False]))
     figures(out, summary, training["val_any_auroc_fold0"], plan)
@@ -290,9 +293,11 @@ def write_report(out, n_boot=None):
     comparisons_table(out, summary, plan, t, preds.name)
     write_json(out / "summary.json", summary)
     planted = f"{plan['plant']['label']}, a positive control: " if plan.get("plant") else ""
+    if plan.get("table"):
+        planted = f"Your data ({plan['table']['minority']} vs the rest of {plan['table']['group']}): "
     write_readme(out, planted + "Do CVAE-generated female chest X-rays help a sex-imbalanced classifier on women? "
                  "(Korb & Hall)",
-                 summary["answers"], ["fairness.md", "comparisons.md"],
+                 summary["answers"] + [n for n in [reading_key(plan.get("table"))] if n], ["fairness.md", "comparisons.md"],
                  notes=[f"Per-finding tables: {', '.join(f'table_{c}.md' for c in plan['conditions'])}; every "
                         f"prediction, per image with its patient and sex: {preds.name}; the stage commands: stages.json."])
     print((out / "comparisons.md").read_text())

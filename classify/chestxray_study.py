@@ -39,12 +39,14 @@ import pandas as pd
 
 from classify.chestxray_report import CONDITIONS, write_report
 from classify.cxr_task import CONDITION_FLAGS, FEMALE, Task, classifier_stage, fold_sets, read_data, replicate_cell
+from classify.nets import MIN_SIZE, check_size
 from classify.train_chexnet import add_args
 from common.cli import ArgumentParser, as_argv, fraction, nonneg_int, positive_int, run
 from common.data import PROJECT_DATA
 from common.runs import default_runs, prepare_out_dir, write_config, write_json
 from common.splits import patient_kfold, write_sets
 from common.stages import Stages, add_study_args, parse_scaled, planned, portable
+from common.table import TASK_FILE, add_task_args, check_sizes, task_from_args, write_task_file
 from fairness.plant import parse_plant, plant_label
 
 # Every setting a scale sets, in one place (a flag given on the command line wins). quick: 2-core CPU, embedded
@@ -71,6 +73,7 @@ def parse_args(argv=None):
     add_study_args(p, "results/chestxray", SCALES)
     p.add_argument("--data-root", default=str(PROJECT_DATA / "nih_cxr14"), help="NIH images + label table")
     p.add_argument("--csv", default=None, help="label table (default: found under --data-root)")
+    add_task_args(p)  # --table and its flags: your own data (common/table.py)
     p.add_argument("--folds", type=positive_int, help="patient-level cross-validation folds")
     p.add_argument("--images-per-sex", type=positive_int, help="use only the first N images of each sex (smoke)")
     p.add_argument("--val-fraction", type=fraction, default=0.15, help="share of a fold's non-test patients for validation")
@@ -97,6 +100,9 @@ def parse_args(argv=None):
     if args.female_fraction >= 0.5:
         p.error(f"--female-fraction {args.female_fraction}: the imbalanced set has fewer women than men, so it "
                 f"must be below 0.5")
+    if args.table and (args.plant or args.csv):
+        p.error(f"--table with {'--plant' if args.plant else '--csv'}: the positive control plants into NIH folders, "
+                f"and --csv is NIH's table; a label table needs neither")
     unknown = sorted(set(args.conditions) - set(CONDITIONS))
     if unknown:
         p.error(f"--conditions: unknown {', '.join(unknown)}; choose from {', '.join(CONDITIONS)}")
@@ -160,9 +166,16 @@ def gather(runs, folds, conditions, out, seconds, replicates=1):
 
 def main(args):
     t0 = time.time()
-    t = read_data(args.data_root, args.csv, args.images_per_sex, args.size, args.folds)
-    fold = patient_kfold(t, args.folds, seed=args.seed, stratify="sex")
     runs = Path(args.runs or default_runs(args.out))  # this --out's own tree
+    table = None
+    if args.table:  # your own data: checked, then written as the task file every stage reads (--data-root)
+        check_size(args.arch, args.size)
+        table, args.table_facts = task_from_args(args, args.folds)
+        args.data_root, args.csv = str(runs / TASK_FILE), None
+        check_sizes(table, MIN_SIZE[args.arch], "--table")
+        task_changed = write_task_file(table, runs / TASK_FILE, dry=args.dry_run)
+    t = read_data(args.data_root, args.csv, args.images_per_sex, args.size, args.folds, table)
+    fold = patient_kfold(t, args.folds, seed=args.seed, stratify="sex")
     args.data_root = data_root = portable(args.data_root)  # recorded relative to the repository where it lies there
     data_argv = ("--data-root", data_root, *(["--csv", portable(args.csv)] if args.csv else []))
     plant = None
@@ -182,13 +195,16 @@ def main(args):
             changed.add(task.folder(k) / "sets.csv")  # a run would rewrite it: its stages would run again
         folds.append({"sets": str(task.folder(k) / "sets.csv"), "n_male": n_male, "n_synthetic": n_synthetic})
     stages = plan(task, folds, args.conditions, args.cvae_epochs, args.cvae_patience, plant, args.replicates)
-    stages.changed = changed
+    stages.changed = changed | ({Path(portable(runs / TASK_FILE))} if args.table and task_changed else set())
     if planned(stages, args.dry_run, args.makefile, f"preds.csv.gz (the stages' preds.csv together), the tables and "
                                                     f"figures in {args.out}"):
         return
     out = prepare_out_dir(args.out, args.force)
     data = "nih1000" if Path(args.data_root).resolve() == (PROJECT_DATA / "nih_cxr14").resolve() else \
         f"nih ({data_root})"
+    if args.table:
+        f = args.table_facts
+        data = f"label table {portable(args.table)}: {f['minority']} vs the rest of {f['group']}, label {f['primary']}"
     if args.plant:
         data += ", " + plant_label(*args.plant, FEMALE)
     weights = "imagenet" if args.pretrained else "none (from scratch)"
@@ -205,6 +221,7 @@ def main(args):
         "csv": args.csv,
         "images_per_sex": args.images_per_sex, "data_argv": [str(a) for a in task.data_argv], "device": args.device,
         "plant": {k: v for k, v in json.loads(plant[1].read_text()).items() if k != "argv"} if plant else None,
+        "table": {**args.table_facts, "table": portable(args.table)} if args.table else None,
         "classifier_argv": list(task.classifier_argv), "fold_sets": folds})
     return write_report(out)
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from classify.cxr_task import FEMALE, MALE, auroc_stat, read_preds
+from classify.cxr_task import ANY, FEMALE, MALE, auroc_stat, read_preds
 from common.report import report_command, with_ci, write_readme, write_table
+from common.table import reading_key
 from common.runs import write_json
 from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, draw_replicates, family_facts,
                               nested_levels, nested_mean, paired_difference_replicates, with_holm)
@@ -54,7 +55,7 @@ def fmt(v, digits=3, kind="f"):
 def utility_stats(Y, p, dec, sex):
     """{metric: f(idx)} of the table's paired comparisons: the any-finding AUROCs and gaps, DP and EO of the
     decision."""
-    y, d = Y[:, 14].astype(int), dec[:, 14].astype(int)
+    y, d = Y[:, ANY].astype(int), dec[:, ANY].astype(int)
     names = {"any-finding AUROC": "any_auroc", "female AUROC": "any_auroc_female", "male AUROC": "any_auroc_male",
              "AUROC gap (M - F)": "any_auroc_gap", "|AUROC gap|": "any_auroc_abs_gap"}
     return {**{name: auroc_stat(Y, p, sex, key) for name, key in names.items()},
@@ -266,6 +267,7 @@ def write_report(out, n_boot=None):
     summary["recovery"] = recovery(stats, rows, pid, plan, find)
     recovery_table(out, summary["recovery"], plan)
     summary["answers"] = answers(comps, fid, rows, summary)
+    summary["table"] = plan.get("table")  # your data: the table, group, minority and labels (None: NIH)
     write_table(out / "table", HEADER, table,
                 title=f"Every row on one task: any finding vs No Finding by sex, pooled out-of-fold predictions "
                       f"({plan['data']}, {len(tab)} images, {tab['patient_id'].nunique()} patients, "
@@ -284,8 +286,11 @@ def write_report(out, n_boot=None):
     figures(out, summary, rows, find, fid)
     write_json(out / "summary.json", summary)
     planted = f"{plan['data']}, a positive control: " if "PLANTED" in plan["data"] else ""
+    if plan.get("table"):
+        planted = f"Your data ({plan['table']['minority']} vs the rest of {plan['table']['group']}): "
     write_readme(out, planted + "Which generator family, if any, helps the under-represented sex most, at what "
-                                "cost to fidelity and privacy?", summary["answers"],
+                                "cost to fidelity and privacy?",
+                 summary["answers"] + [n for n in [reading_key(plan.get("table"))] if n],
                  ["table.md", "comparisons.md", "recovery.md"],
                  notes=["Figures: gain_vs_fidelity.png, gap_vs_auroc.png, samples_<row>.png, closest_pairs_<row>.png;"
                         " every prediction: preds.csv.gz; the stage commands: stages.json."])

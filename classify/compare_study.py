@@ -134,7 +134,7 @@ def parse_args(argv=None):
     return args
 
 
-def read_chestxray(folder, rows):
+def read_chestxray(folder, rows, ood=False):
     """The chestxray run's plan.json, checked: it has every cell the rows need and reads its labels under
     --data-root (the generators read the table there)."""
     f = Path(folder) / "plan.json"
@@ -146,6 +146,11 @@ def read_chestxray(folder, rows):
     if missing:
         raise DataError(f"--chestxray {folder}: that run has no {', '.join(missing)} cells; rerun it with every "
                         f"condition, or leave those rows out (--rows)")
+    table = cx.get("table")
+    if ood and table and (table["group"] != "sex" or table["minority"] != "F"):
+        raise DataError(f"--ood-root with --chestxray {folder}: the out-of-distribution test scores CheXpert's women "
+                        f"and men, and that run compares {table['minority']!r} with the rest of {table['group']}; "
+                        f"leave --ood-root out")
     if cx.get("csv"):
         raise DataError(f"--chestxray {folder}: that run read its labels from --csv {cx['csv']}; the generators read "
                         f"the label table under --data-root: put it there and rerun chestxray without --csv")
@@ -345,7 +350,7 @@ def gather(runs, rows, files, finding_only, ood, out, replicates=1):
 def main(args):
     t0 = time.time()
     cx_dir = args.chestxray or str(Path(args.out).parent / "chestxray")
-    cx = read_chestxray(cx_dir, args.rows)
+    cx = read_chestxray(cx_dir, args.rows, bool(args.ood_root))
     runs = Path(args.runs or cx["runs"])  # chestxray's run tree: its cells and split files are read from there
     if not all((runs / f"fold{k}" / "sets.csv").is_file() for k in range(cx["folds"])):
         if args.dry_run:  # a fresh clone has chestxray's plan.json but not its run tree
@@ -402,7 +407,8 @@ def main(args):
     write_json(out / "plan.json", {
         "study": "compare", "chestxray": portable(cx_dir), "scale": args.scale, "folds": cx["folds"],
         "female_fraction": cx["female_fraction"], "arch": cx["arch"], "size": cx["size"],
-        "pretrained": cx["pretrained"], "data": cx["data"], "n_boot": args.n_boot, "seed": cx["seed"],
+        "pretrained": cx["pretrained"], "data": cx["data"], "table": cx.get("table"), "n_boot": args.n_boot,
+        "seed": cx["seed"],
         "rows": rows, "replicates": replicates, "generator_seeds": args.generator_seeds, "sweep": choice, "finding_only": args.finding_only, "ood": bool(args.ood_root),
         "seconds": time.time() - t0})
     return write_report(out)

@@ -18,13 +18,13 @@ import pandas as pd
 
 from classify.train_chexnet import OUTPUTS, col
 from common.cache import load_images
-from common.data import read_nih
+from common.table import read_cxr
 from common.errors import DataError
 from common.splits import patient_split
 from fairness.metrics import auroc
 
 FEMALE, MALE = "F", "M"
-ANY = 14  # the any-finding output (classify.train_chexnet.OUTPUTS)
+ANY = -1  # the any-finding output: the last one (NIH: index 14; a label table's task: its compared label)
 
 
 def fold_sets(k, fold, t, seed, val_fraction, female_fraction, cvae_female=None, data_flag="--data-root"):
@@ -55,9 +55,10 @@ def fold_sets(k, fold, t, seed, val_fraction, female_fraction, cvae_female=None,
     return {name: names[i] for name, i in idx.items()}, n_male, n_male - n_f
 
 
-def read_data(data_root, csv, images_per_sex, size, folds):
-    """The NIH table (the first images_per_sex of each sex if given), images that decode only, checked for folds."""
-    t = read_nih(data_root, csv)  # inputs first: a bad --data-root stops before anything is written
+def read_data(data_root, csv, images_per_sex, size, folds, table=None):
+    """The NIH table or a label table's task file (or that task table itself: table), the first images_per_sex of
+    each sex if given, images that decode only, checked for folds."""
+    t = read_cxr(data_root, csv) if table is None else table  # inputs first: a bad --data-root stops before anything is written
     if images_per_sex:
         t = t.groupby("sex", group_keys=False).head(images_per_sex).reset_index(drop=True)
     _, ok = load_images(t["image"], size, "L")  # an unreadable image is named in a warning and left out
@@ -126,6 +127,12 @@ def auroc_stat(Y, p, sex, key):
             "any_auroc_abs_gap": lambda idx: abs(on(idx, MALE) - on(idx, FEMALE))}[key]
 
 
+def output_names(preds):
+    """The outputs a preds table scores, in order (any finding last), by name (NIH's as OUTPUTS spells them)."""
+    spelled = {col(o): o for o in OUTPUTS}
+    return [spelled.get(c[2:], c[2:]) for c in preds.columns if c.startswith("y_")]
+
+
 def read_preds(path, conditions):
     """preds.csv -> (per-image table in one order, {condition: [(Y, scores, thresholds, fold) per replicate]}); every
     condition and replicate must score the same images (the pairing of every comparison). A file without a
@@ -133,6 +140,7 @@ def read_preds(path, conditions):
     df = pd.read_csv(path)
     if "replicate" not in df.columns:
         df["replicate"] = 0
+    outputs = [c[2:] for c in df.columns if c.startswith("y_")]  # the run's outputs, any finding last
     first = None
     arrays = {}
     for c in conditions:
@@ -144,7 +152,7 @@ def read_preds(path, conditions):
             if not d["image"].equals(first["image"]):
                 raise DataError(f"{path}: condition {c} (replicate {rep}) scores other images than "
                                 f"{conditions[0]}; a paired comparison needs the same test images (rerun the study)")
-            arrays[c].append(tuple(d[[f"{k}_{col(o)}" for o in OUTPUTS]].to_numpy(float) for k in ("y", "p", "thr"))
+            arrays[c].append(tuple(d[[f"{k}_{o}" for o in outputs]].to_numpy(float) for k in ("y", "p", "thr"))
                              + (d["fold"].to_numpy(),))
         if not arrays[c]:
             raise DataError(f"{path}: no predictions of condition {c}; rerun the study")

@@ -20,7 +20,7 @@ import numpy as np
 from classify.nets import load_feature_extractor
 from common.cache import load_images
 from common.cli import ArgumentParser, key_values, run
-from common.data import read_nih
+from common.table import read_cxr
 from common.errors import DataError
 from common.runs import device_from, write_json
 from common.splits import read_sets
@@ -101,7 +101,7 @@ def parse_args(argv=None):
 def main(args):
     if Path(args.out).exists() and not args.force:
         raise DataError(f"--out {args.out} exists (pass --force to replace it)")
-    t = read_nih(args.data_root, args.csv)
+    t = read_cxr(args.data_root, args.csv)
     names = np.array([Path(i).name for i in t["image"]])
     test = read_sets(args.sets, names, ["test"])["test"]
     pool = read_sets(args.pool_sets, names, ["pool"], flag="--pool-sets")["pool"]

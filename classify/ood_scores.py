@@ -43,7 +43,7 @@ def scores(ood, cells, size, device):
     converted a batch at a time; ok marks the images that decoded."""
     x, ok = load_images(ood["image"], size, "L")
     images = Images(x, np.arange(len(x)))
-    return {row: np.mean([predict(load_classifier(c)[0].to(device), images, device)[:, 14] for c in ckpts], 0)
+    return {row: np.mean([predict(load_classifier(c)[0].to(device), images, device)[:, -1] for c in ckpts], 0)
             for row, ckpts in cells.items()}, ok
 
 

@@ -40,20 +40,21 @@ from classify.nets import arch_spec, build, check_size
 from common.cli import (ArgumentParser, key_values, nonneg_float, nonneg_int, positive_float, positive_int, run,
                         unit_interval)
 from common.cache import load_images
-from common.data import NIH_FINDINGS, NIH_LABELS, PROJECT_DATA, label_matrix, read_nih, read_samples, to_signed
+from common.data import NIH_FINDINGS, NIH_LABELS, PROJECT_DATA, label_matrix, label_names, read_samples, to_signed
 from common.errors import DataError
 from common.runs import (add_common_args, local_rank_zero_first, prepare_out_dir, ranks_identical, save_checkpoint,
                          seed_everything, setup_distributed, use_amp, write_config, write_json)
 from common.splits import patient_split, read_sets
+from common.table import read_cxr
 from fairness.metrics import auroc, binary_stats, youden_threshold
 
-OUTPUTS = NIH_FINDINGS + ["any finding"]
+OUTPUTS = NIH_FINDINGS + ["any finding"]  # NIH's; a table's: its findings, then "any finding" (= not No Finding)
 
 
-def targets(Y15):
-    """(N, 15) NIH multi-hot (14 findings + No Finding) -> (N, 15) outputs (14 findings + any finding)."""
-    Y15 = np.asarray(Y15)
-    return np.concatenate([Y15[:, :14], 1 - Y15[:, 14:15]], 1).astype(np.float32)
+def targets(Y):
+    """(N, L) multi-hot (findings, then No Finding; NIH: 14 + 1) -> (N, L) outputs (the findings, then any finding)."""
+    Y = np.asarray(Y)
+    return np.concatenate([Y[:, :-1], 1 - Y[:, -1:]], 1).astype(np.float32)
 
 
 def jitter(n, gen):
@@ -208,7 +209,7 @@ def fit(x_tr, y_tr, x_val, y_val, network, recipe, seed, device, weights=None, e
     autocast of the training steps (common.runs.use_amp). loss_weight: (N, 15) factors on each image's BCE terms
     (--reweight-sex; 0 on the outputs a generator's sample has no label for). augmentation: "light" (jitter) or
     "classic" (classic_jitter)."""
-    spec = arch_spec(network.arch, x_tr.shape[1], len(OUTPUTS), x_tr.shape[-1], network.width, network.dropout)
+    spec = arch_spec(network.arch, x_tr.shape[1], y_tr.shape[1], x_tr.shape[-1], network.width, network.dropout)
     net = build(**spec, pretrained=network.pretrained).to(device, memory_format=torch.channels_last)
     train_net = net
     if world > 1:
@@ -283,14 +284,14 @@ def fit(x_tr, y_tr, x_val, y_val, network, recipe, seed, device, weights=None, e
         return net, history, None, spec
     p_val = predict(net, x_val, device)
     thresholds = np.array([youden_threshold(y_val[:, j].numpy(), p_val[:, j]) if 0 < y_val[:, j].sum() < len(y_val)
-                           else 0.5 for j in range(len(OUTPUTS))])
+                           else 0.5 for j in range(y_val.shape[1])])
     return net, history, thresholds, spec
 
 
-def per_output_table(y, p, thresholds, min_pos=1):
+def per_output_table(y, p, thresholds, outputs=OUTPUTS, min_pos=1):
     """Per output: AUC, accuracy, sensitivity, specificity, positives, class ratio (positives : negatives)."""
     rows = []
-    for j, name in enumerate(OUTPUTS):
+    for j, name in enumerate(outputs):
         s = binary_stats(y[:, j], p[:, j] >= thresholds[j])
         rows.append({"output": name, "auroc": auroc(y[:, j], p[:, j]) if s["positives"] >= min_pos else float("nan"),
                      "accuracy": s["accuracy"], "sensitivity": s["sensitivity"], "specificity": s["specificity"],
@@ -335,7 +336,7 @@ def add_args(p):
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", default=str(PROJECT_DATA / "nih_cxr14"), help="NIH images + label table")
+    p.add_argument("--data-root", default=str(PROJECT_DATA / "nih_cxr14"), help="NIH folder, or a study's task file")
     p.add_argument("--csv", default=None, help="label table (default: found under --data-root)")
     p.add_argument("--split-seed", type=int, default=0,
                    help="patient-level split seed (70/10/20, by sex); not used with --sets")
@@ -372,12 +373,13 @@ def col(name):
     return name.replace(" ", "_")
 
 
-def pred_rows(t, Y, scores, thresholds, **keys):
-    """preds.csv rows for one fold's test images under one condition: ids, sex, age, fold, seed, condition, and per
-    output its label y_*, score p_* and the fold's validation threshold thr_*."""
+def pred_rows(t, Y, scores, thresholds, outputs=OUTPUTS, **keys):
+    """preds.csv rows of one fold's test images under one condition: ids, sex (a table's: the side), its group, age,
+    fold, seed, condition, and per output its label y_*, score p_* and the fold's validation threshold thr_*."""
     df = pd.DataFrame({"image": [Path(i).name for i in t["image"]], "patient_id": t["patient_id"].to_numpy(),
-                       "sex": t["sex"].to_numpy(), "age": t["age"].to_numpy(), **keys})
-    for j, name in enumerate(OUTPUTS):
+                       "sex": t["sex"].to_numpy(), "age": t["age"].to_numpy(),
+                       **({"group": t["group"].to_numpy()} if "group" in t.columns else {}), **keys})
+    for j, name in enumerate(outputs):
         df[f"y_{col(name)}"] = Y[:, j].astype(int)
         df[f"p_{col(name)}"] = scores[:, j]
         df[f"thr_{col(name)}"] = np.broadcast_to(thresholds, scores.shape)[:, j]
@@ -392,11 +394,11 @@ def to_size(x, size):
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(-1, 1)
 
 
-def read_synthetic(path):
-    """A generator's samples file -> (images (N, 1, S, S) in [-1, 1], NIH multi-hot labels (N, 15), known (N, 15
-    outputs) bool: which outputs the sample has a label for). Two kinds of file: vae.sample_cvae's (labels: the 15
-    NIH labels, all known) and a class-conditional sampler's (labels: class indices into class_names "<group>|No
-    Finding" or "<group>|finding": only the any-finding output is known, the 14 findings get no loss)."""
+def read_synthetic(path, n_labels=len(NIH_LABELS)):
+    """A generator's samples file -> (images (N, 1, S, S) in [-1, 1], multi-hot labels (N, L), known (N, L) bool:
+    which outputs a sample has a label for). vae.sample_cvae's files: the table's L labels (NIH: 15), all known; a
+    class-conditional sampler's: class indices into class_names "<group>|No Finding" / "<group>|finding", only the
+    any-finding output known (the findings get no loss)."""
     images, labels = read_samples(path, "vae.sample_cvae, diffusion.sample_ddpm, gan.sample_dcgan or "
                                         "vae.sample_conv_ae")
     if labels.ndim == 1:
@@ -406,16 +408,13 @@ def read_synthetic(path):
                 or labels.min() < 0 or labels.max() >= len(names):
             raise DataError(f"--synthetic {path}: class labels need class_names '<group>|No Finding' / "
                             f"'<group>|finding' (NIH any-finding classes), found {names}")
-        nofinding = np.array([names[c].endswith("|No Finding") for c in labels])
-        multi = np.zeros((len(labels), len(NIH_LABELS)), np.uint8)
-        multi[:, -1] = nofinding
-        known = np.zeros((len(multi), len(OUTPUTS)), bool)
-        known[:, -1] = True
+        multi, known = np.zeros((len(labels), n_labels), np.uint8), np.zeros((len(labels), n_labels), bool)
+        multi[:, -1], known[:, -1] = [names[c].endswith("|No Finding") for c in labels], True
         return to_signed(images), multi, known
-    if labels.shape[1] != len(NIH_LABELS):
+    if labels.shape[1] != n_labels:
         raise DataError(f"--synthetic {path}: labels of shape {labels.shape}, expected ({len(images)}, "
-                        f"{len(NIH_LABELS)}) NIH multi-hot vectors")
-    return to_signed(images), labels, np.ones((len(labels), len(OUTPUTS)), bool)
+                        f"{n_labels}) multi-hot vectors of this data's labels")
+    return to_signed(images), labels, np.ones((len(labels), n_labels), bool)
 
 
 def main(args):
@@ -424,10 +423,11 @@ def main(args):
         raise DataError("--sync-bn: SyncBatchNorm needs GPUs (torchrun with CUDA); drop the flag on CPUs")
     if args.dropout is not None and args.arch not in ("cnn8", "vit"):
         raise DataError(f"--dropout: {args.arch} has no dropout to set (cnn8 and vit have)")
-    keys = key_values(args.tag, reserved=("image", "patient_id", "sex", "age", "seed", "arch", "split"))
+    keys = key_values(args.tag, reserved=("image", "patient_id", "sex", "age", "group", "seed", "arch", "split"))
     out = prepare_out_dir(args.out_dir, args.force) if rank == 0 else None
     seed_everything(args.seed)
-    t = read_nih(args.data_root, args.csv)
+    t = read_cxr(args.data_root, args.csv)
+    outputs = label_names(t)[:-1] + ["any finding"]  # a task file's labels end with its primary's negation
     with local_rank_zero_first():  # one process per machine decodes the cache; the others then map it
         x, ok = load_images(t["image"], args.size, "L")  # uint8 (N, S, S); unreadable images: named and left out
     y = torch.from_numpy(targets(label_matrix(t)))
@@ -442,19 +442,22 @@ def main(args):
         if not len(m):
             raise DataError(f"--data-root {args.data_root}: no readable {s} image (the patient split needs "
                             f"images of several patients)")
+    if len(np.unique(y[tr, -1])) < 2:  # (one class: an AUROC of nothing learnt)
+        raise DataError(f"--train-set {args.train_set}: one class only for the compared label (any finding) in its "
+                        f"{len(tr)} images; a classifier needs both (more data, or fewer --folds)")
     sex = t["sex"].to_numpy()[tr]
     x_tr, y_tr = Images(x, tr), y[tr]
     n_syn, loss_weight = 0, None
     if args.synthetic:  # appended after the real images
-        sx, sy, known = read_synthetic(args.synthetic)
+        sx, sy, known = read_synthetic(args.synthetic, len(outputs))
         x_tr, y_tr = Images(x, tr, sx), torch.cat([y_tr, torch.from_numpy(targets(sy))])
         n_syn = len(sx)
         if not known.all():  # no loss on the outputs a sample has no label for
-            loss_weight = torch.from_numpy(np.r_[np.ones((len(tr), len(OUTPUTS)), bool), known]).float()
+            loss_weight = torch.from_numpy(np.r_[np.ones((len(tr), len(outputs)), bool), known]).float()
     if args.reweight_sex:
         if args.synthetic or args.balance_sex:
             raise DataError("--reweight-sex: the weights cover real images only; drop --synthetic / --balance-sex")
-        loss_weight = torch.from_numpy(np.repeat(sex_loss_weights(sex)[:, None], len(OUTPUTS), 1)).float()
+        loss_weight = torch.from_numpy(np.repeat(sex_loss_weights(sex)[:, None], len(outputs), 1)).float()
     weights = None
     if args.balance_sex:  # each sex half of every epoch: w = 1 / (2 n_sex) over the real training images
         if args.synthetic:
@@ -478,14 +481,14 @@ def main(args):
     if rank > 0:
         return
     p = predict(net, Images(x, te), device)
-    rows = per_output_table(y[te].numpy(), p, thr)
+    rows = per_output_table(y[te].numpy(), p, thr, outputs)
     keys = keys if args.sets else {"split": "test", **keys}
-    pred_rows(t.iloc[te], y[te].numpy(), p, np.asarray(thr), **keys, seed=args.seed, arch=args.arch).to_csv(
+    pred_rows(t.iloc[te], y[te].numpy(), p, np.asarray(thr), outputs, **keys, seed=args.seed, arch=args.arch).to_csv(
         out / "preds.csv", index=False, float_format="%.9g")
     save_checkpoint({"arch": spec, "model": net.state_dict(), "thresholds": torch.tensor(thr),
-                     "outputs": OUTPUTS, "weights": weights_from}, out / "ckpt.pt")
+                     "outputs": outputs, "weights": weights_from}, out / "ckpt.pt")
     write_json(out / "metrics.json", {"test": rows, "history": history, "seconds": time.time() - t0,
-                                      "weights": weights_from, "labels": NIH_LABELS, **counts, **ddp})
+                                      "weights": weights_from, "labels": label_names(t), **counts, **ddp})
     any_row = rows[-1]
     print(f"{args.arch} ({weights_from}): {args.test_set} any-finding AUROC {any_row['auroc']:.3f}, sensitivity "
           f"{any_row['sensitivity']:.2f}, specificity {any_row['specificity']:.2f} ({time.time() - t0:.0f} s)"

@@ -140,15 +140,15 @@ def complete_csv(path):
     """Whether a CSV ends with a newline and its last row has the header's number of fields (a table whose
     download was cut where the server announced no length fails this, unless the cut fell between two rows)."""
     import csv
+    import io
     data = Path(path).read_bytes()
     if not data.endswith(b"\n"):
         return False
-    try:
-        rows = list(csv.reader(data.decode("utf-8", "replace").splitlines()[-1:] or [""]))
-        header = next(csv.reader([data.decode("utf-8", "replace").split("\n", 1)[0]]))
+    try:  # the whole table, so that a quoted field with a line break is one field
+        rows = [r for r in csv.reader(io.StringIO(data.decode("utf-8", "replace"))) if r]
     except csv.Error:
         return False
-    return bool(rows) and len(rows[-1]) == len(header)
+    return len(rows) > 0 and len(rows[-1]) == len(rows[0])
 
 
 def download_fitzpatrick(root, url_base=None, csv_url=FITZ_CSV_URL, workers=4, delay=0.5, limit=None):

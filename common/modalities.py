@@ -24,8 +24,9 @@ from common.cli import ArgumentParser, positive_int, run
 from common.cache import load_images
 from common.runs import npz_out
 from common.splits import patient_split, read_sets
-from common.data import PROJECT_DATA, read_covid, read_fitzpatrick, read_ixi, read_nih
+from common.data import PROJECT_DATA, read_covid, read_fitzpatrick, read_ixi
 from common.errors import DataError
+from common.table import read_cxr
 
 SKIN_DIAGNOSES = ["inflammatory", "malignant epidermal", "genodermatoses", "benign dermal", "benign epidermal"]
 PHANTOM_DIR = PROJECT_DATA.parent / ".cache" / "skin_phantom"
@@ -94,12 +95,12 @@ def load_modality(name, size, data_root=None, n_toy=2000, phantom_n=1200):
                           "label": np.where(lab == 0, "disc", "square")})
         return _finish("toy", t, x, ["dark", "bright"], ["disc", "square"], "toy")
     if name in ("nih", "cxr"):
-        t = read_nih(data_root or PROJECT_DATA / "nih_cxr14")
+        t = read_cxr(data_root or PROJECT_DATA / "nih_cxr14")  # or a label table's task file (common/table.py)
         t["attr"] = t["sex"]
         t["label"] = np.where(t["label:No Finding"] == 1, "No Finding", "finding")
-        t["source"] = "NIH ChestX-ray14"
+        t["source"] = "NIH ChestX-ray14" if "group" not in t.columns else "label table"
         labels, notes = ["No Finding", "finding"], []
-        data = "nih1000" if data_root is None else f"nih ({data_root})"
+        data = "nih1000" if data_root is None else f"{'table' if 'group' in t.columns else 'nih'} ({data_root})"
         if name == "cxr":
             c = read_covid()
             c = c[c["label:COVID-19"] == 1].assign(attr=lambda d: d["sex"], label="COVID-19",

@@ -87,7 +87,12 @@ def write_sets(path, sets, dry=False):
         raise DataError(f"{path}: the sets {', '.join(empty)} would be empty (too few images or patients of a "
                         f"group in this fold or repeat: use more data, fewer folds, or other fractions)")
     rows = [(s, str(img)) for s, images in sets.items() for img in images]
-    text = pd.DataFrame(rows, columns=["set", "image"]).to_csv(index=False)
+    return write_if_changed(path, pd.DataFrame(rows, columns=["set", "image"]).to_csv(index=False), dry)
+
+
+def write_if_changed(path, text, dry=False):
+    """Write text to path only when it differs from what is there (the file then keeps its time stamp, and the
+    stages that read it stay done); returns whether it differs (dry=True: nothing is written)."""
     path = Path(path)
     changed = not path.is_file() or path.read_text() != text
     if changed and not dry:

@@ -96,8 +96,11 @@ class Stages:
     def run(self, module, argv, done, recorded, deps=(), force=True):
         """Add the stage `python -m module *argv --force`; unless dry, run it now unless `done` exists,
         recorded(done) == argv, and done is newer than every file in deps. recorded: the argv (no --force) stored
-        beside the output, or None. force=False: no --force (a stage that continues its run with --resume)."""
+        beside the output, or None. force=False: no --force (a stage that continues its run with --resume). A
+        --data-root that is a file (a study's task file from a label table) is a dependency too: new labels or
+        groups redo the stages that read it."""
         argv = [str(a) for a in argv]
+        deps = [*deps, *(a for flag, a in zip(argv, argv[1:]) if flag == "--data-root" and a.endswith(".csv"))]
         line = " ".join(["python", "-m", module, *map(shlex.quote, argv), *(["--force"] if force else [])])
         rule = (Path(done), [Path(d) for d in deps], line, module, argv, recorded, force)
         self.rules.append(rule)

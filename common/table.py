@@ -8,7 +8,8 @@ The table's columns (names given by flags; the common spellings are recognised):
                  categorical as they are; a continuous one (age) cut into bands (--bands age=40,60: <40, 40-60, 60+;
                  a patient's band is their age at their first image). Several group columns make intersections, each
                  a group of its own ("F & 60+").
-    labels       binary 0/1 columns (blank: unknown; such a row is left out of the tasks that need that label).
+    labels       binary 0/1 columns (blank: unknown; a row with a blank compared label is left out, a label with
+                 blanks is not used as a secondary output).
                  Without --labels, every other column holding only 0, 1 and blanks is a label.
 Every refusal is one line naming the column, the file or the flag, and the fix (common.errors.DataError).
 
@@ -25,8 +26,9 @@ import numpy as np
 import pandas as pd
 
 from common.cli import ArgumentParser, positive_int, run, unit_interval
-from common.data import COLUMNS, PROJECT_DATA, read_covid, read_nih
+from common.data import COLUMNS, PROJECT_DATA, finish, read_covid, read_nih
 from common.errors import DataError
+from common.splits import write_if_changed
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".npy", ".dcm", ".dicom"}
 SPELLINGS = {"path": ["path", "image", "image_path", "imagepath", "file", "filename", "file_path", "image index",
@@ -164,6 +166,14 @@ def read_table(csv, path_col=None, patient_col=None, groups=("sex",), bands=None
         if not label_cs:
             raise DataError(f"{csv}: no label column (a column of 0, 1 and blanks besides {sorted(taken)}); the "
                             f"table has {list(df.columns)}: add one, or name them with --labels")
+    reserved = [c for c in label_cs if squash(c) in ("no_finding", "any_finding")]
+    if reserved:
+        raise DataError(f"{csv}: label column {reserved[0]!r}: the chest X-ray task uses that name for its own "
+                        f"outputs; rename the column (e.g. {squash(reserved[0])}_label) or leave it out with --labels")
+    spelled = [c.replace(" ", "_") for c in label_cs]
+    twins = [c for c, n in zip(label_cs, spelled) if spelled.count(n) > 1]
+    if twins:
+        raise DataError(f"{csv}: label columns {twins} are one name in preds.csv (spaces become _); rename one")
     clash = [c for c in label_cs if c in taken]
     if clash:
         raise DataError(f"--labels {clash[0]}: that column is already the path, patient or a group column")
@@ -173,7 +183,7 @@ def read_table(csv, path_col=None, patient_col=None, groups=("sex",), bands=None
     blank = df[[f"group:{c}" for c in group_cs]].isna().any(axis=1)
     df["group"] = [INTERSECTION.join(map(str, v)) for v in df[[f"group:{c}" for c in group_cs]].itertuples(False)]
 
-    paths = [Path(p) if Path(p).is_absolute() else csv.parent / p for p in df[path_c].fillna("")]
+    paths = [Path(p) if Path(p).is_absolute() else csv.absolute().parent / p for p in df[path_c].fillna("")]
     exists = np.array([p.is_file() for p in paths])
     df["image"] = [str(p) for p in paths]
     gone = ~exists | df[path_c].isna().to_numpy()
@@ -235,7 +245,7 @@ def minority_rows(table, minority):
     return (table["group"] == minority).to_numpy()
 
 
-def check_task(table, minority, folds, min_patients=None):
+def check_task(table, minority, folds, min_patients=None, labels=None):
     """Refuse, before any training, what a study of `minority` vs the rest with `folds` patient-level folds cannot
     use: a side with fewer patients than 2 per fold (each fold's test and training pool need some), a label without
     a positive or a negative on a side. Returns {side: {patients, images, label: positives}}."""
@@ -249,7 +259,7 @@ def check_task(table, minority, folds, min_patients=None):
             raise DataError(f"group {side!r} has {n_pat} patients ({len(t)} images); {folds} folds need at least "
                             f"{need} (2 per fold): add patients, use fewer --folds, or merge groups")
         summary[side] = {"patients": int(n_pat), "images": int(len(t))}
-        for c in label_cols(table):
+        for c in [f"label:{l}" for l in labels] if labels else label_cols(table):
             y = t[c].dropna()
             pos, neg = int((y == 1).sum()), int((y == 0).sum())
             if pos == 0 or neg == 0:
@@ -257,6 +267,94 @@ def check_task(table, minority, folds, min_patients=None):
                                 f"every label needs both in every group: leave it out (--labels) or merge groups")
             summary[side][c[6:]] = pos
     return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The chest X-ray task (classify/cxr_task.py) on a label table: the table is checked once by the study and written
+# into its run folder as a task file, which every stage reads by --data-root <task file> (common.data.read_cxr) as
+# it reads an NIH folder. The task compares two sides coded as NIH's sexes are: F, the group asked about
+# (--minority), and M, everyone else; `group` keeps the table's own value. Its label columns end with the primary
+# label's negation under NIH's name, "No Finding", so that the primary label is the task's "any finding" output
+# and every other label one of its finding outputs.
+TASK_FILE = "task_table.csv"
+
+
+def primary_label(table, primary=None):
+    """The label the study compares on (--primary; default: the first label column), checked."""
+    names = [c[6:] for c in label_cols(table)]
+    if primary is None:
+        return names[0]
+    if primary not in names:
+        raise DataError(f"--primary {primary!r} is not a label of the table; its labels are {names}")
+    return primary
+
+
+def task_table(table, minority, primary):
+    """The uniform table as the chest task reads it: sex = F (the minority group) / M (the rest), labels = the other
+    labels without blanks, then "No Finding" = 1 - primary (rows with a blank primary: left out before)."""
+    t = table.reset_index(drop=True)
+    out = t[["image", "patient_id", "age", "group"]].copy()
+    out["sex"] = np.where(minority_rows(t, minority), "F", "M")
+    for c in label_cols(t):
+        if c == f"label:{primary}":
+            continue
+        if t[c].isna().any():
+            warnings.warn(f"label {c[6:]!r} is blank for {int(t[c].isna().sum())} images: it is left out of the "
+                          f"task's outputs (a 0 there would be a guess)")
+            continue
+        out[c] = t[c].astype(np.uint8)
+    out["label:No Finding"] = (1 - t[f"label:{primary}"]).astype(np.uint8)
+    return out
+
+
+def check_file_names(t):
+    """The split files name images by file name: two images of one name are refused."""
+    names = t["image"].map(lambda p: Path(p).name)
+    dup = names[names.duplicated()]
+    if len(dup):
+        raise DataError(f"two images share the file name {dup.iloc[0]!r} ({len(dup)} names repeat); the split files "
+                        f"name images by file name, so rename them (e.g. prefix the site) and update the table")
+
+
+def write_task_file(t, path, dry=False):
+    """Write a task table (task_table) to path only when its content changes (so that the stages that read it stay
+    done); returns whether it changed (dry: whether it would; nothing written)."""
+    check_file_names(t)
+    return write_if_changed(path, t.to_csv(index=False), dry)
+
+
+def read_task_file(path):
+    """A task file (write_task_file) as the uniform table common.data's readers return."""
+    df = pd.read_csv(path, dtype={"patient_id": str, "group": str}, keep_default_na=False, na_values=[""])
+    need = ["image", "patient_id", "sex", "label:No Finding"]
+    if any(c not in df.columns for c in need):
+        raise DataError(f"--data-root {path}: not a task file written by a study (it needs the columns {need}); "
+                        f"give your label table to the study with --table instead")
+    labels = [c for c in df.columns if c.startswith("label:")]
+    return finish(df, (df[labels].to_numpy(np.uint8), [c[6:] for c in labels]), extra=["group"])
+
+
+def reading_key(facts):
+    """The line a report on a label table opens its notes with: what its words stand for (None: not a table run)."""
+    if not facts:
+        return None
+    others = [l for l in facts["labels"] if l != facts["primary"]]
+    groups = ", ".join(f"{g} {n}" for g, n in facts["groups"].items())
+    return (f"Your data: label table {facts['table']}, group column(s) {facts['group']}"
+            f"{' (bands ' + ', '.join(facts['bands']) + ')' if facts['bands'] else ''}; patients per group: {groups}. "
+            f"In every table of this report 'female', 'women' and F stand for the group {facts['minority']!r} and "
+            f"'male', 'men' and M for everyone else; 'sex' is that split; 'any finding' is the label "
+            f"{facts['primary']!r}" + (f" (the other outputs: {', '.join(others)})" if others else "") + ".")
+
+
+def read_cxr(data_root=PROJECT_DATA / "nih_cxr14", csv=None):
+    """The chest X-ray task's table: NIH ChestX-ray14 under a folder (common.data.read_nih), or a task file a study
+    wrote from the user's label table (the group asked about as sex F, the primary label as 'any finding')."""
+    if Path(data_root).suffix.lower() == ".csv" and Path(data_root).is_file():
+        if csv:
+            raise DataError(f"--csv {csv}: --data-root {data_root} is a task file already (drop --csv)")
+        return read_task_file(data_root)
+    return read_nih(data_root, csv)
 
 
 def image_sizes(paths):
@@ -300,16 +398,17 @@ def write_example(out, n_nih=None):
     out = Path(out)
     nih = read_nih(PROJECT_DATA / "nih_cxr14")
     cov = read_covid(PROJECT_DATA / "covid_cxr")
-    rows = pd.concat([
-        pd.DataFrame({"path": nih["image"], "patient_id": "nih-" + nih["patient_id"], "sex": nih["sex"],
-                      "age": nih["age"], "source": "nih", "finding": 1 - nih["label:No Finding"], "covid": 0}),
+    rows = pd.concat([  # the COVID-19 images first: a smoke run's first images of each sex include some
         pd.DataFrame({"path": cov["image"], "patient_id": "covid-" + cov["patient_id"], "sex": cov["sex"],
                       "age": cov["age"], "source": "covid",
                       "finding": (cov["finding"].fillna("") != "No Finding").astype(int),
-                      "covid": cov["label:COVID-19"]})], ignore_index=True)
+                      "covid": cov["label:COVID-19"]}),
+        pd.DataFrame({"path": nih["image"], "patient_id": "nih-" + nih["patient_id"], "sex": nih["sex"],
+                      "age": nih["age"], "source": "nih", "finding": 1 - nih["label:No Finding"], "covid": 0})],
+        ignore_index=True)
     rows = rows[rows["sex"].notna()]
     if n_nih:
-        rows = pd.concat([rows[rows["source"] == "nih"].head(n_nih), rows[rows["source"] == "covid"]])
+        rows = pd.concat([rows[rows["source"] == "covid"], rows[rows["source"] == "nih"].head(n_nih)])
     out.mkdir(parents=True, exist_ok=True)
     path = out / "table.csv"
     if path.exists():
@@ -335,6 +434,39 @@ def add_table_args(p, folds=True):
                    help="largest share of rows whose image is missing that is left out with a warning (above: refused)")
 
 
+def add_task_args(p):
+    """The flags of a study that takes a label table for the chest X-ray task (chestxray, compare)."""
+    p.add_argument("--table", default=None,
+                   help="your label table (a CSV, one row per image; docs/your-data.md) instead of NIH's")
+    add_table_args(p)
+    p.add_argument("--minority", default="F",
+                   help="--table: the group asked about (a value of --group, e.g. F or 'F & 60+'), compared with "
+                        "everyone else; in the reports and preds.csv it takes the place of the women (sex F)")
+    p.add_argument("--primary", default=None,
+                   help="--table: the label the study compares on, the task's 'any finding' (default: the first label)")
+
+
+def task_from_args(a, folds):
+    """--table: the table checked for a study of --minority vs the rest with `folds` folds, as a task table, and what
+    plan.json records of it."""
+    t = table_from_args(a)
+    found = [c[6:] for c in label_cols(t)]
+    if a.labels is None and a.primary is None and len(found) > 1:
+        raise DataError(f"--table {a.table}: the 0/1 columns {found} were taken as labels; say which are labels with "
+                        f"--labels (the first is the one compared) or name the compared one with --primary")
+    primary = primary_label(t, a.primary)
+    blank = t[f"label:{primary}"].isna()
+    if blank.any():
+        warnings.warn(f"{a.table}: {int(blank.sum())} rows with a blank {primary!r} are left out")
+    t = t[~blank]
+    check_task(t, a.minority, folds, labels=[primary])
+    task = task_table(t, a.minority, primary)
+    facts = {"table": str(a.table), "group": a.group, "bands": a.bands, "minority": a.minority, "primary": primary,
+             "labels": [c[6:] for c in task.columns if c.startswith("label:") and c != "label:No Finding"] + [primary],
+             "groups": {g: int(n) for g, n in t.groupby("group")["patient_id"].nunique().items()}}
+    return task, facts
+
+
 def table_from_args(a):
     return read_table(a.table, a.path_col, a.patient_col, [g.strip() for g in a.group.split(",") if g.strip()],
                       parse_bands(a.bands), [c.strip() for c in a.labels.split(",")] if a.labels else None,
@@ -349,6 +481,7 @@ def parse_args(argv=None):
     add_table_args(c)
     c.add_argument("--minority", default=None, help="the group asked about (a value of --group, e.g. F or 'F & 60+')")
     c.add_argument("--folds", type=positive_int, default=5, help="patient-level folds the study would use")
+    c.add_argument("--primary", default=None, help="the label the study compares on (default: the first label)")
     c.add_argument("--min-size", type=positive_int, default=None,
                    help="refuse images whose shorter side is below this many pixels (the network's input)")
     e = sub.add_parser("example", help="write the embedded NIH + COVID-19 images as a label table (the worked example)")
@@ -373,8 +506,11 @@ def main(a):
     if a.min_size:
         check_sizes(t, a.min_size, "--min-size")
     if a.minority:
-        check_task(t, a.minority, a.folds)
-        print(f"minority {a.minority!r} vs the rest: usable with {a.folds} folds")
+        primary = primary_label(t, a.primary)
+        check_task(t[t[f"label:{primary}"].notna()], a.minority, a.folds, labels=[primary])
+        check_file_names(t)
+        print(f"minority {a.minority!r} vs the rest, compared on {primary!r}: passes the table's checks for {a.folds} "
+              f"folds (the study checks each fold's sets again when it splits them)")
 
 
 if __name__ == "__main__":

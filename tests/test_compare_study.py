@@ -141,14 +141,18 @@ def chexpert_root(root, n=24):
 
 
 @pytest.fixture(scope="module")
-def compare_smoke(smoke_study, tmp_path_factory):
-    """The compare study's smoke chain (as `make compare SMOKE=1`), built on the chest X-ray smoke fixture's run
-    (its plan.json, split files and cells, read as files), with a CheXpert-layout --ood-root."""
-    cx_out, runs, _ = smoke_study("classify.chestxray_study")
+def compare_smoke(tmp_path_factory):
+    """The compare study's smoke chain on your own data, as `make compare DATA=... SMOKE=1` runs it: the worked
+    example's label table (the embedded NIH + COVID-19 images, written by `python -m common.table example`), the
+    chest X-ray study on it (--table), then compare on that run (its plan.json, split files and cells, read as
+    files), with a CheXpert-layout --ood-root. (test_chestxray.py runs chestxray's smoke chain on NIH's folder.)"""
     base = tmp_path_factory.mktemp("compare")
-    r = run("classify.compare_study", "--smoke", "--chestxray", str(cx_out), "--ood-root",
+    run("common.table", "example", "--out", str(base / "example"))
+    run("classify.chestxray_study", "--smoke", "--table", str(base / "example" / "table.csv"), "--labels",
+        "finding,covid", "--out", str(base / "cx"), "--runs", str(base / "runs"), timeout=1800)
+    r = run("classify.compare_study", "--smoke", "--chestxray", str(base / "cx"), "--ood-root",
             str(chexpert_root(base / "chexpert")), "--out", str(base / "out"), timeout=1800)
-    return base / "out", Path(runs), r
+    return base / "out", base / "runs", r
 
 
 def test_compare_smoke_has_every_row_and_field(compare_smoke):
@@ -200,12 +204,37 @@ def test_compare_smoke_has_every_row_and_field(compare_smoke):
         assert (out / png).stat().st_size > 5000
 
 
+def test_a_label_table_run_names_its_data_and_keeps_its_groups(compare_smoke):
+    """On your own data the report says what 'female' and 'any finding' stand for, plan and summary record the
+    table, and preds.csv carries each image's group beside the side it was compared on."""
+    out, runs, _ = compare_smoke
+    readme = (out / "README.md").read_text()
+    assert readme.startswith("# Your data (F vs the rest of sex): ")
+    assert "'female', 'women' and F stand for the group 'F'" in readme and "'any finding' is the label 'finding'" in readme
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["table"]["primary"] == "finding" and plan["table"]["labels"][-1] == "finding"
+    preds = pd.read_csv(out / "preds.csv.gz")
+    assert {"group", "y_covid", "y_any_finding"} <= set(preds.columns)
+    assert (preds["group"] == preds["sex"]).all()  # group sex, minority F: the side is the group
+
+
+def test_make_passes_your_table_to_the_study(tmp_path):
+    r = subprocess.run(["make", "chestxray", "DATA=path/to/mytable.csv", "GROUP=sex,age", "BANDS=age=60",
+                        "MINORITY=F & 60+", "SMOKE=1", "DRY=1", "PYTHON=true"], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.splitlines()[0]
+    assert "--out yourdata/mytable/sex,age-F___60+/smoke/chestxray" in line  # one folder per question asked
+    assert "--group sex,age --minority 'F & 60+'" in line
+    assert "--bands age=60" in line and "--dry-run" in line
+
+
 def test_no_generator_saw_its_folds_test_or_validation_patients(compare_smoke):
     """Each generator stage's recorded command names its training set; that set's patients are disjoint from the
     fold's test and validation patients, and the images it trained on are that set's."""
-    from common.data import read_nih
+    from common.table import TASK_FILE, read_cxr
     out, runs, _ = compare_smoke
-    t = read_nih(ROOT / "data" / "nih_cxr14")
+    t = read_cxr(runs / TASK_FILE)
     names = [Path(i).name for i in t["image"]]
     pid = t["patient_id"].to_numpy()
     checked = 0

@@ -52,7 +52,7 @@ def test_the_worked_example_is_written_and_checked(tmp_path):
     assert not t["path"].map(lambda p: p.startswith("/")).any()  # relative: the folder can move
     r = ok(check(tmp_path / "ex" / "table.csv", "--group", "sex", "--minority", "F", "--folds", "3",
                  "--labels", "finding"), tmp_path)
-    assert "minority 'F' vs the rest: usable with 3 folds" in r.stdout
+    assert "minority 'F' vs the rest, compared on 'finding': passes the table's checks for 3 folds" in r.stdout
     refused(["common.table", "example", "--out", str(tmp_path / "ex")], tmp_path, "exists",
             watch=[tmp_path / "ex"])
 
@@ -142,3 +142,43 @@ def test_a_few_missing_images_are_left_out_with_a_count(tmp_path):
     with pytest.warns(UserWarning, match="1 of 24 images .* not on disk"):
         t = read_table(csv)
     assert len(t) == 23
+
+
+def test_the_task_table_codes_the_group_asked_about_as_the_studied_side(tmp_path):
+    """GROUP=site MINORITY=B: the chest task's side F is site B (whatever the patients' sex), its compared label is
+    the primary (stored negated as 'No Finding', last), the other labels come first; read back by --data-root."""
+    from common.table import TASK_FILE, read_cxr, task_table, write_task_file
+    csv = user_table(tmp_path, rows=lambda d: d.assign(effusion=(d.index % 3 == 0).astype(int)))
+    t = read_table(csv, groups=["site"], labels=["finding", "effusion"])
+    task = task_table(t, "B", "finding")
+    assert ((task["sex"] == "F") == (t["group:site"] == "B")).all() and set(task["group"]) == {"A", "B"}
+    assert [c for c in task.columns if c.startswith("label:")] == ["label:effusion", "label:No Finding"]
+    assert (task["label:No Finding"] == 1 - t["label:finding"]).all()
+    assert write_task_file(task, tmp_path / "runs" / TASK_FILE) and not write_task_file(task, tmp_path / "runs" / TASK_FILE)
+    back = read_cxr(tmp_path / "runs" / TASK_FILE)
+    assert list(back["sex"]) == list(task["sex"]) and list(back["patient_id"]) == list(task["patient_id"])
+    assert read_cxr(tmp_path / "runs" / TASK_FILE).filter(like="label:").columns.tolist()[-1] == "label:No Finding"
+
+
+STUDY = ["classify.chestxray_study", "--smoke", "--dry-run"]
+STUDY_CASES = {  # the study refuses, before anything is written: (table edit, flags, words)
+    "several labels, none named": (lambda d: d.assign(effusion=d["finding"]), [], ["['finding', 'effusion']",
+                                                                               "--labels", "--primary"]),
+    "a label called No Finding": (lambda d: d.assign(**{"No Finding": 1 - d["finding"]}), ["--labels",
+                                  "finding,No Finding"], ["'No Finding'", "rename"]),
+    "two images of one file name": (lambda d: d.assign(path=np.where(d.index == 1, "other/p0_0.png", d["path"])),
+                                    [], ["p0_0.png", "file name"]),
+    "a table with --plant": (None, ["--plant", "invert:0.5"], ["--table with --plant"]),
+    "unknown primary": (None, ["--primary", "effusion"], ["--primary 'effusion'", "['finding']"]),
+}
+
+
+@pytest.mark.parametrize("case", list(STUDY_CASES), ids=list(STUDY_CASES))
+def test_the_study_refuses_a_table_it_cannot_use(case, tmp_path):
+    edit, flags, words = STUDY_CASES[case]
+    csv = user_table(tmp_path / "data", n_patients=16, rows=edit)
+    if case == "two images of one file name":
+        write_png(tmp_path / "data" / "other" / "p0_0.png", seed=99)
+    refused([*STUDY, "--table", str(csv), *flags, "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")],
+            tmp_path, words, watch=[tmp_path / "data"])
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()

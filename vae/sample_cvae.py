@@ -27,7 +27,7 @@ def load_cvae(path, device="cpu"):
     ck = load_checkpoint(path)
     if not isinstance(ck, dict) or not {"train_labels", "model", "args"} <= set(ck):
         raise DataError(f"{path} is not a train_cvae.py checkpoint")
-    model = CVAE(ck["args"]["channels"], ck["args"]["latent"])
+    model = CVAE(ck["args"]["channels"], ck["args"]["latent"], ck["args"].get("n_cond", len(NIH_LABELS)))
     load_weights(model, ck["model"], path)
     return model.to(device).eval(), ck
 
@@ -52,7 +52,7 @@ def main(args):
     with written_together(out, out.with_suffix(".png")) as (tmp_npz, tmp_png):
         meta = {"ckpt": str(args.ckpt), "n": args.n, "seed": args.seed, "seconds": time.time() - t0,
                 "argv": sys.argv[1:]}  # argv: stage reuse
-        np.savez_compressed(tmp_npz, images=images, labels=labels, label_names=np.array(NIH_LABELS),
+        np.savez_compressed(tmp_npz, images=images, labels=labels, label_names=np.array(ck["args"].get("label_names", NIH_LABELS)),
                             meta=json.dumps(meta))
         save_grid(images[:32], tmp_png, nrow=4, title="synthetic female X-rays (CVAE)")
     print(f"wrote {len(images)} synthetic images to {out}")

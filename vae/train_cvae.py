@@ -1,10 +1,11 @@
 """Conditional VAE for chest X-rays (Korb & Hall, "Closing the Gender Gap in Medical Imaging with VAEs";
 docs/METHODS.md "Chest X-ray CVAE"), trained on FEMALE images of the training split only.
 
-Condition y: the 15-label multi-hot vector (14 findings + No Finding). Encoder sees the image with y spread as 15
-constant planes: 5 x [Conv k3 s2 p1, BN, LeakyReLU] (C+15 -> 32, 64, 128, 256, 512; 64 px -> 2 px), Linear to mu
-and logvar (latent 128). Decoder: Linear(128 + 15 -> 512*2*2), 4 x [ConvT k3 s2 p1 op1, BN, LeakyReLU]
-(512 -> 256, 128, 64, 32), ConvT 32 -> 32 (to 64 px), BN, LeakyReLU, Conv 32 -> C k3, tanh.
+Condition y: the 15-label multi-hot vector (14 findings + No Finding; on a label table's task file, its own labels,
+common/table.py). Encoder sees the image with y spread as 15 constant planes: 5 x [Conv k3 s2 p1, BN, LeakyReLU]
+(C+15 -> 32, 64, 128, 256, 512; 64 px -> 2 px), Linear to mu and logvar (latent 128). Decoder: Linear(128 + 15 ->
+512*2*2), 4 x [ConvT k3 s2 p1 op1, BN, LeakyReLU] (512 -> 256, 128, 64, 32), ConvT 32 -> 32 (to 64 px), BN,
+LeakyReLU, Conv 32 -> C k3, tanh.
 Loss: MSE + 0.00025 KL (KL summed over latent dims, mean over the batch). Adam 5e-3, lr x0.95 per epoch,
 batch 64, up to 100 epochs, early stopping on the validation loss (patience 10), best weights kept.
 
@@ -25,12 +26,13 @@ from tqdm import tqdm
 
 from common.cli import ArgumentParser, nonneg_float, nonneg_int, positive_float, positive_int, run
 from common.cache import load_images
-from common.data import PROJECT_DATA, label_matrix, read_nih, to_signed
+from common.data import NIH_LABELS, PROJECT_DATA, label_matrix, label_names, to_signed
 from common.errors import DataError
 from common.report import fit_title, save_grid
 from common.runs import (add_common_args, check_finite, device_from, load_checkpoint, load_weights, prepare_out_dir,
                          save_checkpoint, seed_everything, write_config, write_json)
 from common.splits import patient_split, read_sets
+from common.table import read_cxr
 
 N_COND = 15
 
@@ -99,12 +101,12 @@ def resumable(ckpt, latent):
 
 
 def fit(x_tr, y_tr, x_val, y_val, out, device, *, latent, beta, epochs, patience, batch_size, lr, seed,
-        resume=False, progress=True):
+        resume=False, progress=True, names=NIH_LABELS):
     """Train the CVAE (the flags of the same names) with early stopping; returns (model with the best weights,
     history). Checkpoints into out every epoch; resume: continue from out/ckpt.pt."""
     # channels_last: the (transposed) convolutions take the faster oneDNN path on a CPU (1.19x per step on 2 cores,
     # bench/cvae_format.py)
-    model = CVAE(1, latent).to(device, memory_format=torch.channels_last)
+    model = CVAE(1, latent, y_tr.shape[1]).to(device, memory_format=torch.channels_last)  # NIH: 15 labels
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.95)
     start, best_state, best_val, bad, history = 0, None, float("inf"), 0, []
@@ -146,7 +148,8 @@ def fit(x_tr, y_tr, x_val, y_val, out, device, *, latent, beta, epochs, patience
         save_checkpoint({"model": best_state, "last": model.state_dict(), "opt": opt.state_dict(),
                          "sched": sched.state_dict(), "epoch": epoch + 1, "best_val": best_val, "bad": bad,
                          "history": history, "torch_rng": torch.get_rng_state(),
-                         "args": {"latent": latent, "channels": 1, "size": 64},
+                         "args": {"latent": latent, "channels": 1, "size": 64, "n_cond": y_tr.shape[1],
+                                  "label_names": list(names)},
                          "train_labels": y_tr.to(torch.uint8)}, ckpt)
         if bad >= patience:
             break
@@ -219,7 +222,7 @@ def main(args):
     if args.resume and (out / "ckpt.pt").is_file():
         resumable(out / "ckpt.pt", args.latent)  # refuse a checkpoint of another shape before config.json is rewritten
     seed_everything(args.seed)
-    t = read_nih(args.data_root, args.csv)
+    t = read_cxr(args.data_root, args.csv)
     if args.sets:  # a study's split file: the named sets, as they are (the study puts women's images in them)
         idx = read_sets(args.sets, [Path(i).name for i in t["image"]], [args.train_set, args.val_set])
         tr, va = idx[args.train_set], idx[args.val_set]
@@ -240,13 +243,14 @@ def main(args):
                         f"images only, so it needs a data set with female patients")
     y = torch.from_numpy(label_matrix(t)[np.r_[tr, va]]).float()
     x = to_signed(x[ok])
-    data = "nih1000" if args.data_root == str(PROJECT_DATA / "nih_cxr14") else f"nih ({args.data_root})"
+    data = "nih1000" if args.data_root == str(PROJECT_DATA / "nih_cxr14") else \
+        f"{'table' if 'group' in t.columns else 'nih'} ({args.data_root})"
     write_config(out, vars(args), data=data, weights="none (from scratch)", n_train=len(tr), n_val=len(va),
                  sex="female only" if female[np.r_[tr, va]].all() else "mixed")
     t0 = time.time()
     model, history = fit(x[:len(tr)], y[:len(tr)], x[len(tr):], y[len(tr):], out, device, latent=args.latent,
                          beta=args.beta, epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
-                         lr=args.lr, seed=args.seed, resume=args.resume)
+                         lr=args.lr, seed=args.seed, resume=args.resume, names=label_names(t))
     best = min(history, key=lambda h: h["val_loss"])
     write_json(out / "metrics.json", {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
                                       "epochs_run": len(history), "n_train": len(tr), "n_val": len(va),
