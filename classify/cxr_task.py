@@ -24,6 +24,7 @@ from common.splits import patient_split
 from fairness.metrics import auroc
 
 FEMALE, MALE = "F", "M"
+MAX_UNREADABLE = 0.1  # the largest share of images that do not decode which a study leaves out (with a warning)
 ANY = -1  # the any-finding output: the last one (NIH: index 14; a label table's task: its compared label)
 
 
@@ -61,7 +62,10 @@ def read_data(data_root, csv, images_per_sex, size, folds, table=None):
     t = read_cxr(data_root, csv) if table is None else table  # inputs first: a bad --data-root stops before anything is written
     if images_per_sex:
         t = t.groupby("sex", group_keys=False).head(images_per_sex).reset_index(drop=True)
-    _, ok = load_images(t["image"], size, "L")  # an unreadable image is named in a warning and left out
+    _, ok = load_images(t["image"], size, "L")  # an unreadable image is named in a warning and left out ...
+    if (~ok).mean() > MAX_UNREADABLE:  # ... unless so many are that the data is not what the user meant
+        raise DataError(f"{data_root}: {int((~ok).sum())} of {len(ok)} images do not decode (e.g. "
+                        f"{t['image'][~ok].iloc[0]}), more than {MAX_UNREADABLE:.0%}: check the files")
     t = t[ok].reset_index(drop=True)
     n_patients = t["patient_id"].nunique()
     if folds < 2 or folds > n_patients:

@@ -170,6 +170,7 @@ STUDY_CASES = {  # the study refuses, before anything is written: (table edit, f
                                     [], ["p0_0.png", "file name"]),
     "a table with --plant": (None, ["--plant", "invert:0.5"], ["--table with --plant"]),
     "unknown primary": (None, ["--primary", "effusion"], ["--primary 'effusion'", "['finding']"]),
+    "most images do not decode": (None, [], ["do not decode", "more than 10%"]),
 }
 
 
@@ -179,6 +180,9 @@ def test_the_study_refuses_a_table_it_cannot_use(case, tmp_path):
     csv = user_table(tmp_path / "data", n_patients=16, rows=edit)
     if case == "two images of one file name":
         write_png(tmp_path / "data" / "other" / "p0_0.png", seed=99)
+    if case == "most images do not decode":
+        for p in sorted((tmp_path / "data" / "img").glob("p1*.png")):  # p1_*, p10_* ... p15_*: 14 of 32
+            p.write_bytes(b"not an image")
     refused([*STUDY, "--table", str(csv), *flags, "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")],
             tmp_path, words, watch=[tmp_path / "data"])
     assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
