@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 
 from classify.cxr_task import ANY, auroc_stat, output_names, read_preds
-from classify.train_chexnet import col, per_output_table
+from classify.train_chexnet import per_output_table
 from common.report import mean_std, report_command, with_ci, write_readme, write_table
-from common.table import reading_key
+from common.task_file import reading_key
 from common.runs import write_json
 from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, family_facts, fmt_p,
                               gap_permutation, paired_difference_replicates, with_holm)

@@ -46,7 +46,8 @@ from common.data import PROJECT_DATA
 from common.runs import default_runs, prepare_out_dir, write_config, write_json
 from common.splits import patient_kfold, write_sets
 from common.stages import Stages, add_study_args, parse_scaled, planned, portable
-from common.table import TASK_FILE, add_task_args, check_sizes, task_from_args, write_task_file
+from common.table import check_sizes
+from common.task_file import TASK_FILE, add_task_args, task_from_args, write_task_file
 from fairness.plant import parse_plant, plant_label
 
 # Every setting a scale sets, in one place (a flag given on the command line wins). quick: 2-core CPU, embedded

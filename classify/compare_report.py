@@ -16,7 +16,7 @@ import pandas as pd
 
 from classify.cxr_task import ANY, FEMALE, MALE, auroc_stat, read_preds
 from common.report import report_command, with_ci, write_readme, write_table
-from common.table import reading_key
+from common.task_file import reading_key
 from common.runs import write_json
 from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, draw_replicates, family_facts,
                               nested_levels, nested_mean, paired_difference_replicates, with_holm)

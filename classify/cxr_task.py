@@ -18,7 +18,7 @@ import pandas as pd
 
 from classify.train_chexnet import OUTPUTS, col
 from common.cache import load_images
-from common.table import read_cxr
+from common.task_file import read_cxr
 from common.errors import DataError
 from common.splits import patient_split
 from fairness.metrics import auroc

@@ -20,7 +20,7 @@ import numpy as np
 from classify.nets import load_feature_extractor
 from common.cache import load_images
 from common.cli import ArgumentParser, key_values, run
-from common.table import read_cxr
+from common.task_file import read_cxr
 from common.errors import DataError
 from common.runs import device_from, write_json
 from common.splits import read_sets

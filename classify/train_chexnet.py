@@ -45,7 +45,7 @@ from common.errors import DataError
 from common.runs import (add_common_args, local_rank_zero_first, prepare_out_dir, ranks_identical, save_checkpoint,
                          seed_everything, setup_distributed, use_amp, write_config, write_json)
 from common.splits import patient_split, read_sets
-from common.table import read_cxr
+from common.task_file import read_cxr
 from fairness.metrics import auroc, binary_stats, youden_threshold
 
 OUTPUTS = NIH_FINDINGS + ["any finding"]  # NIH's; a table's: its findings, then "any finding" (= not No Finding)

@@ -162,15 +162,15 @@ def download_fitzpatrick(root, url_base=None, csv_url=FITZ_CSV_URL, workers=4, d
         print(f"{table}: its last row is cut short; fetching the table again")
         table.unlink()
     csv = fetch(rebase(csv_url, url_base), table)
-    if not complete_csv(csv):
-        csv.unlink()
-        raise DataError(f"{csv_url}: the table arrived cut short (its last row is incomplete; the server did not say "
-                        f"how long it is), so it was not kept: run the command again")
     try:
         df = pd.read_csv(csv, dtype={"md5hash": str, "url": str})
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise DataError(f"{csv}: not a readable CSV table ({str(e).strip().splitlines()[0] if str(e) else e}) "
                         f"(check --csv-url, then delete the file to fetch it anew)") from e
+    if not complete_csv(csv):
+        csv.unlink()
+        raise DataError(f"{csv_url}: the table arrived cut short (its last row is incomplete; the server did not say "
+                        f"how long it is), so it was not kept: run the command again")
     missing = {"md5hash", "url"} - set(df.columns)
     if missing:
         raise DataError(f"{csv}: lacks the columns {sorted(missing)} (check --csv-url, then delete the file to "

@@ -26,7 +26,7 @@ from common.runs import npz_out
 from common.splits import patient_split, read_sets
 from common.data import PROJECT_DATA, read_covid, read_fitzpatrick, read_ixi
 from common.errors import DataError
-from common.table import read_cxr
+from common.task_file import read_cxr
 
 SKIN_DIAGNOSES = ["inflammatory", "malignant epidermal", "genodermatoses", "benign dermal", "benign epidermal"]
 PHANTOM_DIR = PROJECT_DATA.parent / ".cache" / "skin_phantom"
@@ -95,7 +95,7 @@ def load_modality(name, size, data_root=None, n_toy=2000, phantom_n=1200):
                           "label": np.where(lab == 0, "disc", "square")})
         return _finish("toy", t, x, ["dark", "bright"], ["disc", "square"], "toy")
     if name in ("nih", "cxr"):
-        t = read_cxr(data_root or PROJECT_DATA / "nih_cxr14")  # or a label table's task file (common/table.py)
+        t = read_cxr(data_root or PROJECT_DATA / "nih_cxr14")  # or a label table's task file (common/task_file.py)
         t["attr"] = t["sex"]
         t["label"] = np.where(t["label:No Finding"] == 1, "No Finding", "finding")
         t["source"] = "NIH ChestX-ray14" if "group" not in t.columns else "label table"

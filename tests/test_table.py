@@ -147,7 +147,7 @@ def test_a_few_missing_images_are_left_out_with_a_count(tmp_path):
 def test_the_task_table_codes_the_group_asked_about_as_the_studied_side(tmp_path):
     """GROUP=site MINORITY=B: the chest task's side F is site B (whatever the patients' sex), its compared label is
     the primary (stored negated as 'No Finding', last), the other labels come first; read back by --data-root."""
-    from common.table import TASK_FILE, read_cxr, task_table, write_task_file
+    from common.task_file import TASK_FILE, read_cxr, task_table, write_task_file
     csv = user_table(tmp_path, rows=lambda d: d.assign(effusion=(d.index % 3 == 0).astype(int)))
     t = read_table(csv, groups=["site"], labels=["finding", "effusion"])
     task = task_table(t, "B", "finding")

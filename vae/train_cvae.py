@@ -32,7 +32,7 @@ from common.report import fit_title, save_grid
 from common.runs import (add_common_args, check_finite, device_from, load_checkpoint, load_weights, prepare_out_dir,
                          save_checkpoint, seed_everything, write_config, write_json)
 from common.splits import patient_split, read_sets
-from common.table import read_cxr
+from common.task_file import read_cxr
 
 N_COND = 15
 
