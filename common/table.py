@@ -309,10 +309,17 @@ def image_sizes(paths):
     return out
 
 
-def check_sizes(table, minimum, flag="--size"):
+def check_sizes(table, minimum, flag="--size", max_bad=None):
     """Refuse images whose shorter side is below `minimum` (what the network needs), naming the first and the
-    minimum; images that do not decode are named and left out by the image cache later."""
+    minimum; images whose header does not read are counted, and refused above the share max_bad (None: the image
+    cache names and leaves them out later)."""
     sizes = image_sizes(table["image"])
+    bad = [p for p, s in zip(table["image"], sizes) if min(s) == 0]
+    if bad and max_bad is not None:
+        what = f"{len(bad)} of {len(sizes)} images do not read as images, e.g. {bad[0]}"
+        if len(bad) > max_bad * len(sizes):
+            raise DataError(f"{what}: more than {max_bad:.0%} (--max-missing); check the files")
+        warnings.warn(f"{what}; a study leaves them out")
     small = [(p, s) for p, s in zip(table["image"], sizes) if 0 < min(s) < minimum]
     if small:
         p, s = small[0]
@@ -400,8 +407,7 @@ def main(a):
     for c in label_cols(t):
         counts[f"{c[6:]}=1"] = t.groupby("group")[c].sum().astype(int)
     print(counts.to_string())
-    if a.min_size:
-        check_sizes(t, a.min_size, "--min-size")
+    check_sizes(t, a.min_size or 1, "--min-size", a.max_missing)
     if a.minority:
         primary = primary_label(t, a.primary)
         check_task(t[t[f"label:{primary}"].notna()], a.minority, a.folds, labels=[primary])

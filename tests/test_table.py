@@ -110,13 +110,19 @@ CASES = {  # name: (table edit, flags, words the error line must hold)
                                            ["--minority", "F", "--folds", "2"], ["'finding'", "0 positive", "'F'"]),
     "image too small": (None, ["--min-size", "64"], ["32 x 32 px", "64 px", "--min-size"]),
     "no label column": (lambda d: d.drop(columns=["finding"]), [], ["no label column", "--labels"]),
+    "most images do not read": ("garble", [], ["14 of 24 images do not read", "more than 10%"]),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_bad_tables_get_one_line_and_change_nothing(case, tmp_path):
     edit, flags, words = CASES[case]
-    csv = user_table(tmp_path / "data", rows=edit)
+    csv = user_table(tmp_path / "data", rows=None if edit == "garble" else edit)
+    if edit == "garble":
+        for p in sorted((tmp_path / "data" / "img").glob("p1*.png")):  # p1_*, p10_* and p11_*: 6 of 24 ...
+            p.write_bytes(b"not an image")
+        for p in sorted((tmp_path / "data" / "img").glob("p[2-5]_*.png")):  # ... and 8 more
+            p.write_bytes(b"not an image")
     refused(check(csv, *flags), tmp_path, words, watch=[tmp_path / "data"])
 
 
