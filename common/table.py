@@ -17,6 +17,7 @@ Every refusal is one line naming the column, the file or the flag, and the fix (
     python -m common.table example --out my_example      # the embedded NIH + COVID-19 images as such a table
 """
 import argparse
+import os
 from difflib import get_close_matches
 from pathlib import Path
 import re
@@ -26,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from common.cli import ArgumentParser, positive_int, run, unit_interval
-from common.data import COLUMNS, PROJECT_DATA, read_covid, read_nih
+from common.data import COLUMNS, PROJECT_DATA, label_columns, normalise_sex, read_covid, read_nih
 from common.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".npy", ".dcm", ".dicom"}
@@ -213,12 +214,10 @@ def read_table(csv, path_col=None, patient_col=None, groups=("sex",), bands=None
 
     out = pd.DataFrame({c: df[c] if c in df.columns else None for c in COLUMNS})
     out["image"], out["patient_id"] = df["image"], df["patient_id"]
-    for c, role in (("sex", "sex"), ("age", "age")):
+    for role in ("sex", "age"):  # kept as the uniform table's columns where the table has them
         src = next((k for k in df.columns if squash(k) == role), None)
         out[role] = df[src] if src is not None else None
-    if out["sex"].notna().any():
-        out["sex"] = [{"F": "F", "M": "M", "FEMALE": "F", "MALE": "M"}.get(str(v).strip().upper())
-                      for v in out["sex"]]
+    out["sex"] = normalise_sex(out["sex"]) if out["sex"].notna().any() else None
     out["age"] = pd.to_numeric(out["age"], errors="coerce").astype(float)
     out["skin_type"] = pd.array([pd.NA] * len(out), dtype="Int64")
     for c in label_cs:
@@ -227,10 +226,6 @@ def read_table(csv, path_col=None, patient_col=None, groups=("sex",), bands=None
         out[f"group:{c}"] = df[f"group:{c}"]
     out["group"] = df["group"]
     return out
-
-
-def label_cols(table):
-    return [c for c in table.columns if c.startswith("label:")]
 
 
 def minority_rows(table, minority):
@@ -258,7 +253,7 @@ def check_task(table, minority, folds, min_patients=None, labels=None):
             raise DataError(f"group {side!r} has {n_pat} patients ({len(t)} images); {folds} folds need at least "
                             f"{need} (2 per fold): add patients, use fewer --folds, or merge groups")
         summary[side] = {"patients": int(n_pat), "images": int(len(t))}
-        for c in [f"label:{l}" for l in labels] if labels else label_cols(table):
+        for c in [f"label:{l}" for l in labels] if labels else label_columns(table):
             y = t[c].dropna()
             pos, neg = int((y == 1).sum()), int((y == 0).sum())
             if pos == 0 or neg == 0:
@@ -270,7 +265,7 @@ def check_task(table, minority, folds, min_patients=None, labels=None):
 
 def primary_label(table, primary=None):
     """The label the study compares on (--primary; default: the first label column), checked."""
-    names = [c[6:] for c in label_cols(table)]
+    names = [c[6:] for c in label_columns(table)]
     if primary is None:
         return names[0]
     if primary not in names:
@@ -350,14 +345,13 @@ def write_example(out, n_nih=None):
     path = out / "table.csv"
     if path.exists():
         raise DataError(f"{path} exists; choose another --out (nothing was written)")
-    import os
     rows["path"] = [os.path.relpath(p, out) for p in rows["path"]]
     rows["age"] = rows["age"].map(lambda a: "" if pd.isna(a) else f"{a:g}")
     rows.to_csv(path, index=False)
     return path, rows
 
 
-def add_table_args(p, folds=True):
+def add_table_args(p):
     """The label-table flags every command that takes --table shares."""
     p.add_argument("--path-col", default=None, help="the image path column (default: path, image, file, ...)")
     p.add_argument("--patient-col", default=None, help="the patient column (default: patient_id, patient, ...)")
@@ -401,10 +395,10 @@ def main(a):
               f"{list(rows.columns)}")
         return
     t = table_from_args(a)
-    labels = [c[6:] for c in label_cols(t)]
+    labels = [c[6:] for c in label_columns(t)]
     print(f"{a.table}: {len(t)} images, {t['patient_id'].nunique()} patients; labels {labels}")
     counts = t.groupby("group").agg(images=("image", "size"), patients=("patient_id", "nunique"))
-    for c in label_cols(t):
+    for c in label_columns(t):
         counts[f"{c[6:]}=1"] = t.groupby("group")[c].sum().astype(int)
     print(counts.to_string())
     check_sizes(t, a.min_size or 1, "--min-size", a.max_missing)

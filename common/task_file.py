@@ -11,10 +11,10 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from common.data import PROJECT_DATA, finish, read_nih
+from common.data import PROJECT_DATA, finish, label_columns, read_nih
 from common.errors import DataError
 from common.splits import write_if_changed
-from common.table import (add_table_args, check_file_names, check_task, label_cols, minority_rows, primary_label,
+from common.table import (add_table_args, check_file_names, check_task, minority_rows, primary_label,
                           table_from_args)
 
 TASK_FILE = "task_table.csv"
@@ -26,7 +26,7 @@ def task_table(table, minority, primary):
     t = table.reset_index(drop=True)
     out = t[["image", "patient_id", "age", "group"]].copy()
     out["sex"] = np.where(minority_rows(t, minority), "F", "M")
-    for c in label_cols(t):
+    for c in label_columns(t):
         if c == f"label:{primary}":
             continue
         if t[c].isna().any():
@@ -95,7 +95,7 @@ def task_from_args(a, folds):
     """--table: the table checked for a study of --minority vs the rest with `folds` folds, as a task table, and what
     plan.json records of it."""
     t = table_from_args(a)
-    found = [c[6:] for c in label_cols(t)]
+    found = [c[6:] for c in label_columns(t)]
     if a.labels is None and a.primary is None and len(found) > 1:
         raise DataError(f"--table {a.table}: the 0/1 columns {found} were taken as labels; say which are labels with "
                         f"--labels (the first is the one compared) or name the compared one with --primary")
