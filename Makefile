@@ -65,11 +65,12 @@ chestxray: $(SETUP) ## Korb & Hall: CVAE-rebalanced chest X-ray classifier by se
 	$(call staged,classify.chestxray_study,chestxray,$(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(TABLE_FLAGS))
 
 # compare builds on a finished chestxray run of the same scale (its plan.json, split files and cells): made first
-# if its run tree is missing (a fresh clone has chestxray's results but no runs/). DATA_ROOT goes to chestxray.
+# (or finished: stages done are reused) unless its report is newer than its stage makefile, i.e. unless the last
+# chestxray run got to its report (a fresh clone has chestxray's results but no runs/). DATA_ROOT goes to chestxray.
 # PLANTED=1: on the positive control's planted chestxray run instead (results/compare_planted).
 CX := chestxray$(if $(PLANTED),_planted)
 compare: $(SETUP) ## every generator family (AE, CVAE, DCGAN, DDPM) and non-generative fixes on chestxray's task -> results/compare
-	$(if $(DRY),,@[ -f runs/$(OUT)/$(CX)/fold0/imbalanced_synth/metrics.json ] || $(MAKE) $(if $(PLANTED),planted,chestxray))
+	$(if $(DRY),,@[ -f runs/$(OUT)/$(CX).mk ] && [ $(OUT)/$(CX)/plan.json -nt runs/$(OUT)/$(CX).mk ] || $(MAKE) $(if $(PLANTED),planted,chestxray))
 	$(call staged,classify.compare_study,compare$(if $(PLANTED),_planted),--chestxray $(OUT)/$(CX))
 
 # The positive control (fairness/plant.py): chestxray on a copy of the data whose women's images carry a planted
