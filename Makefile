@@ -13,7 +13,8 @@ ARGS ?=
 # a smoke or quick run can never overwrite full results.
 SCALE_OUT := $(if $(or $(SMOKE),$(filter smoke,$(SCALE))),smoke,$(if $(filter full,$(SCALE)),results-full,results))
 # Your own data (docs/your-data.md): `make compare DATA=path/table.csv GROUP=sex MINORITY=F` runs chestxray's task
-# and the comparison on your label table, minority group vs the rest (GROUP=sex,age BANDS=age=60 MINORITY='F & 60+'
+# and the comparison on your label table, minority group vs the rest (`make fairgen DATA=... GROUP=...`: FairGen's
+# methods with class = group x the first label; MINORITY is not used there) (GROUP=sex,age BANDS=age=60 MINORITY='F & 60+'
 # for an intersection; LABELS=a,b to name the 0/1 label columns, the first compared on). Results go to
 # yourdata/<table name>/<group>-<minority>[-<labels>]/<scale>/ (other characters as _), never into results/.
 DATA ?=
@@ -23,7 +24,8 @@ LABELS ?=
 BANDS ?=
 ASKED = $(shell printf '%s' '$(GROUP)-$(MINORITY)$(if $(LABELS),-$(LABELS))' | tr -c 'A-Za-z0-9,._=+-' '_')
 OUT := $(if $(DATA),yourdata/$(basename $(notdir $(DATA)))/$(ASKED)/$(SCALE_OUT),$(SCALE_OUT))
-TABLE_FLAGS := $(if $(DATA),--table '$(DATA)' --group $(GROUP) --minority '$(MINORITY)' $(if $(LABELS),--labels $(LABELS)) $(foreach b,$(BANDS),--bands $(b)))
+TABLE_BASE := $(if $(DATA),--table '$(DATA)' --group $(GROUP) $(if $(LABELS),--labels $(LABELS)) $(foreach b,$(BANDS),--bands $(b)))
+TABLE_FLAGS := $(TABLE_BASE) $(if $(DATA),--minority '$(MINORITY)')
 FLAGS := $(if $(SMOKE),--smoke,--scale $(SCALE)) --force
 export PYTHONUNBUFFERED := 1
 
@@ -90,7 +92,7 @@ medmnist: $(SETUP) ## Chaptoukaev: AE / cVAE / cGAN augmentation, ResNet-18 -> r
 	$(call staged,classify.medmnist_study,medmnist,$(if $(DATA_ROOT),--data-root $(DATA_ROOT)))
 
 fairgen: $(SETUP) ## FairGen with our DDPM: resampling, CB loss, DPO; downstream fairness -> results/fairgen
-	$(call staged,diffusion.fairgen_study,fairgen,$(if $(DATA_ROOT),--skin-root $(DATA_ROOT)))
+	$(call staged,diffusion.fairgen_study,fairgen,$(if $(DATA_ROOT),--skin-root $(DATA_ROOT)) $(TABLE_BASE))
 
 ddpm: $(SETUP) ## our NIH DDPM (32 px, ~25 min CPU) + DDIM-50 vs DDPM-1000 domain FD, 40 samples each -> results/ddpm
 	$(call staged,diffusion.ddpm_study,ddpm,$(if $(DATA_ROOT),--data-root $(DATA_ROOT)))

@@ -43,11 +43,15 @@ def _fit_net(kind, tr, val, n_classes, epochs, reweight, seed, device, pretraine
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05 if kind == "vit" else 1e-4)
     gen = torch.Generator().manual_seed(seed)
     weights, best, best_acc = np.ones(len(y)), None, -1.0
+    # batch norm cannot train on one image: a last batch of one is skipped in a network that has it
+    batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
     for epoch in range(epochs):
         net.train()
         order = torch.multinomial(torch.as_tensor(weights, dtype=torch.float), len(y), True, generator=gen) \
             if reweight else torch.randperm(len(y), generator=gen)
         for idx in order.split(batch_size):
+            if batch_norm and len(idx) == 1 < len(y):
+                continue
             xb = x[idx].to(device)
             if kind != "resnet50":  # light augmentation: random 2-px shifts
                 dy, dx = torch.randint(-2, 3, (2,), generator=gen).tolist()

@@ -30,8 +30,10 @@ from fairness.metrics import auroc_ovr
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="nih", type=modality_name, help="modality")
-    p.add_argument("--data-root", default=None, help="your copy of the data (default: embedded data / phantom)")
+    p.add_argument("--data", default="nih", type=modality_name,
+                   help="modality (common/modalities.py; csv: your label table as --data-root)")
+    p.add_argument("--data-root", default=None, help="your copy of the data (default: embedded data / phantom); "
+                                                     "--data csv: the label table")
     p.add_argument("--size", type=positive_int, default=32, help="image side in pixels")
     p.add_argument("--target", default="cls", choices=["cls", "label", "attr"], help="what to predict")
     p.add_argument("--arch", default="cnn8", choices=["cnn8", "resnet18_28", "vit", "resnet50", "densenet121"],

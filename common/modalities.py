@@ -11,6 +11,9 @@ Every generator, downstream classifier and fairness table of `make fairgen` (and
     skin   Fitzpatrick17k under --data-root, else the procedural phantom (labelled); attribute light (FST 1-2) /
            medium (3-4) / dark (5-6); label: the five most frequent nine-partition diagnoses -> 15 classes
     toy    procedural discs vs squares with a bright/dark attribute (tests and demos)         -> 4 classes
+    csv    your label table (docs/your-data.md) under --data-root: attribute its `group` column, label its one 0/1
+           column (with / without; diffusion/fairgen_study.py --table writes such a table from any label table,
+           intersections and bands included)                                                -> 2 x groups classes
 """
 import argparse
 import warnings
@@ -24,8 +27,9 @@ from common.cli import ArgumentParser, positive_int, run
 from common.cache import load_images
 from common.runs import npz_out
 from common.splits import patient_split, read_sets
-from common.data import PROJECT_DATA, read_covid, read_fitzpatrick, read_ixi
+from common.data import PROJECT_DATA, label_columns, read_covid, read_fitzpatrick, read_ixi
 from common.errors import DataError
+from common.table import read_table
 from common.task_file import read_cxr
 
 SKIN_DIAGNOSES = ["inflammatory", "malignant epidermal", "genodermatoses", "benign dermal", "benign epidermal"]
@@ -75,7 +79,8 @@ def toy_images(n, size=16, seed=0):
     return imgs, labels, attrs
 
 
-MODALITIES = ["toy", "nih", "cxr", "mri", "skin"]
+MODALITIES = ["toy", "nih", "cxr", "mri", "skin", "csv"]
+MIN_GROUP_PATIENTS = 10  # per group: the 70/10/20 patient split leaves 2 of them to the test part
 
 
 def modality_name(name):
@@ -140,13 +145,62 @@ def load_modality(name, size, data_root=None, n_toy=2000, phantom_n=1200):
         x, ok = load_images(t["image"], size, "RGB")
         notes = ["Procedural skin phantom, not real skin images." if data == "phantom" else ""]
         return _finish(name, t[ok], x[ok], ["light", "medium", "dark"], SKIN_DIAGNOSES, data, [n for n in notes if n])
-    raise DataError(f"unknown modality {name!r}; choose from toy, nih, cxr, mri, skin")
+    if name == "csv":
+        return read_csv_modality(data_root, size)
+    raise DataError(f"unknown modality {name!r}; choose from {', '.join(MODALITIES)}")
+
+
+def read_csv_modality(path, size):
+    """--data csv --data-root TABLE: a label table whose `group` column is the attribute and whose one 0/1 column the
+    label; images as they are (greyscale when every image's channels agree, else RGB)."""
+    if path is None:
+        raise DataError("--data csv needs --data-root TABLE.csv: a label table with a 'group' column and one 0/1 label "
+                        "column (diffusion.fairgen_study --table writes one from any label table)")
+    t = read_table(path, groups=("group",))
+    names = [c[6:] for c in label_columns(t)]
+    if len(names) != 1:
+        raise DataError(f"--data-root {path}: the csv modality takes one 0/1 label column and the table has {names}; "
+                        f"keep one, or give the table to diffusion.fairgen_study --table with --primary")
+    y = t[f"label:{names[0]}"]
+    if y.isna().any():
+        warnings.warn(f"{path}: {int(y.isna().sum())} rows with a blank {names[0]!r} are left out")
+    t = t.assign(attr=t["group"], label=np.where(y == 1, names[0], f"no {names[0]}"))[y.notna()]
+    x, ok = load_images(t["image"], size, "RGB")
+    if (x == x[..., :1]).all():
+        x = x[..., 0]
+    return _finish("csv", t[ok], x[ok], sorted(t["group"].unique()), [f"no {names[0]}", names[0]],
+                   f"label table ({path})")
+
+
+def csv_modality_table(table, primary, group_flag):
+    """The uniform table of a label table (common.table.read_table) as the csv modality reads it: path, patient_id,
+    group and the compared label alone (rows where it is blank left out), after refusing what the generative study
+    cannot use: one group only, a group with fewer than MIN_GROUP_PATIENTS patients, or without a positive or a
+    negative image of the label."""
+    t = table[table[f"label:{primary}"].notna()]
+    patients = t.groupby("group")["patient_id"].nunique()
+    if len(patients) < 2:
+        raise DataError(f"--group {group_flag}: every image is in the group {patients.index[0]!r}; the study compares "
+                        f"groups: choose a column (or --bands) with two values or more")
+    for g, n in patients.items():
+        y = t.loc[t["group"] == g, f"label:{primary}"]
+        if n < MIN_GROUP_PATIENTS:
+            raise DataError(f"group {g!r} ({group_flag}) has {n} patients; the 70/10/20 patient split needs at least "
+                            f"{MIN_GROUP_PATIENTS} per group: add patients or merge groups (other --bands or --group)")
+        if (y == 1).sum() == 0 or (y == 0).sum() == 0:
+            raise DataError(f"label {primary!r} has {int((y == 1).sum())} positive and {int((y == 0).sum())} negative "
+                            f"images in group {g!r}; the study needs both in every group: choose another --primary "
+                            f"or merge groups")
+    return pd.DataFrame({"path": t["image"], "patient_id": t["patient_id"], "group": t["group"],
+                         primary: t[f"label:{primary}"].astype(int)})
 
 
 def add_set_args(p):
     """A generator's data flags: --data, --data-root, --split-seed, --sets, --train-set (training_images)."""
-    p.add_argument("--data", default="nih", type=modality_name, help="modality (common/modalities.py), e.g. nih, toy:N")
-    p.add_argument("--data-root", default=None, help="your copy of the data set (default: the embedded data)")
+    p.add_argument("--data", default="nih", type=modality_name,
+                   help="modality (common/modalities.py), e.g. nih, toy:N, csv (your label table as --data-root)")
+    p.add_argument("--data-root", default=None, help="your copy of the data set (default: the embedded data); "
+                                                     "--data csv: the label table")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the patient-level split (without --sets)")
     p.add_argument("--sets", default=None, help="a study's split file: train on its set --train-set (e.g. a fold's "
                                                 "training pool) instead of the 70%% training split")

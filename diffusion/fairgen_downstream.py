@@ -47,7 +47,8 @@ def number_values(text, flag="--vit"):
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, type=modality_name, help="modality (common/modalities.py)")
-    p.add_argument("--data-root", default=None, help="Fitzpatrick17k folder for --data skin (default: the phantom)")
+    p.add_argument("--data-root", default=None,
+                   help="Fitzpatrick17k folder for --data skin (default: the phantom); the label table for --data csv")
     p.add_argument("--size", type=positive_int, default=32, help="image side")
     p.add_argument("--split-seed", type=int, default=0, help="the patient-level split (70/10/20, by attribute)")
     p.add_argument("--samples", action="append", default=[], metavar="METHOD=PATH",

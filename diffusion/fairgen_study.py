@@ -37,6 +37,7 @@ import itertools
 import math
 from pathlib import Path
 import shutil
+import tempfile
 import time
 
 import numpy as np
@@ -45,15 +46,17 @@ import pandas as pd
 from classify.downstream import KINDS
 from common.cli import ArgumentParser, int_list, name_list, positive_int, run
 from common.errors import DataError
-from common.modalities import MODALITIES, export, load_modality, modality_name
+from common.modalities import MODALITIES, csv_modality_table, export, load_modality, modality_name
 from common.runs import default_runs, device_from, prepare_out_dir, write_config, write_json
-from common.splits import patient_split
-from common.stages import Stages, add_study_args, parse_scaled, planned
+from common.splits import patient_split, write_if_changed
+from common.table import add_table_args, primary_label, table_from_args
+from common.stages import Stages, add_study_args, parse_scaled, planned, portable
 from diffusion.annotate import blinded_pairs, write_pair_set
 from diffusion.fairgen_downstream import number_values
 from diffusion.fairgen_report import METHODS, read_preds, write_report
 
 JUDGE = "classifier (automatic, trained on real images; not physicians)"  # the DPO preferences' source
+CSV_TABLE = "csv_table.csv"  # --table: the csv modality's table, in the run folder
 VARIANT_FLAGS = {"base": [], "cbrs": ["--sampler", "cbrs"], "sqrs": ["--sampler", "sqrs"], "cbdm": ["--cb-loss"],
                  "fairdiffusion": ["--fair-bayes"], "sqrs_cb": ["--sampler", "sqrs", "--cb-loss"]}
 # Every setting a scale sets, in one place (a flag given on the command line wins; summary.json keeps them as
@@ -102,9 +105,14 @@ def vit_size(text):
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_study_args(p, "results/fairgen", SCALES)
-    p.add_argument("--modalities", default="cxr,mri,skin", type=modality_list,
-                   help="comma-separated: cxr, nih, mri, skin, toy")
+    p.add_argument("--modalities", default=None, type=modality_list,
+                   help="comma-separated: cxr, nih, mri, skin, toy, csv (default: cxr,mri,skin; with --table: csv)")
     p.add_argument("--skin-root", default=None, help="Fitzpatrick17k folder (default: the skin phantom)")
+    t = p.add_argument_group("your own data (docs/your-data.md): the modality csv, class = group x label")
+    t.add_argument("--table", default=None, help="your label table (a CSV, one row per image): checked, then written "
+                                                 "into the run folder as the csv modality every stage reads")
+    add_table_args(t)
+    t.add_argument("--primary", default=None, help="--table: the label the classes are made of (default: the first)")
     g = p.add_argument_group("the settings of a scale (default: its value in SCALES for --scale)")
     g.add_argument("--size", type=positive_int, help="image side (every stage)")
     g.add_argument("--width", type=positive_int, help="U-Net base channel width")
@@ -138,6 +146,11 @@ def parse_args(argv=None):
                    help="resamples of the paired comparisons (and permutations of the gap nulls): p is floored at "
                         "1 / (n + 1), so Holm over a modality's 27 comparisons needs n >> 27 / 0.05")
     args = parse_scaled(p, SCALES, argv)
+    args.modalities = args.modalities or ("csv" if args.table else "cxr,mri,skin")
+    if args.table and "csv" not in args.modalities.split(","):
+        p.error(f"--table with --modalities {args.modalities}: the table is the modality csv; add csv to --modalities")
+    if not args.table and "csv" in args.modalities.split(","):
+        p.error("--modalities csv: give your label table with --table")
     if args.dpo >= args.finetune:
         p.error(f"--dpo-steps {args.dpo}: must be below --finetune {args.finetune} (fairgen fine-tunes for "
                 f"finetune - dpo steps before DPO)")
@@ -259,10 +272,33 @@ def write_real_train(mod, path, train, dry):
     return changed
 
 
-def prepare_cell(name, seed, root, P, runs, stages, dry):
+def prepare_table(t, primary, group, runs, stages, dry, tmp):
+    """A label table (common.table.read_table) checked for the study (common.modalities.csv_modality_table) and
+    written as the csv modality's table runs/csv_table.csv, rewritten only when its content changes (so that its
+    stages stay done). Returns that path and the path to read it from now (a dry run writes nothing: a copy in tmp)."""
+    text = csv_modality_table(t, primary, group).to_csv(index=False)
+    path = read = runs / CSV_TABLE
+    if write_if_changed(path, text, dry) and dry:
+        stages.changed.add(path)  # a run would rewrite it: the stages that read it would run again
+        read = tmp / CSV_TABLE
+        read.write_text(text)
+    return path, read
+
+
+def table_note(t, primary, table, group, bands):
+    """The note every report on a label table opens with: the table, its groups and the label the classes use."""
+    groups = t[t[f"label:{primary}"].notna()].groupby("group")["patient_id"].nunique()
+    return (f"Your data: label table {portable(table)}; attribute: group column(s) {group}"
+            f"{' (bands ' + ', '.join(bands) + ')' if bands else ''}, patients per group "
+            f"{', '.join(f'{g} {n}' for g, n in groups.items())}; label {primary!r}: the classes are group x "
+            f"({primary} / no {primary}).")
+
+
+def prepare_cell(name, seed, root, P, runs, stages, dry, read_root=None):
     """Load one modality, split it by patient and write its real_train.npz; returns (Cell, its facts for
-    plan.json). A dry run writes nothing and marks a real_train.npz it would rewrite as changed in stages."""
-    mod = load_modality(name, P["size"], root)
+    plan.json). A dry run writes nothing and marks a real_train.npz it would rewrite as changed in stages.
+    read_root: where to read the data from now, if not root (a dry run's copy of the csv table)."""
+    mod = load_modality(name, P["size"], read_root or root)
     split = patient_split(mod.table, seed=seed, stratify="attr")
     train = split == "train"
     n_train = int(train.sum())
@@ -360,12 +396,23 @@ def main(args):
     P = {k: getattr(args, k) for k in SCALES[args.scale]}  # the scale's settings, flags applied
     names = [m.strip() for m in args.modalities.split(",") if m.strip()]
     stages = Stages(dry=args.dry_run or bool(args.makefile))
-    if not stages.dry:
-        out = prepare_out_dir(args.out, args.force)
-        write_config(out, args, data=args.modalities, weights="none (from scratch)", preset=P,
-                     judge="classifier (automatic; no physician preferences)")
-    prepared = [prepare_cell(name, seed, args.skin_root if name == "skin" else None, P, runs, stages, args.dry_run)
-                for name in names for seed in range(P["seeds"])]
+    with tempfile.TemporaryDirectory() as tmp:  # the table is checked before anything is written
+        csv = csv_read = None
+        if args.table:
+            t = table_from_args(args)
+            primary = primary_label(t, args.primary)
+            csv, csv_read = prepare_table(t, primary, args.group, Path(portable(runs)), stages, args.dry_run, Path(tmp))
+            note = table_note(t, primary, args.table, args.group, args.bands)
+        if not stages.dry:
+            out = prepare_out_dir(args.out, args.force)
+            write_config(out, args, data=args.modalities, weights="none (from scratch)", preset=P,
+                         judge="classifier (automatic; no physician preferences)")
+        roots = {"skin": args.skin_root, "csv": csv and str(csv)}
+        prepared = [prepare_cell(name, seed, roots.get(name), P, runs, stages, args.dry_run,
+                                 csv_read if name == "csv" else None) for name in names for seed in range(P["seeds"])]
+    for c, f in prepared:
+        if c.name == "csv":  # the user's table, not the run folder's copy, and what its words stand for
+            f["data"], f["notes"] = f"label table {portable(args.table)}", [note] + f["notes"]
     cells, facts = [c for c, _ in prepared], [f for _, f in prepared]
     seconds = run_stages(stages, plan(cells, P, args.dpo_form, args.sweep_methods, device), t0)
     if planned(stages, args.dry_run, args.makefile, f"preds_<modality>.csv, the blinded pair sets and plan.json "

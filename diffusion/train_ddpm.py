@@ -57,7 +57,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--data", default="nih", type=modality_name,
                    help="modality: class = attribute x label (see common/modalities.py)")
-    g.add_argument("--data-root", default=None, help="your copy of the data set (default: the embedded data)")
+    g.add_argument("--data-root", default=None, help="your copy of the data set (default: the embedded data); --data "
+                                                     "csv: the label table")
     g.add_argument("--size", type=positive_int, default=32, help="image side in pixels (28 to 128)")
     g.add_argument("--subset", default="train", choices=["train", "all"],
                    help="train on the patient-level training split (70%%, seed --split-seed) or on everything")

@@ -58,8 +58,10 @@ def parse_args(argv=None):
     p.add_argument("--dpo-weight", type=nonneg_float, default=1.0, help="weight of L_DPO in the total")
     p.add_argument("--pair-batch", type=positive_int, default=16, help="preference pairs per step")
     # the real-data part, as train_ddpm.py
-    p.add_argument("--data", default="nih", type=modality_name, help="modality")
-    p.add_argument("--data-root", default=None, help="your copy of the data (default: embedded / phantom)")
+    p.add_argument("--data", default="nih", type=modality_name,
+                   help="modality (common/modalities.py; csv: your label table as --data-root)")
+    p.add_argument("--data-root", default=None, help="your copy of the data (default: embedded / phantom); --data csv: "
+                                                     "the label table")
     p.add_argument("--size", type=positive_int, default=32, help="image side (must match --init)")
     p.add_argument("--subset", default="train", choices=["train", "all"], help="real images: training split or all")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the patient-level split")
