@@ -168,7 +168,11 @@ def read_csv_modality(path, size):
     x, ok = load_images(t["image"], size, "RGB")
     if (x == x[..., :1]).all():
         x = x[..., 0]
-    return _finish("csv", t[ok], x[ok], sorted(t["group"].unique()), [f"no {names[0]}", names[0]],
+    # groups from the most patients to the fewest (ties by name): a report's gap, first minus last group, is the
+    # largest group minus the smallest
+    n = t.groupby("group")["patient_id"].nunique()
+    attrs = sorted(n.index, key=lambda g: (-n[g], g))
+    return _finish("csv", t[ok], x[ok], attrs, [f"no {names[0]}", names[0]],
                    f"label table ({path})")
 
 
@@ -178,6 +182,9 @@ def csv_modality_table(table, primary, group_flag):
     cannot use: one group only, a group with fewer than MIN_GROUP_PATIENTS patients, or without a positive or a
     negative image of the label."""
     t = table[table[f"label:{primary}"].notna()]
+    if t.empty or primary in ("path", "patient_id", "group"):
+        raise DataError(f"label {primary!r}: " + ("blank in every row; choose another (--primary, --labels)" if t.empty
+                        else "the csv modality's table has a column of that name; rename the label column"))
     patients = t.groupby("group")["patient_id"].nunique()
     if len(patients) < 2:
         raise DataError(f"--group {group_flag}: every image is in the group {patients.index[0]!r}; the study compares "

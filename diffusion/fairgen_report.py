@@ -45,8 +45,8 @@ def cell_name(method, reweight):
 
 # ---- from preds.csv: Table 1 and the comparisons ------------------------------------------------------------------
 def read_preds(path):
-    """preds.csv(.gz) as written by the study: one row per test image, cell and downstream seed."""
-    return pd.read_csv(path, dtype={"patient_id": str, "group": str, "method": str})
+    """preds.csv(.gz) as the study writes it: a row per test image, cell and downstream seed (a group NA stays NA)."""
+    return pd.read_csv(path, dtype=dict(patient_id=str, group=str, method=str), keep_default_na=False, na_values="")
 
 
 class RowsAUROC:

@@ -272,17 +272,17 @@ def write_real_train(mod, path, train, dry):
     return changed
 
 
-def prepare_table(t, primary, group, runs, stages, dry, tmp):
-    """A label table (common.table.read_table) checked for the study (common.modalities.csv_modality_table) and
-    written as the csv modality's table runs/csv_table.csv, rewritten only when its content changes (so that its
-    stages stay done). Returns that path and the path to read it from now (a dry run writes nothing: a copy in tmp)."""
+def prepare_table(t, primary, group, runs, stages, tmp):
+    """A label table (common.table.read_table) checked for the study (common.modalities.csv_modality_table): returns
+    the csv modality's table as text, its path runs/csv_table.csv, and a copy in tmp to read now (main writes the
+    path after every check, and only when its content changes, so that its stages stay done; a stage reading a table
+    that would change is not fresh)."""
     text = csv_modality_table(t, primary, group).to_csv(index=False)
-    path = read = runs / CSV_TABLE
-    if write_if_changed(path, text, dry) and dry:
-        stages.changed.add(path)  # a run would rewrite it: the stages that read it would run again
-        read = tmp / CSV_TABLE
-        read.write_text(text)
-    return path, read
+    path, read = runs / CSV_TABLE, tmp / CSV_TABLE
+    read.write_text(text)
+    if write_if_changed(path, text, dry=True):
+        stages.changed.add(path)
+    return text, path, read
 
 
 def table_note(t, primary, table, group, bands):
@@ -401,7 +401,7 @@ def main(args):
         if args.table:
             t = table_from_args(args)
             primary = primary_label(t, args.primary)
-            csv, csv_read = prepare_table(t, primary, args.group, Path(portable(runs)), stages, args.dry_run, Path(tmp))
+            text, csv, csv_read = prepare_table(t, primary, args.group, Path(portable(runs)), stages, Path(tmp))
             note = table_note(t, primary, args.table, args.group, args.bands)
         if not stages.dry:
             out = prepare_out_dir(args.out, args.force)
@@ -410,6 +410,8 @@ def main(args):
         roots = {"skin": args.skin_root, "csv": csv and str(csv)}
         prepared = [prepare_cell(name, seed, roots.get(name), P, runs, stages, args.dry_run,
                                  csv_read if name == "csv" else None) for name in names for seed in range(P["seeds"])]
+    if csv and not args.dry_run:
+        write_if_changed(csv, text)
     for c, f in prepared:
         if c.name == "csv":  # the user's table, not the run folder's copy, and what its words stand for
             f["data"], f["notes"] = f"label table {portable(args.table)}", [note] + f["notes"]

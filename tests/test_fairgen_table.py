@@ -30,6 +30,9 @@ def test_the_csv_modality_reads_a_table_with_a_group_column(tmp_path):
     assert mod.images.shape == (24, 16, 16)  # the PNGs are greyscale: one channel
     t = pd.read_csv(csv)
     assert list(mod.table["cls"]) == list((t["group"] == "B") * 2 + t["finding"])
+    # groups from the most patients to the fewest: the report's gap (first minus last) is largest minus smallest
+    csv = user_table(tmp_path / "b", rows=lambda d: d.assign(group=np.where(d["site"] == "A", "Z", "B")))
+    assert load_modality("csv", 16, csv).attrs == ["Z", "B"]
 
 
 CASES = {  # flags (and a table edit) -> words of the one error line
@@ -38,6 +41,8 @@ CASES = {  # flags (and a table edit) -> words of the one error line
     "a label without positives in a group": (["--primary", "effusion"],
                                              lambda d: d.assign(effusion=np.where(d["sex"] == "F", 0, d["effusion"])),
                                              ["'effusion'", "0 positive", "group 'F'"]),
+    "a label blank in every row": (["--primary", "effusion"], lambda d: d.assign(effusion=""),
+                                   ["'effusion'", "blank in every row"]),
     "csv without --table": (["--modalities", "csv"], None, ["--modalities csv", "--table"]),
     "--table without csv": (["--modalities", "cxr"], None, ["--modalities cxr", "add csv"]),
 }
