@@ -297,7 +297,8 @@ def table_note(t, primary, table, group, bands):
 def prepare_cell(name, seed, root, P, runs, stages, dry, read_root=None):
     """Load one modality, split it by patient and write its real_train.npz; returns (Cell, its facts for
     plan.json). A dry run writes nothing and marks a real_train.npz it would rewrite as changed in stages.
-    read_root: where to read the data from now, if not root (a dry run's copy of the csv table)."""
+    read_root: where to read the data from now, if not root (the checked copy of the csv table, written to root
+    only after every cell is prepared)."""
     mod = load_modality(name, P["size"], read_root or root)
     split = patient_split(mod.table, seed=seed, stratify="attr")
     train = split == "train"
@@ -396,7 +397,7 @@ def main(args):
     P = {k: getattr(args, k) for k in SCALES[args.scale]}  # the scale's settings, flags applied
     names = [m.strip() for m in args.modalities.split(",") if m.strip()]
     stages = Stages(dry=args.dry_run or bool(args.makefile))
-    with tempfile.TemporaryDirectory() as tmp:  # the table is checked before anything is written
+    with tempfile.TemporaryDirectory() as tmp:  # the table is checked (and read from a copy) before anything is written
         csv = csv_read = None
         if args.table:
             t = table_from_args(args)
