@@ -97,7 +97,8 @@ fairgen: $(SETUP) ## FairGen with our DDPM: resampling, CB loss, DPO; downstream
 ddpm: $(SETUP) ## our NIH DDPM (32 px, ~25 min CPU) + DDIM-50 vs DDPM-1000 domain FD, 40 samples each -> results/ddpm
 	$(call staged,diffusion.ddpm_study,ddpm,$(if $(DATA_ROOT),--data-root $(DATA_ROOT)))
 
-bench: $(SETUP) ## CPU benchmarks: FID vs pytorch-fid, our U-Net vs diffusers (installs bench/requirements.txt)
+bench: $(SETUP) ## the studies' stage minutes by kind; CPU benchmarks: FID vs pytorch-fid, our U-Net vs diffusers (installs bench/requirements.txt)
+	$(PYTHON) bench/stage_times.py --results $(OUT)
 	.venv/bin/pip install -q -r bench/requirements.txt
 	$(PYTHON) bench/fid_bench.py
 	$(PYTHON) bench/ddpm_bench.py --device cpu

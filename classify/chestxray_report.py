@@ -18,7 +18,7 @@ import pandas as pd
 
 from classify.cxr_task import ANY, auroc_stat, output_names, read_preds
 from classify.train_chexnet import per_output_table
-from common.report import mean_std, report_command, with_ci, write_readme, write_table
+from common.report import mean_std, report_command, stage_times, with_ci, write_readme, write_table
 from common.task_file import reading_key
 from common.runs import write_json
 from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, family_facts, fmt_p,
@@ -291,6 +291,7 @@ def write_report(out, n_boot=None):
     summary.update(family_facts(summary["comparisons"], plan["n_boot"]))
     summary["answers"] = answers(summary["comparisons"])
     comparisons_table(out, summary, plan, t, preds.name)
+    summary["stage_times"] = stage_times(out)  # where the time went, per stage and by kind (stages.json)
     write_json(out / "summary.json", summary)
     planted = f"{plan['plant']['label']}, a positive control: " if plan.get("plant") else ""
     if plan.get("table"):

@@ -45,7 +45,7 @@ from common.cli import ArgumentParser, as_argv, fraction, nonneg_int, positive_i
 from common.data import PROJECT_DATA
 from common.runs import default_runs, prepare_out_dir, write_config, write_json
 from common.splits import patient_kfold, write_sets
-from common.stages import Stages, add_study_args, parse_scaled, planned, portable
+from common.stages import TIMES_FILE, Stages, add_study_args, parse_scaled, planned, portable
 from common.table import check_sizes
 from common.task_file import TASK_FILE, add_task_args, task_from_args, write_task_file
 from fairness.plant import parse_plant, plant_label
@@ -196,6 +196,7 @@ def main(args):
             changed.add(task.folder(k) / "sets.csv")  # a run would rewrite it: its stages would run again
         folds.append({"sets": str(task.folder(k) / "sets.csv"), "n_male": n_male, "n_synthetic": n_synthetic})
     stages = plan(task, folds, args.conditions, args.cvae_epochs, args.cvae_patience, plant, args.replicates)
+    stages.log = runs / TIMES_FILE
     stages.changed = changed | ({Path(portable(runs / TASK_FILE))} if args.table and task_changed else set())
     if planned(stages, args.dry_run, args.makefile, f"preds.csv.gz (the stages' preds.csv together), the tables and "
                                                     f"figures in {args.out}"):
@@ -212,7 +213,7 @@ def main(args):
     write_config(out, args, data=data, weights=weights)
     stages.run_all()
     gather(runs, args.folds, args.conditions, out, time.time() - t0, args.replicates)
-    write_json(out / "stages.json", {"stages": stages.commands, "reused": stages.reused})
+    stages.record(out / "stages.json")
     write_json(out / "plan.json", {
         "study": "chestxray", "data": data, "weights": weights, "scale": args.scale, "arch": args.arch,
         "size": args.size, "pretrained": args.pretrained, "folds": args.folds, "female_fraction": args.female_fraction,

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from classify.cxr_task import ANY, FEMALE, MALE, auroc_stat, read_preds
-from common.report import report_command, with_ci, write_readme, write_table
+from common.report import report_command, stage_times, with_ci, write_readme, write_table
 from common.task_file import reading_key
 from common.runs import write_json
 from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, draw_replicates, family_facts,
@@ -284,6 +284,7 @@ def write_report(out, n_boot=None):
                        f"marked exploratory. MDE = (z + 0.84) x SE at the family's first Holm step. Recompute from "
                        f"preds.csv.gz."])
     figures(out, summary, rows, find, fid)
+    summary["stage_times"] = stage_times(out)  # where the time went, per stage and by kind (stages.json)
     write_json(out / "summary.json", summary)
     planted = f"{plan['data']}, a positive control: " if "PLANTED" in plan["data"] else ""
     if plan.get("table"):

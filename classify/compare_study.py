@@ -59,7 +59,7 @@ from common.errors import DataError
 from common.report import save_grid
 from common.runs import prepare_out_dir, write_config, write_json
 from common.splits import read_sets, write_sets
-from common.stages import Stages, add_study_args, parse_scaled, planned, portable
+from common.stages import TIMES_FILE, Stages, add_study_args, parse_scaled, planned, portable
 
 CX_CELLS = {"balanced_real", "imbalanced_real", "imbalanced_reweight", "imbalanced_synth"}
 # generator settings per scale (the classifier's and the CVAE's are the chestxray run's, so its cells are reused)
@@ -392,6 +392,7 @@ def main(args):
             ood_stage(stages, g, args.rows + sweep_rows, cx["folds"], portable(args.ood_root),
                       portable(args.ood_csv) if args.ood_csv else None, cx["size"], replicates, args.generator_seeds)
         return args.rows + sweep_rows, choice
+    stages.log = runs / TIMES_FILE  # chestxray's: one file per run tree
     if args.dry_run or args.makefile:
         then()
         planned(stages, args.dry_run, args.makefile, f"the tables, figures and summary.json in {args.out}")
@@ -403,7 +404,7 @@ def main(args):
     rows, choice = then()
     stages.run_all(start=first)
     gather(runs, rows, files, args.finding_only, args.ood_root, out, replicates)
-    write_json(out / "stages.json", {"stages": stages.commands, "reused": stages.reused})
+    stages.record(out / "stages.json")
     write_json(out / "plan.json", {
         "study": "compare", "chestxray": portable(cx_dir), "scale": args.scale, "folds": cx["folds"],
         "female_fraction": cx["female_fraction"], "arch": cx["arch"], "size": cx["size"],

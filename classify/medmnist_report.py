@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from common.errors import DataError
-from common.report import footer, markdown_table, report_command, write_table
+from common.report import footer, markdown_table, report_command, stage_times, write_table
 from common.runs import write_json
 from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, family_facts,
                               paired_difference_replicates, with_holm)
@@ -189,7 +189,7 @@ def write_report(out):
     write_table(out / "table2", TABLE2_HEADER, rows,
                 title="Table 2: test AUC and ACC, None / AE / cVAE / cGAN augmentation", notes=table2_notes(plan))
     answers = write_comparisons(out, rows_cmp, plan["seeds"], plan["n_boot"])
-    write_json(out / "summary.json", summary_of(rows_cmp, answers, auc, acc, plan))
+    write_json(out / "summary.json", {**summary_of(rows_cmp, answers, auc, acc, plan), "stage_times": stage_times(out)})
     write_readme(out, answers, rows, plan)
     print((out / "table2.md").read_text())
     print((out / "comparisons.md").read_text())

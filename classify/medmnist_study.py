@@ -31,7 +31,7 @@ from common.data import MEDMNIST, PROJECT_DATA, medmnist_file, require_dir
 from common.download import STUDY_FLAGS
 from common.errors import DataError
 from common.runs import default_runs, prepare_out_dir, write_config, write_json
-from common.stages import Stages, add_study_args, parse_scaled, planned, portable
+from common.stages import TIMES_FILE, Stages, add_study_args, parse_scaled, planned, portable
 
 # the generators: method -> (training script, stage folder); METHODS (the report's) is None and these
 GENERATORS = {"AE": ("vae.train_mlp_ae", "ae"), "cVAE": ("vae.train_mlp_cvae", "cvae"),
@@ -129,7 +129,7 @@ def main(args):
                         f"{args.data_root or PROJECT_DATA / 'medmnist'} (fetch them with `python -m common.download "
                         f"medmnist --root DIR --flags {args.datasets}`)")
     runs = Path(args.runs or default_runs(args.out))
-    stages = Stages(dry=True)
+    stages = Stages(dry=True, log=runs / TIMES_FILE)
     cells = plan(stages, runs, {f: portable(p) for f, p in found.items() if p}, args.seeds, args.per_class, args.n_gen,
                  {g: getattr(args, f"{g}_epochs") for _, g in GENERATORS.values()}, as_argv(add_args, args),
                  args.device)
@@ -141,7 +141,7 @@ def main(args):
     write_config(out, args, data={f: portable(p) for f, p in found.items() if p}, weights="none (from scratch)")
     stages.run_all()
     gather(out, runs, cells)
-    write_json(out / "stages.json", {"stages": stages.commands, "reused": stages.reused})
+    stages.record(out / "stages.json")
     write_json(out / "plan.json", {"study": "medmnist", "scale": args.scale, "datasets": flags,
                                    "datasets_missing": missing, "seeds": args.seeds, "per_class": args.per_class,
                                    "n_gen": args.n_gen, **{k: getattr(args, k) for k in PLAN_CLASSIFIER},

@@ -123,9 +123,13 @@ def run(main, parse_args):
     note on how to continue. Whenever the command does not succeed, a run folder that --force was replacing is put
     back (common.runs.settle_replaced, which says where the unfinished new run went); under torchrun the ranks
     leave the process group together once all have succeeded, and exit there (common.runs.finish_distributed).
-    Anything else is a bug: it raises with its traceback (after the same restore)."""
+    Anything else is a bug: it raises with its traceback (after the same restore). A command run as `python -m`
+    that succeeds appends its times to $FAIRSYNTH_STAGE_LOG when a study set it (common.stages.log_stage_time)."""
     import signal
+    import time
     from common.runs import finish_distributed, settle_replaced
+    from common.stages import log_stage_time, process_age
+    started, t0 = process_age(), time.perf_counter()
     signal.signal(signal.SIGTERM, _terminate)
     try:
         result = main(parse_args())
@@ -149,6 +153,9 @@ def run(main, parse_args):
         settle_replaced(ok=False)
         raise
     settle_replaced(ok=True)
+    spec = getattr(sys.modules.get(main.__module__), "__spec__", None)
+    if main.__module__ == "__main__" and spec is not None:  # a process of its own (not common.stages.run_in_process)
+        log_stage_time(spec.name, sys.argv[1:], started, time.perf_counter() - t0)
     finish_distributed()
     return result
 

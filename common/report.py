@@ -1,5 +1,6 @@
 """Image grids and the Markdown + CSV table writer every results table goes through."""
 import csv
+import json
 from pathlib import Path
 import shlex
 import sys
@@ -21,6 +22,15 @@ def to_uint8(images):
     if x.ndim == 3:
         x = x[..., None]
     return x
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files (the Agg backend), imported where a figure is drawn: a stage that draws
+    none never pays the ~0.5 s its import costs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def tile(images, nrow, pad=2):
@@ -52,9 +62,7 @@ def save_grid(images, path, nrow=None, title=None, row_labels=None):
         from PIL import Image
         Image.fromarray(grid).save(path)
         return path
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     h, w = grid.shape[:2]
     fig, ax = plt.subplots(figsize=(max(4, w / 60 + 1.5), max(3, h / 60 + 0.8)), dpi=100)
     ax.imshow(grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
@@ -150,6 +158,18 @@ def write_readme(out, title, answers, tables, notes=()):
     parts.append(footer())
     (out / "README.md").write_text("\n".join(parts) + "\n")
     return out / "README.md"
+
+
+def stage_times(out):
+    """summary.json's record of where a study's time went, from its stages.json: each stage's command with its
+    seconds (process start, main) and their sums by kind; None for a run that predates stage timing."""
+    path = Path(out) / "stages.json"
+    stages = json.loads(path.read_text()) if path.is_file() else {}
+    if "seconds_by_kind" not in stages:
+        return None
+    return {"by_kind": stages["seconds_by_kind"],
+            "per_stage": [{"stage": c, **(t or {"start_s": None, "run_s": None})}
+                          for c, t in zip(stages["stages"], stages["stage_seconds"])]}
 
 
 def report_command(doc, write_report, study, needs, n_boot=False):

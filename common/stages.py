@@ -13,18 +13,30 @@ Two ways to run the same list, and a third to hand it to make:
     stages = Stages()
     stages.script("vae.train_cvae", argv, folder)                    # done: folder/metrics.json
     stages.samples("vae.sample_cvae", argv, out_npz, deps=[folder / "metrics.json"])
+
+Where the time goes: with `stages.log` set (a study sets runs/<out>/stage_times.jsonl), every stage process, run by
+Stages or by the makefile, appends one line to that file when it succeeds (common.cli.run): its module, argv, the
+seconds from its process start to its main (interpreter and imports) and in its main. `stages.times()` reads back
+each listed stage's last line and sums them by kind; a study writes both into stages.json, its report the sums into
+summary.json.
 """
 import importlib
 import json
+import os
 from pathlib import Path
 import re
 import shlex
 import subprocess
 import sys
+import time
 
 import numpy as np
 
 from common.errors import DataError
+
+STAGE_LOG = "FAIRSYNTH_STAGE_LOG"  # environment: the file a stage process appends its times to (see log_stage_time)
+TIMES_FILE = "stage_times.jsonl"  # in a study's run tree
+KINDS = ("generator training", "sampling", "classifier training", "evaluation", "data preparation", "process start")
 
 
 def recorded_argv(cfg):
@@ -52,6 +64,44 @@ def make_name(path):
     return re.sub(r"([:# ])", r"\\\1", text).replace("$", "$$")
 
 
+def process_age():
+    """Seconds since this process started (Linux: /proc; None elsewhere): what starting Python and importing the
+    script's modules cost before its main ran."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def log_stage_time(module, argv, start_s, run_s):
+    """Append a finished stage's times to the file named by $FAIRSYNTH_STAGE_LOG (nothing when it is unset): one
+    JSON line, written with one append so that stages run in parallel by make do not interleave."""
+    path = os.environ.get(STAGE_LOG)
+    if not path:
+        return
+    line = json.dumps({"module": module, "argv": [a for a in argv if a != "--force"], "start_s": start_s,
+                       "run_s": run_s, "ended": time.time()}) + "\n"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def kind_of(module):
+    """A stage's kind in the time table, from its module's name."""
+    name = module.rsplit(".", 1)[-1]
+    if name.startswith("sample_"):
+        return "sampling"
+    if module.startswith("classify.train_") or name.endswith("downstream"):
+        return "classifier training"
+    if name.startswith("train_"):
+        return "generator training"
+    return "data preparation" if module == "fairness.plant" else "evaluation"
+
+
 def run_in_process(module, argv, line):
     """`python -m module argv` in this process: the script's main under common.cli.run, with sys.argv as that
     command would set it (scripts record it), no interpreter start and imports (~2.5 s a stage on a CPU). A stage
@@ -75,8 +125,8 @@ class Stages:
     Stages(dry=True) only lists; run_all() then runs the list (a study's plan builds it, its main runs it);
     Stages() runs each stage as it is added."""
 
-    def __init__(self, dry=False):
-        self.dry, self.rules, self.reused = dry, [], []
+    def __init__(self, dry=False, log=None):
+        self.dry, self.rules, self.reused, self.log = dry, [], [], log  # log: see the module's docstring
         self.changed = set()  # inputs a dry run knows will be rewritten (a split file): their stages are not fresh
 
     @property
@@ -119,7 +169,10 @@ class Stages:
             print(f"  reuse {done.parent if done.name == 'metrics.json' else done}", flush=True)
             self.reused.append(str(done))
             return
-        child = subprocess.Popen([sys.executable, "-m", module, *argv, *(["--force"] if force else [])])
+        env = {**os.environ, STAGE_LOG: str(Path(self.log).resolve())} if self.log else None
+        if self.log:
+            Path(self.log).parent.mkdir(parents=True, exist_ok=True)
+        child = subprocess.Popen([sys.executable, "-m", module, *argv, *(["--force"] if force else [])], env=env)
         try:
             rc = child.wait()
         except BaseException:  # Ctrl-C or a kill of the study: the stage gets SIGTERM and puts back what it replaced
@@ -152,6 +205,8 @@ class Stages:
         path = Path(path)
         rules = ["# written by a study's --makefile; run with `make -j N -f " + str(path) + "`",
                  f"PYTHON ?= {sys.executable}", ".PHONY: all FORCE",
+                 *([f"export {STAGE_LOG} := " + str(Path(self.log).resolve()).replace("$", "$$").replace("#", "\\#")]
+                   if self.log else []),
                  "all: " + " ".join(make_name(rule[0]) for rule in self.rules), "FORCE:"]
         for rule in self.rules:
             done, deps, line = rule[:3]
@@ -161,6 +216,37 @@ class Stages:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(rules) + "\n")
         return path
+
+    def times(self):
+        """Each listed stage's seconds when it last ran (its process start and its main; None for a stage the log
+        has no line of: one run before the log existed, or not yet run) and their sums by kind (KINDS: the process
+        starts apart; "not recorded": how many stages had no line)."""
+        last = {}
+        if self.log and Path(self.log).is_file():
+            for text in Path(self.log).read_text().splitlines():
+                try:
+                    rec = json.loads(text)
+                    last[(rec["module"], tuple(rec["argv"]))] = rec
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by a killed process
+        per_stage, by_kind, missing = [], dict.fromkeys(KINDS, 0.0), 0
+        for rule in self.rules:
+            rec = last.get((rule[3], tuple(rule[4])))
+            per_stage.append(None if rec is None else {"start_s": rec["start_s"], "run_s": rec["run_s"]})
+            if rec is None:
+                missing += 1
+                continue
+            by_kind[kind_of(rule[3])] += rec["run_s"]
+            by_kind["process start"] += rec["start_s"] or 0.0
+        return per_stage, {**{k: round(v, 1) for k, v in by_kind.items()},
+                           "total": round(sum(by_kind.values()), 1), "not recorded": missing}
+
+    def record(self, path, **extra):
+        """stages.json: the commands, those this invocation reused, each stage's times and their sums by kind."""
+        from common.runs import write_json
+        per_stage, by_kind = self.times()
+        write_json(path, {"stages": self.commands, "reused": self.reused, **extra, "stage_seconds": per_stage,
+                          "seconds_by_kind": by_kind})
 
 
 def add_study_args(p, out, scales=None):

@@ -20,7 +20,7 @@ import shutil
 
 from common.cli import ArgumentParser, nonneg_int, positive_float, positive_int, run, unit_interval
 from common.runs import default_runs, prepare_out_dir, write_config, write_json
-from common.stages import Stages, add_study_args, parse_scaled, planned, portable
+from common.stages import TIMES_FILE, Stages, add_study_args, parse_scaled, planned, portable
 from diffusion.ddpm_report import write_report
 
 # Every setting a scale sets (a flag given on the command line wins). quick: what a 2-core CPU trains in ~25 min
@@ -86,6 +86,7 @@ def main(args):
     stages = plan(runs, data_argv, args.size, args.width, args.mults, args.num_res, args.attn_res, args.steps,
                   args.batch_size, args.lr, args.warmup, args.ema, args.save_every, args.sample_every,
                   args.fd_epochs, args.n_per_class)
+    stages.log = runs / TIMES_FILE
     if planned(stages, args.dry_run, args.makefile, f"the table and README.md in {args.out}"):
         return
     out = prepare_out_dir(args.out, args.force)
@@ -94,7 +95,7 @@ def main(args):
     for name in GATHERED:
         if (runs / "eval" / name).is_file():
             shutil.copyfile(runs / "eval" / name, out / name)
-    write_json(out / "stages.json", {"stages": stages.commands, "reused": stages.reused})
+    stages.record(out / "stages.json")
     write_json(out / "plan.json", {"study": "ddpm", "scale": args.scale, "runs": str(runs),
                                    "eval": json.loads((runs / "eval" / "summary.json").read_text())["argv"][1:]})
     return write_report(out)

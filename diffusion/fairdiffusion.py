@@ -17,6 +17,8 @@ import warnings
 import numpy as np
 import torch
 
+from common.report import pyplot
+
 
 def loss_weights(sigma, groups, xi):
     """w_i = 1 + sum over attributes a of sigma[groups[i, a]] * xi_i.
@@ -104,9 +106,7 @@ class FairBayes:
 
 def plot_trajectory(fb, names, path, title):
     """sigma per group and the batch loss gap (raw and smoothed) against the step; GP updates as dotted lines."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     tr = np.array(fb.trajectory, float)
     if not len(tr):
         return

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from common.errors import DataError
-from common.report import footer, markdown_table, report_command, save_grid, write_table
+from common.report import footer, markdown_table, report_command, save_grid, stage_times, write_table
 from common.runs import write_json
 from diffusion.fairgen_published import write_published
 from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, family_facts, gap_permutation,
@@ -255,7 +255,7 @@ def load_summary(out, plan, stages):
         summary["modalities"][name] = {key: cell_result(c, preds, int(key.removeprefix("seed")), plan["n_boot"])
                                        for key, c in seeds.items()}
     summary["seconds"], summary["reused"], summary["stages"] = stages["seconds"], stages["reused"], stages["stages"]
-    return summary
+    return {**summary, "stage_times": stage_times(out)}
 
 
 # ---- tables -------------------------------------------------------------------------------------------------------

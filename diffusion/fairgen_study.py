@@ -50,7 +50,7 @@ from common.modalities import MODALITIES, csv_modality_table, export, load_modal
 from common.runs import default_runs, device_from, prepare_out_dir, write_config, write_json
 from common.splits import patient_split, write_if_changed
 from common.table import add_table_args, primary_label, table_from_args
-from common.stages import Stages, add_study_args, parse_scaled, planned, portable
+from common.stages import TIMES_FILE, Stages, add_study_args, parse_scaled, planned, portable
 from diffusion.annotate import blinded_pairs, write_pair_set
 from diffusion.fairgen_downstream import number_values
 from diffusion.fairgen_report import METHODS, read_preds, write_report
@@ -396,7 +396,7 @@ def main(args):
     runs = Path(args.runs or default_runs(args.out))  # each --out (and so each scale) has its own tree
     P = {k: getattr(args, k) for k in SCALES[args.scale]}  # the scale's settings, flags applied
     names = [m.strip() for m in args.modalities.split(",") if m.strip()]
-    stages = Stages(dry=args.dry_run or bool(args.makefile))
+    stages = Stages(dry=args.dry_run or bool(args.makefile), log=runs / TIMES_FILE)
     with tempfile.TemporaryDirectory() as tmp:  # the table is checked (and read from a copy) before anything is written
         csv = csv_read = None
         if args.table:
@@ -428,7 +428,7 @@ def main(args):
         "n_boot": args.n_boot, "n_boot_compare": args.n_boot_compare, "runs": str(runs),
         "modalities": gather(out, cells, facts, seconds, P)})
     # this invocation only: the stages listed under "reused" were not recomputed
-    write_json(out / "stages.json", {"stages": stages.commands, "reused": stages.reused, "seconds": time.time() - t0})
+    stages.record(out / "stages.json", seconds=time.time() - t0)
     write_report(out)
 
 

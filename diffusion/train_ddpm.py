@@ -38,7 +38,7 @@ from common.cli import (ArgumentParser, int_list, nonneg_float, nonneg_int, posi
                         unit_interval)
 from common.errors import DataError
 from common.modalities import modality_name, training_images
-from common.report import save_grid
+from common.report import pyplot, save_grid
 from common.runs import (add_common_args, check_finite, is_main_process, load_checkpoint, load_weights,
                          local_rank_zero_first, prepare_out_dir, ranks_identical, save_checkpoint, seed_everything,
                          setup_distributed, use_amp, write_config, write_json)
@@ -360,9 +360,7 @@ def main(args):
 
 
 def plot_loss(losses, path, data):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     if not losses:
         return
     k = max(1, len(losses) // 100)

@@ -2,13 +2,9 @@
 metric by method (with CI whiskers). matplotlib only; each returns the PNG path."""
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from common.report import fit_title  # noqa: E402
+from common.report import fit_title, pyplot
 
 
 def _save(fig, path):
@@ -16,7 +12,7 @@ def _save(fig, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -25,6 +21,7 @@ def boxplots(data, path, title, ylabel, group_colors=None, points=None, points_l
     points: optional {category: {group: values}} drawn as dots over the boxes (e.g. each repeat's median)."""
     cats = list(data)
     groups = list(dict.fromkeys(g for c in cats for g in data[c]))
+    plt = pyplot()
     colors = group_colors or dict(zip(groups, plt.cm.tab10.colors))
     width = 0.8 / len(groups)
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(cats), 3.6))
@@ -54,7 +51,7 @@ def radar(values, path, title):
     if len(axes) < 3:  # a radar needs three axes: fall back to bars
         return bars({s: {a: (values[s][a], None) for a in axes} for s in series}, path, title, "AUROC")
     ang = np.linspace(0, 2 * np.pi, len(axes), endpoint=False).tolist()
-    fig, ax = plt.subplots(figsize=(4.8, 4.8), subplot_kw={"polar": True})
+    fig, ax = pyplot().subplots(figsize=(4.8, 4.8), subplot_kw={"polar": True})
     for s in series:
         v = [values[s].get(a, np.nan) for a in axes]
         ax.plot(ang + ang[:1], v + v[:1], label=str(s))
@@ -71,7 +68,7 @@ def bars(values, path, title, ylabel):
     methods = list(values)
     series = list(dict.fromkeys(s for m in methods for s in values[m]))
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(methods) * max(1, len(series) / 3), 3.6))
+    fig, ax = pyplot().subplots(figsize=(1.6 + 1.1 * len(methods) * max(1, len(series) / 3), 3.6))
     for j, s in enumerate(series):
         x = np.arange(len(methods)) + (j - (len(series) - 1) / 2) * width
         v = np.array([values[m].get(s, (np.nan, None))[0] for m in methods], float)
@@ -89,7 +86,7 @@ def bars(values, path, title, ylabel):
 
 def lines(values, path, title, xlabel, ylabel):
     """values: {series: {x: y}} -> one line per series (e.g. accuracy vs synthetic ratio per classifier)."""
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, ax = pyplot().subplots(figsize=(5, 3.6))
     for s, pts in values.items():
         xs = sorted(pts)
         ax.plot(xs, [pts[x] for x in xs], marker="o", label=str(s))
@@ -104,6 +101,7 @@ def scatter(points, path, title, xlabel, ylabel, hline=None, vline=None):
     """points: {label: (x, (x_lo, x_hi) or None, y, (y_lo, y_hi) or None)} -> labelled points with CI bars in both
     directions (e.g. female AUROC gain against generator fidelity, gap against AUROC); hline / vline: reference
     lines (e.g. 0: no difference)."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 4.2))
     for i, (label, (x, xci, y, yci)) in enumerate(points.items()):
         xerr = None if xci is None else np.clip([[x - xci[0]], [xci[1] - x]], 0, None)

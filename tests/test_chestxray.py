@@ -98,6 +98,10 @@ def test_chestxray_study_smoke_chain(smoke_study):
     assert len(rows) == 20 and all({"metric", "a", "b", "diff", "ci", "p", "p_holm", "mde", "n_units",
                                     "replicates"} <= set(r) for r in rows)
     assert all(r["p_holm"] >= r["p"] for r in rows) and rows[0]["n_units"] == s["n_patients"]
+    times = s["stage_times"]  # where the time went: every stage's own seconds, summed by kind
+    assert len(times["per_stage"]) == len(json.loads((out / "stages.json").read_text())["stages"])
+    assert times["by_kind"]["not recorded"] == 0 and all(t["run_s"] > 0 for t in times["per_stage"])
+    assert times["by_kind"]["generator training"] > 0 and times["by_kind"]["classifier training"] > 0
     # the four declared questions are the primary family (Holm over them alone); the other 16 rows are exploratory
     assert sum(r["primary"] for r in rows) == 4 == len(s["answers"]) and s["primary_family_size"] == 4
     assert s["min_holm_p"] == pytest.approx(8 / 51) and s["n_boot"] == 50  # smoke: 50 resamples cannot reject

@@ -242,6 +242,8 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
     assert second.stdout.count("reuse ") == 18
     s2 = json.loads((tmp_path / "out/summary.json").read_text())
     assert s2["stages"] == s1["stages"] and len(s1["stages"]) == 18
+    assert s1["stage_times"]["by_kind"]["not recorded"] == 0  # each stage's seconds, kept when it is reused
+    assert s2["stage_times"] == s1["stage_times"] and s1["stage_times"]["by_kind"]["generator training"] > 0
     # --dry-run prints the stage commands the run executed, each a script of its own, and touches nothing
     before = sorted(p.name for p in (tmp_path / "out").iterdir())
     dry = subprocess.run(cmd + ["--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -22,7 +22,7 @@ STUDIES = {"chestxray": "classify.chestxray_study", "medmnist": "classify.medmni
 
 def without_times(obj):
     if isinstance(obj, dict):
-        return {k: without_times(v) for k, v in obj.items() if k not in ("seconds", "wall_s")}
+        return {k: without_times(v) for k, v in obj.items() if k not in ("seconds", "wall_s", "stage_times")}
     if isinstance(obj, list):
         return [without_times(v) for v in obj]
     return obj

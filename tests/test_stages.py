@@ -89,3 +89,79 @@ def test_makefile_names_files_with_colons_spaces_and_dollars(tmp_path):
     assert r.returncode == 0, r.stderr
     line = [x for x in r.stdout.splitlines() if "json.tool" in x][0]
     assert line.startswith(sys.executable) and "'a$b'" in line and f"'{folder / 'stage'}'" in line
+
+
+STAGE_MODULE = '''import json, sys, time
+from pathlib import Path
+from common.cli import run
+
+def parse_args(argv=None):
+    return sys.argv[1:]
+
+def main(argv):
+    out = Path(argv[argv.index("--out-dir") + 1])
+    out.mkdir(parents=True, exist_ok=True)
+    time.sleep(float(argv[argv.index("--sleep") + 1]))
+    (out / "config.json").write_text(json.dumps({"argv": sys.argv}))
+    (out / "metrics.json").write_text("{}")
+
+if __name__ == "__main__":
+    run(main, parse_args)
+'''
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_each_stage_records_its_times_run_here_or_by_make(tmp_path, monkeypatch):
+    """A stage process appends its seconds to the study's log, whether Stages or the written makefile runs it (a
+    path with a space and a '#'); times() gives each listed stage its last line and sums them by kind."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "train_toy.py").write_text(STAGE_MODULE)
+    (tmp_path / "pkg" / "sample_toy.py").write_text(STAGE_MODULE)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT}")
+    runs = tmp_path / "runs dir#1"
+    s = Stages(log=runs / "stage_times.jsonl")
+    s.script("pkg.train_toy", ["--sleep", "0.5", "--out-dir", runs / "gen"], runs / "gen")
+    per_stage, by_kind = s.times()
+    assert per_stage[0]["run_s"] >= 0.5 and by_kind["generator training"] >= 0.5
+    if sys.platform.startswith("linux"):  # process start measured from /proc
+        assert 0 < per_stage[0]["start_s"] < 60 and by_kind["process start"] == round(per_stage[0]["start_s"], 1)
+
+    d = Stages(dry=True, log=runs / "stage_times.jsonl")
+    d.script("pkg.train_toy", ["--sleep", "0.5", "--out-dir", runs / "gen"], runs / "gen")  # done: reused by make
+    d.samples("pkg.sample_toy", ["--sleep", "0.2", "--out-dir", runs / "samples"], runs / "samples" / "metrics.json")
+    assert d.times()[1]["not recorded"] == 1 and d.times()[0][1] is None
+    r = subprocess.run(["make", "-f", str(d.write_makefile(tmp_path / "stages.mk"))], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    per_stage, by_kind = d.times()
+    assert per_stage[0] == s.times()[0][0]  # the reused stage keeps the time it took when it ran
+    assert per_stage[1]["run_s"] >= 0.2 and by_kind["sampling"] >= 0.2 and by_kind["not recorded"] == 0
+    assert by_kind["total"] == pytest.approx(sum(v for k, v in by_kind.items() if k not in ("total", "not recorded")),
+                                             abs=0.2)
+    lines = (runs / "stage_times.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all("--force" not in json.loads(x)["argv"] for x in lines)
+
+
+def test_stage_kinds():
+    from common.stages import kind_of
+    assert [kind_of(m) for m in ("vae.train_cvae", "diffusion.train_dpo", "classify.train_chexnet", "gan.sample_dcgan",
+                                 "diffusion.fairgen_downstream", "classify.generator_audit", "fairness.plant")] == [
+        "generator training", "generator training", "classifier training", "sampling", "classifier training",
+        "evaluation", "data preparation"]
+
+
+def test_stage_times_table_reads_each_studys_summary(tmp_path):
+    from common.stages import KINDS
+    by_kind = {**dict.fromkeys(KINDS, 0.0), "classifier training": 120.0, "process start": 6.0, "total": 126.0,
+               "not recorded": 1}
+    (tmp_path / "chestxray").mkdir()
+    (tmp_path / "chestxray/summary.json").write_text(json.dumps({"stage_times": {
+        "by_kind": by_kind, "per_stage": [{"stage": "python -m a", "start_s": 3.0, "run_s": 60.0}] * 2}}))
+    (tmp_path / "skintone").mkdir()
+    (tmp_path / "skintone/summary.json").write_text("{}")
+    r = subprocess.run([sys.executable, "bench/stage_times.py", "--results", str(tmp_path), "--studies",
+                        "chestxray,skintone,medmnist"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = [line.split(" | ") for line in r.stdout.splitlines()[2:]]
+    assert rows[0][1:3] == ["2", "0.0"] and rows[0][4] == "2.0" and rows[0][-2:] == ["2.1", "1 |"]
+    assert "not recorded" in rows[1][1] and "no summary.json" in rows[2][1]

@@ -21,7 +21,7 @@ import torch
 from scipy.stats import mannwhitneyu, spearmanr
 
 from common.errors import DataError
-from common.report import footer, markdown_table, report_command, save_grid, write_table
+from common.report import footer, markdown_table, report_command, save_grid, stage_times, write_table
 from common.runs import write_json
 from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, family_facts,
                               paired_difference_replicates, sign_flip_test, with_holm)
@@ -326,6 +326,7 @@ def write_report(out):
     write_boxplots(out, df, summary, tag)
     write_recon_grids(out, tag)
     write_by_diagnosis(out, df, tag)
+    summary["stage_times"] = stage_times(out)  # where the time went, per stage and by kind (stages.json)
     write_json(out / "summary.json", summary)
     write_readme(out, summary["answers"], rows, summary, tag)
     print((out / "medians.md").read_text())

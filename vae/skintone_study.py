@@ -33,7 +33,7 @@ from common.cli import ArgumentParser, as_argv, positive_int, run
 from common.errors import DataError
 from common.runs import default_runs, prepare_out_dir, write_config, write_json
 from common.splits import write_sets
-from common.stages import Stages, add_study_args, parse_scaled, planned, portable
+from common.stages import TIMES_FILE, Stages, add_study_args, parse_scaled, planned, portable
 from vae.skin import SETS, draw_train_set, load_skin
 from vae.skintone_report import GROUPS, write_report
 from vae.train_resvae import add_args
@@ -128,7 +128,7 @@ def main(args):
                             f"tests on --n-test {args.n_test} of them and trains on the rest: it needs more {g} "
                             f"images, or a smaller --n-test")
     runs = Path(args.runs or default_runs(args.out))
-    stages = Stages(dry=True)
+    stages = Stages(dry=True, log=runs / TIMES_FILE)
     sizes = {k: getattr(args, k) for k in SIZES}
     for r in range(args.repeats):
         sets = repeat_sets(t, r, args.seed, args.n_test, args.n_train)
@@ -143,7 +143,7 @@ def main(args):
     write_config(out, args, data=data, sizes={**sizes, "repeats": args.repeats})
     stages.run_all()
     vgg = gather(out, cells)
-    write_json(out / "stages.json", {"stages": stages.commands, "reused": stages.reused})
+    stages.record(out / "stages.json")
     write_json(out / "plan.json", {"study": "skintone", "scale": args.scale, "data": data, "vgg": vgg,
                                    "perceptual_weight": args.perceptual_weight, "sizes": sizes,
                                    "n_test": args.n_test, "repeats": args.repeats, "n_boot": args.n_boot,

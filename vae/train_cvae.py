@@ -28,7 +28,7 @@ from common.cli import ArgumentParser, nonneg_float, nonneg_int, positive_float,
 from common.cache import load_images
 from common.data import NIH_LABELS, PROJECT_DATA, label_matrix, label_names, to_signed
 from common.errors import DataError
-from common.report import fit_title, save_grid
+from common.report import fit_title, pyplot, save_grid
 from common.runs import (add_common_args, check_finite, device_from, load_checkpoint, load_weights, prepare_out_dir,
                          save_checkpoint, seed_everything, write_config, write_json)
 from common.splits import patient_split, read_sets
@@ -172,9 +172,7 @@ def write_figures(model, x_tr, y_tr, out, device, title, seed=0):
 
 
 def plot_history(history, path, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     e = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot(e, [h["loss"] for h in history], label="train loss")
