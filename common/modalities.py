@@ -179,8 +179,8 @@ def read_csv_modality(path, size):
 def csv_modality_table(table, primary, group_flag):
     """The uniform table of a label table (common.table.read_table) as the csv modality reads it: path, patient_id,
     group and the compared label alone (rows where it is blank left out), after refusing what the generative study
-    cannot use: one group only, a group with fewer than MIN_GROUP_PATIENTS patients, or without a positive or a
-    negative image of the label."""
+    cannot use: one group only, a group named with the class names' separators ('|', '__'), a group with fewer than
+    MIN_GROUP_PATIENTS patients, or without a positive or a negative image of the label."""
     t = table[table[f"label:{primary}"].notna()]
     if t.empty or primary in ("path", "patient_id", "group"):
         raise DataError(f"label {primary!r}: " + ("blank in every row; choose another (--primary, --labels)" if t.empty
@@ -190,6 +190,9 @@ def csv_modality_table(table, primary, group_flag):
         raise DataError(f"--group {group_flag}: every image is in the group {patients.index[0]!r}; the study compares "
                         f"groups: choose a column (or --bands) with two values or more")
     for g, n in patients.items():
+        if "|" in str(g) or "__" in str(g):
+            raise DataError(f"group {g!r} ({group_flag}): '|' and '__' join a group to its label in the study's class "
+                            f"and folder names; rename that value in the table")
         y = t.loc[t["group"] == g, f"label:{primary}"]
         if n < MIN_GROUP_PATIENTS:
             raise DataError(f"group {g!r} ({group_flag}) has {n} patients; the 70/10/20 patient split needs at least "

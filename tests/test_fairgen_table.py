@@ -43,6 +43,8 @@ CASES = {  # flags (and a table edit) -> words of the one error line
                                              ["'effusion'", "0 positive", "group 'F'"]),
     "a label blank in every row": (["--primary", "effusion"], lambda d: d.assign(effusion=""),
                                    ["'effusion'", "blank in every row"]),
+    "a group named with a separator": ([], lambda d: d.assign(sex=d["sex"].replace("F", "F|pregnant")),
+                                       ["'F|pregnant'", "rename"]),
     "csv without --table": (["--modalities", "csv"], None, ["--modalities csv", "--table"]),
     "--table without csv": (["--modalities", "cxr"], None, ["--modalities cxr", "add csv"]),
 }
