@@ -4,7 +4,7 @@ achieved GFLOP/s of a training step (forward, loss, backward, optimiser step; FL
 convolutions counted by torch.utils.flop_counter, so elementwise work is time without FLOPs), in contiguous and in
 channels_last memory format.
 
-    python bench/machine_limit.py [--steps 10] [--rounds 3] [--loops cnn8,resnet18,cvae,resvae,unet,vit]
+    python bench/machine_limit.py [--steps 10] [--rounds 3] [--loops cnn8,resnet18,cvae,resvae,unet,vit,...]
 
 Each loop and format is timed --rounds times in turn and its fastest round kept (a burst of other work on the
 machine does not decide it). The models are untrained: speed does not depend on the weights. Measured: README,
@@ -23,11 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from classify.nets import build  # noqa: E402
 from diffusion.ddpm import Schedule, q_sample  # noqa: E402
 from diffusion.unet import UNet  # noqa: E402
+from gan.train_dcgan import Z_DIM, build as build_dcgan  # noqa: E402
 from gan.train_mlp_cgan import Discriminator, Generator  # noqa: E402
+from vae.train_conv_ae import ConvAE  # noqa: E402
 from vae.train_cvae import CVAE, cvae_loss  # noqa: E402
+from vae.train_mlp_ae import AE  # noqa: E402
+from vae.train_mlp_cvae import MLPCVAE, elbo_loss  # noqa: E402
 from vae.train_resvae import ResVAE, VGGPerceptual, vae_loss  # noqa: E402
 
-LOOPS = ["cnn8", "resnet18", "cvae", "resvae", "unet", "vit", "mlpcgan"]
+LOOPS = ["cnn8", "resnet18", "cvae", "resvae", "unet", "vit", "mlpcgan", "dcgan", "convae", "ddpm32", "mlpae",
+         "mlpcvae"]  # every quick study's training loop
 FULL_LOOPS = ["densenet121", "unet64"]  # the full-scale nets, for bench/fullscale.py's GPU-hour estimates
 
 
@@ -50,14 +55,21 @@ def loop(name, channels_last, bf16=False, compile=False):
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     wrap = torch.compile if compile else (lambda m: m)
-    if name == "mlpcgan":  # MedMNIST's MLP cGAN: gan/train_mlp_cgan.py (784-d, batch 128), a D step and a G step
-        G, D, x, y = Generator(784, 2), Discriminator(784, 2), torch.rand(128, 784) * 2 - 1, torch.randint(0, 2, (128,))
+    if name in ("mlpcgan", "dcgan"):  # a D step and a G step. MedMNIST's MLP cGAN: gan/train_mlp_cgan.py (784-d,
+        # batch 128); compare's DCGAN: gan/train_dcgan.py at quick scale (64 px, width 16, batch 64, sex x finding)
+        if name == "mlpcgan":
+            G, D, z_dim = Generator(784, 2), Discriminator(784, 2), 64
+            x, y = torch.rand(128, 784) * 2 - 1, torch.randint(0, 2, (128,))
+        else:
+            (G, D), z_dim = build_dcgan({"n_classes": 4, "channels": 1, "size": 64, "width": 16}), Z_DIM
+            x, y = (torch.rand(64, 1, 64, 64) * 2 - 1).contiguous(memory_format=fmt), torch.randint(0, 4, (64,))
+            G, D = G.to(memory_format=fmt), D.to(memory_format=fmt)
         opt_g, opt_d = torch.optim.Adam(G.parameters(), lr=1e-4), torch.optim.Adam(D.parameters(), lr=1e-4)
         Gc, Dc = wrap(G), wrap(D)
 
         def gan_step():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                fake = Gc(torch.randn(len(x), 64), y)
+                fake = Gc(torch.randn(len(x), z_dim), y)
                 d_real, d_fake = Dc(x, y).float(), Dc(fake.detach(), y).float()
             loss_d = F.binary_cross_entropy_with_logits(d_real, torch.ones(len(x))) + \
                 F.binary_cross_entropy_with_logits(d_fake, torch.zeros(len(x)))
@@ -91,11 +103,25 @@ def loop(name, channels_last, bf16=False, compile=False):
         def loss_fn(m, xb):
             x_hat, mu, logvar = m(xb)
             return vae_loss(x_hat, xb, mu, logvar, vgg)[0]
-    elif name in ("unet", "unet64"):  # fairgen's U-Net: diffusion/train_ddpm.py; quick: 32 px, 16-32-32, attention
-        # at 8, batch 32; full preset: 64 px, 64-128-128-128, 2 blocks per level, attention at 16 (batch 8 here)
-        size, batch = (32, 32) if name == "unet" else (64, 8)
-        net = UNet(1, 32, 16, (1, 2, 2), 1, (8,), num_classes=4) if name == "unet" else \
-            UNet(1, 64, 64, (1, 2, 2, 2), 2, (16,), num_classes=4)
+    elif name == "convae":  # compare's conv AE: vae/train_conv_ae.py (64 px, code 128, batch 64, MSE)
+        net, x = ConvAE(1, 128), torch.rand(64, 1, 64, 64) * 2 - 1
+        loss_fn = lambda m, xb: F.mse_loss(m(xb).float(), xb)
+    elif name in ("mlpae", "mlpcvae"):  # MedMNIST's MLP AE and cVAE: vae/train_mlp_ae.py, train_mlp_cvae.py (784-d,
+        # code 32, batch 128)
+        net, x, y = (AE(784, 32) if name == "mlpae" else MLPCVAE(784, 2, 32)), torch.rand(128, 784), \
+            torch.randint(0, 2, (128,))
+        if name == "mlpae":
+            loss_fn = lambda m, xb: F.mse_loss(m(xb).float(), xb)
+        else:
+            def loss_fn(m, xb):
+                x_hat, mu, logvar = m(xb, y)
+                return elbo_loss(x_hat.float(), xb, mu.float(), logvar.float())
+    elif name in ("unet", "unet64", "ddpm32"):  # the DDPM U-Net: diffusion/train_ddpm.py. fairgen quick: 32 px,
+        # 16-32-32, attention at 8, batch 32; compare quick (ddpm32): the same at width 32; fairgen's full preset:
+        # 64 px, 64-128-128-128, 2 blocks per level, attention at 16 (batch 8 here)
+        size, batch = (64, 8) if name == "unet64" else (32, 32)
+        net = UNet(1, 64, 64, (1, 2, 2, 2), 2, (16,), num_classes=4) if name == "unet64" else \
+            UNet(1, 32, 16 if name == "unet" else 32, (1, 2, 2), 1, (8,), num_classes=4)
         sched, x, y = Schedule(), torch.rand(batch, 1, size, size) * 2 - 1, torch.randint(0, 4, (batch,))
 
         def loss_fn(m, xb):
@@ -112,7 +138,7 @@ def loop(name, channels_last, bf16=False, compile=False):
         raise SystemExit(f"--loops: unknown loop {name!r} ({', '.join(LOOPS + FULL_LOOPS)})")
     net = net.to(memory_format=fmt)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-    m, xb = wrap(net), x.contiguous(memory_format=fmt)
+    m, xb = wrap(net), x.contiguous(memory_format=fmt) if x.dim() == 4 else x  # MLPs: one format
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
