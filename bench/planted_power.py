@@ -205,7 +205,7 @@ def write_outputs(rows, records, args, seconds):
     header = ["comparison", "said yes", "rate [exact 95% CI]", "female AUROC diff, mean over repeats",
               "mean bootstrap SE", "SD of diff / SE", "signed-gap row said yes"]
     verdict = (f"The smallest strength detected at power >= 0.8 (point estimate): {args.kind}:{smallest}."
-               if smallest else f"No strength of the grid reached power 0.8 (point estimates).")
+               if smallest else "No strength of the grid reached power 0.8 (point estimates).")
     write_table(out, header, table,
                 title=f"The positive control repeated: {len(records)} repeats of the chest X-ray design at a reduced "
                       f"scale ({args.folds} folds, {args.replicates} training seeds per condition and fold, "

@@ -17,7 +17,7 @@ from classify.train_chexnet import OUTPUTS, classic_jitter, jitter, read_synthet
 from common.runs import load_checkpoint
 from common.stages import run_in_process
 from common.splits import read_sets
-from conftest import ROOT, SMOKE_FLAGS
+from conftest import ROOT
 
 
 def run(module, *args, timeout=600):

@@ -3,7 +3,6 @@ reads only the files in --out, no study imports another, and the code stays with
 itself (no product file over 500 lines, no report function over 60)."""
 import ast
 import json
-from pathlib import Path
 import subprocess
 import sys
 
