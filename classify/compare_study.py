@@ -241,7 +241,7 @@ def audit_stages(stages, g, rows, files, data_root, seed):
     wanted = [r for r in rows if r in ROWS and ROWS[r][1]]
     for k, f in enumerate(files):
         r, f = g.runs / f"fold{k}", f[0]  # generator seed 0's samples
-        samples = [a for row in wanted for a in ("--samples", f"{row}=" + ",".join(map(str, f[ROWS[row][1]].values())))]
+        samples = [a for row in wanted for x in f[ROWS[row][1]].values() for a in ("--samples", f"{row}={x}")]
         deps = [r / "imbalanced_real" / "metrics.json", *[x for row in wanted for x in f[ROWS[row][1]].values()]]
         stages.output("classify.generator_audit", [
             "--data-root", data_root, "--sets", r / "sets.csv", "--pool-sets", r / "compare_sets.csv", "--features",
@@ -257,7 +257,7 @@ def ood_stage(stages, g, rows, folds, ood_root, ood_csv, size, replicates=1, gen
     out = g.runs / "ood_preds.csv"
     stages.output("classify.ood_scores", [
         "--ood-root", ood_root, *(["--ood-csv", ood_csv] if ood_csv else []),
-        *[a for row, c in ckpts.items() for a in ("--cell", f"{row}=" + ",".join(map(str, c)))], "--size", size,
+        *[a for row, c in ckpts.items() for x in c for a in ("--cell", f"{row}={x}")], "--size", size,
         "--device", g.device, "--out", out], out, record=out.with_suffix(".json"),
         deps=[c.parent / "metrics.json" for cs in ckpts.values() for c in cs])
 

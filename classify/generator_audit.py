@@ -19,7 +19,7 @@ import numpy as np
 
 from classify.nets import load_feature_extractor
 from common.cache import load_images
-from common.cli import ArgumentParser, key_values, run
+from common.cli import ArgumentParser, key_files, run
 from common.task_file import read_cxr
 from common.errors import DataError
 from common.runs import device_from, write_json
@@ -87,8 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--pool-sets", required=True, help="the fold's compare split file: its 'pool' set is what the "
                                                       "generators trained on")
     p.add_argument("--features", required=True, help="classifier checkpoint whose penultimate features KID/FD use")
-    p.add_argument("--samples", action="append", default=[], metavar="ROW=FILE[,FILE]",
-                   help="a generator row's samples files (repeat per row)")
+    p.add_argument("--samples", action="append", default=[], metavar="ROW=FILE",
+                   help="a samples file of a generator row (repeat per file: --samples gan=a.npz --samples gan=b.npz)")
     p.add_argument("--size", type=int, default=64, help="image side the audit compares at")
     p.add_argument("--seed", type=int, default=0, help="seed of the KID subsets, the FD subsample and the audit")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
@@ -108,7 +108,7 @@ def main(args):
     x_test, _ = load_images(t["image"].iloc[test], args.size, "L")
     x_pool, _ = load_images(t["image"].iloc[pool], args.size, "L")
     sex, pid = t["sex"].to_numpy(), t["patient_id"].to_numpy()
-    fakes = {row: samples_by_sex(files.split(",")) for row, files in key_values(args.samples, "--samples").items()}
+    fakes = {row: samples_by_sex(files) for row, files in key_files(args.samples, "--samples").items()}
     net, _ = load_feature_extractor(args.features)
     result, n = audit_fold(net, np.asarray(x_test), sex[test], np.asarray(x_pool), sex[pool], pid[pool], fakes,
                            args.seed, device_from(args.device), args.pairs_dir)

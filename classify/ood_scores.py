@@ -7,7 +7,7 @@ compare report pairs the rows on these images (AUROCs and the sex gap; no DP / E
 validation patients).
 
     python -m classify.ood_scores --ood-root /data/chexpert --size 64 \
-        --cell imbalanced_real=runs/.../fold0/imbalanced_real/ckpt.pt,runs/.../fold1/imbalanced_real/ckpt.pt \
+        --cell imbalanced_real=runs/.../fold0/imbalanced_real/ckpt.pt --cell imbalanced_real=runs/.../fold1/... \
         --cell gan=... --out runs/.../ood_preds.csv
 """
 import argparse
@@ -21,7 +21,7 @@ import pandas as pd
 from classify.nets import load_classifier
 from classify.train_chexnet import Images, predict
 from common.cache import load_images
-from common.cli import ArgumentParser, key_values, positive_int, run
+from common.cli import ArgumentParser, key_files, positive_int, run
 from common.data import read_chexpert
 from common.errors import DataError
 from common.runs import device_from, write_json
@@ -51,8 +51,8 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ood-root", required=True, help="a CheXpert folder (train.csv and its images)")
     p.add_argument("--ood-csv", default=None, help="its label table (default: train.csv there)")
-    p.add_argument("--cell", action="append", default=[], metavar="ROW=CKPT[,CKPT]",
-                   help="a row's fold classifiers (repeat per row)")
+    p.add_argument("--cell", action="append", default=[], metavar="ROW=CKPT",
+                   help="a classifier of a row (repeat per fold and replicate: --cell gan=f0.pt --cell gan=f1.pt)")
     p.add_argument("--size", type=positive_int, required=True, help="the classifiers' input size")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     p.add_argument("--out", required=True, help="the CSV this stage writes (its command goes to <out>.json)")
@@ -65,7 +65,7 @@ def main(args):
     if out.exists() and not args.force:
         raise DataError(f"--out {out} exists (pass --force to replace it)")
     ood = read_ood(args.ood_root, args.ood_csv)
-    cells = {row: str(v).split(",") for row, v in key_values(args.cell, "--cell").items()}
+    cells = key_files(args.cell, "--cell")
     s, ok = scores(ood, cells, args.size, device_from(args.device))
     root = Path(args.ood_root).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)

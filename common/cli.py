@@ -183,6 +183,18 @@ def as_argv(add_flags, args):
     return argv
 
 
+def key_files(items, flag):
+    """KEY=FILE items of a repeated flag -> {KEY: [FILE, ...]}, in order: a key repeats once per file (a file name
+    may hold commas: your data's run folders are named after the labels asked, e.g. sex-F-finding,covid)."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key or not value:
+            raise DataError(f"{flag} {item!r}: expected KEY=FILE, e.g. {flag} gan=runs/fold0/gan/samples.npz")
+        out.setdefault(key, []).append(value)
+    return out
+
+
 def key_values(items, flag="--tag", reserved=()):
     """KEY=VALUE items of a repeated flag -> {KEY: VALUE}, integers as int (e.g. the columns a stage writes into
     its preds.csv: --tag fold=0 --tag condition=balanced_real); a key in `reserved` (a column the stage writes

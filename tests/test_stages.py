@@ -33,6 +33,16 @@ def test_as_argv_gives_back_what_the_parser_reads():
         as_argv(many, many(argparse.ArgumentParser()).parse_args(["--tag", "a"]))
 
 
+def test_key_files_keep_commas_in_file_names():
+    """Your data's run folders hold the labels asked (sex-F-finding,covid): a file list is a repeated flag."""
+    from common.cli import key_files
+    assert key_files(["gan=runs/a,b/s0.npz", "ae=x.npz", "gan=runs/a,b/s1.npz"], "--samples") == {
+        "gan": ["runs/a,b/s0.npz", "runs/a,b/s1.npz"], "ae": ["x.npz"]}
+    for bad in (["gan"], ["=x.npz"], ["gan="]):
+        with pytest.raises(DataError, match="KEY=FILE"):
+            key_files(bad, "--samples")
+
+
 def test_key_values_and_their_reserved_names():
     assert key_values(["fold=0", "condition=balanced_real"]) == {"fold": 0, "condition": "balanced_real"}
     for bad in (["fold"], ["=1"], ["seed=3"], ["p_any=1"]):
