@@ -21,10 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common.cli import ArgumentParser, positive_int, run  # noqa: E402
 from common.report import markdown_table  # noqa: E402
 
-MODULES = ("classify.train_chexnet", "classify.train_classifier", "vae.train_cvae", "vae.sample_cvae",
-           "vae.train_conv_ae", "gan.train_dcgan", "gan.sample_dcgan", "diffusion.train_ddpm", "diffusion.sample_ddpm",
-           "diffusion.train_dpo", "diffusion.fairgen_downstream", "diffusion.fairgen_eval", "classify.generator_audit",
-           "fairness.plant")
+MODULES = ("classify.train_chexnet", "classify.train_classifier", "classify.train_resnet18", "vae.train_cvae",
+           "vae.sample_cvae", "vae.train_conv_ae", "vae.sample_conv_ae", "vae.train_resvae", "vae.train_mlp_ae",
+           "vae.train_mlp_cvae", "gan.train_dcgan", "gan.sample_dcgan", "gan.train_mlp_cgan", "diffusion.train_ddpm",
+           "diffusion.sample_ddpm", "diffusion.train_dpo", "diffusion.fairgen_downstream", "diffusion.fairgen_eval",
+           "diffusion.eval_samplers", "classify.generator_audit", "classify.ood_scores", "fairness.plant")
 
 
 def parse_args(argv=None):
@@ -34,6 +35,14 @@ def parse_args(argv=None):
     p.add_argument("--roots", default=".", help="comma-separated repository checkouts to time against each other")
     p.add_argument("--out", default=None, help="also write the table here (Markdown)")
     return p.parse_args(argv)
+
+
+def label(root):
+    """A checkout as the table names it: its commit (a folder's path would name this machine's folders)."""
+    r = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True).stdout.strip()
+    return (r.stdout.strip() or Path(root).name) + ("+changes" if dirty else "")
 
 
 def start_seconds(root, module):
@@ -73,7 +82,8 @@ def main(args):
             for r in roots:  # interleaved: a change of load hits every root alike
                 times[(r, m)].append(start_seconds(r, m))
     med = {k: statistics.median(v) for k, v in times.items()}
-    header = ["module"] + [f"{r} (s)" for r in roots] + ([f"{roots[0]} / {r}" for r in roots[1:]])
+    names = [label(r) for r in roots]
+    header = ["module"] + [f"{n} (s)" for n in names] + ([f"{names[0]} / {n}" for n in names[1:]])
     rows = [[m] + [f"{med[(r, m)]:.2f}" for r in roots] + [f"{med[(roots[0], m)] / med[(r, m)]:.2f}"
                                                           for r in roots[1:]] for m in modules]
     rows.append(["median over modules"] + [f"{statistics.median(med[(r, m)] for m in modules):.2f}" for r in roots]
@@ -81,14 +91,14 @@ def main(args):
     typical = sorted(modules, key=lambda m: med[(roots[0], m)])[len(modules) // 2]
     imports = ", ".join(f"{name} {s:.2f} s" for name, s in slowest_imports(roots[0], typical))
     table = markdown_table(header, rows)
-    notes = (f"Median of {args.repeats} starts of `python -m <module> --help` per module and root, interleaved, on "
-             f"{platform.processor() or platform.machine()} ({platform.system()}), Python "
-             f"{platform.python_version()}. Slowest imports of {typical} in {roots[0]} (cumulative): {imports}.")
+    notes = (f"Median of {args.repeats} starts of `python -m <module> --help` per module and checkout, interleaved, "
+             f"on {platform.processor() or platform.machine()} ({platform.system()}), Python "
+             f"{platform.python_version()}. Slowest imports of {typical} at {names[0]} (cumulative): {imports}.")
     print(table + "\n\n" + notes)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(f"# Stage start times\n\n{table}\n\n{notes}\n\nWritten by `python "
-                                  f"bench/stage_start.py {' '.join(sys.argv[1:])}`.\n")
+                                  f"bench/stage_start.py --repeats {args.repeats} --roots <{', '.join(names)}>`.\n")
 
 
 if __name__ == "__main__":

@@ -190,9 +190,9 @@ def csv_modality_table(table, primary, group_flag):
         raise DataError(f"--group {group_flag}: every image is in the group {patients.index[0]!r}; the study compares "
                         f"groups: choose a column (or --bands) with two values or more")
     for g, n in patients.items():
-        if "|" in str(g) or "__" in str(g):
+        if "|" in str(g) or "__" in str(g) or str(g).endswith("_"):
             raise DataError(f"group {g!r} ({group_flag}): '|' and '__' join a group to its label in the study's class "
-                            f"and folder names; rename that value in the table")
+                            f"and folder names (a final '_' would run into them); rename that value in the table")
         y = t.loc[t["group"] == g, f"label:{primary}"]
         if n < MIN_GROUP_PATIENTS:
             raise DataError(f"group {g!r} ({group_flag}) has {n} patients; the 70/10/20 patient split needs at least "

@@ -161,15 +161,14 @@ def write_readme(out, title, answers, tables, notes=()):
 
 
 def stage_times(out):
-    """summary.json's record of where a study's time went, from its stages.json: each stage's command with its
-    seconds (process start, main) and their sums by kind; None for a run that predates stage timing."""
+    """summary.json's record of where a study's time went, from its stages.json: each stage's seconds (process start,
+    main; in the order of stages.json's commands, None where not recorded) and their sums by kind; None for a run
+    that predates stage timing."""
     path = Path(out) / "stages.json"
     stages = json.loads(path.read_text()) if path.is_file() else {}
     if "seconds_by_kind" not in stages:
         return None
-    return {"by_kind": stages["seconds_by_kind"],
-            "per_stage": [{"stage": c, **(t or {"start_s": None, "run_s": None})}
-                          for c, t in zip(stages["stages"], stages["stage_seconds"])]}
+    return {"by_kind": stages["seconds_by_kind"], "per_stage": stages["stage_seconds"]}
 
 
 def report_command(doc, write_report, study, needs, n_boot=False):

@@ -17,8 +17,9 @@ Two ways to run the same list, and a third to hand it to make:
 Where the time goes: with `stages.log` set (a study sets runs/<out>/stage_times.jsonl), every stage process, run by
 Stages or by the makefile, appends one line to that file when it succeeds (common.cli.run): its module, argv, the
 seconds from its process start to its main (interpreter and imports) and in its main. `stages.times()` reads back
-each listed stage's last line and sums them by kind; a study writes both into stages.json, its report the sums into
-summary.json.
+each listed stage's last line and sums them by kind; a study writes both into stages.json, its report both into
+summary.json. A stage continued with --resume records the part after the resume only; a stage two studies share
+(compare reuses chestxray's CVAE of the first seed) counts in both.
 """
 import importlib
 import json
@@ -59,8 +60,9 @@ def samples_argv(path):
 def make_name(path):
     """A file name as a make target or prerequisite: ':', '#', spaces and '$' escaped (e.g. fairgen's toy:160)."""
     text = str(path)
-    if "\n" in text or "%" in text:
-        raise DataError(f"{text!r}: make cannot name a file with a newline or '%' (choose another --out or --runs)")
+    if any(c in text for c in "\n%=;"):
+        raise DataError(f"{text!r}: make cannot name a file with a newline, '%', '=' or ';' (choose another --out or "
+                        f"--runs)")
     return re.sub(r"([:# ])", r"\\\1", text).replace("$", "$$")
 
 
@@ -69,25 +71,30 @@ def process_age():
     script's modules cost before its main ran."""
     try:
         fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        return time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, AttributeError):
         return None
+    return age if 0 <= age < 86400 else None  # a sandbox whose clocks disagree: no number rather than a wrong one
 
 
 def log_stage_time(module, argv, start_s, run_s):
     """Append a finished stage's times to the file named by $FAIRSYNTH_STAGE_LOG (nothing when it is unset): one
-    JSON line, written with one append so that stages run in parallel by make do not interleave."""
+    JSON line, written with one append so that stages run in parallel by make do not interleave. Best effort: the
+    stage has succeeded, so a log it cannot write costs a warning, never the stage."""
     path = os.environ.get(STAGE_LOG)
     if not path:
         return
     line = json.dumps({"module": module, "argv": [a for a in argv if a != "--force"], "start_s": start_s,
                        "run_s": run_s, "ended": time.time()}) + "\n"
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line.encode())
-    finally:
-        os.close(fd)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+    except OSError as e:
+        print(f"warning: ${STAGE_LOG} {path}: {e.strerror or e}; this stage's time is not recorded", file=sys.stderr)
 
 
 def kind_of(module):

@@ -45,6 +45,7 @@ CASES = {  # flags (and a table edit) -> words of the one error line
                                    ["'effusion'", "blank in every row"]),
     "a group named with a separator": ([], lambda d: d.assign(sex=d["sex"].replace("F", "F|pregnant")),
                                        ["'F|pregnant'", "rename"]),
+    "a group ending in '_'": ([], lambda d: d.assign(sex=d["sex"].replace("F", "F_")), ["'F_'", "rename"]),
     "csv without --table": (["--modalities", "csv"], None, ["--modalities csv", "--table"]),
     "--table without csv": (["--modalities", "cxr"], None, ["--modalities cxr", "add csv"]),
 }

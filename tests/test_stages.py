@@ -165,13 +165,22 @@ def test_stage_times_table_reads_each_studys_summary(tmp_path):
     by_kind = {**dict.fromkeys(KINDS, 0.0), "classifier training": 120.0, "process start": 6.0, "total": 126.0,
                "not recorded": 1}
     (tmp_path / "chestxray").mkdir()
-    (tmp_path / "chestxray/summary.json").write_text(json.dumps({"stage_times": {
-        "by_kind": by_kind, "per_stage": [{"stage": "python -m a", "start_s": 3.0, "run_s": 60.0}] * 2}}))
+    (tmp_path / "chestxray/stages.json").write_text(json.dumps({
+        "stages": ["python -m a"] * 2, "seconds_by_kind": by_kind,
+        "stage_seconds": [{"start_s": 3.0, "run_s": 60.0}] * 2}))
     (tmp_path / "skintone").mkdir()
-    (tmp_path / "skintone/summary.json").write_text("{}")
+    (tmp_path / "skintone/stages.json").write_text('{"stages": []}')
     r = subprocess.run([sys.executable, "bench/stage_times.py", "--results", str(tmp_path), "--studies",
                         "chestxray,skintone,medmnist"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     rows = [line.split(" | ") for line in r.stdout.splitlines()[2:]]
     assert rows[0][1:3] == ["2", "0.0"] and rows[0][4] == "2.0" and rows[0][-2:] == ["2.1", "1 |"]
-    assert "not recorded" in rows[1][1] and "no summary.json" in rows[2][1]
+    assert "not recorded" in rows[1][1] and "no stages.json" in rows[2][1]
+
+
+def test_make_cannot_name_a_file_with_an_equals_sign_or_a_semicolon():
+    from common.stages import make_name
+    for bad in ("runs/a=b", "runs/a;b", "runs/100%"):
+        with pytest.raises(DataError, match="make cannot name a file"):
+            make_name(bad)
+    assert make_name("runs/sex-F-finding,covid/toy:160 x") == "runs/sex-F-finding,covid/toy\\:160\\ x"
