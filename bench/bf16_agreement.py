@@ -1,16 +1,24 @@
-"""Does CPU bf16 autocast train the quick chest X-ray classifier as fp32 does? (issue #21: bf16 is used if and only
-if its loss curve and final metrics agree with fp32's within the run-to-run spread.)
+"""Does CPU bf16 autocast train a study's network as fp32 does? bf16 is used by default (`--amp auto`) only for a
+network whose check below agrees.
 
-    python bench/bf16_agreement.py --seeds 5 --out results/bench/bf16     # ~10 min on 2 cores
+    python bench/bf16_agreement.py --seeds 5 --out results/bench/bf16                        # the classifier, ~10 min
+    python bench/bf16_agreement.py --loop cvae --seeds 5 --out results/bench/bf16_cvae       # the CVAE, ~15 min
 
-For each seed, classify.train_chexnet at the quick study's settings (cnn8, width 16, 64 px, batch 32, 16 epochs,
-cosine, last epoch's weights; its own 70/10/20 patient split of NIH1000) twice, with --amp off and --amp bf16: the
-same initial weights, batches and augmentation, so the pair differs only by the arithmetic. The rule, fixed before
-the run and on training and validation numbers only: bf16 agrees when, for the final training loss and for the
-validation any-finding AUROC of the last epoch, the mean over seeds of the paired difference (bf16 - fp32) lies
-within one standard deviation of fp32 across seeds (the run-to-run spread). The test AUROCs are shown, not used.
-Writes summary.json (every run's history and test AUROC, the rule's numbers, the verdict, the seconds of each arm),
-curves.png (both arms' loss and validation curves, per seed) and prints a table.
+--loop chexnet: classify.train_chexnet at the quick chest X-ray study's settings (cnn8, width 16, 64 px, batch 32,
+16 epochs, cosine, last epoch's weights; its own 70/10/20 patient split of NIH1000). --loop cvae: vae.train_cvae at
+the quick study's settings (40 epochs at most, patience 10, batch 64; the women of its own 70/10/20 split). Each
+seed trains twice, --amp off and --amp bf16: the same initial weights and batches, so a pair differs only by the
+arithmetic. The rules, fixed before each run, on training and validation numbers only (test numbers, where a
+loop has them, are shown, not used):
+- chexnet (the rule of its committed check): the mean over seeds of the paired difference (bf16 - fp32) of the final
+  training loss and of the last epoch's validation any-finding AUROC lies within one standard deviation of fp32
+  across seeds (the run-to-run spread).
+- cvae (stricter, an equivalence test): for the final training loss and the best validation loss (the early-stopping
+  criterion), the 95% t-interval of the mean paired difference lies within +-margin, margin = fp32's standard
+  deviation across seeds: bf16 is accepted only if the seeds exclude a difference as large as what a new seed
+  changes. The same interval is printed for chexnet.
+Writes summary.json (every run's history, the rule's numbers, the verdict, the seconds of each arm), curves.png
+(both arms' curves, per seed) and prints a table.
 """
 import argparse
 import json
@@ -21,6 +29,7 @@ import tempfile
 import time
 
 import numpy as np
+from scipy import stats
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -28,20 +37,37 @@ from common.runs import git_commit  # noqa: E402
 
 QUICK = ["--arch", "cnn8", "--width", "16", "--size", "64", "--batch-size", "32", "--epochs", "16", "--schedule",
          "cosine", "--patience", "0", "--keep", "last", "--device", "cpu"]
+# per loop: the module, its quick settings, the measures (name, how to read it from a run, used by the rule) and the
+# curves drawn (history key, axis label)
+LOOPS = {
+    "chexnet": {"module": "classify.train_chexnet", "settings": QUICK, "rule": "within_sd",
+                "measures": [("loss", lambda r: r["history"][-1]["loss"], True),
+                             ("val_auroc", lambda r: r["history"][-1]["val_any_auroc"], True),
+                             ("test_auroc", lambda r: r["test_any_auroc"], False)],
+                "curves": [("loss", "training loss (weighted BCE)"), ("val_any_auroc", "validation any-finding AUROC")],
+                "title": "cnn8 on NIH1000 (quick settings)"},
+    "cvae": {"module": "vae.train_cvae", "settings": ["--epochs", "40", "--patience", "10", "--batch-size", "64",
+                                                      "--device", "cpu"], "rule": "equivalence",
+             "measures": [("loss", lambda r: r["history"][-1]["loss"], True),
+                          ("best_val_loss", lambda r: min(h["val_loss"] for h in r["history"]), True)],
+             "curves": [("loss", "training loss (MSE + beta KL)"), ("val_loss", "validation loss")],
+             "title": "chest X-ray CVAE on NIH1000's women (quick settings)"},
+}
 
 
-def train(seed, amp, runs):
+def train(loop, seed, amp, runs):
     out = runs / f"{amp}_seed{seed}"
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "classify.train_chexnet", *QUICK, "--amp", amp, "--seed", str(seed),
+    r = subprocess.run([sys.executable, "-m", loop["module"], *loop["settings"], "--amp", amp, "--seed", str(seed),
                         "--out-dir", str(out), "--force"], cwd=ROOT, capture_output=True, text=True)
     if r.returncode:
-        raise SystemExit(f"train_chexnet --amp {amp} --seed {seed} failed:\n{r.stderr[-2000:]}")
+        raise SystemExit(f"{loop['module']} --amp {amp} --seed {seed} failed:\n{r.stderr[-2000:]}")
     m = json.loads((out / "metrics.json").read_text())
-    return {"seconds": time.time() - t0, "history": m["history"], "test_any_auroc": m["test"][-1]["auroc"]}
+    return {"seconds": time.time() - t0, "history": m["history"],
+            **({"test_any_auroc": m["test"][-1]["auroc"]} if "test" in m else {})}
 
 
-def plot(runs, seeds, path):
+def plot(loop, runs, seeds, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -51,52 +77,72 @@ def plot(runs, seeds, path):
             h = runs[amp][s]["history"]
             ep = [e["epoch"] for e in h]
             label = ("fp32" if amp == "off" else "bf16 autocast") if i == 0 else None
-            axes[0].plot(ep, [e["loss"] for e in h], color=colour, alpha=0.6, lw=1, label=label)
-            axes[1].plot(ep, [e["val_any_auroc"] for e in h], color=colour, alpha=0.6, lw=1, label=label)
-    axes[0].set(xlabel="epoch", ylabel="training loss (weighted BCE)")
-    axes[1].set(xlabel="epoch", ylabel="validation any-finding AUROC")
+            for ax, (key, _) in zip(axes, loop["curves"]):
+                ax.plot(ep, [e[key] for e in h], color=colour, alpha=0.6, lw=1, label=label)
+    for ax, (_, name) in zip(axes, loop["curves"]):
+        ax.set(xlabel="epoch", ylabel=name)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"cnn8 on NIH1000 (quick settings), fp32 vs CPU bf16 autocast, {len(seeds)} seeds each", fontsize=9)
+    fig.suptitle(f"{loop['title']}, fp32 vs CPU bf16 autocast, {len(seeds)} seeds each", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def judge(a, b, rule):
+    """The paired comparison of one measure: fp32 values a, bf16 values b (one per seed, same order)."""
+    d = b - a
+    sd = a.std(ddof=1)
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    lo, hi = d.mean() - half, d.mean() + half
+    within_sd = bool(abs(d.mean()) <= sd)
+    equivalent = bool(-sd <= lo and hi <= sd)
+    return {"fp32_mean": a.mean(), "fp32_sd": sd, "bf16_mean": b.mean(), "diff_mean": d.mean(),
+            "diff_sd": d.std(ddof=1), "diff_ci95": [lo, hi], "within_fp32_sd": within_sd,
+            "ci_within_fp32_sd": equivalent, "passes": within_sd if rule == "within_sd" else equivalent}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--loop", default="chexnet", choices=sorted(LOOPS), help="the network to check")
     p.add_argument("--seeds", type=int, default=5, help="seeds per arm (each seed: one fp32 and one bf16 run)")
-    p.add_argument("--out", default="results/bench/bf16", help="summary.json and curves.png")
-    p.add_argument("--runs", default="runs/bench/bf16", help="the training runs' folders (replaced)")
+    p.add_argument("--out", default=None, help="summary.json and curves.png (default results/bench/bf16, "
+                                               "results/bench/bf16_<loop> for other loops)")
+    p.add_argument("--runs", default=None, help="the training runs' folders (replaced; default runs/bench/bf16_<loop>)")
     args = p.parse_args()
-    out, runs_dir = Path(args.out), Path(args.runs)
+    if args.seeds < 3:
+        p.error("--seeds: at least 3 (the rules need a spread across seeds)")
+    loop = LOOPS[args.loop]
+    out = Path(args.out or ("results/bench/bf16" if args.loop == "chexnet" else f"results/bench/bf16_{args.loop}"))
+    runs_dir = Path(args.runs or f"runs/bench/bf16_{args.loop}")
     out.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.seeds))
-    runs = {amp: {s: train(s, amp, runs_dir) for s in seeds} for amp in ("off", "bf16")}
-    final = {amp: {"loss": np.array([runs[amp][s]["history"][-1]["loss"] for s in seeds]),
-                   "val_auroc": np.array([runs[amp][s]["history"][-1]["val_any_auroc"] for s in seeds]),
-                   "test_auroc": np.array([runs[amp][s]["test_any_auroc"] for s in seeds])} for amp in runs}
+    runs = {amp: {s: train(loop, s, amp, runs_dir) for s in seeds} for amp in ("off", "bf16")}
     rule, agree = {}, True
-    print("| measure | fp32 mean (sd over seeds) | bf16 mean | paired difference bf16 - fp32 (mean, sd) | within "
-          "fp32's sd |")
-    print("|---|---|---|---|---|")
-    for key in ("loss", "val_auroc", "test_auroc"):
-        a, b = final["off"][key], final["bf16"][key]
-        d = b - a
-        within = bool(abs(d.mean()) <= a.std(ddof=1))
-        rule[key] = {"fp32_mean": a.mean(), "fp32_sd": a.std(ddof=1), "bf16_mean": b.mean(),
-                     "diff_mean": d.mean(), "diff_sd": d.std(ddof=1), "within_fp32_sd": within}
-        if key != "test_auroc":  # the rule uses training and validation numbers only
-            agree &= within
-        print(f"| {key}{' (shown, not used)' if key == 'test_auroc' else ''} | {a.mean():.4f} ({a.std(ddof=1):.4f}) "
-              f"| {b.mean():.4f} | {d.mean():+.4f} ({d.std(ddof=1):.4f}) | {'yes' if within else 'no'} |")
+    print("| measure | fp32 mean (sd over seeds) | bf16 mean | paired difference bf16 - fp32: mean (sd) [95% CI] | "
+          "mean within fp32's sd | CI within +-fp32's sd |")
+    print("|---|---|---|---|---|---|")
+    for key, read, used in loop["measures"]:
+        a, b = (np.array([read(runs[amp][s]) for s in seeds]) for amp in ("off", "bf16"))
+        rule[key] = judge(a, b, loop["rule"])
+        if used:
+            agree &= rule[key]["passes"]
+        r = rule[key]
+        print(f"| {key}{'' if used else ' (shown, not used)'} | {r['fp32_mean']:.4f} ({r['fp32_sd']:.4f}) | "
+              f"{r['bf16_mean']:.4f} | {r['diff_mean']:+.4f} ({r['diff_sd']:.4f}) [{r['diff_ci95'][0]:+.4f}, "
+              f"{r['diff_ci95'][1]:+.4f}] | {'yes' if r['within_fp32_sd'] else 'no'} | "
+              f"{'yes' if r['ci_within_fp32_sd'] else 'no'} |")
     seconds = {amp: float(np.mean([runs[amp][s]["seconds"] for s in seeds])) for amp in runs}
-    print(f"verdict: bf16 {'agrees' if agree else 'does not agree'} with fp32 within the seeds' spread; "
+    rule_words = "its mean paired difference within fp32's sd" if loop["rule"] == "within_sd" else \
+        "the 95% CI of its paired difference within +-fp32's sd"
+    print(f"verdict ({args.loop}, rule: {rule_words}): bf16 {'agrees' if agree else 'does not agree'} with fp32; "
           f"mean seconds per run fp32 {seconds['off']:.0f}, bf16 {seconds['bf16']:.0f} "
           f"({seconds['off'] / seconds['bf16']:.2f}x, process start and evaluation included)")
-    plot(runs, seeds, out / "curves.png")
-    summary = {"git_commit": git_commit(), "command": " ".join(sys.argv).replace(tempfile.gettempdir(), "<tmp>"), "settings": QUICK, "seeds": seeds,
-               "rule": {k: {kk: (float(vv) if not isinstance(vv, bool) else vv) for kk, vv in v.items()}
-                        for k, v in rule.items()},
+    plot(loop, runs, seeds, out / "curves.png")
+    summary = {"git_commit": git_commit(), "command": " ".join(sys.argv).replace(tempfile.gettempdir(), "<tmp>"),
+               "loop": args.loop, "module": loop["module"], "settings": loop["settings"], "seeds": seeds,
+               "rule_kind": loop["rule"],
+               "rule": {k: {kk: (vv if isinstance(vv, bool) else [float(x) for x in vv] if isinstance(vv, list)
+                                 else float(vv)) for kk, vv in v.items()} for k, v in rule.items()},
                "agrees": agree, "seconds_per_run": seconds,
                "runs": {amp: {str(s): r for s, r in v.items()} for amp, v in runs.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -30,11 +30,12 @@ from common.data import NIH_LABELS, PROJECT_DATA, label_matrix, label_names, to_
 from common.errors import DataError
 from common.report import fit_title, pyplot, save_grid
 from common.runs import (add_common_args, check_finite, device_from, load_checkpoint, load_weights, prepare_out_dir,
-                         save_checkpoint, seed_everything, write_config, write_json)
+                         save_checkpoint, seed_everything, use_amp, write_config, write_json)
 from common.splits import patient_split, read_sets
 from common.task_file import read_cxr
 
 N_COND = 15
+CPU_BF16_CHECKED = False  # bf16 autocast by default on a CPU (--amp auto): bench/bf16_agreement.py --loop cvae
 
 
 def block(c_in, c_out):
@@ -101,9 +102,10 @@ def resumable(ckpt, latent):
 
 
 def fit(x_tr, y_tr, x_val, y_val, out, device, *, latent, beta, epochs, patience, batch_size, lr, seed,
-        resume=False, progress=True, names=NIH_LABELS):
+        resume=False, progress=True, names=NIH_LABELS, amp=False):
     """Train the CVAE (the flags of the same names) with early stopping; returns (model with the best weights,
-    history). Checkpoints into out every epoch; resume: continue from out/ckpt.pt."""
+    history). Checkpoints into out every epoch; resume: continue from out/ckpt.pt. amp: the training steps under
+    bf16 autocast (the loss in fp32); the validation loss is computed in fp32 either way."""
     # channels_last: the (transposed) convolutions take the faster oneDNN path on a CPU (1.19x per step on 2 cores,
     # bench/cvae_format.py)
     model = CVAE(1, latent, y_tr.shape[1]).to(device, memory_format=torch.channels_last)  # NIH: 15 labels
@@ -128,8 +130,9 @@ def fit(x_tr, y_tr, x_val, y_val, out, device, *, latent, beta, epochs, patience
         tot = []
         for idx in torch.randperm(len(x_tr), generator=gen).split(batch_size):
             x, y = x_tr[idx].to(device), y_tr[idx].to(device)
-            x_hat, mu, logvar = model(x, y)
-            loss, mse, kld = cvae_loss(x_hat, x, mu, logvar, beta)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                x_hat, mu, logvar = model(x, y)
+            loss, mse, kld = cvae_loss(x_hat.float(), x, mu.float(), logvar.float(), beta)
             check_finite(loss, epoch, out)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -205,6 +208,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=positive_int, default=64, help="batch size")
     p.add_argument("--lr", type=positive_float, default=5e-3, help="Adam learning rate (x0.95 per epoch)")
     p.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
+                   help="bf16 autocast of the training steps. auto: on GPUs with bf16, and on CPUs with bf16 "
+                        "instructions once bench/bf16_agreement.py --loop cvae found that it trains as fp32 does "
+                        "(not yet: fp32 on a CPU); bf16: always (refused on a CPU without bf16 instructions); off: fp32")
     add_common_args(p, "runs/chestxray/cvae")
     args = p.parse_args(argv)
     if args.sets and args.limit:
@@ -216,6 +223,7 @@ def parse_args(argv=None):
 
 def main(args):
     device = device_from(args.device)
+    amp = use_amp(args.amp, device, cpu_checked=CPU_BF16_CHECKED)  # (refused before anything is written)
     out = prepare_out_dir(args.out_dir, args.force, args.resume)
     if args.resume and (out / "ckpt.pt").is_file():
         resumable(out / "ckpt.pt", args.latent)  # refuse a checkpoint of another shape before config.json is rewritten
@@ -248,11 +256,13 @@ def main(args):
     t0 = time.time()
     model, history = fit(x[:len(tr)], y[:len(tr)], x[len(tr):], y[len(tr):], out, device, latent=args.latent,
                          beta=args.beta, epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
-                         lr=args.lr, seed=args.seed, resume=args.resume, names=label_names(t))
+                         lr=args.lr, seed=args.seed, resume=args.resume, names=label_names(t),
+                         amp=amp)
     best = min(history, key=lambda h: h["val_loss"])
     write_json(out / "metrics.json", {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
                                       "epochs_run": len(history), "n_train": len(tr), "n_val": len(va),
-                                      "seconds": time.time() - t0, "data": data})
+                                      "seconds": time.time() - t0, "data": data, "bf16_autocast": amp,
+                                      "history": history})
     write_figures(model, x[:len(tr)], y[:len(tr)], out, device, data)
     plot_history(history, out / "loss_curve.png", f"CVAE loss ({data}, female training images)")
     print(f"CVAE: best validation loss {best['val_loss']:.4f} at epoch {best['epoch']} ({len(tr)} female images)")
