@@ -51,7 +51,7 @@ LOOPS = {
              "measures": [("loss", lambda r: r["history"][-1]["loss"], True),
                           ("best_val_loss", lambda r: min(h["val_loss"] for h in r["history"]), True)],
              "curves": [("loss", "training loss (MSE + beta KL)"), ("val_loss", "validation loss")],
-             "title": "chest X-ray CVAE on NIH1000's women (quick settings)"},
+             "title": "chest X-ray CVAE on NIH1000's women (quick settings)", "log": True},
 }
 
 
@@ -80,7 +80,7 @@ def plot(loop, runs, seeds, path):
             for ax, (key, _) in zip(axes, loop["curves"]):
                 ax.plot(ep, [e[key] for e in h], color=colour, alpha=0.6, lw=1, label=label)
     for ax, (_, name) in zip(axes, loop["curves"]):
-        ax.set(xlabel="epoch", ylabel=name)
+        ax.set(xlabel="epoch", ylabel=name, yscale="log" if loop.get("log") else "linear")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{loop['title']}, fp32 vs CPU bf16 autocast, {len(seeds)} seeds each", fontsize=9)
     fig.tight_layout()

@@ -35,7 +35,7 @@ from common.splits import patient_split, read_sets
 from common.task_file import read_cxr
 
 N_COND = 15
-CPU_BF16_CHECKED = False  # bf16 autocast by default on a CPU (--amp auto): bench/bf16_agreement.py --loop cvae
+CPU_BF16_CHECKED = False  # bf16 by default on a CPU (--amp auto)? Not shown to agree: results/bench/bf16_cvae
 
 
 def block(c_in, c_out):
@@ -209,9 +209,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=positive_float, default=5e-3, help="Adam learning rate (x0.95 per epoch)")
     p.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
-                   help="bf16 autocast of the training steps. auto: on GPUs with bf16, and on CPUs with bf16 "
-                        "instructions once bench/bf16_agreement.py --loop cvae found that it trains as fp32 does "
-                        "(not yet: fp32 on a CPU); bf16: always (refused on a CPU without bf16 instructions); off: fp32")
+                   help="bf16 autocast of the training steps. auto: on GPUs with bf16; fp32 on a CPU, where "
+                        "bench/bf16_agreement.py --loop cvae could not show that bf16 trains as fp32 does "
+                        "(results/bench/bf16_cvae); bf16: always (refused on a CPU without bf16 instructions); off: fp32")
     add_common_args(p, "runs/chestxray/cvae")
     args = p.parse_args(argv)
     if args.sets and args.limit:
