@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from classify.nets import build  # noqa: E402
+from classify.downstream import adamw  # noqa: E402
+from classify.nets import ViT, build  # noqa: E402
 from diffusion.ddpm import Schedule, q_sample  # noqa: E402
 from diffusion.unet import UNet  # noqa: E402
 from gan.train_dcgan import Z_DIM, build as build_dcgan  # noqa: E402
@@ -34,6 +35,18 @@ from vae.train_resvae import ResVAE, VGGPerceptual, vae_loss  # noqa: E402
 LOOPS = ["cnn8", "resnet18", "cvae", "resvae", "unet", "vit", "mlpcgan", "dcgan", "convae", "ddpm32", "mlpae",
          "mlpcvae"]  # every quick study's training loop
 FULL_LOOPS = ["densenet121", "unet64"]  # the full-scale nets, for bench/fullscale.py's GPU-hour estimates
+# earlier versions of a loop, to measure a speed-up in the same run: vit_module, fairgen's ViT as it was at
+# 461d1dc (blocks through nn.TransformerEncoder's forward, AdamW without its fused kernel)
+OLD_LOOPS = ["vit_module"]
+
+
+class ModuleViT(ViT):
+    """The ViT with its blocks run by nn.TransformerEncoder's own forward (the loop before encoder_layer)."""
+
+    def features(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(len(t), -1, -1), t], 1) + self.pos
+        return self.norm(self.blocks(t)[:, 0])
 
 
 def sgemm_gflops(n=2048, reps=10):
@@ -127,17 +140,21 @@ def loop(name, channels_last, bf16=False, compile=False):
         def loss_fn(m, xb):
             t, eps = torch.randint(0, sched.T, (len(xb),)), torch.randn_like(xb)
             return F.mse_loss(m(q_sample(sched, xb, t, eps).contiguous(memory_format=fmt), t, y).float(), eps)
-    elif name == "vit":  # fairgen's downstream ViT at quick scale (32 px, 8 x 8 patches, width 64, batch 64)
+    elif name in ("vit", "vit_module"):  # fairgen's downstream ViT at quick scale (32 px, 8 x 8 patches, width 64,
+        # batch 64, AdamW as classify/downstream.py)
         net = build("vit", 1, 2, 32, vit=dict(patch=8, dim=64, mlp=128, dropout=0.0))
+        if name == "vit_module":
+            net.features = lambda x, net=net: ModuleViT.features(net, x)
         x, y = torch.rand(64, 1, 32, 32) * 2 - 1, torch.randint(0, 2, (64,))
         loss_fn = lambda m, xb: F.cross_entropy(m(xb).float(), y)
     elif name == "densenet121":  # the full-scale chest X-ray classifier: train_chexnet.py (224 px; batch 8 here)
         net, x, y = build("densenet121", 1, 15, 224), torch.rand(8, 1, 224, 224) * 2 - 1, torch.rand(8, 15).round()
         loss_fn = lambda m, xb: F.binary_cross_entropy_with_logits(m(xb).float(), y)
     else:
-        raise SystemExit(f"--loops: unknown loop {name!r} ({', '.join(LOOPS + FULL_LOOPS)})")
+        raise SystemExit(f"--loops: unknown loop {name!r} ({', '.join(LOOPS + FULL_LOOPS + OLD_LOOPS)})")
     net = net.to(memory_format=fmt)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    opt = adamw(net.parameters(), 1e-3, 0.05, fused=name == "vit") if name.startswith("vit") else \
+        torch.optim.Adam(net.parameters(), lr=1e-4)
     m, xb = wrap(net), x.contiguous(memory_format=fmt) if x.dim() == 4 else x  # MLPs: one format
 
     def step():
@@ -172,6 +189,21 @@ def measure(name, channels_last, steps, rounds, bf16=False, compile=False):
             "gflops": flops * steps / best / 1e9, "compile_s": first - best / steps if compile else None}
 
 
+def interleaved(steps_of, steps, rounds):
+    """Images/s of several loops ({name: (step, batch)}), their rounds taken in turn so that the machine's changing
+    state falls on each alike; the fastest round of each."""
+    for step, _ in steps_of.values():
+        step()
+    best = dict.fromkeys(steps_of, float("inf"))
+    for _ in range(rounds):
+        for name, (step, _) in steps_of.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: steps * steps_of[name][1] / best[name] for name in steps_of}
+
+
 def profile(name, steps=3):
     """The operators that take a loop's time (channels_last), by self CPU time: what holds a loop back."""
     step, _ = loop(name, True)
@@ -188,7 +220,8 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="training steps per timed round")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per loop and format (the fastest is kept)")
     p.add_argument("--loops", default=",".join(LOOPS),
-                   help=f"comma-separated, of {', '.join(LOOPS)} (quick scale) and {', '.join(FULL_LOOPS)} (full)")
+                   help=f"comma-separated, of {', '.join(LOOPS)} (quick scale), {', '.join(FULL_LOOPS)} (full) and "
+                        f"{', '.join(OLD_LOOPS)} (earlier versions)")
     p.add_argument("--profile", action="store_true", help="also print each loop's most expensive operators")
     p.add_argument("--variants", default="",
                    help="comma-separated, in channels_last: bf16 (CPU bf16 autocast), compile (torch.compile): "
@@ -205,10 +238,19 @@ def main():
             base[name] = r
             print(f"| {name} | {'channels_last' if channels_last else 'contiguous'} | {r['gflop_per_image']:.3f} | "
                   f"{r['images_per_s']:.0f} | {r['gflops']:.0f} | {r['gflops'] / peak:.0%} |", flush=True)
+    for old in OLD_LOOPS:  # a loop against its earlier version, timed in alternating rounds
+        new = old.split("_")[0]
+        if old in base and new in base:
+            ips = interleaved({name: loop(name, True) for name in (new, old)}, args.steps, 3 * args.rounds)
+            print(f"\n{new} against {old} (channels_last, {3 * args.rounds} alternating rounds of {args.steps} steps, "
+                  f"fastest of each): {ips[new]:.0f} against {ips[old]:.0f} images/s, {ips[new] / ips[old]:.2f}x; "
+                  f"of sgemm at {old}'s FLOP count: {ips[new] * base[old]['gflop_per_image'] / peak:.0%} against "
+                  f"{ips[old] * base[old]['gflop_per_image'] / peak:.0%}")
     variants = [v for v in args.variants.split(",") if v]
     if variants:
-        print("\n| loop | variant (channels_last) | images/s | x fp32 eager | compile s | compile pays back after |")
-        print("|---|---|---|---|---|---|")
+        print("\n| loop | variant (channels_last) | images/s | GFLOP/s (fp32's count) | of sgemm | x fp32 eager | "
+              "compile s | compile pays back after |")
+        print("|---|---|---|---|---|---|---|---|")
     for name in args.loops.split(",") if variants else []:
         for v in variants:
             r = measure(name, True, args.steps, args.rounds, bf16=v == "bf16", compile=v == "compile")
@@ -217,7 +259,8 @@ def main():
             payback = f"{r['compile_s'] / saved:.0f} images" if v == "compile" and saved > 0 else \
                 ("never" if v == "compile" else "")
             compile_s = "" if r["compile_s"] is None else f"{r['compile_s']:.0f}"
-            print(f"| {name} | {v} | {r['images_per_s']:.0f} | {gain:.2f} | {compile_s} | {payback} |", flush=True)
+            print(f"| {name} | {v} | {r['images_per_s']:.0f} | {r['gflops']:.0f} | {r['gflops'] / peak:.0%} | "
+                  f"{gain:.2f} | {compile_s} | {payback} |", flush=True)
     for name in args.loops.split(",") if args.profile else []:
         profile(name)
 

@@ -120,6 +120,38 @@ def test_inverse_performance_weights():
     assert w["F"] == pytest.approx(raw[0] / raw.sum()) and w["F"] > w["M"] and sum(w.values()) == pytest.approx(1)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_vit_blocks_compute_the_transformer_layers_function(dropout):
+    """The ViT runs nn.TransformerEncoderLayer's parameters through its own written-out forward (faster on a CPU):
+    the same outputs and gradients as the module's forward in training and in evaluation (with dropout, under the
+    same random stream), the same initial weights and checkpoint names as before."""
+    from classify.nets import build
+
+    def module_forward(net, x):
+        t = net.embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([net.cls.expand(len(t), -1, -1), t], 1) + net.pos
+        return net.head(net.norm(net.blocks(t)[:, 0]))
+
+    torch.manual_seed(0)
+    net = build("vit", 1, 3, 16, vit=dict(patch=4, dim=32, depth=2, heads=4, mlp=64, dropout=dropout)).double()
+    assert {"blocks.layers.1.self_attn.in_proj_weight", "blocks.layers.0.linear2.bias"} <= set(net.state_dict())
+    x = torch.randn(5, 1, 16, 16, dtype=torch.double)
+    for mode in ("train", "eval"):
+        getattr(net, mode)()
+        outs = []
+        for forward in (module_forward, lambda n, v: n(v)):
+            torch.manual_seed(1)
+            y = forward(net, x)
+            outs.append((y, torch.autograd.grad(y.square().sum(), list(net.parameters()))))
+        (a, ga), (b, gb) = outs
+        if dropout and mode == "train":  # the masks are drawn in another order: dropout is on, and reproducible
+            torch.manual_seed(1)
+            assert torch.equal(net(x), b) and not torch.allclose(b, net.eval()(x)) and net.train().training
+            continue
+        assert torch.allclose(a, b, atol=1e-12, rtol=0)
+        assert all(torch.allclose(u, v, atol=1e-10, rtol=0) for u, v in zip(ga, gb))
+
+
 def test_table_marks_a_gap_whose_ci_excludes_it():
     """Resampling inflates a max - min gap: two groups with equal accuracy give NAR 0 and a bootstrap CI above 0.
     Table 1 marks such a value instead of printing a CI that silently excludes it."""
