@@ -132,19 +132,27 @@ class ResNet18For28(nn.Module):
         return self.head(self.features(x))
 
 
+EXPLICIT_ATTENTION_TOKENS = 64  # on a CPU, sequences up to this long take the explicit attention products
+
+
 def encoder_layer(layer, x):
     """One pre-norm nn.TransformerEncoderLayer (batch_first, GELU) applied to x (B, N, dim) with its own parameters,
-    written out: the same function as the module's training forward, with attention as explicit products, which on
-    a CPU for short sequences (17 tokens at quick scale) is faster than the fused kernel the module calls and skips
-    its per-call checks: 1.3x the ViT's training steps per second (bench/machine_limit.py --loops vit,vit_module)."""
+    written out: the same function as the module's training forward without its per-call checks. On a CPU, short
+    sequences (17 tokens at quick scale) take attention as explicit products, faster there than the fused kernel the
+    module calls (with fused AdamW, 1.28x the ViT's training steps per second: bench/machine_limit.py --loops
+    vit,vit_module); long sequences and GPUs keep the fused kernel, whose memory grows with N, not N^2."""
     attn = layer.self_attn
     b, n, d = x.shape
     heads = attn.num_heads
     qkv = F.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias).view(b, n, 3, heads, d // heads)
     q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, d / heads)
-    w = torch.softmax((q * (d // heads) ** -0.5) @ k.transpose(-2, -1), -1)
-    w = F.dropout(w, attn.dropout, layer.training)
-    x = x + layer.dropout1(attn.out_proj((w @ v).transpose(1, 2).reshape(b, n, d)))
+    p = attn.dropout if attn.training else 0.0
+    if x.device.type == "cpu" and n <= EXPLICIT_ATTENTION_TOKENS:
+        h = F.dropout(torch.softmax((q * (d // heads) ** -0.5) @ k.transpose(-2, -1), -1), p) @ v
+    else:
+        h = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+    # (B, N, dim) laid out as (N, B, dim), as the module's attention returns it: dropout1 draws its mask in that order
+    x = x + layer.dropout1(attn.out_proj(h.permute(2, 0, 1, 3).reshape(n, b, d)).transpose(0, 1))
     return x + layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(layer.norm2(x))))))
 
 
@@ -162,6 +170,8 @@ class ViT(nn.Module):
         layer = nn.TransformerEncoderLayer(dim, heads, mlp, dropout, activation="gelu", batch_first=True,
                                            norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        assert self.blocks.norm is None and layer.norm_first and layer.self_attn.batch_first and \
+            layer.self_attn._qkv_same_embed_dim and layer.self_attn.bias_k is None  # what encoder_layer assumes
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, n_out)
 
