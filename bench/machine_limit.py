@@ -243,10 +243,11 @@ def main():
         new = old.split("_")[0]
         if old in base and new in base:
             ips = interleaved({name: loop(name, True) for name in (new, old)}, args.steps, 3 * args.rounds)
-            flops = base.get("vit_module", base[old])["gflop_per_image"]
+            ref = "vit_module" if "vit_module" in base else old  # the module's count: no explicit attention products
+            flops = base[ref]["gflop_per_image"]
             print(f"\n{new} against {old} (channels_last, {3 * args.rounds} alternating rounds of {args.steps} steps, "
                   f"fastest of each): {ips[new]:.0f} against {ips[old]:.0f} images/s, {ips[new] / ips[old]:.2f}x; "
-                  f"of sgemm at one FLOP count for both, vit_module's (the counter has no formula for the fused "
+                  f"of sgemm at one FLOP count for both, {ref}'s (the counter has no formula for the fused "
                   f"attention kernel, so it counts the explicit products of {new} only): "
                   f"{ips[new] * flops / peak:.0%} against {ips[old] * flops / peak:.0%}")
     variants = [v for v in args.variants.split(",") if v]

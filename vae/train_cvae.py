@@ -223,9 +223,9 @@ def parse_args(argv=None):
 
 def main(args):
     device = device_from(args.device)
-    # auto: bf16 only once a check agreed (a bf16 request is refused here, before anything is written, where the
-    # device has no bf16)
-    amp = False if args.amp == "auto" and not BF16_CHECKED else use_amp(args.amp, device, cpu_checked=True)
+    # auto: bf16 only once a check agreed; a bf16 request is refused here, before anything is written, where the
+    # device has no bf16
+    amp = use_amp(args.amp, device, cpu_checked=BF16_CHECKED, gpu_checked=BF16_CHECKED)
     out = prepare_out_dir(args.out_dir, args.force, args.resume)
     if args.resume and (out / "ckpt.pt").is_file():
         resumable(out / "ckpt.pt", args.latent)  # refuse a checkpoint of another shape before config.json is rewritten
