@@ -8,213 +8,25 @@ comparisons (gaps.md for more than two groups), FD / KID / memorization, figures
 import json
 from pathlib import Path
 import time
-import warnings
 
 import numpy as np
-import pandas as pd
 
 from common.errors import DataError
 from common.report import footer, markdown_table, report_command, save_grid, stage_times, write_table
 from common.runs import write_json
+from diffusion.fairgen_compare import (METHODS, comparisons_from_preds, gap_tables, read_preds, replicate_words,
+                                       signed_gap_name, table1_from_preds)
 from diffusion.fairgen_published import write_published
-from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, family_facts, gap_permutation,
-                              group_gap, paired_difference_replicates, with_holm)
+from fairness.compare import COMPARISON_HEADER, answer, comparison_rows, family_facts
 from fairness.figures import bars, lines, radar
-from fairness.metrics import bootstrap, essp, fairness_summary, group_accuracy
 
-METHODS = ["base", "cbrs", "sqrs", "cbdm", "fairdiffusion", "fairgen"]  # the paper's order
-# the comparisons of Table 1's cells, (method, reweighting) a vs b: every method vs base, without and with
-# reweighting on both sides, FairGen with reweighting (the paper's FairGen includes it) vs base without, and FairGen
-# vs FairDiffusion (the paper's strongest earlier fair generator) without and with reweighting
-PAIRS = [((m, rw), ("base", rw)) for rw in (False, True) for m in METHODS[1:]] + \
-    [(("fairgen", True), ("base", False))] + [(("fairgen", rw), ("fairdiffusion", rw)) for rw in (False, True)]
 GAP_NOTE = ("DP, EO and NAR are max - min gaps between groups (never below 0), and resampling inflates a gap (two "
             "groups that happen to score alike in the test set rarely do in a resample), so their percentile CI "
             "cannot contain 0 and can sit above the value (marked †): read it as the range the gap takes under "
             "test-set noise, not as a confidence interval or a test. Whether a method changes a gap: comparisons.md "
             "(signed AUROC gap, paired) and gaps.md (permutation nulls).")
-PRIMARY_PAIRS = [(("fairgen", True), ("base", False)), (("fairgen", True), ("fairdiffusion", True))]
 ANSWERS = [("Is FairGen (with reweighting) fairer than its base?", ""),  # summary's answers: essp<suffix>, gap<suffix>
            ("Is FairGen fairer than FairDiffusion, both with reweighting?", "_vs_fairdiffusion")]
-
-
-def cell_name(method, reweight):
-    """Table 1's row name of a cell: 'real only', 'base', 'fairgen + reweighting', ..."""
-    return method + (" + reweighting" if reweight else "")
-
-
-# ---- from preds.csv: Table 1 and the comparisons ------------------------------------------------------------------
-def read_preds(path):
-    """preds.csv(.gz) as the study writes it: a row per test image, cell and downstream seed (a group NA stays NA)."""
-    return pd.read_csv(path, dtype=dict(patient_id=str, group=str, method=str), keep_default_na=False, na_values="")
-
-
-class RowsAUROC:
-    """auroc_ovr(y[rows], probs[rows]) for any rows, repeats included, in microseconds: the AUROC (Mann-Whitney) of
-    a multiset is sum_ij w_i w_j ([s_i > s_j] + [s_i = s_j] / 2) / (W_pos W_neg) over positives i and negatives j,
-    w_i the number of times row i occurs, so each class's comparison matrix is built once. Binary (2 columns): the
-    AUROC of class 1; more: the mean over the classes present of one-vs-rest AUROCs (tests: equal to auroc_ovr)."""
-
-    def __init__(self, y, probs):
-        self.n, self.parts = len(y), []
-        for k in [1] if probs.shape[1] == 2 else range(probs.shape[1]):
-            pos, neg = np.nonzero(y == k)[0], np.nonzero(y != k)[0]
-            s_pos, s_neg = probs[pos, k][:, None], probs[neg, k][None, :]
-            self.parts.append((pos, neg, (s_pos > s_neg) + 0.5 * (s_pos == s_neg)))  # (P_k, N_k)
-
-    def __call__(self, rows):
-        w = np.bincount(rows, minlength=self.n).astype(float)
-        vals = [w[pos] @ c @ w[neg] / (w[pos].sum() * w[neg].sum()) for pos, neg, c in self.parts
-                if w[pos].sum() > 0 and w[neg].sum() > 0]
-        return float(np.mean(vals)) if vals else float("nan")
-
-
-def _cell_arrays(df, method, reweight, split_seed):
-    """One cell of one split, rows in image order, per downstream seed: (y, groups, patients, [(pred, probs, auc)])
-    with auc a RowsAUROC of that seed's probabilities."""
-    d = df[(df["method"] == method) & (df["reweight"] == reweight) & (df["split_seed"] == split_seed)]
-    seeds = sorted(d["down_seed"].unique())
-    parts = [d[d["down_seed"] == s].sort_values("image") for s in seeds]
-    first = parts[0]
-    assert all(np.array_equal(p["image"].to_numpy(), first["image"].to_numpy()) for p in parts), \
-        "every downstream seed must predict the same test images"
-    pcols = sorted((c for c in df.columns if c.startswith("p_")), key=lambda c: int(c[2:]))
-    y = first["label"].to_numpy()
-    return (y, first["group"].to_numpy().astype(str), first["patient_id"].to_numpy(),
-            [(p["pred"].to_numpy(), p[pcols].to_numpy(float), RowsAUROC(y, p[pcols].to_numpy(float))) for p in parts])
-
-
-def _binary_or_probs(probs):
-    return probs[:, 1] if probs.shape[1] == 2 else probs
-
-
-def table1_from_preds(df, n_boot, seed=0):
-    """Table 1 of one split from its preds rows: for each cell, every metric of fairness_summary as the mean over
-    the downstream seeds ({value, ci, seeds}); CI: percentile bootstrap over test patients of that mean (the seeds
-    held fixed; the comparisons resample them too)."""
-    out = {}
-    split_seed = sorted(df["split_seed"].unique())[0]
-    for (method, rw), _ in df.groupby(["method", "reweight"], sort=False):
-        y, g, pid, runs = _cell_arrays(df, method, rw, split_seed)
-
-        def stat(idx):
-            per = [fairness_summary(y[idx], pred[idx], g[idx], _binary_or_probs(probs)[idx]) for pred, probs, _ in runs]
-            return {k: float(np.mean([p[k] for p in per])) for k in per[0]}
-        every = np.arange(len(y))
-        point = stat(every)
-        seeds = [fairness_summary(y, pred, g, _binary_or_probs(probs)) for pred, probs, _ in runs]
-        ci = bootstrap(stat, len(y), clusters=pid, n_boot=n_boot, seed=seed)
-        out[cell_name(method, rw)] = {k: {"value": v, "ci": list(ci.get(k, (np.nan, np.nan))),
-                                          "seeds": [float(s[k]) for s in seeds]} for k, v in point.items()}
-    return out
-
-
-def signed_gap_name(attrs):
-    """The signed AUROC gap of a modality, first group minus last (F - M; light - dark: the lightest skin type minus
-    the darkest, the group a dermatology set under-represents), its declared fairness outcome."""
-    return f"AUROC gap {attrs[0]} - {attrs[-1]}"
-
-
-def primary_keys(attrs):
-    """The comparisons each modality declares in code (its primary family; Holm over these alone): the signed AUROC
-    gap of FairGen + reweighting against base and against FairDiffusion + reweighting, the two questions of the
-    README. ESSP and max - min gaps are built from absolute differences, which are biased toward "no change": they
-    stay exploratory rows."""
-    return [(signed_gap_name(attrs), cell_name(*a), cell_name(*b)) for a, b in PRIMARY_PAIRS]
-
-
-def metric_functions(attrs, declared=None):
-    """{name: f(y, groups, run, idx) -> float} of the comparisons, run = (pred, probs, auc): accuracy, ESSP on
-    accuracy, and the gap in AUROC (binary: of class 1; more classes: one-vs-rest mean) between groups: signed,
-    first - last of the declared groups (signed_gap_name; NaN where one of the two is absent, so a missing group
-    never turns the declared comparison into another), and for more than two present groups max - min (see
-    gap_tables). declared: the modality's groups as declared (default: attrs, the groups present)."""
-    declared = list(attrs) if declared is None else list(declared)
-    def acc(y, g, run, i):
-        return float(np.mean(y[i] == run[0][i]))
-
-    def es(y, g, run, i):
-        return essp(acc(y, g, run, i), group_accuracy(y[i], run[0][i], g[i]).values())
-
-    def gap(y, g, run, i):
-        a, b = (i[g[i] == s] for s in (declared[0], declared[-1]))
-        return run[2](a) - run[2](b) if len(a) and len(b) else float("nan")
-
-    def spread(y, g, run, i):
-        return group_gap(run[2], g, i, attrs)
-    return {"accuracy": acc, "ESSP (accuracy)": es, signed_gap_name(declared): gap,
-            **({"AUROC gap max - min": spread} if len(attrs) > 2 else {})}
-
-
-def comparisons_from_preds(df, attrs, n_boot=2000, seed=0):
-    """The paired comparisons of one modality, from its preds DataFrame alone (every split seed in it): each PAIR
-    of cells on accuracy, ESSP and the AUROC gap, a - b, with compare.paired_difference_replicates (units: test
-    patients). One split: the replicates are the downstream seeds on its test set (one draw of patients serves
-    them all); several splits: the replicates are the splits, each statistic the mean over its downstream seeds.
-    Holm over the modality's declared comparisons (primary_keys), and separately over its other rows. Each row also
-    has value_a / value_b (the mean over replicates)."""
-    declared, attrs = list(attrs), [a for a in attrs if a in set(df["group"].astype(str))]
-    splits = sorted(df["split_seed"].unique())
-    rows, cells = [], {}
-
-    def cell(m, r, s):  # (y, groups, patients, runs) and the image ids of one cell, built once for every metric
-        if (m, r, s) not in cells:
-            images = df[(df.method == m) & (df.reweight == r) & (df.split_seed == s) & (df.down_seed == 0)]
-            cells[m, r, s] = _cell_arrays(df, m, r, s), images.sort_values("image")["image"].to_numpy()
-        return cells[m, r, s]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of a resample without a class: NaN, left out
-        for metric, f in metric_functions(attrs, declared).items():
-            for (ma, ra), (mb, rb) in PAIRS:
-                reps = []  # (stat_a, stat_b, patients) per replicate
-                for s in splits:
-                    (y, g, pid, runs_a), img_a = cell(ma, ra, s)
-                    (y_b, _, _, runs_b), img_b = cell(mb, rb, s)
-                    assert np.array_equal(y, y_b) and np.array_equal(img_a, img_b), \
-                        "a and b must be evaluated on the same test images"
-                    if len(splits) == 1:  # replicates: the downstream seeds
-                        reps += [(_seed_mean(f, y, g, [a]), _seed_mean(f, y, g, [b]), pid)
-                                 for a, b in zip(runs_a, runs_b)]
-                    else:  # replicates: the splits
-                        reps.append((_seed_mean(f, y, g, runs_a), _seed_mean(f, y, g, runs_b), pid))
-                res = paired_difference_replicates(reps, n_boot=n_boot, seed=seed)
-                if len(splits) > 1:
-                    res["method"] += "; each replicate a split (its own test patients), its statistic the mean " \
-                                     "over its downstream seeds"
-                every = [np.arange(len(pid)) for _, _, pid in reps]
-                rows.append({**comparison(metric, cell_name(ma, ra), cell_name(mb, rb), res),
-                             "value_a": float(np.nanmean([a(i) for (a, _, _), i in zip(reps, every)])),
-                             "value_b": float(np.nanmean([b(i) for (_, b, _), i in zip(reps, every)]))})
-    return with_holm(rows, primary=primary_keys(declared))
-
-
-def _seed_mean(f, y, g, runs):
-    """idx -> the mean over downstream seeds (runs: [(pred, probs, auc)]) of the metric f on the rows idx."""
-    if len(runs) == 1:
-        return lambda idx: f(y, g, runs[0], idx)
-    return lambda idx: float(np.mean([f(y, g, run, idx) for run in runs]))
-
-
-def gap_tables(df, attrs, n_perm=2000, seed=0):
-    """For more than two groups: each cell's max - min AUROC gap against its permutation null (group labels
-    shuffled across patients; compare.gap_permutation) on split seed 0, the AUROC the mean over downstream seeds:
-    {cell: {gap, p, null_median, excess, n_units, method}}. Empty for two groups (their signed gap has a CI)."""
-    attrs = [a for a in attrs if a in set(df["group"].astype(str))]
-    if len(attrs) <= 2:
-        return {}
-    out = {}
-    split_seed = sorted(df["split_seed"].unique())[0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for (method, rw), _ in df.groupby(["method", "reweight"], sort=False):
-            y, g, pid, runs = _cell_arrays(df, method, rw, split_seed)
-            stat = _seed_mean(lambda y_, g_, run, rows: run[2](rows), y, g, runs)
-            try:
-                out[cell_name(method, rw)] = gap_permutation(stat, g, pid, n_perm=n_perm, seed=seed)
-            except ValueError as e:  # a patient in two groups: no permutation across patients
-                out[cell_name(method, rw)] = {"gap": float("nan"), "p": float("nan"), "excess": float("nan"),
-                                              "method": str(e)}
-    return out
 
 
 # ---- the study's files as summary.json ----------------------------------------------------------------------------
@@ -307,7 +119,7 @@ def fair_bayes(path, window):
             "mean_gap_last_window": float(np.mean(gaps[-window:]))}
 
 
-def modality_figures(out, name, tag, res, samples, down_seeds):
+def modality_figures(out, name, tag, res, samples, replicates):
     """Sample grids (from the samples plan.json names), per-group AUROC radar, accuracy vs ratio, DP / EO bars."""
     for m in METHODS:
         z = np.load(samples[m])
@@ -317,13 +129,13 @@ def modality_figures(out, name, tag, res, samples, down_seeds):
     t1 = res["downstream"]["table1"]
     radar({m: {g: t1[m].get(f"auroc[{g}]", {"value": np.nan})["value"] for g in res["attrs"]}
            for m in ["real only"] + METHODS}, out / f"radar_auc_{name}.png",
-          f"Per-group AUROC, ViT, ratio 1.0, mean of {down_seeds} seeds ({tag})")
+          f"Per-group AUROC, ViT, ratio 1.0, mean of {replicates} ({tag})")
     sw = res["downstream"]["sweep"]
     lines({f"{k} ({m})": v for k, d in sw.items() for m, v in d.items()}, out / f"accuracy_vs_ratio_{name}.png",
           f"Test accuracy vs synthetic ratio, one seed ({tag})", "synthetic / real training images", "accuracy")
     bars({m: {"DP": (t1[m]["dp"]["value"] * 100, [c * 100 for c in t1[m]["dp"]["ci"]]),
               "EO": (t1[m]["eo"]["value"] * 100, [c * 100 for c in t1[m]["eo"]["ci"]])} for m in t1},
-         out / f"dp_eo_{name}.png", f"DP and EO x100, ViT, mean of {down_seeds} seeds ({tag})", "x100")
+         out / f"dp_eo_{name}.png", f"DP and EO x100, ViT, mean of {replicates} ({tag})", "x100")
 
 
 def fairer(comps, name, b, label, suffix, gap_metric):
@@ -379,17 +191,15 @@ def comparison_table(summary, out, n_boot_compare):
         "for more than two groups also max - min (then see gaps.md for each gap against its permutation null; the "
         "paired bootstrap of a difference of max - min gaps resamples both alike). value a / b: the mean over "
         "replicates.",
-        "Primary (declared in code: diffusion/fairgen_report.primary_keys): per modality, "
+        "Primary (declared in code: diffusion/fairgen_compare.primary_keys): per modality, "
         "the signed AUROC gap of FairGen + reweighting minus base and minus FairDiffusion + reweighting; Holm over "
         "those two alone (the smallest Holm p they can reach: " + ", ".join(
             f"{m} {f['min_holm_p']:.3f}" for m, f in summary["primary_families"].items()) + "), and separately over "
         "the rows marked exploratory (ESSP and max - min gaps are built from absolute differences, biased toward "
         "'no change'). MDE at 80% power at the family's first Holm step.",
-        "Method: " + " | ".join(methods) + ". Units: test patients (rows without a patient id are their own unit). "
-        "Replicates: downstream ViT seeds trained on the same real + synthetic images and tested on the same "
-        "patients, so the CI covers test sampling and ViT training noise, not generator training noise (one "
-        f"generator per method at {summary['scale']} scale). p two-sided, 2 (1 + tail) / (resamples + 1).",
-        "Read from preds_<modality>.csv(.gz) in this folder (diffusion.fairgen_report.comparisons_from_preds)."]
+        "Method: " + " | ".join(methods) + ". Units: test patients (rows without a patient id are their own unit). " +
+        replicates_note(summary) + " p two-sided, 2 (1 + tail) / (resamples + 1).",
+        "Read from preds_<modality>.csv(.gz) in this folder (diffusion.fairgen_compare.comparisons_from_preds)."]
     write_table(out / "comparisons", ["modality"] + COMPARISON_HEADER[:2] + ["value a", "value b"] +
                 COMPARISON_HEADER[2:], rows, title="Paired comparisons of the downstream ViT (FairGen Table 1's cells)",
                 notes=notes)
@@ -401,21 +211,35 @@ def comparison_table(summary, out, n_boot_compare):
                            "excess = gap - null median: a max - min gap is positive even between equal groups."])
 
 
-TABLE1_HEADER = ["modality", "method", "ESSP", "DP", "EO", "NAR", "accuracy", "AUROC", "accuracy by down seed"]
+def replicates_note(summary):
+    """What the comparisons' replicates are, and so which noise their CIs carry."""
+    P = summary["preset"]
+    if P.get("gen_seeds", 1) > 1:
+        return (f"Replicates: {replicate_words(P)} each (the same ViT seeds for every generator), tested on the same "
+                "patients; a resample draws generators, then ViT seeds within them, then patients, so the CI carries "
+                f"generator training noise (each of the {P['gen_seeds']} generators its own pretraining, fine-tunes, "
+                "DPO and samples; coarsely, with so few generators), ViT training noise and test sampling.")
+    return ("Replicates: downstream ViT seeds trained on the same real + synthetic images and tested on the same "
+            "patients, so the CI covers test sampling and ViT training noise, not generator training noise (one "
+            f"generator per method at {summary['scale']} scale).")
+
+
+TABLE1_HEADER = ["modality", "method", "ESSP", "DP", "EO", "NAR", "accuracy", "AUROC",
+                 "accuracy by replicate (generator, ViT seed)"]
 TABLE1_TITLE = "Table 1 (ours): downstream fairness of each generator's synthetic data"
 
 
 def table1_notes(summary, plan):
-    P, D, n = summary["preset"], summary["preset"]["down_seeds"], len(summary["reused"])
+    P, n = summary["preset"], len(summary["reused"])
     return [f"Ours: from-scratch conditional DDPM ({summary['scale']} scale, preset {P}), one patient-level split, "
-            f"seed 0. Each value is the mean over {D} downstream ViT seeds (same training images, same test patients; "
-            f"the accuracy of each in the last column); 95% CIs by percentile bootstrap over test patients "
-            f"({plan['n_boot']}) of that mean, the seeds held fixed: for differences between rows see comparisons.md "
-            f"(paired, seeds resampled too). DP, EO, ESSP (on accuracy) x100, NAR as a fraction. Classifier: ViT "
-            f"({P['vit']}, {P['down_epochs']} epochs) trained on real + synthetic images (ratio 1.0: as many synthetic "
-            "as real), '+ reweighting' = adaptive inverse-performance reweighting. Preferences for DPO: judge = a "
-            f"classifier trained on real images (automatic), not physicians. Ratio sweep (one downstream seed): "
-            f"{P['kinds']}.",
+            f"seed 0. Each value is the mean over {replicate_words(P)} (real only: the ViT seeds; same test "
+            f"patients; the accuracy of each in the last column, generator by generator); 95% CIs by percentile "
+            f"bootstrap over test patients ({plan['n_boot']}) of that mean, the replicates held fixed: for "
+            f"differences between rows see comparisons.md (paired, replicates resampled too). DP, EO, ESSP (on "
+            f"accuracy) x100, NAR as a fraction. Classifier: ViT ({P['vit']}, {P['down_epochs']} epochs) trained on "
+            "real + synthetic images (ratio 1.0: as many synthetic as real), '+ reweighting' = adaptive "
+            "inverse-performance reweighting. Preferences for DPO: judge = a classifier trained on real images "
+            f"(automatic), not physicians. Ratio sweep (one downstream seed, generator 0): {P['kinds']}.",
             "Modalities: " + "; ".join(f"{n}: classes {s['seed0']['classes']}, data {s['seed0']['data']}"
                                        + (f" - {' '.join(s['seed0']['notes'])}" if s['seed0']['notes'] else "")
                                        for n, s in summary["modalities"].items()),
@@ -483,7 +307,7 @@ def write_report(out):
     for name, seeds in summary["modalities"].items():
         files = plan["modalities"][name]["seed0"]["files"]  # the stage files of split seed 0
         modality_figures(out, name, modality_rows(summary, out, name, rows), seeds["seed0"], files["samples"],
-                         plan["preset"]["down_seeds"])
+                         replicate_words(plan["preset"]))
         summary.setdefault("fair_bayes", {})[name] = fair_bayes(files["fairdiffusion"], plan["preset"]["fair_window"])
     t0 = time.time()
     comparison_table(summary, out, plan["n_boot_compare"])

@@ -6,7 +6,9 @@ Per modality (common/modalities.py; class = attribute x disease) and split seed,
 (`--dry-run` prints them):
   judge, fdnet   two classifiers on the real training images: the DPO judge (target: class) and, separately
                  seeded, the network behind FD-cnn8 (target: disease), so that the judge never grades itself
-  pretrain       a plain conditional DDPM (the shared starting point, as FairGen starts from a pretrained SD)
+  pretrain       a plain conditional DDPM (the methods' shared starting point, as FairGen starts from a pretrained
+                 SD); it and every stage below up to the samples run once per --gen-seeds generator (seed split
+                 seed + 1000 g, folder gen<g>/ for g > 0), so that the comparisons resample generators too
   base / cbrs / sqrs / cbdm   fine-tuned from it for --finetune steps with the variant's sampler / loss
   fairdiffusion  the same fine-tune with FairDiffusion's Fair Bayesian Perturbation (diffusion/fairdiffusion.py;
                  GP-UCB search of per-group loss-weight noise every --fair-window steps)
@@ -14,19 +16,20 @@ Per modality (common/modalities.py; class = attribute x disease) and split seed,
                  from the judge (judge: classifier, never physicians; FairGen-code DPO form)
   samples        per method, the same number per class (ratio 1.0 = as many synthetic as real training images)
   downstream     (diffusion/fairgen_downstream.py) ViT on real + synthetic (ratio 1.0), with and without adaptive
-                 reweighting, for each of --down-seeds downstream seeds on the same test patients: per-image
+                 reweighting, for each generator and --down-seeds downstream seeds on the same test patients: per-image
                  predictions in its preds.csv; and accuracy vs synthetic ratio {0, .25, .5, 1} for the --kinds
                  classifiers (ViT, ResNet-50, GB, KNN), one downstream seed
-  eval           (diffusion/fairgen_eval.py) FD-cnn8 of each method's samples to the real training images; per
-                 subgroup FD and KID (fairness/compare.py) at one common n per modality (the smallest subgroup's),
-                 the inter-subgroup variance (1/G) of those equal-n FDs; memorization against the training images
+  eval           (diffusion/fairgen_eval.py) FD-cnn8 of each method's samples (generator 0) to the real training
+                 images; per subgroup FD and KID (fairness/compare.py) at one common n per modality (the smallest
+                 subgroup's), the inter-subgroup variance (1/G) of those equal-n FDs; memorization against the training images
 The study then gathers the stages' outputs into --out (preds_<modality>.csv, the blinded pair sets, figures the
 stages drew, plan.json, stages.json) and diffusion/fairgen_report.py writes the tables from those files: Table 1
-(accuracy, per-group AUROC, DP, EO, ESSP, NAR, the mean over the downstream seeds), the paired comparisons of every
-method with base (two-level bootstrap over seeds and test patients, Holm per modality), FD / KID, memorization.
+(accuracy, per-group AUROC, DP, EO, ESSP, NAR, the mean over generators and downstream seeds), the paired comparisons
+of every method with base (bootstrap over generators, downstream seeds within them, then test patients; Holm per
+modality), FD / KID, memorization.
 SCALES below holds each scale's settings; every flag overrides its scale's value.
 
-    python -m diffusion.fairgen_study                     # quick: 32 px, small models, one seed (CPU)
+    python -m diffusion.fairgen_study                     # quick: 32 px, small models, one split, 2 generators (CPU)
     python -m diffusion.fairgen_study --scale full --out results/fairgen-full   # GPU: 64 px, 3 seeds
     python -m diffusion.fairgen_study --smoke --out smoke/fairgen               # seconds
     python -m diffusion.fairgen_report --out results/fairgen                    # the report again, from its files
@@ -53,7 +56,8 @@ from common.table import add_table_args, primary_label, table_from_args
 from common.stages import TIMES_FILE, Stages, add_study_args, parse_scaled, planned, portable
 from diffusion.annotate import blinded_pairs, write_pair_set
 from diffusion.fairgen_downstream import number_values
-from diffusion.fairgen_report import METHODS, read_preds, write_report
+from diffusion.fairgen_compare import METHODS, read_preds
+from diffusion.fairgen_report import write_report
 
 JUDGE = "classifier (automatic, trained on real images; not physicians)"  # the DPO preferences' source
 CSV_TABLE = "csv_table.csv"  # --table: the csv modality's table, in the run folder
@@ -64,23 +68,26 @@ VARIANT_FLAGS = {"base": [], "cbrs": ["--sampler", "cbrs"], "sqrs": ["--sampler"
 # U-Net (16-32-32 channels), few steps (700 pretraining steps and DDIM-15 took 51.5 min), a ViT with 8x8 patches and
 # no dropout (~12x cheaper than 4x4 patches with dropout at 32 px, about as accurate: bench/vit_sizes.py) and
 # no ResNet-50 in the ratio sweep (~10 min per modality from scratch on 2 cores; add it with --kinds): a chain
-# check more than a generator worth judging. down_seeds: downstream ViT seeds per Table-1 cell (a quick ViT fit
-# takes ~10 s; 3 seeds add ~5 min per modality). full: a GPU.
+# check more than a generator worth judging. gen_seeds: independent generators per method (each its own
+# pretraining, fine-tunes, DPO and samples), so that the comparisons' CIs carry generator training noise;
+# down_seeds: downstream ViT seeds per generator and Table-1 cell (a quick ViT fit takes ~7 s). full: a GPU; its 3
+# split seeds each train their own generators.
 # fair_window: FairDiffusion's steps per GP update, the public code's 50 at full scale; 25 at quick scale, so
 # that its 100 fine-tuning steps see 4 updates rather than 2
 SCALES = {
     "quick": dict(size=32, width=16, mults="1,2,2", num_res=1, attn_res="8", pretrain=400, finetune=100, dpo=40,
                   fair_window=25,
-                  batch=32, sample_steps=10, clf_epochs=10, down_epochs=16, seeds=1, down_seeds=3, pairs_per_class=8,
+                  batch=32, sample_steps=10, clf_epochs=10, down_epochs=16, seeds=1, gen_seeds=2, down_seeds=2,
+                  pairs_per_class=8,
                   vit=dict(patch=8, dim=64, mlp=128, dropout=0.0), kinds="vit,gb,knn", blinded_per_condition=1),
     "full": dict(size=64, width=64, mults="1,2,2,2", num_res=2, attn_res="16", pretrain=20000, finetune=2000,
                  fair_window=50,
-                 dpo=500, batch=64, sample_steps=50, clf_epochs=40, down_epochs=40, seeds=3, down_seeds=3,
+                 dpo=500, batch=64, sample_steps=50, clf_epochs=40, down_epochs=40, seeds=3, gen_seeds=1, down_seeds=3,
                  pairs_per_class=64,
                  vit=dict(patch=4, dim=128, mlp=256), kinds=",".join(KINDS), blinded_per_condition=4),
     "smoke": dict(size=16, width=8, mults="1,2", num_res=1, attn_res="8", pretrain=4, finetune=4, dpo=2,
                   fair_window=2, batch=8,
-                  sample_steps=3, clf_epochs=1, down_epochs=1, seeds=1, down_seeds=2, pairs_per_class=2,
+                  sample_steps=3, clf_epochs=1, down_epochs=1, seeds=1, gen_seeds=2, down_seeds=2, pairs_per_class=2,
                   vit=dict(patch=4, dim=16, mlp=32, heads=2, depth=1), kinds=",".join(KINDS),
                   blinded_per_condition=1),
 }
@@ -130,7 +137,9 @@ def parse_args(argv=None):
     g.add_argument("--clf-epochs", type=positive_int, help="epochs of the judge and the FD network")
     g.add_argument("--down-epochs", type=positive_int, help="epochs of the downstream classifiers")
     g.add_argument("--seeds", type=positive_int, help="split seeds (each its own split, generators, stages)")
-    g.add_argument("--down-seeds", type=positive_int, help="downstream ViT seeds per Table-1 cell")
+    g.add_argument("--gen-seeds", type=positive_int, help="independent generators per method and split (each "
+                                                          "its own pretraining, fine-tunes and samples)")
+    g.add_argument("--down-seeds", type=positive_int, help="downstream ViT seeds per generator and Table-1 cell")
     g.add_argument("--pairs-per-class", type=positive_int, help="DPO pairs per class the judge makes")
     g.add_argument("--vit", type=vit_size, help="the downstream ViT's size as KEY=NUMBER,..., e.g. patch=8,dim=64")
     g.add_argument("--kinds", type=name_list(KINDS), help=f"downstream classifiers of the ratio sweep, of "
@@ -193,24 +202,40 @@ def data_flags(c, size, seed):
         (["--data-root", c.root] if c.root else [])
 
 
+def gen_folder(c, g):
+    """Where generator g of a cell keeps its DDPMs and samples: the cell's folder (g = 0) or its gen<g>/ below."""
+    return c.folder if g == 0 else c.folder / f"gen{g}"
+
+
+def gen_seed(c, g):
+    """The training and sampling seed of generator g (g = 0: the split seed, as with one generator)."""
+    return c.seed + 1000 * g
+
+
 def generator_stages(c, P, dpo_form):
-    """The judge, the FD network, the pretrained DDPM, its fine-tunes and FairGen's DPO run of one cell."""
-    r, base = c.folder, data_flags(c, P["size"], c.seed)
-    hflip = ["--hflip"] if c.name == "skin" else []
+    """The judge and the FD network of one cell, then per generator seed its pretrained DDPM, fine-tunes and
+    FairGen's DPO run (the judge is shared: it grades, it is not trained on samples)."""
+    r, hflip = c.folder, ["--hflip"] if c.name == "skin" else []
     clf = ["--epochs", str(P["clf_epochs"]), "--arch", "cnn8"] + hflip
 
     def stage(module, argv, folder, deps=()):
         return Stage("script", module, argv, folder, list(deps), r, "generators")
-    out = [stage("classify.train_classifier", base + clf + ["--target", "cls", "--out-dir", str(r / "judge")],
-                 r / "judge"),
+    out = [stage("classify.train_classifier", data_flags(c, P["size"], c.seed) + clf +
+                 ["--target", "cls", "--out-dir", str(r / "judge")], r / "judge"),
            stage("classify.train_classifier", data_flags(c, P["size"], c.seed + 1) + clf +
                  ["--target", "label", "--out-dir", str(r / "fdnet")], r / "fdnet")]
+    return out + [s for g in range(P["gen_seeds"]) for s in ddpm_stages(c, P, dpo_form, g, stage)]
+
+
+def ddpm_stages(c, P, dpo_form, g, stage):
+    """Generator g's pretrained DDPM, its fine-tunes and FairGen's DPO run, in gen_folder(c, g)."""
+    r, base = gen_folder(c, g), data_flags(c, P["size"], gen_seed(c, g))
+    hflip = ["--hflip"] if c.name == "skin" else []
     ddpm = base + ["--width", str(P["width"]), "--mults", P["mults"], "--num-res", str(P["num_res"]), "--attn-res",
                    P["attn_res"], "--batch-size", str(P["batch"]), "--sample-every", "0", "--save-every", "100000",
                    "--grid-steps", str(P["sample_steps"])] + hflip
-    out.append(stage("diffusion.train_ddpm", ddpm + ["--steps", str(P["pretrain"]), "--lr", "5e-4", "--warmup", "100",
-                                                     "--ema", "0.995", "--out-dir", str(r / "pretrain")],
-                     r / "pretrain"))
+    out = [stage("diffusion.train_ddpm", ddpm + ["--steps", str(P["pretrain"]), "--lr", "5e-4", "--warmup", "100",
+                                                 "--ema", "0.995", "--out-dir", str(r / "pretrain")], r / "pretrain")]
     ft = ["--init", str(r / "pretrain/ckpt.pt"), "--lr", "2e-4", "--warmup", "10", "--ema", "0.99"]
     for v in ["base", "cbrs", "sqrs", "cbdm", "fairdiffusion", "sqrs_cb"]:
         steps = P["finetune"] - (P["dpo"] if v == "sqrs_cb" else 0)
@@ -218,32 +243,35 @@ def generator_stages(c, P, dpo_form):
         out.append(stage("diffusion.train_ddpm", ddpm + ft + VARIANT_FLAGS[v] + fair +
                          ["--steps", str(steps), "--out-dir", str(r / v)], r / v, [r / "pretrain/metrics.json"]))
     out.append(stage("diffusion.train_dpo", base + hflip + [
-        "--init", str(r / "sqrs_cb/ckpt.pt"), "--judge", str(r / "judge/ckpt.pt"), "--sampler", "sqrs", "--cb-loss",
-        "--dpo", dpo_form, "--steps", str(P["dpo"]), "--batch-size", str(P["batch"]), "--pairs-per-class",
-        str(P["pairs_per_class"]), "--pair-steps", str(P["sample_steps"]), "--grid-steps", str(P["sample_steps"]),
-        "--out-dir", str(r / "fairgen")], r / "fairgen", [r / "sqrs_cb/metrics.json", r / "judge/metrics.json"]))
+        "--init", str(r / "sqrs_cb/ckpt.pt"), "--judge", str(c.folder / "judge/ckpt.pt"), "--sampler", "sqrs",
+        "--cb-loss", "--dpo", dpo_form, "--steps", str(P["dpo"]), "--batch-size", str(P["batch"]),
+        "--pairs-per-class", str(P["pairs_per_class"]), "--pair-steps", str(P["sample_steps"]), "--grid-steps",
+        str(P["sample_steps"]), "--out-dir", str(r / "fairgen")], r / "fairgen",
+        [r / "sqrs_cb/metrics.json", c.folder / "judge/metrics.json"]))
     return out
 
 
 def evaluation_stages(c, P, sweep_methods, device):
-    """Each method's samples, the downstream classifiers on them, and their FD / KID / memorization."""
+    """Each generator's samples, the downstream classifiers on them, and FD / KID / memorization of generator 0's."""
     r, name = c.folder, samples_name(c.per_class, P["sample_steps"])
-    samples = {m: r / m / name for m in METHODS}
+    samples = {(m, g): gen_folder(c, g) / m / name for g in range(P["gen_seeds"]) for m in METHODS}
     out = [Stage("samples", "diffusion.sample_ddpm", [
-        "--ckpt", str(r / m / "ckpt.pt"), "--n-per-class", str(c.per_class), "--steps", str(P["sample_steps"]),
-        "--seed", str(c.seed), "--out", str(samples[m]), "--device", str(device)], samples[m],
-        [r / m / "metrics.json"], r, "sampling") for m in METHODS]
+        "--ckpt", str(path.parent / "ckpt.pt"), "--n-per-class", str(c.per_class), "--steps", str(P["sample_steps"]),
+        "--seed", str(gen_seed(c, g)), "--out", str(path), "--device", str(device)], path,
+        [path.parent / "metrics.json"], r, "sampling") for (m, g), path in samples.items()]
     vit = ",".join(f"{k}={v}" for k, v in P["vit"].items())
     out.append(Stage("script", "diffusion.fairgen_downstream", data_flags(c, P["size"], c.seed) +
-                     [a for m in METHODS for a in ("--samples", f"{m}={samples[m]}")] +
+                     [a for (m, g), path in samples.items()
+                      for a in ("--samples", f"{m}{f'@{g}' if g else ''}={path}")] +
                      ["--down-seeds", str(P["down_seeds"]), "--epochs", str(P["down_epochs"]), "--vit", vit,
                       "--kinds", P["kinds"], "--sweep-methods", sweep_methods, "--device", str(device),
                       "--out-dir", str(r / "downstream")], r / "downstream", list(samples.values()), r, "downstream"))
     out.append(Stage("script", "diffusion.fairgen_eval", [
         "--fdnet", str(r / "fdnet/ckpt.pt"), "--real", str(r / "real_train.npz")] +
-        [a for m in METHODS for a in ("--samples", f"{m}={samples[m]}")] +
+        [a for m in METHODS for a in ("--samples", f"{m}={samples[m, 0]}")] +
         ["--name", c.title] + (["--phantom"] if c.phantom else []) + ["--out-dir", str(r / "eval")],
-        r / "eval", [r / "real_train.npz", r / "fdnet/metrics.json", *samples.values()], r, "fd_memorization"))
+        r / "eval", [r / "real_train.npz", r / "fdnet/metrics.json", *(samples[m, 0] for m in METHODS)], r,
+        "fd_memorization"))
     return out
 
 

@@ -236,3 +236,23 @@ def with_ci(stat, n_rows, clusters=None, n_boot=1000, seed=0):
     point = point if isinstance(point, dict) else {"value": point}
     cis = bootstrap(stat, n_rows, clusters, n_boot, seed)
     return {k: {"value": float(v), "ci": list(cis.get(k, (float("nan"),) * 2))} for k, v in point.items()}
+
+
+class RowsAUROC:
+    """auroc_ovr(y[rows], probs[rows]) for any rows, repeats included, in microseconds: the AUROC (Mann-Whitney) of
+    a multiset is sum_ij w_i w_j ([s_i > s_j] + [s_i = s_j] / 2) / (W_pos W_neg) over positives i and negatives j,
+    w_i the number of times row i occurs, so each class's comparison matrix is built once. Binary (2 columns): the
+    AUROC of class 1; more: the mean over the classes present of one-vs-rest AUROCs (tests: equal to auroc_ovr)."""
+
+    def __init__(self, y, probs):
+        self.n, self.parts = len(y), []
+        for k in [1] if probs.shape[1] == 2 else range(probs.shape[1]):
+            pos, neg = np.nonzero(y == k)[0], np.nonzero(y != k)[0]
+            s_pos, s_neg = probs[pos, k][:, None], probs[neg, k][None, :]
+            self.parts.append((pos, neg, (s_pos > s_neg) + 0.5 * (s_pos == s_neg)))  # (P_k, N_k)
+
+    def __call__(self, rows):
+        w = np.bincount(rows, minlength=self.n).astype(float)
+        vals = [w[pos] @ c @ w[neg] / (w[pos].sum() * w[neg].sum()) for pos, neg, c in self.parts
+                if w[pos].sum() > 0 and w[neg].sum() > 0]
+        return float(np.mean(vals)) if vals else float("nan")

@@ -91,7 +91,7 @@ def test_cxr_patient_ids_carry_their_source():
 def test_rows_auroc_equals_auroc_ovr_on_resamples():
     """The comparisons' fast AUROC of a resample (rows repeated) equals fairness.metrics.auroc_ovr on the resampled
     rows, binary and multi-class, with ties and with a class missing from the resample."""
-    from diffusion.fairgen_report import RowsAUROC
+    from fairness.metrics import RowsAUROC
     from fairness.metrics import auroc_ovr
     rng = np.random.default_rng(0)
     for L in (2, 3, 5):
@@ -101,6 +101,51 @@ def test_rows_auroc_equals_auroc_ovr_on_resamples():
         for rows in [rng.integers(0, 60, 60) for _ in range(20)] + [np.nonzero(y != 0)[0], np.arange(60)]:
             want = auroc_ovr(y[rows], probs[rows]) if len(set(y[rows])) > 1 else np.nan
             assert fast(rows) == pytest.approx(want, abs=1e-12, nan_ok=True)
+
+
+def _preds(method, gen, down, wrong, rng, reweight=False, n=60):
+    """Preds rows of one cell and replicate: 60 test images of two groups, a random `wrong` fraction of them
+    misclassified."""
+    y, g = np.arange(n) % 2, np.where(np.arange(n) < n // 2, "dark", "bright")
+    pred = np.where(rng.random(n) < wrong, 1 - y, y)
+    p1 = np.clip(0.5 + (2 * pred - 1) * rng.uniform(0.05, 0.45, n), 0, 1)
+    return pd.DataFrame({"image": np.arange(n), "patient_id": [f"p{i}" for i in range(n)], "group": g, "label": y,
+                         "pred": pred, "p_0": 1 - p1, "p_1": p1, "method": method, "reweight": reweight,
+                         "gen_seed": gen, "down_seed": down, "split_seed": 0})
+
+
+def test_generators_pair_by_generator_and_vit_seed_and_are_resampled_as_a_level(tmp_path):
+    """Two generators x two ViT seeds: method and base pair on (generator, seed), real only (no generator) pairs by
+    seed with each generator; the bootstrap draws generators, then seeds within them: where fairgen's two generators
+    differ (accuracy about 0.95 and 0.45), the same four values read as independent seeds of one generator give a
+    narrower spread (about 1 / sqrt(2) of it: the mean of 4 draws of the values against 2 draws of the generators);
+    a preds file from before generator replicates reads as one generator."""
+    from diffusion.fairgen_compare import METHODS, _cell_arrays, comparisons_from_preds, paired_runs, read_preds
+    rng = np.random.default_rng(0)
+    rows = [_preds("real only", -1, d, 0.2, rng, rw) for rw in (False, True) for d in range(2)]
+    rows += [_preds(m, g, d, (0.55 if g else 0.05) if m == "fairgen" else 0.2, rng, rw)
+             for m in METHODS for rw in (False, True) for g in range(2) for d in range(2)]
+    df = pd.concat(rows, ignore_index=True)
+    runs = {m: _cell_arrays(df, m, False, 0)[3] for m in ("real only", "base", "fairgen")}
+    pairs, groups = paired_runs(runs["fairgen"], runs["base"])
+    assert [(a[3], b[3]) for a, b in pairs] == [((g, d), (g, d)) for g in range(2) for d in range(2)]
+    assert groups == [0, 0, 1, 1]
+    pairs, groups = paired_runs(runs["base"], runs["real only"])
+    assert [(a[3], b[3]) for a, b in pairs] == [((g, d), (-1, d)) for g in range(2) for d in range(2)]
+
+    def accuracy_row(frame):
+        return next(c for c in comparisons_from_preds(frame, ["dark", "bright"], n_boot=400)
+                    if (c["metric"], c["a"], c["b"]) == ("accuracy", "fairgen", "base"))
+    nested = accuracy_row(df)
+    flat = accuracy_row(df.assign(gen_seed=np.where(df.method == "real only", -1, 0),
+                                  down_seed=df.down_seed + 2 * df.gen_seed.clip(0)))  # the same values, one generator
+    assert nested["replicates"] == flat["replicates"] == 4 and nested["diff"] == pytest.approx(flat["diff"])
+    assert "three-level" in nested["method"] and "two-level" in flat["method"]
+    assert nested["se"] > 1.25 * flat["se"]
+    df[df.gen_seed <= 0].drop(columns="gen_seed").to_csv(tmp_path / "preds.csv", index=False)
+    old = read_preds(tmp_path / "preds.csv")
+    assert set(old.loc[old.method == "real only", "gen_seed"]) == {-1} and set(old.loc[old.method == "base",
+                                                                                  "gen_seed"]) == {0}
 
 
 def test_dpo_losses_by_hand():
@@ -222,14 +267,19 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
         v, (lo, hi) = t1["fairgen"][metric]["value"], t1["fairgen"][metric]["ci"]
         assert np.isfinite(v) and lo <= v + 1e-9 and v <= hi + 1e-9
     assert 0 <= t1["real only"]["accuracy"]["value"] <= 1
-    down = s1["preset"]["down_seeds"]
-    assert down == 2 and len(t1["fairgen"]["accuracy"]["seeds"]) == down
-    # per-image predictions: one row per test image, cell and downstream seed; the comparisons come from that file
-    from diffusion.fairgen_report import PAIRS, comparisons_from_preds, read_preds
+    down, gens = s1["preset"]["down_seeds"], s1["preset"]["gen_seeds"]
+    assert down == 2 and gens == 2 and len(t1["fairgen"]["accuracy"]["seeds"]) == gens * down
+    assert len(t1["real only"]["accuracy"]["seeds"]) == down  # no generator: its ViT seeds alone
+    # per-image predictions: one row per test image, cell, generator and downstream seed; the comparisons come from
+    # that file
+    from diffusion.fairgen_compare import PAIRS, comparisons_from_preds, read_preds
     preds = read_preds(tmp_path / "out" / s1["preds"]["toy:160"])
     n_test = s1["modalities"]["toy:160"]["seed0"]["n_test"]
-    assert len(preds) == 14 * down * n_test  # (real only + 6 methods) x reweighting
-    assert set(preds["down_seed"]) == set(range(down))
+    assert len(preds) == (2 + 12 * gens) * down * n_test  # (real only + 6 methods x generators) x reweighting
+    assert set(preds["down_seed"]) == set(range(down)) and set(preds["gen_seed"]) == {-1, *range(gens)}
+    # the generators differ in their images only (same ViT seeds): their predictions differ
+    fg = preds[(preds.method == "fairgen") & ~preds.reweight & (preds.down_seed == 0)]
+    assert not np.array_equal(*(fg[fg.gen_seed == g].sort_values("image")["p_0"].to_numpy() for g in (0, 1)))
     assert {"image", "patient_id", "group", "label", "pred", "p_0", "p_1", "method", "reweight",
             "split_seed"} <= set(preds.columns)
     comps = s1["comparisons"]
@@ -237,7 +287,8 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
         {"accuracy", "ESSP (accuracy)", "AUROC gap dark - bright"}
     for c in comps:
         assert {"metric", "a", "b", "diff", "ci", "p", "p_holm", "mde", "n_units", "replicates", "modality"} <= set(c)
-        assert c["replicates"] == down and c["n_units"] == n_test  # toy rows have no patient id: each its own unit
+        assert c["replicates"] == gens * down and c["n_units"] == n_test  # toy rows: no patient id, each its own unit
+        assert c["method"].startswith("three-level bootstrap: 2 groups (generator seeds)")
         assert not np.isfinite(c["p"]) or c["p_holm"] >= c["p"] - 1e-12
     assert {("fairgen + reweighting", "base"), ("fairgen + reweighting", "fairdiffusion + reweighting"),
             ("fairdiffusion", "base")} <= {(c["a"], c["b"]) for c in comps}
@@ -275,10 +326,14 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
     assert all(p["left_source"] != p["right_source"] for p in bp["pairs"])
     second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
-    # judge, fdnet, pretrain, 6 fine-tunes, fairgen (DPO), 6 samples, the downstream classifiers, the evaluation
-    assert second.stdout.count("reuse ") == 18
+    # judge, fdnet; per generator pretrain, 6 fine-tunes, fairgen (DPO), 6 samples; the downstream classifiers,
+    # the evaluation
+    n_stages = 4 + 14 * gens
+    assert second.stdout.count("reuse ") == n_stages
     s2 = json.loads((tmp_path / "out/summary.json").read_text())
-    assert s2["stages"] == s1["stages"] and len(s1["stages"]) == 18
+    assert s2["stages"] == s1["stages"] and len(s1["stages"]) == n_stages
+    ft1 = [c for c in s1["stages"] if "diffusion.train_ddpm" in c and "--init" in c and "/gen1/" in c]
+    assert len(ft1) == 6 and all("gen1/pretrain/ckpt.pt" in c for c in ft1)  # generator 1's own pretraining
     assert s1["stage_times"]["by_kind"]["not recorded"] == 0  # each stage's seconds, kept when it is reused
     assert s2["stage_times"] == s1["stage_times"] and s1["stage_times"]["by_kind"]["generator training"] > 0
     # --dry-run prints the stage commands the run executed, each a script of its own, and touches nothing
@@ -293,11 +348,11 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
                                 "diffusion.fairgen_eval"} for c in s1["stages"])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
     assert s2["table1"] == s1["table1"] and s2["fid"] == s1["fid"]
-    assert s1["reused"] == [] and len(s2["reused"]) == 18
+    assert s1["reused"] == [] and len(s2["reused"]) == n_stages
 
 
 def test_more_than_two_groups_get_a_signed_gap_first_minus_last_and_max_minus_min_as_exploratory():
-    from diffusion.fairgen_report import metric_functions, primary_keys
+    from diffusion.fairgen_compare import metric_functions, primary_keys
     f = metric_functions(["light", "medium", "dark"])
     assert list(f) == ["accuracy", "ESSP (accuracy)", "AUROC gap light - dark", "AUROC gap max - min"]
     g = np.array(["light"] * 3 + ["medium"] * 3 + ["dark"] * 3)

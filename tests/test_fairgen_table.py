@@ -71,10 +71,11 @@ def test_the_csv_modality_takes_one_label(tmp_path):
 
 def test_fairgen_on_a_label_table_end_to_end(tmp_path):
     """The smoke chain on 40 images: every stage reads the run folder's csv table, Table 1 has the table's groups,
-    the report says which table, column and label its classes come from; a second dry run reuses every stage."""
+    the report says which table, column and label its classes come from; a second dry run reuses every stage. One
+    generator per method (the smoke chain test in test_fairgen.py runs two)."""
     csv = twenty(tmp_path / "data")
     cmd = [sys.executable, "-m", "diffusion.fairgen_study", "--smoke", "--table", str(csv), "--group", "sex",
-           "--labels", "effusion,finding", "--kinds", "knn", "--n-boot", "20", "--n-boot-compare", "40",
+           "--labels", "effusion,finding", "--kinds", "knn", "--gen-seeds", "1", "--n-boot", "20", "--n-boot-compare", "40",
            "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]

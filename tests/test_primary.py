@@ -84,8 +84,8 @@ def test_sign_flip_p_is_exact_and_skintone_has_the_repeats_to_reject():
 
 
 def test_fairgen_declares_two_signed_gap_rows_per_modality_that_can_reject():
-    from diffusion import fairgen_report, fairgen_study
-    keys = fairgen_report.primary_keys(["F", "M"])
+    from diffusion import fairgen_compare, fairgen_study
+    keys = fairgen_compare.primary_keys(["F", "M"])
     assert len(keys) == 2 and {k[0] for k in keys} == {"AUROC gap F - M"}
     n_boot = fairgen_study.parse_args([]).n_boot_compare
     assert min_holm_p(len(keys), n_boot) < 0.01
