@@ -36,10 +36,10 @@ def cell_name(method, reweight):
 # ---- from preds.csv: Table 1 and the comparisons ------------------------------------------------------------------
 def read_preds(path):
     """preds.csv(.gz) as the study writes it: a row per test image, cell, generator and downstream seed (a group NA
-    stays NA). A file from before generator replicates (no gen_seed) had one generator: 0 (real only: -1)."""
+    stays NA). A file from before generator replicates (no generator column) had one generator: 0 (real only: -1)."""
     df = pd.read_csv(path, dtype=dict(patient_id=str, group=str, method=str), keep_default_na=False, na_values="")
-    if "gen_seed" not in df:
-        df.insert(df.columns.get_loc("down_seed"), "gen_seed", np.where(df["method"] == "real only", -1, 0))
+    if "generator" not in df:
+        df.insert(df.columns.get_loc("down_seed"), "generator", np.where(df["method"] == "real only", -1, 0))
     return df
 
 
@@ -48,7 +48,7 @@ def _cell_arrays(df, method, reweight, split_seed):
     (y, groups, patients, [(pred, probs, auc, (generator, downstream seed))]) with auc a RowsAUROC of that
     replicate's probabilities."""
     d = df[(df["method"] == method) & (df["reweight"] == reweight) & (df["split_seed"] == split_seed)]
-    parts = [(key, p.sort_values("image")) for key, p in d.groupby(["gen_seed", "down_seed"], sort=True)]
+    parts = [(key, p.sort_values("image")) for key, p in d.groupby(["generator", "down_seed"], sort=True)]
     first = parts[0][1]
     assert all(np.array_equal(p["image"].to_numpy(), first["image"].to_numpy()) for _, p in parts), \
         "every replicate must predict the same test images"
@@ -65,12 +65,13 @@ def paired_runs(runs_a, runs_b):
     every generator's d. The ViT seeds match, so each pair differs only in its training images."""
     a, b = ({r[3]: r for r in runs} for runs in (runs_a, runs_b))
     keys = sorted({k for k in list(a) + list(b) if k[0] >= 0} or set(a))
-    try:
-        pairs = [(a.get(k) or a[-1, k[1]], b.get(k) or b[-1, k[1]]) for k in keys]
-    except KeyError as e:
-        raise DataError(f"preds: the two cells have different replicates (no {e.args[0]} on one side); were they "
-                        f"written by one downstream stage?") from None
-    return pairs, [k[0] for k in keys]
+
+    def side(runs, k):
+        if k in runs or (-1, k[1]) in runs:
+            return runs.get(k) or runs[-1, k[1]]
+        raise DataError(f"preds: the two cells have different replicates (one has no generator {k[0]}, downstream "
+                        f"seed {k[1]}); were they written by one downstream stage?")
+    return [(side(a, k), side(b, k)) for k in keys], [k[0] for k in keys]
 
 
 def _binary_or_probs(probs):
@@ -167,12 +168,13 @@ def comparisons_from_preds(df, attrs, n_boot=2000, seed=0):
                     if len(splits) == 1:  # replicates: (generator, downstream seed)
                         pairs, groups = paired_runs(runs_a, runs_b)
                         reps += [(_seed_mean(f, y, g, [a]), _seed_mean(f, y, g, [b]), pid) for a, b in pairs]
-                    else:  # replicates: the splits
-                        reps.append((_seed_mean(f, y, g, runs_a), _seed_mean(f, y, g, runs_b), pid))
+                    else:  # replicates: the splits (paired_runs checks that both cells have the same replicates)
+                        pairs = list(zip(*paired_runs(runs_a, runs_b)[0]))
+                        reps.append((_seed_mean(f, y, g, pairs[0]), _seed_mean(f, y, g, pairs[1]), pid))
                 res = paired_difference_replicates(reps, n_boot=n_boot, seed=seed, groups=groups)
                 if len(splits) > 1:
                     res["method"] += "; each replicate a split (its own test patients), its statistic the mean " \
-                                     "over its downstream seeds"
+                                     "over its generators x downstream seeds"
                 every = [np.arange(len(pid)) for _, _, pid in reps]
                 rows.append({**comparison(metric, cell_name(ma, ra), cell_name(mb, rb), res),
                              "value_a": float(np.nanmean([a(i) for (a, _, _), i in zip(reps, every)])),
@@ -181,7 +183,7 @@ def comparisons_from_preds(df, attrs, n_boot=2000, seed=0):
 
 
 def _seed_mean(f, y, g, runs):
-    """idx -> the mean over downstream seeds (runs: [(pred, probs, auc)]) of the metric f on the rows idx."""
+    """idx -> the mean over replicates (runs: [(pred, probs, auc, key)]) of the metric f on the rows idx."""
     if len(runs) == 1:
         return lambda idx: f(y, g, runs[0], idx)
     return lambda idx: float(np.mean([f(y, g, run, idx) for run in runs]))

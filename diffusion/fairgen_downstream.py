@@ -7,9 +7,10 @@ synthetic as real images), each without and with adaptive reweighting, for each 
 (seed 1000 d + --seed: the ViT's initialisation, batch order and shifts; the training images are the same for
 every d) and, for a method, each of its generators (--samples METHOD@G=PATH: generator G's samples; METHOD=PATH is
 generator 0). The ViT seeds are the same for every generator, so generators differ only in their images. One row
-per test image, cell, generator and downstream seed in preds.csv (gen_seed: the generator; -1 for real only, which
-has none). The ratio sweep (--kinds, one seed, generator 0): test accuracy against the synthetic ratio
-{0, .25, .5, 1} for the --sweep-methods, in metrics.json.
+per test image, cell, generator and downstream seed in preds.csv (generator: its number g, not its seed; -1 for
+real only, which has none); a replicate is the pair (generator, down_seed), never down_seed alone. The ratio sweep
+(--kinds, one seed, generator 0): test accuracy against the synthetic ratio {0, .25, .5, 1} for the
+--sweep-methods, in metrics.json.
 
     python -m diffusion.fairgen_downstream --data cxr --size 32 --split-seed 0 --seed 0 \
         --samples base=runs/results/fairgen/cxr-seed0/base/samples_135pc_10steps.npz [--samples cbrs=...] \
@@ -134,7 +135,7 @@ def main(args):
                                     1000 * d + args.seed, device, args.epochs, vit=vit).astype(float)  # (N_test, L)
                 preds.append(pd.DataFrame({**test_rows, "pred": probs.argmax(1),
                                            **{f"p_{k}": probs[:, k] for k in range(L)},
-                                           "method": method or "real only", "reweight": rw, "gen_seed": gen,
+                                           "method": method or "real only", "reweight": rw, "generator": gen,
                                            "down_seed": d, "split_seed": args.split_seed}))
                 print(f"  table 1: {method or 'real only'}{' + reweighting' if rw else ''}"
                       f"{f', generator {gen}' if gen >= 0 else ''}, down seed {d}: "
@@ -145,7 +146,7 @@ def main(args):
 
     def acc_of(method):  # Table 1's fit at ratio 1.0 (ratio 0: real only), down seed 0, generator 0
         d = preds[(preds["method"] == method) & ~preds["reweight"] & (preds["down_seed"] == 0) &
-                  (preds["gen_seed"] <= 0)]
+                  (preds["generator"] <= 0)]
         return float(np.mean(d["pred"] == d["label"]))
     sweep = {}
     for kind in [k for k in args.kinds.split(",") if k]:

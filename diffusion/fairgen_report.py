@@ -125,14 +125,15 @@ def modality_figures(out, name, tag, res, samples, replicates):
         z = np.load(samples[m])
         pick = np.concatenate([np.nonzero(z["labels"] == c)[0][:6] for c in range(len(res["classes"]))])
         save_grid(z["images"][pick], out / f"samples_{name}_{m}.png", nrow=len(res["classes"]),
-                  title=f"{tag}: {m} samples (rows: attribute|disease)", row_labels=res["classes"])
+                  title=f"{tag}: {m} samples, generator 0 (rows: attribute|disease)", row_labels=res["classes"])
     t1 = res["downstream"]["table1"]
     radar({m: {g: t1[m].get(f"auroc[{g}]", {"value": np.nan})["value"] for g in res["attrs"]}
            for m in ["real only"] + METHODS}, out / f"radar_auc_{name}.png",
           f"Per-group AUROC, ViT, ratio 1.0, mean of {replicates} ({tag})")
     sw = res["downstream"]["sweep"]
     lines({f"{k} ({m})": v for k, d in sw.items() for m, v in d.items()}, out / f"accuracy_vs_ratio_{name}.png",
-          f"Test accuracy vs synthetic ratio, one seed ({tag})", "synthetic / real training images", "accuracy")
+          f"Test accuracy vs synthetic ratio, one seed, generator 0 ({tag})", "synthetic / real training images",
+          "accuracy")
     bars({m: {"DP": (t1[m]["dp"]["value"] * 100, [c * 100 for c in t1[m]["dp"]["ci"]]),
               "EO": (t1[m]["eo"]["value"] * 100, [c * 100 for c in t1[m]["eo"]["ci"]])} for m in t1},
          out / f"dp_eo_{name}.png", f"DP and EO x100, ViT, mean of {replicates} ({tag})", "x100")
@@ -214,11 +215,17 @@ def comparison_table(summary, out, n_boot_compare):
 def replicates_note(summary):
     """What the comparisons' replicates are, and so which noise their CIs carry."""
     P = summary["preset"]
+    if P.get("seeds", 1) > 1:
+        return (f"Replicates: the {P['seeds']} split seeds (each its own test patients and generators), each "
+                f"statistic the mean over its {replicate_words(P)}; the CI carries generator and ViT training noise "
+                "and test sampling, coarsely with so few splits.")
     if P.get("gen_seeds", 1) > 1:
         return (f"Replicates: {replicate_words(P)} each (the same ViT seeds for every generator), tested on the same "
                 "patients; a resample draws generators, then ViT seeds within them, then patients, so the CI carries "
-                f"generator training noise (each of the {P['gen_seeds']} generators its own pretraining, fine-tunes, "
-                "DPO and samples; coarsely, with so few generators), ViT training noise and test sampling.")
+                f"generator training noise (each of the {P['gen_seeds']} generators its own judge, pretraining, "
+                "fine-tunes, DPO and samples; with so few generators the resampled spread is (G - 1) / G of theirs, "
+                "and coarse), ViT training noise and test sampling. ViT seed d is the same seed in every generator "
+                "(crossed), resampled as if nested: its effect differs with the training images.")
     return ("Replicates: downstream ViT seeds trained on the same real + synthetic images and tested on the same "
             "patients, so the CI covers test sampling and ViT training noise, not generator training noise (one "
             f"generator per method at {summary['scale']} scale).")
@@ -233,8 +240,8 @@ def table1_notes(summary, plan):
     P, n = summary["preset"], len(summary["reused"])
     return [f"Ours: from-scratch conditional DDPM ({summary['scale']} scale, preset {P}), one patient-level split, "
             f"seed 0. Each value is the mean over {replicate_words(P)} (real only: the ViT seeds; same test "
-            f"patients; the accuracy of each in the last column, generator by generator); 95% CIs by percentile "
-            f"bootstrap over test patients ({plan['n_boot']}) of that mean, the replicates held fixed: for "
+            f"patients; the accuracy of each in the last column, in the order (generator, ViT seed)); 95% CIs by "
+            f"percentile bootstrap over test patients ({plan['n_boot']}) of that mean, the replicates held fixed: for "
             f"differences between rows see comparisons.md (paired, replicates resampled too). DP, EO, ESSP (on "
             f"accuracy) x100, NAR as a fraction. Classifier: ViT ({P['vit']}, {P['down_epochs']} epochs) trained on "
             "real + synthetic images (ratio 1.0: as many synthetic as real), '+ reweighting' = adaptive "
@@ -257,7 +264,7 @@ def write_tables(out, summary, plan, rows):
     metric = next(iter(summary["modalities"].values()))["seed0"]["fd"]["metric"]
     write_table(out / "fid", ["modality", "method", "FD", "n real / n synthetic", "per subgroup at equal n",
                               "subgroup variance (1/G, equal n)"], rows["fd"],
-                title="Feature distance of each method's samples to the real training images",
+                title="Feature distance of each method's samples (generator 0) to the real training images",
                 notes=[f"{metric}: Frechet distance on the penultimate features of a CNN trained on the real training "
                        "images (disease label), not Inception FID (no ImageNet weights offline). n < 2048: biased "
                        "upwards; compare only at equal n. Per subgroup: both sets subsampled to one n per modality "
@@ -267,7 +274,7 @@ def write_tables(out, summary, plan, rows):
                        "subgroup_fidelity.md."])
     write_table(out / "subgroup_fidelity", ["modality", "method", "group", "FD at equal n", "KID (mean ± std)",
                                             "n (= m)", "n real / n synthetic in group"], rows["sub"],
-                title="Per-subgroup fidelity at equal n: FD and KID on the same features",
+                title="Per-subgroup fidelity at equal n: FD and KID on the same features (generator 0)",
                 notes=[f"{metric} features. KID: unbiased MMD^2, kernel (x.y / d + 1)^3, mean ± std over 100 subsets "
                        "of m images from each set (fairness/compare.py kid; Binkowski et al. 2018); m = n = the "
                        "modality's smallest subgroup, the same for every method and group. FD at the same n "
@@ -275,7 +282,7 @@ def write_tables(out, summary, plan, rows):
                        "set's whole size that set is not resampled, so the std understates its sampling noise."])
     write_table(out / "memorization", ["modality", "method", "copies (RMSE < 0.02)", "median NN RMSE",
                                        "train-train median NN RMSE", "closer than train-train 1st pct."], rows["mem"],
-                title="Memorization audit: synthetic images against the DDPM's training images")
+                title="Memorization audit: synthetic images (generator 0) against the DDPM's training images")
 
 
 def write_readme(out, summary, plan, rows):
@@ -291,7 +298,8 @@ def write_readme(out, summary, plan, rows):
         f"- {GAP_NOTE}",
         "- More: comparisons.md (every pair of cells), gaps.md (more than two groups), fid.md and subgroup_fidelity.md "
         "(FD and KID per subgroup at equal n), memorization.md, table1_published.md (the paper's numbers, not "
-        "comparable), figures (samples_*, radar_auc_*, accuracy_vs_ratio_*, dp_eo_*, fair_bayes_*, memorization_*), "
+        "comparable), figures (samples_*, radar_auc_*, accuracy_vs_ratio_*, dp_eo_*, fair_bayes_*, memorization_*; "
+        "the samples, FD, memorization, FairDiffusion's search and blinded_pairs/ are generator 0's), "
         "blinded_pairs/ (`diffusion.annotate --serve DIR --annotators ..`), summary.json, preds_<modality>.csv*.", "",
         footer()]
     (out / "README.md").write_text("\n".join(lines_) + "\n")

@@ -4,11 +4,12 @@ from-scratch DDPM in place of Stable Diffusion, and its downstream fairness eval
 Per modality (common/modalities.py; class = attribute x disease) and split seed, one patient-level split
 (70/10/20), whose training images the study writes to real_train.npz; then the stages, each a script of its own
 (`--dry-run` prints them):
-  judge, fdnet   two classifiers on the real training images: the DPO judge (target: class) and, separately
-                 seeded, the network behind FD-cnn8 (target: disease), so that the judge never grades itself
+  fdnet, judge   two classifiers on the real training images: the network behind FD-cnn8 (target: disease) and,
+                 separately seeded, the DPO judge (target: class), so that the judge never grades itself; the judge
+                 and every stage below up to the samples run once per --gen-seeds generator (seed split seed +
+                 1000 g, folder gen<g>/ for g > 0), so that the comparisons resample generators too
   pretrain       a plain conditional DDPM (the methods' shared starting point, as FairGen starts from a pretrained
-                 SD); it and every stage below up to the samples run once per --gen-seeds generator (seed split
-                 seed + 1000 g, folder gen<g>/ for g > 0), so that the comparisons resample generators too
+                 SD)
   base / cbrs / sqrs / cbdm   fine-tuned from it for --finetune steps with the variant's sampler / loss
   fairdiffusion  the same fine-tune with FairDiffusion's Fair Bayesian Perturbation (diffusion/fairdiffusion.py;
                  GP-UCB search of per-group loss-weight noise every --fair-window steps)
@@ -21,7 +22,8 @@ Per modality (common/modalities.py; class = attribute x disease) and split seed,
                  classifiers (ViT, ResNet-50, GB, KNN), one downstream seed
   eval           (diffusion/fairgen_eval.py) FD-cnn8 of each method's samples (generator 0) to the real training
                  images; per subgroup FD and KID (fairness/compare.py) at one common n per modality (the smallest
-                 subgroup's), the inter-subgroup variance (1/G) of those equal-n FDs; memorization against the training images
+                 subgroup's), the inter-subgroup variance (1/G) of those equal-n FDs; memorization against the
+                 training images
 The study then gathers the stages' outputs into --out (preds_<modality>.csv, the blinded pair sets, figures the
 stages drew, plan.json, stages.json) and diffusion/fairgen_report.py writes the tables from those files: Table 1
 (accuracy, per-group AUROC, DP, EO, ESSP, NAR, the mean over generators and downstream seeds), the paired comparisons
@@ -64,14 +66,14 @@ CSV_TABLE = "csv_table.csv"  # --table: the csv modality's table, in the run fol
 VARIANT_FLAGS = {"base": [], "cbrs": ["--sampler", "cbrs"], "sqrs": ["--sampler", "sqrs"], "cbdm": ["--cb-loss"],
                  "fairdiffusion": ["--fair-bayes"], "sqrs_cb": ["--sampler", "sqrs", "--cb-loss"]}
 # Every setting a scale sets, in one place (a flag given on the command line wins; summary.json keeps them as
-# "preset"). quick: the three modalities in under 60 min on a 2-core CPU (docs/fairgen.md has the measured time): a small
-# U-Net (16-32-32 channels), few steps (700 pretraining steps and DDIM-15 took 51.5 min), a ViT with 8x8 patches and
-# no dropout (~12x cheaper than 4x4 patches with dropout at 32 px, about as accurate: bench/vit_sizes.py) and
-# no ResNet-50 in the ratio sweep (~10 min per modality from scratch on 2 cores; add it with --kinds): a chain
-# check more than a generator worth judging. gen_seeds: independent generators per method (each its own
-# pretraining, fine-tunes, DPO and samples), so that the comparisons' CIs carry generator training noise;
-# down_seeds: downstream ViT seeds per generator and Table-1 cell (a quick ViT fit takes ~7 s). full: a GPU; its 3
-# split seeds each train their own generators.
+# "preset"). quick: the three modalities in about an hour on a 2-core CPU (docs/fairgen.md has the measured time): a
+# small U-Net (16-32-32 channels), few steps (700 pretraining steps and DDIM-15 took 51.5 min), a ViT with 8x8
+# patches and no dropout (~12x cheaper than 4x4 patches with dropout at 32 px, about as accurate:
+# bench/vit_sizes.py) and no ResNet-50 in the ratio sweep (~10 min per modality from scratch on 2 cores; add it
+# with --kinds): a chain check more than a generator worth judging. gen_seeds: independent generators per method
+# (each its own judge, pretraining, fine-tunes, DPO and samples), so that the comparisons' CIs carry generator
+# training noise; down_seeds: downstream ViT seeds per generator and Table-1 cell (a quick ViT fit takes ~7 s).
+# full: a GPU; its 3 split seeds each train their own generators.
 # fair_window: FairDiffusion's steps per GP update, the public code's 50 at full scale; 25 at quick scale, so
 # that its 100 fine-tuning steps see 4 updates rather than 2
 SCALES = {
@@ -213,29 +215,31 @@ def gen_seed(c, g):
 
 
 def generator_stages(c, P, dpo_form):
-    """The judge and the FD network of one cell, then per generator seed its pretrained DDPM, fine-tunes and
-    FairGen's DPO run (the judge is shared: it grades, it is not trained on samples)."""
-    r, hflip = c.folder, ["--hflip"] if c.name == "skin" else []
+    """The FD network of one cell (shared: a measuring instrument, applied to generator 0's samples), then per
+    generator its judge, pretrained DDPM, fine-tunes and FairGen's DPO run."""
+    hflip = ["--hflip"] if c.name == "skin" else []
     clf = ["--epochs", str(P["clf_epochs"]), "--arch", "cnn8"] + hflip
 
     def stage(module, argv, folder, deps=()):
-        return Stage("script", module, argv, folder, list(deps), r, "generators")
-    out = [stage("classify.train_classifier", data_flags(c, P["size"], c.seed) + clf +
-                 ["--target", "cls", "--out-dir", str(r / "judge")], r / "judge"),
-           stage("classify.train_classifier", data_flags(c, P["size"], c.seed + 1) + clf +
-                 ["--target", "label", "--out-dir", str(r / "fdnet")], r / "fdnet")]
-    return out + [s for g in range(P["gen_seeds"]) for s in ddpm_stages(c, P, dpo_form, g, stage)]
+        return Stage("script", module, argv, folder, list(deps), c.folder, "generators")
+    out = [stage("classify.train_classifier", data_flags(c, P["size"], c.seed + 1) + clf +
+                 ["--target", "label", "--out-dir", str(c.folder / "fdnet")], c.folder / "fdnet")]
+    return out + [s for g in range(P["gen_seeds"]) for s in ddpm_stages(c, P, dpo_form, g, stage, clf)]
 
 
-def ddpm_stages(c, P, dpo_form, g, stage):
-    """Generator g's pretrained DDPM, its fine-tunes and FairGen's DPO run, in gen_folder(c, g)."""
+def ddpm_stages(c, P, dpo_form, g, stage, clf):
+    """Generator g's judge (the DPO preferences' source, part of FairGen's training), pretrained DDPM, fine-tunes and
+    FairGen's DPO run, in gen_folder(c, g)."""
     r, base = gen_folder(c, g), data_flags(c, P["size"], gen_seed(c, g))
     hflip = ["--hflip"] if c.name == "skin" else []
+    out = [stage("classify.train_classifier", base + clf + ["--target", "cls", "--out-dir", str(r / "judge")],
+                 r / "judge")]
     ddpm = base + ["--width", str(P["width"]), "--mults", P["mults"], "--num-res", str(P["num_res"]), "--attn-res",
                    P["attn_res"], "--batch-size", str(P["batch"]), "--sample-every", "0", "--save-every", "100000",
                    "--grid-steps", str(P["sample_steps"])] + hflip
-    out = [stage("diffusion.train_ddpm", ddpm + ["--steps", str(P["pretrain"]), "--lr", "5e-4", "--warmup", "100",
-                                                 "--ema", "0.995", "--out-dir", str(r / "pretrain")], r / "pretrain")]
+    out.append(stage("diffusion.train_ddpm", ddpm + ["--steps", str(P["pretrain"]), "--lr", "5e-4", "--warmup", "100",
+                                                     "--ema", "0.995", "--out-dir", str(r / "pretrain")],
+                     r / "pretrain"))
     ft = ["--init", str(r / "pretrain/ckpt.pt"), "--lr", "2e-4", "--warmup", "10", "--ema", "0.99"]
     for v in ["base", "cbrs", "sqrs", "cbdm", "fairdiffusion", "sqrs_cb"]:
         steps = P["finetune"] - (P["dpo"] if v == "sqrs_cb" else 0)
@@ -243,11 +247,11 @@ def ddpm_stages(c, P, dpo_form, g, stage):
         out.append(stage("diffusion.train_ddpm", ddpm + ft + VARIANT_FLAGS[v] + fair +
                          ["--steps", str(steps), "--out-dir", str(r / v)], r / v, [r / "pretrain/metrics.json"]))
     out.append(stage("diffusion.train_dpo", base + hflip + [
-        "--init", str(r / "sqrs_cb/ckpt.pt"), "--judge", str(c.folder / "judge/ckpt.pt"), "--sampler", "sqrs",
+        "--init", str(r / "sqrs_cb/ckpt.pt"), "--judge", str(r / "judge/ckpt.pt"), "--sampler", "sqrs",
         "--cb-loss", "--dpo", dpo_form, "--steps", str(P["dpo"]), "--batch-size", str(P["batch"]),
         "--pairs-per-class", str(P["pairs_per_class"]), "--pair-steps", str(P["sample_steps"]), "--grid-steps",
         str(P["sample_steps"]), "--out-dir", str(r / "fairgen")], r / "fairgen",
-        [r / "sqrs_cb/metrics.json", c.folder / "judge/metrics.json"]))
+        [r / "sqrs_cb/metrics.json", r / "judge/metrics.json"]))
     return out
 
 
@@ -338,7 +342,7 @@ def prepare_cell(name, seed, root, P, runs, stages, dry, read_root=None):
     facts = {"data": mod.data, "classes": mod.class_names, "attrs": mod.attrs, "labels": mod.labels,
              "notes": mod.notes, "n_train": n_train, "n_test": int((split == "test").sum()),
              "synthetic_per_class": per_class, "samples_file": samples_name(per_class, P["sample_steps"]),
-             "judge": f"classifier ({r / 'judge/ckpt.pt'})"}
+             "judge": f"classifier, one per generator ({r / 'judge/ckpt.pt'}; gen<g>/judge for g > 0)"}
     return Cell(name, seed, r, root, per_class, mod.name, mod.data == "phantom"), facts
 
 

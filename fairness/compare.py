@@ -194,7 +194,7 @@ def paired_difference_replicates(replicates, n_boot=2000, seed=0, groups=None):
         how += f"; with {len(parts)} replicates the resampled replicate spread is (R - 1) / R of theirs, and coarse"
         method = f"two-level bootstrap: {len(parts)} replicates ({how}), then patients ({n_boot}), percentile"
     else:
-        how += f"; with {len(levels)} groups the resampled group spread is coarse"
+        how += f"; with {len(levels)} groups the resampled group spread is (G - 1) / G of theirs, and coarse"
         method = (f"three-level bootstrap: {len(levels)} groups (generator seeds) of the {len(parts)} replicates, "
                   f"then the replicates within each drawn group ({how}), then patients ({n_boot}), percentile")
     return {**_summary(point, diffs, len(parts[0][2]) if shared else sum(len(m) for _, _, m in parts), method),

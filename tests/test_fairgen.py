@@ -111,7 +111,7 @@ def _preds(method, gen, down, wrong, rng, reweight=False, n=60):
     p1 = np.clip(0.5 + (2 * pred - 1) * rng.uniform(0.05, 0.45, n), 0, 1)
     return pd.DataFrame({"image": np.arange(n), "patient_id": [f"p{i}" for i in range(n)], "group": g, "label": y,
                          "pred": pred, "p_0": 1 - p1, "p_1": p1, "method": method, "reweight": reweight,
-                         "gen_seed": gen, "down_seed": down, "split_seed": 0})
+                         "generator": gen, "down_seed": down, "split_seed": 0})
 
 
 def test_generators_pair_by_generator_and_vit_seed_and_are_resampled_as_a_level(tmp_path):
@@ -137,15 +137,15 @@ def test_generators_pair_by_generator_and_vit_seed_and_are_resampled_as_a_level(
         return next(c for c in comparisons_from_preds(frame, ["dark", "bright"], n_boot=400)
                     if (c["metric"], c["a"], c["b"]) == ("accuracy", "fairgen", "base"))
     nested = accuracy_row(df)
-    flat = accuracy_row(df.assign(gen_seed=np.where(df.method == "real only", -1, 0),
-                                  down_seed=df.down_seed + 2 * df.gen_seed.clip(0)))  # the same values, one generator
+    flat = accuracy_row(df.assign(generator=np.where(df.method == "real only", -1, 0),
+                                  down_seed=df.down_seed + 2 * df.generator.clip(0)))  # the same values, one generator
     assert nested["replicates"] == flat["replicates"] == 4 and nested["diff"] == pytest.approx(flat["diff"])
     assert "three-level" in nested["method"] and "two-level" in flat["method"]
     assert nested["se"] > 1.25 * flat["se"]
-    df[df.gen_seed <= 0].drop(columns="gen_seed").to_csv(tmp_path / "preds.csv", index=False)
+    df[df.generator <= 0].drop(columns="generator").to_csv(tmp_path / "preds.csv", index=False)
     old = read_preds(tmp_path / "preds.csv")
-    assert set(old.loc[old.method == "real only", "gen_seed"]) == {-1} and set(old.loc[old.method == "base",
-                                                                                  "gen_seed"]) == {0}
+    assert set(old.loc[old.method == "real only", "generator"]) == {-1} and set(old.loc[old.method == "base",
+                                                                                  "generator"]) == {0}
 
 
 def test_dpo_losses_by_hand():
@@ -276,10 +276,10 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
     preds = read_preds(tmp_path / "out" / s1["preds"]["toy:160"])
     n_test = s1["modalities"]["toy:160"]["seed0"]["n_test"]
     assert len(preds) == (2 + 12 * gens) * down * n_test  # (real only + 6 methods x generators) x reweighting
-    assert set(preds["down_seed"]) == set(range(down)) and set(preds["gen_seed"]) == {-1, *range(gens)}
+    assert set(preds["down_seed"]) == set(range(down)) and set(preds["generator"]) == {-1, *range(gens)}
     # the generators differ in their images only (same ViT seeds): their predictions differ
     fg = preds[(preds.method == "fairgen") & ~preds.reweight & (preds.down_seed == 0)]
-    assert not np.array_equal(*(fg[fg.gen_seed == g].sort_values("image")["p_0"].to_numpy() for g in (0, 1)))
+    assert not np.array_equal(*(fg[fg.generator == g].sort_values("image")["p_0"].to_numpy() for g in (0, 1)))
     assert {"image", "patient_id", "group", "label", "pred", "p_0", "p_1", "method", "reweight",
             "split_seed"} <= set(preds.columns)
     comps = s1["comparisons"]
@@ -326,14 +326,15 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
     assert all(p["left_source"] != p["right_source"] for p in bp["pairs"])
     second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
-    # judge, fdnet; per generator pretrain, 6 fine-tunes, fairgen (DPO), 6 samples; the downstream classifiers,
+    # fdnet; per generator its judge, pretrain, 6 fine-tunes, fairgen (DPO), 6 samples; the downstream classifiers,
     # the evaluation
-    n_stages = 4 + 14 * gens
+    n_stages = 3 + 15 * gens
     assert second.stdout.count("reuse ") == n_stages
     s2 = json.loads((tmp_path / "out/summary.json").read_text())
     assert s2["stages"] == s1["stages"] and len(s1["stages"]) == n_stages
     ft1 = [c for c in s1["stages"] if "diffusion.train_ddpm" in c and "--init" in c and "/gen1/" in c]
     assert len(ft1) == 6 and all("gen1/pretrain/ckpt.pt" in c for c in ft1)  # generator 1's own pretraining
+    assert sum("diffusion.train_dpo" in c and "gen1/judge/ckpt.pt" in c for c in s1["stages"]) == 1  # and judge
     assert s1["stage_times"]["by_kind"]["not recorded"] == 0  # each stage's seconds, kept when it is reused
     assert s2["stage_times"] == s1["stage_times"] and s1["stage_times"]["by_kind"]["generator training"] > 0
     # --dry-run prints the stage commands the run executed, each a script of its own, and touches nothing
