@@ -42,18 +42,21 @@ def name(c):
     return f"{recipe}, batch {batch}, weights by validation {select}"
 
 
-def val_auc(study, npz, seed, candidate):
-    """One candidate's None classifier on the study's subset of seed `seed`: its AUC on the official validation
-    split."""
+def official_val(npz):
+    """The official validation split of a MedMNIST file as (images in [-1, 1], labels): the candidates' score set."""
+    images, labels, split, _, _ = medmnist_arrays(npz)
+    return to_signed(images[split == "val"]), torch.from_numpy(labels[split == "val"]).long()
+
+
+def val_auc(study, npz, val, seed, candidate):
+    """One candidate's None classifier on the study's subset of seed `seed`: its AUC on `val` (official_val)."""
     recipe, batch, select = candidate
     xi, yi, xv, yv, _ = medmnist_subset(npz, study.per_class, seed)
-    images, labels, split, _, _ = medmnist_arrays(npz)
-    official = split == "val"
     seed_everything(seed)
     net, _, _ = fit(to_signed(xi), torch.from_numpy(yi).long(), to_signed(xv), torch.from_numpy(yv).long(), "cpu",
                     recipe=recipe, epochs=study.epochs, batch_size=batch, width=study.width, lr=study.lr,
                     momentum=study.momentum, patience=study.patience, select=select, seed=seed, progress=False)
-    return evaluate(net, to_signed(images[official]), torch.from_numpy(labels[official]).long(), False, "cpu")[0]
+    return evaluate(net, *val, False, "cpu")[0]
 
 
 def choose(means, default, tie):
@@ -76,11 +79,12 @@ def main(args):
     default = (study.recipe, study.batch_size, study.select)
     flags = [f.strip() for f in study.datasets.split(",") if f.strip()]
     files = {f: medmnist_study.find(f, None) for f in flags}
-    cells = [(c, f, s) for c in CANDIDATES for f in flags if files[f] for s in range(study.seeds)]
+    vals = {f: official_val(files[f]) for f in flags if files[f]}  # read once per data set
+    cells = [(c, f, s) for c in CANDIDATES for f in vals for s in range(study.seeds)]
     auc = {}
     for c, f, s in tqdm(cells, desc="candidates x data sets x seeds"):
-        auc[c, f, s] = val_auc(study, files[f], s, c)
-    per_set = {c: {f: [auc[c, f, s] for s in range(study.seeds)] for f in files if files[f]} for c in CANDIDATES}
+        auc[c, f, s] = val_auc(study, files[f], vals[f], s, c)
+    per_set = {c: {f: [auc[c, f, s] for s in range(study.seeds)] for f in vals} for c in CANDIDATES}
     means = {c: float(np.mean([np.mean(v) for v in per_set[c].values()])) for c in CANDIDATES}
     chosen = choose(means, default, args.tie)
     rows = [[name(c) + (" (default)" if c == default else ""),
@@ -88,8 +92,7 @@ def main(args):
              f"{means[c]:.3f}"] for c in CANDIDATES]
     verdict = (f"chosen: --recipe {chosen[0]} --batch-size {chosen[1]} --select {chosen[2]}"
                + (" (the default stays)" if chosen == default else f" (the default was {name(default)})"))
-    sets = [f for f in files if files[f]]
-    write_table(Path(args.out), ["recipe", *[f"{f} (seeds {', '.join(map(str, range(study.seeds)))})" for f in sets],
+    write_table(Path(args.out), ["recipe", *[f"{f} (seeds {', '.join(map(str, range(study.seeds)))})" for f in vals],
                                  "mean over data sets"], rows,
                 title="The None classifier's AUC on the official validation split (no test score), MedMNIST quick "
                       f"scale (width {study.width}, {study.epochs} epochs, {study.per_class} images per class)",

@@ -22,6 +22,7 @@ PAIRS = [((m, rw), ("base", rw)) for rw in (False, True) for m in METHODS[1:]] +
     [(("fairgen", True), ("base", False))] + [(("fairgen", rw), ("fairdiffusion", rw)) for rw in (False, True)]
 PRIMARY_PAIRS = [(("fairgen", True), ("base", False)), (("fairgen", True), ("fairdiffusion", True))]
 
+
 def replicate_words(preset):
     """What a Table-1 value is the mean of: '2 generators x 2 downstream ViT seeds', or '3 downstream ViT seeds'."""
     G, D = preset.get("gen_seeds", 1), preset["down_seeds"]  # a run from before generator replicates: one
@@ -67,8 +68,9 @@ def paired_runs(runs_a, runs_b):
     keys = sorted({k for k in list(a) + list(b) if k[0] >= 0} or set(a))
 
     def side(runs, k):
-        if k in runs or (-1, k[1]) in runs:
-            return runs.get(k) or runs[-1, k[1]]
+        for key in (k, (-1, k[1])):
+            if key in runs:
+                return runs[key]
         raise DataError(f"preds: the two cells have different replicates (one has no generator {k[0]}, downstream "
                         f"seed {k[1]}); were they written by one downstream stage?")
     return [(side(a, k), side(b, k)) for k in keys], [k[0] for k in keys]

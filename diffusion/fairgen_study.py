@@ -204,6 +204,11 @@ def data_flags(c, size, seed):
         (["--data-root", c.root] if c.root else [])
 
 
+def hflip(c):
+    """The training flag of a cell whose images may be mirrored (skin: no left or right in a lesion photo)."""
+    return ["--hflip"] if c.name == "skin" else []
+
+
 def gen_folder(c, g):
     """Where generator g of a cell keeps its DDPMs and samples: the cell's folder (g = 0) or its gen<g>/ below."""
     return c.folder if g == 0 else c.folder / f"gen{g}"
@@ -217,8 +222,7 @@ def gen_seed(c, g):
 def generator_stages(c, P, dpo_form):
     """The FD network of one cell (shared: a measuring instrument, applied to generator 0's samples), then per
     generator its judge, pretrained DDPM, fine-tunes and FairGen's DPO run."""
-    hflip = ["--hflip"] if c.name == "skin" else []
-    clf = ["--epochs", str(P["clf_epochs"]), "--arch", "cnn8"] + hflip
+    clf = ["--epochs", str(P["clf_epochs"]), "--arch", "cnn8"] + hflip(c)
 
     def stage(module, argv, folder, deps=()):
         return Stage("script", module, argv, folder, list(deps), c.folder, "generators")
@@ -231,12 +235,11 @@ def ddpm_stages(c, P, dpo_form, g, stage, clf):
     """Generator g's judge (the DPO preferences' source, part of FairGen's training), pretrained DDPM, fine-tunes and
     FairGen's DPO run, in gen_folder(c, g)."""
     r, base = gen_folder(c, g), data_flags(c, P["size"], gen_seed(c, g))
-    hflip = ["--hflip"] if c.name == "skin" else []
     out = [stage("classify.train_classifier", base + clf + ["--target", "cls", "--out-dir", str(r / "judge")],
                  r / "judge")]
     ddpm = base + ["--width", str(P["width"]), "--mults", P["mults"], "--num-res", str(P["num_res"]), "--attn-res",
                    P["attn_res"], "--batch-size", str(P["batch"]), "--sample-every", "0", "--save-every", "100000",
-                   "--grid-steps", str(P["sample_steps"])] + hflip
+                   "--grid-steps", str(P["sample_steps"])] + hflip(c)
     out.append(stage("diffusion.train_ddpm", ddpm + ["--steps", str(P["pretrain"]), "--lr", "5e-4", "--warmup", "100",
                                                      "--ema", "0.995", "--out-dir", str(r / "pretrain")],
                      r / "pretrain"))
@@ -246,7 +249,7 @@ def ddpm_stages(c, P, dpo_form, g, stage, clf):
         fair = ["--fair-time-window", str(P["fair_window"])] if v == "fairdiffusion" else []
         out.append(stage("diffusion.train_ddpm", ddpm + ft + VARIANT_FLAGS[v] + fair +
                          ["--steps", str(steps), "--out-dir", str(r / v)], r / v, [r / "pretrain/metrics.json"]))
-    out.append(stage("diffusion.train_dpo", base + hflip + [
+    out.append(stage("diffusion.train_dpo", base + hflip(c) + [
         "--init", str(r / "sqrs_cb/ckpt.pt"), "--judge", str(r / "judge/ckpt.pt"), "--sampler", "sqrs",
         "--cb-loss", "--dpo", dpo_form, "--steps", str(P["dpo"]), "--batch-size", str(P["batch"]),
         "--pairs-per-class", str(P["pairs_per_class"]), "--pair-steps", str(P["sample_steps"]), "--grid-steps",
