@@ -100,6 +100,19 @@ class TorchvisionNet(nn.Module):
         return self.head(self.features(x))
 
 
+class SubsampledPointwise(nn.Conv2d):
+    """A 1x1 convolution of stride s, computed as every s-th pixel through a 1x1 convolution of stride 1: the same
+    function, parameters and state-dict keys. On a CPU, oneDNN's weight gradient of a strided 1x1 convolution in
+    channels_last writes past its buffer when the input has fewer channels than its block (8 or 16): heap corruption
+    (seen with torch 2.14.1 at odd batch sizes) or wrong gradients; reported as uxlfoundation/oneDNN issue 6035."""
+
+    def forward(self, x):
+        return F.conv2d(x[:, :, ::self.stride[0], ::self.stride[1]], self.weight, self.bias)
+
+
+ONEDNN_BLOCK = 16  # input channels below which a strided 1x1 convolution takes SubsampledPointwise
+
+
 class ResNet18For28(nn.Module):
     """MedMNIST v2's ResNet-18 for 28x28: torchvision's ResNet-18 with conv1 3x3 stride 1 and no max-pool.
     width 64 is ResNet-18 itself (11.2 M parameters); a smaller width scales every stage (64-128-256-512 ->
@@ -122,6 +135,10 @@ class ResNet18For28(nn.Module):
                     nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         net.conv1 = nn.Conv2d(in_ch, width, 3, 1, 1, bias=False)
         net.maxpool = nn.Identity()
+        for block in net.modules():  # the shortcut's 1x1 stride-2 convolution, at widths below the oneDNN block
+            down = getattr(block, "downsample", None)
+            if down is not None and down[0].in_channels < ONEDNN_BLOCK:
+                down[0].__class__ = SubsampledPointwise  # the same module and weights (no new draw), another forward
         self.trunk = nn.Sequential(*list(net.children())[:-2])
         self.head = net.fc
 
