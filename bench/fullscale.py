@@ -184,8 +184,22 @@ def resnet50_gflop_per_image_step():
     return counter.get_total_flops() / len(x) / 1e9
 
 
-def report(paths):
-    """The extrapolation to 112,120 images from measurement files (two sizes: the memory's growth per image)."""
+def measured_gpu_hours(plan, gpu_path):
+    """GPU-hours of the full-scale chest X-ray study and of fairgen's pretraining from bench/gpu_steps.py's images/s
+    (each network in the arithmetic `--amp auto` gives it on a GPU; an evaluated image costs a third of a training
+    image-step, the forward pass alone)."""
+    g = json.loads(Path(gpu_path).read_text())
+    ips = {r["net"]: r["images_per_s"] for r in g["rows"] if r["as_trained"]}
+    s = (plan["classifier_train_image_steps"] + plan["classifier_eval_images"] / 3) / ips["densenet121"] + \
+        plan["cvae_image_steps"] / ips["cvae"]
+    pretrain = 20000 * 64 / ips["unet64"]  # fairgen's full preset: 20,000 steps of 64 images per modality and seed
+    return {"gpu": g["gpu"], "chestxray_gpu_hours": s / 3600, "fairgen_pretrain_gpu_hours": pretrain / 3600,
+            "images_per_s": ips}
+
+
+def report(paths, gpu=None):
+    """The extrapolation to 112,120 images from measurement files (two sizes: the memory's growth per image); with
+    gpu (bench/gpu_steps.py's JSON), the GPU-hours from measured rates beside the assumed one."""
     runs = sorted((json.loads(Path(p).read_text()) for p in paths), key=lambda r: r["n"])
     big = runs[-1]
     plan = full_scale_plan()
@@ -217,7 +231,15 @@ def report(paths):
     if gpu_h:
         print(f"GPU: DenseNet-121 {dn:.2f} GFLOP per image-step, at the rate one A100 sustains on ResNet-50 "
               f"({rate / 1e3:.0f} TFLOP/s, assumed): {gpu_h:.1f} GPU-hours")
-    return {"plan": plan, "decode_core_hours": N / per_core / 3600, "assumed_tflops": rate / 1e3, "gpu_hours": gpu_h}
+    measured = measured_gpu_hours(plan, gpu) if gpu else None
+    if measured:
+        ips = measured["images_per_s"]
+        print(f"GPU, measured on one {measured['gpu']} (bench/gpu_steps.py; DenseNet-121 {ips['densenet121']:.0f} "
+              f"images/s in bf16, CVAE {ips['cvae']:.0f} in fp32, fairgen's U-Net {ips['unet64']:.0f} in bf16): "
+              f"chest X-ray study {measured['chestxray_gpu_hours']:.1f} GPU-hours; fairgen pretraining "
+              f"{measured['fairgen_pretrain_gpu_hours']:.2f} GPU-hours per modality and seed")
+    return {"plan": plan, "decode_core_hours": N / per_core / 3600, "assumed_tflops": rate / 1e3, "gpu_hours": gpu_h,
+            "measured": measured}
 
 
 def main():
@@ -234,13 +256,15 @@ def main():
     p.add_argument("--skip", default="", help="comma-separated parts to skip: decode, chestxray, ddpm, audit, steps")
     p.add_argument("--report", nargs="+", metavar="JSON",
                    help="print the extrapolation to 112,120 images from these measurement files and exit")
+    p.add_argument("--gpu", metavar="JSON", help="with --report: bench/gpu_steps.py's measurements on a GPU, for "
+                                                  "GPU-hours from measured rates")
     p.add_argument("--decode-child", nargs=3, metavar=("ROOT", "SIZE", "WORKERS"),
                    help="internal: what the decode measurement runs in its own process")
     args = p.parse_args()
     if args.decode_child:
         return decode_child(args.decode_child[0], int(args.decode_child[1]), int(args.decode_child[2]))
     if args.report:
-        return report(args.report)
+        return report(args.report, args.gpu)
     if not args.root:
         p.error("--root: the folder of the simulated NIH root")
     cores = available_cpus()
