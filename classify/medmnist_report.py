@@ -126,8 +126,8 @@ def table2_notes(plan):
             f"validation {'AUC' if plan['select'] == 'auc' else 'loss'}; the paper reports the best test accuracy "
             "within 100 epochs (a choice made on test data). The quick scale's recipe (Adam, batch 32, weights by "
             "validation AUC) was chosen on the official validation split, which no stage uses, among five candidates "
-            "by a rule fixed before that run (bench/medmnist_settings.py, results/bench/medmnist_settings.md); the "
-            "epochs and width were set earlier, after looking at test AUCs of earlier quick runs.",
+            "by a rule fixed before that run (bench/medmnist_settings.py, results/bench/medmnist_settings.md), and "
+            "then its epochs and width among 3 x 3 the same way (results/bench/medmnist_size.md).",
             "Do not read a method as better from this table: the paired comparisons are in comparisons.md."]
 
 
