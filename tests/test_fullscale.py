@@ -41,3 +41,18 @@ def test_full_scale_commands_run_on_a_simulated_nih_root_of_full_resolution_file
     assert "--scale full" in res["chestxray_capped"]["command"]
     assert res["ddpm_capped"]["exit"] == 0 and "--width 64" in res["ddpm_capped"]["command"]
     assert res["audit"]["n_train"] > 0 and res["audit"]["n_synth"] == 1000
+
+
+def test_measured_gpu_hours_divide_each_stage_by_its_network_rate_as_trained(tmp_path):
+    """GPU-hours from bench/gpu_steps.py's rows: each network at the arithmetic `--amp auto` gives it (the other
+    row ignored), an evaluated image a third of a training step."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from fullscale import measured_gpu_hours
+    rows = [{"net": n, "as_trained": t, "images_per_s": r} for n, t, r in [
+        ("densenet121", True, 1000.0), ("densenet121", False, 1.0), ("cvae", True, 500.0), ("cvae", False, 1.0),
+        ("unet64", True, 3200.0), ("unet64", False, 1.0)]]
+    (tmp_path / "g.json").write_text(json.dumps({"gpu": "X", "rows": rows}))
+    plan = {"classifier_train_image_steps": 3_600_000, "classifier_eval_images": 1_080_000, "cvae_image_steps": 360_000}
+    m = measured_gpu_hours(plan, tmp_path / "g.json")
+    assert abs(m["chestxray_gpu_hours"] - (3600 + 360 + 720) / 3600) < 1e-9  # 3.6M/1000 + 1.08M/3000 + 0.36M/500 s
+    assert abs(m["fairgen_pretrain_gpu_hours"] - 20000 * 64 / 3200 / 3600) < 1e-9
