@@ -98,11 +98,10 @@ def measure(name, dev, batch, bf16, steps, rounds):
             step()
         torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
-    flops = counter.get_total_flops()
-    return {"net": name, "arith": "bf16" if bf16 else "fp32", "batch": n, "gflop_per_image": flops / n / 1e9,
+    flops, arith = counter.get_total_flops(), "bf16" if bf16 else "fp32"
+    return {"net": name, "arith": arith, "batch": n, "gflop_per_image": flops / n / 1e9,
             "images_per_s": steps * n / best, "tflops": flops * steps / best / 1e12,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30, "as_trained": AS_TRAINED[name] == ("bf16" if bf16
-                                                                                                     else "fp32")}
+            "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30, "as_trained": AS_TRAINED[name] == arith}
 
 
 def main():
