@@ -187,12 +187,18 @@ def resnet50_gflop_per_image_step():
 def measured_gpu_hours(plan, gpu_path):
     """GPU-hours of the full-scale chest X-ray study and of fairgen's pretraining from bench/gpu_steps.py's images/s
     (each network in the arithmetic `--amp auto` gives it on a GPU; an evaluated image costs a third of a training
-    image-step, the forward pass alone)."""
+    image-step, the forward pass alone). Compute only (no data loading, augmentation or EMA): a lower bound."""
+    from diffusion.fairgen_study import SCALES as FAIRGEN
     g = json.loads(Path(gpu_path).read_text())
     ips = {r["net"]: r["images_per_s"] for r in g["rows"] if r["as_trained"]}
+    missing = {"densenet121", "cvae", "unet64"} - set(ips)
+    if missing:
+        raise SystemExit(f"--gpu {gpu_path}: no rate for {', '.join(sorted(missing))} (run bench/gpu_steps.py with "
+                         f"every network)")
     s = (plan["classifier_train_image_steps"] + plan["classifier_eval_images"] / 3) / ips["densenet121"] + \
         plan["cvae_image_steps"] / ips["cvae"]
-    pretrain = 20000 * 64 / ips["unet64"]  # fairgen's full preset: 20,000 steps of 64 images per modality and seed
+    full = FAIRGEN["full"]
+    pretrain = full["pretrain"] * full["batch"] / ips["unet64"]  # steps x images per modality and seed
     return {"gpu": g["gpu"], "chestxray_gpu_hours": s / 3600, "fairgen_pretrain_gpu_hours": pretrain / 3600,
             "images_per_s": ips}
 

@@ -2,10 +2,10 @@
 # What a GPU machine is for here, in one short run (docs/bench.md, "On a GPU"): the full-scale networks' training
 # step rates (bench/gpu_steps.py), then the smoke chains of the chest X-ray, fairgen and MedMNIST studies with every
 # stage on CUDA (--device auto), each with its exit status and wall time. Results and logs go to $OUT (default
-# gpu_check/); the smoke runs to smoke/ as `make <study> SMOKE=1` would.
-#     bash bench/gpu_check.sh                 # ~6 min on one GPU; PYTHON=... for another interpreter
+# runs/gpu_check/); the smoke runs to smoke/ as `make <study> SMOKE=1` would.
+#     bash bench/gpu_check.sh                 # ~12 min on one GPU (each part has its own limit); PYTHON=... for another
 set -u
-out=${OUT:-gpu_check}
+out=${OUT:-runs/gpu_check}
 py=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1

@@ -4,7 +4,8 @@ so that the full-scale GPU-hours in docs/fullscale.md come from a measurement in
     python bench/gpu_steps.py --out results/bench/gpu_steps.json   # a CUDA machine; ~2 min
     python bench/fullscale.py --report results/bench/fullscale_*.json --gpu results/bench/gpu_steps.json
 
-The networks, as the full-scale studies train them (channels_last, Adam / AdamW, a batch of random images):
+The networks as the full-scale studies train them (channels_last), each step on one batch of random images that stays
+on the GPU, with plain Adam: a compute rate, without data loading, augmentation, EMA or clipping:
 densenet121, `classify/train_chexnet.py` at 224 px (15 labels, batch 64, `--amp auto`: bf16); cvae, the chest X-ray
 CVAE at 64 px (batch 64, `--amp auto`: fp32, its bf16 training is unchecked); unet64, fairgen's full-preset DDPM
 U-Net (64 px, 64-128-128-128, 2 blocks per level, attention at 16, batch 64, bf16 on a GPU). FLOPs are counted by

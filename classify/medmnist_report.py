@@ -127,7 +127,9 @@ def table2_notes(plan):
             "within 100 epochs (a choice made on test data). The quick scale's recipe (Adam, batch 32, weights by "
             "validation AUC) was chosen on the official validation split, which no stage uses, among five candidates "
             "by a rule fixed before that run (bench/medmnist_settings.py, results/bench/medmnist_settings.md), and "
-            "then its epochs and width among 3 x 3 the same way (results/bench/medmnist_size.md).",
+            "then its epochs and width among 3 x 3 the same way (results/bench/medmnist_size.md: 10 epochs, width 16"
+            + ("; this run's " + f"{plan['epochs']} epochs, width {plan['width']} are not that choice"
+               if (plan["epochs"], plan["width"]) != (10, 16) else "") + ").",
             "Do not read a method as better from this table: the paired comparisons are in comparisons.md."]
 
 

@@ -138,7 +138,9 @@ class ResNet18For28(nn.Module):
         for block in net.modules():  # the shortcut's 1x1 stride-2 convolution, at widths below the oneDNN block
             down = getattr(block, "downsample", None)
             if down is not None and down[0].in_channels < ONEDNN_BLOCK:
-                down[0].__class__ = SubsampledPointwise  # the same module and weights (no new draw), another forward
+                conv = down[0]
+                assert conv.kernel_size == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
+                conv.__class__ = SubsampledPointwise  # the same module and weights (no new draw), another forward
         self.trunk = nn.Sequential(*list(net.children())[:-2])
         self.head = net.fc
 

@@ -108,6 +108,16 @@ for width in (4, 8, 16):
 """
 
 
+def test_subsampled_pointwise_is_the_strided_1x1_convolution():
+    from classify.nets import SubsampledPointwise
+    for h, w in [(7, 7), (14, 14), (5, 8), (1, 3)]:
+        conv = torch.nn.Conv2d(3, 5, 1, 2, bias=False).double()
+        x = torch.randn(3, 3, h, w, dtype=torch.float64)
+        ref = conv(x)
+        conv.__class__ = SubsampledPointwise
+        assert torch.allclose(conv(x), ref, rtol=0, atol=1e-12)
+
+
 def test_narrow_resnet18_trains_in_channels_last_with_the_contiguous_gradients():
     """Below 16 input channels oneDNN's strided 1x1 weight gradient in channels_last corrupted the heap (width 8,
     odd batches: the process died) or could give wrong gradients; the shortcut avoids that path. In a child process,
