@@ -16,6 +16,7 @@ from common.data import NIH_LABELS
 from common.runs import load_checkpoint
 from fairness.metrics import auroc
 from conftest import ROOT
+from same_numbers import check_same_seed_same_numbers
 
 
 def run(module, *args, timeout=600):
@@ -229,3 +230,9 @@ def test_chestxray_report_rebuilds_from_a_plain_preds_file(smoke_study, tmp_path
     r = subprocess.run([sys.executable, "-m", "classify.chestxray_report", "--out", str(copy)], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "no preds.csv.gz or preds.csv here" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_same_seed_same_numbers(smoke_study, tmp_path):
+    """Every stage script of the smoke chain rerun writes the same file; the study rerun on its stages reuses them
+    all and writes the same summary (tests/same_numbers.py)."""
+    check_same_seed_same_numbers("chestxray", smoke_study, tmp_path)

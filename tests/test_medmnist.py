@@ -10,6 +10,7 @@ import torch
 
 from common.data import PROJECT_DATA, medmnist_subset
 from conftest import ROOT
+from same_numbers import check_same_seed_same_numbers
 from fairness.metrics import auroc
 from gan import train_mlp_cgan as cgan
 from vae import train_mlp_ae as ae, train_mlp_cvae as cvae
@@ -176,3 +177,9 @@ def test_medmnist_flags_take_effect_at_the_quick_scale():
     assert (q.epochs, q.width, q.recipe, q.cgan_epochs) == (quick["epochs"], quick["width"], quick["recipe"], 1000)
     f = parse_args(["--scale", "full"])
     assert (f.epochs, f.width, f.recipe) == (100, 64, "paper")
+
+
+def test_same_seed_same_numbers(smoke_study, tmp_path):
+    """Every stage script of the smoke chain rerun writes the same file; the study rerun on its stages reuses them
+    all and writes the same summary (tests/same_numbers.py)."""
+    check_same_seed_same_numbers("medmnist", smoke_study, tmp_path)

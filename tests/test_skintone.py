@@ -8,6 +8,7 @@ import pandas as pd
 import torch
 
 from conftest import ROOT
+from same_numbers import check_same_seed_same_numbers
 from vae.skin import SETS
 from vae.skintone_report import GROUPS, answers, compare_groups
 from vae.train_resvae import ResVAE, VGGPerceptual, vae_loss
@@ -127,3 +128,9 @@ def test_train_resvae_end_to_end_on_a_fitzpatrick_layout(tmp_path):
                  latent_channels=a["latent_channels"])
     net.load_state_dict(ck["model"])
     assert net(torch.zeros(1, 3, 16, 16))[0].shape == (1, 3, 16, 16)
+
+
+def test_same_seed_same_numbers(smoke_study, tmp_path):
+    """Every stage script of the smoke chain rerun writes the same file; the study rerun on its stages reuses them
+    all and writes the same summary (tests/same_numbers.py)."""
+    check_same_seed_same_numbers("skintone", smoke_study, tmp_path)
