@@ -26,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from classify.nets import build  # noqa: E402
+from bench.machine_limit import training_step  # noqa: E402
 from common.runs import git_commit  # noqa: E402
 from diffusion.ddpm import Schedule, q_sample  # noqa: E402
 from diffusion.unet import UNet  # noqa: E402
@@ -72,15 +73,7 @@ def step_of(name, dev, batch, bf16):
             return F.mse_loss(m(q_sample(sched, xb, t, eps), t, y).float(), eps)
     net = net.to(dev, memory_format=cl)
     xb = x.to(dev).contiguous(memory_format=cl)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_fn(net, xb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step, batch
+    return training_step(loss_fn, net, xb, torch.optim.Adam(net.parameters(), lr=1e-4), "cuda", bf16), batch
 
 
 def measure(name, dev, batch, bf16, steps, rounds):

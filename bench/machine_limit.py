@@ -157,14 +157,18 @@ def loop(name, channels_last, bf16=False, compile=False):
     opt = adamw(net.parameters(), 1e-3, 0.05, fused=name == "vit") if name.startswith("vit") else \
         torch.optim.Adam(net.parameters(), lr=1e-4)
     m, xb = wrap(net), x.contiguous(memory_format=fmt) if x.dim() == 4 else x  # MLPs: one format
+    return training_step(loss_fn, m, xb, opt, "cpu", bf16), len(x)
 
+
+def training_step(loss_fn, net, xb, opt, device_type, bf16):
+    """One optimiser step on loss_fn(net, xb) as a function; bf16: the forward under bf16 autocast."""
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_fn(m, xb)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(net, xb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return step, len(x)
+    return step
 
 
 def measure(name, channels_last, steps, rounds, bf16=False, compile=False):
