@@ -243,7 +243,8 @@ def report(paths, gpu=None):
         print(f"GPU, measured on one {measured['gpu']} (bench/gpu_steps.py; DenseNet-121 {ips['densenet121']:.0f} "
               f"images/s in bf16, CVAE {ips['cvae']:.0f} in fp32, fairgen's U-Net {ips['unet64']:.0f} in bf16): "
               f"chest X-ray study {measured['chestxray_gpu_hours']:.1f} GPU-hours; fairgen pretraining "
-              f"{measured['fairgen_pretrain_gpu_hours']:.2f} GPU-hours per modality and seed")
+              f"{measured['fairgen_pretrain_gpu_hours']:.2f} GPU-hours per modality and seed (compute alone: a lower "
+              f"bound)")
     return {"plan": plan, "decode_core_hours": N / per_core / 3600, "assumed_tflops": rate / 1e3, "gpu_hours": gpu_h,
             "measured": measured}
 
