@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 from classify.nets import build  # noqa: E402
 from bench.machine_limit import training_step  # noqa: E402
 from common.runs import git_commit  # noqa: E402
@@ -98,6 +99,14 @@ def measure(name, dev, batch, bf16, steps, rounds):
             "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30, "as_trained": AS_TRAINED[name] == arith}
 
 
+def recorded_out(path):
+    """--out as the record keeps it: relative to the repository, or <out>/<name> outside it (no machine's folder)."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return f"<out>/{Path(path).name}"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=64, help="images per step (the full presets' batch)")
@@ -129,7 +138,8 @@ def main():
         Path(args.out).write_text(json.dumps({
             "gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
             "bf16_matmul_tflops": peak, "commit": git_commit(), "rows": rows,
-            "command": "python " + " ".join(sys.argv)}, indent=1) + "\n")
+            "command": f"python bench/gpu_steps.py --out {recorded_out(args.out)}"}, indent=1) + "\n")
+
 
 
 if __name__ == "__main__":
