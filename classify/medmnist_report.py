@@ -107,6 +107,8 @@ def table2_rows(auc, acc, missing):
 
 def table2_notes(plan):
     """The notes under Table 2: the protocol as run, the missing data sets, and how it differs from the paper."""
+    from classify.medmnist_study import SCALES  # the quick scale's epochs and width, chosen on validation data
+    chosen = (SCALES["quick"]["epochs"], SCALES["quick"]["width"])
     missing = plan["datasets_missing"]
     patience = f" (early stopping patience {plan['patience']})" if plan["recipe"] == "paper" else ""
     return [f"Ours: mean ± std over {plan['seeds']} seeds (subset, generators and classifier reseeded), test split of "
@@ -127,9 +129,9 @@ def table2_notes(plan):
             "within 100 epochs (a choice made on test data). The quick scale's recipe (Adam, batch 32, weights by "
             "validation AUC) was chosen on the official validation split, which no stage uses, among five candidates "
             "by a rule fixed before that run (bench/medmnist_settings.py, results/bench/medmnist_settings.md), and "
-            "then its epochs and width among 3 x 3 the same way (results/bench/medmnist_size.md: 10 epochs, width 16"
-            + ("; this run's " + f"{plan['epochs']} epochs, width {plan['width']} are not that choice"
-               if (plan["epochs"], plan["width"]) != (10, 16) else "") + ").",
+            f"then its epochs and width among 3 x 3 the same way (results/bench/medmnist_size.md: {chosen[0]} epochs, "
+            f"width {chosen[1]}" + ("; this run's " + f"{plan['epochs']} epochs, width {plan['width']} are not that "
+                                    "choice" if (plan["epochs"], plan["width"]) != chosen else "") + ").",
             "Do not read a method as better from this table: the paired comparisons are in comparisons.md."]
 
 
