@@ -3,10 +3,15 @@ network whose check below agrees.
 
     python bench/bf16_agreement.py --seeds 5 --out results/bench/bf16                        # the classifier, ~10 min
     python bench/bf16_agreement.py --loop cvae --seeds 5 --out results/bench/bf16_cvae       # the CVAE, ~15 min
+    python bench/bf16_agreement.py --loop resvae --seeds 10 --out results/bench/bf16_resvae  # the ResVAE, ~17 min
 
 --loop chexnet: classify.train_chexnet at the quick chest X-ray study's settings (cnn8, width 16, 64 px, batch 32,
 16 epochs, cosine, last epoch's weights; its own 70/10/20 patient split of NIH1000). --loop cvae: vae.train_cvae at
-the quick study's settings (40 epochs at most, patience 10, batch 64; the women of its own 70/10/20 split). Each
+the quick study's settings (40 epochs at most, patience 10, batch 64; the women of its own 70/10/20 split).
+--loop resvae: vae.train_resvae at the quick skintone study's settings (32 px, 15 epochs, batch 64, random VGG19 of
+seed 0) on training set A (200 light images drawn with replacement) of a skin phantom made here with seed 1 (the
+study's is seed 0, so no image of the check is one of the study's), and 100 light + 100 dark held-out images of
+that phantom as validation images, drawn as the study draws a repeat's test sets. Each
 seed trains twice, --amp off and --amp bf16: the same initial weights and batches, so a pair differs only by the
 arithmetic. The rules, fixed before each run, on training and validation numbers only (test numbers, where a
 loop has them, are shown, not used):
@@ -17,6 +22,8 @@ loop has them, are shown, not used):
   criterion), the 95% t-interval of the mean paired difference lies within +-margin, margin = fp32's standard
   deviation across seeds: bf16 is accepted only if the seeds exclude a difference as large as what a new seed
   changes. The same interval is printed for chexnet.
+- resvae (the equivalence test of cvae): the final training loss, and on the validation images the study's own
+  outcomes: the median reconstruction MSE of the light and of the dark images and their gap (dark - light).
 Writes summary.json (every run's history, the rule's numbers, the verdict, the seconds of each arm), curves.png
 (both arms' curves, per seed) and prints a table.
 """
@@ -52,19 +59,56 @@ LOOPS = {
                           ("best_val_loss", lambda r: min(h["val_loss"] for h in r["history"]), True)],
              "curves": [("loss", "training loss (MSE + beta KL)"), ("val_loss", "validation loss")],
              "title": "chest X-ray CVAE on NIH1000's women (quick settings)", "log": True},
+    "resvae": {"module": "vae.train_resvae", "settings": ["--size", "32", "--width", "32", "--latent-channels", "64",
+                                                          "--latent-res", "8", "--epochs", "15", "--batch-size", "64",
+                                                          "--lr", "0.0001", "--perceptual-weight", "1.0",
+                                                          "--no-pretrained", "--vgg-seed", "0", "--device", "cpu"],
+               "rule": "equivalence", "prepare": lambda runs: phantom_sets(runs),
+               "measures": [("loss", lambda r: r["history"][-1]["loss"], True),
+                            ("val_median_mse_light", lambda r: r["val"]["light"], True),
+                            ("val_median_mse_dark", lambda r: r["val"]["dark"], True),
+                            ("val_gap_dark_minus_light", lambda r: r["val"]["dark"] - r["val"]["light"], True)],
+               "curves": [("loss", "training loss (MSE + KL + perceptual)"), ("mse", "training MSE")],
+               "title": "skintone ResVAE on phantom set A (quick settings)", "log": True},
 }
 
 
-def train(loop, seed, amp, runs):
+def phantom_sets(runs, seed=1, n=1000):
+    """The resvae check's data: a skin phantom of its own (seed 1; the study's is seed 0) and a split file with
+    training set A and held-out light and dark validation images, drawn as the skintone study draws a repeat's
+    sets. Returns the stage flags that name them."""
+    from common.phantom import make_phantom
+    from common.splits import write_sets
+    from vae.skin import load_skin
+    from vae.skintone_study import repeat_sets
+    folder = Path(runs) / f"phantom_seed{seed}"
+    if not (folder / "fitzpatrick17k.csv").is_file():
+        make_phantom(folder, n=n, size=64, seed=seed)
+    t, _, _ = load_skin(folder, 32)
+    sets = repeat_sets(t, 0, seed, n_test=100, n_train=200)
+    write_sets(Path(runs) / "sets.csv", {k: sets[k] for k in ("A", "light", "dark")})
+    return ["--data-root", str(folder), "--sets", str(Path(runs) / "sets.csv"), "--train-set", "A",
+            "--test-sets", "light,dark"]
+
+
+def validation_medians(out):
+    """{group: median reconstruction MSE} of a resvae run's held-out images (its preds.csv)."""
+    import pandas as pd
+    return pd.read_csv(out / "preds.csv").groupby("test_group")["mse"].median().to_dict()
+
+
+def train(loop, seed, amp, runs, data_flags=()):
     out = runs / f"{amp}_seed{seed}"
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", loop["module"], *loop["settings"], "--amp", amp, "--seed", str(seed),
+    r = subprocess.run([sys.executable, "-m", loop["module"], *loop["settings"], *data_flags, "--amp", amp,
+                        "--seed", str(seed),
                         "--out-dir", str(out), "--force"], cwd=ROOT, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"{loop['module']} --amp {amp} --seed {seed} failed:\n{r.stderr[-2000:]}")
     m = json.loads((out / "metrics.json").read_text())
     return {"seconds": time.time() - t0, "history": m["history"],
-            **({"test_any_auroc": m["test"][-1]["auroc"]} if "test" in m else {})}
+            **({"test_any_auroc": m["test"][-1]["auroc"]} if "test" in m else {}),
+            **({"val": validation_medians(out)} if (out / "preds.csv").is_file() and "test" not in m else {})}
 
 
 def plot(loop, runs, seeds, path):
@@ -75,7 +119,7 @@ def plot(loop, runs, seeds, path):
     for amp, colour in (("off", "tab:blue"), ("bf16", "tab:orange")):
         for i, s in enumerate(seeds):
             h = runs[amp][s]["history"]
-            ep = [e["epoch"] for e in h]
+            ep = [e.get("epoch", i + 1) for i, e in enumerate(h)]
             label = ("fp32" if amp == "off" else "bf16 autocast") if i == 0 else None
             for ax, (key, _) in zip(axes, loop["curves"]):
                 ax.plot(ep, [e[key] for e in h], color=colour, alpha=0.6, lw=1, label=label)
@@ -116,7 +160,9 @@ def main():
     runs_dir = Path(args.runs or f"runs/bench/bf16_{args.loop}")
     out.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.seeds))
-    runs = {amp: {s: train(loop, s, amp, runs_dir) for s in seeds} for amp in ("off", "bf16")}
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    data_flags = loop["prepare"](runs_dir) if "prepare" in loop else []
+    runs = {amp: {s: train(loop, s, amp, runs_dir, data_flags) for s in seeds} for amp in ("off", "bf16")}
     rule, agree = {}, True
     print("| measure | fp32 mean (sd over seeds) | bf16 mean | paired difference bf16 - fp32: mean (sd) [95% CI] | "
           "mean within fp32's sd | CI within +-fp32's sd |")
@@ -127,9 +173,9 @@ def main():
         if used:
             agree &= rule[key]["passes"]
         r = rule[key]
-        print(f"| {key}{'' if used else ' (shown, not used)'} | {r['fp32_mean']:.4f} ({r['fp32_sd']:.4f}) | "
-              f"{r['bf16_mean']:.4f} | {r['diff_mean']:+.4f} ({r['diff_sd']:.4f}) [{r['diff_ci95'][0]:+.4f}, "
-              f"{r['diff_ci95'][1]:+.4f}] | {'yes' if r['within_fp32_sd'] else 'no'} | "
+        print(f"| {key}{'' if used else ' (shown, not used)'} | {r['fp32_mean']:.5f} ({r['fp32_sd']:.5f}) | "
+              f"{r['bf16_mean']:.5f} | {r['diff_mean']:+.5f} ({r['diff_sd']:.5f}) [{r['diff_ci95'][0]:+.5f}, "
+              f"{r['diff_ci95'][1]:+.5f}] | {'yes' if r['within_fp32_sd'] else 'no'} | "
               f"{'yes' if r['ci_within_fp32_sd'] else 'no'} |")
     seconds = {amp: float(np.mean([runs[amp][s]["seconds"] for s in seeds])) for amp in runs}
     rule_words = "its mean paired difference within fp32's sd" if loop["rule"] == "within_sd" else \
@@ -140,6 +186,7 @@ def main():
     plot(loop, runs, seeds, out / "curves.png")
     summary = {"git_commit": git_commit(), "command": " ".join(sys.argv).replace(tempfile.gettempdir(), "<tmp>"),
                "loop": args.loop, "module": loop["module"], "settings": loop["settings"], "seeds": seeds,
+               "data_flags": [f.replace(tempfile.gettempdir(), "<tmp>") for f in data_flags],
                "rule_kind": loop["rule"],
                "rule": {k: {kk: (vv if isinstance(vv, bool) else [float(x) for x in vv] if isinstance(vv, list)
                                  else float(vv)) for kk, vv in v.items()} for k, v in rule.items()},

@@ -29,10 +29,11 @@ from tqdm import tqdm
 from common.cli import ArgumentParser, key_values, nonneg_float, positive_float, positive_int, run
 from common.errors import DataError
 from common.runs import (add_common_args, check_finite, device_from, load_state_dict_file, prepare_out_dir,
-                         save_checkpoint, seed_everything, write_config, write_json)
+                         save_checkpoint, seed_everything, use_amp, write_config, write_json)
 from common.splits import read_sets
 from vae.skin import SETS, draw_train_set, load_skin
 
+BF16_CHECKED = False  # bf16 by default (--amp auto)? Only once bench/bf16_agreement.py --loop resvae agrees
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -132,14 +133,16 @@ def vae_loss(x_hat, x, mu, logvar, vgg, perceptual_weight=1.0):
     if perceptual_weight:
         with torch.no_grad():
             f_x = vgg(x)
-        perc = torch.stack([F.mse_loss(a, b) for a, b in zip(vgg(x_hat), f_x)]).mean()  # Eq. 2: mean over 16 layers
+        # Eq. 2: mean over the 16 layers; each difference in fp32 (under bf16 autocast the VGG runs in bf16)
+        perc = torch.stack([F.mse_loss(a.float(), b.float()) for a, b in zip(vgg(x_hat), f_x)]).mean()
     return mse + kl + perceptual_weight * perc, mse, kl, perc
 
 
 def fit(x, vgg, device, *, width, latent_channels, latent_res, epochs, batch_size, lr, perceptual_weight, seed,
-        out_dir=None, progress=True):
+        out_dir=None, progress=True, amp=False):
     """x: (N, 3, S, S) in [-1, 1]; the model and its training: add_args' flags of the same names; out_dir: named in
-    the message of a non-finite loss. Returns (model, history)."""
+    the message of a non-finite loss; amp: the ResVAE's and the VGG's forward passes under bf16 autocast, the loss
+    terms in fp32. Returns (model, history)."""
     torch.manual_seed(seed)
     levels = int(np.log2(x.shape[-1] // latent_res))
     model = ResVAE(x.shape[1], width, levels, latent_channels).to(device, memory_format=torch.channels_last)
@@ -150,8 +153,9 @@ def fit(x, vgg, device, *, width, latent_channels, latent_res, epochs, batch_siz
         parts = []
         for idx in torch.randperm(len(x), generator=gen).split(batch_size):
             xb = x[idx].to(device).contiguous(memory_format=torch.channels_last)
-            x_hat, mu, logvar = model(xb)
-            loss, mse, kl, perc = vae_loss(x_hat, xb, mu, logvar, vgg, perceptual_weight)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                x_hat, mu, logvar = model(xb)
+                loss, mse, kl, perc = vae_loss(x_hat.float(), xb, mu.float(), logvar.float(), vgg, perceptual_weight)
             check_finite(loss, epoch, out_dir)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -187,6 +191,11 @@ def add_args(p):
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                    help="VGG19 ImageNet weights (--no-pretrained: random VGG19 features, recorded in every output)")
     p.add_argument("--vgg-weights", default=None, help="local VGG19 state-dict file (instead of downloading)")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
+                   help="bf16 autocast of the training steps (the loss terms in fp32). auto: bf16 where "
+                        "BF16_CHECKED says bench/bf16_agreement.py --loop resvae showed that it trains the ResVAE "
+                        "as fp32 does (results/bench/bf16_resvae), else fp32; bf16: always (refused on a device "
+                        "without bf16); off: fp32")
     return p
 
 
@@ -217,6 +226,7 @@ def parse_args(argv=None):
 
 def main(args):
     device = device_from(args.device)
+    amp = use_amp(args.amp, device, cpu_checked=BF16_CHECKED, gpu_checked=BF16_CHECKED)  # a refused bf16 first
     keys = key_values(args.tag, reserved=("image", "test_group", "skin_type", "diagnosis", "mse", "latent_std",
                                           "seed"))  # bad input first, before the run folder is touched
     out = prepare_out_dir(args.out_dir, args.force)
@@ -237,7 +247,7 @@ def main(args):
     t0 = time.time()
     model, history = fit(x[idx], vgg, device, width=args.width, latent_channels=args.latent_channels,
                          latent_res=args.latent_res, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         perceptual_weight=args.perceptual_weight, seed=args.seed, out_dir=args.out_dir)
+                         perceptual_weight=args.perceptual_weight, seed=args.seed, out_dir=args.out_dir, amp=amp)
     save_checkpoint({"model": model.state_dict(), "args": vars(args)}, out / "ckpt.pt")
     rows, recons = [], {}
     for g in tests:  # per test image: reconstruction MSE and latent std; the first 8 reconstructions for figures
@@ -250,7 +260,7 @@ def main(args):
         pd.DataFrame(rows).to_csv(out / "preds.csv", index=False)
         np.savez_compressed(out / "recon.npz", **recons)
     write_json(out / "metrics.json", {"history": history, "seconds": time.time() - t0, "data": data,
-                                      "vgg": vgg.source, "n_train": len(idx)})
+                                      "vgg": vgg.source, "n_train": len(idx), "bf16_autocast": amp})
     print(f"ResVAE on set {args.train_set} ({data}, VGG19 {vgg.source}): final MSE {history[-1]['mse']:.4f}")
 
 
