@@ -271,6 +271,11 @@ def main():
     if args.decode_child:
         return decode_child(args.decode_child[0], int(args.decode_child[1]), int(args.decode_child[2]))
     if args.report:
+        made_by = [*((r, "--report", "bench/fullscale.py --out") for r in args.report),
+                   *([(args.gpu, "--gpu", "bench/gpu_steps.py --out")] if args.gpu else [])]
+        for path, flag, script in made_by:
+            if not Path(path).is_file():
+                p.error(f"{flag} {path}: no such file (the JSON that `{script}` writes)")
         return report(args.report, args.gpu)
     if not args.root:
         p.error("--root: the folder of the simulated NIH root")

@@ -56,3 +56,13 @@ def test_measured_gpu_hours_divide_each_stage_by_its_network_rate_as_trained(tmp
     m = measured_gpu_hours(plan, tmp_path / "g.json")
     assert abs(m["chestxray_gpu_hours"] - (3600 + 360 + 720) / 3600) < 1e-9  # 3.6M/1000 + 1.08M/3000 + 0.36M/500 s
     assert abs(m["fairgen_pretrain_gpu_hours"] - 20000 * 64 / 3200 / 3600) < 1e-9
+
+
+def test_report_names_a_missing_measurement_file_in_one_line(tmp_path):
+    for argv, flag in ((["--report", str(tmp_path / "none.json")], "--report"),
+                       (["--report", "results/bench/fullscale_200.json", "--gpu", str(tmp_path / "g.json")], "--gpu")):
+        r = subprocess.run([sys.executable, "bench/fullscale.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"fullscale.py: error: {flag} ") and "no such file" in last
