@@ -178,6 +178,27 @@ def test_stage_times_table_reads_each_studys_summary(tmp_path):
     assert "not recorded" in rows[1][1] and "no stages.json" in rows[2][1]
 
 
+def test_stage_times_by_module_names_each_loop_its_share_bf16_speed_and_check(tmp_path):
+    from common.stages import KINDS
+    (tmp_path / "chestxray").mkdir()
+    (tmp_path / "chestxray/stages.json").write_text(json.dumps({
+        "stages": ["python -m classify.train_chexnet --seed 0", "python -m classify.train_chexnet --seed 1",
+                   "python -m vae.train_cvae --seed 0", "python -m vae.train_cvae --seed 1"],
+        "seconds_by_kind": {**dict.fromkeys(KINDS, 0.0), "total": 0.0, "not recorded": 1},
+        "stage_seconds": [{"start_s": 3.0, "run_s": 60.0}, {"start_s": 3.0, "run_s": 60.0},
+                                                 {"start_s": 3.0, "run_s": 40.0}, None]}))
+    (tmp_path / "bench/bf16").mkdir(parents=True)
+    (tmp_path / "bench/bf16/summary.json").write_text('{"agrees": true}')
+    (tmp_path / "bench/machine_limit_all.md").write_text("| loop | variant | images/s | x fp32 eager |\n"
+                                                         "| cnn8 | bf16 | 803 | 1.65 |\n| cvae | bf16 | 377 | 1.61 |\n")
+    r = subprocess.run([sys.executable, "bench/stage_times.py", "--results", str(tmp_path), "--studies", "chestxray"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = [line.strip("| ").split(" | ") for line in r.stdout.split("stage module")[1].splitlines()[2:]]
+    assert rows == [["chestxray", "classify.train_chexnet", "2", "2.0", "75%", "cnn8", "1.65", "agrees"],
+                    ["chestxray", "vae.train_cvae", "1", "0.7", "25%", "cvae", "1.61", "not checked"]]
+
+
 def test_make_cannot_name_a_file_with_an_equals_sign_or_a_semicolon():
     from common.stages import make_name
     for bad in ("runs/a=b", "runs/a;b", "runs/100%"):
