@@ -109,7 +109,7 @@ def main(args):
         modules += module_rows(name, Path(args.results) / name, Path(args.results) / "bench")
     header = ["study", "stages"] + [f"{k} (min)" for k in KINDS] + ["total (min)", "stages not recorded"]
     table = markdown_table(header, rows)
-    by_module = markdown_table(["study", "stage module", "stages", "min", "share of the study's stage time",
+    by_module = markdown_table(["study", "stage module", "stages recorded", "min", "share of the study's stage time",
                                 "training loop", "bf16 x fp32 (machine_limit_all.md)", "bf16 check"], modules)
     print(table + "\n\n" + by_module)
     if args.out:
@@ -120,7 +120,8 @@ def main(args):
                                   "of the run that made it; the module shares leave out process starts. bf16 x fp32: "
                                   "the loop's training-step speed under bf16 autocast in the committed loop table "
                                   "(one run, 2-core CPU with AVX512-BF16); bf16 check: bench/bf16_agreement.py's "
-                                  "verdict (a loop whose check agrees trains in bf16 under --amp auto). Written by "
+                                  "verdict (a loop whose check agrees trains in bf16 under --amp auto on such a CPU; "
+                                  "cnn8's check used a weaker rule than the others', docs/bench.md). Written by "
                                   "bench/stage_times.py.\n")
 
 

@@ -295,7 +295,8 @@ def write_readme(out, said, rows, summary, tag):
             f"Holm over the primary rows); 'cannot tell at this scale' "
             f"means the CI holds 0 or the difference does not survive Holm's correction, and the MDE is the "
             f"smallest effect the design would have seen. per_repeat.md has each repeat alone, std_vs_mse.md whether the latent std tracks the error, "
-            f"fig3-fig8 the figures. Sizes {summary['sizes']}, scale {summary['scale']}, VGG19 {summary['vgg']}. "
+            f"fig3-fig8 the figures. Sizes {summary['sizes']}, scale {summary['scale']}, VGG19 {summary['vgg']}, "
+            f"training arithmetic {summary['arithmetic']}. "
             f"preds.csv holds one row per test image, training set and repeat: every number here can be "
             f"recomputed from it (`python -m vae.skintone_report --out {out}`).", "", footer(), ""]
     (out / "README.md").write_text("\n".join(text))
@@ -314,7 +315,8 @@ def write_report(out):
                                           "median_per_repeat", "latent_std_median_per_repeat", "spearman_std_mse")},
                "ci_method": how, "repeats": len(repeats), "data": plan["data"],
                "pretrained": plan["vgg"].startswith("imagenet"), "vgg": plan["vgg"], "scale": plan["scale"],
-               "sizes": plan["sizes"], "seconds": plan["seconds"]}
+               "sizes": plan["sizes"], "seconds": plan["seconds"],
+               "arithmetic": plan.get("arithmetic", "not recorded (a run from before the stages recorded it)")}
     rows = medians_rows(summary)
     write_medians(out, rows, summary, plan, tag)
     comparisons = compare_groups(df)

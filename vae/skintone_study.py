@@ -108,14 +108,19 @@ def plan(stages, runs, repeats, seed, vae_flags, data_root=None, device="auto"):
 
 def gather(out, cells):
     """The stages' outputs under out: preds.csv (one row per test image, training set and repeat) and
-    recon/<set>.npz (repeat 0's reconstructions). Returns the VGG19 the stages used (their metrics.json)."""
+    recon/<set>.npz (repeat 0's reconstructions). Returns the VGG19 the stages used and their training arithmetic
+    (bf16 autocast, fp32 or mixed: --amp auto depends on the machine), from their metrics.json."""
     df = pd.concat([pd.read_csv(cell / "preds.csv") for _, _, cell in cells], ignore_index=True)
     df.to_csv(out / "preds.csv", index=False)
     (out / "recon").mkdir(exist_ok=True)
     for r, s, cell in cells:
         if r == 0:
             shutil.copyfile(cell / "recon.npz", out / "recon" / f"{s}.npz")
-    return json.loads((cells[0][2] / "metrics.json").read_text())["vgg"]
+    metrics = [json.loads((cell / "metrics.json").read_text()) for _, _, cell in cells]
+    bf16 = {bool(m.get("bf16_autocast")) for m in metrics}
+    arithmetic = "mixed (bf16 autocast in some stages, fp32 in others)" if len(bf16) > 1 else \
+        "bf16 autocast (the loss terms in fp32)" if bf16 == {True} else "fp32"
+    return metrics[0]["vgg"], arithmetic
 
 
 def main(args):
@@ -142,9 +147,10 @@ def main(args):
     out = prepare_out_dir(args.out, args.force)
     write_config(out, args, data=data, sizes={**sizes, "repeats": args.repeats})
     stages.run_all()
-    vgg = gather(out, cells)
+    vgg, arithmetic = gather(out, cells)
     stages.record(out / "stages.json")
     write_json(out / "plan.json", {"study": "skintone", "scale": args.scale, "data": data, "vgg": vgg,
+                                   "arithmetic": arithmetic,
                                    "perceptual_weight": args.perceptual_weight, "sizes": sizes,
                                    "n_test": args.n_test, "repeats": args.repeats, "n_boot": args.n_boot,
                                    "seed": args.seed, "seconds": time.time() - t0})

@@ -193,9 +193,10 @@ def add_args(p):
     p.add_argument("--vgg-weights", default=None, help="local VGG19 state-dict file (instead of downloading)")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
                    help="bf16 autocast of the training steps (the loss terms in fp32). auto: bf16 on a CPU with "
-                        "bf16 instructions and on a GPU that supports it, since bench/bf16_agreement.py --loop resvae "
-                        "found that it trains the ResVAE as fp32 does (results/bench/bf16_resvae; 1.57x on a 2-core "
-                        "CPU), else fp32; bf16: always (refused on a device without bf16); off: fp32")
+                        "bf16 instructions, since bench/bf16_agreement.py --loop resvae found that it trains the "
+                        "ResVAE as fp32 does there (results/bench/bf16_resvae, quick settings; 1.57x on a 2-core "
+                        "CPU), else fp32 (GPUs too: not checked there); bf16: always (refused on a device without "
+                        "bf16); off: fp32")
     return p
 
 
@@ -226,7 +227,8 @@ def parse_args(argv=None):
 
 def main(args):
     device = device_from(args.device)
-    amp = use_amp(args.amp, device, cpu_checked=BF16_CHECKED, gpu_checked=BF16_CHECKED)  # a refused bf16 first
+    # a refused bf16 first; auto: bf16 on CPUs, where the check ran, fp32 on GPUs until one is checked there
+    amp = use_amp(args.amp, device, cpu_checked=BF16_CHECKED, gpu_checked=False)
     keys = key_values(args.tag, reserved=("image", "test_group", "skin_type", "diagnosis", "mse", "latent_std",
                                           "seed"))  # bad input first, before the run folder is touched
     out = prepare_out_dir(args.out_dir, args.force)
