@@ -44,33 +44,6 @@ from common.runs import git_commit  # noqa: E402
 
 QUICK = ["--arch", "cnn8", "--width", "16", "--size", "64", "--batch-size", "32", "--epochs", "16", "--schedule",
          "cosine", "--patience", "0", "--keep", "last", "--device", "cpu"]
-# per loop: the module, its quick settings, the measures (name, how to read it from a run, used by the rule) and the
-# curves drawn (history key, axis label)
-LOOPS = {
-    "chexnet": {"module": "classify.train_chexnet", "settings": QUICK, "rule": "within_sd",
-                "measures": [("loss", lambda r: r["history"][-1]["loss"], True),
-                             ("val_auroc", lambda r: r["history"][-1]["val_any_auroc"], True),
-                             ("test_auroc", lambda r: r["test_any_auroc"], False)],
-                "curves": [("loss", "training loss (weighted BCE)"), ("val_any_auroc", "validation any-finding AUROC")],
-                "title": "cnn8 on NIH1000 (quick settings)"},
-    "cvae": {"module": "vae.train_cvae", "settings": ["--epochs", "40", "--patience", "10", "--batch-size", "64",
-                                                      "--device", "cpu"], "rule": "equivalence",
-             "measures": [("loss", lambda r: r["history"][-1]["loss"], True),
-                          ("best_val_loss", lambda r: min(h["val_loss"] for h in r["history"]), True)],
-             "curves": [("loss", "training loss (MSE + beta KL)"), ("val_loss", "validation loss")],
-             "title": "chest X-ray CVAE on NIH1000's women (quick settings)", "log": True},
-    "resvae": {"module": "vae.train_resvae", "settings": ["--size", "32", "--width", "32", "--latent-channels", "64",
-                                                          "--latent-res", "8", "--epochs", "15", "--batch-size", "64",
-                                                          "--lr", "0.0001", "--perceptual-weight", "1.0",
-                                                          "--no-pretrained", "--vgg-seed", "0", "--device", "cpu"],
-               "rule": "equivalence", "prepare": lambda runs: phantom_sets(runs),
-               "measures": [("loss", lambda r: r["history"][-1]["loss"], True),
-                            ("val_median_mse_light", lambda r: r["val"]["light"], True),
-                            ("val_median_mse_dark", lambda r: r["val"]["dark"], True),
-                            ("val_gap_dark_minus_light", lambda r: r["val"]["dark"] - r["val"]["light"], True)],
-               "curves": [("loss", "training loss (MSE + KL + perceptual)"), ("mse", "training MSE")],
-               "title": "skintone ResVAE on phantom set A (quick settings)", "log": True},
-}
 
 
 def phantom_sets(runs, seed=1, n=1000):
@@ -97,6 +70,36 @@ def validation_medians(out):
     return pd.read_csv(out / "preds.csv").groupby("test_group")["mse"].median().to_dict()
 
 
+# per loop: the module, its quick settings, the measures (name, how to read it from a run, used by the rule) and the
+# curves drawn (history key, axis label); optional: prepare(runs) -> the data flags of every run, read(out) -> more
+# of a run's numbers than its metrics.json
+LOOPS = {
+    "chexnet": {"module": "classify.train_chexnet", "settings": QUICK, "rule": "within_sd",
+                "measures": [("loss", lambda r: r["history"][-1]["loss"], True),
+                             ("val_auroc", lambda r: r["history"][-1]["val_any_auroc"], True),
+                             ("test_auroc", lambda r: r["test_any_auroc"], False)],
+                "curves": [("loss", "training loss (weighted BCE)"), ("val_any_auroc", "validation any-finding AUROC")],
+                "title": "cnn8 on NIH1000 (quick settings)"},
+    "cvae": {"module": "vae.train_cvae", "settings": ["--epochs", "40", "--patience", "10", "--batch-size", "64",
+                                                      "--device", "cpu"], "rule": "equivalence",
+             "measures": [("loss", lambda r: r["history"][-1]["loss"], True),
+                          ("best_val_loss", lambda r: min(h["val_loss"] for h in r["history"]), True)],
+             "curves": [("loss", "training loss (MSE + beta KL)"), ("val_loss", "validation loss")],
+             "title": "chest X-ray CVAE on NIH1000's women (quick settings)", "log": True},
+    "resvae": {"module": "vae.train_resvae", "settings": ["--size", "32", "--width", "32", "--latent-channels", "64",
+                                                          "--latent-res", "8", "--epochs", "15", "--batch-size", "64",
+                                                          "--lr", "0.0001", "--perceptual-weight", "1.0",
+                                                          "--no-pretrained", "--vgg-seed", "0", "--device", "cpu"],
+               "rule": "equivalence", "prepare": phantom_sets, "read": lambda out: {"val": validation_medians(out)},
+               "measures": [("loss", lambda r: r["history"][-1]["loss"], True),
+                            ("val_median_mse_light", lambda r: r["val"]["light"], True),
+                            ("val_median_mse_dark", lambda r: r["val"]["dark"], True),
+                            ("val_gap_dark_minus_light", lambda r: r["val"]["dark"] - r["val"]["light"], True)],
+               "curves": [("loss", "training loss (MSE + KL + perceptual)"), ("mse", "training MSE")],
+               "title": "skintone ResVAE on phantom set A (quick settings)", "log": True},
+}
+
+
 def train(loop, seed, amp, runs, data_flags=()):
     out = runs / f"{amp}_seed{seed}"
     t0 = time.time()
@@ -107,8 +110,7 @@ def train(loop, seed, amp, runs, data_flags=()):
         raise SystemExit(f"{loop['module']} --amp {amp} --seed {seed} failed:\n{r.stderr[-2000:]}")
     m = json.loads((out / "metrics.json").read_text())
     return {"seconds": time.time() - t0, "history": m["history"],
-            **({"test_any_auroc": m["test"][-1]["auroc"]} if "test" in m else {}),
-            **({"val": validation_medians(out)} if (out / "preds.csv").is_file() and "test" not in m else {})}
+            **({"test_any_auroc": m["test"][-1]["auroc"]} if "test" in m else {}), **loop.get("read", dict)(out)}
 
 
 def plot(loop, runs, seeds, path):
@@ -119,7 +121,7 @@ def plot(loop, runs, seeds, path):
     for amp, colour in (("off", "tab:blue"), ("bf16", "tab:orange")):
         for i, s in enumerate(seeds):
             h = runs[amp][s]["history"]
-            ep = [e.get("epoch", i + 1) for i, e in enumerate(h)]
+            ep = [e.get("epoch", k + 1) for k, e in enumerate(h)]
             label = ("fp32" if amp == "off" else "bf16 autocast") if i == 0 else None
             for ax, (key, _) in zip(axes, loop["curves"]):
                 ax.plot(ep, [e[key] for e in h], color=colour, alpha=0.6, lw=1, label=label)

@@ -141,6 +141,5 @@ def main():
             "command": f"python bench/gpu_steps.py --out {recorded_out(args.out)}"}, indent=1) + "\n")
 
 
-
 if __name__ == "__main__":
     main()

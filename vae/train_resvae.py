@@ -133,8 +133,7 @@ def vae_loss(x_hat, x, mu, logvar, vgg, perceptual_weight=1.0):
     if perceptual_weight:
         with torch.no_grad():
             f_x = vgg(x)
-        # Eq. 2: mean over the 16 layers; each difference in fp32 (under bf16 autocast the VGG runs in bf16)
-        perc = torch.stack([F.mse_loss(a.float(), b.float()) for a, b in zip(vgg(x_hat), f_x)]).mean()
+        perc = torch.stack([F.mse_loss(a, b) for a, b in zip(vgg(x_hat), f_x)]).mean()  # Eq. 2: mean over 16 layers
     return mse + kl + perceptual_weight * perc, mse, kl, perc
 
 
@@ -142,7 +141,7 @@ def fit(x, vgg, device, *, width, latent_channels, latent_res, epochs, batch_siz
         out_dir=None, progress=True, amp=False):
     """x: (N, 3, S, S) in [-1, 1]; the model and its training: add_args' flags of the same names; out_dir: named in
     the message of a non-finite loss; amp: the ResVAE's and the VGG's forward passes under bf16 autocast, the loss
-    terms in fp32. Returns (model, history)."""
+    terms in fp32 (autocast runs mse_loss in fp32; the KL's inputs are cast here). Returns (model, history)."""
     torch.manual_seed(seed)
     levels = int(np.log2(x.shape[-1] // latent_res))
     model = ResVAE(x.shape[1], width, levels, latent_channels).to(device, memory_format=torch.channels_last)
