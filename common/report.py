@@ -150,12 +150,20 @@ def save_samples(out_dir, images, labels, class_names, title, per_row=10, name="
 def write_readme(out, title, answers, tables, notes=()):
     """out/README.md, the page a reader opens first: the title (the study's question), the answers in words, then
     each table's Markdown (files under out, written by write_table, each with its own notes and footer), then notes
-    and the footer of the report that wrote them."""
-    out = Path(out)
+    and the footer of the report that wrote them. A paragraph the page already shows (a table note that is also an
+    answer, a table footer equal to the page's own) is shown once."""
+    out, own = Path(out), footer()
+    shown = {a.strip() for a in answers} | {own}
+
+    def once(text):
+        paragraphs = [p for p in text.strip().split("\n\n") if p.strip() not in shown]
+        shown.update(p.strip() for p in paragraphs)
+        return "\n\n".join(paragraphs)
+
     parts = [f"# {title}", "", *[f"{a}\n" for a in answers]]
-    parts += [(out / t).read_text().strip() + "\n" for t in tables if (out / t).is_file()]
-    parts += [f"{n}\n" for n in notes]
-    parts.append(footer())
+    parts += [once((out / t).read_text()) + "\n" for t in tables if (out / t).is_file()]
+    parts += [f"{n}\n" for n in notes if n.strip() not in shown]
+    parts.append(own)
     (out / "README.md").write_text("\n".join(parts) + "\n")
     return out / "README.md"
 
