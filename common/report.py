@@ -161,7 +161,7 @@ def write_readme(out, title, answers, tables, notes=()):
         return "\n\n".join(paragraphs)
 
     parts = [f"# {title}", "", *[f"{a}\n" for a in answers]]
-    parts += [once((out / t).read_text()) + "\n" for t in tables if (out / t).is_file()]
+    parts += [f"{text}\n" for text in (once((out / t).read_text()) for t in tables if (out / t).is_file()) if text]
     parts += [f"{n}\n" for n in notes if n.strip() not in shown]
     parts.append(own)
     (out / "README.md").write_text("\n".join(parts) + "\n")

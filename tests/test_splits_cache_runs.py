@@ -184,15 +184,16 @@ def test_table_and_grid_writers(tmp_path):
     assert Image.open(tmp_path / "g2.png").size[0] > 100
 
 
-
 def test_readme_shows_each_paragraph_once(tmp_path):
     """A table note that is also an answer, and the footer every table shares with the page, appear once; a table's
     own notes and a footer that differs (another command) stay."""
     from common.report import footer, write_readme
     write_table(tmp_path / "a", ["x"], [[1]], title="A", notes=["the answer.", "a note of A."])
     write_table(tmp_path / "b", ["x"], [[2]], title="B", notes=["a note of A.", "a note of B."], command="make b")
-    text = write_readme(tmp_path, "Q?", ["the answer."], ["a.md", "b.md"], notes=["a note of B.", "closing."]
+    (tmp_path / "c.md").write_text("the answer.\n\n" + footer() + "\n")  # nothing new: no empty section for it
+    text = write_readme(tmp_path, "Q?", ["the answer."], ["a.md", "b.md", "c.md"], notes=["a note of B.", "closing."]
                         ).read_text()
+    assert "\n\n\n" not in text
     assert [text.count(s) for s in ("the answer.", "a note of A.", "a note of B.", "closing.", "## A", "## B")] == \
         [1] * 6
     assert text.count(footer()) == 1 and text.rstrip().endswith(footer()) and text.count("Made by `make b`") == 1
