@@ -160,10 +160,8 @@ def write_readme(out, title, answers, tables, notes=()):
         shown.update(p.strip() for p in paragraphs)
         return "\n\n".join(paragraphs)
 
-    parts = [f"# {title}", "", *[f"{a}\n" for a in answers]]
-    parts += [f"{text}\n" for text in (once((out / t).read_text()) for t in tables if (out / t).is_file()) if text]
-    parts += [f"{n}\n" for n in notes if n.strip() not in shown]
-    parts.append(own)
+    texts = [(out / t).read_text() for t in tables if (out / t).is_file()] + list(notes)
+    parts = [f"# {title}", "", *[f"{a}\n" for a in answers], *[f"{t}\n" for t in map(once, texts) if t], own]
     (out / "README.md").write_text("\n".join(parts) + "\n")
     return out / "README.md"
 

@@ -198,6 +198,7 @@ def test_readme_shows_each_paragraph_once(tmp_path):
         [1] * 6
     assert text.count(footer()) == 1 and text.rstrip().endswith(footer()) and text.count("Made by `make b`") == 1
 
+
 def test_failed_forced_run_keeps_its_work(tmp_path, capsys):
     """A long run that fails late under --force gets the old run back and keeps its own checkpoints aside;
     clinicians' answers are never replaced. (A study's stages are processes of their own: each settles its own.)"""
