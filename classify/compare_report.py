@@ -69,12 +69,25 @@ def generator_groups(plan):
     return [k % g for k in range(r)] if r > 1 else None
 
 
+def has_generator(row):
+    return row_cell(row)[1] is not None
+
+
+def row_levels(row, levels):
+    """How a row's replicates are averaged: over its generator seeds (levels) if it has a generator, else plainly."""
+    return levels if has_generator(row) else None
+
+
 def paired(name, a, b, stats, pid, n_boot, seed, groups=None):
     """a - b on `name` (stats: {row: [per replicate {metric: f(idx)}]}): replicate r of a paired with replicate r of
-    b; the bootstrap draws generator seeds (groups), then replicates within them, then patients (one replicate: the
-    patient bootstrap; a generator seed per replicate, or one for all: replicates, then patients)."""
+    b. Where a row has a generator, the bootstrap draws generator seeds (groups), then replicates within them, then
+    patients, and a row without one (b) is the plain mean over the drawn replicates; between two rows without a
+    generator: replicates, then patients (one replicate: the patient bootstrap)."""
     pairs = [(sa[name], sb[name], pid) for sa, sb in zip(stats[a], stats[b])]
-    return comparison(name, a, b, paired_difference_replicates(pairs, n_boot=n_boot, seed=seed, groups=groups))
+    if not (has_generator(a) or has_generator(b)):
+        groups = None  # two classifiers on real data: no generator seed to draw
+    return comparison(name, a, b, paired_difference_replicates(pairs, n_boot=n_boot, seed=seed, groups=groups,
+                                                               plain_b=not has_generator(b)))
 
 
 def ood_comparisons(path, rows, n_boot, seed):
@@ -214,14 +227,14 @@ def training_noise(plan):
     r, g = plan.get("replicates", 1), plan.get("generator_seeds", 1)
     if r == 1:
         return "One training run per row and fold: training noise is not in the CIs"
-    how = ("generator seeds, then the classifier replicates within each, then patients" if 1 < g < r else
+    how = ("generator seeds, then the classifier replicates within each, then patients (between two rows without a "
+           "generator: replicates, then patients)" if 1 < g < r else
            "replicates, then patients" + ("" if g > 1 else " (one generator per family and fold: the generator's own "
                                           "seed-to-seed noise is not in them)"))
     return (f"{r} classifiers (seeds) per row and fold and {g} generator{'s' if g > 1 else ''} (seeds) per family "
-            f"and fold, classifier replicate r trained on generator seed r mod {g}; each statistic is the mean over "
-            f"generator seeds of the mean over their replicates (rows without a generator too, with the same weights, "
-            f"so that table differences are the paired ones), and the paired comparisons resample {how}, so their "
-            f"CIs carry training noise (not the OOD rows: their score is the mean over every fold's and replicate's "
+            f"and fold, classifier replicate r trained on generator seed r mod {g}; each statistic of a generator row "
+            f"is the mean over generator seeds of the mean over their replicates, of a row without a generator the "
+            f"plain mean over its replicates, and the paired comparisons resample {how}, so their CIs carry training noise (not the OOD rows: their score is the mean over every fold's and replicate's "
             f"classifier; a row's own CI in the table is over patients; fidelity, privacy and cost are generator seed "
             f"0's)")
 
@@ -255,8 +268,9 @@ def write_report(out, n_boot=None):
     summary, table, csv_rows = summary_head(plan, tab, fid), [], []
     levels = nested_levels(generator_groups(plan), len(stats["imbalanced_real"]))
     for row in rows:
-        point = mean_stats(stats[row], levels)(np.arange(len(Y)))
-        ci = bootstrap(mean_stats(stats[row], levels), len(Y), clusters=pid, n_boot=plan["n_boot"], seed=plan["seed"])
+        point = mean_stats(stats[row], row_levels(row, levels))(np.arange(len(Y)))
+        ci = bootstrap(mean_stats(stats[row], row_levels(row, levels)), len(Y), clusters=pid, n_boot=plan["n_boot"],
+                       seed=plan["seed"])
         summary["rows"][row] = row_summary(row, point, ci, find, fid, costs)
         fF, fM, c = fid.get(row, {}).get(FEMALE, {}), fid.get(row, {}).get(MALE, {}), costs.get(row, {})
         table.append(table_row(row, point, ci, find, fF, fM, c))
@@ -325,9 +339,9 @@ def recovery(stats, rows, pid, plan, find):
     - imbalanced_real's) / (balanced_real's - imbalanced_real's), with a patient bootstrap percentile CI (one draw
     serves all three). A ratio is only as good as its denominator: it is given where balanced_real's female gain is
     at least 3 SE (the planted control is built to give one), resamples whose denominator is not positive are left
-    out of the CI and counted. With replicates each AUROC is the mean over them (over generator seeds of the mean
-    over their replicates), and a resample draws generator seeds, then replicates within them (replicate r of
-    every row together), then patients. Returns {"rows": {row: {value, ci}}, "denominator_not_positive_share"} or
+    out of the CI and counted. With replicates each AUROC is the mean over them (a generator row's: over generator
+    seeds of the mean over their replicates), and a resample draws generator seeds, then replicates within them
+    (replicate r of every row together), then patients. Returns {"rows": {row: {value, ci}}, "denominator_not_positive_share"} or
     {"reason": why there is none}."""
     ref = find.get(("female AUROC", "balanced_real", "imbalanced_real"))
     if ref is None:
@@ -342,6 +356,7 @@ def recovery(stats, rows, pid, plan, find):
 
     def shares(idx, drawn=everyone):  # drawn: groups of replicate indices (draw_replicates)
         female = {r: np.mean([np.mean([stats[r][i]["female AUROC"](idx) for i in grp]) for grp in drawn])
+                  if has_generator(r) else np.mean([stats[r][i]["female AUROC"](idx) for grp in drawn for i in grp])
                   for r in rows}
         base, full = female["imbalanced_real"], female["balanced_real"]
         return {**{r: (female[r] - base) / (full - base) if full > base else np.nan for r in others},

@@ -93,8 +93,26 @@ def command_line():
     return " ".join(shlex.quote(a) for a in argv)
 
 
+RAN = {}  # a report rebuilt from a finished run's files: the study command and commit whose stages made them
+
+
 def footer(command=None):
-    return f"Made by `{command or command_line()}` at commit {git_commit()}, {time.strftime('%Y-%m-%d')}."
+    made = f"Made by `{command or command_line()}` at commit {git_commit()}, {time.strftime('%Y-%m-%d')}"
+    return made + (f", from the run of `{RAN['command']}` at commit {RAN['commit']}." if RAN else ".")
+
+
+def rebuilt_from(out):
+    """Name, in every footer this process writes, the run whose files a report is rebuilt from (out/config.json:
+    its argv and commit), so a page rebuilt at a later commit still says which commit made its predictions."""
+    path = Path(out) / "config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    argv = list(config.get("argv", []))
+    if not argv or "git_commit" not in config:
+        return RAN
+    if argv[0].endswith(".py"):  # python path/to/module.py -> python -m path.to.module
+        argv[0:1] = ["python", "-m", ".".join(Path(argv[0]).with_suffix("").parts)]
+    RAN.update(command=" ".join(shlex.quote(a) for a in argv), commit=config["git_commit"])
+    return RAN
 
 
 def markdown_table(header, rows):
@@ -199,5 +217,6 @@ def report_command(doc, write_report, study, needs, n_boot=False):
             if not any((Path(args.out) / g).is_file() for g in f.split("|")):
                 raise DataError(f"--out {args.out}: no {' or '.join(f.split('|'))} here; the report rebuilds a finished run's report (run "
                                 f"`python -m {study} --out {args.out}` first)")
+        rebuilt_from(args.out)
         write_report(args.out, args.n_boot) if n_boot else write_report(args.out)
     run(main, parse_args)

@@ -151,7 +151,15 @@ def draw_replicates(rng, n, levels=None):
             for members in (levels[g] for g in rng.integers(0, len(levels), len(levels)))]
 
 
-def paired_difference_replicates(replicates, n_boot=2000, seed=0, groups=None):
+def _drawn_difference(drawn, plain_b=False):
+    """a - b over one resample's drawn groups of (a, b) replicate values: the mean over groups of their mean
+    difference; plain_b: a's mean over groups of its group means minus b's plain mean over every drawn replicate."""
+    if not plain_b:
+        return np.mean([np.mean([a - b for a, b in grp]) for grp in drawn])
+    return np.mean([np.mean([a for a, _ in grp]) for grp in drawn]) - np.mean([b for grp in drawn for _, b in grp])
+
+
+def paired_difference_replicates(replicates, n_boot=2000, seed=0, groups=None, plain_b=False):
     """The same for replicates (seeds, repeats): `replicates` is a list of (stat_a, stat_b, clusters), one per
     replicate; the difference is the mean over replicates. Two-level bootstrap: draw replicates with replacement,
     then patients. Where every replicate was evaluated on the same test patients (seeds of one split), one draw of
@@ -160,7 +168,10 @@ def paired_difference_replicates(replicates, n_boot=2000, seed=0, groups=None):
     groups: a label per replicate where replicates share an upper level (classifiers trained on the samples of one
     generator seed): then the difference is the mean over groups of their replicates' mean, and a resample draws
     groups, then replicates within each drawn group, then patients (three levels), so that the upper level's noise
-    is not counted as if every replicate had its own."""
+    is not counted as if every replicate had its own. plain_b: b has no upper level (a classifier trained on real
+    data, whose replicate r shares only its seed with a's): b's statistic is then the plain mean over its replicates
+    (each weighted alike, as where it is compared with a row without groups), a's the mean over groups, and a
+    resample draws the groups for both, replicate r of b with replicate r of a."""
     if len(replicates) == 1:
         a, b, clusters = replicates[0]
         return {**paired_difference(a, b, clusters=clusters, n_boot=n_boot, seed=seed), "replicates": 1}
@@ -169,13 +180,14 @@ def paired_difference_replicates(replicates, n_boot=2000, seed=0, groups=None):
     shared = all(len(c) == len(clusters[0]) and np.array_equal(c, clusters[0]) for c in clusters)
     parts = [(a, b, cluster_members(c, len(c))) for (a, b, _), c in zip(replicates, clusters)]
     levels = nested_levels(groups, len(parts))
+    plain_b = plain_b and levels is not None  # without groups both sides are plain means already
     diffs = np.empty(n_boot)
     for k in range(n_boot):
         drawn = draw_replicates(rng, len(parts), levels)
         if shared:
             members = parts[0][2]
             idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
-            vals = [np.mean([parts[r][0](idx) - parts[r][1](idx) for r in grp]) for grp in drawn]
+            vals = [[(parts[r][0](idx), parts[r][1](idx)) for r in grp] for grp in drawn]
         else:
             vals = []
             for grp in drawn:
@@ -183,11 +195,12 @@ def paired_difference_replicates(replicates, n_boot=2000, seed=0, groups=None):
                 for r in grp:
                     a, b, members = parts[r]
                     idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
-                    in_group.append(a(idx) - b(idx))
-                vals.append(np.mean(in_group))
-        diffs[k] = np.mean(vals)
-    point = nested_mean([a(np.arange(len(c))) - b(np.arange(len(c))) for (a, b, _), c in zip(replicates, clusters)],
-                        levels)
+                    in_group.append((a(idx), b(idx)))
+                vals.append(in_group)
+        diffs[k] = _drawn_difference(vals, plain_b)
+    whole = [(a(np.arange(len(c))), b(np.arange(len(c)))) for (a, b, _), c in zip(replicates, clusters)]
+    everyone = [list(m) for m in levels] if levels is not None else [[r] for r in range(len(parts))]
+    point = float(_drawn_difference([[whole[r] for r in grp] for grp in everyone], plain_b))
     how = ("the same test patients for all" if shared else
            "each its own test patients: test-set variance enters twice, so the CI is conservative")
     if levels is None:
@@ -197,6 +210,8 @@ def paired_difference_replicates(replicates, n_boot=2000, seed=0, groups=None):
         how += f"; with {len(levels)} groups the resampled group spread is (G - 1) / G of theirs, and coarse"
         method = (f"three-level bootstrap: {len(levels)} groups (generator seeds) of the {len(parts)} replicates, "
                   f"then the replicates within each drawn group ({how}), then patients ({n_boot}), percentile")
+        if plain_b:
+            method += "; b has no generator: its replicates weighted alike, drawn with a's"
     return {**_summary(point, diffs, len(parts[0][2]) if shared else sum(len(m) for _, _, m in parts), method),
             "replicates": len(parts)}
 

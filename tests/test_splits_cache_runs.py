@@ -199,6 +199,21 @@ def test_readme_shows_each_paragraph_once(tmp_path):
     assert text.count(footer()) == 1 and text.rstrip().endswith(footer()) and text.count("Made by `make b`") == 1
 
 
+
+def test_a_rebuilt_report_names_the_run_that_made_its_predictions(tmp_path, monkeypatch):
+    """A report rebuilt from a finished run's files (python -m <study>_report --out DIR) names, beside its own
+    command and commit, the study command and commit in DIR/config.json, in every footer it writes."""
+    from common import report
+    monkeypatch.setattr(report, "RAN", {})
+    (tmp_path / "config.json").write_text(json.dumps({"argv": ["classify/compare_study.py", "--out", "results/x y"],
+                                                      "git_commit": "3a20132"}))
+    assert "from the run" not in report.footer()
+    report.rebuilt_from(tmp_path)
+    made = report.footer("python -m classify.compare_report --out results/x")
+    assert made.startswith("Made by `python -m classify.compare_report --out results/x` at commit ")
+    assert made.endswith(", from the run of `python -m classify.compare_study --out 'results/x y'` at commit 3a20132.")
+    assert report.write_table(tmp_path / "t", ["x"], [[1]]).read_text().rstrip().endswith("at commit 3a20132.")
+
 def test_failed_forced_run_keeps_its_work(tmp_path, capsys):
     """A long run that fails late under --force gets the old run back and keeps its own checkpoints aside;
     clinicians' answers are never replaced. (A study's stages are processes of their own: each settles its own.)"""
