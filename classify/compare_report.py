@@ -70,7 +70,7 @@ def generator_groups(plan):
 
 
 def has_generator(row):
-    return row_cell(row)[1] is not None
+    return bool(row_cell(row)[1])
 
 
 def row_levels(row, levels):
@@ -234,7 +234,8 @@ def training_noise(plan):
     return (f"{r} classifiers (seeds) per row and fold and {g} generator{'s' if g > 1 else ''} (seeds) per family "
             f"and fold, classifier replicate r trained on generator seed r mod {g}; each statistic of a generator row "
             f"is the mean over generator seeds of the mean over their replicates, of a row without a generator the "
-            f"plain mean over its replicates, and the paired comparisons resample {how}, so their CIs carry training noise (not the OOD rows: their score is the mean over every fold's and replicate's "
+            f"plain mean over its replicates, and the paired comparisons resample {how}, so their CIs carry "
+            f"training noise (not the OOD rows: their score is the mean over every fold's and replicate's "
             f"classifier; a row's own CI in the table is over patients; fidelity, privacy and cost are generator seed "
             f"0's)")
 
@@ -340,8 +341,9 @@ def recovery(stats, rows, pid, plan, find):
     serves all three). A ratio is only as good as its denominator: it is given where balanced_real's female gain is
     at least 3 SE (the planted control is built to give one), resamples whose denominator is not positive are left
     out of the CI and counted. With replicates each AUROC is the mean over them (a generator row's: over generator
-    seeds of the mean over their replicates), and a resample draws generator seeds, then replicates within them
-    (replicate r of every row together), then patients. Returns {"rows": {row: {value, ci}}, "denominator_not_positive_share"} or
+    seeds of the mean over their replicates; a row without one: plainly), and a resample draws generator seeds, then
+    replicates within them (replicate r of every row together; a row without a generator takes the mean of the
+    drawn replicates), then patients. Returns {"rows": {row: {value, ci}}, "denominator_not_positive_share"} or
     {"reason": why there is none}."""
     ref = find.get(("female AUROC", "balanced_real", "imbalanced_real"))
     if ref is None:

@@ -80,10 +80,10 @@ def save_grid(images, path, nrow=None, title=None, row_labels=None):
     return path
 
 
-def command_line():
-    """This process's command as a user would type it in the repository: `python -m package.module flags` for a
-    module under the working folder (sys.argv[0] is then the module's path on this machine)."""
-    argv = list(sys.argv)
+def command_line(argv=None):
+    """This process's command (or argv's) as a user would type it in the repository: `python -m package.module
+    flags` for a module under the working folder (sys.argv[0] is then the module's path on this machine)."""
+    argv = list(sys.argv if argv is None else argv)
     try:
         rel = Path(argv[0]).resolve().relative_to(Path.cwd().resolve())
         if rel.suffix == ".py":
@@ -102,16 +102,13 @@ def footer(command=None):
 
 
 def rebuilt_from(out):
-    """Name, in every footer this process writes, the run whose files a report is rebuilt from (out/config.json:
-    its argv and commit), so a page rebuilt at a later commit still says which commit made its predictions."""
+    """Name, in every footer this process writes, the study run that last wrote the folder a report is rebuilt from
+    (out/config.json: its argv and commit; stages it reused may be older, their own config.json say), so a page
+    rebuilt at a later commit still names the run behind its predictions."""
     path = Path(out) / "config.json"
     config = json.loads(path.read_text()) if path.is_file() else {}
-    argv = list(config.get("argv", []))
-    if not argv or "git_commit" not in config:
-        return RAN
-    if argv[0].endswith(".py"):  # python path/to/module.py -> python -m path.to.module
-        argv[0:1] = ["python", "-m", ".".join(Path(argv[0]).with_suffix("").parts)]
-    RAN.update(command=" ".join(shlex.quote(a) for a in argv), commit=config["git_commit"])
+    if config.get("argv") and "git_commit" in config:
+        RAN.update(command=command_line(config["argv"]), commit=config["git_commit"])
     return RAN
 
 

@@ -211,7 +211,8 @@ def paired_difference_replicates(replicates, n_boot=2000, seed=0, groups=None, p
         method = (f"three-level bootstrap: {len(levels)} groups (generator seeds) of the {len(parts)} replicates, "
                   f"then the replicates within each drawn group ({how}), then patients ({n_boot}), percentile")
         if plain_b:
-            method += "; b has no generator: its replicates weighted alike, drawn with a's"
+            method += ("; b has no generator: its point weights its replicates alike, a resample takes the mean of "
+                       "the replicates drawn with a's (slightly conservative)")
     return {**_summary(point, diffs, len(parts[0][2]) if shared else sum(len(m) for _, _, m in parts), method),
             "replicates": len(parts)}
 

@@ -206,3 +206,10 @@ def test_nested_replicates_weight_each_generator_seed_once_and_resample_it():
     assert "three-level" in nested["method"] and "two-level" in plain["method"]
     distinct = paired_difference_replicates(reps, n_boot=2000, seed=1, groups=[0, 1, 2])
     assert distinct == plain
+    # b without groups (a classifier on real data, plain_b): its point is the plain mean over its replicates, a's the
+    # mean over groups; where b is the same for every replicate, nothing else changes
+    varied = [(a, (lambda off: lambda idx: off)(off), c) for (a, _, c), off in zip(reps, (0.3, 0.0, 0.0))]
+    mixed = paired_difference_replicates(varied, n_boot=2000, seed=1, groups=[0, 1, 0], plain_b=True)
+    assert mixed["diff"] == pytest.approx(x.mean() - 0.1) and "alike" in mixed["method"]
+    flat_b = paired_difference_replicates(reps, n_boot=2000, seed=1, groups=[0, 1, 0], plain_b=True)
+    assert flat_b["diff"] == pytest.approx(nested["diff"]) and flat_b["ci"] == pytest.approx(nested["ci"])

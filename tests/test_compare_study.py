@@ -380,26 +380,29 @@ def test_rows_without_a_generator_weight_their_replicates_alike():
     its seeds (seed 0's two replicates share a half), a row trained on real data the plain mean of its replicates
     (each a third, as in chestxray), whichever row it is compared with; so each paired difference is the difference
     of the two rows' table values, and the recovery share's denominator is balanced_real's plain gain."""
-    from classify.compare_report import generator_groups, mean_stats, paired, recovery, row_levels
+    from classify.compare_report import generator_groups, mean_stats, paired, recovery
     pid = np.arange(40)
     const = lambda v: {"female AUROC": lambda idx: v}  # a replicate whose statistic does not depend on the patients
     values = {"imbalanced_real": [0.60, 0.62, 0.57], "balanced_real": [0.70, 0.70, 0.69],
               "gan": [0.70, 0.60, 0.72], "ddpm": [0.66, 0.64, 0.62]}
     stats = {row: [const(v) for v in vs] for row, vs in values.items()}
-    groups = generator_groups({"replicates": 3, "generator_seeds": 2})
-    levels = [np.array([0, 2]), np.array([1])]
-    table = {row: mean_stats(stats[row], row_levels(row, levels))(pid)["female AUROC"] for row in stats}
     plain = lambda row: np.mean(values[row])
     by_seed = lambda row: np.mean([np.mean(values[row][0::2]), values[row][1]])
-    assert table == pytest.approx({"imbalanced_real": plain("imbalanced_real"), "balanced_real": plain("balanced_real"),
-                                   "gan": by_seed("gan"), "ddpm": by_seed("ddpm")})
+    table = {"imbalanced_real": plain("imbalanced_real"), "balanced_real": plain("balanced_real"),
+             "gan": by_seed("gan"), "ddpm": by_seed("ddpm")}
+    groups = generator_groups({"replicates": 3, "generator_seeds": 2})
     comp = {(a, b): paired("female AUROC", a, b, stats, pid, 300, 0, groups)
             for a, b in [("balanced_real", "imbalanced_real"), ("gan", "imbalanced_real"), ("ddpm", "gan")]}
     for (a, b), c in comp.items():
         assert c["diff"] == pytest.approx(table[a] - table[b])
     assert "two-level" in comp["balanced_real", "imbalanced_real"]["method"]  # no generator seed to draw
-    assert "three-level" in comp["gan", "imbalanced_real"]["method"] and "weighted alike" in comp["gan", "imbalanced_real"]["method"]
+    method = comp["gan", "imbalanced_real"]["method"]
+    assert "three-level" in method and "weights its replicates alike" in method
     find = {("female AUROC", "balanced_real", "imbalanced_real"): comp["balanced_real", "imbalanced_real"]}
     rec = recovery(stats, list(stats), pid, {"n_boot": 300, "seed": 0, "replicates": 3, "generator_seeds": 2}, find)
     gain = table["balanced_real"] - table["imbalanced_real"]
     assert rec["rows"]["gan"]["value"] == pytest.approx((table["gan"] - table["imbalanced_real"]) / gain)
+    from classify.compare_report import row_levels  # the table's own values: the same weights
+    levels = [np.array([0, 2]), np.array([1])]
+    assert {row: mean_stats(stats[row], row_levels(row, levels))(pid)["female AUROC"] for row in stats} == \
+        pytest.approx(table)

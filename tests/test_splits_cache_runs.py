@@ -199,7 +199,6 @@ def test_readme_shows_each_paragraph_once(tmp_path):
     assert text.count(footer()) == 1 and text.rstrip().endswith(footer()) and text.count("Made by `make b`") == 1
 
 
-
 def test_a_rebuilt_report_names_the_run_that_made_its_predictions(tmp_path, monkeypatch):
     """A report rebuilt from a finished run's files (python -m <study>_report --out DIR) names, beside its own
     command and commit, the study command and commit in DIR/config.json, in every footer it writes."""
@@ -213,6 +212,7 @@ def test_a_rebuilt_report_names_the_run_that_made_its_predictions(tmp_path, monk
     assert made.startswith("Made by `python -m classify.compare_report --out results/x` at commit ")
     assert made.endswith(", from the run of `python -m classify.compare_study --out 'results/x y'` at commit 3a20132.")
     assert report.write_table(tmp_path / "t", ["x"], [[1]]).read_text().rstrip().endswith("at commit 3a20132.")
+
 
 def test_failed_forced_run_keeps_its_work(tmp_path, capsys):
     """A long run that fails late under --force gets the old run back and keeps its own checkpoints aside;
