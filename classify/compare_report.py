@@ -58,9 +58,10 @@ def utility_stats(Y, p, dec, sex):
     y, d = Y[:, ANY].astype(int), dec[:, ANY].astype(int)
     names = {"any-finding AUROC": "any_auroc", "female AUROC": "any_auroc_female", "male AUROC": "any_auroc_male",
              "AUROC gap (M - F)": "any_auroc_gap", "|AUROC gap|": "any_auroc_abs_gap"}
+    group = np.unique(sex, return_inverse=True)[1]  # sex as integer codes: the same groups, cheaper to resample
     return {**{name: auroc_stat(Y, p, sex, key) for name, key in names.items()},
-            "DP (any finding)": lambda i: demographic_parity(d[i], sex[i]),
-            "EO (any finding)": lambda i: equal_opportunity(y[i], d[i], sex[i])}
+            "DP (any finding)": lambda i: demographic_parity(d[i], group[i], classes=(0, 1)),
+            "EO (any finding)": lambda i: equal_opportunity(y[i], d[i], group[i], classes=(0, 1))}
 
 
 def generator_groups(plan):

@@ -21,7 +21,7 @@ from common.cache import load_images
 from common.task_file import read_cxr
 from common.errors import DataError
 from common.splits import patient_split
-from fairness.metrics import auroc
+from fairness.metrics import resampled_auroc
 
 FEMALE, MALE = "F", "M"
 MAX_UNREADABLE = 0.1  # the largest share of images that do not decode which a study leaves out (with a warning)
@@ -122,9 +122,10 @@ def classifier_stage(stages, task, k, cell, train_set, extra, n_male, deps=(), t
 
 def auroc_stat(Y, p, sex, key):
     """f(idx) -> the any-finding AUROC named by key (overall, female, male, the M - F gap or its size) on rows idx."""
-    def on(idx, who=None):
-        idx = idx if who is None else idx[sex[idx] == who]
-        return auroc(Y[idx, ANY], p[idx, ANY])
+    f, group = resampled_auroc(Y[:, ANY], p[:, ANY]), {FEMALE: sex == FEMALE, MALE: sex == MALE}
+
+    def on(idx, who=None):  # = auroc(Y[idx, ANY][mask], p[idx, ANY][mask]) bit for bit, sorted once
+        return f(idx) if who is None else f(idx, group[who])
     return {"any_auroc": on, "any_auroc_female": lambda idx: on(idx, FEMALE),
             "any_auroc_male": lambda idx: on(idx, MALE),
             "any_auroc_gap": lambda idx: on(idx, MALE) - on(idx, FEMALE),
