@@ -4,6 +4,7 @@ network whose check below agrees.
     python bench/bf16_agreement.py --seeds 5 --out results/bench/bf16                        # the classifier, ~10 min
     python bench/bf16_agreement.py --loop cvae --seeds 5 --out results/bench/bf16_cvae       # the CVAE, ~15 min
     python bench/bf16_agreement.py --loop resvae --seeds 10 --out results/bench/bf16_resvae  # the ResVAE, ~17 min
+    python bench/bf16_agreement.py --loop convae --seeds 10 --out results/bench/bf16_convae  # the conv AE
 
 --loop chexnet: classify.train_chexnet at the quick chest X-ray study's settings (cnn8, width 16, 64 px, batch 32,
 16 epochs, cosine, last epoch's weights; its own 70/10/20 patient split of NIH1000). --loop cvae: vae.train_cvae at
@@ -24,6 +25,9 @@ loop has them, are shown, not used):
   changes. The same interval is printed for chexnet.
 - resvae (the equivalence test of cvae): the final training loss, and on the validation images the study's own
   outcomes: the median reconstruction MSE of the light and of the dark images and their gap (dark - light).
+- convae (the equivalence test of cvae): the final training MSE and the best validation MSE (the early-stopping
+  criterion, computed in fp32 in both arms), compare's conv AE at its quick settings (10 epochs at most, patience 5,
+  batch 64) on the 70/10/20 patient split of NIH1000 (all of its training images, both sexes).
 Writes summary.json (every run's history, the rule's numbers, the verdict, the seconds of each arm), curves.png
 (both arms' curves, per seed) and prints a table.
 """
@@ -86,6 +90,12 @@ LOOPS = {
                           ("best_val_loss", lambda r: min(h["val_loss"] for h in r["history"]), True)],
              "curves": [("loss", "training loss (MSE + beta KL)"), ("val_loss", "validation loss")],
              "title": "chest X-ray CVAE on NIH1000's women (quick settings)", "log": True},
+    "convae": {"module": "vae.train_conv_ae", "settings": ["--epochs", "10", "--batch-size", "64", "--device", "cpu"],
+               "rule": "equivalence",
+               "measures": [("loss", lambda r: r["history"][-1]["loss"], True),
+                            ("best_val_mse", lambda r: min(h["val_mse"] for h in r["history"]), True)],
+               "curves": [("loss", "training MSE"), ("val_mse", "validation MSE")],
+               "title": "compare's conv AE on NIH1000 (quick settings)", "log": True},
     "resvae": {"module": "vae.train_resvae", "settings": ["--size", "32", "--width", "32", "--latent-channels", "64",
                                                           "--latent-res", "8", "--epochs", "15", "--batch-size", "64",
                                                           "--lr", "0.0001", "--perceptual-weight", "1.0",

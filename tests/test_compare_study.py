@@ -92,6 +92,24 @@ def test_conv_ae_end_to_end_same_seed_resume_and_planted_signal(tmp_path, capsys
     assert np.bincount(z1["labels"], minlength=4).tolist() == [7, 0, 0, 13]
     b = brightness_by_attr(tmp_path / "s1.npz")
     assert b["bright"] > b["dark"] + 25, b
+    metrics = json.loads((tmp_path / "a/metrics.json").read_text())
+    assert metrics["bf16_autocast"] is False and len(metrics["history"]) == 12  # fp32 until its bf16 check agrees
+
+
+def test_conv_ae_trains_under_bf16_autocast_where_asked(tmp_path, capsys, monkeypatch):
+    """--amp bf16 (bench/bf16_agreement.py --loop convae runs it against fp32): the training steps in bf16, the loss
+    and the validation MSE in fp32, finite; refused in one line on a CPU without bf16 instructions."""
+    import common.runs
+    from common.errors import DataError
+    args = ["--data", "toy:120", "--batch-size", "32", "--epochs", "2", "--amp", "bf16", "--out-dir", tmp_path / "a"]
+    if common.runs.cpu_has_bf16():
+        call("vae.train_conv_ae", *args)
+        m = json.loads((tmp_path / "a/metrics.json").read_text())
+        assert m["bf16_autocast"] is True and all(np.isfinite([h["loss"], h["val_mse"]]).all() for h in m["history"])
+    monkeypatch.setattr(common.runs, "cpu_has_bf16", lambda: False)
+    with pytest.raises(DataError, match="stage failed"):
+        call("vae.train_conv_ae", *args[:-1], tmp_path / "b")
+    assert "--amp bf16: this CPU has no bf16 instructions" in capsys.readouterr().err
 
 
 def test_class_samples_train_the_any_finding_output_only(tmp_path):

@@ -29,9 +29,11 @@ from common.errors import DataError
 from common.modalities import add_set_args, training_images
 from common.report import save_grid
 from common.runs import (add_common_args, check_finite, device_from, load_checkpoint, load_weights, prepare_out_dir,
-                         save_checkpoint, seed_everything, write_config, write_json)
+                         save_checkpoint, seed_everything, use_amp, write_config, write_json)
 from fairness.figures import lines
 from vae.train_cvae import block, up
+
+BF16_CHECKED = False  # bf16 by default (--amp auto)? Only once bench/bf16_agreement.py --loop convae agrees
 
 
 class ConvAE(nn.Module):
@@ -85,6 +87,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=positive_int, default=64, help="batch size")
     p.add_argument("--lr", type=positive_float, default=2e-3, help="Adam learning rate (x0.95 per epoch)")
     p.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
+                   help="bf16 autocast of the training steps (the loss and the validation MSE in fp32). auto: fp32 "
+                        "on every device until bench/bf16_agreement.py --loop convae shows that bf16 trains the AE "
+                        "as fp32 does; bf16: always (refused on a device without bf16); off: fp32")
     add_common_args(p, "runs/conv_ae/nih64")
     args = p.parse_args(argv)
     if not args.sets and (args.train_set, args.val_set) != ("train", "val"):
@@ -116,6 +122,7 @@ def main(args):
     model = ConvAE(**shape).to(device, memory_format=torch.channels_last)  # the CVAE's faster oneDNN path on CPUs
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.95)
+    amp = use_amp(args.amp, device, cpu_checked=BF16_CHECKED, gpu_checked=BF16_CHECKED)
     start, best, best_val, bad, history, before = 0, None, float("inf"), 0, [], 0.0
     if ck is not None:
         load_weights(model, ck["last"], ckpt)
@@ -137,7 +144,9 @@ def main(args):
         losses = []
         for idx in torch.randperm(len(x_tr), generator=gen).split(args.batch_size):
             xb = to_float(x_tr[idx.numpy()]).to(device).contiguous(memory_format=torch.channels_last)
-            loss = F.mse_loss(model(xb), xb)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                x_hat = model(xb)
+            loss = F.mse_loss(x_hat.float(), xb)
             check_finite(loss, epoch, out)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -172,7 +181,8 @@ def main(args):
     best_epoch = min(history, key=lambda h: h["val_mse"])
     write_json(out / "metrics.json", {"best_epoch": best_epoch["epoch"], "best_val_mse": best_epoch["val_mse"],
                                       "epochs_run": len(history), "n_train": len(x_tr), "n_val": len(x_val),
-                                      "seconds": before + time.time() - t0, "data": mod.data})
+                                      "seconds": before + time.time() - t0, "data": mod.data, "bf16_autocast": amp,
+                                      "history": history})
     print(f"conv AE: best validation MSE {best_epoch['val_mse']:.4f} at epoch {best_epoch['epoch']} "
           f"({len(x_tr)} training images, {time.time() - t0:.0f} s)")
 
