@@ -120,7 +120,8 @@ def train(loop, seed, amp, runs, data_flags=()):
         raise SystemExit(f"{loop['module']} --amp {amp} --seed {seed} failed:\n{r.stderr[-2000:]}")
     m = json.loads((out / "metrics.json").read_text())
     return {"seconds": time.time() - t0, "history": m["history"],
-            **({"test_any_auroc": m["test"][-1]["auroc"]} if "test" in m else {}), **(loop["read"](out) if "read" in loop else {})}
+            **({"test_any_auroc": m["test"][-1]["auroc"]} if "test" in m else {}),
+            **(loop["read"](out) if "read" in loop else {})}
 
 
 def plot(loop, runs, seeds, path):

@@ -85,6 +85,8 @@ def paired(name, a, b, stats, pid, n_boot, seed, groups=None):
     patients, and a row without one (b) is the plain mean over the drawn replicates; between two rows without a
     generator: replicates, then patients (one replicate: the patient bootstrap)."""
     pairs = [(sa[name], sb[name], pid) for sa, sb in zip(stats[a], stats[b])]
+    if has_generator(b) and not has_generator(a):
+        raise ValueError(f"paired: {a} has no generator and {b} has; put the generator row first")
     if not (has_generator(a) or has_generator(b)):
         groups = None  # two classifiers on real data: no generator seed to draw
     return comparison(name, a, b, paired_difference_replicates(pairs, n_boot=n_boot, seed=seed, groups=groups,

@@ -105,6 +105,7 @@ def rebuilt_from(out):
     """Name, in every footer this process writes, the study run that last wrote the folder a report is rebuilt from
     (out/config.json: its argv and commit; stages it reused may be older, their own config.json say), so a page
     rebuilt at a later commit still names the run behind its predictions."""
+    RAN.clear()
     path = Path(out) / "config.json"
     config = json.loads(path.read_text()) if path.is_file() else {}
     if config.get("argv") and "git_commit" in config:

@@ -212,7 +212,7 @@ def paired_difference_replicates(replicates, n_boot=2000, seed=0, groups=None, p
                   f"then the replicates within each drawn group ({how}), then patients ({n_boot}), percentile")
         if plain_b:
             method += ("; b has no generator: its point weights its replicates alike, a resample takes the mean of "
-                       "the replicates drawn with a's (slightly conservative)")
+                       "the replicates drawn with a's (in expectation not quite alike: a small shift of the CI)")
     return {**_summary(point, diffs, len(parts[0][2]) if shared else sum(len(m) for _, _, m in parts), method),
             "replicates": len(parts)}
 

@@ -39,16 +39,15 @@ def auroc(y, score):
     return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
-
 def resampled_auroc(y, score):
     """f(idx, keep=None) -> auroc(y[idx], score[idx]), keep: a boolean mask over the rows, applied to idx (e.g. one
     sex). Bit for bit auroc's value, in O(n) per call for a bootstrap's thousands of resamples: the scores are sorted
     once, a resample's repeated rows enter the Mann-Whitney U as integer weights (U is an integer or a half-integer,
-    exact in float64, as auroc's rank sums are), and the division is auroc's."""
+    exact in float64, as auroc's rank sums are), and the division is auroc's. NaN where a row drawn (and kept) has a
+    NaN score, as auroc; idx must index the rows (0 <= idx < n)."""
     y = np.asarray(y).astype(bool)
     score = np.asarray(score, dtype=float)
-    if np.isnan(score).any():  # a NaN score has no rank
-        return lambda idx, keep=None: float("nan")
+    nan_rows = np.nonzero(np.isnan(score))[0]  # sorted last, each its own run; they count only where drawn
     order = np.argsort(score, kind="mergesort")
     xs, pos = score[order], y[order].astype(np.int64)
     neg = 1 - pos
@@ -57,8 +56,12 @@ def resampled_auroc(y, score):
 
     def f(idx, keep=None):
         w = np.bincount(idx, minlength=len(y))
+        if len(w) > len(y):
+            raise IndexError(f"resampled_auroc: row {len(w) - 1} drawn, but there are {len(y)} rows")
         if keep is not None:
             w = w * keep
+        if len(nan_rows) and w[nan_rows].any():  # a NaN score has no rank
+            return float("nan")
         ws = w[order]
         n1, n0 = ws * pos, ws * neg  # (weighted) positives and negatives in ascending score order
         if ties:  # per run of tied scores: each lower negative counts 1, each tied one 1/2
@@ -69,6 +72,7 @@ def resampled_auroc(y, score):
         n1, n0 = n1.sum(), n0.sum()
         return float("nan") if n1 == 0 or n0 == 0 else float(u / (n1 * n0))
     return f
+
 
 def auroc_ovr(y, probs):
     """Multi-class AUROC: unweighted mean over classes of one-vs-rest AUROC; binary (2 columns): AUROC of class 1."""

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from classify.train_chexnet import OUTPUTS, classic_jitter, jitter, read_synthetic, sex_loss_weights
-from common.runs import load_checkpoint
+from common.runs import cpu_has_bf16, load_checkpoint
 from common.stages import run_in_process
 from common.splits import read_sets
 from conftest import ROOT
@@ -93,7 +93,7 @@ def test_conv_ae_end_to_end_same_seed_resume_and_planted_signal(tmp_path, capsys
     b = brightness_by_attr(tmp_path / "s1.npz")
     assert b["bright"] > b["dark"] + 25, b
     metrics = json.loads((tmp_path / "a/metrics.json").read_text())
-    assert metrics["bf16_autocast"] is False and len(metrics["history"]) == 12  # fp32 until its bf16 check agrees
+    assert len(metrics["history"]) == 12 and metrics["bf16_autocast"] == cpu_has_bf16()  # its bf16 check agreed
 
 
 def test_conv_ae_trains_under_bf16_autocast_where_asked(tmp_path, capsys, monkeypatch):

@@ -33,7 +33,6 @@ def test_auroc_matches_sklearn_with_ties():
     assert M.auroc_ovr(y, p) == pytest.approx(roc_auc_score(y, p, multi_class="ovr", average="macro"), abs=1e-12)
 
 
-
 def test_resampled_auroc_is_auroc_bit_for_bit_on_resamples():
     """The bootstraps' O(n) AUROC of a resample (repeated rows as integer weights, scores sorted once) equals auroc
     on the resampled rows exactly (==, not approx: the reports' CIs and p-values stay what they were), with and
@@ -49,7 +48,11 @@ def test_resampled_auroc_is_auroc_bit_for_bit_on_resamples():
             for got, rows in ((f(idx), idx), (f(idx, keep), idx[keep[idx]])):
                 want = M.auroc(y[rows], s[rows])
                 assert got == want or (np.isnan(got) and np.isnan(want))
-    assert np.isnan(M.resampled_auroc([0, 1, 1], [0.1, np.nan, 0.3])(np.arange(3)))
+    f = M.resampled_auroc([0, 1, 1, 0], [0.1, np.nan, 0.3, 0.2])  # a NaN score counts only where it is drawn
+    assert np.isnan(f(np.arange(4))) and f(np.array([0, 2, 3, 3])) == M.auroc([0, 1, 0, 0], [0.1, 0.3, 0.2, 0.2])
+    with pytest.raises(IndexError):
+        f(np.array([0, 4]))
+
 
 def test_thresholds_come_from_the_roc_curve():
     rng = np.random.default_rng(1)

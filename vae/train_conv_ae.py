@@ -33,7 +33,7 @@ from common.runs import (add_common_args, check_finite, device_from, load_checkp
 from fairness.figures import lines
 from vae.train_cvae import block, up
 
-BF16_CHECKED = False  # bf16 by default (--amp auto)? Only once bench/bf16_agreement.py --loop convae agrees
+BF16_CHECKED = True  # bf16 under --amp auto: bench/bf16_agreement.py --loop convae agreed (results/bench/bf16_convae)
 
 
 class ConvAE(nn.Module):
@@ -88,9 +88,10 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=positive_float, default=2e-3, help="Adam learning rate (x0.95 per epoch)")
     p.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
-                   help="bf16 autocast of the training steps (the loss and the validation MSE in fp32). auto: fp32 "
-                        "on every device until bench/bf16_agreement.py --loop convae shows that bf16 trains the AE "
-                        "as fp32 does; bf16: always (refused on a device without bf16); off: fp32")
+                   help="bf16 autocast of the training steps (the loss and the validation MSE in fp32). auto: bf16 "
+                        "on a CPU with bf16 instructions (bench/bf16_agreement.py --loop convae: it trains the AE as "
+                        "fp32 does, results/bench/bf16_convae), fp32 elsewhere (on GPUs: not checked there); bf16: "
+                        "always (refused on a device without bf16); off: fp32")
     add_common_args(p, "runs/conv_ae/nih64")
     args = p.parse_args(argv)
     if not args.sets and (args.train_set, args.val_set) != ("train", "val"):
@@ -111,8 +112,9 @@ def main(args):
     ckpt = Path(args.out_dir) / "ckpt.pt"
     ck = load_checkpoint(ckpt, flag="--resume") if args.resume and ckpt.is_file() else None
     shape = {"channels": mod.channels, "latent": args.latent}
-    data_args = {k: getattr(args, k) for k in ("data", "data_root", "split_seed", "sets", "train_set", "val_set",
-                                                "batch_size", "lr", "seed")}
+    data_args = {**{k: getattr(args, k) for k in ("data", "data_root", "split_seed", "sets", "train_set", "val_set",
+                                                   "batch_size", "lr", "seed")},
+                 "bf16": use_amp(args.amp, device, cpu_checked=BF16_CHECKED, gpu_checked=False)}  # resume alike
     if ck is not None and (not isinstance(ck, dict) or ck.get("model_args") != shape or "last" not in ck
                            or ck.get("data_args") != data_args):
         raise DataError(f"--resume: {ckpt} is not a train_conv_ae.py checkpoint of these flags ({shape}, "
@@ -122,7 +124,7 @@ def main(args):
     model = ConvAE(**shape).to(device, memory_format=torch.channels_last)  # the CVAE's faster oneDNN path on CPUs
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.95)
-    amp = use_amp(args.amp, device, cpu_checked=BF16_CHECKED, gpu_checked=BF16_CHECKED)
+    amp = data_args["bf16"]
     start, best, best_val, bad, history, before = 0, None, float("inf"), 0, [], 0.0
     if ck is not None:
         load_weights(model, ck["last"], ckpt)
