@@ -359,9 +359,11 @@ def recovery(stats, rows, pid, plan, find):
     levels = nested_levels(generator_groups(plan), n_reps)
     everyone = [list(m) for m in levels] if levels else [[i] for i in range(n_reps)]
 
+    nested = {r: has_generator(r) for r in rows}  # looked up once, not in each of the n_boot resamples
+
     def shares(idx, drawn=everyone):  # drawn: groups of replicate indices (draw_replicates)
         female = {r: np.mean([np.mean([stats[r][i]["female AUROC"](idx) for i in grp]) for grp in drawn])
-                  if has_generator(r) else np.mean([stats[r][i]["female AUROC"](idx) for grp in drawn for i in grp])
+                  if nested[r] else np.mean([stats[r][i]["female AUROC"](idx) for grp in drawn for i in grp])
                   for r in rows}
         base, full = female["imbalanced_real"], female["balanced_real"]
         return {**{r: (female[r] - base) / (full - base) if full > base else np.nan for r in others},
