@@ -3,6 +3,7 @@ network whose check below agrees.
 
     python bench/bf16_agreement.py --seeds 5 --out results/bench/bf16                        # the classifier, ~10 min
     python bench/bf16_agreement.py --loop cvae --seeds 5 --out results/bench/bf16_cvae       # the CVAE, ~15 min
+    python bench/bf16_agreement.py --loop cvae --seeds 30 --first-seed 100 --out results/bench/bf16_cvae30  # ~75 min
     python bench/bf16_agreement.py --loop resvae --seeds 10 --out results/bench/bf16_resvae  # the ResVAE, ~17 min
     python bench/bf16_agreement.py --loop convae --seeds 10 --out results/bench/bf16_convae  # the conv AE
 
@@ -41,6 +42,7 @@ import time
 
 import numpy as np
 from scipy import stats
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -162,6 +164,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--loop", default="chexnet", choices=sorted(LOOPS), help="the network to check")
     p.add_argument("--seeds", type=int, default=5, help="seeds per arm (each seed: one fp32 and one bf16 run)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="the first seed (seeds first-seed .. first-seed + seeds - 1): a new check on fresh seeds")
     p.add_argument("--out", default=None, help="summary.json and curves.png (default results/bench/bf16, "
                                                "results/bench/bf16_<loop> for other loops)")
     p.add_argument("--runs", default=None, help="the training runs' folders (replaced; default runs/bench/bf16_<loop>)")
@@ -172,10 +176,13 @@ def main():
     out = Path(args.out or ("results/bench/bf16" if args.loop == "chexnet" else f"results/bench/bf16_{args.loop}"))
     runs_dir = Path(args.runs or f"runs/bench/bf16_{args.loop}")
     out.mkdir(parents=True, exist_ok=True)
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     runs_dir.mkdir(parents=True, exist_ok=True)
     data_flags = loop["prepare"](runs_dir) if "prepare" in loop else []
-    runs = {amp: {s: train(loop, s, amp, runs_dir, data_flags) for s in seeds} for amp in ("off", "bf16")}
+    runs = {"off": {}, "bf16": {}}
+    for s in tqdm(seeds, desc=f"{args.loop}: seeds, fp32 then bf16 each", unit="seed"):
+        for amp in runs:  # a seed's two runs one after the other, so a drifting machine speed falls on both alike
+            runs[amp][s] = train(loop, s, amp, runs_dir, data_flags)
     rule, agree = {}, True
     print("| measure | fp32 mean (sd over seeds) | bf16 mean | paired difference bf16 - fp32: mean (sd) [95% CI] | "
           "mean within fp32's sd | CI within +-fp32's sd |")
