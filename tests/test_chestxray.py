@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from classify.train_chexnet import OUTPUTS, class_weights, epoch_order, targets
 from common.data import NIH_LABELS
-from common.runs import load_checkpoint
+from common.runs import cpu_has_bf16, load_checkpoint
 from fairness.metrics import auroc
 from conftest import ROOT
 from same_numbers import check_same_seed_same_numbers
@@ -68,6 +68,8 @@ def test_cvae_resume_equals_an_unbroken_run_and_samples(tmp_path):
     a, b = load_checkpoint(tmp_path / "a/ckpt.pt"), load_checkpoint(tmp_path / "b/ckpt.pt")
     assert all(torch.allclose(a["last"][k].float(), b["last"][k].float()) for k in a["last"])
     assert [h["val_loss"] for h in a["history"]] == pytest.approx([h["val_loss"] for h in b["history"]])
+    # --amp auto: bf16 on a CPU with bf16 instructions (its check agreed, results/bench/bf16_cvae30), else fp32
+    assert json.loads((tmp_path / "a/metrics.json").read_text())["bf16_autocast"] == cpu_has_bf16() == a["bf16"]
     for f in ("samples.png", "recon.png", "loss_curve.png", "metrics.json", "config.json"):
         assert (tmp_path / "a" / f).stat().st_size > 0
     run("vae.sample_cvae", "--ckpt", str(tmp_path / "a/ckpt.pt"), "--n", "20", "--out", str(tmp_path / "s.npz"))
@@ -75,6 +77,20 @@ def test_cvae_resume_equals_an_unbroken_run_and_samples(tmp_path):
     assert z["images"].shape == (20, 64, 64) and z["images"].dtype == np.uint8
     pool = a["train_labels"].numpy()  # labels come from the CVAE's own (female, training-split) images
     assert all((row == pool).all(1).any() for row in z["labels"]) and list(z["label_names"]) == NIH_LABELS
+
+
+def test_cvae_resume_refuses_a_checkpoint_of_the_other_arithmetic(tmp_path):
+    """A run trained in fp32 is not continued in bf16 (nor the reverse): the refusal names both and the fix."""
+    common = ["--limit", "16", "--batch-size", "8", "--out-dir", str(tmp_path / "a")]
+    run("vae.train_cvae", *common, "--epochs", "1", "--amp", "off")
+    r = subprocess.run([sys.executable, "-m", "vae.train_cvae", *common, "--epochs", "2", "--amp", "bf16", "--resume"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if cpu_has_bf16():
+        assert r.returncode != 0 and "was trained in fp32, this run would continue in bf16" in r.stderr
+        assert "--amp off" in r.stderr
+    else:  # --amp bf16 itself is refused here, before the checkpoint is read
+        assert r.returncode != 0 and "this CPU has no bf16 instructions" in r.stderr
+    assert len(json.loads((tmp_path / "a/metrics.json").read_text())["history"]) == 1  # nothing overwritten
 
 
 def test_chestxray_study_smoke_chain(smoke_study):
