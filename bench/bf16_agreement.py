@@ -3,7 +3,7 @@ network whose check below agrees.
 
     python bench/bf16_agreement.py --seeds 5 --out results/bench/bf16                        # the classifier, ~10 min
     python bench/bf16_agreement.py --loop cvae --seeds 5 --out results/bench/bf16_cvae       # the CVAE, ~15 min
-    python bench/bf16_agreement.py --loop cvae --seeds 30 --first-seed 100 --out results/bench/bf16_cvae30  # ~75 min
+    python bench/bf16_agreement.py --loop cvae --seeds 30 --first-seed 100 --out results/bench/bf16_cvae30  # ~86 min
     python bench/bf16_agreement.py --loop resvae --seeds 10 --out results/bench/bf16_resvae  # the ResVAE, ~17 min
     python bench/bf16_agreement.py --loop convae --seeds 10 --out results/bench/bf16_convae  # the conv AE
 

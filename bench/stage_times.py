@@ -73,11 +73,16 @@ def bf16_speeds(path):
     return speeds
 
 
-def check_verdict(bench, loop):
-    """The bf16 agreement check's verdict for a loop: 'agrees', 'not shown to agree' or 'not checked'."""
+def check_verdict(bench, loop, speed=""):
+    """The bf16 agreement check's verdict for a loop: 'agrees', 'not shown to agree', 'not checked', or, for a loop
+    that the loop table shows slower under bf16 (speed, its 'x fp32' cell, below 1), 'none: slower in bf16 (loop
+    table)'."""
     path = Path(bench) / CHECKS.get(loop, "-") / "summary.json"
     if not path.is_file():
-        return "not checked"
+        try:
+            return "none: slower in bf16 (loop table)" if float(speed) < 1 else "not checked"
+        except ValueError:
+            return "not checked"
     return "agrees" if json.loads(path.read_text())["agrees"] else "not shown to agree"
 
 
@@ -100,7 +105,8 @@ def module_rows(name, folder, bench):
         loop = LOOPS.get(module, "")
         loop = loop.get(name, "") if isinstance(loop, dict) else loop
         rows.append([name, module, str(count[module]), f"{minutes[module]:.1f}", f"{minutes[module] / total:.0%}",
-                     loop, speeds.get(loop, "") if loop else "", check_verdict(bench, loop) if loop else ""])
+                     loop, speeds.get(loop, "") if loop else "",
+                     check_verdict(bench, loop, speeds.get(loop, "")) if loop else ""])
     return rows
 
 
@@ -123,8 +129,9 @@ def main(args):
                                   "the loop's training-step speed under bf16 autocast in the committed loop table "
                                   "(one run, 2-core CPU with AVX512-BF16); bf16 check: bench/bf16_agreement.py's "
                                   "verdict (a loop whose check agrees trains in bf16 under --amp auto on such a CPU; "
-                                  "cnn8's check used a weaker rule than the others', docs/bench.md). Written by "
-                                  "bench/stage_times.py.\n")
+                                  "cnn8's check used a weaker rule than the others', docs/bench.md; 'none: slower "
+                                  "in bf16 (loop table)': a loop that bf16 slowed down in that table stays fp32 and "
+                                  "needs no check). Written by bench/stage_times.py.\n")
 
 
 if __name__ == "__main__":

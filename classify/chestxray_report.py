@@ -207,11 +207,17 @@ def training_noise(plan):
            f"their noise{cvae}"
 
 
-def fairness_table(out, rows, plan, t, bf16):
-    arithmetic = {(True,): "bf16 autocast (--amp auto on a CPU or GPU with bf16 instructions; evaluation in fp32)",
-                  (False,): "fp32"}.get(tuple(bf16), "mixed (bf16 in some stages, fp32 in others)")
-    cvae = (f"CVAE trained on: {plan['cvae_female']} female images of each fold (never test or validation images). "
-            if "imbalanced_synth" in plan["conditions"] else "")
+def training_arithmetic(bf16):
+    """How a set of stages trained, in words: bf16, the sorted set of their bf16_autocast flags."""
+    return {(True,): "bf16 autocast (--amp auto on a CPU or GPU with bf16 instructions; evaluation in fp32)",
+            (False,): "fp32", (): "not recorded by this run (each fold's cvae/metrics.json says)"}.get(
+        tuple(bf16), "mixed (bf16 in some stages, fp32 in others)")
+
+
+def fairness_table(out, rows, plan, t, bf16, cvae_bf16=()):
+    arithmetic = training_arithmetic(bf16)
+    cvae = (f"CVAE trained on: {plan['cvae_female']} female images of each fold (never test or validation images), "
+            f"arithmetic: {training_arithmetic(cvae_bf16)}. " if "imbalanced_synth" in plan["conditions"] else "")
     write_table(out / "fairness", FAIRNESS_HEADER, rows,
                 title=f"Any finding vs No Finding by sex, pooled out-of-fold predictions ({plan['data']}, {len(t)} "
                       f"images, {t['patient_id'].nunique()} patients, {plan['folds']} folds)",
@@ -285,7 +291,8 @@ def write_report(out, n_boot=None):
         summary["conditions"][c] = condition_summary(point, ci, dp, eo, pooled, cnt, per_fold, reps, findings, names)
         finding_table(out, c, Y, reps, per_fold, pooled[0], plan, plan["folds"], names)
         fair_rows.append(fairness_row(c, point, ci, dp, eo, cnt))
-    fairness_table(out, fair_rows, plan, t, training.get("bf16_autocast", [False]))
+    fairness_table(out, fair_rows, plan, t, training.get("bf16_autocast", [False]),
+                   training.get("cvae_bf16_autocast", []))
     figures(out, summary, training["val_any_auroc_fold0"], plan)
     summary["comparisons"] = comparisons(arrays, sex, pid, plan["n_boot"], plan["seed"])
     summary.update(family_facts(summary["comparisons"], plan["n_boot"]))

@@ -158,8 +158,11 @@ def gather(runs, folds, conditions, out, seconds, replicates=1):
                     curves0[c] = [h["val_any_auroc"] for h in m["history"]]
     pd.concat(parts, ignore_index=True).to_csv(out / "preds.csv.gz", index=False, float_format="%.9g",
                                                compression={"method": "gzip", "mtime": 0})  # the same bytes each run
+    cvae_bf16 = sorted({json.loads((runs / f"fold{k}" / "cvae" / "metrics.json").read_text())["bf16_autocast"]
+                        for k in range(folds)}) if "imbalanced_synth" in conditions else []
     write_json(out / "training.json", {"counts_per_fold": counts, "val_any_auroc_fold0": curves0,
-                                       "bf16_autocast": sorted(bf16), "seconds": seconds})
+                                       "bf16_autocast": sorted(bf16), "cvae_bf16_autocast": cvae_bf16,
+                                       "seconds": seconds})
     for name in ("samples.png", "recon.png", "loss_curve.png"):  # none without imbalanced_synth: no stale copies
         if "imbalanced_synth" in conditions and (runs / "fold0" / "cvae" / name).is_file():
             shutil.copyfile(runs / "fold0" / "cvae" / name, out / f"cvae_{name}")

@@ -190,13 +190,18 @@ def test_stage_times_by_module_names_each_loop_its_share_bf16_speed_and_check(tm
     (tmp_path / "bench/bf16").mkdir(parents=True)
     (tmp_path / "bench/bf16/summary.json").write_text('{"agrees": true}')
     (tmp_path / "bench/machine_limit_all.md").write_text("| loop | variant | images/s | x fp32 eager |\n"
-                                                         "| cnn8 | bf16 | 803 | 1.65 |\n| cvae | bf16 | 377 | 1.61 |\n")
+                                                         "| cnn8 | bf16 | 803 | 1.65 |\n| cvae | bf16 | 377 | 1.61 |\n"
+                                                         "| unet | bf16 | 211 | 0.79 |\n")
     r = subprocess.run([sys.executable, "bench/stage_times.py", "--results", str(tmp_path), "--studies", "chestxray"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     rows = [line.strip("| ").split(" | ") for line in r.stdout.split("stage module")[1].splitlines()[2:]]
     assert rows == [["chestxray", "classify.train_chexnet", "2", "2.0", "75%", "cnn8", "1.65", "agrees"],
                     ["chestxray", "vae.train_cvae", "1", "0.7", "25%", "cvae", "1.61", "not checked"]]
+    sys.path.insert(0, str(ROOT / "bench"))
+    from stage_times import check_verdict  # a loop slower under bf16 needs no check: it stays fp32
+    assert check_verdict(tmp_path / "bench", "unet", "0.79") == "none: slower in bf16 (loop table)"
+    assert check_verdict(tmp_path / "bench", "cnn8", "1.65") == "agrees"
 
 
 def test_make_cannot_name_a_file_with_an_equals_sign_or_a_semicolon():

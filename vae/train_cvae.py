@@ -100,8 +100,11 @@ def resumable(ckpt, latent, amp):
     if ck.get("args", {}).get("latent") != latent:
         raise DataError(f"--resume: {ckpt} was trained with --latent {ck.get('args', {}).get('latent')}, not "
                         f"{latent} (pass the same --latent, or --force to start a new run)")
-    if ck.get("bf16", False) != amp:
-        was, now = ("bf16", "fp32") if ck.get("bf16", False) else ("fp32", "bf16")
+    if "bf16" not in ck:
+        raise DataError(f"--resume: {ckpt} does not record whether it trained in bf16 or fp32 (an older "
+                        f"train_cvae.py wrote it); pass --force to start a new run")
+    if ck["bf16"] != amp:
+        was, now = ("bf16", "fp32") if ck["bf16"] else ("fp32", "bf16")
         raise DataError(f"--resume: {ckpt} was trained in {was}, this run would continue in {now} (pass --amp "
                         f"{'bf16' if was == 'bf16' else 'off'} to continue it, or --force to start a new run)")
     return ck
