@@ -54,12 +54,21 @@ test: $(SETUP) ## run the test suite (CPU, ~minutes); fails if no test is collec
 all: chestxray skintone medmnist fairgen ## the four studies, quick scale (hours on 2 CPU cores; measured times in README)
 
 # A study runs in three steps: write its stages as a makefile (each stage a script with flags, writing files),
-# run them with make (`make -j2 chestxray` runs independent stages two at a time; a stage whose output records the
-# same command is skipped), then the study again, which finds every stage done and writes the report from files.
+# run them with make, JOBS independent stages at a time (a stage whose output records the same command is skipped),
+# then the study again, which finds every stage done and writes the report from files.
 # DRY=1 prints every stage command instead (those a run would reuse marked '# reuse: ').
+# JOBS and THREADS: on a CPU (quick and smoke scale) each stage runs torch on THREADS = 1 thread and JOBS = as many
+# stages at once as the machine has cores (at most 8): two 1-thread stages did 1.2-1.7x the training steps of one
+# 2-thread stage on 2 cores (bench/stage_jobs.py, docs/bench.md), and a stage's numbers, which depend on its thread
+# count, are then the same on machines of one kind whatever their core count. Full scale (a GPU): one stage at a
+# time, torch's default threads. JOBS=1 THREADS= runs the stages as before 2026-12-05 (one at a time, all cores each).
+# (nproc counts the cores this process may use, but reads OMP_NUM_THREADS too: not here)
+CORES := $(shell n=$$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1); echo $$(( n < 8 ? n : 8 )))
+JOBS ?= $(if $(filter full,$(SCALE)),1,$(CORES))
+THREADS ?= $(if $(filter full,$(SCALE)),,1)
 define staged
 	$(PYTHON) -m $(1) $(FLAGS) --out $(OUT)/$(2) $(3) $(ARGS) $(if $(DRY),--dry-run,--makefile runs/$(OUT)/$(2).mk)
-	$(if $(DRY),@true,if [ -f runs/$(OUT)/$(2).mk ]; then $(MAKE) -f runs/$(OUT)/$(2).mk PYTHON=$(PYTHON); fi)
+	$(if $(DRY),@true,if [ -f runs/$(OUT)/$(2).mk ]; then $(if $(THREADS),OMP_NUM_THREADS=$(THREADS) )$(MAKE) -j$(JOBS) -f runs/$(OUT)/$(2).mk PYTHON=$(PYTHON); fi)
 	$(if $(DRY),@true,$(PYTHON) -m $(1) $(FLAGS) --out $(OUT)/$(2) $(3) $(ARGS))
 endef
 

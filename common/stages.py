@@ -16,9 +16,10 @@ Two ways to run the same list, and a third to hand it to make:
 
 Where the time goes: with `stages.log` set (a study sets runs/<out>/stage_times.jsonl), every stage process, run by
 Stages or by the makefile, appends one line to that file when it succeeds (common.cli.run): its module, argv, the
-seconds from its process start to its main (interpreter and imports) and in its main. `stages.times()` reads back
-each listed stage's last line and sums them by kind; a study writes both into stages.json, its report both into
-summary.json. A stage continued with --resume records the part after the resume only; a stage two studies share
+seconds from its process start to its main (interpreter and imports) and in its main, and torch's thread count.
+`stages.times()` reads back each listed stage's last line and sums them by kind; a study writes both into
+stages.json, its report both into summary.json. Stages that make ran side by side (-j) each count their own seconds,
+so the sums can exceed the wall time. A stage continued with --resume records the part after the resume only; a stage two studies share
 (compare reuses chestxray's CVAE of the first seed) counts in both.
 """
 import importlib
@@ -84,8 +85,10 @@ def log_stage_time(module, argv, start_s, run_s):
     path = os.environ.get(STAGE_LOG)
     if not path:
         return
+    torch = sys.modules.get("torch")  # its thread count, where the stage used torch: CPU numbers depend on it
     line = json.dumps({"module": module, "argv": [a for a in argv if a != "--force"], "start_s": start_s,
-                       "run_s": run_s, "ended": time.time()}) + "\n"
+                       "run_s": run_s, "ended": time.time(),
+                       "threads": torch.get_num_threads() if torch else None}) + "\n"
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -225,8 +228,8 @@ class Stages:
         return path
 
     def times(self):
-        """Each listed stage's seconds when it last ran (its process start and its main; None for a stage the log
-        has no line of: one run before the log existed, or not yet run) and their sums by kind (KINDS: the process
+        """Each listed stage's seconds and torch threads when it last ran (its process start and its main; None for
+        a stage the log has no line of: one run before the log existed, or not yet run) and their sums by kind (KINDS: the process
         starts apart; "not recorded": how many stages had no line)."""
         last = {}
         if self.log and Path(self.log).is_file():
@@ -239,7 +242,8 @@ class Stages:
         per_stage, by_kind, missing = [], dict.fromkeys(KINDS, 0.0), 0
         for rule in self.rules:
             rec = last.get((rule[3], tuple(rule[4])))
-            per_stage.append(None if rec is None else {"start_s": rec["start_s"], "run_s": rec["run_s"]})
+            per_stage.append(None if rec is None else {"start_s": rec["start_s"], "run_s": rec["run_s"],
+                                                       "threads": rec.get("threads")})
             if rec is None:
                 missing += 1
                 continue

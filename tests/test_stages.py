@@ -1,6 +1,7 @@
 """common/stages.py and the command-line helpers the studies build their stage commands with."""
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -141,10 +142,11 @@ def test_each_stage_records_its_times_run_here_or_by_make(tmp_path, monkeypatch)
     d.samples("pkg.sample_toy", ["--sleep", "0.2", "--out-dir", runs / "samples"], runs / "samples" / "metrics.json")
     assert d.times()[1]["not recorded"] == 1 and d.times()[0][1] is None
     r = subprocess.run(["make", "-f", str(d.write_makefile(tmp_path / "stages.mk"))], cwd=ROOT, capture_output=True,
-                       text=True)
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     per_stage, by_kind = d.times()
     assert per_stage[0] == s.times()[0][0]  # the reused stage keeps the time it took when it ran
+    assert per_stage[1]["threads"] == 1  # torch's thread count in the stage (make ran it with OMP_NUM_THREADS=1)
     assert per_stage[1]["run_s"] >= 0.2 and by_kind["sampling"] >= 0.2 and by_kind["not recorded"] == 0
     assert by_kind["total"] == pytest.approx(sum(v for k, v in by_kind.items() if k not in ("total", "not recorded")),
                                              abs=0.2)
@@ -210,3 +212,17 @@ def test_make_cannot_name_a_file_with_an_equals_sign_or_a_semicolon():
         with pytest.raises(DataError, match="make cannot name a file"):
             make_name(bad)
     assert make_name("runs/sex-F-finding,covid/toy:160 x") == "runs/sex-F-finding,covid/toy\\:160\\ x"
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_make_runs_a_studys_stages_side_by_side_on_one_thread_each_on_a_cpu():
+    """Quick and smoke scale: the stage makefile runs under -j (the cores, at most 8) with OMP_NUM_THREADS=1; full
+    scale one stage at a time with torch's default threads; JOBS=1 THREADS= restores that anywhere."""
+    def stage_make(*flags):
+        r = subprocess.run(["make", "-n", "chestxray", "PYTHON=true", *flags], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return next(line for line in r.stdout.splitlines() if ".mk PYTHON=true" in line and "if [ -f" in line)
+    cores = min(len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(), 8)
+    assert f"then OMP_NUM_THREADS=1 make -j{cores} -f runs/smoke/chestxray.mk" in stage_make("SMOKE=1")
+    assert "then make -j1 -f runs/results-full/chestxray.mk" in stage_make("SCALE=full")
+    assert "then make -j1 -f runs/smoke/chestxray.mk" in stage_make("SMOKE=1", "JOBS=1", "THREADS=")
