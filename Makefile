@@ -58,12 +58,14 @@ all: chestxray skintone medmnist fairgen ## the four studies, quick scale (hours
 # then the study again, which finds every stage done and writes the report from files.
 # DRY=1 prints every stage command instead (those a run would reuse marked '# reuse: ').
 # JOBS and THREADS: on a CPU (quick and smoke scale) each stage runs torch on THREADS = 1 thread and JOBS = as many
-# stages at once as the machine has cores (at most 8): two 1-thread stages did 1.2-1.7x the training steps of one
-# 2-thread stage on 2 cores (bench/stage_jobs.py, docs/bench.md), and a stage's numbers, which depend on its thread
-# count, are then the same on machines of one kind whatever their core count. Full scale (a GPU): one stage at a
-# time, torch's default threads. JOBS=1 THREADS= runs the stages as before 2026-12-05 (one at a time, all cores each).
+# stages at once as the machine has cores (at most 8): two 1-thread stages trained 1.1-1.5x the images of one
+# 2-thread stage on 2 cores (the skin-tone VAE 0.95x; results/bench/stage_jobs.md), and a stage's numbers, which
+# depend on its thread count, are then the same on machines of one kind whatever their core count. Full scale (a
+# GPU): one stage at a time, torch's default threads. JOBS=1 THREADS= runs the stages as before 2026-12-05 (one at a
+# time, all cores each).
 # (nproc counts the cores this process may use, but reads OMP_NUM_THREADS too: not here)
-CORES := $(shell n=$$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1); echo $$(( n < 8 ? n : 8 )))
+CORES := $(shell n=$$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || \
+	getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1); echo $$(( n < 8 ? n : 8 )))
 JOBS ?= $(if $(filter full,$(SCALE)),1,$(CORES))
 THREADS ?= $(if $(filter full,$(SCALE)),,1)
 define staged
