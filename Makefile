@@ -57,21 +57,24 @@ all: chestxray skintone medmnist fairgen ## the four studies, quick scale (hours
 # run them with make, JOBS independent stages at a time (a stage whose output records the same command is skipped),
 # then the study again, which finds every stage done and writes the report from files.
 # DRY=1 prints every stage command instead (those a run would reuse marked '# reuse: ').
-# JOBS and THREADS: on a CPU (quick and smoke scale) each stage runs torch on THREADS = 1 thread and JOBS = as many
-# stages at once as the machine has cores (at most 8): two 1-thread stages trained 1.1-1.5x the images of one
-# 2-thread stage on 2 cores (the skin-tone VAE 0.95x; results/bench/stage_jobs.md), and a stage's numbers, which
-# depend on its thread count, are then the same on machines of one kind whatever their core count. Full scale (a
-# GPU): one stage at a time, torch's default threads. JOBS=1 THREADS= runs the stages as before 2026-12-05 (one at a
-# time, all cores each).
+# JOBS and THREADS: at quick and smoke scale each stage runs torch on THREADS = 1 thread, JOBS = as many stages at
+# once as the machine has cores (at most 8): two 1-thread stages trained 1.1-1.5x the images of one 2-thread stage on
+# 2 cores (the skin-tone VAE 0.95x; results/bench/stage_jobs.md). A stage's numbers depend on its thread count, not on
+# JOBS; a stage made on another thread count is redone, not reused (common/stages.py). Full scale (a GPU): one stage
+# at a time, torch's default threads. JOBS=1 THREADS=2 in a fresh SCALE_OUT runs the stages as before 2026-12-05.
+# Under `make -jN <study>` the stages share make's N job slots unless JOBS is given too.
 # (nproc counts the cores this process may use, but reads OMP_NUM_THREADS too: not here)
 CORES := $(shell n=$$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || \
-	getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1); echo $$(( n < 8 ? n : 8 )))
+	getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1); [ "$$n" -ge 1 ] 2>/dev/null || n=1; echo $$(( n < 8 ? n : 8 )))
 JOBS ?= $(if $(filter full,$(SCALE)),1,$(CORES))
 THREADS ?= $(if $(filter full,$(SCALE)),,1)
+STAGE_ENV = $(if $(THREADS),OMP_NUM_THREADS=$(THREADS) )
+STAGE_J = $(if $(filter command line environment,$(origin JOBS)),-j$(JOBS),$\
+	$(if $(findstring jobserver,$(MAKEFLAGS)),,-j$(JOBS)))
 define staged
-	$(PYTHON) -m $(1) $(FLAGS) --out $(OUT)/$(2) $(3) $(ARGS) $(if $(DRY),--dry-run,--makefile runs/$(OUT)/$(2).mk)
-	$(if $(DRY),@true,if [ -f runs/$(OUT)/$(2).mk ]; then $(if $(THREADS),OMP_NUM_THREADS=$(THREADS) )$(MAKE) -j$(JOBS) -f runs/$(OUT)/$(2).mk PYTHON=$(PYTHON); fi)
-	$(if $(DRY),@true,$(PYTHON) -m $(1) $(FLAGS) --out $(OUT)/$(2) $(3) $(ARGS))
+	$(STAGE_ENV)$(PYTHON) -m $(1) $(FLAGS) --out $(OUT)/$(2) $(3) $(ARGS) $(if $(DRY),--dry-run,--makefile runs/$(OUT)/$(2).mk)
+	$(if $(DRY),@true,if [ -f runs/$(OUT)/$(2).mk ]; then $(STAGE_ENV)$(MAKE) $(STAGE_J) -f runs/$(OUT)/$(2).mk PYTHON=$(PYTHON); fi)
+	$(if $(DRY),@true,$(STAGE_ENV)$(PYTHON) -m $(1) $(FLAGS) --out $(OUT)/$(2) $(3) $(ARGS))
 endef
 
 chestxray: $(SETUP) ## Korb & Hall: CVAE-rebalanced chest X-ray classifier by sex -> results/chestxray

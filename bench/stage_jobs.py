@@ -2,9 +2,10 @@
 
 For each quick loop of bench/machine_limit.py (the same networks, batches and optimisers), the images per second of
 one process with torch on --jobs threads against --jobs processes with one thread each, running at the same time
-(their images per second added). The two settings take turns for --rounds rounds and each keeps its best, so that a
-burst of other work on the machine falls on both alike. This is what `make <study>` chooses between: its JOBS and
-THREADS (Makefile). Run it alone; it prints a Markdown table of ratios measured in this run.
+(their images per second added; the processes start timing together, after each has warmed up). The two settings
+take turns for --rounds rounds and each keeps its best, so that a burst of other work on the machine falls on both
+alike. This is what `make <study>` chooses between: its JOBS and THREADS (Makefile). Run it alone; it prints a
+Markdown table of ratios measured in this run.
 
     python bench/stage_jobs.py [--loops vit,cnn8,...] [--seconds 8] [--rounds 2] [--jobs 2]
 """
@@ -12,6 +13,7 @@ import argparse
 import multiprocessing as mp
 import os
 from pathlib import Path
+from queue import Empty
 import sys
 import time
 
@@ -20,14 +22,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 DEFAULT_LOOPS = "cnn8,cvae,resnet18,resvae,unet,vit,mlpcgan,dcgan,convae,ddpm32,mlpae,mlpcvae"
 
 
-def worker(name, threads, seconds, queue):
-    """Train loop `name` on `threads` torch threads for about `seconds` after three warm-up steps; put images/s."""
+def worker(name, threads, seconds, barrier, queue):
+    """Train loop `name` on `threads` torch threads for about `seconds` after three warm-up steps, starting when every
+    process side by side has warmed up (barrier); put images/s."""
     import torch
     torch.set_num_threads(threads)
     import machine_limit
     step, batch = machine_limit.loop(name, channels_last=True)
     for _ in range(3):
         step()
+    barrier.wait()
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         step()
@@ -37,16 +41,23 @@ def worker(name, threads, seconds, queue):
 
 def images_per_s(name, processes, threads, seconds):
     """The summed images/s of `processes` processes training `name` at the same time, `threads` threads each."""
-    queue = mp.get_context("spawn").Queue()
-    procs = [mp.get_context("spawn").Process(target=worker, args=(name, threads, seconds, queue))
-             for _ in range(processes)]
+    ctx = mp.get_context("spawn")
+    queue, barrier = ctx.Queue(), ctx.Barrier(processes)
+    procs = [ctx.Process(target=worker, args=(name, threads, seconds, barrier, queue)) for _ in range(processes)]
     for p in procs:
         p.start()
-    rates = [queue.get() for _ in procs]
+    rates = []
+    while len(rates) < processes:
+        try:
+            rates.append(queue.get(timeout=5))
+        except Empty:
+            failed = [p.exitcode for p in procs if p.exitcode]
+            if failed:  # a worker that died never reports: stop the others rather than wait for ever
+                for p in procs:
+                    p.terminate()
+                raise SystemExit(f"{name}: a worker failed (exit {failed[0]}; its message is above)")
     for p in procs:
         p.join()
-        if p.exitcode:
-            raise SystemExit(f"{name}: a worker failed (exit {p.exitcode}; its message is above)")
     return sum(rates)
 
 
@@ -55,8 +66,9 @@ def main(argv=None):
     p.add_argument("--loops", default=DEFAULT_LOOPS, help="comma-separated loops of bench/machine_limit.py")
     p.add_argument("--seconds", type=float, default=8.0, help="timed seconds per measurement (after warm-up)")
     p.add_argument("--rounds", type=int, default=2, help="turns of each setting per loop (the best is kept)")
-    p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                   else os.cpu_count(), help="processes side by side, and the threads of the one process (the cores)")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    p.add_argument("--jobs", type=int, default=cores,
+                   help="processes side by side, and the threads of the one process (default: the cores)")
     a = p.parse_args(argv)
     if a.jobs < 2 or a.rounds < 1 or a.seconds <= 0:
         p.error("--jobs must be at least 2, --rounds at least 1, --seconds positive")

@@ -131,7 +131,9 @@ def main(args):
                                   "verdict (a loop whose check agrees trains in bf16 under --amp auto on such a CPU; "
                                   "cnn8's check used a weaker rule than the others', docs/bench.md; 'none: slower "
                                   "in bf16 (loop table)': a loop that bf16 slowed down in that table stays fp32 and "
-                                  "needs no check). Written by bench/stage_times.py.\n")
+                                  "needs no check). Stages that ran side by side (make's JOBS, the default since "
+                                  "007abbe) each count their own seconds, so a study's total can exceed its wall "
+                                  "time. Written by bench/stage_times.py.\n")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """A study as the list of its stage commands. Each stage is a script run as its own process (`python -m module
 argv --force`) that writes files; it is skipped when its output exists with the command that made it recorded
 beside it (the stage's config.json "argv", or a samples file's "meta") and is newer than every file it depends on
-(as make would: a retrained generator redoes the classifiers that use its samples). A change to the code itself is
-not detected: use a new --runs folder, or --force there.
+(as make would: a retrained generator redoes the classifiers that use its samples), unless it ran on another torch
+thread count than a stage started now would (its log line or config.json says; a CPU's sums depend on it). A
+change to the code itself is not detected: use a new --runs folder, or --force there.
 
 Two ways to run the same list, and a third to hand it to make:
     Stages()                 run each stage now, in order (one process at a time)
@@ -16,11 +17,11 @@ Two ways to run the same list, and a third to hand it to make:
 
 Where the time goes: with `stages.log` set (a study sets runs/<out>/stage_times.jsonl), every stage process, run by
 Stages or by the makefile, appends one line to that file when it succeeds (common.cli.run): its module, argv, the
-seconds from its process start to its main (interpreter and imports) and in its main, and torch's thread count.
-`stages.times()` reads back each listed stage's last line and sums them by kind; a study writes both into
-stages.json, its report both into summary.json. Stages that make ran side by side (-j) each count their own seconds,
-so the sums can exceed the wall time. A stage continued with --resume records the part after the resume only; a stage two studies share
-(compare reuses chestxray's CVAE of the first seed) counts in both.
+seconds from its process start to its main (interpreter and imports) and in its main, and torch's thread
+count. `stages.times()` reads back each listed stage's last line and sums them by kind; a study writes both into
+stages.json, its report both into summary.json. Stages that make ran side by side (-j) each count their own
+seconds, so the sums can exceed the wall time. A stage continued with --resume records the part after the resume
+only; a stage two studies share (compare reuses chestxray's CVAE of the first seed) counts in both.
 """
 import importlib
 import json
@@ -112,6 +113,13 @@ def kind_of(module):
     return "data preparation" if module == "fairness.plant" else "evaluation"
 
 
+def stage_threads():
+    """The torch threads a stage started from this process would run on (this environment's OMP_NUM_THREADS, or
+    torch's default), or None where this process has not loaded torch (then no stage's count is checked)."""
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch else None
+
+
 def run_in_process(module, argv, line):
     """`python -m module argv` in this process: the script's main under common.cli.run, with sys.argv as that
     command would set it (scripts record it), no interpreter start and imports (~2.5 s a stage on a CPU). A stage
@@ -148,10 +156,43 @@ class Stages:
         return [("# reuse: " if self.fresh(rule) else "") + rule[2] for rule in self.rules]
 
     def fresh(self, rule):
-        """Whether a stage's output exists, records the stage's argv, and is newer than every file it reads."""
+        """Whether a stage's output exists, records the stage's argv, is newer than every file it reads, and was
+        made on the torch thread count a stage run now would get (where both are known: CPU numbers depend on it)."""
         done, deps, _, _, argv, recorded, _ = rule
-        return done.is_file() and recorded(done) == argv and not set(deps) & self.changed and all(
-            not d.is_file() or d.stat().st_mtime <= done.stat().st_mtime for d in deps)
+        if not (done.is_file() and recorded(done) == argv and not set(deps) & self.changed and all(
+                not d.is_file() or d.stat().st_mtime <= done.stat().st_mtime for d in deps)):
+            return False
+        want, had = stage_threads(), self.threads_of(rule)
+        return want is None or had is None or had == want
+
+    def last_lines(self):
+        """{(module, argv tuple): the log's last line for that stage}, read again only when the log has changed."""
+        try:
+            stat = Path(self.log).stat() if self.log else None
+        except OSError:
+            stat = None
+        key = stat and (stat.st_mtime_ns, stat.st_size)
+        if getattr(self, "_last", (None,))[0] != key or key is None:
+            last = {}
+            for text in Path(self.log).read_text().splitlines() if key else []:
+                try:
+                    rec = json.loads(text)
+                    last[(rec["module"], tuple(rec["argv"]))] = rec
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by a killed process
+            self._last = (key, last)
+        return self._last[1]
+
+    def threads_of(self, rule):
+        """The torch threads a done stage ran on: its log line's, else a training stage's config.json
+        (cpu_threads); None when neither says."""
+        threads = self.last_lines().get((rule[3], tuple(rule[4])), {}).get("threads")
+        if threads is None and rule[0].name == "metrics.json":
+            try:
+                threads = json.loads((rule[0].parent / "config.json").read_text()).get("cpu_threads")
+            except (OSError, ValueError, AttributeError):
+                pass
+        return threads
 
     def run(self, module, argv, done, recorded, deps=(), force=True):
         """Add the stage `python -m module *argv --force`; unless dry, run it now unless `done` exists,
@@ -228,17 +269,10 @@ class Stages:
         return path
 
     def times(self):
-        """Each listed stage's seconds and torch threads when it last ran (its process start and its main; None for
-        a stage the log has no line of: one run before the log existed, or not yet run) and their sums by kind (KINDS: the process
-        starts apart; "not recorded": how many stages had no line)."""
-        last = {}
-        if self.log and Path(self.log).is_file():
-            for text in Path(self.log).read_text().splitlines():
-                try:
-                    rec = json.loads(text)
-                    last[(rec["module"], tuple(rec["argv"]))] = rec
-                except (ValueError, KeyError, TypeError):
-                    continue  # a line cut short by a killed process
+        """Each listed stage's seconds and torch threads when it last ran (its process start and its main; None
+        for a stage the log has no line of: one run before the log existed, or not yet run) and their sums by kind
+        (KINDS: the process starts apart; "not recorded": how many stages had no line)."""
+        last = self.last_lines()
         per_stage, by_kind, missing = [], dict.fromkeys(KINDS, 0.0), 0
         for rule in self.rules:
             rec = last.get((rule[3], tuple(rule[4])))

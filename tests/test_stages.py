@@ -216,13 +216,44 @@ def test_make_cannot_name_a_file_with_an_equals_sign_or_a_semicolon():
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 def test_make_runs_a_studys_stages_side_by_side_on_one_thread_each_on_a_cpu():
-    """Quick and smoke scale: the stage makefile runs under -j (the cores, at most 8) with OMP_NUM_THREADS=1; full
-    scale one stage at a time with torch's default threads; JOBS=1 THREADS= restores that anywhere."""
-    def stage_make(*flags):
-        r = subprocess.run(["make", "-n", "chestxray", "PYTHON=true", *flags], cwd=ROOT, capture_output=True, text=True)
+    """Quick and smoke scale: the study and its stage makefile run with OMP_NUM_THREADS=1, the makefile under -j
+    (the cores as nproc counts them, at most 8); full scale one stage at a time with torch's default threads;
+    JOBS and THREADS set either; under a parent make -jN the stages share its job slots."""
+    env = {k: v for k, v in os.environ.items() if k not in ("JOBS", "THREADS", "MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+
+    def lines(*flags):
+        r = subprocess.run(["make", "-n", "chestxray", "PYTHON=true", *flags], cwd=ROOT, capture_output=True,
+                           text=True, env=env)
         assert r.returncode == 0, r.stderr
-        return next(line for line in r.stdout.splitlines() if ".mk PYTHON=true" in line and "if [ -f" in line)
-    cores = min(len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(), 8)
-    assert f"then OMP_NUM_THREADS=1 make -j{cores} -f runs/smoke/chestxray.mk" in stage_make("SMOKE=1")
-    assert "then make -j1 -f runs/results-full/chestxray.mk" in stage_make("SCALE=full")
-    assert "then make -j1 -f runs/smoke/chestxray.mk" in stage_make("SMOKE=1", "JOBS=1", "THREADS=")
+        study = [line for line in r.stdout.splitlines() if "true -m classify.chestxray_study" in line]
+        return study, next(line for line in r.stdout.splitlines() if "if [ -f" in line)
+    cores = subprocess.run("env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc", shell=True, capture_output=True,
+                           text=True).stdout.strip()
+    cores = min(int(cores), 8) if cores.isdigit() else None
+    study, stages = lines("SMOKE=1")
+    assert len(study) == 2 and all(line.startswith("OMP_NUM_THREADS=1 true -m") for line in study)
+    assert "then OMP_NUM_THREADS=1 make -j" in stages and (cores is None or f" -j{cores} -f" in stages)
+    assert "then make -j1 -f runs/results-full/chestxray.mk" in lines("SCALE=full")[1]
+    study, stages = lines("SMOKE=1", "JOBS=3", "THREADS=")
+    assert study[0].startswith("true -m") and "then make -j3 -f runs/smoke/chestxray.mk" in stages
+    assert "then OMP_NUM_THREADS=1 make  -f runs/smoke/chestxray.mk" in lines("-j2", "SMOKE=1")[1]  # make's slots
+
+
+def test_a_stage_made_on_another_thread_count_is_redone(tmp_path, monkeypatch):
+    """A done stage is reused only on the torch thread count it ran on (its log line, else its config.json), where
+    both are known."""
+    import common.stages
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    argv = ["--out-dir", str(gen)]
+    (gen / "config.json").write_text(json.dumps({"argv": ["train_toy.py", *argv], "cpu_threads": 2}))
+    (gen / "metrics.json").write_text("{}")
+    s = Stages(dry=True, log=tmp_path / "stage_times.jsonl")
+    s.script("pkg.train_toy", argv, gen)
+    for threads, reused in ((2, True), (1, False), (None, True)):
+        monkeypatch.setattr(common.stages, "stage_threads", lambda: threads)
+        assert s.plan[0].startswith("# reuse: ") == reused, threads
+    (tmp_path / "stage_times.jsonl").write_text(json.dumps({"module": "pkg.train_toy", "argv": argv, "start_s": 1.0,
+                                                            "run_s": 2.0, "threads": 1}) + "\n")
+    monkeypatch.setattr(common.stages, "stage_threads", lambda: 1)
+    assert s.plan[0].startswith("# reuse: ")  # the log's line says where it last ran
