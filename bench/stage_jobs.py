@@ -11,13 +11,14 @@ Markdown table of ratios measured in this run.
 """
 import argparse
 import multiprocessing as mp
-import os
 from pathlib import Path
 from queue import Empty
 import sys
 import time
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+from common.cache import available_cpus  # noqa: E402
 
 DEFAULT_LOOPS = "cnn8,cvae,resnet18,resvae,unet,vit,mlpcgan,dcgan,convae,ddpm32,mlpae,mlpcvae"
 
@@ -66,8 +67,7 @@ def main(argv=None):
     p.add_argument("--loops", default=DEFAULT_LOOPS, help="comma-separated loops of bench/machine_limit.py")
     p.add_argument("--seconds", type=float, default=8.0, help="timed seconds per measurement (after warm-up)")
     p.add_argument("--rounds", type=int, default=2, help="turns of each setting per loop (the best is kept)")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    p.add_argument("--jobs", type=int, default=cores,
+    p.add_argument("--jobs", type=int, default=available_cpus(),
                    help="processes side by side, and the threads of the one process (default: the cores)")
     a = p.parse_args(argv)
     if a.jobs < 2 or a.rounds < 1 or a.seconds <= 0:

@@ -146,6 +146,7 @@ class Stages:
     def __init__(self, dry=False, log=None):
         self.dry, self.rules, self.reused, self.log = dry, [], [], log  # log: see the module's docstring
         self.changed = set()  # inputs a dry run knows will be rewritten (a split file): their stages are not fresh
+        self._last = (None, {})  # (the log's mtime and size, last_lines()) when it was last read
 
     @property
     def commands(self):
@@ -168,13 +169,13 @@ class Stages:
     def last_lines(self):
         """{(module, argv tuple): the log's last line for that stage}, read again only when the log has changed."""
         try:
-            stat = Path(self.log).stat() if self.log else None
-        except OSError:
-            stat = None
-        key = stat and (stat.st_mtime_ns, stat.st_size)
-        if getattr(self, "_last", (None,))[0] != key or key is None:
+            stat = Path(self.log).stat()
+        except (OSError, TypeError):  # no log yet, or none set
+            return {}
+        key = (stat.st_mtime_ns, stat.st_size)
+        if self._last[0] != key:
             last = {}
-            for text in Path(self.log).read_text().splitlines() if key else []:
+            for text in Path(self.log).read_text().splitlines():
                 try:
                     rec = json.loads(text)
                     last[(rec["module"], tuple(rec["argv"]))] = rec
