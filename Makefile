@@ -55,7 +55,10 @@ all: chestxray skintone medmnist fairgen ## the four studies, quick scale (hours
 
 # A study runs in three steps: write its stages as a makefile (each stage a script with flags, writing files),
 # run them with make, JOBS independent stages at a time (a stage whose output records the same command is skipped),
-# then the study again, which finds every stage done and writes the report from files.
+# then the study again, which finds every stage done and writes the report from files. The first two steps run
+# twice: stages chosen from the first round's results (compare's ratio sweep, picked on validation scores) join the
+# makefile only then, and would otherwise run one at a time inside the study (a second round with nothing new to do
+# costs one planning pass).
 # DRY=1 prints every stage command instead (those a run would reuse marked '# reuse: ').
 # JOBS and THREADS: at quick and smoke scale each stage runs torch on THREADS = 1 thread, JOBS = as many stages at
 # once as the machine has cores (at most 8): two 1-thread stages trained 1.1-1.5x the images of one 2-thread stage on
@@ -71,9 +74,12 @@ THREADS ?= $(if $(filter full,$(SCALE)),,1)
 STAGE_ENV = $(if $(THREADS),OMP_NUM_THREADS=$(THREADS) )
 STAGE_J = $(if $(filter command line environment,$(origin JOBS)),-j$(JOBS),$\
 	$(if $(findstring jobserver,$(MAKEFLAGS)),,-j$(JOBS)))
+stage_make = if [ -f runs/$(OUT)/$(1).mk ]; then $(STAGE_ENV)$(MAKE) $(STAGE_J) -f runs/$(OUT)/$(1).mk PYTHON=$(PYTHON); fi
 define staged
 	$(STAGE_ENV)$(PYTHON) -m $(1) $(FLAGS) --out $(OUT)/$(2) $(3) $(ARGS) $(if $(DRY),--dry-run,--makefile runs/$(OUT)/$(2).mk)
-	$(if $(DRY),@true,if [ -f runs/$(OUT)/$(2).mk ]; then $(STAGE_ENV)$(MAKE) $(STAGE_J) -f runs/$(OUT)/$(2).mk PYTHON=$(PYTHON); fi)
+	$(if $(DRY),@true,$(call stage_make,$(2)))
+	$(if $(DRY),@true,$(STAGE_ENV)$(PYTHON) -m $(1) $(FLAGS) --out $(OUT)/$(2) $(3) $(ARGS) --makefile runs/$(OUT)/$(2).mk)
+	$(if $(DRY),@true,$(call stage_make,$(2)))
 	$(if $(DRY),@true,$(STAGE_ENV)$(PYTHON) -m $(1) $(FLAGS) --out $(OUT)/$(2) $(3) $(ARGS))
 endef
 

@@ -6,6 +6,7 @@ network whose check below agrees.
     python bench/bf16_agreement.py --loop cvae --seeds 30 --first-seed 100 --out results/bench/bf16_cvae30  # ~86 min
     python bench/bf16_agreement.py --loop resvae --seeds 10 --out results/bench/bf16_resvae  # the ResVAE, ~17 min
     python bench/bf16_agreement.py --loop convae --seeds 10 --out results/bench/bf16_convae  # the conv AE
+    python bench/bf16_agreement.py --loop mlpcgan --seeds 30 --out results/bench/bf16_mlpcgan  # the cGAN, ~2 h
 
 --loop chexnet: classify.train_chexnet at the quick chest X-ray study's settings (cnn8, width 16, 64 px, batch 32,
 16 epochs, cosine, last epoch's weights; its own 70/10/20 patient split of NIH1000). --loop cvae: vae.train_cvae at
@@ -29,10 +30,21 @@ loop has them, are shown, not used):
 - convae (the equivalence test of cvae): the final training MSE and the best validation MSE (the early-stopping
   criterion, computed in fp32 in both arms), compare's conv AE at its quick settings (10 epochs at most, patience 5,
   batch 64) on the 70/10/20 patient split of NIH1000 (all of its training images, both sexes).
+- mlpcgan (cvae's equivalence rule): gan.train_mlp_cgan at the quick MedMNIST study's settings (1000 epochs, batch
+  128, 150 images per class of the official training split drawn by the seed as the study draws them, 135 of them
+  trained on, 150 samples per class) on PneumoniaMNIST (the embedded set with the larger validation split, 524
+  images). A GAN has no validation loss, so two measures: the discriminator's training loss, averaged over the last
+  100 epochs (each epoch's last batch, 14 images), and the Frechet distance between the generator's samples and the
+  official validation images, per class in the top 32 principal components of the official training split (all of
+  it, the same basis for every run), averaged over the classes. The generator's loss is shown, not used. 3,000
+  steps of GAN training are chaotic: if a pair's two runs end as far apart as two seeds, the paired differences'
+  sd is ~1.4 fp32's and the rule needs about 30 seeds to pass when bf16 changes nothing (as the CVAE's did), so
+  "does not agree" at fewer seeds may mean "too few seeds": summary.json's diff_sd / fp32_sd says which.
 Writes summary.json (every run's history, the rule's numbers, the verdict, the seconds of each arm), curves.png
 (both arms' curves, per seed) and prints a table.
 """
 import argparse
+import functools
 import json
 from pathlib import Path
 import subprocess
@@ -48,6 +60,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from common.runs import git_commit  # noqa: E402
 
+MEDMNIST_NPZ = "data/medmnist/pneumoniamnist.npz"
 QUICK = ["--arch", "cnn8", "--width", "16", "--size", "64", "--batch-size", "32", "--epochs", "16", "--schedule",
          "cosine", "--patience", "0", "--keep", "last", "--device", "cpu"]
 
@@ -68,6 +81,33 @@ def phantom_sets(runs, seed=1, n=1000):
     write_sets(Path(runs) / "sets.csv", {k: sets[k] for k in ("A", "light", "dark")})
     return ["--data-root", str(folder), "--sets", str(Path(runs) / "sets.csv"), "--train-set", "A",
             "--test-sets", "light,dark"]
+
+
+PCA_DIMS = 32
+
+
+@functools.lru_cache(maxsize=4)
+def pca_basis(npz, dims):
+    """(mean, basis (pixels, dims)) of an official MedMNIST file's training split, pixels in [0, 1]."""
+    with np.load(ROOT / npz) as z:
+        train = z["train_images"].reshape(len(z["train_images"]), -1) / 255.0
+    mean = train.mean(0)
+    return mean, np.linalg.svd(train - mean, full_matrices=False)[2][:dims].T
+
+
+def medmnist_fd(npz, out, dims=PCA_DIMS):
+    """The mlpcgan check's validation measure: per class, the Frechet distance between a run's samples.npz and the
+    official validation images of that class, in the top `dims` principal components of the official training
+    split (pixels in [0, 1]); the mean over classes, and each class's."""
+    from fairness.fid import fid_from_features
+    with np.load(ROOT / npz) as z:
+        val, val_y = z["val_images"].reshape(len(z["val_images"]), -1) / 255.0, z["val_labels"].ravel()
+    with np.load(out / "samples.npz") as z:
+        gen, gen_y = z["images"].reshape(len(z["images"]), -1) / 255.0, z["labels"].ravel()
+    mean, basis = pca_basis(npz, dims)
+    per_class = {int(c): fid_from_features((gen[gen_y == c] - mean) @ basis, (val[val_y == c] - mean) @ basis)
+                 for c in np.unique(val_y)}
+    return {"val_fd": float(np.mean(list(per_class.values()))), "val_fd_per_class": per_class}
 
 
 def validation_medians(out):
@@ -109,19 +149,43 @@ LOOPS = {
                             ("val_gap_dark_minus_light", lambda r: r["val"]["dark"] - r["val"]["light"], True)],
                "curves": [("loss", "training loss (MSE + KL + perceptual)"), ("mse", "training MSE")],
                "title": "skintone ResVAE on phantom set A (quick settings)", "log": True},
+    "mlpcgan": {"module": "gan.train_mlp_cgan", "settings": ["--npz", MEDMNIST_NPZ, "--per-class", "150", "--epochs",
+                                                             "1000", "--n-per-class", "150", "--device", "cpu"],
+                "rule": "equivalence", "read": lambda out: medmnist_fd(MEDMNIST_NPZ, out),
+                "measures": [("loss_d_last100", lambda r: float(np.mean([h[0] for h in r["history"][-100:]])), True),
+                             ("val_fd_pca32", lambda r: r["val_fd"], True),
+                             ("loss_g_last100", lambda r: float(np.mean([h[1] for h in r["history"][-100:]])),
+                              False)],
+                "curves": [(0, "discriminator loss (last batch)"), (1, "generator loss (last batch)")],
+                "title": "MedMNIST's MLP cGAN on PneumoniaMNIST (quick settings)"},
 }
 
 
-def train(loop, seed, amp, runs, data_flags=()):
+def train(loop, seed, amp, runs, data_flags=(), resume=False):
+    """One run: its numbers and seconds. resume: a run whose folder holds done.json with this very command at this
+    clean commit (a run of an interrupted check) is read, not trained again, its seconds those it took then
+    ("resumed": true); at a dirty or unknown commit every run is trained (uncommitted code cannot be told apart)."""
     out = runs / f"{amp}_seed{seed}"
-    t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", loop["module"], *loop["settings"], *data_flags, "--amp", amp,
-                        "--seed", str(seed),
-                        "--out-dir", str(out), "--force"], cwd=ROOT, capture_output=True, text=True)
-    if r.returncode:
-        raise SystemExit(f"{loop['module']} --amp {amp} --seed {seed} failed:\n{r.stderr[-2000:]}")
+    cmd = [sys.executable, "-m", loop["module"], *loop["settings"], *data_flags, "--amp", amp, "--seed", str(seed),
+           "--out-dir", str(out), "--force"]
+    done, key = out / "done.json", {"command": cmd[1:], "commit": git_commit()}
+    try:
+        old = json.loads(done.read_text()) if resume and done.is_file() else {}
+    except ValueError:  # a done.json cut short: train again
+        old = {}
+    clean = key["commit"] != "unknown" and not key["commit"].endswith("-dirty")
+    resumed = clean and {k: old.get(k) for k in key} == key
+    if resumed:
+        seconds = old["seconds"]
+    else:
+        t0 = time.time()
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(f"{loop['module']} --amp {amp} --seed {seed} failed:\n{r.stderr[-2000:]}")
+        seconds = time.time() - t0
+        done.write_text(json.dumps({**key, "seconds": seconds}) + "\n")
     m = json.loads((out / "metrics.json").read_text())
-    return {"seconds": time.time() - t0, "history": m["history"],
+    return {"seconds": seconds, "resumed": resumed, "history": m["history"],
             **({"test_any_auroc": m["test"][-1]["auroc"]} if "test" in m else {}),
             **(loop["read"](out) if "read" in loop else {})}
 
@@ -134,7 +198,7 @@ def plot(loop, runs, seeds, path):
     for amp, colour in (("off", "tab:blue"), ("bf16", "tab:orange")):
         for i, s in enumerate(seeds):
             h = runs[amp][s]["history"]
-            ep = [e.get("epoch", k + 1) for k, e in enumerate(h)]
+            ep = [e.get("epoch", k + 1) if isinstance(e, dict) else k + 1 for k, e in enumerate(h)]
             label = ("fp32" if amp == "off" else "bf16 autocast") if i == 0 else None
             for ax, (key, _) in zip(axes, loop["curves"]):
                 ax.plot(ep, [e[key] for e in h], color=colour, alpha=0.6, lw=1, label=label)
@@ -169,6 +233,9 @@ def main():
     p.add_argument("--out", default=None, help="summary.json and curves.png (default results/bench/bf16, "
                                                "results/bench/bf16_<loop> for other loops)")
     p.add_argument("--runs", default=None, help="the training runs' folders (replaced; default runs/bench/bf16_<loop>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted check: runs already finished with the same command at the same "
+                        "commit are read, not trained again (without it every run is trained afresh)")
     args = p.parse_args()
     if args.seeds < 3:
         p.error("--seeds: at least 3 (the rules need a spread across seeds)")
@@ -182,7 +249,7 @@ def main():
     runs = {"off": {}, "bf16": {}}
     for s in tqdm(seeds, desc=f"{args.loop}: seeds, fp32 then bf16 each", unit="seed"):
         for amp in runs:  # a seed's two runs one after the other, so a drifting machine speed falls on both alike
-            runs[amp][s] = train(loop, s, amp, runs_dir, data_flags)
+            runs[amp][s] = train(loop, s, amp, runs_dir, data_flags, args.resume)
     rule, agree = {}, True
     print("| measure | fp32 mean (sd over seeds) | bf16 mean | paired difference bf16 - fp32: mean (sd) [95% CI] | "
           "mean within fp32's sd | CI within +-fp32's sd |")

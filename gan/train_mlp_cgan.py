@@ -3,7 +3,8 @@
 Three hidden layers each side, a learned label embedding (16-d) concatenated to the input of both (widths ours,
 not published): G: (z 64 + emb) -> 256 -> 512 -> 1024 -> D (tanh); D: (x + emb) -> 1024 -> 512 -> 256 -> 1,
 LeakyReLU 0.2, dropout 0.3 in D. Non-saturating BCE loss (Goodfellow et al. 2014; Mirza & Osindero 2014),
-Adam 1e-4 (betas 0.5, 0.999), batch 128, 1000 epochs (docs/METHODS.md).
+Adam 1e-4 (betas 0.5, 0.999), batch 128, 1000 epochs (docs/METHODS.md). --amp: both networks' forward passes
+under bf16 autocast, the losses in fp32.
 
     python -m gan.train_mlp_cgan --npz data/medmnist/breastmnist.npz --out-dir runs/medmnist/cgan
 """
@@ -15,7 +16,10 @@ from tqdm import tqdm
 
 from common import mlp_generator
 from common.cli import positive_int, run
-from common.runs import check_finite
+from common.runs import check_finite, device_from, use_amp
+
+# bf16 under --amp auto on CPUs with bf16 instructions: False until bench/bf16_agreement.py --loop mlpcgan agrees
+BF16_CHECKED = False
 
 
 class Generator(nn.Module):
@@ -43,8 +47,9 @@ class Discriminator(nn.Module):
         return self.net(torch.cat([x, self.emb(y)], 1)).squeeze(1)
 
 
-def fit(x, y, device, *, z_dim, epochs, batch_size, lr, seed, progress=True):
-    """x: (N, D) in [0, 1] (scaled to [-1, 1] here), y: (N,) class indices. Returns (generator, history)."""
+def fit(x, y, device, *, z_dim, epochs, batch_size, lr, seed, progress=True, amp=False):
+    """x: (N, D) in [0, 1] (scaled to [-1, 1] here), y: (N,) class indices. Returns (generator, history).
+    amp: the networks' forward passes under bf16 autocast (their logits and the losses in fp32)."""
     torch.manual_seed(seed)
     k = int(y.max()) + 1
     G, D = Generator(x.shape[1], k, z_dim).to(device), Discriminator(x.shape[1], k).to(device)
@@ -52,12 +57,14 @@ def fit(x, y, device, *, z_dim, epochs, batch_size, lr, seed, progress=True):
     opt_d = torch.optim.Adam(D.parameters(), lr=lr, betas=(0.5, 0.999))
     x = x * 2 - 1
     gen, history = torch.Generator().manual_seed(seed), []
+    cast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp)
     for epoch in tqdm(range(epochs), desc="mlp-cgan", disable=not progress, leave=False):
         for idx in torch.randperm(len(x), generator=gen).split(batch_size):
             real, yb = x[idx].to(device), y[idx].to(device)
-            fake = G(torch.randn(len(idx), z_dim, device=device), yb)
-            # D: log D(x|y) + log(1 - D(G(z|y)|y))
-            d_real, d_fake = D(real, yb), D(fake.detach(), yb)
+            with cast:
+                fake = G(torch.randn(len(idx), z_dim, device=device), yb)
+                # D: log D(x|y) + log(1 - D(G(z|y)|y))
+                d_real, d_fake = D(real, yb).float(), D(fake.detach(), yb).float()
             loss_d = F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real)) + \
                 F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
             check_finite(loss_d, epoch)
@@ -65,7 +72,8 @@ def fit(x, y, device, *, z_dim, epochs, batch_size, lr, seed, progress=True):
             loss_d.backward()
             opt_d.step()
             # G: non-saturating, maximise log D(G(z|y)|y)
-            d_gen = D(fake, yb)
+            with cast:
+                d_gen = D(fake, yb).float()
             loss_g = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
@@ -84,20 +92,27 @@ def generate(G, n_per_class, seed=0, device="cpu"):
 
 
 def parse_args(argv=None):
-    return mlp_generator.parse_args(__doc__, "runs/medmnist/mlp_cgan", 1000, 1e-4, lambda p: p.add_argument(
-        "--z-dim", type=positive_int, default=64, help="noise size"), argv)
+    def extra(p):
+        p.add_argument("--z-dim", type=positive_int, default=64, help="noise size")
+        p.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
+                       help="bf16 autocast of the training steps (the losses and sampling in fp32). auto: bf16 on a "
+                            "CPU with bf16 instructions once bench/bf16_agreement.py --loop mlpcgan has agreed "
+                            "(BF16_CHECKED), fp32 elsewhere; bf16: always (refused on a device without bf16); off: "
+                            "fp32")
+    return mlp_generator.parse_args(__doc__, "runs/medmnist/mlp_cgan", 1000, 1e-4, extra, argv)
 
 
 def main(args):
+    amp = use_amp(args.amp, device_from(args.device), cpu_checked=BF16_CHECKED, gpu_checked=False)  # before writing
     out, device, x, y, shape, names = mlp_generator.start(args.npz, args.per_class, args.seed, args.device,
                                                           args.out_dir, args.force, vars(args))
     G, history = fit(x, y, device, z_dim=args.z_dim, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                     seed=args.seed)
+                     seed=args.seed, amp=amp)
     gx, gy = generate(G, args.n_per_class, args.seed, device)
     mlp_generator.finish(out, G, {"dim": x.shape[1], "k": G.k, "z_dim": args.z_dim}, gx, gy, shape, names,
                          "MLP-cGAN samples per class (Adam, both networks)",
                          {"final_loss_d": history[-1][0], "final_loss_g": history[-1][1], "n_train": len(x),
-                          "history": history})
+                          "bf16_autocast": amp, "history": history})
     print(f"MLP-cGAN: final D loss {history[-1][0]:.3f}, G loss {history[-1][1]:.3f}; wrote {len(gx)} images")
 
 if __name__ == "__main__":

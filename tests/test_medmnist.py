@@ -1,5 +1,6 @@
 """MedMNIST chain: the generators learn a planted class signal; the ResNet-18 trainer and the study run."""
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -62,6 +63,19 @@ def test_generator_samples_are_recognised_as_their_class(name, judge):
     assert judged_accuracy(judge, gx, gy) >= 0.85
 
 
+def test_cgan_under_bf16_autocast_takes_nearby_fp32_steps():
+    """gan/train_mlp_cgan.py --amp bf16 (emulated on a CPU without bf16): the same seed's first steps in bf16 move
+    the generator's fp32 weights almost as fp32 does, but not identically (the autocast is on); losses finite.
+    Whether whole runs agree is bench/bf16_agreement.py --loop mlpcgan's question."""
+    x, y = bands(300, 3)
+    kw = dict(seed=0, batch_size=64, epochs=3, lr=2e-4, z_dim=64, progress=False)
+    w0 = cgan.fit(x, y, "cpu", **{**kw, "epochs": 0})[0].net[0].weight
+    (g32, h32), (g16, h16) = (cgan.fit(x, y, "cpu", amp=amp, **kw) for amp in (False, True))
+    step32, step16 = g32.net[0].weight - w0, g16.net[0].weight - w0
+    assert g16.net[0].weight.dtype == torch.float32 and np.isfinite(h16).all()
+    assert 0 < (step16 - step32).norm() < 0.2 * step32.norm()  # 0.05 measured on a CPU with AVX512-BF16 and AMX
+
+
 def test_untrained_generator_is_at_chance(judge):
     """The same judge on an untrained cGAN: near chance, so the test above can fail."""
     x, y = bands(300, 3)
@@ -87,9 +101,46 @@ def run(module, *args):
 @pytest.mark.parametrize("module", ["vae.train_mlp_ae", "vae.train_mlp_cvae", "gan.train_mlp_cgan"])
 def test_generator_scripts_run(module, tmp_path):
     run(module, "--npz", str(PROJECT_DATA / "medmnist/breastmnist.npz"), "--per-class", "20", "--epochs", "2",
-        "--n-per-class", "5", "--out-dir", str(tmp_path))
+        "--n-per-class", "5", "--device", "cpu", "--out-dir", str(tmp_path))
     z = np.load(tmp_path / "samples.npz")
     assert z["images"].shape == (10, 28, 28) and np.bincount(z["labels"]).tolist() == [5, 5]
+    if module == "gan.train_mlp_cgan":  # --amp auto: bf16 only where its check agreed (BF16_CHECKED) and the CPU has it
+        from common.runs import cpu_has_bf16
+        metrics = json.loads((tmp_path / "metrics.json").read_text())
+        assert metrics["bf16_autocast"] == (cgan.BF16_CHECKED and cpu_has_bf16())
+
+
+def test_cgan_bf16_is_refused_in_one_line_on_a_cpu_without_it(tmp_path, monkeypatch):
+    """--amp bf16 where bf16 is slow (no AVX512-BF16 or AMX): refused before the run folder is written."""
+    import common.runs
+    from common.errors import DataError
+    monkeypatch.setattr(common.runs, "cpu_has_bf16", lambda: False)
+    with pytest.raises(DataError, match="--amp bf16: this CPU has no bf16 instructions"):
+        cgan.main(cgan.parse_args(["--npz", str(PROJECT_DATA / "medmnist/breastmnist.npz"), "--amp", "bf16",
+                                   "--device", "cpu", "--out-dir", str(tmp_path / "c")]))
+    assert not (tmp_path / "c").exists()
+
+
+def test_bf16_check_distance_sees_a_worse_generator(tmp_path):
+    """bench/bf16_agreement.py --loop mlpcgan's validation measure: PneumoniaMNIST's own training images of each
+    class are far closer to its validation images than the same images with the classes swapped or all replaced by
+    their mean image, and the distance is 0 for the validation images themselves."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bf16_agreement import MEDMNIST_NPZ, medmnist_fd
+    with np.load(ROOT / MEDMNIST_NPZ) as z:
+        tr, ty, va, vy = z["train_images"], z["train_labels"].ravel(), z["val_images"], z["val_labels"].ravel()
+    rng = np.random.default_rng(0)
+    pick = np.concatenate([rng.choice(np.flatnonzero(ty == c), 150, replace=False) for c in (0, 1)])
+
+    def fd(images, labels):
+        np.savez(tmp_path / "samples.npz", images=images, labels=labels)
+        return medmnist_fd(MEDMNIST_NPZ, tmp_path)
+    real = fd(tr[pick], ty[pick])
+    assert fd(va, vy)["val_fd"] < 1e-6 * real["val_fd"]
+    assert set(real["val_fd_per_class"]) == {0, 1}
+    assert fd(tr[pick], 1 - ty[pick])["val_fd"] > 2 * real["val_fd"]
+    flat = np.repeat(tr[pick].mean(0, keepdims=True), len(pick), 0).round().astype(np.uint8)
+    assert fd(flat, ty[pick])["val_fd"] > 2 * real["val_fd"]
 
 
 NARROW_RESNET = """
@@ -183,3 +234,35 @@ def test_same_seed_same_numbers(smoke_study, tmp_path):
     """Every stage script of the smoke chain rerun writes the same file; the study rerun on its stages reuses them
     all and writes the same summary (tests/same_numbers.py)."""
     check_same_seed_same_numbers("medmnist", smoke_study, tmp_path)
+
+
+def test_bf16_check_resumes_only_the_same_run(tmp_path, monkeypatch):
+    """bench/bf16_agreement.py --resume reads a finished run (same command, same commit) instead of training it
+    again; without --resume, after a flag changed, at another commit or a dirty one, it trains."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bf16_agreement
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--out-dir") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps({"history": [[1.0, 2.0]]}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(bf16_agreement.subprocess, "run", fake_run)
+    monkeypatch.setattr(bf16_agreement, "git_commit", lambda: "abc")
+    loop = {"module": "gan.train_mlp_cgan", "settings": ["--epochs", "3"]}
+    first = bf16_agreement.train(loop, 0, "off", tmp_path, resume=True)
+    assert len(calls) == 1 and first["history"] == [[1.0, 2.0]]
+    again = bf16_agreement.train(loop, 0, "off", tmp_path, resume=True)
+    assert len(calls) == 1 and again["resumed"] and again["seconds"] == first["seconds"]
+    bf16_agreement.train(loop, 0, "off", tmp_path)
+    bf16_agreement.train({**loop, "settings": ["--epochs", "4"]}, 0, "off", tmp_path, resume=True)
+    assert len(calls) == 3
+    monkeypatch.setattr(bf16_agreement, "git_commit", lambda: "def")  # another commit's run is not reused
+    bf16_agreement.train({**loop, "settings": ["--epochs", "4"]}, 0, "off", tmp_path, resume=True)
+    assert len(calls) == 4
+    monkeypatch.setattr(bf16_agreement, "git_commit", lambda: "def-dirty")  # uncommitted code: never reused
+    for _ in range(2):
+        assert not bf16_agreement.train(loop, 0, "off", tmp_path, resume=True)["resumed"]
+    assert len(calls) == 6

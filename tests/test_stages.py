@@ -231,7 +231,9 @@ def test_make_runs_a_studys_stages_side_by_side_on_one_thread_each_on_a_cpu():
                            text=True).stdout.strip()
     cores = min(int(cores), 8) if cores.isdigit() else None
     study, stages = lines("SMOKE=1")
-    assert len(study) == 2 and all(line.startswith("OMP_NUM_THREADS=1 true -m") for line in study)
+    # two rounds of makefile + make (the second adds stages chosen on the first's results), then the study itself
+    assert len(study) == 3 and all(line.startswith("OMP_NUM_THREADS=1 true -m") for line in study)
+    assert study[0] == study[1] and study[1].endswith("--makefile runs/smoke/chestxray.mk")
     assert "then OMP_NUM_THREADS=1 make -j" in stages and (cores is None or f" -j{cores} -f" in stages)
     assert "then make -j1 -f runs/results-full/chestxray.mk" in lines("SCALE=full")[1]
     study, stages = lines("SMOKE=1", "JOBS=3", "THREADS=")
