@@ -74,13 +74,14 @@ THREADS ?= $(if $(filter full,$(SCALE)),,1)
 STAGE_ENV = $(if $(THREADS),OMP_NUM_THREADS=$(THREADS) )
 STAGE_J = $(if $(filter command line environment,$(origin JOBS)),-j$(JOBS),$\
 	$(if $(findstring jobserver,$(MAKEFLAGS)),,-j$(JOBS)))
+study_cmd = $(STAGE_ENV)$(PYTHON) -m $(1) $(FLAGS) --out $(OUT)/$(2) $(3) $(ARGS)
 stage_make = if [ -f runs/$(OUT)/$(1).mk ]; then $(STAGE_ENV)$(MAKE) $(STAGE_J) -f runs/$(OUT)/$(1).mk PYTHON=$(PYTHON); fi
 define staged
-	$(STAGE_ENV)$(PYTHON) -m $(1) $(FLAGS) --out $(OUT)/$(2) $(3) $(ARGS) $(if $(DRY),--dry-run,--makefile runs/$(OUT)/$(2).mk)
+	$(call study_cmd,$(1),$(2),$(3)) $(if $(DRY),--dry-run,--makefile runs/$(OUT)/$(2).mk)
 	$(if $(DRY),@true,$(call stage_make,$(2)))
-	$(if $(DRY),@true,$(STAGE_ENV)$(PYTHON) -m $(1) $(FLAGS) --out $(OUT)/$(2) $(3) $(ARGS) --makefile runs/$(OUT)/$(2).mk)
+	$(if $(DRY),@true,$(call study_cmd,$(1),$(2),$(3)) --makefile runs/$(OUT)/$(2).mk)
 	$(if $(DRY),@true,$(call stage_make,$(2)))
-	$(if $(DRY),@true,$(STAGE_ENV)$(PYTHON) -m $(1) $(FLAGS) --out $(OUT)/$(2) $(3) $(ARGS))
+	$(if $(DRY),@true,$(call study_cmd,$(1),$(2),$(3)))
 endef
 
 chestxray: $(SETUP) ## Korb & Hall: CVAE-rebalanced chest X-ray classifier by sex -> results/chestxray

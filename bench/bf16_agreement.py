@@ -87,12 +87,16 @@ PCA_DIMS = 32
 
 
 @functools.lru_cache(maxsize=4)
-def pca_basis(npz, dims):
-    """(mean, basis (pixels, dims)) of an official MedMNIST file's training split, pixels in [0, 1]."""
-    with np.load(ROOT / npz) as z:
-        train = z["train_images"].reshape(len(z["train_images"]), -1) / 255.0
-    mean = train.mean(0)
-    return mean, np.linalg.svd(train - mean, full_matrices=False)[2][:dims].T
+def medmnist_reference(npz, dims):
+    """What every run of the mlpcgan check is measured against, read once: (mean, basis (pixels, dims)) of an
+    official MedMNIST file's training split and {class: its validation images in that basis}, pixels in [0, 1]."""
+    from common.data import medmnist_arrays
+    images, labels, split, _, _ = medmnist_arrays(ROOT / npz)
+    x = images.reshape(len(images), -1) / 255.0
+    mean = x[split == "train"].mean(0)
+    basis = np.linalg.svd(x[split == "train"] - mean, full_matrices=False)[2][:dims].T
+    val = split == "val"
+    return mean, basis, {int(c): (x[val & (labels == c)] - mean) @ basis for c in np.unique(labels[val])}
 
 
 def medmnist_fd(npz, out, dims=PCA_DIMS):
@@ -100,13 +104,10 @@ def medmnist_fd(npz, out, dims=PCA_DIMS):
     official validation images of that class, in the top `dims` principal components of the official training
     split (pixels in [0, 1]); the mean over classes, and each class's."""
     from fairness.fid import fid_from_features
-    with np.load(ROOT / npz) as z:
-        val, val_y = z["val_images"].reshape(len(z["val_images"]), -1) / 255.0, z["val_labels"].ravel()
     with np.load(out / "samples.npz") as z:
         gen, gen_y = z["images"].reshape(len(z["images"]), -1) / 255.0, z["labels"].ravel()
-    mean, basis = pca_basis(npz, dims)
-    per_class = {int(c): fid_from_features((gen[gen_y == c] - mean) @ basis, (val[val_y == c] - mean) @ basis)
-                 for c in np.unique(val_y)}
+    mean, basis, val = medmnist_reference(npz, dims)
+    per_class = {c: fid_from_features((gen[gen_y == c] - mean) @ basis, v) for c, v in val.items()}
     return {"val_fd": float(np.mean(list(per_class.values()))), "val_fd_per_class": per_class}
 
 
@@ -161,14 +162,15 @@ LOOPS = {
 }
 
 
-def train(loop, seed, amp, runs, data_flags=(), resume=False):
+def train(loop, seed, amp, runs, data_flags=(), resume=False, commit=None):
     """One run: its numbers and seconds. resume: a run whose folder holds done.json with this very command at this
     clean commit (a run of an interrupted check) is read, not trained again, its seconds those it took then
-    ("resumed": true); at a dirty or unknown commit every run is trained (uncommitted code cannot be told apart)."""
+    ("resumed": true); at a dirty or unknown commit every run is trained (uncommitted code cannot be told apart).
+    commit: the code's commit, looked up once per check (default: looked up here)."""
     out = runs / f"{amp}_seed{seed}"
     cmd = [sys.executable, "-m", loop["module"], *loop["settings"], *data_flags, "--amp", amp, "--seed", str(seed),
            "--out-dir", str(out), "--force"]
-    done, key = out / "done.json", {"command": cmd[1:], "commit": git_commit()}
+    done, key = out / "done.json", {"command": cmd[1:], "commit": commit or git_commit()}
     try:
         old = json.loads(done.read_text()) if resume and done.is_file() else {}
     except ValueError:  # a done.json cut short: train again
@@ -246,10 +248,10 @@ def main():
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     runs_dir.mkdir(parents=True, exist_ok=True)
     data_flags = loop["prepare"](runs_dir) if "prepare" in loop else []
-    runs = {"off": {}, "bf16": {}}
+    runs, commit = {"off": {}, "bf16": {}}, git_commit()
     for s in tqdm(seeds, desc=f"{args.loop}: seeds, fp32 then bf16 each", unit="seed"):
         for amp in runs:  # a seed's two runs one after the other, so a drifting machine speed falls on both alike
-            runs[amp][s] = train(loop, s, amp, runs_dir, data_flags, args.resume)
+            runs[amp][s] = train(loop, s, amp, runs_dir, data_flags, args.resume, commit)
     rule, agree = {}, True
     print("| measure | fp32 mean (sd over seeds) | bf16 mean | paired difference bf16 - fp32: mean (sd) [95% CI] | "
           "mean within fp32's sd | CI within +-fp32's sd |")
@@ -271,7 +273,7 @@ def main():
           f"mean seconds per run fp32 {seconds['off']:.0f}, bf16 {seconds['bf16']:.0f} "
           f"({seconds['off'] / seconds['bf16']:.2f}x, process start and evaluation included)")
     plot(loop, runs, seeds, out / "curves.png")
-    summary = {"git_commit": git_commit(), "command": " ".join(sys.argv).replace(tempfile.gettempdir(), "<tmp>"),
+    summary = {"git_commit": commit, "command": " ".join(sys.argv).replace(tempfile.gettempdir(), "<tmp>"),
                "loop": args.loop, "module": loop["module"], "settings": loop["settings"], "seeds": seeds,
                "data_flags": [f.replace(tempfile.gettempdir(), "<tmp>") for f in data_flags],
                "rule_kind": loop["rule"],
