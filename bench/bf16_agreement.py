@@ -6,7 +6,7 @@ network whose check below agrees.
     python bench/bf16_agreement.py --loop cvae --seeds 30 --first-seed 100 --out results/bench/bf16_cvae30  # ~86 min
     python bench/bf16_agreement.py --loop resvae --seeds 10 --out results/bench/bf16_resvae  # the ResVAE, ~17 min
     python bench/bf16_agreement.py --loop convae --seeds 10 --out results/bench/bf16_convae  # the conv AE
-    python bench/bf16_agreement.py --loop mlpcgan --seeds 30 --out results/bench/bf16_mlpcgan  # the cGAN, ~2 h
+    python bench/bf16_agreement.py --loop mlpcgan --seeds 30 --jobs 2 --out results/bench/bf16_mlpcgan  # the cGAN
 
 --loop chexnet: classify.train_chexnet at the quick chest X-ray study's settings (cnn8, width 16, 64 px, batch 32,
 16 epochs, cosine, last epoch's weights; its own 70/10/20 patient split of NIH1000). --loop cvae: vae.train_cvae at
@@ -40,12 +40,16 @@ loop has them, are shown, not used):
   steps of GAN training are chaotic: if a pair's two runs end as far apart as two seeds, the paired differences'
   sd is ~1.4 fp32's and the rule needs about 30 seeds to pass when bf16 changes nothing (as the CVAE's did), so
   "does not agree" at fewer seeds may mean "too few seeds": summary.json's diff_sd / fp32_sd says which.
-Writes summary.json (every run's history, the rule's numbers, the verdict, the seconds of each arm), curves.png
-(both arms' curves, per seed) and prints a table.
+--jobs N trains N seeds at a time, each run on one torch thread, as a quick study runs its stages side by side (the
+seconds then include the other seeds' load, alike for both arms). Writes summary.json (every run's history, the
+rule's numbers, the verdict, the seconds of each arm, jobs and threads), curves.png (both arms' curves, per seed) and
+prints a table.
 """
 import argparse
+from concurrent.futures import ThreadPoolExecutor
 import functools
 import json
+import os
 from pathlib import Path
 import subprocess
 import sys
@@ -162,11 +166,12 @@ LOOPS = {
 }
 
 
-def train(loop, seed, amp, runs, data_flags=(), resume=False, commit=None):
+def train(loop, seed, amp, runs, data_flags=(), resume=False, commit=None, env=None):
     """One run: its numbers and seconds. resume: a run whose folder holds done.json with this very command at this
     clean commit (a run of an interrupted check) is read, not trained again, its seconds those it took then
     ("resumed": true); at a dirty or unknown commit every run is trained (uncommitted code cannot be told apart).
-    commit: the code's commit, looked up once per check (default: looked up here)."""
+    commit: the code's commit, looked up once per check (default: looked up here). env: the run's environment
+    (default this process's)."""
     out = runs / f"{amp}_seed{seed}"
     cmd = [sys.executable, "-m", loop["module"], *loop["settings"], *data_flags, "--amp", amp, "--seed", str(seed),
            "--out-dir", str(out), "--force"]
@@ -181,7 +186,7 @@ def train(loop, seed, amp, runs, data_flags=(), resume=False, commit=None):
         seconds = old["seconds"]
     else:
         t0 = time.time()
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         if r.returncode:
             raise SystemExit(f"{loop['module']} --amp {amp} --seed {seed} failed:\n{r.stderr[-2000:]}")
         seconds = time.time() - t0
@@ -235,12 +240,17 @@ def main():
     p.add_argument("--out", default=None, help="summary.json and curves.png (default results/bench/bf16, "
                                                "results/bench/bf16_<loop> for other loops)")
     p.add_argument("--runs", default=None, help="the training runs' folders (replaced; default runs/bench/bf16_<loop>)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="seeds trained at a time; above 1 each run uses one torch thread (OMP_NUM_THREADS=1), as a "
+                        "study's stages do side by side (default 1: one seed at a time on torch's default threads)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted check: runs already finished with the same command at the same "
                         "commit are read, not trained again (without it every run is trained afresh)")
     args = p.parse_args()
     if args.seeds < 3:
         p.error("--seeds: at least 3 (the rules need a spread across seeds)")
+    if args.jobs < 1:
+        p.error("--jobs: at least 1")
     loop = LOOPS[args.loop]
     out = Path(args.out or ("results/bench/bf16" if args.loop == "chexnet" else f"results/bench/bf16_{args.loop}"))
     runs_dir = Path(args.runs or f"runs/bench/bf16_{args.loop}")
@@ -249,9 +259,16 @@ def main():
     runs_dir.mkdir(parents=True, exist_ok=True)
     data_flags = loop["prepare"](runs_dir) if "prepare" in loop else []
     runs, commit = {"off": {}, "bf16": {}}, git_commit()
-    for s in tqdm(seeds, desc=f"{args.loop}: seeds, fp32 then bf16 each", unit="seed"):
-        for amp in runs:  # a seed's two runs one after the other, so a drifting machine speed falls on both alike
-            runs[amp][s] = train(loop, s, amp, runs_dir, data_flags, args.resume, commit)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.jobs > 1 else None
+
+    def pair(s):  # a seed's two runs one after the other, so a drifting machine speed falls on both alike
+        return s, {amp: train(loop, s, amp, runs_dir, data_flags, args.resume, commit, env) for amp in runs}
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for s, done in tqdm(pool.map(pair, seeds), total=len(seeds), unit="seed",
+                            desc=f"{args.loop}: seeds, fp32 then bf16 each, {args.jobs} at a time"):
+            for amp in runs:
+                runs[amp][s] = done[amp]
     rule, agree = {}, True
     print("| measure | fp32 mean (sd over seeds) | bf16 mean | paired difference bf16 - fp32: mean (sd) [95% CI] | "
           "mean within fp32's sd | CI within +-fp32's sd |")
@@ -279,7 +296,8 @@ def main():
                "rule_kind": loop["rule"],
                "rule": {k: {kk: (vv if isinstance(vv, bool) else [float(x) for x in vv] if isinstance(vv, list)
                                  else float(vv)) for kk, vv in v.items()} for k, v in rule.items()},
-               "agrees": agree, "seconds_per_run": seconds,
+               "agrees": agree, "seconds_per_run": seconds, "jobs": args.jobs,
+               "threads_per_run": 1 if args.jobs > 1 else os.environ.get("OMP_NUM_THREADS", "torch default"),
                "runs": {amp: {str(s): r for s, r in v.items()} for amp, v in runs.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 

@@ -266,3 +266,38 @@ def test_bf16_check_resumes_only_the_same_run(tmp_path, monkeypatch):
     for _ in range(2):
         assert not bf16_agreement.train(loop, 0, "off", tmp_path, resume=True)["resumed"]
     assert len(calls) == 6
+
+
+def test_bf16_check_side_by_side_keeps_each_seed_its_own(tmp_path, monkeypatch):
+    """--jobs 2: seeds train two at a time, each run on one torch thread, and every seed's numbers stay its own
+    (summary.json's runs and rule as one seed at a time gives them)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bf16_agreement
+    envs = []
+
+    def fake_run(cmd, env=None, **kw):
+        envs.append((env or {}).get("OMP_NUM_THREADS"))
+        seed, amp = int(cmd[cmd.index("--seed") + 1]), cmd[cmd.index("--amp") + 1]
+        out = Path(cmd[cmd.index("--out-dir") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        loss = 1.0 + seed + (0.5 if amp == "bf16" else 0.0)
+        (out / "metrics.json").write_text(json.dumps({"history": [[loss, 2.0 * loss]]}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(bf16_agreement.subprocess, "run", fake_run)
+    monkeypatch.setattr(bf16_agreement, "git_commit", lambda: "abc")
+    loop = {"module": "fake", "settings": [], "rule": "equivalence", "title": "fake",
+            "measures": [("loss", lambda r: r["history"][-1][0], True)], "curves": [(0, "d"), (1, "g")]}
+    monkeypatch.setitem(bf16_agreement.LOOPS, "mlpcgan", loop)
+    summaries = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}"
+        monkeypatch.setattr(sys, "argv", ["bf16_agreement.py", "--loop", "mlpcgan", "--seeds", "5", "--jobs",
+                                          str(jobs), "--out", str(out), "--runs", str(tmp_path / f"runs{jobs}")])
+        bf16_agreement.main()
+        summaries[jobs] = json.loads((out / "summary.json").read_text())
+    assert envs[:10] == [None] * 10 and envs[10:] == ["1"] * 10
+    one, two = summaries[1], summaries[2]
+    assert two["jobs"] == 2 and two["threads_per_run"] == 1
+    assert {s: r["history"] for s, r in two["runs"]["bf16"].items()} == \
+        {str(s): [[1.5 + s, 3.0 + 2 * s]] for s in range(5)}
+    assert two["rule"] == one["rule"] and two["rule"]["loss"]["diff_mean"] == pytest.approx(0.5)
