@@ -40,13 +40,14 @@ loop has them, are shown, not used):
   steps of GAN training are chaotic: if a pair's two runs end as far apart as two seeds, the paired differences'
   sd is ~1.4 fp32's and the rule needs about 30 seeds to pass when bf16 changes nothing (as the CVAE's did), so
   "does not agree" at fewer seeds may mean "too few seeds": summary.json's diff_sd / fp32_sd says which.
---jobs N trains N seeds at a time, each run on one torch thread, as a quick study runs its stages side by side (the
-seconds then include the other seeds' load, alike for both arms). Writes summary.json (every run's history, the
-rule's numbers, the verdict, the seconds of each arm, jobs and threads), curves.png (both arms' curves, per seed) and
-prints a table.
+--jobs N (N > 1) trains N seeds at a time, each run on one torch thread, as a quick study runs its stages side by
+side: each arm's seconds then include a similar side-by-side load, not the same one (the arms' runs drift out of
+step), and compare with other --jobs 1 seconds only as a ratio within the check. Writes summary.json (every run's
+history, the rule's numbers, the verdict, the seconds of each arm, jobs and the runs' torch threads), curves.png (both
+arms' curves, per seed) and prints a table.
 """
 import argparse
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import as_completed, ThreadPoolExecutor
 import functools
 import json
 import os
@@ -171,11 +172,12 @@ def train(loop, seed, amp, runs, data_flags=(), resume=False, commit=None, env=N
     clean commit (a run of an interrupted check) is read, not trained again, its seconds those it took then
     ("resumed": true); at a dirty or unknown commit every run is trained (uncommitted code cannot be told apart).
     commit: the code's commit, looked up once per check (default: looked up here). env: the run's environment
-    (default this process's)."""
+    (default this process's); its OMP_NUM_THREADS is part of the command (CPU sums depend on the thread count)."""
     out = runs / f"{amp}_seed{seed}"
     cmd = [sys.executable, "-m", loop["module"], *loop["settings"], *data_flags, "--amp", amp, "--seed", str(seed),
            "--out-dir", str(out), "--force"]
-    done, key = out / "done.json", {"command": cmd[1:], "commit": commit or git_commit()}
+    done, key = out / "done.json", {"command": cmd[1:], "commit": commit or git_commit(),
+                                    "omp_threads": (os.environ if env is None else env).get("OMP_NUM_THREADS")}
     try:
         old = json.loads(done.read_text()) if resume and done.is_file() else {}
     except ValueError:  # a done.json cut short: train again
@@ -192,7 +194,9 @@ def train(loop, seed, amp, runs, data_flags=(), resume=False, commit=None, env=N
         seconds = time.time() - t0
         done.write_text(json.dumps({**key, "seconds": seconds}) + "\n")
     m = json.loads((out / "metrics.json").read_text())
-    return {"seconds": seconds, "resumed": resumed, "history": m["history"],
+    cfg = out / "config.json"
+    threads = json.loads(cfg.read_text()).get("cpu_threads") if cfg.is_file() else None
+    return {"seconds": seconds, "resumed": resumed, "threads": threads, "history": m["history"],
             **({"test_any_auroc": m["test"][-1]["auroc"]} if "test" in m else {}),
             **(loop["read"](out) if "read" in loop else {})}
 
@@ -265,10 +269,16 @@ def main():
         return s, {amp: train(loop, s, amp, runs_dir, data_flags, args.resume, commit, env) for amp in runs}
 
     with ThreadPoolExecutor(args.jobs) as pool:
-        for s, done in tqdm(pool.map(pair, seeds), total=len(seeds), unit="seed",
-                            desc=f"{args.loop}: seeds, fp32 then bf16 each, {args.jobs} at a time"):
-            for amp in runs:
-                runs[amp][s] = done[amp]
+        pending = [pool.submit(pair, s) for s in seeds]
+        try:
+            for f in tqdm(as_completed(pending), total=len(seeds), unit="seed",
+                          desc=f"{args.loop}: seeds, fp32 then bf16 each, {args.jobs} at a time"):
+                s, done = f.result()
+                for amp in runs:
+                    runs[amp][s] = done[amp]
+        except BaseException:  # the first failure: start no other seed (the runs in flight finish first)
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     rule, agree = {}, True
     print("| measure | fp32 mean (sd over seeds) | bf16 mean | paired difference bf16 - fp32: mean (sd) [95% CI] | "
           "mean within fp32's sd | CI within +-fp32's sd |")
@@ -297,7 +307,7 @@ def main():
                "rule": {k: {kk: (vv if isinstance(vv, bool) else [float(x) for x in vv] if isinstance(vv, list)
                                  else float(vv)) for kk, vv in v.items()} for k, v in rule.items()},
                "agrees": agree, "seconds_per_run": seconds, "jobs": args.jobs,
-               "threads_per_run": 1 if args.jobs > 1 else os.environ.get("OMP_NUM_THREADS", "torch default"),
+               "threads_per_run": sorted({r["threads"] for v in runs.values() for r in v.values()} - {None}) or None,
                "runs": {amp: {str(s): r for s, r in v.items()} for amp, v in runs.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 

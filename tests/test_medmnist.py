@@ -269,20 +269,27 @@ def test_bf16_check_resumes_only_the_same_run(tmp_path, monkeypatch):
 
 
 def test_bf16_check_side_by_side_keeps_each_seed_its_own(tmp_path, monkeypatch):
-    """--jobs 2: seeds train two at a time, each run on one torch thread, and every seed's numbers stay its own
-    (summary.json's runs and rule as one seed at a time gives them)."""
+    """--jobs 2: two seeds train at once, each run on one torch thread, seeds finish out of order, and every seed's
+    numbers stay its own (summary.json's runs and rule as one seed at a time gives them); a failed run stops the
+    check in one line naming it."""
+    import threading
+    import time
     sys.path.insert(0, str(ROOT / "bench"))
     import bf16_agreement
-    envs = []
+    envs, together = [], threading.Barrier(2, timeout=20)
 
     def fake_run(cmd, env=None, **kw):
         envs.append((env or {}).get("OMP_NUM_THREADS"))
         seed, amp = int(cmd[cmd.index("--seed") + 1]), cmd[cmd.index("--amp") + 1]
         out = Path(cmd[cmd.index("--out-dir") + 1])
+        if env is not None and "fail" not in str(out):  # side by side: both workers in a run, lower seeds later
+            together.wait()
+            time.sleep(0.05 * (4 - seed))
         out.mkdir(parents=True, exist_ok=True)
         loss = 1.0 + seed + (0.5 if amp == "bf16" else 0.0)
         (out / "metrics.json").write_text(json.dumps({"history": [[loss, 2.0 * loss]]}))
-        return subprocess.CompletedProcess(cmd, 0, "", "")
+        (out / "config.json").write_text(json.dumps({"cpu_threads": 1 if env else 2}))
+        return subprocess.CompletedProcess(cmd, 3 if "fail" in str(out) and seed == 2 else 0, "", "boom")
     monkeypatch.setattr(bf16_agreement.subprocess, "run", fake_run)
     monkeypatch.setattr(bf16_agreement, "git_commit", lambda: "abc")
     loop = {"module": "fake", "settings": [], "rule": "equivalence", "title": "fake",
@@ -291,13 +298,17 @@ def test_bf16_check_side_by_side_keeps_each_seed_its_own(tmp_path, monkeypatch):
     summaries = {}
     for jobs in (1, 2):
         out = tmp_path / f"jobs{jobs}"
-        monkeypatch.setattr(sys, "argv", ["bf16_agreement.py", "--loop", "mlpcgan", "--seeds", "5", "--jobs",
+        monkeypatch.setattr(sys, "argv", ["bf16_agreement.py", "--loop", "mlpcgan", "--seeds", "4", "--jobs",
                                           str(jobs), "--out", str(out), "--runs", str(tmp_path / f"runs{jobs}")])
         bf16_agreement.main()
         summaries[jobs] = json.loads((out / "summary.json").read_text())
-    assert envs[:10] == [None] * 10 and envs[10:] == ["1"] * 10
+    assert envs[:8] == [None] * 8 and envs[8:] == ["1"] * 8
     one, two = summaries[1], summaries[2]
-    assert two["jobs"] == 2 and two["threads_per_run"] == 1
+    assert (one["jobs"], one["threads_per_run"], two["jobs"], two["threads_per_run"]) == (1, [2], 2, [1])
     assert {s: r["history"] for s, r in two["runs"]["bf16"].items()} == \
-        {str(s): [[1.5 + s, 3.0 + 2 * s]] for s in range(5)}
+        {str(s): [[1.5 + s, 3.0 + 2 * s]] for s in range(4)}
     assert two["rule"] == one["rule"] and two["rule"]["loss"]["diff_mean"] == pytest.approx(0.5)
+    monkeypatch.setattr(sys, "argv", ["bf16_agreement.py", "--loop", "mlpcgan", "--seeds", "4", "--jobs", "2",
+                                      "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "fail")])
+    with pytest.raises(SystemExit, match="fake --amp off --seed 2 failed"):
+        bf16_agreement.main()
