@@ -30,21 +30,20 @@ loop has them, are shown, not used):
 - convae (the equivalence test of cvae): the final training MSE and the best validation MSE (the early-stopping
   criterion, computed in fp32 in both arms), compare's conv AE at its quick settings (10 epochs at most, patience 5,
   batch 64) on the 70/10/20 patient split of NIH1000 (all of its training images, both sexes).
-- mlpcgan (cvae's equivalence rule): gan.train_mlp_cgan at the quick MedMNIST study's settings (1000 epochs, batch
-  128, 150 images per class of the official training split drawn by the seed as the study draws them, 135 of them
-  trained on, 150 samples per class) on PneumoniaMNIST (the embedded set with the larger validation split, 524
-  images). A GAN has no validation loss, so two measures: the discriminator's training loss, averaged over the last
-  100 epochs (each epoch's last batch, 14 images), and the Frechet distance between the generator's samples and the
-  official validation images, per class in the top 32 principal components of the official training split (all of
-  it, the same basis for every run), averaged over the classes. The generator's loss is shown, not used. 3,000
-  steps of GAN training are chaotic: if a pair's two runs end as far apart as two seeds, the paired differences'
-  sd is ~1.4 fp32's and the rule needs about 30 seeds to pass when bf16 changes nothing (as the CVAE's did), so
-  "does not agree" at fewer seeds may mean "too few seeds": summary.json's diff_sd / fp32_sd says which.
---jobs N (N > 1) trains N seeds at a time, each run on one torch thread, as a quick study runs its stages side by
-side: each arm's seconds then include a similar side-by-side load, not the same one (the arms' runs drift out of
-step), and compare with other --jobs 1 seconds only as a ratio within the check. Writes summary.json (every run's
-history, the rule's numbers, the verdict, the seconds of each arm, jobs and the runs' torch threads), curves.png (both
-arms' curves, per seed) and prints a table.
+- mlpcgan (cvae's equivalence rule): gan.train_mlp_cgan at the quick MedMNIST study's settings (1000 epochs, batch 128,
+  150 images per class of the official training split drawn by the seed as the study draws them, 135 of them trained on,
+  150 samples per class) on PneumoniaMNIST (the embedded set with the larger validation split, 524 images). A GAN has no
+  validation loss, so two measures: the discriminator's training loss, averaged over the last 100 epochs (each epoch's
+  last batch, 14 images), and the Frechet distance between the generator's samples and the official validation images,
+  per class in the top 32 principal components of the official training split (all of it, the same basis for every run),
+  averaged over the classes. The generator's loss is shown, not used. 3,000 steps of GAN training are chaotic: if a
+  pair's two runs end as far apart as two seeds, the paired differences' sd is ~1.4 fp32's and the rule needs about 30
+  seeds to pass when bf16 changes nothing (as the CVAE's did), so "does not agree" at fewer seeds may mean "too few
+  seeds": summary.json's diff_sd / fp32_sd says which. --jobs N (N > 1) trains N seeds at a time, each run on one torch
+  thread, as a quick study runs its stages side by side: each arm's seconds then include a similar side-by-side load,
+  not the same one (the arms' runs drift out of step), and compare with other --jobs 1 seconds only as a ratio within
+  the check. Writes summary.json (every run's history to 6 significant digits, the rule's numbers, the verdict, the
+  seconds of each arm, jobs and the runs' torch threads), curves.png (both arms' curves, per seed) and prints a table.
 """
 import argparse
 from concurrent.futures import as_completed, ThreadPoolExecutor
@@ -235,6 +234,17 @@ def judge(a, b, rule):
             "ci_within_fp32_sd": equivalent, "passes": within_sd if rule == "within_sd" else equivalent}
 
 
+def significant(x, digits=6):
+    """x (a number, or lists and dicts of them) with every float to `digits` significant digits."""
+    if isinstance(x, float):
+        return float(f"{x:.{digits}g}")
+    if isinstance(x, (list, tuple)):
+        return [significant(v, digits) for v in x]
+    if isinstance(x, dict):
+        return {k: significant(v, digits) for k, v in x.items()}
+    return x
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--loop", default="chexnet", choices=sorted(LOOPS), help="the network to check")
@@ -308,8 +318,12 @@ def main():
                                  else float(vv)) for kk, vv in v.items()} for k, v in rule.items()},
                "agrees": agree, "seconds_per_run": seconds, "jobs": args.jobs,
                "threads_per_run": sorted({r["threads"] for v in runs.values() for r in v.values()} - {None}) or None,
-               "runs": {amp: {str(s): r for s, r in v.items()} for amp, v in runs.items()}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+               "runs": {amp: {str(s): {**r, "history": significant(r["history"])} for s, r in v.items()}
+                        for amp, v in runs.items()}}
+    text = json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1)[:-2]
+    # the runs on one line, their histories to 6 significant digits: a GAN's 60 runs of 1,000 epochs stay ~1 MB
+    (out / "summary.json").write_text(text + ',\n "runs": ' + json.dumps(summary["runs"], separators=(",", ":")) +
+                                      "\n}\n")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ LOOPS = {"classify.train_chexnet": "cnn8", "vae.train_cvae": "cvae", "vae.train_
          "diffusion.train_dpo": "unet", "diffusion.fairgen_downstream": "vit"}
 # results/bench/<folder>/summary.json of each loop's bf16 check (the CVAE's: its second, 30-seed check; its first,
 # bf16_cvae, was too small to tell)
-CHECKS = {"cnn8": "bf16", "cvae": "bf16_cvae30", "resvae": "bf16_resvae", "convae": "bf16_convae"}
+CHECKS = {"cnn8": "bf16", "cvae": "bf16_cvae30", "resvae": "bf16_resvae", "convae": "bf16_convae",
+          "mlpcgan": "bf16_mlpcgan"}
 
 
 def parse_args(argv=None):
