@@ -318,7 +318,7 @@ def main():
                                  else float(vv)) for kk, vv in v.items()} for k, v in rule.items()},
                "agrees": agree, "seconds_per_run": seconds, "jobs": args.jobs,
                "threads_per_run": sorted({r["threads"] for v in runs.values() for r in v.values()} - {None}) or None,
-               "runs": {amp: {str(s): {**r, "history": significant(r["history"])} for s, r in v.items()}
+               "runs": {amp: {str(s): {**r, "history": significant(r["history"])} for s, r in sorted(v.items())}
                         for amp, v in runs.items()}}
     text = json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1)[:-2]
     # the runs on one line, their histories to 6 significant digits: a GAN's 60 runs of 1,000 epochs stay ~1 MB

@@ -305,8 +305,9 @@ def test_bf16_check_side_by_side_keeps_each_seed_its_own(tmp_path, monkeypatch):
     assert envs[:8] == [None] * 8 and envs[8:] == ["1"] * 8
     one, two = summaries[1], summaries[2]
     assert (one["jobs"], one["threads_per_run"], two["jobs"], two["threads_per_run"]) == (1, [2], 2, [1])
-    assert {s: r["history"] for s, r in two["runs"]["bf16"].items()} == \
-        {str(s): [[1.5 + s, 3.0 + 2 * s]] for s in range(4)}
+    bf16 = two["runs"]["bf16"]  # in seed order, each seed's numbers its own
+    assert list(bf16) == ["0", "1", "2", "3"] and [bf16[k]["history"] for k in bf16] == \
+        [[[1.5 + s, 3.0 + 2 * s]] for s in range(4)]
     assert two["rule"] == one["rule"] and two["rule"]["loss"]["diff_mean"] == pytest.approx(0.5)
     monkeypatch.setattr(sys, "argv", ["bf16_agreement.py", "--loop", "mlpcgan", "--seeds", "4", "--jobs", "2",
                                       "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "fail")])
