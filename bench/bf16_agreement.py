@@ -63,6 +63,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from common.runs import git_commit  # noqa: E402
+from common.stages import config_threads  # noqa: E402
 
 MEDMNIST_NPZ = "data/medmnist/pneumoniamnist.npz"
 QUICK = ["--arch", "cnn8", "--width", "16", "--size", "64", "--batch-size", "32", "--epochs", "16", "--schedule",
@@ -193,9 +194,7 @@ def train(loop, seed, amp, runs, data_flags=(), resume=False, commit=None, env=N
         seconds = time.time() - t0
         done.write_text(json.dumps({**key, "seconds": seconds}) + "\n")
     m = json.loads((out / "metrics.json").read_text())
-    cfg = out / "config.json"
-    threads = json.loads(cfg.read_text()).get("cpu_threads") if cfg.is_file() else None
-    return {"seconds": seconds, "resumed": resumed, "threads": threads, "history": m["history"],
+    return {"seconds": seconds, "resumed": resumed, "threads": config_threads(out), "history": m["history"],
             **({"test_any_auroc": m["test"][-1]["auroc"]} if "test" in m else {}),
             **(loop["read"](out) if "read" in loop else {})}
 

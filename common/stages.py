@@ -50,6 +50,14 @@ def recorded_argv(cfg):
         return None
 
 
+def config_threads(folder):
+    """The torch threads a run's config.json (in folder) records (cpu_threads), or None."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("cpu_threads")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def samples_argv(path):
     """The argv (without --force) a sampling script recorded in its .npz's meta, or None."""
     try:
@@ -189,10 +197,7 @@ class Stages:
         (cpu_threads); None when neither says."""
         threads = self.last_lines().get((rule[3], tuple(rule[4])), {}).get("threads")
         if threads is None and rule[0].name == "metrics.json":
-            try:
-                threads = json.loads((rule[0].parent / "config.json").read_text()).get("cpu_threads")
-            except (OSError, ValueError, AttributeError):
-                pass
+            threads = config_threads(rule[0].parent)
         return threads
 
     def run(self, module, argv, done, recorded, deps=(), force=True):
