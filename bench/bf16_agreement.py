@@ -7,6 +7,9 @@ network whose check below agrees.
     python bench/bf16_agreement.py --loop resvae --seeds 10 --out results/bench/bf16_resvae  # the ResVAE, ~17 min
     python bench/bf16_agreement.py --loop convae --seeds 10 --out results/bench/bf16_convae  # the conv AE
     python bench/bf16_agreement.py --loop mlpcgan --seeds 30 --jobs 2 --out results/bench/bf16_mlpcgan  # the cGAN
+    python bench/bf16_agreement.py --loop mlpae --seeds 20 --jobs 2 --out results/bench/bf16_mlpae     # MLP AE
+    python bench/bf16_agreement.py --loop mlpcvae --seeds 20 --jobs 2 --out results/bench/bf16_mlpcvae # MLP cVAE
+    python bench/bf16_agreement.py --loop dcgan --seeds 30 --jobs 2 --out results/bench/bf16_dcgan     # the DCGAN
 
 --loop chexnet: classify.train_chexnet at the quick chest X-ray study's settings (cnn8, width 16, 64 px, batch 32,
 16 epochs, cosine, last epoch's weights; its own 70/10/20 patient split of NIH1000). --loop cvae: vae.train_cvae at
@@ -39,7 +42,16 @@ loop has them, are shown, not used):
   averaged over the classes. The generator's loss is shown, not used. 3,000 steps of GAN training are chaotic: if a
   pair's two runs end as far apart as two seeds, the paired differences' sd is ~1.4 fp32's and the rule needs about 30
   seeds to pass when bf16 changes nothing (as the CVAE's did), so "does not agree" at fewer seeds may mean "too few
-  seeds": summary.json's diff_sd / fp32_sd says which. --jobs N (N > 1) trains N seeds at a time, each run on one torch
+  seeds": summary.json's diff_sd / fp32_sd says which.
+- mlpae, mlpcvae (cvae's equivalence rule): vae.train_mlp_ae and vae.train_mlp_cvae at the MedMNIST study's quick
+  settings (300 epochs, batch 128, the cGAN's data and its 150 samples per class): the training loss averaged over the
+  last 10 epochs (each epoch's last batch) and the cGAN's validation Frechet distance of the samples.
+- dcgan (cvae's equivalence rule): gan.train_dcgan at compare's quick settings (64 px, width 16, 400 steps, batch 64)
+  on the training part of NIH1000's 70/10/20 patient split (both sexes): the discriminator's loss averaged over the last
+  100 steps, and the Frechet distance between 4 samples per validation image (of its class, noise seed 0) and the
+  split's validation images, in the top 32 principal components of the training images' pixels (the same basis for
+  every run). The generator's loss is shown, not used.
+--jobs N (N > 1) trains N seeds at a time, each run on one torch
   thread, as a quick study runs its stages side by side: each arm's seconds then include a similar side-by-side load,
   not the same one (the arms' runs drift out of step), and compare with other --jobs 1 seconds only as a ratio within
   the check. Writes summary.json (every run's history to 6 significant digits, the rule's numbers, the verdict, the
@@ -116,6 +128,32 @@ def medmnist_fd(npz, out, dims=PCA_DIMS):
     return {"val_fd": float(np.mean(list(per_class.values()))), "val_fd_per_class": per_class}
 
 
+@functools.lru_cache(maxsize=2)
+def nih_reference(size, dims):
+    """What every run of the dcgan check is measured against, read once: (mean, basis (pixels, dims)) of the
+    training images of NIH1000's 70/10/20 patient split (split seed 0), and its validation images in that basis
+    and their classes; pixels in [-1, 1], as the DCGAN draws them."""
+    from common.modalities import training_images
+    _, train_x, _ = training_images("nih", size, None, "train")
+    _, val_x, val_cls = training_images("nih", size, None, "val")
+    x = train_x.reshape(len(train_x), -1) / 127.5 - 1
+    mean = x.mean(0)
+    basis = np.linalg.svd(x - mean, full_matrices=False)[2][:dims].T
+    return mean, basis, (val_x.reshape(len(val_x), -1) / 127.5 - 1 - mean) @ basis, val_cls
+
+
+def dcgan_fd(out, per_image=4, dims=PCA_DIMS):
+    """The dcgan check's numbers beyond metrics.json: the training history (from ckpt.pt) and the validation Frechet
+    distance of `per_image` samples per validation image, of its class (noise seed 0, the same in both arms)."""
+    from fairness.fid import fid_from_features
+    from gan.sample_dcgan import load_generator
+    from gan.train_dcgan import generate
+    G, ck = load_generator(out / "ckpt.pt")
+    mean, basis, val, val_cls = nih_reference(64, dims)
+    fake = generate(G, np.repeat(val_cls, per_image), seed=0).flatten(1).double().numpy()
+    return {"history": ck["history"], "val_fd": float(fid_from_features((fake - mean) @ basis, val))}
+
+
 def validation_medians(out):
     """{group: median reconstruction MSE} of a resvae run's held-out images (its preds.csv)."""
     import pandas as pd
@@ -123,8 +161,8 @@ def validation_medians(out):
 
 
 # per loop: the module, its quick settings, the measures (name, how to read it from a run, used by the rule) and the
-# curves drawn (history key, axis label); optional: prepare(runs) -> the data flags of every run, read(out) -> more
-# of a run's numbers than its metrics.json
+# curves drawn (history key or None for a history of numbers, axis label); optional: prepare(runs) -> the data flags
+# of every run, read(out) -> more of a run's numbers than its metrics.json, x: the curves' axis (default epoch)
 LOOPS = {
     "chexnet": {"module": "classify.train_chexnet", "settings": QUICK, "rule": "within_sd",
                 "measures": [("loss", lambda r: r["history"][-1]["loss"], True),
@@ -164,6 +202,28 @@ LOOPS = {
                               False)],
                 "curves": [(0, "discriminator loss (last batch)"), (1, "generator loss (last batch)")],
                 "title": "MedMNIST's MLP cGAN on PneumoniaMNIST (quick settings)"},
+    "mlpae": {"module": "vae.train_mlp_ae", "settings": ["--npz", MEDMNIST_NPZ, "--per-class", "150", "--epochs", "300",
+                                                         "--n-per-class", "150", "--device", "cpu"],
+              "rule": "equivalence", "read": lambda out: medmnist_fd(MEDMNIST_NPZ, out),
+              "measures": [("loss_last10", lambda r: float(np.mean(r["history"][-10:])), True),
+                           ("val_fd_pca32", lambda r: r["val_fd"], True)],
+              "curves": [(None, "training MSE (last batch)")],
+              "title": "MedMNIST's MLP AE on PneumoniaMNIST (quick settings)", "log": True},
+    "mlpcvae": {"module": "vae.train_mlp_cvae", "settings": ["--npz", MEDMNIST_NPZ, "--per-class", "150", "--epochs",
+                                                             "300", "--n-per-class", "150", "--device", "cpu"],
+                "rule": "equivalence", "read": lambda out: medmnist_fd(MEDMNIST_NPZ, out),
+                "measures": [("loss_last10", lambda r: float(np.mean(r["history"][-10:])), True),
+                             ("val_fd_pca32", lambda r: r["val_fd"], True)],
+                "curves": [(None, "training loss (BCE + KL, last batch)")],
+                "title": "MedMNIST's MLP cVAE on PneumoniaMNIST (quick settings)", "log": True},
+    "dcgan": {"module": "gan.train_dcgan", "settings": ["--size", "64", "--width", "16", "--steps", "400",
+                                                        "--batch-size", "64", "--device", "cpu"],
+              "rule": "equivalence", "read": lambda out: dcgan_fd(out),
+              "measures": [("loss_d_last100", lambda r: float(np.mean([h[1] for h in r["history"][-100:]])), True),
+                           ("val_fd_pca32", lambda r: r["val_fd"], True),
+                           ("loss_g_last100", lambda r: float(np.mean([h[2] for h in r["history"][-100:]])), False)],
+              "curves": [(1, "discriminator loss"), (2, "generator loss")], "x": "step",
+              "title": "compare's DCGAN on NIH1000 (quick settings)"},
 }
 
 
@@ -194,7 +254,7 @@ def train(loop, seed, amp, runs, data_flags=(), resume=False, commit=None, env=N
         seconds = time.time() - t0
         done.write_text(json.dumps({**key, "seconds": seconds}) + "\n")
     m = json.loads((out / "metrics.json").read_text())
-    return {"seconds": seconds, "resumed": resumed, "threads": config_threads(out), "history": m["history"],
+    return {"seconds": seconds, "resumed": resumed, "threads": config_threads(out), "history": m.get("history"),
             **({"test_any_auroc": m["test"][-1]["auroc"]} if "test" in m else {}),
             **(loop["read"](out) if "read" in loop else {})}
 
@@ -203,16 +263,17 @@ def plot(loop, runs, seeds, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, axes = plt.subplots(1, len(loop["curves"]), figsize=(4.5 * len(loop["curves"]), 3.4), squeeze=False)
+    axes = axes[0]
     for amp, colour in (("off", "tab:blue"), ("bf16", "tab:orange")):
         for i, s in enumerate(seeds):
             h = runs[amp][s]["history"]
             ep = [e.get("epoch", k + 1) if isinstance(e, dict) else k + 1 for k, e in enumerate(h)]
             label = ("fp32" if amp == "off" else "bf16 autocast") if i == 0 else None
             for ax, (key, _) in zip(axes, loop["curves"]):
-                ax.plot(ep, [e[key] for e in h], color=colour, alpha=0.6, lw=1, label=label)
+                ax.plot(ep, [e if key is None else e[key] for e in h], color=colour, alpha=0.6, lw=1, label=label)
     for ax, (_, name) in zip(axes, loop["curves"]):
-        ax.set(xlabel="epoch", ylabel=name, yscale="log" if loop.get("log") else "linear")
+        ax.set(xlabel=loop.get("x", "epoch"), ylabel=name, yscale="log" if loop.get("log") else "linear")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{loop['title']}, fp32 vs CPU bf16 autocast, {len(seeds)} seeds each", fontsize=9)
     fig.tight_layout()

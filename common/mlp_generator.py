@@ -9,11 +9,12 @@ from common.cli import ArgumentParser, positive_float, positive_int
 from common.data import medmnist_subset
 from common.report import save_samples
 from common.runs import add_common_args, device_from, prepare_out_dir, save_checkpoint, seed_everything, \
-    write_config, write_json
+    use_amp, write_config, write_json
 
 
-def parse_args(doc, out_dir, epochs, lr, extra, argv=None):
-    """extra(p) adds the script's own flags (code or noise size)."""
+def parse_args(doc, out_dir, epochs, lr, extra, check, argv=None):
+    """extra(p) adds the script's own flags (code or noise size); check: the script's bench/bf16_agreement.py loop,
+    named in --amp's help."""
     p = ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--npz", required=True, help="official MedMNIST .npz")
     p.add_argument("--per-class", type=positive_int, default=150, help="subset size per class (train:val 9:1)")
@@ -22,8 +23,18 @@ def parse_args(doc, out_dir, epochs, lr, extra, argv=None):
     p.add_argument("--batch-size", type=positive_int, default=128, help="batch size")
     p.add_argument("--lr", type=positive_float, default=lr, help="Adam learning rate")
     p.add_argument("--n-per-class", type=positive_int, default=150, help="images to generate per class")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
+                   help="bf16 autocast of the training steps (the losses and sampling in fp32). auto: bf16 on a CPU "
+                        f"with bf16 instructions once bench/bf16_agreement.py --loop {check} has agreed "
+                        "(BF16_CHECKED), fp32 elsewhere; bf16: always (refused on a device without bf16); off: fp32")
     add_common_args(p, out_dir)
     return p.parse_args(argv)
+
+
+def amp_of(args, checked):
+    """--amp as a bool (common.runs.use_amp; checked: the script's BF16_CHECKED), decided before anything is
+    written, so a refused --amp bf16 leaves no run folder."""
+    return use_amp(args.amp, device_from(args.device), cpu_checked=checked, gpu_checked=False)
 
 
 def start(npz, per_class, seed, device, out_dir, force, settings):

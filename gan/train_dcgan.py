@@ -8,7 +8,8 @@ LeakyReLU 0.2, no BN), then [Conv k4 s2 p1, BN, LeakyReLU 0.2] doubling the chan
 logit. w = --width (64 px: 4 up / down blocks). Non-saturating BCE loss, Adam (betas 0.5, 0.999), DCGAN's
 N(0, 0.02) init, one D and one G step per batch; batches drawn uniformly over the training images (the classes
 in the data's proportions). Checkpoints every --save-every steps (--resume continues with the same random
-streams); samples.png (fixed noise, a row per class) and loss_curve.png at the end.
+streams); samples.png (fixed noise, a row per class) and loss_curve.png at the end. --amp: both networks' forward
+passes under bf16 autocast, their logits and the losses in fp32.
 
     python -m gan.train_dcgan --out-dir runs/dcgan/nih64                       # embedded NIH1000, training split
     python -m gan.train_dcgan --sets runs/results/chestxray/fold0/compare_sets.csv --train-set pool ...
@@ -30,10 +31,11 @@ from common.errors import DataError
 from common.modalities import add_set_args, training_images
 from common.report import save_grid
 from common.runs import (add_common_args, check_finite, device_from, load_checkpoint, load_weights,
-                         prepare_out_dir, save_checkpoint, seed_everything, write_config, write_json)
+                         prepare_out_dir, save_checkpoint, seed_everything, use_amp, write_config, write_json)
 from fairness.figures import lines
 
 Z_DIM = 128
+BF16_CHECKED = False  # bf16 under --amp auto only once bench/bf16_agreement.py --loop dcgan agrees
 
 
 def levels(size):
@@ -115,6 +117,10 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=positive_float, default=2e-4, help="Adam learning rate of G and D")
     p.add_argument("--save-every", type=positive_int, default=500, help="checkpoint interval (steps)")
     p.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
+                   help="bf16 autocast of the training steps (the losses and sampling in fp32). auto: bf16 on a CPU "
+                        "with bf16 instructions once bench/bf16_agreement.py --loop dcgan has agreed (BF16_CHECKED), "
+                        "fp32 elsewhere; bf16: always (refused on a device without bf16); off: fp32")
     add_common_args(p, "runs/dcgan/nih64")
     args = p.parse_args(argv)
     if not args.sets and args.train_set != "train":
@@ -133,8 +139,9 @@ def main(args):
         raise DataError(f"--data {args.data}: {len(x)} training image; a GAN needs a training set")
     names = mod.class_names
     model_args = {"n_classes": len(names), "channels": mod.channels, "size": args.size, "width": args.width}
-    data_args = {k: getattr(args, k) for k in ("data", "data_root", "split_seed", "sets", "train_set", "batch_size",
-                                                "lr", "seed")}
+    data_args = {**{k: getattr(args, k) for k in ("data", "data_root", "split_seed", "sets", "train_set",
+                                                   "batch_size", "lr", "seed")},
+                 "bf16": use_amp(args.amp, device, cpu_checked=BF16_CHECKED, gpu_checked=False)}  # resume alike
     ckpt_path = Path(args.out_dir) / "ckpt.pt"
     ck = load_checkpoint(ckpt_path, flag="--resume") if args.resume and ckpt_path.is_file() else None
     if ck is not None and (not isinstance(ck, dict) or ck.get("model_args") != model_args
@@ -161,6 +168,7 @@ def main(args):
     write_config(out, vars(args), data=mod.data, weights="none (from scratch)", classes=names,
                  class_counts=counts.tolist(), model=model_args, notes=mod.notes)
     x_all, y_all = torch.from_numpy(x), torch.from_numpy(cls).long()
+    cast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=data_args["bf16"])
     t0 = time.time()
     bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="dcgan")
     for step in bar:
@@ -169,15 +177,17 @@ def main(args):
         idx = torch.randint(0, len(x_all), (args.batch_size,), generator=gen)
         real, y = (x_all[idx].float() / 127.5 - 1).to(device), y_all[idx].to(device)  # uint8 -> [-1, 1]
         z = torch.randn(len(idx), Z_DIM, generator=gen).to(device)
-        fake = G(z, y)
-        # D: log D(x|y) + log(1 - D(G(z|y)|y)); G: the non-saturating log D(G(z|y)|y)
-        d_real, d_fake = D(real, y), D(fake.detach(), y)
+        with cast:
+            fake = G(z, y)
+            # D: log D(x|y) + log(1 - D(G(z|y)|y)); G: the non-saturating log D(G(z|y)|y)
+            d_real, d_fake = D(real, y).float(), D(fake.detach(), y).float()
         loss_d = F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real)) + \
             F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         opt_d.step()
-        d_gen = D(fake, y)
+        with cast:
+            d_gen = D(fake, y).float()
         loss_g = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
@@ -207,7 +217,7 @@ def main(args):
                                       "class_counts": counts.tolist(),
                                       "final_d_loss_mean_last_100": float(h[-100:, 1].mean()),
                                       "final_g_loss_mean_last_100": float(h[-100:, 2].mean()),
-                                      "seconds": seconds, "data": mod.data})
+                                      "seconds": seconds, "data": mod.data, "bf16_autocast": data_args["bf16"]})
     print(f"DCGAN: {args.steps} steps on {len(x)} images ({seconds:.0f} s); D loss {h[-100:, 1].mean():.3f}, "
           f"G loss {h[-100:, 2].mean():.3f} (last 100 steps)")
 

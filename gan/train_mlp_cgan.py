@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from common import mlp_generator
 from common.cli import positive_int, run
-from common.runs import check_finite, device_from, use_amp
+from common.runs import check_finite
 
 # bf16 under --amp auto on CPUs with bf16 instructions: bench/bf16_agreement.py --loop mlpcgan agreed (30 seeds,
 # results/bench/bf16_mlpcgan)
@@ -93,18 +93,12 @@ def generate(G, n_per_class, seed=0, device="cpu"):
 
 
 def parse_args(argv=None):
-    def extra(p):
-        p.add_argument("--z-dim", type=positive_int, default=64, help="noise size")
-        p.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
-                       help="bf16 autocast of the training steps (the losses and sampling in fp32). auto: bf16 on a "
-                            "CPU with bf16 instructions once bench/bf16_agreement.py --loop mlpcgan has agreed "
-                            "(BF16_CHECKED), fp32 elsewhere; bf16: always (refused on a device without bf16); off: "
-                            "fp32")
-    return mlp_generator.parse_args(__doc__, "runs/medmnist/mlp_cgan", 1000, 1e-4, extra, argv)
+    return mlp_generator.parse_args(__doc__, "runs/medmnist/mlp_cgan", 1000, 1e-4, lambda p: p.add_argument(
+        "--z-dim", type=positive_int, default=64, help="noise size"), "mlpcgan", argv)
 
 
 def main(args):
-    amp = use_amp(args.amp, device_from(args.device), cpu_checked=BF16_CHECKED, gpu_checked=False)  # before writing
+    amp = mlp_generator.amp_of(args, BF16_CHECKED)
     out, device, x, y, shape, names = mlp_generator.start(args.npz, args.per_class, args.seed, args.device,
                                                           args.out_dir, args.force, vars(args))
     G, history = fit(x, y, device, z_dim=args.z_dim, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

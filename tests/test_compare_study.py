@@ -69,6 +69,54 @@ def test_dcgan_end_to_end_same_seed_resume_and_planted_signal(tmp_path, capsys):
     assert all(torch.equal(a["G"][k], b["G"][k]) for k in a["G"]) and a["history"] == b["history"]
 
 
+def test_dcgan_under_bf16_autocast_resumes_only_in_its_own_arithmetic(tmp_path, capsys, monkeypatch):
+    """--amp bf16 (bench/bf16_agreement.py --loop dcgan runs it against fp32): the same seed's first steps move G's
+    fp32 weights near fp32's but not identically, losses finite; --resume refuses a checkpoint trained in the other
+    arithmetic (a run is one arithmetic end to end); --amp bf16 is refused in one line on a CPU without bf16."""
+    import common.runs
+    from common.errors import DataError
+    if cpu_has_bf16():
+        for amp in ("off", "bf16"):
+            call("gan.train_dcgan", *DCGAN, "--steps", "5", "--amp", amp, "--out-dir", tmp_path / amp)
+        a, b = load_checkpoint(tmp_path / "off/ckpt.pt"), load_checkpoint(tmp_path / "bf16/ckpt.pt")
+        m = json.loads((tmp_path / "bf16/metrics.json").read_text())
+        assert m["bf16_autocast"] is True and np.isfinite(b["history"]).all()
+        diff = max(float((a["G"][k] - b["G"][k]).abs().max()) for k in a["G"] if a["G"][k].is_floating_point())
+        assert 0 < diff < 0.05  # 5 Adam steps of lr 2e-4 move a weight by at most ~1e-3
+        with pytest.raises(DataError, match="stage failed"):
+            call("gan.train_dcgan", *DCGAN, "--steps", "10", "--amp", "off", "--out-dir", tmp_path / "bf16",
+                 "--resume")
+        assert "not a train_dcgan.py checkpoint of these flags" in capsys.readouterr().err
+    monkeypatch.setattr(common.runs, "cpu_has_bf16", lambda: False)
+    with pytest.raises(DataError, match="stage failed"):
+        call("gan.train_dcgan", *DCGAN, "--steps", "5", "--amp", "bf16", "--out-dir", tmp_path / "c")
+    assert "--amp bf16: this CPU has no bf16 instructions" in capsys.readouterr().err
+
+
+def test_bf16_check_dcgan_distance_sees_a_worse_generator(monkeypatch):
+    """bench/bf16_agreement.py --loop dcgan's validation measure: a "generator" that returns NIH1000 training images
+    of the class asked for is far closer to the split's validation images than one that returns their mean image
+    (80 vs 518 measured; training images of the other sex are not reliably farther: within the spread of draws);
+    the validation images themselves are at ~0."""
+    import gan.sample_dcgan
+    import gan.train_dcgan
+    from common.modalities import training_images
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bf16_agreement import dcgan_fd
+    _, tr, tr_cls = training_images("nih", 64, None, "train")
+    _, va, va_cls = training_images("nih", 64, None, "val")
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(gan.sample_dcgan, "load_generator", lambda path: (None, {"history": [[1, 0.5, 0.5, 0, 0]]}))
+
+    def fd(draw):
+        monkeypatch.setattr(gan.train_dcgan, "generate",
+                            lambda G, classes, seed=0: torch.from_numpy(draw(np.asarray(classes))).float() / 127.5 - 1)
+        return dcgan_fd(Path("unused"))["val_fd"]
+    real = fd(lambda c: tr[[rng.choice(np.flatnonzero(tr_cls == k)) for k in c]])
+    assert fd(lambda c: va[np.repeat(np.arange(len(va)), 4)]) < 1e-3 * real  # not 0: each image 4 times (ddof)
+    assert fd(lambda c: np.repeat(tr.mean(0, keepdims=True), len(c), 0).round().astype(np.uint8)) > 2 * real
+
+
 def test_conv_ae_end_to_end_same_seed_resume_and_planted_signal(tmp_path, capsys):
     """The AE's interpolations of same-class codes keep the class's brightness; --class-counts draws exactly the
     counts asked; the same seed gives the same images; a run resumed after epoch 1 equals an unbroken one."""

@@ -63,17 +63,24 @@ def test_generator_samples_are_recognised_as_their_class(name, judge):
     assert judged_accuracy(judge, gx, gy) >= 0.85
 
 
-def test_cgan_under_bf16_autocast_takes_nearby_fp32_steps():
-    """gan/train_mlp_cgan.py --amp bf16 (emulated on a CPU without bf16): the same seed's first steps in bf16 move
-    the generator's fp32 weights almost as fp32 does, but not identically (the autocast is on); losses finite.
-    Whether whole runs agree is bench/bf16_agreement.py --loop mlpcgan's question."""
+FIRST_LAYER = {"ae": lambda m: m.enc[0].weight, "cvae": lambda m: m.enc[0].weight, "cgan": lambda m: m.net[0].weight}
+
+
+@pytest.mark.parametrize("name", ["ae", "cvae", "cgan"])
+def test_mlp_generator_under_bf16_autocast_takes_nearby_fp32_steps(name):
+    """--amp bf16 (emulated on a CPU without bf16): the same seed's first steps in bf16 move the first layer's fp32
+    weights almost as fp32 does, but not identically (the autocast is on); losses finite. Whether whole runs agree
+    is bench/bf16_agreement.py's question (--loop mlpae, mlpcvae, mlpcgan)."""
     x, y = bands(300, 3)
-    kw = dict(seed=0, batch_size=64, epochs=3, lr=2e-4, z_dim=64, progress=False)
-    w0 = cgan.fit(x, y, "cpu", **{**kw, "epochs": 0})[0].net[0].weight
-    (g32, h32), (g16, h16) = (cgan.fit(x, y, "cpu", amp=amp, **kw) for amp in (False, True))
-    step32, step16 = g32.net[0].weight - w0, g16.net[0].weight - w0
-    assert g16.net[0].weight.dtype == torch.float32 and np.isfinite(h16).all()
-    assert 0 < (step16 - step32).norm() < 0.2 * step32.norm()  # 0.05 measured on a CPU with AVX512-BF16 and AMX
+    mod = {"ae": ae, "cvae": cvae, "cgan": cgan}[name]
+    kw = dict(seed=0, batch_size=64, epochs=3, lr=2e-4, progress=False, **({"z_dim": 64} if name == "cgan" else
+                                                                            {"latent": 8}))
+    data = (x,) if name == "ae" else (x, y)
+    w0 = FIRST_LAYER[name](mod.fit(*data, "cpu", **{**kw, "epochs": 0})[0])
+    (m32, h32), (m16, h16) = (mod.fit(*data, "cpu", amp=amp, **kw) for amp in (False, True))
+    step32, step16 = FIRST_LAYER[name](m32) - w0, FIRST_LAYER[name](m16) - w0
+    assert FIRST_LAYER[name](m16).dtype == torch.float32 and np.isfinite(h16).all()
+    assert 0 < (step16 - step32).norm() < 0.2 * step32.norm()  # cGAN 0.05 on a CPU with AVX512-BF16 and AMX
 
 
 def test_untrained_generator_is_at_chance(judge):
@@ -104,10 +111,9 @@ def test_generator_scripts_run(module, tmp_path):
         "--n-per-class", "5", "--device", "cpu", "--out-dir", str(tmp_path))
     z = np.load(tmp_path / "samples.npz")
     assert z["images"].shape == (10, 28, 28) and np.bincount(z["labels"]).tolist() == [5, 5]
-    if module == "gan.train_mlp_cgan":  # --amp auto: bf16 only where its check agreed (BF16_CHECKED) and the CPU has it
-        from common.runs import cpu_has_bf16
-        metrics = json.loads((tmp_path / "metrics.json").read_text())
-        assert metrics["bf16_autocast"] == (cgan.BF16_CHECKED and cpu_has_bf16())
+    from common.runs import cpu_has_bf16  # --amp auto: bf16 only where its check agreed (BF16_CHECKED) on such a CPU
+    checked = {"vae.train_mlp_ae": ae, "vae.train_mlp_cvae": cvae, "gan.train_mlp_cgan": cgan}[module].BF16_CHECKED
+    assert json.loads((tmp_path / "metrics.json").read_text())["bf16_autocast"] == (checked and cpu_has_bf16())
 
 
 def test_cgan_bf16_is_refused_in_one_line_on_a_cpu_without_it(tmp_path, monkeypatch):

@@ -3,7 +3,8 @@
 Two hidden layers each side (widths ours, not published): encoder (D + K) -> 512 -> 256 -> mu, logvar (latent 32),
 decoder (32 + K) -> 256 -> 512 -> D (sigmoid); the one-hot label is concatenated to both inputs.
 ELBO: binary cross-entropy summed over pixels (in [0, 1]) + KL, mean over the batch. Adam 1e-3, batch 128,
-300 epochs (docs/METHODS.md). New images of class c: z ~ N(0, I) decoded with label c.
+300 epochs (docs/METHODS.md). New images of class c: z ~ N(0, I) decoded with label c. --amp: the layers under
+bf16 autocast; mu, log-variance, the output sigmoid and the loss in fp32.
 
     python -m vae.train_mlp_cvae --npz data/medmnist/breastmnist.npz --out-dir runs/medmnist/cvae
 """
@@ -17,6 +18,8 @@ from common import mlp_generator
 from common.cli import positive_int, run
 from common.runs import check_finite
 
+BF16_CHECKED = False  # bf16 under --amp auto only once bench/bf16_agreement.py --loop mlpcvae agrees
+
 
 class MLPCVAE(nn.Module):
     def __init__(self, dim, n_classes, latent=32, hidden=(512, 256)):
@@ -25,17 +28,17 @@ class MLPCVAE(nn.Module):
         self.enc = nn.Sequential(nn.Linear(dim + n_classes, hidden[0]), nn.ReLU(), nn.Linear(*hidden), nn.ReLU())
         self.mu, self.logvar = nn.Linear(hidden[1], latent), nn.Linear(hidden[1], latent)
         self.dec = nn.Sequential(nn.Linear(latent + n_classes, hidden[1]), nn.ReLU(), nn.Linear(hidden[1], hidden[0]),
-                                 nn.ReLU(), nn.Linear(hidden[0], dim), nn.Sigmoid())
+                                 nn.ReLU(), nn.Linear(hidden[0], dim))  # logits: decode() applies the sigmoid
 
     def forward(self, x, y):
         c = F.one_hot(y, self.k).float()
         h = self.enc(torch.cat([x, c], 1))
-        mu, logvar = self.mu(h), self.logvar(h)
+        mu, logvar = self.mu(h).float(), self.logvar(h).float()  # fp32 under autocast too
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-        return self.dec(torch.cat([z, c], 1)), mu, logvar
+        return self.decode(z, y), mu, logvar
 
     def decode(self, z, y):
-        return self.dec(torch.cat([z, F.one_hot(y, self.k).float()], 1))
+        return torch.sigmoid(self.dec(torch.cat([z, F.one_hot(y, self.k).float()], 1)).float())
 
 
 def elbo_loss(x_hat, x, mu, logvar):
@@ -44,16 +47,19 @@ def elbo_loss(x_hat, x, mu, logvar):
     return rec + kld
 
 
-def fit(x, y, device, *, latent, epochs, batch_size, lr, seed, progress=True):
-    """x: (N, D) in [0, 1], y: (N,) class indices. Returns (model, history)."""
+def fit(x, y, device, *, latent, epochs, batch_size, lr, seed, progress=True, amp=False):
+    """x: (N, D) in [0, 1], y: (N,) class indices. Returns (model, history). amp: the layers under bf16 autocast
+    (mu, log-variance, sigmoid and loss in fp32)."""
     torch.manual_seed(seed)
     model = MLPCVAE(x.shape[1], int(y.max()) + 1, latent).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen, history = torch.Generator().manual_seed(seed), []
+    cast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp)
     for epoch in tqdm(range(epochs), desc="mlp-cvae", disable=not progress, leave=False):
         for idx in torch.randperm(len(x), generator=gen).split(batch_size):
             xb, yb = x[idx].to(device), y[idx].to(device)
-            x_hat, mu, logvar = model(xb, yb)
+            with cast:
+                x_hat, mu, logvar = model(xb, yb)
             loss = elbo_loss(x_hat, xb, mu, logvar)
             check_finite(loss, epoch)
             opt.zero_grad(set_to_none=True)
@@ -73,18 +79,19 @@ def generate(model, n_per_class, seed=0, device="cpu"):
 
 def parse_args(argv=None):
     return mlp_generator.parse_args(__doc__, "runs/medmnist/mlp_cvae", 300, 1e-3, lambda p: p.add_argument(
-        "--latent", type=positive_int, default=32, help="latent size"), argv)
+        "--latent", type=positive_int, default=32, help="latent size"), "mlpcvae", argv)
 
 
 def main(args):
+    amp = mlp_generator.amp_of(args, BF16_CHECKED)
     out, device, x, y, shape, names = mlp_generator.start(args.npz, args.per_class, args.seed, args.device,
                                                           args.out_dir, args.force, vars(args))
     model, history = fit(x, y, device, latent=args.latent, epochs=args.epochs, batch_size=args.batch_size,
-                         lr=args.lr, seed=args.seed)
+                         lr=args.lr, seed=args.seed, amp=amp)
     gx, gy = generate(model, args.n_per_class, args.seed, device)
     mlp_generator.finish(out, model, {"dim": x.shape[1], "k": model.k, "latent": args.latent}, gx, gy, shape, names,
                          "MLP-cVAE samples per class", {"final_loss": history[-1], "n_train": len(x),
-                                                         "history": history})
+                                                         "bf16_autocast": amp, "history": history})
     print(f"MLP-cVAE: final ELBO loss {history[-1]:.2f}; wrote {len(gx)} images to {out / 'samples.npz'}")
 
 if __name__ == "__main__":
