@@ -51,11 +51,13 @@ loop has them, are shown, not used):
   100 steps, and the Frechet distance between 4 samples per validation image (of its class, noise seed 0) and the
   split's validation images, in the top 32 principal components of the training images' pixels (the same basis for
   every run). The generator's loss is shown, not used.
---jobs N (N > 1) trains N seeds at a time, each run on one torch
-  thread, as a quick study runs its stages side by side: each arm's seconds then include a similar side-by-side load,
-  not the same one (the arms' runs drift out of step), and compare with other --jobs 1 seconds only as a ratio within
-  the check. Writes summary.json (every run's history to 6 significant digits, the rule's numbers, the verdict, the
-  seconds of each arm, jobs and the runs' torch threads), curves.png (both arms' curves, per seed) and prints a table.
+--jobs N (N > 1) trains N seeds at a time, each run on one torch thread, as a quick study runs its stages side by
+side (this process's own measuring then uses one torch thread too): each arm's seconds then include a similar
+side-by-side load, not the same one (the arms' runs drift out of step), and compare with other --jobs 1 seconds only as
+a ratio within the check. A run's seconds are its training process's (start, data, training, its own outputs), not
+this script's measuring. Writes summary.json (every run's history to 6 significant digits, the rule's numbers, the
+verdict, the seconds of each arm, jobs and the runs' torch threads), curves.png (both arms' curves, per seed) and prints
+a table.
 """
 import argparse
 from concurrent.futures import as_completed, ThreadPoolExecutor
@@ -334,6 +336,9 @@ def main():
     data_flags = loop["prepare"](runs_dir) if "prepare" in loop else []
     runs, commit = {"off": {}, "bf16": {}}, git_commit()
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.jobs > 1 else None
+    if args.jobs > 1:  # this process's measuring (e.g. the DCGAN's samples) beside the runs: one thread too
+        import torch
+        torch.set_num_threads(1)
 
     def pair(s):  # a seed's two runs one after the other, so a drifting machine speed falls on both alike
         return s, {amp: train(loop, s, amp, runs_dir, data_flags, args.resume, commit, env) for amp in runs}
@@ -368,7 +373,7 @@ def main():
         "the 95% CI of its paired difference within +-fp32's sd"
     print(f"verdict ({args.loop}, rule: {rule_words}): bf16 {'agrees' if agree else 'does not agree'} with fp32; "
           f"mean seconds per run fp32 {seconds['off']:.0f}, bf16 {seconds['bf16']:.0f} "
-          f"({seconds['off'] / seconds['bf16']:.2f}x, process start and evaluation included)")
+          f"({seconds['off'] / seconds['bf16']:.2f}x, the training processes: start, data, training, outputs)")
     plot(loop, runs, seeds, out / "curves.png")
     summary = {"git_commit": commit, "command": " ".join(sys.argv).replace(tempfile.gettempdir(), "<tmp>"),
                "loop": args.loop, "module": loop["module"], "settings": loop["settings"], "seeds": seeds,

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from classify.cxr_task import ANY, FEMALE, MALE, auroc_stat, read_preds
-from common.report import report_command, stage_times, with_ci, write_readme, write_table
+from common.report import arithmetic, report_command, stage_times, with_ci, write_readme, write_table
 from common.task_file import reading_key
 from common.runs import write_json
 from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, draw_replicates, family_facts,
@@ -195,9 +195,10 @@ def csv_row(row, point, find, fF, fM, c):
             "sample_s_per_fold": c.get("sample_female_s_per_fold")}
 
 
-def notes(summary, plan, fid, n_comps):
-    """The table's notes: the answers, how the CIs and the fidelity / privacy columns are made, what the rows are."""
-    ref, sweep = fid.get("real_heldout", {}), plan["sweep"]
+def notes(summary, plan, fid, n_comps, costs=None):
+    """The table's notes: the answers, how the CIs and the fidelity / privacy columns are made, what the rows are
+    and how their generators computed (costs: cost.json's rows)."""
+    ref, sweep, costs = fid.get("real_heldout", {}), plan["sweep"], costs or {}
     return summary["answers"] + [
         f"95% CIs: patient bootstrap ({plan['n_boot']}); 'vs imbalanced': paired difference on the same test "
         f"patients with its CI and Holm p within its family of the {n_comps} comparisons (primary: each "
@@ -219,6 +220,10 @@ def notes(summary, plan, fid, n_comps):
         "than imbalanced_real's classifier sees, as in Korb & Hall) and never on test or validation "
         "images; the AE and the CVAE stop early on the validation patients. The VAE (CVAE) is "
         "chestxray's: trained on the pool's women only, so it has no male samples. " +
+        ("Generators' training arithmetic (generator seed 0): " + ", ".join(
+            f"{row} {arithmetic(c['bf16_autocast'])}" for row, c in costs.items() if "bf16_autocast" in c) +
+         " (bf16: --amp auto on a CPU with bf16 instructions, where the network's bf16 check agreed; sampling in "
+         "fp32). " if any("bf16_autocast" in c for c in costs.values()) else "") +
         ("ddpm_finding_only: the ddpm row's model asked for the finding with sex drawn as in the pool "
          "(not a separately trained finding-only DDPM): ddpm vs ddpm_finding_only measures what asking "
          "for women adds with the generator held fixed." if plan["finding_only"] == "same" else
@@ -291,7 +296,7 @@ def write_report(out, n_boot=None):
                       f"({plan['data']}, {len(tab)} images, {tab['patient_id'].nunique()} patients, "
                       f"{plan['folds']} folds, "
                       f"{plan['arch']} {plan['size']} px, weights: {'imagenet' if plan['pretrained'] else 'none'})",
-                notes=notes(summary, plan, fid, len(comps)))
+                notes=notes(summary, plan, fid, len(comps), costs))
     pd.DataFrame(csv_rows).to_csv(out / "table.csv", index=False, float_format="%.6g")
     write_table(out / "comparisons", COMPARISON_HEADER, comparison_rows(comps),
                 title=f"Paired comparisons on the same out-of-fold test patients (a - b; {plan['data']})",

@@ -310,19 +310,22 @@ def sample_grids(files, rows, out):
 
 def cost(runs, files, rows, finding_only):
     """Generator training and sampling seconds per fold (mean; generator seed 0), from the stages' metrics.json and
-    samples meta."""
+    samples meta, and the training arithmetic over the folds (sorted bf16_autocast flags, None where a run recorded
+    none; not for a row whose model is another row's)."""
     out = {}
     for row in [r for r in rows if r in ROWS and ROWS[r][1]]:
         fam = ROWS[row][1]
         shared = fam == "ddpm_finding" and finding_only == "same"  # the ddpm row's model: no training of its own
         folder = {"vae": "cvae"}.get(fam, fam)
-        train, sample = [], []
+        train, sample, bf16 = [], [], set()
         for k, f in enumerate(f[0] for f in files):
             m = {} if shared else json.loads((Path(runs) / f"fold{k}" / folder / "metrics.json").read_text())
             train.append(0.0 if shared else m.get("seconds", m.get("wall_s_this_session", np.nan)))
+            bf16.add(m.get("bf16_autocast"))
             with np.load(f[fam]["train"]) as z:
                 sample.append(json.loads(str(z["meta"])).get("seconds", np.nan))
-        out[row] = {"train_s_per_fold": float(np.mean(train)), "sample_female_s_per_fold": float(np.mean(sample))}
+        out[row] = {"train_s_per_fold": float(np.mean(train)), "sample_female_s_per_fold": float(np.mean(sample)),
+                    **({} if shared else {"bf16_autocast": sorted(bf16, key=str)})}
     return out
 
 

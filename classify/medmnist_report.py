@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from common.errors import DataError
-from common.report import footer, markdown_table, report_command, stage_times, write_table
+from common.report import arithmetic, footer, markdown_table, report_command, stage_times, write_table
 from common.runs import write_json
 from fairness.compare import (COMPARISON_HEADER, answer, comparison, comparison_rows, family_facts,
                               paired_difference_replicates, with_holm)
@@ -119,6 +119,11 @@ def table2_notes(plan):
             f"{patience}, weights kept at the best validation {'AUC' if plan['select'] == 'auc' else 'loss'}. Scale: "
             f"{plan['scale']}; wall time {plan['seconds'] / 60:.1f} min (this invocation; stages it reused not "
             f"counted).",
+            "Generators' training arithmetic: " + ", ".join(
+                f"{m} {arithmetic(v)}" for m, v in plan.get("generator_bf16", {}).items()) + " (bf16: --amp auto "
+            "on a CPU with bf16 instructions, where a network's bf16 check agreed; sampling in fp32); the "
+            "classifiers fp32."
+            if "generator_bf16" in plan else "Generators' training arithmetic: not recorded by this run.",
             "Missing data sets (official .npz not under --data-root; fetch with `python -m common.download medmnist "
             f"--root DIR`): {', '.join(missing) if missing else 'none'}.",
             "Our embedded PneumoniaMNIST is rebuilt from two public partial copies (test split 621 images, not the "

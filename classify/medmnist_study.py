@@ -18,6 +18,7 @@ BreastMNIST and PneumoniaMNIST are embedded; the other six run when their offici
     python -m classify.medmnist_report --out smoke/medmnist             # the report again, from the run's files
 """
 import argparse
+import json
 from pathlib import Path
 import shutil
 import time
@@ -108,7 +109,9 @@ def plan(stages, runs, found, seeds, per_class, n_gen, gen_epochs, classifier_fl
 
 
 def gather(out, runs, cells):
-    """The stages' outputs under out: preds.csv (the classifiers' rows together) and samples/ (seed 0's grids)."""
+    """The stages' outputs under out: preds.csv (the classifiers' rows together) and samples/ (seed 0's grids).
+    Returns each generator's training arithmetic over the cells ({method: sorted bf16_autocast flags, None where a
+    run recorded none})."""
     parts = [pd.read_csv(runs / f"{flag}-seed{seed}" / f"classifier-{m}" / "preds.csv", dtype={"method": str},
                          keep_default_na=False, na_values=[""]) for flag, _, seed in cells for m in METHODS]
     pd.concat(parts, ignore_index=True).to_csv(out / "preds.csv", index=False, float_format="%.9g")
@@ -118,6 +121,9 @@ def gather(out, runs, cells):
             if seed == 0:
                 shutil.copyfile(runs / f"{flag}-seed0" / g / "samples.png",
                                 out / "samples" / f"{Path(path).stem}_{method}.png")
+    flags = {m: {json.loads((runs / f"{flag}-seed{seed}" / g / "metrics.json").read_text()).get("bf16_autocast")
+                 for flag, _, seed in cells} for m, (_, g) in GENERATORS.items()}
+    return {m: sorted(v, key=str) for m, v in flags.items()}
 
 
 def main(args):
@@ -143,12 +149,13 @@ def main(args):
     out = prepare_out_dir(args.out, args.force)
     write_config(out, args, data={f: portable(p) for f, p in found.items() if p}, weights="none (from scratch)")
     stages.run_all()
-    gather(out, runs, cells)
+    generator_bf16 = gather(out, runs, cells)
     stages.record(out / "stages.json")
     write_json(out / "plan.json", {"study": "medmnist", "scale": args.scale, "datasets": flags,
                                    "datasets_missing": missing, "seeds": args.seeds, "per_class": args.per_class,
                                    "n_gen": args.n_gen, **{k: getattr(args, k) for k in PLAN_CLASSIFIER},
-                                   "n_boot": args.n_boot, "seconds": time.time() - t0})
+                                   "n_boot": args.n_boot, "generator_bf16": generator_bf16,
+                                   "seconds": time.time() - t0})
     write_report(out)
 
 

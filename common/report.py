@@ -182,6 +182,15 @@ def write_readme(out, title, answers, tables, notes=()):
     return out / "README.md"
 
 
+def arithmetic(flags):
+    """How a set of training runs computed, in words, from the bf16_autocast flags their metrics.json recorded
+    (None: a run that recorded none, from before the flag)."""
+    kinds = set(flags)
+    if not kinds or None in kinds:
+        return "not recorded"
+    return "bf16 autocast" if kinds == {True} else "fp32" if kinds == {False} else "mixed (bf16 and fp32 runs)"
+
+
 def stage_times(out):
     """summary.json's record of where a study's time went, from its stages.json: each stage's seconds (process start,
     main; in the order of stages.json's commands, None where not recorded) and their sums by kind; None for a run

@@ -381,6 +381,24 @@ def load_checkpoint(path, map_location="cpu", flag="--ckpt"):
                         f"cut short, or not a checkpoint of this project") from e
 
 
+def resume_differences(ck, **recorded):
+    """How a checkpoint's recorded settings differ from this run's: one 'key: checkpoint X, this run Y' per differing
+    key of each dict passed (name=this run's dict, compared with ck[name]); empty: it may be resumed. A checkpoint
+    from before --amp has no "bf16" and was trained in fp32."""
+    if not isinstance(ck, dict):
+        return ["not a checkpoint of this script"]
+    out = []
+    for name, now in recorded.items():
+        then = ck.get(name)
+        then = {"bf16": False, **then} if isinstance(then, dict) and "bf16" in now else then
+        if not isinstance(then, dict):
+            out.append(f"{name}: not recorded")
+            continue
+        out += [f"{k}: checkpoint {then.get(k, '(none)')!r}, this run {now.get(k, '(none)')!r}"
+                for k in sorted(set(now) | set(then)) if then.get(k, "(none)") != now.get(k, "(none)")]
+    return out
+
+
 def load_weights(model, state, source):
     """model.load_state_dict(state), with a state that does not fit the network (a checkpoint of another model or
     shape, a damaged file) reported as bad input naming `source`, instead of load_state_dict's traceback."""

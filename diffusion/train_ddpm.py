@@ -338,6 +338,7 @@ def main(args):
         losses = [h[1] for h in history]
         metrics = {"steps": final, "final_loss_mean_last_100": float(np.mean(losses[-100:])) if losses else None,
                    "images_per_s": seen / elapsed if seen else None, "wall_s_this_session": elapsed,
+                   "bf16_autocast": amp,
                    "classes": mod.class_names, "class_counts": counts.tolist(), "n_train": N, "data": mod.data,
                    **ddp}
         if fb is not None:  # the sigma trajectory and the batch loss gap per step, drawn in fair_bayes.png

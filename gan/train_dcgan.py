@@ -31,11 +31,14 @@ from common.errors import DataError
 from common.modalities import add_set_args, training_images
 from common.report import save_grid
 from common.runs import (add_common_args, check_finite, device_from, load_checkpoint, load_weights,
-                         prepare_out_dir, save_checkpoint, seed_everything, use_amp, write_config, write_json)
+                         prepare_out_dir, resume_differences, save_checkpoint, seed_everything, use_amp,
+                         write_config, write_json)
 from fairness.figures import lines
 
 Z_DIM = 128
-BF16_CHECKED = False  # bf16 under --amp auto only once bench/bf16_agreement.py --loop dcgan agrees
+# bf16 under --amp auto on CPUs with bf16 instructions: bench/bf16_agreement.py --loop dcgan agreed (30 seeds,
+# results/bench/bf16_dcgan), 1.56x per run
+BF16_CHECKED = True
 
 
 def levels(size):
@@ -133,6 +136,7 @@ def parse_args(argv=None):
 def main(args):
     device = device_from(args.device)
     levels(args.size)  # a bad --size stops before anything is read or written
+    bf16 = use_amp(args.amp, device, cpu_checked=BF16_CHECKED, gpu_checked=False)  # so does a refused --amp bf16
     mod, x, cls = training_images(args.data, args.size, args.data_root, "train", args.split_seed, args.sets,
                                   args.train_set)
     if len(x) < 2:
@@ -141,13 +145,13 @@ def main(args):
     model_args = {"n_classes": len(names), "channels": mod.channels, "size": args.size, "width": args.width}
     data_args = {**{k: getattr(args, k) for k in ("data", "data_root", "split_seed", "sets", "train_set",
                                                    "batch_size", "lr", "seed")},
-                 "bf16": use_amp(args.amp, device, cpu_checked=BF16_CHECKED, gpu_checked=False)}  # resume alike
+                 "bf16": bf16}  # a run resumes in its own arithmetic
     ckpt_path = Path(args.out_dir) / "ckpt.pt"
     ck = load_checkpoint(ckpt_path, flag="--resume") if args.resume and ckpt_path.is_file() else None
-    if ck is not None and (not isinstance(ck, dict) or ck.get("model_args") != model_args
-                           or ck.get("data_args") != data_args):
-        raise DataError(f"--resume: {ckpt_path} is not a train_dcgan.py checkpoint of these flags "
-                        f"({model_args}, {data_args}); pass its flags, or --force to start afresh")
+    diffs = resume_differences(ck, model_args=model_args, data_args=data_args) if ck is not None else []
+    if diffs:
+        raise DataError(f"--resume: {ckpt_path} is a run of other settings ({'; '.join(diffs)}); pass its flags "
+                        f"(bf16 True: --amp bf16, False: --amp off), or --force to start afresh")
     out = prepare_out_dir(args.out_dir, args.force, args.resume)
     seed_everything(args.seed)
     G, D = build(model_args)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from classify.train_chexnet import OUTPUTS, classic_jitter, jitter, read_synthetic, sex_loss_weights
-from common.runs import cpu_has_bf16, load_checkpoint
+from common.runs import cpu_has_bf16, load_checkpoint, seed_everything
 from common.stages import run_in_process
 from common.splits import read_sets
 from conftest import ROOT
@@ -70,27 +70,38 @@ def test_dcgan_end_to_end_same_seed_resume_and_planted_signal(tmp_path, capsys):
 
 
 def test_dcgan_under_bf16_autocast_resumes_only_in_its_own_arithmetic(tmp_path, capsys, monkeypatch):
-    """--amp bf16 (bench/bf16_agreement.py --loop dcgan runs it against fp32): the same seed's first steps move G's
-    fp32 weights near fp32's but not identically, losses finite; --resume refuses a checkpoint trained in the other
-    arithmetic (a run is one arithmetic end to end); --amp bf16 is refused in one line on a CPU without bf16."""
+    """--amp bf16 (bench/bf16_agreement.py --loop dcgan runs it against fp32; emulated where the CPU lacks bf16): the
+    same seed's first steps move G's fp32 weights near fp32's steps but not identically, losses finite; --resume
+    refuses a checkpoint trained in the other arithmetic, naming the difference, and reads a checkpoint from before
+    --amp (no "bf16" recorded) as fp32; --amp bf16 is refused in one line on a CPU without bf16."""
     import common.runs
     from common.errors import DataError
-    if cpu_has_bf16():
-        for amp in ("off", "bf16"):
-            call("gan.train_dcgan", *DCGAN, "--steps", "5", "--amp", amp, "--out-dir", tmp_path / amp)
-        a, b = load_checkpoint(tmp_path / "off/ckpt.pt"), load_checkpoint(tmp_path / "bf16/ckpt.pt")
-        m = json.loads((tmp_path / "bf16/metrics.json").read_text())
-        assert m["bf16_autocast"] is True and np.isfinite(b["history"]).all()
-        diff = max(float((a["G"][k] - b["G"][k]).abs().max()) for k in a["G"] if a["G"][k].is_floating_point())
-        assert 0 < diff < 0.05  # 5 Adam steps of lr 2e-4 move a weight by at most ~1e-3
-        with pytest.raises(DataError, match="stage failed"):
-            call("gan.train_dcgan", *DCGAN, "--steps", "10", "--amp", "off", "--out-dir", tmp_path / "bf16",
-                 "--resume")
-        assert "not a train_dcgan.py checkpoint of these flags" in capsys.readouterr().err
+    from gan.train_dcgan import build
+    monkeypatch.setattr(common.runs, "cpu_has_bf16", lambda: True)
+    for amp in ("off", "bf16"):
+        call("gan.train_dcgan", *DCGAN, "--steps", "5", "--amp", amp, "--out-dir", tmp_path / amp)
+    a, b = load_checkpoint(tmp_path / "off/ckpt.pt"), load_checkpoint(tmp_path / "bf16/ckpt.pt")
+    assert json.loads((tmp_path / "bf16/metrics.json").read_text())["bf16_autocast"] is True
+    assert np.isfinite(b["history"]).all()
+    seed_everything(0)  # the runs' seed: their initial weights
+    w0 = build(a["model_args"])[0].state_dict()
+    keys = [k for k in w0 if w0[k].is_floating_point() and "running" not in k]
+    step32 = torch.cat([(a["G"][k] - w0[k]).flatten() for k in keys])
+    step16 = torch.cat([(b["G"][k] - w0[k]).flatten() for k in keys])
+    assert 0 < (step16 - step32).norm() < 0.2 * step32.norm()
+    capsys.readouterr()
+    with pytest.raises(DataError, match="stage failed"):
+        call("gan.train_dcgan", *DCGAN, "--steps", "10", "--amp", "off", "--out-dir", tmp_path / "bf16", "--resume")
+    assert "bf16: checkpoint True, this run False" in capsys.readouterr().err
+    old = {**a, "data_args": {k: v for k, v in a["data_args"].items() if k != "bf16"}}  # saved before --amp existed
+    torch.save(old, tmp_path / "off/ckpt.pt")
+    call("gan.train_dcgan", *DCGAN, "--steps", "10", "--amp", "off", "--out-dir", tmp_path / "off", "--resume")
+    assert "at step 5" in capsys.readouterr().out
     monkeypatch.setattr(common.runs, "cpu_has_bf16", lambda: False)
     with pytest.raises(DataError, match="stage failed"):
         call("gan.train_dcgan", *DCGAN, "--steps", "5", "--amp", "bf16", "--out-dir", tmp_path / "c")
     assert "--amp bf16: this CPU has no bf16 instructions" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
 
 
 def test_bf16_check_dcgan_distance_sees_a_worse_generator(monkeypatch):
@@ -245,6 +256,13 @@ def test_compare_smoke_has_every_row_and_field(compare_smoke):
         assert set(f["fidelity"]) == {"F", "M"} and all(np.isfinite(f["fidelity"][x]["kid"]) for x in "FM")
         assert 0 <= f["privacy"]["F"]["fraction_closer_than_pool_p1"] <= 1 and f["cost"]["train_s_per_fold"] > 0
     assert set(s["rows"]["vae"]["fidelity"]) == {"F"}  # the CVAE draws women only
+    import gan.train_dcgan
+    import vae.train_conv_ae
+    import vae.train_cvae
+    word = lambda checked: "bf16 autocast" if checked and cpu_has_bf16() else "fp32"  # the DDPM: fp32 on CPUs
+    assert (f"arithmetic (generator seed 0): ae {word(vae.train_conv_ae.BF16_CHECKED)}, vae "
+            f"{word(vae.train_cvae.BF16_CHECKED)}, gan {word(gan.train_dcgan.BF16_CHECKED)}, ddpm fp32"
+            ) in (out / "table.md").read_text()
     metrics = {c["metric"] for c in s["comparisons"]}
     nih = {"any-finding AUROC", "female AUROC", "male AUROC", "AUROC gap (M - F)", "|AUROC gap|"}
     assert metrics == nih | {"DP (any finding)", "EO (any finding)"} | {f"OOD {m}" for m in nih}

@@ -83,6 +83,16 @@ def test_mlp_generator_under_bf16_autocast_takes_nearby_fp32_steps(name):
     assert 0 < (step16 - step32).norm() < 0.2 * step32.norm()  # cGAN 0.05 on a CPU with AVX512-BF16 and AMX
 
 
+def test_mlp_generators_keep_their_outputs_fp32_under_autocast():
+    """The AE's and the cVAE's sigmoid (and the cVAE's mu and log-variance, its KL) in fp32 under bf16 autocast: a
+    bf16 sigmoid rounds 0.999 to 1.0, where the cVAE's binary cross-entropy of a pixel below 1 would jump."""
+    x, y = bands(8, 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = [ae.AE(x.shape[1], 8)(x), *cvae.MLPCVAE(x.shape[1], 2, 8)(x, y)]
+        hidden = ae.AE(x.shape[1], 8).enc(x)
+    assert hidden.dtype == torch.bfloat16 and [o.dtype for o in outs] == [torch.float32] * 4
+
+
 def test_untrained_generator_is_at_chance(judge):
     """The same judge on an untrained cGAN: near chance, so the test above can fail."""
     x, y = bands(300, 3)
@@ -211,6 +221,10 @@ def test_medmnist_study_smoke(smoke_study):
     assert s["datasets_missing"] == ["path"]
     table = (out / "table2.md").read_text()
     assert "0.872" in table and "not run" in table and "**" in table
+    from common.runs import cpu_has_bf16  # each generator's arithmetic, from its runs' metrics.json
+    words = {m: "bf16 autocast" if mod.BF16_CHECKED and cpu_has_bf16() else "fp32"
+             for m, mod in (("AE", ae), ("cVAE", cvae), ("cGAN", cgan))}
+    assert f"arithmetic: AE {words['AE']}, cVAE {words['cVAE']}, cGAN {words['cGAN']} (bf16" in table
     stages = json.loads((out / "stages.json").read_text())["stages"]
     assert len(stages) == 2 * 7 and sum("-m classify.train_resnet18" in c for c in stages) == 8
     # one preds row per official test image, method and seed; the table's AUC recomputed from the file

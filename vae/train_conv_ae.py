@@ -29,7 +29,7 @@ from common.errors import DataError
 from common.modalities import add_set_args, training_images
 from common.report import save_grid
 from common.runs import (add_common_args, check_finite, device_from, load_checkpoint, load_weights, prepare_out_dir,
-                         save_checkpoint, seed_everything, use_amp, write_config, write_json)
+                         resume_differences, save_checkpoint, seed_everything, use_amp, write_config, write_json)
 from fairness.figures import lines
 from vae.train_cvae import block, up
 
@@ -103,6 +103,7 @@ def parse_args(argv=None):
 
 def main(args):
     device = device_from(args.device)
+    bf16 = use_amp(args.amp, device, cpu_checked=BF16_CHECKED, gpu_checked=False)  # refused before any data is read
     mod, x_tr, cls = training_images(args.data, 64, args.data_root, "train", args.split_seed, args.sets,
                                      args.train_set)
     _, x_val, _ = training_images(args.data, 64, args.data_root, "val", args.split_seed, args.sets, args.val_set)
@@ -114,11 +115,13 @@ def main(args):
     shape = {"channels": mod.channels, "latent": args.latent}
     data_args = {**{k: getattr(args, k) for k in ("data", "data_root", "split_seed", "sets", "train_set", "val_set",
                                                    "batch_size", "lr", "seed")},
-                 "bf16": use_amp(args.amp, device, cpu_checked=BF16_CHECKED, gpu_checked=False)}  # resume alike
-    if ck is not None and (not isinstance(ck, dict) or ck.get("model_args") != shape or "last" not in ck
-                           or ck.get("data_args") != data_args):
-        raise DataError(f"--resume: {ckpt} is not a train_conv_ae.py checkpoint of these flags ({shape}, "
-                        f"{data_args}); pass its flags, or --force to start afresh")
+                 "bf16": bf16}  # a run resumes in its own arithmetic
+    diffs = resume_differences(ck, model_args=shape, data_args=data_args) if ck is not None else []
+    if ck is not None and "last" not in ck:
+        diffs.append("not a train_conv_ae.py checkpoint (no last weights)")
+    if diffs:
+        raise DataError(f"--resume: {ckpt} is a run of other settings ({'; '.join(diffs)}); pass its flags (bf16 "
+                        f"True: --amp bf16, False: --amp off), or --force to start afresh")
     out = prepare_out_dir(args.out_dir, args.force, args.resume)
     seed_everything(args.seed)
     model = ConvAE(**shape).to(device, memory_format=torch.channels_last)  # the CVAE's faster oneDNN path on CPUs

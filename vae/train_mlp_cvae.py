@@ -1,10 +1,10 @@
 """Fully-connected conditional VAE for MedMNIST augmentation (Chaptoukaev 2023, "cVAE" column of Table 2).
 
 Two hidden layers each side (widths ours, not published): encoder (D + K) -> 512 -> 256 -> mu, logvar (latent 32),
-decoder (32 + K) -> 256 -> 512 -> D (sigmoid); the one-hot label is concatenated to both inputs.
-ELBO: binary cross-entropy summed over pixels (in [0, 1]) + KL, mean over the batch. Adam 1e-3, batch 128,
-300 epochs (docs/METHODS.md). New images of class c: z ~ N(0, I) decoded with label c. --amp: the layers under
-bf16 autocast; mu, log-variance, the output sigmoid and the loss in fp32.
+decoder (32 + K) -> 256 -> 512 -> D (sigmoid); the one-hot label is concatenated to both inputs. ELBO: binary
+cross-entropy summed over pixels (in [0, 1]) + KL, mean over the batch. Adam 1e-3, batch 128, 300 epochs
+(docs/METHODS.md). New images of class c: z ~ N(0, I) decoded with label c. --amp: the layers under bf16 autocast; mu
+and log-variance cast to fp32, the sampling of z, the KL, the output sigmoid and the loss in fp32.
 
     python -m vae.train_mlp_cvae --npz data/medmnist/breastmnist.npz --out-dir runs/medmnist/cvae
 """
@@ -18,7 +18,9 @@ from common import mlp_generator
 from common.cli import positive_int, run
 from common.runs import check_finite
 
-BF16_CHECKED = False  # bf16 under --amp auto only once bench/bf16_agreement.py --loop mlpcvae agrees
+# bench/bf16_agreement.py --loop mlpcvae agreed (20 seeds, results/bench/bf16_mlpcvae), but its runs were no faster
+# in bf16 (1.00x): fp32 under --amp auto
+BF16_CHECKED = False
 
 
 class MLPCVAE(nn.Module):
@@ -33,7 +35,7 @@ class MLPCVAE(nn.Module):
     def forward(self, x, y):
         c = F.one_hot(y, self.k).float()
         h = self.enc(torch.cat([x, c], 1))
-        mu, logvar = self.mu(h).float(), self.logvar(h).float()  # fp32 under autocast too
+        mu, logvar = self.mu(h).float(), self.logvar(h).float()  # cast to fp32 under autocast
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
         return self.decode(z, y), mu, logvar
 
@@ -49,7 +51,7 @@ def elbo_loss(x_hat, x, mu, logvar):
 
 def fit(x, y, device, *, latent, epochs, batch_size, lr, seed, progress=True, amp=False):
     """x: (N, D) in [0, 1], y: (N,) class indices. Returns (model, history). amp: the layers under bf16 autocast
-    (mu, log-variance, sigmoid and loss in fp32)."""
+    (mu and log-variance cast to fp32; sampling z, KL, sigmoid and loss in fp32)."""
     torch.manual_seed(seed)
     model = MLPCVAE(x.shape[1], int(y.max()) + 1, latent).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
