@@ -42,9 +42,8 @@ LOOPS = {"classify.train_chexnet": "cnn8", "vae.train_cvae": "cvae", "vae.train_
 CHECKS = {"cnn8": "bf16", "cvae": "bf16_cvae30", "resvae": "bf16_resvae", "convae": "bf16_convae",
           "mlpcgan": "bf16_mlpcgan", "dcgan": "bf16_dcgan", "mlpae": "bf16_mlpae", "mlpcvae": "bf16_mlpcvae"}
 # loops left unchecked on purpose, and why (stage minutes from the committed runs' stages.json)
-UNCHECKED = {"resnet18": "not checked: medmnist's 24 classifier stages took 3.5 min, a third of it process starts; "
-                         "1.25x on the step would save well under a minute",
-             "ddpm32": "not checked: 1.08x on the step (about a minute of compare's 12.8); train_ddpm's bf16 is "
+UNCHECKED = {"resnet18": "not checked: 1.25x on the training step, under a minute of medmnist's 3.5 to gain",
+             "ddpm32": "not checked: 1.08x on the training step, about a minute in 13 to gain; train_ddpm's bf16 is "
                        "for GPUs"}
 FASTER = 1.05  # a loop whose check agrees trains in bf16 only if its runs were at least this much faster per run
 

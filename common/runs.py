@@ -93,8 +93,9 @@ def use_amp(choice, device, cpu_checked=False, flag="--amp", gpu_checked=True):
     a network whose bf16 training was checked on CPUs only, such as the CVAE and the conv AE), and on CPUs with bf16
     instructions only for a network whose bf16 training was checked against fp32 there (cpu_checked: the chest
     X-ray cnn8, results/bench/bf16, the skintone ResVAE, results/bench/bf16_resvae, compare's conv AE,
-    results/bench/bf16_convae, the CVAE, results/bench/bf16_cvae30, and MedMNIST's MLP cGAN,
-    results/bench/bf16_mlpcgan; the ViT, for one, is slower under it);
+    results/bench/bf16_convae, the CVAE, results/bench/bf16_cvae30, MedMNIST's MLP cGAN, results/bench/bf16_mlpcgan,
+    and compare's DCGAN, results/bench/bf16_dcgan; the ViT, for one, is slower under it, and the MLP AE and cVAE
+    agree but are no faster);
     bf16: on any device, an error on a CPU without bf16 instructions (there it is slower); off: fp32."""
     if choice == "bf16" and device.type == "cpu" and not cpu_has_bf16():
         raise DataError(f"{flag} bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX), where bf16 autocast "
