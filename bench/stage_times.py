@@ -43,8 +43,8 @@ CHECKS = {"cnn8": "bf16", "cvae": "bf16_cvae30", "resvae": "bf16_resvae", "conva
           "mlpcgan": "bf16_mlpcgan", "dcgan": "bf16_dcgan", "mlpae": "bf16_mlpae", "mlpcvae": "bf16_mlpcvae"}
 # loops left unchecked on purpose, and why (stage minutes from the committed runs' stages.json)
 UNCHECKED = {"resnet18": "not checked: 1.25x on the training step, under a minute of medmnist's 3.5 to gain",
-             "ddpm32": "not checked: 1.08x on the training step, about a minute in 13 to gain; train_ddpm's bf16 is "
-                       "for GPUs"}
+             "ddpm32": "not checked: 1.08x on the training step, about a minute to gain; train_ddpm's bf16 is for "
+                       "GPUs"}
 FASTER = 1.05  # a loop whose check agrees trains in bf16 only if its runs were at least this much faster per run
 
 

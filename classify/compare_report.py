@@ -220,14 +220,22 @@ def notes(summary, plan, fid, n_comps, costs=None):
         "than imbalanced_real's classifier sees, as in Korb & Hall) and never on test or validation "
         "images; the AE and the CVAE stop early on the validation patients. The VAE (CVAE) is "
         "chestxray's: trained on the pool's women only, so it has no male samples. " +
-        ("Generators' training arithmetic (generator seed 0): " + ", ".join(
-            f"{row} {arithmetic(c['bf16_autocast'])}" for row, c in costs.items() if "bf16_autocast" in c) +
-         " (bf16: --amp auto on a CPU with bf16 instructions, where the network's bf16 check agreed; sampling in "
-         "fp32). " if any("bf16_autocast" in c for c in costs.values()) else "") +
+        arithmetic_note(costs) +
         ("ddpm_finding_only: the ddpm row's model asked for the finding with sex drawn as in the pool "
          "(not a separately trained finding-only DDPM): ddpm vs ddpm_finding_only measures what asking "
          "for women adds with the generator held fixed." if plan["finding_only"] == "same" else
          "ddpm_finding_only: a DDPM trained on the finding alone (its samples have no sex).")]
+
+
+def arithmetic_note(costs):
+    """One sentence: how each generator family trained (cost.json's bf16_autocast flags, generator seed 0)."""
+    flags = {row: c["bf16_autocast"] for row, c in costs.items() if "bf16_autocast" in c}
+    if not flags:
+        return "Generators' training arithmetic: not recorded by this run. "
+    return ("Generators' training arithmetic (generator seed 0): " +
+            ", ".join(f"{row} {arithmetic(v)}" for row, v in flags.items()) + " (bf16: --amp auto, on a CPU with "
+            "bf16 instructions for a network whose bf16 check agreed and ran faster, BF16_CHECKED; the DDPM on a GPU "
+            "with bf16; sampling in fp32). ")
 
 
 def training_noise(plan):

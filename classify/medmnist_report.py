@@ -121,8 +121,8 @@ def table2_notes(plan):
             f"counted).",
             "Generators' training arithmetic: " + ", ".join(
                 f"{m} {arithmetic(v)}" for m, v in plan.get("generator_bf16", {}).items()) + " (bf16: --amp auto "
-            "on a CPU with bf16 instructions, where a network's bf16 check agreed; sampling in fp32); the "
-            "classifiers fp32."
+            "on a CPU with bf16 instructions, for a network whose bf16 check agreed and ran faster, BF16_CHECKED; "
+            "sampling in fp32); the classifiers fp32."
             if "generator_bf16" in plan else "Generators' training arithmetic: not recorded by this run.",
             "Missing data sets (official .npz not under --data-root; fetch with `python -m common.download medmnist "
             f"--root DIR`): {', '.join(missing) if missing else 'none'}.",

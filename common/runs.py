@@ -395,8 +395,12 @@ def resume_differences(ck, **recorded):
         if not isinstance(then, dict):
             out.append(f"{name}: not recorded")
             continue
-        out += [f"{k}: checkpoint {then.get(k, '(none)')!r}, this run {now.get(k, '(none)')!r}"
-                for k in sorted(set(now) | set(then)) if then.get(k, "(none)") != now.get(k, "(none)")]
+        for k in sorted(set(now) | set(then)):
+            if k in then and k in now and then[k] == now[k]:
+                continue
+            shown = [repr(d[k]) if k in d else "(none)" for d in (then, now)]
+            hint = f" (--amp {'bf16' if then[k] else 'off'} continues it)" if k == "bf16" and k in then else ""
+            out.append(f"{k}: checkpoint {shown[0]}, this run {shown[1]}{hint}")
     return out
 
 

@@ -150,8 +150,8 @@ def main(args):
     ck = load_checkpoint(ckpt_path, flag="--resume") if args.resume and ckpt_path.is_file() else None
     diffs = resume_differences(ck, model_args=model_args, data_args=data_args) if ck is not None else []
     if diffs:
-        raise DataError(f"--resume: {ckpt_path} is a run of other settings ({'; '.join(diffs)}); pass its flags "
-                        f"(bf16 True: --amp bf16, False: --amp off), or --force to start afresh")
+        raise DataError(f"--resume: {ckpt_path} does not continue this run ({'; '.join(diffs)}); pass its flags, "
+                        f"or --force to start afresh")
     out = prepare_out_dir(args.out_dir, args.force, args.resume)
     seed_everything(args.seed)
     G, D = build(model_args)

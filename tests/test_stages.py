@@ -211,6 +211,28 @@ def test_stage_times_by_module_names_each_loop_its_share_bf16_speed_and_check(tm
     assert check_verdict(tmp_path / "bench", "resnet18", "1.25").startswith("not checked: ")  # left, with its reason
 
 
+def test_bf16_default_follows_each_committed_check():
+    """Each network with a committed bf16 check (results/bench/<check>/summary.json) trains in bf16 under --amp auto
+    (its BF16_CHECKED) exactly when its check agreed and its runs were at least FASTER quicker; and the words a
+    report uses for a set of runs' arithmetic."""
+    import importlib
+    sys.path.insert(0, str(ROOT / "bench"))
+    from stage_times import CHECKS, FASTER, LOOPS
+    from common.report import arithmetic
+    module_of = {loop: m for m, loop in LOOPS.items() if isinstance(loop, str)}
+    checked = 0
+    for loop, folder in CHECKS.items():
+        s = json.loads((ROOT / "results/bench" / folder / "summary.json").read_text())
+        mod = importlib.import_module(module_of[loop])
+        if hasattr(mod, "BF16_CHECKED"):  # the chest X-ray classifier's --amp auto predates the flag (it agreed)
+            ratio = s["seconds_per_run"]["off"] / s["seconds_per_run"]["bf16"]
+            assert mod.BF16_CHECKED == (s["agrees"] and ratio >= FASTER), (loop, s["agrees"], ratio)
+            checked += 1
+    assert checked >= 7
+    assert [arithmetic(f) for f in ([True], [False], [False, True], [None], [])] == [
+        "bf16 autocast", "fp32", "mixed (bf16 and fp32 runs)", "not recorded", "not recorded"]
+
+
 def test_make_cannot_name_a_file_with_an_equals_sign_or_a_semicolon():
     from common.stages import make_name
     for bad in ("runs/a=b", "runs/a;b", "runs/100%"):

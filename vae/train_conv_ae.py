@@ -117,11 +117,11 @@ def main(args):
                                                    "batch_size", "lr", "seed")},
                  "bf16": bf16}  # a run resumes in its own arithmetic
     diffs = resume_differences(ck, model_args=shape, data_args=data_args) if ck is not None else []
-    if ck is not None and "last" not in ck:
+    if isinstance(ck, dict) and "last" not in ck:
         diffs.append("not a train_conv_ae.py checkpoint (no last weights)")
     if diffs:
-        raise DataError(f"--resume: {ckpt} is a run of other settings ({'; '.join(diffs)}); pass its flags (bf16 "
-                        f"True: --amp bf16, False: --amp off), or --force to start afresh")
+        raise DataError(f"--resume: {ckpt} does not continue this run ({'; '.join(diffs)}); pass its flags, or "
+                        f"--force to start afresh")
     out = prepare_out_dir(args.out_dir, args.force, args.resume)
     seed_everything(args.seed)
     model = ConvAE(**shape).to(device, memory_format=torch.channels_last)  # the CVAE's faster oneDNN path on CPUs
