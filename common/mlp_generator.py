@@ -31,10 +31,10 @@ def parse_args(doc, out_dir, epochs, lr, extra, check, argv=None):
     return p.parse_args(argv)
 
 
-def amp_of(args, checked):
-    """--amp as a bool (common.runs.use_amp; checked: the script's BF16_CHECKED), decided before anything is
-    written, so a refused --amp bf16 leaves no run folder."""
-    return use_amp(args.amp, device_from(args.device), cpu_checked=checked, gpu_checked=False)
+def amp_of(choice, device, checked):
+    """--amp (choice) on --device as a bool (common.runs.use_amp; checked: the script's BF16_CHECKED), decided
+    before anything is written, so a refused --amp bf16 leaves no run folder."""
+    return use_amp(choice, device_from(device), cpu_checked=checked, gpu_checked=False)
 
 
 def start(npz, per_class, seed, device, out_dir, force, settings):

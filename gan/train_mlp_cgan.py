@@ -98,7 +98,7 @@ def parse_args(argv=None):
 
 
 def main(args):
-    amp = mlp_generator.amp_of(args, BF16_CHECKED)
+    amp = mlp_generator.amp_of(args.amp, args.device, BF16_CHECKED)
     out, device, x, y, shape, names = mlp_generator.start(args.npz, args.per_class, args.seed, args.device,
                                                           args.out_dir, args.force, vars(args))
     G, history = fit(x, y, device, z_dim=args.z_dim, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
