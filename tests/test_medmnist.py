@@ -171,9 +171,8 @@ for width in (4, 8, 16):
         for _ in range(2):
             net.zero_grad()
             F.cross_entropy(net(x), torch.arange(7) % 2).backward()
-        grads[fmt] = torch.cat([p.grad.flatten() for p in net.parameters()])
-    a, b = grads.values()
-    print(width, float((a - b).norm() / a.norm()))
+        grads[fmt] = [p.grad for p in net.parameters()]
+    print(width, max(float((a - b).norm() / a.norm()) for a, b in zip(*grads.values())))
 """
 
 
@@ -190,14 +189,15 @@ def test_subsampled_pointwise_is_the_strided_1x1_convolution():
 def test_narrow_resnet18_trains_in_channels_last_with_the_contiguous_gradients():
     """Below 16 input channels oneDNN's strided 1x1 weight gradient in channels_last corrupted the heap (width 8,
     odd batches: the process died) or could give wrong gradients; the shortcut avoids that path. In a child process,
-    so that a crash fails this test, not the session. Compared as the whole gradient's relative error: the two formats
-    sum in other orders, so a ReLU input within float32 rounding of zero can switch sides (seen on a 2-core AMD EPYC
-    with AVX2 only, width 16: one of 21,952 activations, 4e-6 in float64), which moves single gradient entries by a few
-    percent and the whole gradient by about 1e-3; a wrong kernel moves all of it."""
+    so that a crash fails this test, not the session. Compared per parameter as the relative error of its whole
+    gradient (L2), not entry by entry: the two formats sum in other orders, so a ReLU input within float32 rounding of
+    zero can switch sides (seen on a 2-core AMD EPYC with AVX2 only, width 16: one of 21,952 activations, 4e-6 in
+    float64), which moves single entries by a few percent but no parameter's gradient by more than 0.004 (0.0064 at
+    width 32; 1e-5 without a flip); a wrong kernel moves its parameter's whole gradient."""
     out = subprocess.run([sys.executable, "-c", NARROW_RESNET], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-500:]
     rel = {int(w): float(d) for w, d in (line.split() for line in out.stdout.splitlines())}
-    assert sorted(rel) == [4, 8, 16] and max(rel.values()) < 1e-2, rel
+    assert sorted(rel) == [4, 8, 16] and max(rel.values()) < 5e-2, rel
 
 
 def test_resnet18_script_end_to_end(tmp_path):
