@@ -6,7 +6,7 @@ thread count than a stage started now would (its log line or config.json says; a
 change to the code itself is not detected: use a new --runs folder, or --force there.
 
 Two ways to run the same list, and a third to hand it to make:
-    Stages()                 run each stage now, in order (one process at a time)
+    Stages()                 run each stage now, in order (one process at a time: see fork_stage)
     Stages(dry=True)         run nothing: `plan` lists every command, "# reuse: " before those a run would skip
     stages.write_makefile(p) the same stages as make rules (target: the stage's output; prerequisites: the outputs
                              it reads), so that `make -j N -f p` runs independent stages in parallel
@@ -17,11 +17,11 @@ Two ways to run the same list, and a third to hand it to make:
 
 Where the time goes: with `stages.log` set (a study sets runs/<out>/stage_times.jsonl), every stage process, run by
 Stages or by the makefile, appends one line to that file when it succeeds (common.cli.run): its module, argv, the
-seconds from its process start to its main (interpreter and imports) and in its main, and torch's thread
-count. `stages.times()` reads back each listed stage's last line and sums them by kind; a study writes both into
-stages.json, its report both into summary.json. Stages that make ran side by side (-j) each count their own
-seconds, so the sums can exceed the wall time. A stage continued with --resume records the part after the resume
-only; a stage two studies share (compare reuses chestxray's CVAE of the first seed) counts in both.
+seconds from its process start to its main (interpreter and imports; a forked stage: from the fork) and in its main,
+and torch's thread count. `stages.times()` reads back each listed stage's last line and sums them by kind; a study
+writes both into stages.json, its report both into summary.json. Stages that make ran side by side (-j) each count
+their own seconds, so the sums can exceed the wall time. A stage continued with --resume records the part after the
+resume only; a stage two studies share (compare reuses chestxray's CVAE of the first seed) counts in both.
 """
 import importlib
 import json
@@ -29,6 +29,7 @@ import os
 from pathlib import Path
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -128,10 +129,9 @@ def stage_threads():
     return torch.get_num_threads() if torch else None
 
 
-def run_in_process(module, argv, line):
+def call_main(module, argv):
     """`python -m module argv` in this process: the script's main under common.cli.run, with sys.argv as that
-    command would set it (scripts record it), no interpreter start and imports (~2.5 s a stage on a CPU). A stage
-    that fails stops the study, as a failed process does."""
+    command would set it (scripts record it). Returns its exit status (0: success)."""
     from common.cli import run
     mod = importlib.import_module(module)
     saved = sys.argv
@@ -139,10 +139,81 @@ def run_in_process(module, argv, line):
     try:
         run(mod.main, lambda: mod.parse_args(argv))
     except SystemExit as e:
-        if e.code:
-            raise DataError(f"stage failed (exit {e.code}; its message is above): {line}") from None
+        if isinstance(e.code, str):  # sys.exit("message"), as the interpreter would report it
+            print(e.code, file=sys.stderr)
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
     finally:
         sys.argv = saved
+    return 0
+
+
+def run_in_process(module, argv, line):
+    """`python -m module argv` in this process, without an interpreter start and imports (~3 s a stage on a CPU).
+    A stage that fails stops the study, as a failed process does."""
+    code = call_main(module, argv)
+    if code:
+        raise DataError(f"stage failed (exit {code}; its message is above): {line}")
+
+
+FORK = "FAIRSYNTH_FORK_STAGES"  # environment: 0 starts every stage as a fresh interpreter (see fork_stage)
+
+
+def can_fork():
+    """Whether a stage may be forked from this process: Linux, $FAIRSYNTH_FORK_STAGES not 0, one OS thread (a
+    thread pool of OpenMP or BLAS does not survive a fork: torch in the child would hang; with OMP_NUM_THREADS=1,
+    as quick-scale stages run, there is none), and no NVIDIA device (CUDA cannot start in a forked child)."""
+    try:
+        return (os.environ.get(FORK, "1") != "0" and hasattr(os, "fork") and len(os.listdir("/proc/self/task")) == 1
+                and not os.path.exists("/dev/nvidiactl"))
+    except OSError:
+        return False
+
+
+def fork_stage(module, argv, log):
+    """Run the stage `python -m module argv` (argv ends with --force where it has one) in a forked copy of this
+    process, where can_fork() allows: the study has imported torch and the script's modules once (the script is
+    imported here first, so its next stages find it loaded), and the child starts in milliseconds instead of an
+    interpreter start and imports (~3 s a stage on a CPU). The child is a process of its own as a fresh one
+    would be: it seeds what it uses, replaces and settles its own folders, appends its times to the log (its
+    start: from the fork to its main), and exits with its script's status; nothing it changes reaches the study.
+    Returns that status, or None where it cannot fork (the caller then starts a process; so does a script that
+    does not import here, which then reports its error itself)."""
+    if not can_fork():
+        return None
+    try:
+        importlib.import_module(module)
+    except Exception:
+        return None
+    if not can_fork():  # importing the script started a thread
+        return None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    forked = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            import common.runs
+            common.runs._REPLACED.clear()  # the study's own --force replacement is the study's to settle
+            if log:
+                os.environ[STAGE_LOG] = str(log)
+            started = time.perf_counter()
+            code = call_main(module, argv)
+            if not code:
+                log_stage_time(module, argv, started - forked, time.perf_counter() - started)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    try:
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    except BaseException:  # Ctrl-C or a kill of the study: the stage gets SIGTERM and puts back what it replaced
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+        raise
 
 
 class Stages:
@@ -226,16 +297,20 @@ class Stages:
             print(f"  reuse {done.parent if done.name == 'metrics.json' else done}", flush=True)
             self.reused.append(str(done))
             return
-        env = {**os.environ, STAGE_LOG: str(Path(self.log).resolve())} if self.log else None
-        if self.log:
-            Path(self.log).parent.mkdir(parents=True, exist_ok=True)
-        child = subprocess.Popen([sys.executable, "-m", module, *argv, *(["--force"] if force else [])], env=env)
-        try:
-            rc = child.wait()
-        except BaseException:  # Ctrl-C or a kill of the study: the stage gets SIGTERM and puts back what it replaced
-            child.terminate()
-            child.wait()
-            raise
+        log = Path(self.log).resolve() if self.log else None
+        if log:
+            log.parent.mkdir(parents=True, exist_ok=True)
+        argv = [*argv, *(["--force"] if force else [])]
+        rc = fork_stage(module, argv, log)
+        if rc is None:
+            child = subprocess.Popen([sys.executable, "-m", module, *argv],
+                                     env={**os.environ, STAGE_LOG: str(log)} if log else None)
+            try:
+                rc = child.wait()
+            except BaseException:  # Ctrl-C or a kill of the study: the stage gets SIGTERM, puts back what it replaced
+                child.terminate()
+                child.wait()
+                raise
         if rc:
             raise DataError(f"stage failed (exit {rc}; its message is above): {line}")
 

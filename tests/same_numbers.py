@@ -1,7 +1,7 @@
 """Same seed, same numbers, for each study's smoke chain, in the two parts a study is made of:
 - every stage script writes the same file when its command runs again (each distinct script of the study's stage
-  list is rerun, inside the test's process, into a fresh folder and its output compared with the one its own
-  process wrote), and
+  list is rerun, as a process of its own, into a fresh folder and its output compared with the one the study's
+  run wrote, where the study forked its stages: common.stages.fork_stage), and
 - the report is a function of the stage files alone (the study run again on the same stage folders reuses every
   stage and writes the same summary.json, wall times aside).
 Together: a rerun of the whole study gives the same summary. Each study's test file calls it (test_chestxray.py,
@@ -14,7 +14,6 @@ import sys
 
 import numpy as np
 
-from common.stages import run_in_process
 from conftest import ROOT, SMOKE_FLAGS
 
 STUDIES = {"chestxray": "classify.chestxray_study", "medmnist": "classify.medmnist_study",
@@ -54,8 +53,9 @@ def check_same_seed_same_numbers(study, smoke_study, tmp_path):
         i = argv.index(flag) + 1
         original = argv[i]
         argv[i] = str(tmp_path / module / ("samples.npz" if flag == "--out" else ""))
-        run_in_process(argv[2], argv[3:], line)  # in this process: also checks that a stage run so (as `make
-        # compare` runs them) writes what its own process wrote, and saves ~2.5 s of interpreter start per stage
+        r = subprocess.run([sys.executable, "-m", *argv[2:]], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]  # a process of its own, as make runs a stage: the study forked
+        # its stages from its own process where it could (common.stages.fork_stage), and must write the same files
         if flag == "--out":
             a, b = ROOT / original, tmp_path / module / "samples.npz"
         else:  # what the script writes: predictions, else samples, else its metrics

@@ -129,6 +129,7 @@ def test_each_stage_records_its_times_run_here_or_by_make(tmp_path, monkeypatch)
     (tmp_path / "pkg" / "train_toy.py").write_text(STAGE_MODULE)
     (tmp_path / "pkg" / "sample_toy.py").write_text(STAGE_MODULE)
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT}")
+    monkeypatch.setenv("FAIRSYNTH_FORK_STAGES", "0")  # processes of their own, as make starts them
     runs = tmp_path / "runs dir#1"
     s = Stages(log=runs / "stage_times.jsonl")
     s.script("pkg.train_toy", ["--sleep", "0.5", "--out-dir", runs / "gen"], runs / "gen")
@@ -286,3 +287,85 @@ def test_a_stage_made_on_another_thread_count_is_redone(tmp_path, monkeypatch):
                                                             "run_s": 2.0, "threads": 1}) + "\n")
     monkeypatch.setattr(common.stages, "stage_threads", lambda: 1)
     assert s.plan[0].startswith("# reuse: ")  # the log's line says where it last ran
+
+
+FORKING_STUDY = """import json, os, sys, threading, time
+from pathlib import Path
+import torch  # loaded before the stages, as a study has it
+from common.errors import DataError
+from common.runs import prepare_out_dir, settle_replaced
+from common.stages import Stages
+import pkg.marker  # a stage forked from this process finds it loaded; one started fresh does not
+
+base = Path(sys.argv[1])
+if sys.argv[2] == "threaded":  # a thread pool alive while the stage starts: no fork
+    stop = threading.Event()
+    threading.Thread(target=stop.wait, daemon=True).start()
+out = prepare_out_dir(base / "report", force=True)  # the study replaces its report: the old one set aside
+stages = Stages(log=base / "times.jsonl")
+stages.script("pkg.stage", ["--out-dir", base / "ok", "--mode", "ok"], base / "ok")
+seen = {"aside_kept": any(p.name.startswith(".report.replaced") for p in base.iterdir())}
+try:
+    stages.script("pkg.stage", ["--out-dir", base / "bad", "--mode", "bad"], base / "bad")
+except DataError as e:
+    seen["failed"] = str(e)
+settle_replaced(ok=True)
+seen["torch_seed"] = torch.initial_seed()
+print(json.dumps(seen))
+"""
+
+FORKED_STAGE = """import json, os, sys
+from pathlib import Path
+import torch
+from common.cli import run
+from common.errors import DataError
+from common.runs import prepare_out_dir
+
+def parse_args(argv=None):
+    return sys.argv[1:]
+
+def main(argv):
+    out = prepare_out_dir(argv[argv.index("--out-dir") + 1], True)
+    if argv[argv.index("--mode") + 1] == "bad":
+        raise DataError("error: --mode bad: this stage refuses it")
+    torch.manual_seed(5)  # nothing a stage does reaches the study
+    (out / "config.json").write_text(json.dumps({"argv": sys.argv}))
+    (out / "metrics.json").write_text(json.dumps({"forked": "pkg.marker" in sys.modules, "ppid": os.getppid(),
+                                                  "threads": torch.get_num_threads()}))
+
+if __name__ == "__main__":
+    run(main, parse_args)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forks where /proc/self/task counts threads")
+@pytest.mark.parametrize("mode", ["single", "threaded"])
+def test_a_single_threaded_study_forks_its_stages_and_a_threaded_one_starts_them(tmp_path, mode):
+    """A study whose process has one thread (OMP_NUM_THREADS=1, as quick-scale studies run) forks each stage
+    from itself instead of starting an interpreter: the stage runs as its script's own process would (its exit
+    status, its message, its log line with a start of milliseconds), and nothing it does reaches the study: not
+    its random seed, and not the study's own replaced report, which the stage's success must not delete. With
+    another thread alive the study starts a fresh process, as before."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "marker.py").write_text("")
+    (tmp_path / "pkg" / "stage.py").write_text(FORKED_STAGE)
+    (tmp_path / "study.py").write_text(FORKING_STUDY)
+    base = tmp_path / "b"
+    (base / "report").mkdir(parents=True)
+    (base / "report" / "config.json").write_text(json.dumps({"args": {}, "argv": [], "git_commit": None}))  # an
+    # earlier run, which the study replaces (--force)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{ROOT}", "OMP_NUM_THREADS": "1"}
+    env.pop("FAIRSYNTH_FORK_STAGES", None)
+    r = subprocess.run([sys.executable, str(tmp_path / "study.py"), str(base), mode], cwd=ROOT, capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    seen = json.loads(r.stdout.strip().splitlines()[-1])
+    assert seen["aside_kept"] and seen["torch_seed"] != 5
+    assert seen["failed"].startswith("error: stage failed (exit 2;") and "this stage refuses it" in r.stderr
+    done = json.loads((base / "ok" / "metrics.json").read_text())
+    assert done["forked"] == (mode == "single") and done["threads"] == 1
+    line, = [json.loads(x) for x in (base / "times.jsonl").read_text().splitlines()]  # the failed stage: none
+    assert line["module"] == "pkg.stage" and line["argv"] == ["--out-dir", str(base / "ok"), "--mode", "ok"]
+    assert (line["start_s"] < 0.5) == (mode == "single")
+    assert not (base / "bad").exists() or not (base / "bad" / "metrics.json").exists()
