@@ -48,7 +48,7 @@ setup: .venv/.stamp ## create .venv and install everything (torch from the local
 TEST_JOBS ?= auto
 test: $(SETUP) ## run the test suite (CPU, ~minutes); fails if no test is collected
 	if $(PYTHON) -c "import xdist" 2>/dev/null; then par="-n $(TEST_JOBS) --dist loadfile"; export OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}; fi; \
-	$(PYTHON) -m pytest -q --durations=15 $$par tests; rc=$$?; \
+	$(PYTHON) -m pytest -q --durations=30 $$par tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure here" >&2; exit 1; fi; exit $$rc
 
 all: chestxray skintone medmnist fairgen ## the four studies, quick scale (hours on 2 CPU cores; measured times in README)

@@ -409,11 +409,19 @@ def parse_scaled(p, scales, argv=None):
 
 def planned(stages, dry_run, makefile, then):
     """After a study listed its stages: print them (dry_run) or write them as a makefile (makefile: its path) and
-    return True (the study stops there); False for a run. then: what the study does in its own process afterwards."""
+    return True (the study stops there); False for a run. then: what the study does in its own process afterwards.
+    Where stages are to run on a CPU without bf16 instructions, a note says so first: the times the README gives
+    were mostly measured on CPUs with them."""
     if dry_run:
         print("\n".join(stages.plan))
         print(f"# then in this process: {then}")
         return True
+    if not all(stages.fresh(rule) for rule in stages.rules) and not os.path.exists("/dev/nvidiactl"):
+        from common.runs import cpu_has_bf16
+        if not cpu_has_bf16():
+            print("note: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so every network trains in fp32: "
+                  "`make chestxray` took 85 min on such a 2-core CPU, 22 on one with them (docs/bench.md, 'How long "
+                  "each study takes')", flush=True)
     if makefile:
         print(f"wrote {stages.write_makefile(makefile)}: run `make -j N -f {makefile}`, then this command without "
               f"--makefile for the rest")

@@ -369,3 +369,23 @@ def test_a_single_threaded_study_forks_its_stages_and_a_threaded_one_starts_them
     assert line["module"] == "pkg.stage" and line["argv"] == ["--out-dir", str(base / "ok"), "--mode", "ok"]
     assert (line["start_s"] < 0.5) == (mode == "single")
     assert not (base / "bad").exists() or not (base / "bad" / "metrics.json").exists()
+
+
+def test_a_cpu_without_bf16_is_named_before_its_stages_run(tmp_path, monkeypatch, capsys):
+    """The README's times were mostly measured on CPUs with bf16 instructions: where stages are to run on one
+    without them, the study says so first (not when every stage is reused, not on a dry run)."""
+    import common.runs
+    from common.stages import planned
+    done = tmp_path / "gen"
+    done.mkdir()
+    (done / "config.json").write_text(json.dumps({"argv": ["train_toy.py", "--out-dir", str(done)]}))
+    (done / "metrics.json").write_text("{}")
+    for bf16 in (False, True):
+        monkeypatch.setattr(common.runs, "cpu_has_bf16", lambda: bf16)
+        for argv, note in ((["--out-dir", str(done)], False), (["--out-dir", str(tmp_path / "new")], not bf16)):
+            s = Stages(dry=True)
+            s.script("pkg.train_toy", argv, tmp_path / argv[1])
+            assert planned(s, False, tmp_path / "s.mk", "") and planned(s, True, None, "")
+            out = capsys.readouterr().out
+            assert ("note: this CPU has no bf16 instructions" in out) == (note and not os.path.exists("/dev/nvidiactl"))
+            assert out.count("note:") <= 1  # the makefile round only, never the dry run's listing
