@@ -154,7 +154,7 @@ def run(main, parse_args):
         raise
     settle_replaced(ok=True)
     spec = getattr(sys.modules.get(main.__module__), "__spec__", None)
-    if main.__module__ == "__main__" and spec is not None:  # a process of its own (not common.stages.run_in_process)
+    if main.__module__ == "__main__" and spec is not None:  # a process of its own (a forked stage logs in fork_stage)
         log_stage_time(spec.name, sys.argv[1:], started, time.perf_counter() - t0)
     finish_distributed()
     return result

@@ -131,7 +131,8 @@ def stage_threads():
 
 def call_main(module, argv):
     """`python -m module argv` in this process: the script's main under common.cli.run, with sys.argv as that
-    command would set it (scripts record it). Returns its exit status (0: success)."""
+    command would set it (scripts record it). Returns (exit status, whether main returned: what a process of its
+    own logs its time after)."""
     from common.cli import run
     mod = importlib.import_module(module)
     saved = sys.argv
@@ -139,29 +140,36 @@ def call_main(module, argv):
     try:
         run(mod.main, lambda: mod.parse_args(argv))
     except SystemExit as e:
-        if isinstance(e.code, str):  # sys.exit("message"), as the interpreter would report it
-            print(e.code, file=sys.stderr)
-        return e.code if isinstance(e.code, int) else int(e.code is not None)
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0, False
+        print(e.code, file=sys.stderr)  # sys.exit("message"), as the interpreter reports it
+        return 1, False
     finally:
         sys.argv = saved
-    return 0
+    return 0, True
 
 
 def run_in_process(module, argv, line):
     """`python -m module argv` in this process, without an interpreter start and imports (~3 s a stage on a CPU).
     A stage that fails stops the study, as a failed process does."""
-    code = call_main(module, argv)
+    code, _ = call_main(module, argv)
     if code:
         raise DataError(f"stage failed (exit {code}; its message is above): {line}")
 
 
 FORK = "FAIRSYNTH_FORK_STAGES"  # environment: 0 starts every stage as a fresh interpreter (see fork_stage)
+SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def can_fork():
     """Whether a stage may be forked from this process: Linux, $FAIRSYNTH_FORK_STAGES not 0, one OS thread (a
-    thread pool of OpenMP or BLAS does not survive a fork: torch in the child would hang; with OMP_NUM_THREADS=1,
-    as quick-scale stages run, there is none), and no NVIDIA device (CUDA cannot start in a forked child)."""
+    thread pool of OpenMP or BLAS does not survive a fork: torch in the child would hang; numpy's OpenBLAS starts
+    one at import unless OMP_NUM_THREADS=1, which quick and smoke scale set), and no NVIDIA device (CUDA cannot
+    start in a forked child)."""
+    bars = sys.modules.get("tqdm")
+    if bars is not None and getattr(bars.tqdm, "monitor", None) is not None:
+        bars.tqdm.monitor.exit()  # tqdm's monitor thread outlives the bars (the image cache's, say): stop it
+        bars.tqdm.monitor = None  # (a later bar starts another)
     try:
         return (os.environ.get(FORK, "1") != "0" and hasattr(os, "fork") and len(os.listdir("/proc/self/task")) == 1
                 and not os.path.exists("/dev/nvidiactl"))
@@ -175,9 +183,10 @@ def fork_stage(module, argv, log):
     imported here first, so its next stages find it loaded), and the child starts in milliseconds instead of an
     interpreter start and imports (~3 s a stage on a CPU). The child is a process of its own as a fresh one
     would be: it seeds what it uses, replaces and settles its own folders, appends its times to the log (its
-    start: from the fork to its main), and exits with its script's status; nothing it changes reaches the study.
-    Returns that status, or None where it cannot fork (the caller then starts a process; so does a script that
-    does not import here, which then reports its error itself)."""
+    start: from the fork to its main) when its main returns, and exits with its script's status through
+    os._exit, never returning into the study's code; nothing it changes reaches the study. Ctrl-C and SIGTERM
+    are held back across the fork. Returns that status, or None where it cannot fork (the caller then starts a
+    process; so does a script that does not import here, which then reports its error itself)."""
     if not can_fork():
         return None
     try:
@@ -189,31 +198,48 @@ def fork_stage(module, argv, log):
     sys.stdout.flush()
     sys.stderr.flush()
     forked = time.perf_counter()
-    pid = os.fork()
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+        raise
     if pid == 0:
         code = 1
         try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # a signal held back arrives here, in the try
             import common.runs
             common.runs._REPLACED.clear()  # the study's own --force replacement is the study's to settle
             if log:
                 os.environ[STAGE_LOG] = str(log)
             started = time.perf_counter()
-            code = call_main(module, argv)
-            if not code:
+            code, returned = call_main(module, argv)
+            if returned:
                 log_stage_time(module, argv, started - forked, time.perf_counter() - started)
         except BaseException:
-            import traceback
-            traceback.print_exc()
+            try:
+                import traceback
+                traceback.print_exc()
+            except BaseException:
+                pass
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+    status = None
     try:
-        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    except BaseException:  # Ctrl-C or a kill of the study: the stage gets SIGTERM and puts back what it replaced
-        os.kill(pid, signal.SIGTERM)
-        os.waitpid(pid, 0)
-        raise
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # one held back arrives here, with the child to stop
+        status = os.waitpid(pid, 0)[1]
+    finally:
+        if status is None:  # Ctrl-C or a kill of the study: the stage gets SIGTERM and puts back what it replaced
+            try:
+                os.kill(pid, signal.SIGTERM)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+    return os.waitstatus_to_exitcode(status)
 
 
 class Stages:
@@ -226,6 +252,7 @@ class Stages:
         self.dry, self.rules, self.reused, self.log = dry, [], [], log  # log: see the module's docstring
         self.changed = set()  # inputs a dry run knows will be rewritten (a split file): their stages are not fresh
         self._last = (None, {})  # (the log's mtime and size, last_lines()) when it was last read
+        self.noted = False  # cpu_note said its piece
 
     @property
     def commands(self):
@@ -291,12 +318,26 @@ class Stages:
         for rule in self.rules[start:]:
             self.execute(rule)
 
+    def cpu_note(self):
+        """Once, before the first stage this list runs or writes into a makefile to run: on a CPU without bf16
+        instructions (and no GPU), a note that every network trains in fp32 there, since the README's times were
+        mostly measured on CPUs with them."""
+        if self.noted or os.path.exists("/dev/nvidiactl"):
+            return
+        self.noted = True
+        from common.runs import cpu_has_bf16
+        if not cpu_has_bf16():
+            print("note: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so every network trains in fp32: "
+                  "`make chestxray` took 85 min on such a 2-core CPU, 22 on one with them (docs/bench.md, 'How long "
+                  "each study takes')", flush=True)
+
     def execute(self, rule):
         done, _, line, module, argv, _, force = rule
         if self.fresh(rule):
             print(f"  reuse {done.parent if done.name == 'metrics.json' else done}", flush=True)
             self.reused.append(str(done))
             return
+        self.cpu_note()
         log = Path(self.log).resolve() if self.log else None
         if log:
             log.parent.mkdir(parents=True, exist_ok=True)
@@ -335,6 +376,8 @@ class Stages:
         (other argv recorded, or none) also depends on FORCE, so make reruns it. Recipes call $(PYTHON) (default:
         this interpreter) from the folder make runs in. Returns the path."""
         path = Path(path)
+        if not all(self.fresh(rule) for rule in self.rules):
+            self.cpu_note()
         rules = ["# written by a study's --makefile; run with `make -j N -f " + str(path) + "`",
                  f"PYTHON ?= {sys.executable}", ".PHONY: all FORCE",
                  *([f"export {STAGE_LOG} := " + str(Path(self.log).resolve()).replace("$", "$$").replace("#", "\\#")]
@@ -409,19 +452,11 @@ def parse_scaled(p, scales, argv=None):
 
 def planned(stages, dry_run, makefile, then):
     """After a study listed its stages: print them (dry_run) or write them as a makefile (makefile: its path) and
-    return True (the study stops there); False for a run. then: what the study does in its own process afterwards.
-    Where stages are to run on a CPU without bf16 instructions, a note says so first: the times the README gives
-    were mostly measured on CPUs with them."""
+    return True (the study stops there); False for a run. then: what the study does in its own process afterwards."""
     if dry_run:
         print("\n".join(stages.plan))
         print(f"# then in this process: {then}")
         return True
-    if not all(stages.fresh(rule) for rule in stages.rules) and not os.path.exists("/dev/nvidiactl"):
-        from common.runs import cpu_has_bf16
-        if not cpu_has_bf16():
-            print("note: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so every network trains in fp32: "
-                  "`make chestxray` took 85 min on such a 2-core CPU, 22 on one with them (docs/bench.md, 'How long "
-                  "each study takes')", flush=True)
     if makefile:
         print(f"wrote {stages.write_makefile(makefile)}: run `make -j N -f {makefile}`, then this command without "
               f"--makefile for the rest")

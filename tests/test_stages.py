@@ -304,11 +304,16 @@ if sys.argv[2] == "threaded":  # a thread pool alive while the stage starts: no 
 out = prepare_out_dir(base / "report", force=True)  # the study replaces its report: the old one set aside
 stages = Stages(log=base / "times.jsonl")
 stages.script("pkg.stage", ["--out-dir", base / "ok", "--mode", "ok"], base / "ok")
+sys.stdout.write("study: unflushed line\\n")  # printed once, not once more by the next child
 seen = {"aside_kept": any(p.name.startswith(".report.replaced") for p in base.iterdir())}
 try:
     stages.script("pkg.stage", ["--out-dir", base / "bad", "--mode", "bad"], base / "bad")
 except DataError as e:
     seen["failed"] = str(e)
+try:
+    stages.script("pkg.stage", ["--out-dir", base / "msg", "--mode", "msg"], base / "msg")
+except DataError as e:
+    seen["exited"] = str(e)
 settle_replaced(ok=True)
 seen["torch_seed"] = torch.initial_seed()
 print(json.dumps(seen))
@@ -328,6 +333,8 @@ def main(argv):
     out = prepare_out_dir(argv[argv.index("--out-dir") + 1], True)
     if argv[argv.index("--mode") + 1] == "bad":
         raise DataError("error: --mode bad: this stage refuses it")
+    if argv[argv.index("--mode") + 1] == "msg":
+        sys.exit("stage exits with a message")
     torch.manual_seed(5)  # nothing a stage does reaches the study
     (out / "config.json").write_text(json.dumps({"argv": sys.argv}))
     (out / "metrics.json").write_text(json.dumps({"forked": "pkg.marker" in sys.modules, "ppid": os.getppid(),
@@ -357,12 +364,15 @@ def test_a_single_threaded_study_forks_its_stages_and_a_threaded_one_starts_them
     # earlier run, which the study replaces (--force)
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{ROOT}", "OMP_NUM_THREADS": "1"}
     env.pop("FAIRSYNTH_FORK_STAGES", None)
+    env.pop("PYTHONUNBUFFERED", None)  # (make exports it) so that the study's unflushed line sits in its buffer
     r = subprocess.run([sys.executable, str(tmp_path / "study.py"), str(base), mode], cwd=ROOT, capture_output=True,
                        text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     seen = json.loads(r.stdout.strip().splitlines()[-1])
     assert seen["aside_kept"] and seen["torch_seed"] != 5
-    assert seen["failed"].startswith("error: stage failed (exit 2;") and "this stage refuses it" in r.stderr
+    assert seen["failed"].startswith("error: stage failed (exit 2;") and r.stderr.count("this stage refuses it") == 1
+    assert seen["exited"].startswith("error: stage failed (exit 1;") and r.stderr.count("exits with a message") == 1
+    assert r.stdout.count("study: unflushed line") == 1
     done = json.loads((base / "ok" / "metrics.json").read_text())
     assert done["forked"] == (mode == "single") and done["threads"] == 1
     line, = [json.loads(x) for x in (base / "times.jsonl").read_text().splitlines()]  # the failed stage: none
@@ -373,19 +383,30 @@ def test_a_single_threaded_study_forks_its_stages_and_a_threaded_one_starts_them
 
 def test_a_cpu_without_bf16_is_named_before_its_stages_run(tmp_path, monkeypatch, capsys):
     """The README's times were mostly measured on CPUs with bf16 instructions: where stages are to run on one
-    without them, the study says so first (not when every stage is reused, not on a dry run)."""
+    without them, the study says so once, before the first stage runs or is written into a makefile to run (not
+    when every stage is reused, not on a dry run)."""
     import common.runs
+    import common.stages
     from common.stages import planned
+    monkeypatch.setattr(common.stages, "fork_stage", lambda module, argv, log: 0)  # a stage that succeeds at once
     done = tmp_path / "gen"
     done.mkdir()
     (done / "config.json").write_text(json.dumps({"argv": ["train_toy.py", "--out-dir", str(done)]}))
     (done / "metrics.json").write_text("{}")
+    gpu = os.path.exists("/dev/nvidiactl")
+    argv = ["--out-dir", str(done)]
     for bf16 in (False, True):
         monkeypatch.setattr(common.runs, "cpu_has_bf16", lambda: bf16)
-        for argv, note in ((["--out-dir", str(done)], False), (["--out-dir", str(tmp_path / "new")], not bf16)):
-            s = Stages(dry=True)
-            s.script("pkg.train_toy", argv, tmp_path / argv[1])
-            assert planned(s, False, tmp_path / "s.mk", "") and planned(s, True, None, "")
+        for extra in ([], [[*argv, "--again"], [*argv, "--more"]]):  # every stage reused; two more to run
+            def listed():
+                s = Stages(dry=True)
+                for a in [argv, *extra]:
+                    s.script("pkg.train_toy", a, done)
+                return s
+            note = bool(extra) and not bf16 and not gpu
+            assert planned(listed(), True, None, "") and "note:" not in capsys.readouterr().out
+            assert planned(listed(), False, tmp_path / "s.mk", "")
+            assert capsys.readouterr().out.count("note: this CPU has no bf16 instructions") == note
+            listed().run_all()
             out = capsys.readouterr().out
-            assert ("note: this CPU has no bf16 instructions" in out) == (note and not os.path.exists("/dev/nvidiactl"))
-            assert out.count("note:") <= 1  # the makefile round only, never the dry run's listing
+            assert out.count("note: this CPU has no bf16 instructions") == note and out.startswith("  reuse")
