@@ -162,19 +162,25 @@ SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def can_fork():
-    """Whether a stage may be forked from this process: Linux, $FAIRSYNTH_FORK_STAGES not 0, one OS thread (a
-    thread pool of OpenMP or BLAS does not survive a fork: torch in the child would hang; numpy's OpenBLAS starts
-    one at import unless OMP_NUM_THREADS=1, which quick and smoke scale set), and no NVIDIA device (CUDA cannot
-    start in a forked child)."""
+    """Whether a stage may be forked from this process: Linux, $FAIRSYNTH_FORK_STAGES not 0, no NVIDIA device
+    (CUDA cannot start in a forked child), and one OS thread: a thread pool of OpenMP or BLAS does not survive a
+    fork (torch in the child would hang), and numpy's OpenBLAS starts one at import unless OMP_NUM_THREADS=1 (make
+    sets it for a study and its stages at quick and smoke scale). tqdm's monitor thread, which outlives the bars
+    (the image cache's, say), is stopped here (a later bar starts another)."""
+    if os.environ.get(FORK, "1") == "0" or not hasattr(os, "fork") or os.path.exists("/dev/nvidiactl"):
+        return False
     bars = sys.modules.get("tqdm")
     if bars is not None and getattr(bars.tqdm, "monitor", None) is not None:
-        bars.tqdm.monitor.exit()  # tqdm's monitor thread outlives the bars (the image cache's, say): stop it
-        bars.tqdm.monitor = None  # (a later bar starts another)
+        bars.tqdm.monitor.exit()
+        bars.tqdm.monitor = None
     try:
-        return (os.environ.get(FORK, "1") != "0" and hasattr(os, "fork") and len(os.listdir("/proc/self/task")) == 1
-                and not os.path.exists("/dev/nvidiactl"))
+        for _ in range(20):  # a joined thread's OS thread takes a moment to leave /proc
+            if len(os.listdir("/proc/self/task")) == 1:
+                return True
+            time.sleep(0.01)
     except OSError:
-        return False
+        pass
+    return False
 
 
 def fork_stage(module, argv, log):
@@ -198,8 +204,8 @@ def fork_stage(module, argv, log):
     sys.stdout.flush()
     sys.stderr.flush()
     forked = time.perf_counter()
-    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         pid = os.fork()
     except BaseException:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
@@ -228,18 +234,14 @@ def fork_stage(module, argv, log):
                 sys.stderr.flush()
             finally:
                 os._exit(code)
-    status = None
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # one held back arrives here, with the child to stop
-        status = os.waitpid(pid, 0)[1]
-    finally:
-        if status is None:  # Ctrl-C or a kill of the study: the stage gets SIGTERM and puts back what it replaced
-            try:
-                os.kill(pid, signal.SIGTERM)
-                os.waitpid(pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
-    return os.waitstatus_to_exitcode(status)
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # ended, but not reaped: its pid stays the child's
+    except BaseException:  # Ctrl-C or a kill of the study: the stage gets SIGTERM and puts back what it replaced
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+        raise
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 class Stages:

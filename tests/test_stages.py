@@ -302,6 +302,8 @@ if sys.argv[2] == "threaded":  # a thread pool alive while the stage starts: no 
     stop = threading.Event()
     threading.Thread(target=stop.wait, daemon=True).start()
 out = prepare_out_dir(base / "report", force=True)  # the study replaces its report: the old one set aside
+from tqdm import tqdm
+list(tqdm(range(2)))  # a bar (the image cache's): its monitor thread outlives it, and must not stop the fork
 stages = Stages(log=base / "times.jsonl")
 stages.script("pkg.stage", ["--out-dir", base / "ok", "--mode", "ok"], base / "ok")
 sys.stdout.write("study: unflushed line\\n")  # printed once, not once more by the next child
