@@ -159,6 +159,7 @@ def run_in_process(module, argv, line):
 
 FORK = "FAIRSYNTH_FORK_STAGES"  # environment: 0 starts every stage as a fresh interpreter (see fork_stage)
 SIGNALS = {signal.SIGINT, signal.SIGTERM}
+GPU_NODE = "/dev/nvidiactl"  # present where an NVIDIA GPU is: no fork (CUDA), and the CPU's arithmetic is not the point
 
 
 def can_fork():
@@ -167,7 +168,7 @@ def can_fork():
     fork (torch in the child would hang), and numpy's OpenBLAS starts one at import unless OMP_NUM_THREADS=1 (make
     sets it for a study and its stages at quick and smoke scale). tqdm's monitor thread, which outlives the bars
     (the image cache's, say), is stopped here (a later bar starts another)."""
-    if os.environ.get(FORK, "1") == "0" or not hasattr(os, "fork") or os.path.exists("/dev/nvidiactl"):
+    if os.environ.get(FORK, "1") == "0" or not hasattr(os, "fork") or os.path.exists(GPU_NODE):
         return False
     bars = sys.modules.get("tqdm")
     if bars is not None and getattr(bars.tqdm, "monitor", None) is not None:
@@ -324,7 +325,7 @@ class Stages:
         """Once, before the first stage this list runs or writes into a makefile to run: on a CPU without bf16
         instructions (and no GPU), a note that every network trains in fp32 there, since the README's times were
         mostly measured on CPUs with them."""
-        if self.noted or os.path.exists("/dev/nvidiactl"):
+        if self.noted or os.path.exists(GPU_NODE):
             return
         self.noted = True
         from common.runs import cpu_has_bf16
@@ -378,16 +379,17 @@ class Stages:
         (other argv recorded, or none) also depends on FORCE, so make reruns it. Recipes call $(PYTHON) (default:
         this interpreter) from the folder make runs in. Returns the path."""
         path = Path(path)
-        if not all(self.fresh(rule) for rule in self.rules):
+        fresh = [self.fresh(rule) for rule in self.rules]  # each reads its stage's files: once
+        if not all(fresh):
             self.cpu_note()
         rules = ["# written by a study's --makefile; run with `make -j N -f " + str(path) + "`",
                  f"PYTHON ?= {sys.executable}", ".PHONY: all FORCE",
                  *([f"export {STAGE_LOG} := " + str(Path(self.log).resolve()).replace("$", "$$").replace("#", "\\#")]
                    if self.log else []),
                  "all: " + " ".join(make_name(rule[0]) for rule in self.rules), "FORCE:"]
-        for rule in self.rules:
+        for rule, done_already in zip(self.rules, fresh):
             done, deps, line = rule[:3]
-            prereq = " ".join([make_name(d) for d in deps] + ([] if self.fresh(rule) else ["FORCE"]))
+            prereq = " ".join([make_name(d) for d in deps] + ([] if done_already else ["FORCE"]))
             recipe = line.replace("$", "$$").replace("python -m ", "$(PYTHON) -m ", 1)  # the shell sees one $
             rules += [f"{make_name(done)}: {prereq}".rstrip(), "\t" + recipe]
         path.parent.mkdir(parents=True, exist_ok=True)
