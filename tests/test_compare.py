@@ -5,7 +5,7 @@ import pytest
 from scipy.stats import kstest, norm
 
 from fairness.compare import (gap_permutation, holm, kid, mde, paired_difference, paired_difference_replicates)
-from fairness.metrics import auroc
+from fairness.metrics import auroc, resampled_auroc
 
 
 def patients(rng, n_patients, shift_a, shift_b, group_shift=None):
@@ -48,7 +48,7 @@ def test_paired_auroc_difference_covers_the_truth(shift_a, shift_b):
     results = []
     for _ in range(200):  # 300 more runs each at 150 and 250 patients covered 0.95 and 0.94 (effect case)
         pid, y, _, s_a, s_b = patients(rng, 150, shift_a, shift_b)
-        results.append(paired_difference(lambda i: auroc(y[i], s_a[i]), lambda i: auroc(y[i], s_b[i]), clusters=pid,
+        results.append(paired_difference(resampled_auroc(y, s_a), resampled_auroc(y, s_b), clusters=pid,
                                          n_boot=300, seed=int(rng.integers(1 << 30))))
     check_calibrated(results, true_auc(shift_a) - true_auc(shift_b))
 
@@ -60,8 +60,8 @@ def test_signed_group_gap_covers_the_truth(shifts):
     results = []
     for _ in range(150):
         pid, y, g, s_a, _ = patients(rng, 160, None, 0.0, group_shift=shifts)
-        results.append(paired_difference(lambda i: auroc(y[i][g[i] == 1], s_a[i][g[i] == 1]),
-                                         lambda i: auroc(y[i][g[i] == 0], s_a[i][g[i] == 0]), clusters=pid,
+        f = resampled_auroc(y, s_a)  # = auroc(y[i][g[i] == 1], s_a[i][g[i] == 1]) for keep=g == 1
+        results.append(paired_difference(lambda i: f(i, keep=g == 1), lambda i: f(i, keep=g == 0), clusters=pid,
                                          n_boot=300, seed=int(rng.integers(1 << 30))))
     check_calibrated(results, true_auc(shifts[1]) - true_auc(shifts[0]))
 
@@ -71,12 +71,12 @@ def test_permutation_p_is_uniform_under_the_null_and_small_under_an_effect():
     ps = []
     for _ in range(150):
         pid, y, g, s, _ = patients(rng, 80, None, 0.0, group_shift=(1.0, 1.0))
-        r = gap_permutation(lambda i: auroc(y[i], s[i]), g, clusters=pid, n_perm=99, seed=int(rng.integers(1 << 30)))
+        r = gap_permutation(resampled_auroc(y, s), g, clusters=pid, n_perm=99, seed=int(rng.integers(1 << 30)))
         ps.append(r["p"])
     assert kstest(ps, "uniform").pvalue > 0.01
     assert 0.01 <= np.mean(np.array(ps) < 0.1) <= 0.2
     pid, y, g, s, _ = patients(rng, 300, None, 0.0, group_shift=(2.0, 0.2))
-    r = gap_permutation(lambda i: auroc(y[i], s[i]), g, clusters=pid, n_perm=199, seed=0)
+    r = gap_permutation(resampled_auroc(y, s), g, clusters=pid, n_perm=199, seed=0)
     assert r["p"] < 0.02 and r["excess"] > 0.2
 
 
@@ -85,17 +85,17 @@ def test_replicates_shared_and_separate_test_sets():
     of patients serves all replicates). Replicates that disagree (a seed effect) widen the CI."""
     rng = np.random.default_rng(4)
     pid, y, _, s_a, s_b = patients(rng, 100, 1.2, 1.0)
-    a, b = (lambda i: auroc(y[i], s_a[i])), (lambda i: auroc(y[i], s_b[i]))
+    a, b = resampled_auroc(y, s_a), resampled_auroc(y, s_b)
     one = paired_difference(a, b, clusters=pid, n_boot=400)
     same = paired_difference_replicates([(a, b, pid)] * 5, n_boot=400)
     assert same["replicates"] == 5 and "same test patients" in same["method"]
     assert same["diff"] == pytest.approx(one["diff"]) and 0.85 < same["se"] / one["se"] < 1.15
-    noisy = [(lambda i, s=s_a + k * 0.8 * y: auroc(y[i], s[i]), b, pid) for k in (-1, 1, -1, 1, 0)]
+    noisy = [(resampled_auroc(y, s_a + k * 0.8 * y), b, pid) for k in (-1, 1, -1, 1, 0)]
     seeds = paired_difference_replicates(noisy, n_boot=400)
     assert seeds["se"] > 1.3 * one["se"] and seeds["ci"][0] <= seeds["diff"] <= seeds["ci"][1]
     folds = [patients(rng, 60, 1.2, 1.0) for _ in range(4)]
-    sep = paired_difference_replicates([(lambda i, f=f: auroc(f[1][i], f[3][i]),
-                                         lambda i, f=f: auroc(f[1][i], f[4][i]), f[0]) for f in folds], n_boot=300)
+    sep = paired_difference_replicates([(resampled_auroc(f[1], f[3]), resampled_auroc(f[1], f[4]), f[0])
+                                        for f in folds], n_boot=300)
     assert "each its own" in sep["method"] and np.isfinite(sep["se"])
     assert one["mde"] == pytest.approx((1.959964 + 0.841621) * one["se"], rel=1e-4) == mde(one["se"])
 
@@ -122,8 +122,7 @@ def replicate_coverage(rng, n_sets, gain_sd, alternative=True):
     two_level, patients_only = [], []
     for _ in range(n_sets):
         y, runs = seeded_runs(rng, 264, 3, gain_sd=gain_sd)
-        stats = [(lambda i, s=a: auroc(y[i], s[i]), lambda i, s=b: auroc(y[i], s[i]), np.arange(len(y)))
-                 for a, b in runs]
+        stats = [(resampled_auroc(y, a), resampled_auroc(y, b), np.arange(len(y))) for a, b in runs]  # = auroc
         r = paired_difference_replicates(stats, n_boot=200, seed=int(rng.integers(1 << 30)))
         two_level.append(r["ci"][0] <= 0 <= r["ci"][1])
         if not alternative:
@@ -146,8 +145,8 @@ def test_replicated_training_puts_training_noise_in_the_ci():
     y, runs = seeded_runs(rng, 264, 40)
     train_sd = np.std([auroc(y, a) - auroc(y, b) for a, b in runs], ddof=1)
     assert 0.013 < train_sd < 0.03  # the training noise simulated is the size measured (~0.02)
-    one = [paired_difference(lambda i, s=a: auroc(y[i], s[i]), lambda i, s=b: auroc(y[i], s[i]), n_rows=len(y),
-                             n_boot=200)["se"] for a, b in runs[:5]]
+    one = [paired_difference(resampled_auroc(y, a), resampled_auroc(y, b), n_rows=len(y), n_boot=200)["se"]
+           for a, b in runs[:5]]
     assert 0.025 < np.mean(one) < 0.045  # the one-run patient SE is the size measured (~0.033)
     two_level, _ = replicate_coverage(rng, 200, gain_sd=0.06, alternative=False)
     assert two_level >= 0.9, two_level
