@@ -184,6 +184,14 @@ def can_fork():
     return False
 
 
+def warm_imports():
+    """Import here, once, what nearly every stage imports on first use, so that each forked stage finds it loaded:
+    torch._dynamo (a torch optimizer's first call imports it: ~2 s on a CPU) and matplotlib's pyplot (~1 s)."""
+    import torch._dynamo  # noqa: F401
+    from common.report import pyplot
+    pyplot()
+
+
 def fork_stage(module, argv, log):
     """Run the stage `python -m module argv` (argv ends with --force where it has one) in a forked copy of this
     process, where can_fork() allows: the study has imported torch and the script's modules once (the script is
@@ -198,6 +206,7 @@ def fork_stage(module, argv, log):
         return None
     try:
         importlib.import_module(module)
+        warm_imports()
     except Exception:
         return None
     if not can_fork():  # importing the script started a thread

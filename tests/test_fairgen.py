@@ -1,5 +1,6 @@
 """FairGen parts: resampling frequencies, the class-balancing loss, both DPO losses, the inverse-performance
-weights (against hand-computed values), and DPO moving samples toward a toy preference."""
+weights (against hand-computed values) and the study's smoke chain (DPO moving a toy DDPM's samples toward a
+preference: tests/test_ddpm.py)."""
 import math
 import subprocess
 import sys
@@ -8,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
 from classify.downstream import inverse_performance_weights
 from diffusion.fairgen import cb_loss, dpo_diffusion, dpo_fairgen, sample_weights
@@ -214,41 +214,6 @@ def test_table_marks_a_gap_whose_ci_excludes_it():
     assert stat(np.arange(80)) == 0 and lo > 0
     assert fmt({"value": 0.0, "ci": [lo, hi]}, 1, 3).startswith("0.000\u2020 [")
     assert "\u2020" not in fmt({"value": 0.2, "ci": [0.1, 0.3]})
-
-
-def test_dpo_moves_samples_toward_a_toy_preference(tmp_path):
-    """Pairs from a CSV (the physicians' format) that always prefer the brighter of two samples: after DPO the same
-    seeds give brighter samples."""
-    from diffusion.sample_ddpm import generate, load_model
-    from diffusion.ddpm import Schedule
-    from test_ddpm import run_train
-    run_train(tmp_path / "toy", "--steps", "250", "--batch-size", "64", "--lr", "2e-3", "--warmup", "30",
-              "--ema", "0.99", "--save-every", "250")
-    model, ck = load_model(tmp_path / "toy/ckpt.pt", "cpu")
-    sched, names = Schedule("linear", 1000), ck["class_names"]
-    classes = np.repeat(np.arange(len(names)), 24)
-    imgs = generate(model, sched, classes, 16, 1, "ddim", 20, 0.0, 1.0, 256, 0, "cpu", progress=False)
-    rows = []
-    (tmp_path / "pairs").mkdir()
-    for i in range(0, len(imgs), 2):
-        a, b = (i, i + 1) if imgs[i].mean() >= imgs[i + 1].mean() else (i + 1, i)
-        for j, k in ((a, "w"), (b, "l")):
-            Image.fromarray(imgs[j]).save(tmp_path / "pairs" / f"{i}_{k}.png")
-        rows.append({"condition": names[classes[i]], "preferred_path": str(tmp_path / "pairs" / f"{i}_w.png"),
-                     "rejected_path": str(tmp_path / "pairs" / f"{i}_l.png")})
-    pd.DataFrame(rows).to_csv(tmp_path / "pairs.csv", index=False)
-    r = subprocess.run([sys.executable, "-m", "diffusion.train_dpo", "--init", str(tmp_path / "toy/ckpt.pt"),
-                        "--pairs", str(tmp_path / "pairs.csv"), "--data", "toy", "--size", "16", "--subset", "all",
-                        "--sampler", "uniform", "--steps", "80", "--lr", "2e-4", "--dpo-weight", "5",
-                        "--batch-size", "16", "--grid-per-class", "2", "--grid-steps", "5",
-                        "--out-dir", str(tmp_path / "dpo")], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    tuned, ck2 = load_model(tmp_path / "dpo/ckpt.pt", "cpu")
-    assert "pairs CSV" in ck2["judge"]
-    probe = np.repeat(np.arange(len(names)), 32)
-    before = generate(model, sched, probe, 16, 1, "ddim", 20, 0.0, 1.0, 256, 99, "cpu", progress=False)
-    after = generate(tuned, sched, probe, 16, 1, "ddim", 20, 0.0, 1.0, 256, 99, "cpu", progress=False)
-    assert after.astype(float).mean() > before.astype(float).mean() + 1.0  # grey levels, same seeds
 
 
 def test_fairgen_study_smoke_chain_and_resume(tmp_path):
