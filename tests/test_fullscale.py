@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_full_scale_commands_run_on_a_simulated_nih_root_of_full_resolution_files(tmp_path):
     root, out = tmp_path / "nih", tmp_path / "fullscale.json"
     r = subprocess.run([sys.executable, "bench/fullscale.py", "--root", str(root), "--n", "150",
-                        "--images-per-sex", "40", "--conditions", "imbalanced_real,imbalanced_reweight",
+                        "--images-per-sex", "20", "--conditions", "imbalanced_real,imbalanced_reweight",
                         "--noise", "0", "--ddpm-steps", "1", "--skip", "steps", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
