@@ -26,7 +26,7 @@ def to_uint8(images):
 
 def pyplot():
     """matplotlib.pyplot drawing to files (the Agg backend), imported where a figure is drawn: a stage that draws
-    none never pays the ~0.5 s its import costs."""
+    none never pays the ~0.7 s its import costs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -184,12 +184,22 @@ def can_fork():
     return False
 
 
+_WARM = []  # warm_imports' outcome, once known: [True] or [False]
+
+
 def warm_imports():
     """Import here, once, what nearly every stage imports on first use, so that each forked stage finds it loaded:
-    torch._dynamo (a torch optimizer's first call imports it: ~2 s on a CPU) and matplotlib's pyplot (~1 s)."""
-    import torch._dynamo  # noqa: F401
-    from common.report import pyplot
-    pyplot()
+    torch._dynamo (a torch optimizer's first call imports it: ~2 s on a CPU) and matplotlib's pyplot (~0.7 s).
+    Whether that worked, remembered: where it fails, no stage forks (each starts a process)."""
+    if not _WARM:
+        try:
+            import torch._dynamo  # noqa: F401
+            from common.report import pyplot
+            pyplot()
+            _WARM.append(True)
+        except Exception:
+            _WARM.append(False)
+    return _WARM[0]
 
 
 def fork_stage(module, argv, log):
@@ -206,10 +216,9 @@ def fork_stage(module, argv, log):
         return None
     try:
         importlib.import_module(module)
-        warm_imports()
     except Exception:
         return None
-    if not can_fork():  # importing the script started a thread
+    if not warm_imports() or not can_fork():  # importing the script or the warm-up started a thread
         return None
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1,6 +1,6 @@
 """FairGen parts: resampling frequencies, the class-balancing loss, both DPO losses, the inverse-performance
-weights (against hand-computed values) and the study's smoke chain (DPO moving a toy DDPM's samples toward a
-preference: tests/test_ddpm.py)."""
+weights (against hand-computed values) and the study's smoke chain; DPO moving a toy DDPM's samples toward a
+preference is tested in tests/test_ddpm.py."""
 import math
 import subprocess
 import sys

@@ -340,7 +340,8 @@ def main(argv):
     torch.manual_seed(5)  # nothing a stage does reaches the study
     (out / "config.json").write_text(json.dumps({"argv": sys.argv}))
     (out / "metrics.json").write_text(json.dumps({"forked": "pkg.marker" in sys.modules, "ppid": os.getppid(),
-                                                  "threads": torch.get_num_threads()}))
+                                                  "threads": torch.get_num_threads(),
+                                                  "warm": "torch._dynamo" in sys.modules}))
 
 if __name__ == "__main__":
     run(main, parse_args)
@@ -376,7 +377,7 @@ def test_a_single_threaded_study_forks_its_stages_and_a_threaded_one_starts_them
     assert seen["exited"].startswith("error: stage failed (exit 1;") and r.stderr.count("exits with a message") == 1
     assert r.stdout.count("study: unflushed line") == 1
     done = json.loads((base / "ok" / "metrics.json").read_text())
-    assert done["forked"] == (mode == "single") and done["threads"] == 1
+    assert done["forked"] == done["warm"] == (mode == "single") and done["threads"] == 1  # (common.stages.warm_imports)
     line, = [json.loads(x) for x in (base / "times.jsonl").read_text().splitlines()]  # the failed stage: none
     assert line["module"] == "pkg.stage" and line["argv"] == ["--out-dir", str(base / "ok"), "--mode", "ok"]
     assert (line["start_s"] < 0.5) == (mode == "single")
