@@ -14,6 +14,26 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+# `make test` runs the files in pytest-xdist workers, one file per worker at a time, handed out in collection order:
+# these files first, those that take longest (one to five minutes each on a 2-core CPU), so that the run does not
+# end with one worker on a long file while the other has nothing left (xdist's own order, by number of tests, put
+# test_fullscale.py, 3 tests and 2 minutes, last). Files not listed follow in pytest's order.
+LONG_FILES = ["test_ddpm.py", "test_compare_study.py", "test_medmnist.py", "test_skintone.py", "test_bad_input.py",
+              "test_chestxray.py", "test_fairgen.py", "test_fullscale.py", "test_study_shape.py",
+              "test_fairdiffusion.py", "test_annotate.py", "test_compare.py", "test_fairness.py",
+              "test_bad_input_diffusion.py", "test_fairgen_table.py"]
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist >= 3.6 reorders files by their number of tests
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order kept
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
     """Every test decodes into its own image cache, so tests never see each other's (or a user's) cache; and starts
