@@ -23,6 +23,7 @@ writes both into stages.json, its report both into summary.json. Stages that mak
 their own seconds, so the sums can exceed the wall time. A stage continued with --resume records the part after the
 resume only; a stage two studies share (compare reuses chestxray's CVAE of the first seed) counts in both.
 """
+import functools
 import importlib
 import json
 import os
@@ -184,22 +185,18 @@ def can_fork():
     return False
 
 
-_WARM = []  # warm_imports' outcome, once known: [True] or [False]
-
-
+@functools.cache
 def warm_imports():
     """Import here, once, what nearly every stage imports on first use, so that each forked stage finds it loaded:
     torch._dynamo (a torch optimizer's first call imports it: ~2 s on a CPU) and matplotlib's pyplot (~0.7 s).
     Whether that worked, remembered: where it fails, no stage forks (each starts a process)."""
-    if not _WARM:
-        try:
-            import torch._dynamo  # noqa: F401
-            from common.report import pyplot
-            pyplot()
-            _WARM.append(True)
-        except Exception:
-            _WARM.append(False)
-    return _WARM[0]
+    try:
+        import torch._dynamo  # noqa: F401
+        from common.report import pyplot
+        pyplot()
+        return True
+    except Exception:
+        return False
 
 
 def fork_stage(module, argv, log):

@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 
+from common.stages import GPU_NODE
 from conftest import ROOT, SMOKE_FLAGS
 
 STUDIES = {"chestxray": "classify.chestxray_study", "medmnist": "classify.medmnist_study",
@@ -41,10 +42,11 @@ def same_output(a, b):
 
 def check_same_seed_same_numbers(study, smoke_study, tmp_path):
     out, runs, _ = smoke_study(STUDIES[study])
-    stages = json.loads((out / "stages.json").read_text())["stages"]
+    record = json.loads((out / "stages.json").read_text())
+    stages = record["stages"]
     if os.environ.get("OMP_NUM_THREADS") == "1" and sys.platform.startswith("linux") and not \
-            os.path.exists("/dev/nvidiactl"):  # as `make test` runs: the study forked every stage
-        starts = [t and t["start_s"] for t in json.loads((out / "stages.json").read_text())["stage_seconds"]]
+            os.path.exists(GPU_NODE):  # as `make test` runs: the study forked every stage
+        starts = [t and t["start_s"] for t in record["stage_seconds"]]
         assert len(starts) == len(stages) and None not in starts and max(starts) < 0.5, starts  # (the run folder's
         # log holds other tests' stages too: compare adds chestxray's replicates there)
     rerun = {}

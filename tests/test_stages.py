@@ -396,7 +396,7 @@ def test_a_cpu_without_bf16_is_named_before_its_stages_run(tmp_path, monkeypatch
     done.mkdir()
     (done / "config.json").write_text(json.dumps({"argv": ["train_toy.py", "--out-dir", str(done)]}))
     (done / "metrics.json").write_text("{}")
-    gpu = os.path.exists("/dev/nvidiactl")
+    gpu = os.path.exists(common.stages.GPU_NODE)
     argv = ["--out-dir", str(done)]
     for bf16 in (False, True):
         monkeypatch.setattr(common.runs, "cpu_has_bf16", lambda: bf16)
