@@ -26,8 +26,14 @@ from tqdm import tqdm
 from common.data import as_uint8
 from common.errors import DataError
 
-CACHE_DIR = Path(os.environ.get("FAIRSYNTH_CACHE", Path(__file__).resolve().parent.parent / ".cache" / "images"))
+CACHE_DIR = None  # a folder here overrides $FAIRSYNTH_CACHE (the tests give each test its own)
 VERSION = "2"  # bump when the resize policy or the file format changes
+
+
+def default_cache_dir():
+    """$FAIRSYNTH_CACHE, read when a cache is opened (a stage forked from a study, or any command run in a process
+    that imported this module earlier, sees its own environment), else .cache/images in the repository."""
+    return Path(os.environ.get("FAIRSYNTH_CACHE", Path(__file__).resolve().parent.parent / ".cache" / "images"))
 
 
 def to_square(img, size, mode):
@@ -166,7 +172,7 @@ def load_images(sources, size, mode="L", cache_dir=None, strict=False, progress=
     if mode not in ("L", "RGB"):
         raise ValueError(f"mode must be 'L' or 'RGB', not {mode!r}")
     shape = (len(sources), size, size) + (() if mode == "L" else (3,))
-    cache_dir = Path(cache_dir or CACHE_DIR)
+    cache_dir = Path(cache_dir or CACHE_DIR or default_cache_dir())
     key = cache_key(sources, size, mode)
     path, ok_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.ok.npy"
     images = None

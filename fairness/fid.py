@@ -38,7 +38,6 @@ from common.cli import ArgumentParser, run
 from common.errors import DataError
 from common.runs import load_state_dict_file, write_json
 
-FEATURE_CACHE = Path(os.environ.get("FAIRSYNTH_CACHE", Path(__file__).resolve().parent.parent / ".cache")) / "fid"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
@@ -220,7 +219,8 @@ def cached_features(net, label, path, images, device):
     """Features of one input, cached on disk by (input, network)."""
     h = hashlib.sha1(label.encode())
     h.update(images.tobytes() if images.size < 50_000_000 else str(Path(path).stat()).encode())
-    key = FEATURE_CACHE / f"{h.hexdigest()[:20]}.npy"
+    cache = Path(os.environ.get("FAIRSYNTH_CACHE", Path(__file__).resolve().parent.parent / ".cache")) / "fid"
+    key = cache / f"{h.hexdigest()[:20]}.npy"
     if key.is_file():
         return np.load(key)
     f = extract(net, images, device=device)

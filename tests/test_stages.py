@@ -413,3 +413,24 @@ def test_a_cpu_without_bf16_is_named_before_its_stages_run(tmp_path, monkeypatch
             listed().run_all()
             out = capsys.readouterr().out
             assert out.count("note: this CPU has no bf16 instructions") == note and out.startswith("  reuse")
+
+
+def test_no_module_reads_the_environment_when_imported():
+    """A forked stage (and a test's command through tests/forkserver.py) runs in a process that imported the
+    script's modules before the command's environment was set: a setting read at import would be the parent's."""
+    import ast
+    found = []
+    for path in sorted(p for d in ("common", "classify", "vae", "gan", "diffusion", "fairness", "bench")
+                       for p in (ROOT / d).rglob("*.py")):
+        todo = list(ast.parse(path.read_text()).body)
+        while todo:
+            node = todo.pop()
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue  # runs when called
+            if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+                continue  # runs only as the command itself
+            text = ast.unparse(node) if isinstance(node, (ast.Attribute, ast.Call)) else ""
+            if text.startswith(("os.environ", "os.getenv")):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+            todo.extend(ast.iter_child_nodes(node))
+    assert found == []
