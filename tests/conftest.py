@@ -18,10 +18,9 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # these files first, those that take longest (one to five minutes each on a 2-core CPU), so that the run does not
 # end with one worker on a long file while the other has nothing left (xdist's own order, by number of tests, put
 # test_fullscale.py, 3 tests and 2 minutes, last). Files not listed follow in pytest's order.
-LONG_FILES = ["test_ddpm.py", "test_compare_study.py", "test_medmnist.py", "test_skintone.py", "test_bad_input.py",
-              "test_chestxray.py", "test_fairgen.py", "test_fullscale.py", "test_study_shape.py",
-              "test_fairdiffusion.py", "test_annotate.py", "test_compare.py", "test_fairness.py",
-              "test_bad_input_diffusion.py", "test_fairgen_table.py"]
+LONG_FILES = ["test_ddpm.py", "test_compare_study.py", "test_medmnist.py", "test_skintone.py", "test_chestxray.py",
+              "test_fairgen.py", "test_fullscale.py", "test_study_shape.py", "test_fairdiffusion.py", "test_annotate.py",
+              "test_compare.py", "test_bad_input.py", "test_fairness.py", "test_fairgen_table.py"]
 
 
 def pytest_configure(config):
@@ -144,15 +143,14 @@ SMOKE_FLAGS = {"classify.chestxray_study": ["--size", "32"],  # 32 px: the CVAE'
 def smoke_study(tmp_path_factory):
     """smoke_study(module) -> (out, runs, completed process) of the study's smoke chain, run once per test session
     (its stage processes are what costs: each study's tests share one run)."""
-    import subprocess
+    from forkserver import python_m
     done = {}
 
     def get(module):
         if module not in done:
             base = tmp_path_factory.mktemp(module.split(".")[-1])
-            r = subprocess.run([sys.executable, "-m", module, "--smoke", *SMOKE_FLAGS[module], "--out",
-                                str(base / "out"), "--runs", str(base / "runs")], cwd=ROOT, capture_output=True,
-                               text=True, timeout=900)
+            r = python_m(module, ["--smoke", *SMOKE_FLAGS[module], "--out",
+                                  str(base / "out"), "--runs", str(base / "runs")], timeout=900)
             assert r.returncode == 0, r.stderr[-3000:]
             done[module] = (base / "out", base / "runs", r)
         return done[module]

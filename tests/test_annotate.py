@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
+from forkserver import python_m
 from common.errors import DataError
 from diffusion.annotate_answers import (ANSWER_COLUMNS, Roster, Store, annotator_queue, clean_name, name_key,
                                         read_answers, replay)
@@ -213,8 +214,7 @@ def test_names_any_alphabet_one_person_however_written(tmp_path):
     with pytest.raises(DataError, match="same person"):
         roster.add(["Dr A", "dr  a"], 20, 6)
     for extra in ([], ["--annotators", "Dr 5"], ["--annotators", "Dr A,dr  a"]):  # nobody; a digit; twice
-        r = subprocess.run([sys.executable, "-m", "diffusion.annotate", "--serve", str(tmp_path / "prefs"), "--port",
-                            "0", *extra], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        r = python_m("diffusion.annotate", ["--serve", str(tmp_path / "prefs"), "--port", "0", *extra], timeout=60)
         assert r.returncode == 2 and "--annotators" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
@@ -448,13 +448,12 @@ def test_refuses_answers_of_another_pair_set(tmp_path):
         w.writeheader()
         w.writerow({"time": "t", "annotator": "a", "pair_set": "0123456789abcdef", "pair_id": "p0000",
                     "choice": "left", "note": ""})
-    r = subprocess.run([sys.executable, "-m", "diffusion.annotate", "--serve", str(tmp_path / "prefs"),
-                        "--annotators", "Dr A"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    r = python_m("diffusion.annotate", ["--serve", str(tmp_path / "prefs"), "--annotators", "Dr A"], timeout=60)
     assert r.returncode == 2 and "another pair set" in r.stderr and "Traceback" not in r.stderr
     # and a new --from-dir set into a folder that holds a different one
     candidates(tmp_path / "c2", seed=5)
-    r = subprocess.run([sys.executable, "-m", "diffusion.annotate", "--from-dir", str(tmp_path / "c2"), "--out",
-                        str(tmp_path / "prefs"), "--no-serve"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    r = python_m("diffusion.annotate", ["--from-dir", str(tmp_path / "c2"), "--out",
+                                        str(tmp_path / "prefs"), "--no-serve"], timeout=60)
     assert r.returncode == 2 and "another pair set" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -660,8 +659,7 @@ def test_browser_answers_undo_restart_export(tmp_path):
     finally:
         d.quit()
         srv.kill()
-    r = subprocess.run([sys.executable, "-m", "diffusion.annotate", "--export", str(folder), "--out",
-                        str(tmp_path / "pairs.csv")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    r = python_m("diffusion.annotate", ["--export", str(folder), "--out", str(tmp_path / "pairs.csv")], timeout=60)
     assert r.returncode == 0, r.stderr
     expected = list(zip(order, ["left", "right", "left", "cannot_tell", "right", "left"]))
     df = pd.read_csv(tmp_path / "pairs.csv")
@@ -766,9 +764,8 @@ def test_reader_study_accuracy_and_kappa_by_hand(tmp_path):
     from scipy.stats import binomtest
     from sklearn.metrics import cohen_kappa_score
     blinded_set(tmp_path / "blinded")
-    r = subprocess.run([sys.executable, "-m", "diffusion.annotate", "--reader-study", str(tmp_path / "blinded"),
-                        "--out", str(tmp_path / "reading"), "--no-serve"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=60)
+    r = python_m("diffusion.annotate", ["--reader-study", str(tmp_path / "blinded"),
+                                        "--out", str(tmp_path / "reading"), "--no-serve"], timeout=60)
     assert r.returncode == 0, r.stderr
     m = load_pair_set(tmp_path / "reading")
     items = {p["id"]: p for p in m["pairs"]}
@@ -802,8 +799,8 @@ def test_reader_study_accuracy_and_kappa_by_hand(tmp_path):
     for q in given.values():
         src = [items[p]["source"] == "real" for p in q]
         assert sum(src) * 2 == len(src) and sum(src[:12]) == 6
-    r = subprocess.run([sys.executable, "-m", "diffusion.annotate", "--export", str(tmp_path / "reading"), "--out",
-                        str(tmp_path / "reading.csv")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = python_m("diffusion.annotate", ["--export", str(tmp_path / "reading"), "--out",
+                                        str(tmp_path / "reading.csv")], timeout=120)
     assert r.returncode == 0, r.stderr
     summary = strict_json(tmp_path / "reading_summary.json")
     s = summary["reader_study"]

@@ -15,8 +15,9 @@ import pytest
 from common.data import read_fitzpatrick, read_medmnist
 from common.errors import DataError
 from conftest import ROOT, write_png
+from forkserver import SERVER_ENV, python_m
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+ENV = {**os.environ, **SERVER_ENV}
 
 
 def snapshot(*folders):
@@ -30,8 +31,9 @@ def snapshot(*folders):
 
 def run(args, tmp_path, cmd=None):
     env = {**ENV, "FAIRSYNTH_CACHE": str(tmp_path / "cache")}
-    return subprocess.run(cmd or [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=env)
+    if cmd is None:  # `python -m module args`, through the tests' fork server (tests/forkserver.py)
+        return python_m(args[0], args[1:], env=env, timeout=600)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
 def refused(args, tmp_path, names, watch=(), cmd=None, code=2):
@@ -355,6 +357,20 @@ def test_one_line_errors_keep_the_error_type(tmp_path):
     """argparse's own errors come out in the same one-line form (no usage block)."""
     r = run(["classify.train_classifier", "--epochs"], tmp_path)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: argument --epochs")
+
+
+@pytest.mark.parametrize("args", [["classify.train_classifier", "--epochs"], ["vae.skintone_study", "--repeats", "0"],
+                                  ["classify.chestxray_study", "--female-fraction", "1.5"],
+                                  ["classify.train_chexnet", "--help"], ["common.download", "nope"]],
+                         ids=lambda a: " ".join(a))
+def test_the_fork_server_answers_as_a_fresh_process(args, tmp_path, monkeypatch):
+    """These tests run `python -m` through tests/forkserver.py: the same status, stdout and stderr as a process of
+    its own, for refusals from argparse and from the scripts' checks, and for a help text."""
+    forked = run(args, tmp_path)
+    monkeypatch.setenv("FAIRSYNTH_TEST_FORK", "0")
+    fresh = run(args, tmp_path)
+    assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
+    assert forked.forked and not fresh.forked and forked.stdout + forked.stderr
 
 
 

@@ -6,14 +6,12 @@ import os
 from pathlib import Path
 import pickle
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from forkserver import SERVER_ENV, python_m
 
 TINY = ["--data", "toy:64", "--subset", "all", "--size", "16", "--width", "8", "--mults", "1,2", "--num-res", "1",
         "--attn-res", "8", "--steps", "2", "--batch-size", "8", "--grid-per-class", "2", "--grid-steps", "2",
@@ -24,9 +22,8 @@ TINY = ["--data", "toy:64", "--subset", "all", "--size", "16", "--width", "8", "
 def world(tmp_path_factory):
     """A finished tiny DDPM run and the environment every command runs in (a private image cache, one thread)."""
     root = tmp_path_factory.mktemp("world")
-    env = {**os.environ, "FAIRSYNTH_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    r = subprocess.run([sys.executable, "-m", "diffusion.train_ddpm", *TINY, "--out-dir", str(root / "run")],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "FAIRSYNTH_CACHE": str(root / "cache"), **SERVER_ENV}
+    r = python_m("diffusion.train_ddpm", [*TINY, "--out-dir", root / "run"], env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return root, env
 
@@ -39,8 +36,7 @@ def snapshot(folder):
 def run_refused(env, folder, module, *argv):
     """Run `python -m module argv`; assert the refusal and that nothing under `folder` changed. Returns the line."""
     before = snapshot(folder)
-    r = subprocess.run([sys.executable, "-m", module, *map(str, argv)], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
+    r = python_m(module, argv, env=env, timeout=300)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2, f"exit status {r.returncode}\n{r.stderr[-3000:]}"
     assert "Traceback" not in r.stdout + r.stderr, r.stderr[-3000:]
@@ -197,8 +193,7 @@ def test_sample_out_without_npz_is_refused_the_second_time(world, tmp_path):
     """numpy appends .npz to --out x, so the check must look at x.npz (and x.png beside it), not at x."""
     finished_run(tmp_path, world)
     cmd = ["--ckpt", tmp_path / "run/ckpt.pt", "--n-per-class", "1", "--steps", "2", "--out", tmp_path / "x"]
-    r = subprocess.run([sys.executable, "-m", SAMPLE, *map(str, cmd)], cwd=ROOT, env=world[1], capture_output=True,
-                       text=True, timeout=300)
+    r = python_m(SAMPLE, cmd, env=world[1], timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "x.npz").is_file() and (tmp_path / "x.png").is_file()
     line = run_refused(world[1], tmp_path, SAMPLE, *cmd)

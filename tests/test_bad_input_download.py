@@ -6,8 +6,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import io
 import os
 from pathlib import Path
-import subprocess
-import sys
 import threading
 
 import pandas as pd
@@ -17,7 +15,8 @@ import pytest
 import common.download as dl
 import common.download_http as dh
 from common.errors import DataError
-from conftest import ROOT, write_png
+from conftest import write_png
+from forkserver import python_m
 
 FAKE_CSV_URL = "https://raw.example/fitzpatrick17k.csv"
 
@@ -341,8 +340,7 @@ def test_md5_mismatch_deletes_what_it_says(scripted, tmp_path, old_file, server_
 
 # --- 7. the command, as a user runs it ---------------------------------------------------------------------------
 def run_cli(*args):
-    r = subprocess.run([sys.executable, "-m", "common.download", *map(str, args)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+    r = python_m("common.download", args, timeout=120)
     assert "Traceback" not in r.stdout + r.stderr, r.stderr
     return r
 

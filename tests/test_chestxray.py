@@ -2,8 +2,6 @@
 import json
 from pathlib import Path
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -15,13 +13,12 @@ from classify.train_chexnet import OUTPUTS, class_weights, epoch_order, targets
 from common.data import NIH_LABELS
 from common.runs import cpu_has_bf16, load_checkpoint
 from fairness.metrics import auroc
-from conftest import ROOT
+from forkserver import python_m
 from same_numbers import check_same_seed_same_numbers
 
 
 def run(module, *args, timeout=600):
-    r = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
-                       timeout=timeout)
+    r = python_m(module, args, timeout=timeout)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -83,8 +80,7 @@ def test_cvae_resume_refuses_a_checkpoint_of_the_other_arithmetic(tmp_path):
     """A run trained in fp32 is not continued in bf16 (nor the reverse): the refusal names both and the fix."""
     common = ["--limit", "16", "--batch-size", "8", "--device", "cpu", "--out-dir", str(tmp_path / "a")]
     run("vae.train_cvae", *common, "--epochs", "1", "--amp", "off")
-    r = subprocess.run([sys.executable, "-m", "vae.train_cvae", *common, "--epochs", "2", "--amp", "bf16", "--resume"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = python_m("vae.train_cvae", [*common, "--epochs", "2", "--amp", "bf16", "--resume"], timeout=600)
     if cpu_has_bf16():
         assert r.returncode != 0 and "was trained in fp32, this run would continue in bf16" in r.stderr
         assert "--amp off" in r.stderr
@@ -94,8 +90,7 @@ def test_cvae_resume_refuses_a_checkpoint_of_the_other_arithmetic(tmp_path):
     ck = load_checkpoint(tmp_path / "a/ckpt.pt")
     del ck["bf16"]  # a checkpoint of an older train_cvae.py: its arithmetic is unknown, so it is not continued
     torch.save(ck, tmp_path / "a/ckpt.pt")
-    r = subprocess.run([sys.executable, "-m", "vae.train_cvae", *common, "--epochs", "2", "--amp", "off", "--resume"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = python_m("vae.train_cvae", [*common, "--epochs", "2", "--amp", "off", "--resume"], timeout=600)
     assert r.returncode != 0 and "does not record whether it trained in bf16 or fp32" in r.stderr
 
 
@@ -161,17 +156,15 @@ def test_chestxray_report_only_rebuilds_the_report_from_the_files(smoke_study, t
 
 
 def test_chestxray_dry_run_prints_the_stages_and_writes_nothing(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "classify.chestxray_study", "--smoke", "--dry-run", "--out",
-                        str(tmp_path / "out"), "--runs", str(tmp_path / "runs")], cwd=ROOT, capture_output=True,
-                       text=True)
+    r = python_m("classify.chestxray_study", ["--smoke", "--dry-run", "--out",
+                                              str(tmp_path / "out"), "--runs", str(tmp_path / "runs")])
     assert r.returncode == 0, r.stderr
     lines = [l for l in r.stdout.splitlines() if l.startswith("python -m")]
     assert len(lines) == 12 and lines[0].startswith("python -m vae.train_cvae") and "--epochs 2" in lines[2]
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
     # a flag the user passes reaches every classifier stage
-    r = subprocess.run([sys.executable, "-m", "classify.chestxray_study", "--smoke", "--dry-run", "--epochs", "5",
-                        "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")], cwd=ROOT,
-                       capture_output=True, text=True)
+    r = python_m("classify.chestxray_study", ["--smoke", "--dry-run", "--epochs", "5",
+                                              "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")])
     assert sum("--epochs 5 " in l for l in r.stdout.splitlines() if "train_chexnet" in l) == 8
 
 
@@ -200,8 +193,7 @@ def test_chestxray_study_runs_a_subset_of_conditions_without_the_cvae_and_replic
                     for _, d in f.groupby("replicate")])
     assert row["diff"] == pytest.approx(hand)
     assert "2 training runs (seeds) per condition and fold" in (out / "comparisons.md").read_text()
-    r = subprocess.run([sys.executable, "-m", "classify.chestxray_study", "--conditions", "balanced,real"], cwd=ROOT,
-                       capture_output=True, text=True)
+    r = python_m("classify.chestxray_study", ["--conditions", "balanced,real"])
     assert r.returncode == 2 and "unknown balanced, real" in r.stderr
 
 
@@ -243,14 +235,12 @@ def test_chestxray_report_rebuilds_from_a_plain_preds_file(smoke_study, tmp_path
     with gzip.open(copy / "preds.csv.gz", "rb") as f, open(copy / "preds.csv", "wb") as g:
         g.write(f.read())
     (copy / "preds.csv.gz").unlink()
-    r = subprocess.run([sys.executable, "-m", "classify.chestxray_report", "--out", str(copy)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+    r = python_m("classify.chestxray_report", ["--out", str(copy)], timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((copy / "summary.json").read_text())["comparisons"] == \
         json.loads((out / "summary.json").read_text())["comparisons"]
     (copy / "preds.csv").unlink()
-    r = subprocess.run([sys.executable, "-m", "classify.chestxray_report", "--out", str(copy)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+    r = python_m("classify.chestxray_report", ["--out", str(copy)], timeout=600)
     assert r.returncode != 0 and "no preds.csv.gz or preds.csv here" in r.stderr and "Traceback" not in r.stderr
 
 

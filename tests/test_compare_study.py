@@ -18,11 +18,11 @@ from common.runs import cpu_has_bf16, load_checkpoint, seed_everything
 from common.stages import run_in_process
 from common.splits import read_sets
 from conftest import ROOT
+from forkserver import python_m
 
 
 def run(module, *args, timeout=600):
-    r = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
-                       timeout=timeout)
+    r = python_m(module, args, timeout=timeout)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 

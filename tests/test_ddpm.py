@@ -16,14 +16,14 @@ from common.runs import load_checkpoint
 from diffusion.ddpm import Schedule, ddim_sample, ddim_sigma, ddpm_sample, q_sample
 from diffusion.unet import Attention, UNet
 from conftest import ROOT, shape_classifier
+from forkserver import python_m
 
 TINY = ["--data", "toy", "--size", "16", "--width", "16", "--mults", "1,2", "--num-res", "1", "--attn-res", "8",
         "--batch-size", "16", "--grid-per-class", "2", "--grid-steps", "5", "--sample-every", "0", "--subset", "all"]
 
 
 def run_train(out, *extra, check=True):
-    r = subprocess.run([sys.executable, "-m", "diffusion.train_ddpm", *TINY, "--out-dir", str(out), *extra],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = python_m("diffusion.train_ddpm", [*TINY, "--out-dir", out, *extra])
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -148,11 +148,11 @@ def test_dpo_moves_samples_toward_a_toy_preference(toy_ddpm, tmp_path):
         rows.append({"condition": names[classes[i]], "preferred_path": str(tmp_path / "pairs" / f"{i}_w.png"),
                      "rejected_path": str(tmp_path / "pairs" / f"{i}_l.png")})
     pd.DataFrame(rows).to_csv(tmp_path / "pairs.csv", index=False)
-    r = subprocess.run([sys.executable, "-m", "diffusion.train_dpo", "--init", str(toy_ddpm),
-                        "--pairs", str(tmp_path / "pairs.csv"), "--data", "toy", "--size", "16", "--subset", "all",
-                        "--sampler", "uniform", "--steps", "80", "--lr", "2e-4", "--dpo-weight", "5",
-                        "--batch-size", "16", "--grid-per-class", "2", "--grid-steps", "5",
-                        "--out-dir", str(tmp_path / "dpo")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = python_m("diffusion.train_dpo", ["--init", str(toy_ddpm), "--pairs", str(tmp_path / "pairs.csv"), "--data",
+                                         "toy", "--size", "16", "--subset", "all", "--sampler", "uniform", "--steps",
+                                         "80", "--lr", "2e-4", "--dpo-weight", "5", "--batch-size", "16",
+                                         "--grid-per-class", "2", "--grid-steps", "5", "--out-dir",
+                                         str(tmp_path / "dpo")], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     tuned, ck2 = load_model(tmp_path / "dpo/ckpt.pt", "cpu")
     assert "pairs CSV" in ck2["judge"]
@@ -167,13 +167,12 @@ def test_eval_samplers_reports_kid_and_whether_it_separates(tmp_path):
     intervals (mean +- 2 std) of the samplers separate at this n."""
     import json
     run_train(tmp_path / "toy", "--data", "toy:200", "--steps", "4", "--save-every", "4", "--T", "60")  # DDPM-60
-    r = subprocess.run([sys.executable, "-m", "classify.train_classifier", "--data", "toy:200", "--size", "16",
-                        "--epochs", "1", "--target", "label", "--out-dir", str(tmp_path / "fd")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+    r = python_m("classify.train_classifier", ["--data", "toy:200", "--size", "16", "--epochs", "1", "--target",
+                                               "label", "--out-dir", str(tmp_path / "fd")], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run([sys.executable, "-m", "diffusion.eval_samplers", "--ckpt", str(tmp_path / "toy/ckpt.pt"),
-                        "--fd-ckpt", str(tmp_path / "fd/ckpt.pt"), "--n-per-class", "2", "--out", str(tmp_path / "ev")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = python_m("diffusion.eval_samplers", ["--ckpt", str(tmp_path / "toy/ckpt.pt"), "--fd-ckpt",
+                                             str(tmp_path / "fd/ckpt.pt"), "--n-per-class", "2", "--out",
+                                             str(tmp_path / "ev")], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((tmp_path / "ev/summary.json").read_text())
     assert len(s["samplers"]) == 3

@@ -1,8 +1,6 @@
 """Downloads against a loopback HTTP server: success, checksum mismatch, resume after a cut, offline."""
 import hashlib
 import io
-import subprocess
-import sys
 import tarfile
 
 import numpy as np
@@ -13,7 +11,8 @@ import common.download as dl
 import common.download_http as dh
 from common.data import read_fitzpatrick, read_medmnist, read_nih
 from common.errors import DataError
-from conftest import ROOT, write_png
+from conftest import write_png
+from forkserver import python_m
 
 
 def fake_medmnist(folder, name="breastmnist.npz"):
@@ -60,9 +59,8 @@ def test_offline_fails_at_once_with_one_line(tmp_path):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
-    r = subprocess.run([sys.executable, "-m", "common.download", "medmnist", "--root", str(tmp_path),
-                        "--flags", "breast", "--url-base", f"http://127.0.0.1:{port}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    r = python_m("common.download", ["medmnist", "--root", str(tmp_path),
+                                     "--flags", "breast", "--url-base", f"http://127.0.0.1:{port}"], timeout=60)
     assert r.returncode == 2
     err = [l for l in r.stderr.strip().splitlines() if l.strip()]
     assert len(err) == 1 and err[0].startswith("error: cannot reach 127.0.0.1") and "Traceback" not in r.stderr
@@ -112,9 +110,7 @@ def test_nih_download_unpacks_and_counts(http_server, tmp_path, monkeypatch):
 
 
 def test_download_help_reads_well():
-    r = subprocess.run([sys.executable, "-m", "common.download", "--help"], cwd=ROOT, capture_output=True,
-                       text=True)
+    r = python_m("common.download", ["--help"])
     assert r.returncode == 0 and all(d in r.stdout for d in ("medmnist", "fitzpatrick17k", "nih", "MD5"))
-    r = subprocess.run([sys.executable, "-m", "common.download", "fitzpatrick17k", "--help"], cwd=ROOT,
-                       capture_output=True, text=True)
+    r = python_m("common.download", ["fitzpatrick17k", "--help"])
     assert "--url-base" in r.stdout and "--delay" in r.stdout

@@ -2,7 +2,6 @@
 weights (against hand-computed values) and the study's smoke chain; DPO moving a toy DDPM's samples toward a
 preference is tested in tests/test_ddpm.py."""
 import math
-import subprocess
 import sys
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 
 from classify.downstream import inverse_performance_weights
 from diffusion.fairgen import cb_loss, dpo_diffusion, dpo_fairgen, sample_weights
-from conftest import ROOT
+from forkserver import python_m
 
 
 @pytest.mark.parametrize("q", [1.0, 0.5])
@@ -222,7 +221,7 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
     import json
     cmd = [sys.executable, "-m", "diffusion.fairgen_study", "--smoke", "--modalities", "toy:160", "--n-boot", "20",
            "--n-boot-compare", "40", "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"), "--force"]
-    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    first = python_m(cmd[2], cmd[3:], timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     s1 = json.loads((tmp_path / "out/summary.json").read_text())
     assert s1["scale"] == "smoke" and "not physicians" in s1["judge"]
@@ -289,7 +288,7 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
     assert bp["kind"] == "blinded" and {p["left_source"] for p in bp["pairs"]} | \
         {p["right_source"] for p in bp["pairs"]} == {"real", "base", "cbrs", "sqrs", "cbdm", "fairdiffusion", "fairgen"}
     assert all(p["left_source"] != p["right_source"] for p in bp["pairs"])
-    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    second = python_m(cmd[2], cmd[3:], timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     # fdnet; per generator its judge, pretrain, 6 fine-tunes, fairgen (DPO), 6 samples; the downstream classifiers,
     # the evaluation
@@ -304,7 +303,7 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
     assert s2["stage_times"] == s1["stage_times"] and s1["stage_times"]["by_kind"]["generator training"] > 0
     # --dry-run prints the stage commands the run executed, each a script of its own, and touches nothing
     before = sorted(p.name for p in (tmp_path / "out").iterdir())
-    dry = subprocess.run(cmd + ["--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    dry = python_m(cmd[2], [*cmd[3:], "--dry-run"], timeout=300)
     assert dry.returncode == 0, dry.stderr[-3000:]
     plan = [x for x in dry.stdout.splitlines() if "python -m " in x]
     assert [x.removeprefix("# reuse: ") for x in plan] == s1["stages"]

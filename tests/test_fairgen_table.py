@@ -2,14 +2,13 @@
 the csv modality (class = group x label), checked before anything is written, and every stage reads it."""
 import json
 import sys
-import subprocess
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from common.modalities import load_modality
-from conftest import ROOT
+from forkserver import python_m
 from test_bad_input import refused
 from test_table import user_table
 
@@ -77,7 +76,7 @@ def test_fairgen_on_a_label_table_end_to_end(tmp_path):
     cmd = [sys.executable, "-m", "diffusion.fairgen_study", "--smoke", "--table", str(csv), "--group", "sex",
            "--labels", "effusion,finding", "--kinds", "knn", "--gen-seeds", "1", "--n-boot", "20", "--n-boot-compare", "40",
            "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    r = python_m(cmd[2], cmd[3:], timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     written = pd.read_csv(tmp_path / "runs" / "csv_table.csv")
     assert list(written.columns) == ["path", "patient_id", "group", "effusion"]  # the first label is the one used
@@ -89,7 +88,7 @@ def test_fairgen_on_a_label_table_end_to_end(tmp_path):
     preds = pd.read_csv(tmp_path / "out" / "preds_csv.csv")
     assert set(preds["group"]) == {"F", "M"}
     assert "Your data: label table" in (tmp_path / "out" / "table1.md").read_text()
-    again = subprocess.run(cmd + ["--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    again = python_m(cmd[2], [*cmd[3:], "--dry-run"], timeout=300)
     assert again.returncode == 0 and all(line.startswith("# ") for line in again.stdout.splitlines() if line)
 
 

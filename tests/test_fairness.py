@@ -1,8 +1,6 @@
 """fairness/: metrics against scikit-learn and fairlearn, ESSP/NAR by hand, FID against pytorch-fid, the FID CLI,
 the memorization audit, and the two on a classifier's features (classify.domain_fd, classify.domain_memorization)."""
 import json
-import subprocess
-import sys
 
 import warnings
 
@@ -16,6 +14,7 @@ from fairness import metrics as M
 from fairness.fid import extract, fid_from_features, frechet_distance, inception, stats
 from fairness.memorization import audit
 from conftest import ROOT, write_png
+from forkserver import python_m
 
 fairlearn = pytest.importorskip("fairlearn.metrics", reason="fairlearn is installed by requirements-dev.txt")
 
@@ -191,10 +190,9 @@ def test_fid_cli_on_png_folders_with_groups(tmp_path):
     pd.DataFrame({"file": [f"{f}{i}.png" for f in ("real", "fake") for i in range(8)],
                   "group": [("F" if i % 2 else "M") for _ in range(2) for i in range(8)]}).to_csv(
         tmp_path / "groups.csv", index=False)
-    r = subprocess.run([sys.executable, "-m", "fairness.fid", str(tmp_path / "real"), str(tmp_path / "fake"),
-                        "--no-pretrained", "--groups", str(tmp_path / "groups.csv"), "--json",
-                        str(tmp_path / "fid.json"), "--device", "cpu"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = python_m("fairness.fid", [str(tmp_path / "real"), str(tmp_path / "fake"),
+                                  "--no-pretrained", "--groups", str(tmp_path / "groups.csv"), "--json",
+                                  str(tmp_path / "fid.json"), "--device", "cpu"], timeout=300)
     assert r.returncode == 0, r.stderr
     out = json.loads((tmp_path / "fid.json").read_text())
     assert out["n_real"] == 8 and set(out["groups"]) == {"F", "M"} and out["fid"] > 0
@@ -212,9 +210,8 @@ def test_memorization_audit_finds_a_planted_copy(tmp_path):
     assert res["fraction_copies"] == pytest.approx(1 / 25) and order[0] == 7 and idx[7] == 13 and d1[7] < 1e-6
     np.savez(tmp_path / "synth.npz", images=synth)
     np.savez(tmp_path / "train.npz", images=train)
-    r = subprocess.run([sys.executable, "-m", "fairness.memorization", str(tmp_path / "synth.npz"),
-                        str(tmp_path / "train.npz"), "--out", str(tmp_path / "audit")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    r = python_m("fairness.memorization", [str(tmp_path / "synth.npz"),
+                                           str(tmp_path / "train.npz"), "--out", str(tmp_path / "audit")], timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "audit/memorization.json").read_text())["fraction_copies"] == pytest.approx(0.04)
 
@@ -238,22 +235,20 @@ def test_fd_and_audit_on_a_classifiers_features_run_from_classify(tmp_path):
     synth[4] = train[9]
     np.savez(tmp_path / "train.npz", images=train, groups=np.array(["F", "M"] * 6))
     np.savez(tmp_path / "synth.npz", images=synth, groups=np.array(["F", "M"] * 5))
-    r = subprocess.run([sys.executable, "-m", "classify.domain_fd", str(tmp_path / "train.npz"),
-                        str(tmp_path / "synth.npz"), "--domain-ckpt", str(tmp_path / "ckpt.pt"), "--json",
-                        str(tmp_path / "fd.json"), "--device", "cpu"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
+    r = python_m("classify.domain_fd", [str(tmp_path / "train.npz"), str(tmp_path / "synth.npz"), "--domain-ckpt",
+                                        str(tmp_path / "ckpt.pt"), "--json", str(tmp_path / "fd.json"), "--device",
+                                        "cpu"], timeout=300)
     assert r.returncode == 0, r.stderr
     fd = json.loads((tmp_path / "fd.json").read_text())
     assert fd["metric"].startswith("FD-cnn8") and fd["fid"] > 0 and set(fd["groups"]) == {"F", "M"}
-    r = subprocess.run([sys.executable, "-m", "classify.domain_memorization", str(tmp_path / "synth.npz"),
-                        str(tmp_path / "train.npz"), "--feature-ckpt", str(tmp_path / "ckpt.pt"), "--out",
-                        str(tmp_path / "audit")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = python_m("classify.domain_memorization", [str(tmp_path / "synth.npz"), str(tmp_path / "train.npz"),
+                                                  "--feature-ckpt", str(tmp_path / "ckpt.pt"), "--out",
+                                                  str(tmp_path / "audit")], timeout=300)
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "audit/memorization.json").read_text())
     assert res["fraction_copies"] == pytest.approx(0.1) and res["feature_nn_cosine_distance"]["min"] < 1e-6
-    r = subprocess.run([sys.executable, "-m", "fairness.fid", str(tmp_path / "train.npz"), str(tmp_path / "synth.npz"),
-                        "--domain-ckpt", str(tmp_path / "ckpt.pt")], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
+    r = python_m("fairness.fid", [str(tmp_path / "train.npz"), str(tmp_path / "synth.npz"),
+                                  "--domain-ckpt", str(tmp_path / "ckpt.pt")], timeout=300)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1  # not fairness.fid's flag: one line
 
 

@@ -11,6 +11,7 @@ import torch
 
 from common.data import PROJECT_DATA, medmnist_subset
 from conftest import ROOT
+from forkserver import python_m
 from same_numbers import check_same_seed_same_numbers
 from fairness.metrics import auroc
 from gan import train_mlp_cgan as cgan
@@ -110,7 +111,7 @@ def test_subset_protocol():
 
 
 def run(module, *args):
-    r = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = python_m(module, args)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 

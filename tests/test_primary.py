@@ -1,7 +1,6 @@
 """Tests that can reject: declared primary families with Holm over them alone, an MDE at the first Holm step, a
 smallest attainable Holm p below 0.01 for every declared family; and the planted positive control's data."""
 import json
-import subprocess
 import sys
 
 import numpy as np
@@ -13,6 +12,7 @@ from common.data import read_nih
 from fairness.compare import answer, family_facts, holm, mde, min_holm_p, with_holm
 from fairness.plant import affected_patients, parse_plant
 from conftest import ROOT
+from forkserver import python_m
 
 
 def row(metric, a, p, se=0.01):
@@ -113,8 +113,8 @@ def test_plant_writes_what_it_says_and_strength_zero_changes_nothing(tmp_path):
     t = read_nih(src)
     women = t[t["sex"] == "F"]
     for spec in ("invert:0", "invert:0.5", "noise:0.1", "lesion:0.3"):
-        r = subprocess.run([sys.executable, "-m", "fairness.plant", "--data-root", str(src), "--plant", spec, "--out",
-                            str(tmp_path / spec)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        r = python_m("fairness.plant", ["--data-root", str(src), "--plant", spec, "--out",
+                                        str(tmp_path / spec)], timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
     null, inv, noise, spot = (tmp_path / s for s in ("invert:0", "invert:0.5", "noise:0.1", "lesion:0.3"))
     facts = json.loads((inv / "plant.json").read_text())
@@ -140,9 +140,8 @@ def test_plant_writes_what_it_says_and_strength_zero_changes_nothing(tmp_path):
 
 
 def test_chestxray_planted_dry_run_plants_first_and_reads_the_copy(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "classify.chestxray_study", "--smoke", "--plant", "invert:1", "--dry-run",
-                        "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    r = python_m("classify.chestxray_study", ["--smoke", "--plant", "invert:1", "--dry-run", "--out",
+                                              str(tmp_path / "out"), "--runs", str(tmp_path / "runs")], timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [l for l in r.stdout.splitlines() if l.startswith("python -m")]
     copy = str(tmp_path / "runs" / "planted_data")

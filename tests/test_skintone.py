@@ -8,6 +8,7 @@ import pandas as pd
 import torch
 
 from conftest import ROOT
+from forkserver import python_m
 from same_numbers import check_same_seed_same_numbers
 from vae.skin import SETS
 from vae.skintone_report import GROUPS, answers, compare_groups
@@ -63,10 +64,10 @@ def test_representation_effect_on_the_phantom(tmp_path):
     """Any working VAE: dark-test MSE is lower after training on C (dark) than on A (light); light the reverse.
     The VGG19 term is off to keep this short (its 16 layers are tested above); the whole study chain runs."""
     out = tmp_path / "sk"
-    r = subprocess.run([sys.executable, "-m", "vae.skintone_study", "--no-pretrained", "--size", "16", "--epochs", "20",
-                        "--n-test", "40", "--n-train", "200", "--repeats", "1", "--width", "16", "--latent-res", "4",
-                        "--n-boot", "100", "--perceptual-weight", "0", "--out", str(out), "--runs",
-                        str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    r = python_m("vae.skintone_study", ["--no-pretrained", "--size", "16", "--epochs", "20", "--n-test", "40",
+                                        "--n-train", "200", "--repeats", "1", "--width", "16", "--latent-res", "4",
+                                        "--n-boot", "100", "--perceptual-weight", "0", "--out", str(out), "--runs",
+                                        str(tmp_path / "runs")], timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     mse = s["mse_median"]

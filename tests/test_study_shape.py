@@ -3,12 +3,11 @@ reads only the files in --out, no study imports another, and the code stays with
 itself (no product file over 500 lines, no report function over 60)."""
 import ast
 import json
-import subprocess
-import sys
 
 import pytest
 
 from conftest import ROOT
+from forkserver import python_m
 
 STUDIES = {"chestxray": "classify.chestxray_study", "compare": "classify.compare_study",
            "skintone": "vae.skintone_study", "medmnist": "classify.medmnist_study",
@@ -60,8 +59,8 @@ def test_sizes_the_project_allows_itself():
 
 @pytest.mark.parametrize("study", [s for s in STUDIES if s != "compare"])
 def test_dry_run_lists_every_stage_and_writes_nothing(study, tmp_path):
-    r = subprocess.run([sys.executable, "-m", STUDIES[study], "--smoke", "--dry-run", "--out", str(tmp_path / "out"),
-                        "--runs", str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = python_m(STUDIES[study], ["--smoke", "--dry-run", "--out", str(tmp_path / "out"),
+                                  "--runs", str(tmp_path / "runs")], timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [line for line in r.stdout.splitlines() if line.startswith("python -m")]
     assert lines and all(" --force" in line or " --resume" in line for line in lines)
@@ -70,15 +69,15 @@ def test_dry_run_lists_every_stage_and_writes_nothing(study, tmp_path):
 
 def test_compare_plans_from_a_chestxray_run_and_refuses_without_one(smoke_study, tmp_path):
     cx_out, _, _ = smoke_study("classify.chestxray_study")
-    r = subprocess.run([sys.executable, "-m", STUDIES["compare"], "--smoke", "--dry-run", "--chestxray", str(cx_out),
-                        "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = python_m(STUDIES["compare"], ["--smoke", "--dry-run", "--chestxray", str(cx_out),
+                                      "--out", str(tmp_path / "out")], timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [line for line in r.stdout.splitlines() if line.startswith(("python -m", "# reuse: python -m"))]
     for module in ("vae.train_conv_ae", "gan.train_dcgan", "diffusion.train_ddpm", "classify.generator_audit"):
         assert any(f"-m {module} " in line for line in lines), module
     assert not any("condition=imbalanced_real" in line for line in lines)  # chestxray's cell: read, never rerun
-    r = subprocess.run([sys.executable, "-m", STUDIES["compare"], "--smoke", "--chestxray", str(tmp_path / "none"),
-                        "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = python_m(STUDIES["compare"], ["--smoke", "--chestxray", str(tmp_path / "none"),
+                                      "--out", str(tmp_path / "out")], timeout=600)
     assert r.returncode == 2 and "no plan.json" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
@@ -86,9 +85,8 @@ def test_compare_plans_from_a_chestxray_run_and_refuses_without_one(smoke_study,
 def test_ddpm_study_smoke_chain_and_its_report_from_files(tmp_path):
     """`make ddpm SMOKE=1` as stages: the report's table is made from summary.json, and remade from the files."""
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", STUDIES["ddpm"], "--smoke", "--size", "16", "--width", "8",
-                        "--n-per-class", "1", "--out", str(out), "--runs", str(tmp_path / "runs")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=1800)
+    r = python_m(STUDIES["ddpm"], ["--smoke", "--size", "16", "--width", "8", "--n-per-class", "1", "--out", str(out),
+                                   "--runs", str(tmp_path / "runs")], timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     table = (out / "samplers.md").read_text()
@@ -97,8 +95,7 @@ def test_ddpm_study_smoke_chain_and_its_report_from_files(tmp_path):
     readme = (out / "README.md").read_text()
     assert readme.startswith("# ") and s["kid_separation"] in readme and "| sampler |" in readme
     (out / "samplers.md").unlink()
-    r = subprocess.run([sys.executable, "-m", "diffusion.ddpm_report", "--out", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    r = python_m("diffusion.ddpm_report", ["--out", str(out)], timeout=300)
     assert r.returncode == 0 and (out / "samplers.md").read_text().split("Made by")[0] == table.split("Made by")[0]
     stages = json.loads((out / "stages.json").read_text())["stages"]
     assert [line.split()[2] for line in stages] == ["diffusion.train_ddpm", "classify.train_classifier",
