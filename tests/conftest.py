@@ -19,8 +19,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # end with one worker on a long file while the other has nothing left (xdist's own order, by number of tests, put
 # test_fullscale.py, 3 tests and 2 minutes, last). Files not listed follow in pytest's order.
 LONG_FILES = ["test_ddpm.py", "test_compare_study.py", "test_medmnist.py", "test_skintone.py", "test_chestxray.py",
-              "test_fairgen.py", "test_fullscale.py", "test_study_shape.py", "test_fairdiffusion.py", "test_annotate.py",
-              "test_compare.py", "test_bad_input.py", "test_fairness.py", "test_fairgen_table.py"]
+              "test_fairgen.py", "test_fullscale.py", "test_study_shape.py", "test_fairdiffusion.py",
+              "test_annotate.py", "test_compare.py", "test_bad_input.py", "test_fairness.py", "test_fairgen_table.py"]
 
 
 def pytest_configure(config):

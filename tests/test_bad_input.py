@@ -359,21 +359,6 @@ def test_one_line_errors_keep_the_error_type(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: argument --epochs")
 
 
-@pytest.mark.parametrize("args", [["classify.train_classifier", "--epochs"], ["vae.skintone_study", "--repeats", "0"],
-                                  ["classify.chestxray_study", "--female-fraction", "1.5"],
-                                  ["classify.train_chexnet", "--help"], ["common.download", "nope"]],
-                         ids=lambda a: " ".join(a))
-def test_the_fork_server_answers_as_a_fresh_process(args, tmp_path, monkeypatch):
-    """These tests run `python -m` through tests/forkserver.py: the same status, stdout and stderr as a process of
-    its own, for refusals from argparse and from the scripts' checks, and for a help text."""
-    forked = run(args, tmp_path)
-    monkeypatch.setenv("FAIRSYNTH_TEST_FORK", "0")
-    fresh = run(args, tmp_path)
-    assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
-    assert forked.forked and not fresh.forked and forked.stdout + forked.stderr
-
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # issue 33: where the readers still failed (a traceback, or a number from bad input)
 def skin_root(folder, types):
