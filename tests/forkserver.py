@@ -14,10 +14,12 @@ Where a fresh interpreter could behave otherwise, the command runs as a process 
 directory than the repository's, an environment whose import-time settings (threads, torch's and Python's own
 variables, matplotlib's backend, the locale) differ from the server's, a script that does not import in the server
 (its import error is then reported as a user would see it), a server that is not single-threaded (a fork would hang
-torch), and everywhere when FAIRSYNTH_TEST_FORK=0. No module of the project reads the environment when imported
-(tests/test_stages.py checks), so the child's environment is the command's everywhere. The children share the
-server's string-hash seed, which fresh interpreters draw anew: a test that two runs give the same numbers runs them
-as processes of their own (tests/same_numbers.py), so that an order that depends on hashing shows.
+torch), and everywhere when FAIRSYNTH_TEST_FORK=0. (Under a plain `pytest`, which leaves OMP_NUM_THREADS unset, the
+commands that inherit the test's environment all start processes: `make test` sets it to 1, as the server does.) No
+module of the project reads the environment when imported (tests/test_stages.py checks), so the child's environment
+is the command's everywhere. The children share the server's string-hash seed, which fresh interpreters draw anew: a
+test that two runs give the same numbers runs them as processes of their own (tests/same_numbers.py), so that an
+order that depends on hashing shows.
 """
 import atexit
 import importlib
@@ -34,7 +36,10 @@ import time
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_ENV = {"OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-IMPORT_TIME = ("OMP_", "MKL_", "OPENBLAS_", "TORCH", "PYTHON", "CUDA_", "MPLBACKEND", "LC_", "LANG")  # name prefixes
+# prefixes of the variables read when a module is imported, not those that libraries set for themselves when imported
+# (scikit-learn sets KMP_DUPLICATE_LIB_OK and KMP_INIT_AT_FORK, torch's compiler TORCHINDUCTOR_CACHE_DIR)
+IMPORT_TIME = ("OMP_", "MKL_", "OPENBLAS_", "GOMP_", "TORCH_", "PYTHON", "CUDA_", "MPLBACKEND", "MPLCONFIGDIR", "TQDM_",
+               "LC_", "LANG")
 ANSWERS = None  # the server's answer pipe, which no child keeps open
 TORCH_SEED = None  # torch's generator state as the server started
 
@@ -47,7 +52,7 @@ def _child(req):
     """In the forked child: become the command, run it, exit with its status (never returns)."""
     code = 1
     try:
-        os.close(ANSWERS.fileno())
+        ANSWERS.close()  # this child's copy of the answer pipe
         for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, req["stdout"], os.O_WRONLY | os.O_TRUNC),
                                 (2, req["stderr"], os.O_WRONLY | os.O_TRUNC)):
             f = os.open(path, flags)
@@ -56,6 +61,8 @@ def _child(req):
         os.setpgid(0, 0)  # a timeout stops the command and whatever it started
         import ctypes
         ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG: the command ends with the server
+        if os.getppid() != req["server"]:  # the server ended before that took effect
+            os._exit(1)
         os.chdir(req["cwd"])
         os.environ.clear()
         os.environ.update(req["env"])
@@ -134,7 +141,7 @@ def serve():
     import pandas  # noqa: F401
     warm_imports()
     for line in sys.stdin:
-        req = json.loads(line)
+        req = {**json.loads(line), "server": os.getpid()}
         ANSWERS.write(json.dumps({"id": req["id"], "code": _serve_one(req)}) + "\n")
         ANSWERS.flush()
 

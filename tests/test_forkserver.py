@@ -12,8 +12,13 @@ ENV = {**os.environ, **SERVER_ENV}
 
 
 def forked_or_skip(r):
-    if not r.forked:
-        pytest.skip("the fork server does not run commands here (FAIRSYNTH_TEST_FORK=0, a GPU, or no fork)")
+    """Skip where the server is meant to stand aside (FAIRSYNTH_TEST_FORK=0, a GPU, no fork); anywhere else a command
+    it did not run is a failure."""
+    from common.stages import FORK, GPU_NODE
+    if any(os.environ.get(k) == "0" for k in ("FAIRSYNTH_TEST_FORK", FORK)) or os.path.exists(GPU_NODE) or \
+            not hasattr(os, "fork"):
+        pytest.skip("the fork server stands aside here")
+    assert r.forked, "the fork server started a process of its own: a thread in the server, or an import error?"
     return r
 
 
@@ -45,3 +50,13 @@ def test_other_import_time_settings_start_a_process_of_their_own():
     assert not r.forked and r.returncode == 0 and "usage" in r.stdout
     r = python_m("json.tool", ["--help"], env={**ENV, "PYTHONWARNINGS": "error"})
     assert not r.forked and r.returncode == 0
+
+
+def test_variables_libraries_set_for_themselves_do_not_turn_the_server_off():
+    """scikit-learn and torch's compiler add variables to the environment when imported (KMP_*, TORCHINDUCTOR_*): an
+    environment taken before a test imported them must still be served (in a CI run it was not, and the suite's
+    commands started processes)."""
+    env = dict(ENV)
+    import sklearn  # noqa: F401
+    import torch._inductor.config  # noqa: F401
+    forked_or_skip(python_m("json.tool", ["--help"], env=env))
