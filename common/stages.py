@@ -141,13 +141,18 @@ def call_main(module, argv):
     try:
         run(mod.main, lambda: mod.parse_args(argv))
     except SystemExit as e:
-        if e.code is None or isinstance(e.code, int):
-            return e.code or 0, False
-        print(e.code, file=sys.stderr)  # sys.exit("message"), as the interpreter reports it
-        return 1, False
+        return exit_status(e), False
     finally:
         sys.argv = saved
     return 0, True
+
+
+def exit_status(e):
+    """The status an interpreter exits with on SystemExit e; sys.exit("message") prints the message, as it does."""
+    if e.code is None or isinstance(e.code, int):
+        return e.code or 0
+    print(e.code, file=sys.stderr)
+    return 1
 
 
 def run_in_process(module, argv, line):

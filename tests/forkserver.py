@@ -77,11 +77,9 @@ def _child(req):
         sys.modules.pop(req["module"], None)  # its imports stay loaded; its own code runs anew, as __main__
         runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
         code = 0
-    except SystemExit as e:  # the interpreter's rules for sys.exit(...)
-        if e.code is None or isinstance(e.code, int):
-            code = e.code or 0
-        else:
-            print(e.code, file=sys.stderr)
+    except SystemExit as e:
+        from common.stages import exit_status
+        code = exit_status(e)
     except BaseException:
         import traceback
         traceback.print_exc()

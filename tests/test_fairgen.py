@@ -2,7 +2,6 @@
 weights (against hand-computed values) and the study's smoke chain; DPO moving a toy DDPM's samples toward a
 preference is tested in tests/test_ddpm.py."""
 import math
-import sys
 
 import numpy as np
 import pandas as pd
@@ -219,9 +218,9 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
     """The whole study on 160 toy images: summary.json holds the issue's keys with values and CIs in range; a second
     run reuses every stage (trained models, samples, the downstream classifiers) and writes the same numbers."""
     import json
-    cmd = [sys.executable, "-m", "diffusion.fairgen_study", "--smoke", "--modalities", "toy:160", "--n-boot", "20",
-           "--n-boot-compare", "40", "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"), "--force"]
-    first = python_m(cmd[2], cmd[3:], timeout=900)
+    argv = ["--smoke", "--modalities", "toy:160", "--n-boot", "20", "--n-boot-compare", "40", "--out",
+            str(tmp_path / "out"), "--runs", str(tmp_path / "runs"), "--force"]
+    first = python_m("diffusion.fairgen_study", argv, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     s1 = json.loads((tmp_path / "out/summary.json").read_text())
     assert s1["scale"] == "smoke" and "not physicians" in s1["judge"]
@@ -288,7 +287,7 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
     assert bp["kind"] == "blinded" and {p["left_source"] for p in bp["pairs"]} | \
         {p["right_source"] for p in bp["pairs"]} == {"real", "base", "cbrs", "sqrs", "cbdm", "fairdiffusion", "fairgen"}
     assert all(p["left_source"] != p["right_source"] for p in bp["pairs"])
-    second = python_m(cmd[2], cmd[3:], timeout=900)
+    second = python_m("diffusion.fairgen_study", argv, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     # fdnet; per generator its judge, pretrain, 6 fine-tunes, fairgen (DPO), 6 samples; the downstream classifiers,
     # the evaluation
@@ -303,7 +302,7 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
     assert s2["stage_times"] == s1["stage_times"] and s1["stage_times"]["by_kind"]["generator training"] > 0
     # --dry-run prints the stage commands the run executed, each a script of its own, and touches nothing
     before = sorted(p.name for p in (tmp_path / "out").iterdir())
-    dry = python_m(cmd[2], [*cmd[3:], "--dry-run"], timeout=300)
+    dry = python_m("diffusion.fairgen_study", [*argv, "--dry-run"], timeout=300)
     assert dry.returncode == 0, dry.stderr[-3000:]
     plan = [x for x in dry.stdout.splitlines() if "python -m " in x]
     assert [x.removeprefix("# reuse: ") for x in plan] == s1["stages"]

@@ -1,7 +1,6 @@
 """Your own data in FairGen's study (`diffusion.fairgen_study --table`, `make fairgen DATA=`): the label table becomes
 the csv modality (class = group x label), checked before anything is written, and every stage reads it."""
 import json
-import sys
 
 import numpy as np
 import pandas as pd
@@ -73,10 +72,10 @@ def test_fairgen_on_a_label_table_end_to_end(tmp_path):
     the report says which table, column and label its classes come from; a second dry run reuses every stage. One
     generator per method (the smoke chain test in test_fairgen.py runs two)."""
     csv = twenty(tmp_path / "data")
-    cmd = [sys.executable, "-m", "diffusion.fairgen_study", "--smoke", "--table", str(csv), "--group", "sex",
-           "--labels", "effusion,finding", "--kinds", "knn", "--gen-seeds", "1", "--n-boot", "20", "--n-boot-compare", "40",
-           "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")]
-    r = python_m(cmd[2], cmd[3:], timeout=900)
+    argv = ["--smoke", "--table", str(csv), "--group", "sex", "--labels", "effusion,finding", "--kinds", "knn",
+            "--gen-seeds", "1", "--n-boot", "20", "--n-boot-compare", "40", "--out", str(tmp_path / "out"), "--runs",
+            str(tmp_path / "runs")]
+    r = python_m("diffusion.fairgen_study", argv, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     written = pd.read_csv(tmp_path / "runs" / "csv_table.csv")
     assert list(written.columns) == ["path", "patient_id", "group", "effusion"]  # the first label is the one used
@@ -88,7 +87,7 @@ def test_fairgen_on_a_label_table_end_to_end(tmp_path):
     preds = pd.read_csv(tmp_path / "out" / "preds_csv.csv")
     assert set(preds["group"]) == {"F", "M"}
     assert "Your data: label table" in (tmp_path / "out" / "table1.md").read_text()
-    again = python_m(cmd[2], [*cmd[3:], "--dry-run"], timeout=300)
+    again = python_m("diffusion.fairgen_study", [*argv, "--dry-run"], timeout=300)
     assert again.returncode == 0 and all(line.startswith("# ") for line in again.stdout.splitlines() if line)
 
 
