@@ -75,11 +75,14 @@ def resampled_auroc(y, score):
 
 
 def auroc_ovr(y, probs):
-    """Multi-class AUROC: unweighted mean over classes of one-vs-rest AUROC; binary (2 columns): AUROC of class 1."""
+    """Multi-class AUROC: unweighted mean of the one-vs-rest AUROCs defined on y (a class absent from y, or y of one
+    class, has none); NaN, without a warning, where none is (a bootstrap resample of a small group); binary (2
+    columns): AUROC of class 1."""
     y, probs = np.asarray(y), np.asarray(probs)
     if probs.shape[1] == 2:
         return auroc(y == 1, probs[:, 1])
-    return float(np.nanmean([auroc(y == k, probs[:, k]) for k in range(probs.shape[1])]))
+    vals = [v for v in (auroc(y == k, probs[:, k]) for k in range(probs.shape[1])) if not np.isnan(v)]
+    return float(np.mean(vals)) if vals else float("nan")
 
 
 def roc_points(y, score):

@@ -1,7 +1,6 @@
 """fairness/: metrics against scikit-learn and fairlearn, ESSP/NAR by hand, FID against pytorch-fid, the FID CLI,
 the memorization audit, and the two on a classifier's features (classify.domain_fd, classify.domain_memorization)."""
 import json
-
 import warnings
 
 import numpy as np
@@ -30,6 +29,11 @@ def test_auroc_matches_sklearn_with_ties():
     p = rng.dirichlet(np.ones(4), 300) + np.eye(4)[y] * 0.3
     p /= p.sum(1, keepdims=True)
     assert M.auroc_ovr(y, p) == pytest.approx(roc_auc_score(y, p, multi_class="ovr", average="macro"), abs=1e-12)
+    with warnings.catch_warnings():  # a bootstrap resample of a small group: numpy's "Mean of empty slice" before
+        warnings.simplefilter("error")
+        assert np.isnan(M.auroc_ovr(np.zeros(6, int), p[:6]))  # one class: no one-vs-rest AUROC is defined
+        kept = y != 3  # a class absent: the mean over the classes present
+        assert M.auroc_ovr(y[kept], p[kept]) == np.mean([M.auroc(y[kept] == k, p[kept, k]) for k in range(3)])
 
 
 def test_resampled_auroc_is_auroc_bit_for_bit_on_resamples():
