@@ -65,17 +65,20 @@ all: chestxray skintone medmnist fairgen ## the four studies, quick scale (hours
 # 2 cores (the skin-tone VAE 0.95x; results/bench/stage_jobs.md). A stage's numbers depend on its thread count, not on
 # JOBS; a stage made on another thread count is redone, not reused (common/stages.py). Full scale (a GPU): one stage
 # at a time, torch's default threads. JOBS=1 THREADS=2 in a fresh SCALE_OUT runs the stages as before 2026-12-05.
-# Under `make -jN <study>` the stages share make's N job slots unless JOBS is given too.
+# Under `make -jN` each study still runs its stages JOBS at a time: they do not share make's N job slots (make passes
+# them only to recipe lines it sees calling $(MAKE), and ours are macros; common.stage_server drops the unreachable
+# job slots from MAKEFLAGS, so that the stage make runs -j$(JOBS) instead of one stage at a time with a warning).
+# The stage makefile runs under common.stage_server: each stage starts as a fork of one process that has imported
+# torch once, not as a fresh interpreter (2-3 s a stage on a CPU); FAIRSYNTH_FORK_STAGES=0 starts fresh ones.
 # (nproc counts the cores this process may use, but reads OMP_NUM_THREADS too: not here)
 CORES := $(shell n=$$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || \
 	getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1); [ "$$n" -ge 1 ] 2>/dev/null || n=1; echo $$(( n < 8 ? n : 8 )))
 JOBS ?= $(if $(filter full,$(SCALE)),1,$(CORES))
 THREADS ?= $(if $(filter full,$(SCALE)),,1)
 STAGE_ENV = $(if $(THREADS),OMP_NUM_THREADS=$(THREADS) )
-STAGE_J = $(if $(filter command line environment,$(origin JOBS)),-j$(JOBS),$\
-	$(if $(findstring jobserver,$(MAKEFLAGS)),,-j$(JOBS)))
+STAGE_J = -j$(JOBS)
 study_cmd = $(STAGE_ENV)$(PYTHON) -m $(1) $(FLAGS) --out $(OUT)/$(2) $(3) $(ARGS)
-stage_make = if [ -f runs/$(OUT)/$(1).mk ]; then $(STAGE_ENV)$(MAKE) $(STAGE_J) -f runs/$(OUT)/$(1).mk PYTHON=$(PYTHON); fi
+stage_make = if [ -f runs/$(OUT)/$(1).mk ]; then $(STAGE_ENV)$(PYTHON) -m common.stage_server $(MAKE) $(STAGE_J) -f runs/$(OUT)/$(1).mk PYTHON=$(PYTHON); fi
 define staged
 	$(call study_cmd,$(1),$(2),$(3)) $(if $(DRY),--dry-run,--makefile runs/$(OUT)/$(2).mk)
 	$(if $(DRY),@true,$(call stage_make,$(2)))

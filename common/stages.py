@@ -89,16 +89,17 @@ def process_age():
     return age if 0 <= age < 86400 else None  # a sandbox whose clocks disagree: no number rather than a wrong one
 
 
-def log_stage_time(module, argv, start_s, run_s):
+def log_stage_time(module, argv, start_s, run_s, forked=False):
     """Append a finished stage's times to the file named by $FAIRSYNTH_STAGE_LOG (nothing when it is unset): one
-    JSON line, written with one append so that stages run in parallel by make do not interleave. Best effort: the
-    stage has succeeded, so a log it cannot write costs a warning, never the stage."""
+    JSON line, written with one append so that stages run in parallel by make do not interleave; forked: whether it
+    started as a fork (fork_stage, common.stage_server) rather than a process of its own. Best effort: the stage has
+    succeeded, so a log it cannot write costs a warning, never the stage."""
     path = os.environ.get(STAGE_LOG)
     if not path:
         return
     torch = sys.modules.get("torch")  # its thread count, where the stage used torch: CPU numbers depend on it
     line = json.dumps({"module": module, "argv": [a for a in argv if a != "--force"], "start_s": start_s,
-                       "run_s": run_s, "ended": time.time(),
+                       "run_s": run_s, "ended": time.time(), "forked": forked,
                        "threads": torch.get_num_threads() if torch else None}) + "\n"
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -235,14 +236,10 @@ def fork_stage(module, argv, log):
         code = 1
         try:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # a signal held back arrives here, in the try
-            import common.runs
-            common.runs._REPLACED.clear()  # the study's own --force replacement is the study's to settle
             if log:
                 os.environ[STAGE_LOG] = str(log)
-            started = time.perf_counter()
-            code, returned = call_main(module, argv)
-            if returned:
-                log_stage_time(module, argv, started - forked, time.perf_counter() - started)
+            from common.stage_server import run_stage
+            code = run_stage(module, argv, time.perf_counter() - forked)
         except BaseException:
             try:
                 import traceback
@@ -396,21 +393,24 @@ class Stages:
 
     def write_makefile(self, path):
         """The stages as make rules: each output depends on the files its stage reads; a stage that is not fresh
-        (other argv recorded, or none) also depends on FORCE, so make reruns it. Recipes call $(PYTHON) (default:
-        this interpreter) from the folder make runs in. Returns the path."""
+        (other argv recorded, or none) also depends on FORCE, so make reruns it. Recipes call $(STAGE_PYTHON) (default:
+        $(PYTHON), default this interpreter; common.stage_server's client under `make <study>`) from the folder make
+        runs in. Returns the path."""
         path = Path(path)
         fresh = [self.fresh(rule) for rule in self.rules]  # each reads its stage's files: once
         if not all(fresh):
             self.cpu_note()
         rules = ["# written by a study's --makefile; run with `make -j N -f " + str(path) + "`",
-                 f"PYTHON ?= {sys.executable}", ".PHONY: all FORCE",
+                 f"PYTHON ?= {sys.executable}", "# `make <study>` sets STAGE_PYTHON to common.stage_server's client",
+                 "STAGE_PYTHON ?= $(PYTHON)",
+                 ".PHONY: all FORCE",
                  *([f"export {STAGE_LOG} := " + str(Path(self.log).resolve()).replace("$", "$$").replace("#", "\\#")]
                    if self.log else []),
                  "all: " + " ".join(make_name(rule[0]) for rule in self.rules), "FORCE:"]
         for rule, done_already in zip(self.rules, fresh):
             done, deps, line = rule[:3]
             prereq = " ".join([make_name(d) for d in deps] + ([] if done_already else ["FORCE"]))
-            recipe = line.replace("$", "$$").replace("python -m ", "$(PYTHON) -m ", 1)  # the shell sees one $
+            recipe = line.replace("$", "$$").replace("python -m ", "$(STAGE_PYTHON) -m ", 1)  # the shell sees one $
             rules += [f"{make_name(done)}: {prereq}".rstrip(), "\t" + recipe]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(rules) + "\n")

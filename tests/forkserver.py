@@ -35,17 +35,11 @@ import tempfile
 import time
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from common.stage_server import import_time  # noqa: E402  (the settings a fork must share: the product's list)
 SERVER_ENV = {"OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-# prefixes of the variables read when a module is imported, not those that libraries set for themselves when imported
-# (scikit-learn sets KMP_DUPLICATE_LIB_OK and KMP_INIT_AT_FORK, torch's compiler TORCHINDUCTOR_CACHE_DIR)
-IMPORT_TIME = ("OMP_", "MKL_", "OPENBLAS_", "GOMP_", "TORCH_", "PYTHON", "CUDA_", "MPLBACKEND", "MPLCONFIGDIR", "TQDM_",
-               "LC_", "LANG")
 ANSWERS = None  # the server's answer pipe, which no child keeps open
 TORCH_SEED = None  # torch's generator state as the server started
-
-
-def import_time(env):
-    return {k: v for k, v in env.items() if k.startswith(IMPORT_TIME)}
 
 
 def _child(req):
