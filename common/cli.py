@@ -128,7 +128,8 @@ def run(main, parse_args):
     import signal
     import time
     from common.runs import finish_distributed, settle_replaced
-    from common.stages import log_stage_time, process_age
+    from common.stage_server import process_age
+    from common.stages import log_stage_time
     started, t0 = process_age(), time.perf_counter()
     signal.signal(signal.SIGTERM, _terminate)
     try:

@@ -38,6 +38,7 @@ import time
 import numpy as np
 
 from common.errors import DataError
+from common.stage_server import FORK, GPU_NODE
 
 STAGE_LOG = "FAIRSYNTH_STAGE_LOG"  # environment: the file a stage process appends its times to (see log_stage_time)
 TIMES_FILE = "stage_times.jsonl"  # in a study's run tree
@@ -76,17 +77,6 @@ def make_name(path):
         raise DataError(f"{text!r}: make cannot name a file with a newline, '%', '=' or ';' (choose another --out or "
                         f"--runs)")
     return re.sub(r"([:# ])", r"\\\1", text).replace("$", "$$")
-
-
-def process_age():
-    """Seconds since this process started (Linux: /proc; None elsewhere): what starting Python and importing the
-    script's modules cost before its main ran."""
-    try:
-        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, AttributeError):
-        return None
-    return age if 0 <= age < 86400 else None  # a sandbox whose clocks disagree: no number rather than a wrong one
 
 
 def log_stage_time(module, argv, start_s, run_s, forked=False):
@@ -164,9 +154,7 @@ def run_in_process(module, argv, line):
         raise DataError(f"stage failed (exit {code}; its message is above): {line}")
 
 
-FORK = "FAIRSYNTH_FORK_STAGES"  # environment: 0 starts every stage as a fresh interpreter (see fork_stage)
 SIGNALS = {signal.SIGINT, signal.SIGTERM}
-GPU_NODE = "/dev/nvidiactl"  # present where an NVIDIA GPU is: no fork (CUDA), and the CPU's arithmetic is not the point
 
 
 def can_fork():

@@ -39,7 +39,6 @@ sys.path.insert(0, str(ROOT))
 from common.stage_server import import_time  # noqa: E402  (the settings a fork must share: the product's list)
 SERVER_ENV = {"OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
 ANSWERS = None  # the server's answer pipe, which no child keeps open
-TORCH_SEED = None  # torch's generator state as the server started
 
 
 def _child(req):
@@ -64,9 +63,9 @@ def _child(req):
         import random
         import numpy
         import torch
-        random.seed()  # a fresh interpreter seeds these two from the OS
+        random.seed()  # a fresh interpreter seeds these three from the OS
         numpy.random.seed()
-        torch.random.set_rng_state(TORCH_SEED)
+        torch.seed()
         sys.argv = [req["module"], *req["argv"]]  # runpy puts the script's path first, as `python -m` does
         sys.modules.pop(req["module"], None)  # its imports stay loaded; its own code runs anew, as __main__
         runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
@@ -120,14 +119,13 @@ def _serve_one(req):
 def serve():
     """The server's loop: one JSON request per line on stdin, one JSON answer (with the request's id) per line on
     the original stdout."""
-    global ANSWERS, TORCH_SEED
+    global ANSWERS
     sys.path[0] = str(ROOT)
     ANSWERS = os.fdopen(os.dup(1), "w")
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # nothing printed here can garble the answers
     os.close(devnull)
-    import torch
-    TORCH_SEED = torch.random.get_rng_state()
+    import torch  # noqa: F401
     from common.stages import warm_imports
     import common.cache  # noqa: F401
     import pandas  # noqa: F401
