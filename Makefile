@@ -66,8 +66,9 @@ all: chestxray skintone medmnist fairgen ## the four studies, quick scale (hours
 # JOBS; a stage made on another thread count is redone, not reused (common/stages.py). Full scale (a GPU): one stage
 # at a time, torch's default threads. JOBS=1 THREADS=2 in a fresh SCALE_OUT runs the stages as before 2026-12-05.
 # Under `make -jN` each study still runs its stages JOBS at a time: they do not share make's N job slots (make passes
-# them only to recipe lines it sees calling $(MAKE), and ours are macros; common.stage_server drops the unreachable
-# job slots from MAKEFLAGS, so that the stage make runs -j$(JOBS) instead of one stage at a time with a warning).
+# them only to recipe lines it sees calling $(MAKE), and ours are macros; common.stage_server drops them from
+# MAKEFLAGS, so that the stage make runs its own -j$(JOBS) without a warning). `make -j2 all` on 2 cores therefore
+# runs two studies at once, each JOBS stages at a time.
 # The stage makefile runs under common.stage_server: each stage starts as a fork of one process that has imported
 # torch once, not as a fresh interpreter (2-3 s a stage on a CPU); FAIRSYNTH_FORK_STAGES=0 starts fresh ones.
 # (nproc counts the cores this process may use, but reads OMP_NUM_THREADS too: not here)

@@ -82,7 +82,7 @@ def main(args):
                 walls[mode].append(wall)
             same.append(same_files(*(ROOT / WORK / "kept" / m / study for m in MODES)))
         med = {m: statistics.median(v) for m, v in walls.items()}
-        per = {m: [sum(x[key] for x in last[m]) / len(last[m]) for key in ("start_s", "run_s")] for m in MODES}
+        per = {m: [sum(x[key] or 0.0 for x in last[m]) / len(last[m]) for key in ("start_s", "run_s")] for m in MODES}
         rows.append([study, str(len(last["fork"])), str(sum(bool(x.get("forked")) for x in last["fork"])),
                      f"{med['process']:.1f}", f"{med['fork']:.1f}", f"{med['process'] / med['fork']:.2f}",
                      *(f"{per[m][0]:.2f} / {per[m][1]:.2f}" for m in MODES),
