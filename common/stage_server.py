@@ -177,10 +177,29 @@ def receive(conn):
     return json.loads(data), fds
 
 
-def child(req, fds, server_pid, closing):
-    """In the forked child: become the stage (module docstring) and exit with its status; never returns."""
+def child_exit(become):
+    """In a forked child: become() (set the child up, run its stage) gives the exit status; an exception it raises
+    prints its traceback (status 1); stdout and stderr are flushed and the child exits (os._exit): never returns."""
     code = 1
     try:
+        code = become()
+    except BaseException:
+        try:
+            import traceback
+            traceback.print_exc()
+        except BaseException:
+            pass
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def child(req, fds, server_pid, closing):
+    """In the forked child: become the stage (module docstring) and exit with its status; never returns."""
+    def become():
         for obj in closing:  # the server's listening socket, selector and clients' connections
             obj.close()
         import ctypes
@@ -210,16 +229,9 @@ def child(req, fds, server_pid, closing):
         random.seed()  # a fresh interpreter seeds these three from the OS
         numpy.random.seed()
         torch.seed()
-        code = run_stage(req["module"], req["argv"], time.time() - req["started"])
-    except BaseException:
-        import traceback
-        traceback.print_exc()
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+        return run_stage(req["module"], req["argv"], time.time() - req["started"])
+
+    child_exit(become)
 
 
 def why_not_here(req, fds):

@@ -221,25 +221,14 @@ def fork_stage(module, argv, log):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         raise
     if pid == 0:
-        code = 1
-        try:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # a signal held back arrives here, in the try
+        from common.stage_server import child_exit, run_stage
+
+        def become():
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # a signal held back arrives here, in child_exit's try
             if log:
                 os.environ[STAGE_LOG] = str(log)
-            from common.stage_server import run_stage
-            code = run_stage(module, argv, time.perf_counter() - forked)
-        except BaseException:
-            try:
-                import traceback
-                traceback.print_exc()
-            except BaseException:
-                pass
-        finally:
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                os._exit(code)
+            return run_stage(module, argv, time.perf_counter() - forked)
+        child_exit(become)
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # one held back arrives here, with the child to stop
         os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # ended, but not reaped: its pid stays the child's
