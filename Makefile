@@ -65,12 +65,14 @@ all: chestxray skintone medmnist fairgen ## the four studies, quick scale (hours
 # 2 cores (the skin-tone VAE 0.95x; results/bench/stage_jobs.md). A stage's numbers depend on its thread count, not on
 # JOBS; a stage made on another thread count is redone, not reused (common/stages.py). Full scale (a GPU): one stage
 # at a time, torch's default threads. JOBS=1 THREADS=2 in a fresh SCALE_OUT runs the stages as before 2026-12-05.
-# Under `make -jN` each study still runs its stages JOBS at a time: they do not share make's N job slots (make passes
-# them only to recipe lines it sees calling $(MAKE), and ours are macros; common.stage_server drops them from
-# MAKEFLAGS, so that the stage make runs its own -j$(JOBS) without a warning). `make -j2 all` on 2 cores therefore
-# runs two studies at once, each JOBS stages at a time.
+# Under `make -jN` with GNU make before 4.4, each study still runs its stages JOBS at a time: they do not share make's
+# N job slots (make passes them only to recipe lines it sees calling $(MAKE), and ours are macros; common.stage_server
+# drops them from MAKEFLAGS, so that the stage make runs its own -j$(JOBS) without a warning), so `make -j2 all` runs
+# two studies at once, each JOBS stages at a time. Where the slots can be reached (make 4.4's named fifo), the stage
+# make shares them instead (not tried on 4.4).
 # The stage makefile runs under common.stage_server: each stage starts as a fork of one process that has imported
-# torch once, not as a fresh interpreter (2-3 s a stage on a CPU); FAIRSYNTH_FORK_STAGES=0 starts fresh ones.
+# torch once, not as a fresh interpreter (2.6-4.6 s a stage on a 2-core AVX2 EPYC, start and first-use imports);
+# FAIRSYNTH_FORK_STAGES=0 starts fresh ones.
 # (nproc counts the cores this process may use, but reads OMP_NUM_THREADS too: not here)
 CORES := $(shell n=$$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || \
 	getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1); [ "$$n" -ge 1 ] 2>/dev/null || n=1; echo $$(( n < 8 ? n : 8 )))
