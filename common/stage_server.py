@@ -260,11 +260,23 @@ def reply(conn, obj):
         pass
 
 
-def one_thread():
+def fork_allowed(env):
+    """What a fork needs before any thread is counted: fork itself, $FAIRSYNTH_FORK_STAGES not 0 in env, and no
+    NVIDIA device (CUDA cannot start in a forked child)."""
+    return hasattr(os, "fork") and env.get(FORK, "1") != "0" and not os.path.exists(GPU_NODE)
+
+
+def one_thread(tries=20):
+    """Whether this process has one OS thread (Linux's /proc; False elsewhere), asked up to `tries` times 10 ms apart:
+    a joined thread's OS thread takes a moment to leave /proc."""
     try:
-        return len(os.listdir("/proc/self/task")) == 1
+        for _ in range(tries):
+            if len(os.listdir("/proc/self/task")) == 1:
+                return True
+            time.sleep(0.01)
     except OSError:
-        return False
+        pass
+    return False
 
 
 def warm_up():
@@ -388,8 +400,7 @@ def serve(command):
     import subprocess
     import tempfile
     env, command = with_job_slots(os.environ, command)
-    if not (hasattr(os, "fork") and hasattr(socket, "send_fds") and one_thread() and env.get(FORK, "1") != "0"
-            and not os.path.exists(GPU_NODE)):
+    if not (fork_allowed(env) and hasattr(socket, "send_fds") and one_thread(tries=1)):
         os.execvpe(command[0], command, env)
     folder = tempfile.mkdtemp(prefix="fairsynth-stages-")  # 0700: only this user may ask for a fork
     path = os.path.join(folder, "socket")

@@ -38,7 +38,7 @@ import time
 import numpy as np
 
 from common.errors import DataError
-from common.stage_server import FORK, GPU_NODE
+from common.stage_server import GPU_NODE, fork_allowed, one_thread
 
 STAGE_LOG = "FAIRSYNTH_STAGE_LOG"  # environment: the file a stage process appends its times to (see log_stage_time)
 TIMES_FILE = "stage_times.jsonl"  # in a study's run tree
@@ -163,20 +163,13 @@ def can_fork():
     fork (torch in the child would hang), and numpy's OpenBLAS starts one at import unless OMP_NUM_THREADS=1 (make
     sets it for a study and its stages at quick and smoke scale). tqdm's monitor thread, which outlives the bars
     (the image cache's, say), is stopped here (a later bar starts another)."""
-    if os.environ.get(FORK, "1") == "0" or not hasattr(os, "fork") or os.path.exists(GPU_NODE):
+    if not fork_allowed(os.environ):
         return False
     bars = sys.modules.get("tqdm")
     if bars is not None and getattr(bars.tqdm, "monitor", None) is not None:
         bars.tqdm.monitor.exit()
         bars.tqdm.monitor = None
-    try:
-        for _ in range(20):  # a joined thread's OS thread takes a moment to leave /proc
-            if len(os.listdir("/proc/self/task")) == 1:
-                return True
-            time.sleep(0.01)
-    except OSError:
-        pass
-    return False
+    return one_thread()
 
 
 @functools.cache

@@ -14,7 +14,7 @@ ENV = {**os.environ, **SERVER_ENV}
 def forked_or_skip(r):
     """Skip where the server is meant to stand aside (FAIRSYNTH_TEST_FORK=0, a GPU, no fork); anywhere else a command
     it did not run is a failure."""
-    from common.stages import FORK, GPU_NODE
+    from common.stage_server import FORK, GPU_NODE
     if any(os.environ.get(k) == "0" for k in ("FAIRSYNTH_TEST_FORK", FORK)) or os.path.exists(GPU_NODE) or \
             not hasattr(os, "fork"):
         pytest.skip("the fork server stands aside here")
