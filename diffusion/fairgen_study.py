@@ -81,17 +81,19 @@ SCALES = {
                   fair_window=25,
                   batch=32, sample_steps=10, clf_epochs=10, down_epochs=16, seeds=1, gen_seeds=2, down_seeds=2,
                   pairs_per_class=8,
-                  vit=dict(patch=8, dim=64, mlp=128, dropout=0.0), kinds="vit,gb,knn", blinded_per_condition=1),
+                  vit=dict(patch=8, dim=64, mlp=128, dropout=0.0), kinds="vit,gb,knn", blinded_per_condition=1,
+                  n_boot=500, n_boot_compare=2000),
     "full": dict(size=64, width=64, mults="1,2,2,2", num_res=2, attn_res="16", pretrain=20000, finetune=2000,
                  fair_window=50,
                  dpo=500, batch=64, sample_steps=50, clf_epochs=40, down_epochs=40, seeds=3, gen_seeds=1, down_seeds=3,
                  pairs_per_class=64,
-                 vit=dict(patch=4, dim=128, mlp=256), kinds=",".join(KINDS), blinded_per_condition=4),
+                 vit=dict(patch=4, dim=128, mlp=256), kinds=",".join(KINDS), blinded_per_condition=4,
+                 n_boot=500, n_boot_compare=2000),
     "smoke": dict(size=16, width=8, mults="1,2", num_res=1, attn_res="8", pretrain=4, finetune=4, dpo=2,
                   fair_window=2, batch=8,
                   sample_steps=3, clf_epochs=1, down_epochs=1, seeds=1, gen_seeds=2, down_seeds=2, pairs_per_class=2,
                   vit=dict(patch=4, dim=16, mlp=32, heads=2, depth=1), kinds="vit,gb,knn",  # as quick scale
-                  blinded_per_condition=1),
+                  blinded_per_condition=1, n_boot=50, n_boot_compare=50),  # a chain check: 50 resamples cannot reject
 }
 
 
@@ -148,14 +150,14 @@ def parse_args(argv=None):
                                                           f"{','.join(KINDS)}")
     g.add_argument("--blinded-per-condition", type=positive_int,
                    help="pairs per condition and contest in the blinded expert-evaluation set")
+    g.add_argument("--n-boot", type=positive_int, help="bootstrap resamples (patients) for Table 1's CIs")
+    g.add_argument("--n-boot-compare", type=positive_int,
+                   help="resamples of the paired comparisons (and permutations of the gap nulls): p is floored at "
+                        "1 / (n + 1), so Holm over a modality's 27 comparisons needs n >> 27 / 0.05")
     p.add_argument("--sweep-methods", default="base,fairgen", type=name_list(METHODS),
                    help="methods whose synthetic data get the ratio sweep")
     p.add_argument("--dpo", dest="dpo_form", default="fairgen", choices=["fairgen", "diffusion"],
                    help="DPO form of the fairgen run")
-    p.add_argument("--n-boot", type=positive_int, default=500, help="bootstrap resamples (patients) for Table 1's CIs")
-    p.add_argument("--n-boot-compare", type=positive_int, default=2000,
-                   help="resamples of the paired comparisons (and permutations of the gap nulls): p is floored at "
-                        "1 / (n + 1), so Holm over a modality's 27 comparisons needs n >> 27 / 0.05")
     args = parse_scaled(p, SCALES, argv)
     args.modalities = args.modalities or ("csv" if args.table else "cxr,mri,skin")
     if args.table and "csv" not in args.modalities.split(","):

@@ -87,8 +87,12 @@ def test_fairgen_declares_two_signed_gap_rows_per_modality_that_can_reject():
     from diffusion import fairgen_compare, fairgen_study
     keys = fairgen_compare.primary_keys(["F", "M"])
     assert len(keys) == 2 and {k[0] for k in keys} == {"AUROC gap F - M"}
-    n_boot = fairgen_study.parse_args([]).n_boot_compare
-    assert min_holm_p(len(keys), n_boot) < 0.01
+    for argv in ([], ["--scale", "full"]):
+        assert min_holm_p(len(keys), fairgen_study.parse_args(argv).n_boot_compare) < 0.01, argv
+    # the smoke chain resamples 50 times (a check that the chain runs, not an answer); a flag still wins
+    smoke = fairgen_study.parse_args(["--smoke"])
+    assert (smoke.n_boot, smoke.n_boot_compare) == (50, 50) and min_holm_p(len(keys), 50) > 0.01
+    assert fairgen_study.parse_args(["--smoke", "--n-boot-compare", "999"]).n_boot_compare == 999
 
 
 def test_resampling_p_has_the_plus_one_and_a_nan_cannot_shrink_a_family():
