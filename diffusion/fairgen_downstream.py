@@ -1,6 +1,7 @@
 """The fairgen study's downstream stage for one modality and split: classifiers trained on real + synthetic images,
 tested on the real test patients (classify/downstream.py). One command per modality and split, since a quick ViT fit
-takes seconds and a process start about three.
+takes seconds and a process start about three; with --table-only a second one for further generators, which the
+study runs beside the first (every fit is seeded on its own, so the split changes no number).
 
 Table 1's cells: a ViT on the real training images only and on real + each method's samples (ratio 1.0: as many
 synthetic as real images), each without and with adaptive reweighting, for each of --down-seeds downstream seeds
@@ -71,6 +72,10 @@ def parse_args(argv=None):
     p.add_argument("--vit", default="patch=8,dim=64,mlp=128,dropout=0.0", help="the ViT's size (classify/nets.py)")
     p.add_argument("--kinds", default="vit,gb,knn", help=f"classifiers of the ratio sweep, of {','.join(KINDS)}")
     p.add_argument("--sweep-methods", default="base,fairgen", help="methods whose samples get the ratio sweep")
+    p.add_argument("--table-only", action="store_true",
+                   help="only Table 1's cells of the given --samples: no real-only fits, no ratio sweep (the study's "
+                        "second downstream stage, for generators 1 and up, runs beside the first: each fit is seeded "
+                        "on its own, so the two stages' rows are those one stage would write)")
     add_common_args(p, "runs/fairgen/downstream")
     args = p.parse_args(argv)
     args.samples = key_values(args.samples, "--samples")
@@ -83,7 +88,7 @@ def parse_args(argv=None):
     if set(args.kinds.split(",")) - set(KINDS):
         p.error(f"--kinds {args.kinds}: choose from {', '.join(KINDS)}")
     missing = [m for m in args.sweep_methods.split(",") if m and m not in args.samples]  # generator 0's
-    if missing:
+    if missing and not args.table_only:
         p.error(f"--sweep-methods: no --samples for {', '.join(missing)}")
     return args
 
@@ -128,7 +133,7 @@ def main(args):
     test_rows = {"image": np.nonzero(sel["test"])[0], "patient_id": pid[sel["test"]].astype(str),
                  "group": g_all[sel["test"]], "label": y_te}
     preds = []
-    for method, gen in [(None, -1)] + list(synth):
+    for method, gen in ([] if args.table_only else [(None, -1)]) + list(synth):
         for rw in (False, True):
             for d in range(args.down_seeds):
                 probs = fit_predict("vit", train_set(method, 1.0, max(gen, 0)), val, x_te, L, rw,
@@ -149,7 +154,7 @@ def main(args):
                   (preds["generator"] <= 0)]
         return float(np.mean(d["pred"] == d["label"]))
     sweep = {}
-    for kind in [k for k in args.kinds.split(",") if k]:
+    for kind in [k for k in args.kinds.split(",") if k and not args.table_only]:
         t1, sweep[kind] = time.time(), {}
         # ratio 0 is one fit shared by the methods; for the ViT it and ratio 1 are Table 1's (down seed 0)
         real_acc = acc_of("real only") if kind == "vit" else None

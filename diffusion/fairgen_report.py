@@ -54,7 +54,9 @@ def cell_result(c, preds, seed, n_boot):
     res["downstream"] = {"sweep": sweep, "table1": table1_from_preds(preds[preds["split_seed"] == seed], n_boot, seed)}
     res["preds"] = c["preds"]
     # per phase: the study invocation's (a reused stage takes ~0); downstream_*: the downstream stage's own
+    more = read_json(c["files"]["downstream_more"])["seconds"] if "downstream_more" in c["files"] else {}
     res["seconds"] = {**c["seconds"], **{f"downstream_{k}": v for k, v in down["seconds"].items()},
+                      **{f"downstream_gen1plus_{k}": v for k, v in more.items()},
                       "total": sum(c["seconds"].values())}
     return res
 

@@ -19,7 +19,9 @@ Per modality (common/modalities.py; class = attribute x disease) and split seed,
   downstream     (diffusion/fairgen_downstream.py) ViT on real + synthetic (ratio 1.0), with and without adaptive
                  reweighting, for each generator and --down-seeds downstream seeds on the same test patients: per-image
                  predictions in its preds.csv; and accuracy vs synthetic ratio {0, .25, .5, 1} for the --kinds
-                 classifiers (ViT, ResNet-50, GB, KNN), one downstream seed
+                 classifiers (ViT, ResNet-50, GB, KNN), one downstream seed; with several generators, two stages
+                 (generator 0 with the real-only fits and the sweep; generators 1.. with --table-only) that run
+                 side by side and together write the rows one stage would
   eval           (diffusion/fairgen_eval.py) FD-cnn8 of each method's samples (generator 0) to the real training
                  images; per subgroup FD and KID (fairness/compare.py) at one common n per modality (the smallest
                  subgroup's), the inter-subgroup variance (1/G) of those equal-n FDs; memorization against the
@@ -63,6 +65,7 @@ from diffusion.fairgen_report import write_report
 
 JUDGE = "classifier (automatic, trained on real images; not physicians)"  # the DPO preferences' source
 CSV_TABLE = "csv_table.csv"  # --table: the csv modality's table, in the run folder
+MORE_GENERATORS = "downstream_gen1plus"  # the downstream stage of generators 1 and up, beside downstream/
 VARIANT_FLAGS = {"base": [], "cbrs": ["--sampler", "cbrs"], "sqrs": ["--sampler", "sqrs"], "cbdm": ["--cb-loss"],
                  "fairdiffusion": ["--fair-bayes"], "sqrs_cb": ["--sampler", "sqrs", "--cb-loss"]}
 # Every setting a scale sets, in one place (a flag given on the command line wins; summary.json keeps them as
@@ -269,12 +272,19 @@ def evaluation_stages(c, P, sweep_methods, device):
         "--seed", str(gen_seed(c, g)), "--out", str(path), "--device", str(device)], path,
         [path.parent / "metrics.json"], r, "sampling") for (m, g), path in samples.items()]
     vit = ",".join(f"{k}={v}" for k, v in P["vit"].items())
-    out.append(Stage("script", "diffusion.fairgen_downstream", data_flags(c, P["size"], c.seed) +
-                     [a for (m, g), path in samples.items()
-                      for a in ("--samples", f"{m}{f'@{g}' if g else ''}={path}")] +
-                     ["--down-seeds", str(P["down_seeds"]), "--epochs", str(P["down_epochs"]), "--vit", vit,
-                      "--kinds", P["kinds"], "--sweep-methods", sweep_methods, "--device", str(device),
-                      "--out-dir", str(r / "downstream")], r / "downstream", list(samples.values()), r, "downstream"))
+
+    def downstream(folder, gens, flags):  # the ViTs on generators gens' samples
+        chosen = {(m, g): path for (m, g), path in samples.items() if g in gens}
+        return Stage("script", "diffusion.fairgen_downstream", data_flags(c, P["size"], c.seed) +
+                     [a for (m, g), path in chosen.items() for a in ("--samples", f"{m}{f'@{g}' if g else ''}={path}")]
+                     + ["--down-seeds", str(P["down_seeds"]), "--epochs", str(P["down_epochs"]), "--vit", vit] + flags +
+                     ["--device", str(device), "--out-dir", str(r / folder)], r / folder, list(chosen.values()), r,
+                     "downstream")
+    # generator 0 (with the real-only fits and the ratio sweep), and the further generators in a stage of their own:
+    # each waits only for its own samples, and the two train beside each other (they were the study's last hour)
+    out.append(downstream("downstream", {0}, ["--kinds", P["kinds"], "--sweep-methods", sweep_methods]))
+    if P["gen_seeds"] > 1:
+        out.append(downstream(MORE_GENERATORS, set(range(1, P["gen_seeds"])), ["--table-only"]))
     out.append(Stage("script", "diffusion.fairgen_eval", [
         "--fdnet", str(r / "fdnet/ckpt.pt"), "--real", str(r / "real_train.npz")] +
         [a for m in METHODS for a in ("--samples", f"{m}={samples[m, 0]}")] +
@@ -375,10 +385,15 @@ def run_stages(stages, steps, t0):
     return seconds
 
 
-def gather_preds(out, name, cells):
-    """Every split seed's downstream preds.csv of a modality as one file in --out, gzip-compressed above 2 MB
+def downstream_preds(c, P):
+    """A cell's downstream preds.csv files, in the order one stage for every generator would write its rows."""
+    return [c.folder / folder / "preds.csv" for folder in ["downstream"] + [MORE_GENERATORS] * (P["gen_seeds"] > 1)]
+
+
+def gather_preds(out, name, cells, P):
+    """Every split seed's downstream preds of a modality as one file in --out, gzip-compressed above 2 MB
     (fairgen_report.preds_file finds it)."""
-    df = pd.concat([read_preds(c.folder / "downstream" / "preds.csv") for c in cells], ignore_index=True)
+    df = pd.concat([read_preds(f) for c in cells for f in downstream_preds(c, P)], ignore_index=True)
     text = df.to_csv(index=False, float_format="%.9g")
     path = out / f"preds_{name}.csv"
     if len(text.encode()) > 2_000_000:
@@ -409,7 +424,7 @@ def gather(out, cells, facts, seconds, P):
     modalities = {}
     for name, group in itertools.groupby(zip(cells, facts), key=lambda cf: cf[0].name):
         group = list(group)
-        gather_preds(out, name, [c for c, _ in group])
+        gather_preds(out, name, [c for c, _ in group], P)
         c, f = group[0]
         gather_blinded_set(out, c, f, P["blinded_per_condition"])
         for m in METHODS:
@@ -418,10 +433,12 @@ def gather(out, cells, facts, seconds, P):
                 shutil.copyfile(src, out / f"memorization_{name}_{m}.png")
         shutil.copyfile(c.folder / "fairdiffusion" / "fair_bayes.png", out / f"fair_bayes_{name}.png")
         modalities[name] = {f"seed{c.seed}": {
-            **f, "preds": str(c.folder / "downstream" / "preds.csv"),
+            **f, "preds": [str(p) for p in downstream_preds(c, P)],
             "seconds": seconds[c.folder], "files": {
                 "eval": str(c.folder / "eval" / "metrics.json"), "downstream": str(c.folder / "downstream" /
                                                                                   "metrics.json"),
+                **({"downstream_more": str(c.folder / MORE_GENERATORS / "metrics.json")} if P["gen_seeds"] > 1
+                   else {}),
                 "fairdiffusion": str(c.folder / "fairdiffusion" / "metrics.json"),
                 "samples": {m: str(c.folder / m / f["samples_file"]) for m in METHODS}}} for c, f in group}
     return modalities

@@ -2,6 +2,7 @@
 weights (against hand-computed values) and the study's smoke chain; DPO moving a toy DDPM's samples toward a
 preference is tested in tests/test_ddpm.py."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -289,9 +290,9 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
     assert all(p["left_source"] != p["right_source"] for p in bp["pairs"])
     second = python_m("diffusion.fairgen_study", argv, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
-    # fdnet; per generator its judge, pretrain, 6 fine-tunes, fairgen (DPO), 6 samples; the downstream classifiers,
-    # the evaluation
-    n_stages = 3 + 15 * gens
+    # fdnet; per generator its judge, pretrain, 6 fine-tunes, fairgen (DPO), 6 samples; the downstream classifiers
+    # (generator 0's stage, and one for the further generators), the evaluation
+    n_stages = 3 + 15 * gens + 1
     assert second.stdout.count("reuse ") == n_stages
     s2 = json.loads((tmp_path / "out/summary.json").read_text())
     assert s2["stages"] == s1["stages"] and len(s1["stages"]) == n_stages
@@ -313,6 +314,19 @@ def test_fairgen_study_smoke_chain_and_resume(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
     assert s2["table1"] == s1["table1"] and s2["fid"] == s1["fid"]
     assert s1["reused"] == [] and len(s2["reused"]) == n_stages
+    # the two downstream stages write, together, the rows one stage for every generator writes, byte for byte
+    down = [c.split()[3:] for c in s1["stages"] if "diffusion.fairgen_downstream" in c]
+    assert len(down) == 2 and "--table-only" in down[1] and "--table-only" not in down[0]
+    more = [f"{a} {b}" for a, b in zip(down[1], down[1][1:]) if a == "--samples"]
+    assert more and all(x.split("=")[0].endswith("@1") for x in more)
+    one = down[0][:down[0].index("--out-dir")] + " ".join(more).split() + ["--out-dir", str(tmp_path / "one")]
+    single = python_m("diffusion.fairgen_downstream", one, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    parts = [Path(down[k][down[k].index("--out-dir") + 1]) / "preds.csv" for k in (0, 1)]
+    a, b = (p.read_text().splitlines(keepends=True) for p in parts)
+    assert a[0] == b[0] and "".join(a + b[1:]) == (tmp_path / "one/preds.csv").read_text()
+    assert json.loads((tmp_path / "one/metrics.json").read_text())["sweep"] == \
+        json.loads((parts[0].parent / "metrics.json").read_text())["sweep"]
 
 
 def test_more_than_two_groups_get_a_signed_gap_first_minus_last_and_max_minus_min_as_exploratory():
