@@ -27,6 +27,7 @@ from common.cli import ArgumentParser, run  # noqa: E402
 from common.modalities import load_modality, modality_name  # noqa: E402
 from common.splits import patient_split  # noqa: E402
 from bench.fullscale import cpu_name  # noqa: E402
+from common.runs import git_commit  # noqa: E402
 
 WORK = Path("runs/bench-downstream-split")
 
@@ -102,7 +103,7 @@ def main(args):
     text = (f"# fairgen's downstream stage, one process against the study's two side by side ({args.modality}, quick)"
             f"\n\n`python bench/downstream_split.py --modality {args.modality}`, {cpu_name()} ({os.cpu_count()} cores"
             f"{', AVX-512 BF16' if 'avx512_bf16' in Path('/proc/cpuinfo').read_text() else ', no AVX-512 BF16'}), "
-            f"one torch thread per process, one run.\n\n"
+            f"one torch thread per process, one run, commit {git_commit()}.\n\n"
             f"| form | wall s |\n|---|---|\n| one stage (every generator) | {single:.1f} |\n"
             f"| two stages side by side (generator 0; generators 1.. --table-only) | {split:.1f} |\n\n"
             f"{single / split:.2f}x. The two stages' rows, concatenated, are the one stage's byte for byte: "
