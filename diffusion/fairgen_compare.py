@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 
 from common.errors import DataError
-from fairness.compare import comparison, gap_permutation, group_gap, paired_difference_replicates, with_holm
+from fairness.compare import (comparison, gap_permutation, group_gap, map_forked, paired_difference_replicates,
+                              with_holm)
 from fairness.metrics import RowsAUROC, bootstrap, essp, fairness_summary, group_accuracy
 
 METHODS = ["base", "cbrs", "sqrs", "cbdm", "fairdiffusion", "fairgen"]  # the paper's order
@@ -84,22 +85,22 @@ def table1_from_preds(df, n_boot, seed=0):
     """Table 1 of one split from its preds rows: for each cell, every metric of fairness_summary as the mean over
     its replicates (generators x downstream seeds; {value, ci, seeds: one value per replicate}); CI: percentile
     bootstrap over test patients of that mean (the replicates held fixed; the comparisons resample them too)."""
-    out = {}
     split_seed = sorted(df["split_seed"].unique())[0]
-    for (method, rw), _ in df.groupby(["method", "reweight"], sort=False):
-        y, g, pid, runs = _cell_arrays(df, method, rw, split_seed)
+    cells = [key for key, _ in df.groupby(["method", "reweight"], sort=False)]
+
+    def cell(k):  # one cell: its own resampling (seeded alike for every cell), so cells can run in any process
+        y, g, pid, runs = _cell_arrays(df, *cells[k], split_seed)
 
         def stat(idx):
             per = [fairness_summary(y[idx], pred[idx], g[idx], _binary_or_probs(probs)[idx])
                    for pred, probs, *_ in runs]
             return {k: float(np.mean([p[k] for p in per])) for k in per[0]}
-        every = np.arange(len(y))
-        point = stat(every)
+        point = stat(np.arange(len(y)))
         seeds = [fairness_summary(y, pred, g, _binary_or_probs(probs)) for pred, probs, *_ in runs]
         ci = bootstrap(stat, len(y), clusters=pid, n_boot=n_boot, seed=seed)
-        out[cell_name(method, rw)] = {k: {"value": v, "ci": list(ci.get(k, (np.nan, np.nan))),
-                                          "seeds": [float(s[k]) for s in seeds]} for k, v in point.items()}
-    return out
+        return {k: {"value": v, "ci": list(ci.get(k, (np.nan, np.nan))), "seeds": [float(s[k]) for s in seeds]}
+                for k, v in point.items()}
+    return {cell_name(*key): result for key, result in zip(cells, map_forked(cell, len(cells)))}
 
 
 def signed_gap_name(attrs):
@@ -157,31 +158,35 @@ def comparisons_from_preds(df, attrs, n_boot=2000, seed=0):
             images = df[(df.method == m) & (df.reweight == r) & (df.split_seed == s)]["image"]
             cells[m, r, s] = _cell_arrays(df, m, r, s), np.sort(images.unique())
         return cells[m, r, s]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of a resample without a class: NaN, left out
-        for metric, f in metric_functions(attrs, declared).items():
-            for (ma, ra), (mb, rb) in PAIRS:
-                reps, groups = [], None  # (stat_a, stat_b, patients) per replicate; their generators
-                for s in splits:
-                    (y, g, pid, runs_a), img_a = cell(ma, ra, s)
-                    (y_b, _, _, runs_b), img_b = cell(mb, rb, s)
-                    assert np.array_equal(y, y_b) and np.array_equal(img_a, img_b), \
-                        "a and b must be evaluated on the same test images"
-                    if len(splits) == 1:  # replicates: (generator, downstream seed)
-                        pairs, groups = paired_runs(runs_a, runs_b)
-                        reps += [(_seed_mean(f, y, g, [a]), _seed_mean(f, y, g, [b]), pid) for a, b in pairs]
-                    else:  # replicates: the splits (paired_runs checks that both cells have the same replicates)
-                        pairs = list(zip(*paired_runs(runs_a, runs_b)[0]))
-                        reps.append((_seed_mean(f, y, g, pairs[0]), _seed_mean(f, y, g, pairs[1]), pid))
-                res = paired_difference_replicates(reps, n_boot=n_boot, seed=seed, groups=groups)
-                if len(splits) > 1:
-                    res["method"] += "; each replicate a split (its own test patients), its statistic the mean " \
-                                     "over its generators x downstream seeds"
-                every = [np.arange(len(pid)) for _, _, pid in reps]
-                rows.append({**comparison(metric, cell_name(ma, ra), cell_name(mb, rb), res),
-                             "value_a": float(np.nanmean([a(i) for (a, _, _), i in zip(reps, every)])),
-                             "value_b": float(np.nanmean([b(i) for (_, b, _), i in zip(reps, every)]))})
-    return with_holm(rows, primary=primary_keys(declared))
+    for metric, f in metric_functions(attrs, declared).items():
+        for (ma, ra), (mb, rb) in PAIRS:
+            reps, groups = [], None  # (stat_a, stat_b, patients) per replicate; their generators
+            for s in splits:
+                (y, g, pid, runs_a), img_a = cell(ma, ra, s)
+                (y_b, _, _, runs_b), img_b = cell(mb, rb, s)
+                assert np.array_equal(y, y_b) and np.array_equal(img_a, img_b), \
+                    "a and b must be evaluated on the same test images"
+                if len(splits) == 1:  # replicates: (generator, downstream seed)
+                    pairs, groups = paired_runs(runs_a, runs_b)
+                    reps += [(_seed_mean(f, y, g, [a]), _seed_mean(f, y, g, [b]), pid) for a, b in pairs]
+                else:  # replicates: the splits (paired_runs checks that both cells have the same replicates)
+                    pairs = list(zip(*paired_runs(runs_a, runs_b)[0]))
+                    reps.append((_seed_mean(f, y, g, pairs[0]), _seed_mean(f, y, g, pairs[1]), pid))
+            rows.append((metric, cell_name(ma, ra), cell_name(mb, rb), reps, groups))
+
+    def compared(k):  # one row: its own resampling (seeded alike for every row), so rows can run in any process
+        metric, a_name, b_name, reps, groups = rows[k]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of a resample without a class: NaN, left out
+            res = paired_difference_replicates(reps, n_boot=n_boot, seed=seed, groups=groups)
+            if len(splits) > 1:
+                res["method"] += "; each replicate a split (its own test patients), its statistic the mean " \
+                                 "over its generators x downstream seeds"
+            every = [np.arange(len(pid)) for _, _, pid in reps]
+            return {**comparison(metric, a_name, b_name, res),
+                    "value_a": float(np.nanmean([a(i) for (a, _, _), i in zip(reps, every)])),
+                    "value_b": float(np.nanmean([b(i) for (_, b, _), i in zip(reps, every)]))}
+    return with_holm(map_forked(compared, len(rows)), primary=primary_keys(declared))
 
 
 def _seed_mean(f, y, g, runs):
@@ -198,16 +203,16 @@ def gap_tables(df, attrs, n_perm=2000, seed=0):
     attrs = [a for a in attrs if a in set(df["group"].astype(str))]
     if len(attrs) <= 2:
         return {}
-    out = {}
     split_seed = sorted(df["split_seed"].unique())[0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for (method, rw), _ in df.groupby(["method", "reweight"], sort=False):
-            y, g, pid, runs = _cell_arrays(df, method, rw, split_seed)
-            stat = _seed_mean(lambda y_, g_, run, rows: run[2](rows), y, g, runs)
+    cells = [key for key, _ in df.groupby(["method", "reweight"], sort=False)]
+
+    def cell(k):  # one cell: its own permutations (seeded alike for every cell), so cells can run in any process
+        y, g, pid, runs = _cell_arrays(df, *cells[k], split_seed)
+        stat = _seed_mean(lambda y_, g_, run, rows: run[2](rows), y, g, runs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
             try:
-                out[cell_name(method, rw)] = gap_permutation(stat, g, pid, n_perm=n_perm, seed=seed)
+                return gap_permutation(stat, g, pid, n_perm=n_perm, seed=seed)
             except ValueError as e:  # a patient in two groups: no permutation across patients
-                out[cell_name(method, rw)] = {"gap": float("nan"), "p": float("nan"), "excess": float("nan"),
-                                              "method": str(e)}
-    return out
+                return {"gap": float("nan"), "p": float("nan"), "excess": float("nan"), "method": str(e)}
+    return {cell_name(*key): result for key, result in zip(cells, map_forked(cell, len(cells)))}

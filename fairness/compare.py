@@ -13,6 +13,8 @@ draws patients with replacement and keeps all their images (fairness.metrics.clu
 Tested by simulation (tests/test_compare.py): the paired CI of an AUROC difference and of a two-group gap cover
 the true value >= 90% of the time (nominal 95%), and the permutation p is uniform under the null.
 """
+import multiprocessing
+import os
 from statistics import NormalDist
 
 import numpy as np
@@ -157,6 +159,36 @@ def _drawn_difference(drawn, plain_b=False):
     if not plain_b:
         return np.mean([np.mean([a - b for a, b in grp]) for grp in drawn])
     return np.mean([np.mean([a for a, _ in grp]) for grp in drawn]) - np.mean([b for grp in drawn for _, b in grp])
+
+
+_FORKED = None  # the function map_forked's workers call: it reaches them through fork, never pickled
+
+
+def _call_forked(i):
+    return _FORKED(i)
+
+
+def map_forked(fn, n, jobs=None):
+    """[fn(0), ..., fn(n - 1)], computed by up to `jobs` forked processes (default: the cores this process may use)
+    and returned in order. fn, and what it reads, reach the workers through fork; only the results are pickled. Each
+    call must stand alone (a resampling that seeds its own generator): the list is then the plain loop's, bit for
+    bit. The plain loop where fork is missing, with one job or one item, or inside a worker (of this or any
+    multiprocessing pool)."""
+    global _FORKED
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    jobs = min(n, jobs or cores)
+    if jobs < 2 or _FORKED is not None or multiprocessing.current_process().daemon or \
+            "fork" not in multiprocessing.get_all_start_methods():
+        return [fn(i) for i in range(n)]
+    _FORKED = fn
+    try:
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            return pool.map(_call_forked, range(n), chunksize=1)
+    finally:
+        _FORKED = None
 
 
 def paired_difference_replicates(replicates, n_boot=2000, seed=0, groups=None, plain_b=False):

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from scipy.stats import kstest, norm
 
-from fairness.compare import (gap_permutation, holm, kid, mde, paired_difference, paired_difference_replicates)
+from fairness.compare import (gap_permutation, holm, kid, map_forked, mde, paired_difference,
+                              paired_difference_replicates)
 from fairness.metrics import auroc, resampled_auroc
 
 
@@ -212,3 +213,16 @@ def test_nested_replicates_weight_each_generator_seed_once_and_resample_it():
     assert mixed["diff"] == pytest.approx(x.mean() - 0.1) and "alike" in mixed["method"]
     flat_b = paired_difference_replicates(reps, n_boot=2000, seed=1, groups=[0, 1, 0], plain_b=True)
     assert flat_b["diff"] == pytest.approx(nested["diff"]) and flat_b["ci"] == pytest.approx(nested["ci"])
+
+
+def test_map_forked_returns_the_loops_results_in_order_from_other_processes():
+    """Two workers compute the items (other process ids), the results come back in order; a call inside a worker,
+    one job or one item runs as the plain loop in the calling process."""
+    import os
+    pid = os.getpid()
+    rng_draws = map_forked(lambda i: (i, os.getpid(), float(np.random.default_rng(i).random())), 8, jobs=2)
+    assert [r[0] for r in rng_draws] == list(range(8)) and all(r[1] != pid for r in rng_draws)
+    assert [r[2] for r in rng_draws] == [float(np.random.default_rng(i).random()) for i in range(8)]
+    inner = map_forked(lambda i: map_forked(lambda j: os.getpid(), 2, jobs=2), 2, jobs=2)
+    assert all(len(set(pids)) == 1 and pids[0] != pid for pids in inner)  # no pool inside a worker
+    assert map_forked(lambda i: os.getpid(), 3, jobs=1) == [pid] * 3 and map_forked(lambda i: os.getpid(), 1) == [pid]

@@ -147,6 +147,31 @@ def test_generators_pair_by_generator_and_vit_seed_and_are_resampled_as_a_level(
                                                                                   "generator"]) == {0}
 
 
+def test_the_report_resamples_its_cells_and_rows_in_forked_processes_with_the_plain_loops_numbers(monkeypatch):
+    """Table 1, the paired comparisons and the permutation gaps (three groups) are the same, to the bit, whether
+    map_forked spreads their cells and rows over two processes or one loop computes them."""
+    import json
+    import diffusion.fairgen_compare as fc
+    rng = np.random.default_rng(1)
+    rows = [_preds("real only", -1, d, 0.2, rng, rw) for rw in (False, True) for d in range(2)]
+    rows += [_preds(m, g, d, 0.1 + 0.1 * g, rng, rw) for m in fc.METHODS for rw in (False, True) for g in range(2)
+             for d in range(2)]
+    df = pd.concat(rows, ignore_index=True)
+    df["group"] = np.tile(np.repeat(["light", "medium", "dark"], 20), len(rows))
+
+    def everything():
+        return json.dumps([fc.table1_from_preds(df, 30), fc.comparisons_from_preds(df, ["light", "medium", "dark"],
+                                                                                   30),
+                           fc.gap_tables(df, ["light", "medium", "dark"], 30)], sort_keys=True)
+    sizes = []
+    real = fc.map_forked
+    monkeypatch.setattr(fc, "map_forked", lambda fn, n: (sizes.append(n), real(fn, n, jobs=2))[1])
+    forked = everything()
+    assert sizes == [14, 4 * len(fc.PAIRS), 14]  # Table 1's cells; 4 metrics (max - min too) x pairs; the cells
+    monkeypatch.setattr(fc, "map_forked", lambda fn, n: [fn(i) for i in range(n)])
+    assert everything() == forked
+
+
 def test_dpo_losses_by_hand():
     err_w, err_l = torch.tensor([0.2, 0.5]), torch.tensor([0.4, 0.3])
     sig = lambda z: 1 / (1 + math.exp(-z))
