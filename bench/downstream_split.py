@@ -59,7 +59,7 @@ def stand_in_samples(cmds, modality):
     train = patient_split(mod.table, seed=int(argv[argv.index("--split-seed") + 1]), stratify="attr") == "train"
     cls, attr = mod.table["cls"].to_numpy()[train], mod.table["attr"].to_numpy().astype(str)[train]
     images = mod.images[train]
-    for k, spec in enumerate(a for c in cmds for a, b in zip(c, c[1:]) if a == "--samples" for a in [b]):
+    for k, spec in enumerate(b for c in cmds for a, b in zip(c, c[1:]) if a == "--samples"):
         path = ROOT / spec.split("=", 1)[1]
         per_class = int(re.search(r"samples_(\d+)pc", path.name).group(1))
         rng = np.random.default_rng(k)
@@ -99,7 +99,7 @@ def main(args):
     t2 = time.perf_counter()
     single, split = t1 - t0, t2 - t1
     rows = [(ROOT / WORK / f / "preds.csv").read_text().splitlines(keepends=True) for f in ("one", "part0", "part1")]
-    same = rows[0] == rows[1] + rows[2][1:]
+    same = rows[1][0] == rows[2][0] and rows[0] == rows[1] + rows[2][1:]  # one header, then the rows in order
     text = (f"# fairgen's downstream stage, one process against the study's two side by side ({args.modality}, quick)"
             f"\n\n`python bench/downstream_split.py --modality {args.modality}`, {cpu_name()} ({os.cpu_count()} cores"
             f"{', AVX-512 BF16' if 'avx512_bf16' in Path('/proc/cpuinfo').read_text() else ', no AVX-512 BF16'}), "

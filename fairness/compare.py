@@ -13,9 +13,11 @@ draws patients with replacement and keeps all their images (fairness.metrics.clu
 Tested by simulation (tests/test_compare.py): the paired CI of an AUROC difference and of a two-group gap cover
 the true value >= 90% of the time (nominal 95%), and the permutation p is uniform under the null.
 """
+from concurrent.futures import ProcessPoolExecutor
 import multiprocessing
 import os
 from statistics import NormalDist
+import sys
 
 import numpy as np
 
@@ -172,21 +174,18 @@ def map_forked(fn, n, jobs=None):
     """[fn(0), ..., fn(n - 1)], computed by up to `jobs` forked processes (default: the cores this process may use)
     and returned in order. fn, and what it reads, reach the workers through fork; only the results are pickled. Each
     call must stand alone (a resampling that seeds its own generator): the list is then the plain loop's, bit for
-    bit. The plain loop where fork is missing, with one job or one item, or inside a worker (of this or any
-    multiprocessing pool)."""
+    bit. An exception in a call is raised here (a worker that dies: BrokenProcessPool). The plain loop off Linux,
+    under FAIRSYNTH_FORK_STAGES=0 (as for stages), with one job or one item, and inside a worker. Workers run numpy
+    only: a parent's CUDA or torch threads are never used in them."""
     global _FORKED
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    jobs = min(n, jobs or cores)
-    if jobs < 2 or _FORKED is not None or multiprocessing.current_process().daemon or \
-            "fork" not in multiprocessing.get_all_start_methods():
+    forks = sys.platform == "linux" and _FORKED is None and os.environ.get("FAIRSYNTH_FORK_STAGES", "1") != "0"
+    if not forks or min(n, jobs or len(os.sched_getaffinity(0))) < 2:
         return [fn(i) for i in range(n)]
+    jobs = min(n, jobs or len(os.sched_getaffinity(0)))
     _FORKED = fn
     try:
-        with multiprocessing.get_context("fork").Pool(jobs) as pool:
-            return pool.map(_call_forked, range(n), chunksize=1)
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            return list(pool.map(_call_forked, range(n)))
     finally:
         _FORKED = None
 

@@ -215,9 +215,9 @@ def test_nested_replicates_weight_each_generator_seed_once_and_resample_it():
     assert flat_b["diff"] == pytest.approx(nested["diff"]) and flat_b["ci"] == pytest.approx(nested["ci"])
 
 
-def test_map_forked_returns_the_loops_results_in_order_from_other_processes():
+def test_map_forked_returns_the_loops_results_in_order_from_other_processes(monkeypatch):
     """Two workers compute the items (other process ids), the results come back in order; a call inside a worker,
-    one job or one item runs as the plain loop in the calling process."""
+    one job, one item or FAIRSYNTH_FORK_STAGES=0 runs as the plain loop in the calling process."""
     import os
     pid = os.getpid()
     rng_draws = map_forked(lambda i: (i, os.getpid(), float(np.random.default_rng(i).random())), 8, jobs=2)
@@ -226,3 +226,20 @@ def test_map_forked_returns_the_loops_results_in_order_from_other_processes():
     inner = map_forked(lambda i: map_forked(lambda j: os.getpid(), 2, jobs=2), 2, jobs=2)
     assert all(len(set(pids)) == 1 and pids[0] != pid for pids in inner)  # no pool inside a worker
     assert map_forked(lambda i: os.getpid(), 3, jobs=1) == [pid] * 3 and map_forked(lambda i: os.getpid(), 1) == [pid]
+    monkeypatch.setenv("FAIRSYNTH_FORK_STAGES", "0")  # the switch that turns stage forks off turns these off too
+    assert map_forked(lambda i: os.getpid(), 3, jobs=2) == [pid] * 3
+
+
+def test_map_forked_raises_a_calls_error_in_the_parent():
+    """A DataError (a SystemExit: multiprocessing.Pool would wait for ever) and a plain exception in one call
+    reach the caller."""
+    from common.errors import DataError
+
+    def call(i):
+        if i == 2:
+            raise DataError("error: item 2 is bad")
+        return i
+    with pytest.raises(DataError, match="item 2"):
+        map_forked(call, 4, jobs=2)
+    with pytest.raises(ZeroDivisionError):
+        map_forked(lambda i: 1 / (i - 1), 3, jobs=2)
