@@ -35,7 +35,7 @@ SCALES below holds each scale's settings; every flag overrides its scale's value
 
     python -m diffusion.fairgen_study                     # quick: 32 px, small models, one split, 2 generators (CPU)
     python -m diffusion.fairgen_study --scale full --out results/fairgen-full   # GPU: 64 px, 3 seeds
-    python -m diffusion.fairgen_study --smoke --out smoke/fairgen               # ~6 min on 2 cores
+    python -m diffusion.fairgen_study --smoke --out smoke/fairgen               # ~5.5 min on 2 cores
     python -m diffusion.fairgen_report --out results/fairgen                    # the report again, from its files
 """
 import argparse
