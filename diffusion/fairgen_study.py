@@ -20,8 +20,8 @@ Per modality (common/modalities.py; class = attribute x disease) and split seed,
                  reweighting, for each generator and --down-seeds downstream seeds on the same test patients: per-image
                  predictions in its preds.csv; and accuracy vs synthetic ratio {0, .25, .5, 1} for the --kinds
                  classifiers (ViT, ResNet-50, GB, KNN), one downstream seed; with several generators, two stages
-                 (generator 0 with the real-only fits and the sweep; generators 1.. with --table-only) that run
-                 side by side and together write the rows one stage would
+                 (generator 0 with the real-only fits and the sweep; generators 1.. with --table-only) that make
+                 runs side by side and that together write the rows one stage would
   eval           (diffusion/fairgen_eval.py) FD-cnn8 of each method's samples (generator 0) to the real training
                  images; per subgroup FD and KID (fairness/compare.py) at one common n per modality (the smallest
                  subgroup's), the inter-subgroup variance (1/G) of those equal-n FDs; memorization against the
