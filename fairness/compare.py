@@ -21,6 +21,7 @@ import sys
 
 import numpy as np
 
+from common.stage_server import FORK
 from fairness.metrics import cluster_members
 
 NORMAL = NormalDist()  # the standard normal (the standard library's: scipy.stats costs a stage ~0.7 s to import)
@@ -178,10 +179,10 @@ def map_forked(fn, n, jobs=None):
     under FAIRSYNTH_FORK_STAGES=0 (as for stages), with one job or one item, and inside a worker. Workers run numpy
     only: a parent's CUDA or torch threads are never used in them."""
     global _FORKED
-    forks = sys.platform == "linux" and _FORKED is None and os.environ.get("FAIRSYNTH_FORK_STAGES", "1") != "0"
-    if not forks or min(n, jobs or len(os.sched_getaffinity(0))) < 2:
+    forks = sys.platform == "linux" and _FORKED is None and os.environ.get(FORK, "1") != "0"
+    jobs = min(n, jobs or len(os.sched_getaffinity(0))) if forks else 1
+    if jobs < 2:
         return [fn(i) for i in range(n)]
-    jobs = min(n, jobs or len(os.sched_getaffinity(0)))
     _FORKED = fn
     try:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
